@@ -1,0 +1,17 @@
+"""kfopt.autotune: config spaces for kfopt's kernels and a persistent per-device tuning cache."""
+
+from .cache import TuningCache, default_cache_path, get_cache, tuning_key
+from .space import INTERPRETER, Config, ConfigSpace, benchmark, can_benchmark, shape_bucket
+
+__all__ = [
+    "INTERPRETER",
+    "Config",
+    "ConfigSpace",
+    "TuningCache",
+    "benchmark",
+    "can_benchmark",
+    "default_cache_path",
+    "get_cache",
+    "shape_bucket",
+    "tuning_key",
+]

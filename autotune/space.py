@@ -1,0 +1,135 @@
+"""Config spaces: what a kernel may be launched with, and how one config is chosen.
+
+A kernel declares a ``ConfigSpace`` (its candidate ``Config``s and a default). At launch time the
+launcher calls ``space.select(...)``:
+
+* where nothing can be timed (Triton's interpreter, CPU tensors, no GPU) the default config is
+  returned without running anything -- Triton's own autotuner fails there;
+* on a GPU, the cache (``kfopt.autotune.cache``) is consulted under
+  ``(kernel, device name, triton version, shape bucket, dtype)``; on a miss every candidate is timed
+  (median of ``triton.testing.do_bench``), the fastest is stored, and returned.
+
+In-place kernels pass the tensors they write as ``restore``: those are snapshotted before tuning and
+restored after every candidate, so when ``select`` returns the buffers hold their original values
+and the caller's single real launch is the only update that takes effect.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Sequence
+
+import torch
+import triton
+
+from .cache import get_cache, tuning_key
+
+
+#: Triton reads TRITON_INTERPRET when a kernel is decorated; this is the value seen at import.
+INTERPRETER: bool = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+@dataclass(frozen=True)
+class Config:
+    """Compile-time parameters of one launch: the kernel's constexprs plus warps and stages."""
+
+    params: Mapping[str, int] = field(default_factory=dict)
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def __post_init__(self):
+        object.__setattr__(self, "params", dict(sorted(self.params.items())))
+
+    def __getitem__(self, name: str) -> int:
+        return self.params[name]
+
+    def launch_kwargs(self) -> dict:
+        """Keyword arguments for ``kernel[grid](..., **config.launch_kwargs())``."""
+        return {**self.params, "num_warps": self.num_warps, "num_stages": self.num_stages}
+
+    def to_json(self) -> dict:
+        return {"params": dict(self.params), "num_warps": self.num_warps, "num_stages": self.num_stages}
+
+    @classmethod
+    def from_json(cls, data: Mapping) -> "Config":
+        return cls(dict(data["params"]), int(data["num_warps"]), int(data["num_stages"]))
+
+    def __hash__(self):
+        return hash((tuple(self.params.items()), self.num_warps, self.num_stages))
+
+
+def shape_bucket(*sizes: int) -> tuple[int, ...]:
+    """Round each size up to a power of two: shapes in one bucket share a tuned config."""
+    return tuple(1 << max(0, math.ceil(math.log2(max(int(s), 1)))) for s in sizes)
+
+
+def can_benchmark(device: torch.device) -> bool:
+    """True where candidates can be timed: a compiled (not interpreted) CUDA launch."""
+    return device.type == "cuda" and not INTERPRETER
+
+
+def benchmark(fn: Callable[[], None]) -> float:
+    """Median time of ``fn`` in milliseconds, CUDA events, after warm-up."""
+    return float(triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median"))
+
+
+class ConfigSpace:
+    """The candidate configs of one kernel and its default (used wherever nothing can be timed)."""
+
+    def __init__(self, kernel: str, configs: Sequence[Config], default: Config):
+        if default not in configs:
+            raise ValueError(f"{kernel}: the default config must be one of the candidates")
+        self.kernel = kernel
+        self.configs = tuple(configs)
+        self.default = default
+
+    def select(
+        self,
+        *,
+        device: torch.device,
+        bucket: tuple[int, ...],
+        dtype: torch.dtype | str,
+        run: Callable[[Config], None],
+        restore: Sequence[torch.Tensor] = (),
+    ) -> Config:
+        """The config to launch with; may time ``run(config)`` for every candidate (see module doc)."""
+        if len(self.configs) == 1 or not can_benchmark(device):
+            return self.default
+        key = tuning_key(self.kernel, _device_name(device), triton.__version__, bucket, str(dtype))
+        cache = get_cache()
+        hit = cache.get(key)
+        if hit is not None:
+            config = Config.from_json(hit["config"])
+            if config in self.configs:
+                return config
+        snapshot = [t.detach().clone() for t in restore]
+        timings = {}
+        for config in self.configs:
+            try:
+                timings[config] = benchmark(lambda: run(config))
+            except (triton.runtime.errors.OutOfResources, triton.compiler.errors.CompilationError):
+                timings[config] = math.inf
+            finally:
+                for t, saved in zip(restore, snapshot):
+                    t.detach().copy_(saved)
+        best = min(self.configs, key=lambda c: timings[c])
+        if math.isinf(timings[best]):
+            raise RuntimeError(f"{self.kernel}: no candidate config could be launched on {device}")
+        cache.put(key, {
+            "config": best.to_json(),
+            "timings_ms": {_describe(c): t for c, t in timings.items()},
+        })
+        return best
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return device.type
+
+
+def _describe(config: Config) -> str:
+    params = ",".join(f"{k}={v}" for k, v in config.params.items())
+    return f"{params},warps={config.num_warps},stages={config.num_stages}"

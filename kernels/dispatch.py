@@ -1,0 +1,104 @@
+"""Where a kernel call runs, and the input checks every public kernel shares.
+
+Routing rule for a call whose tensors live on ``device``:
+
+* CUDA tensors                          -> the compiled Triton kernel;
+* CPU tensors with ``TRITON_INTERPRET=1`` -> the same Triton kernel, run by Triton's interpreter
+  (how CI tests kernels without a GPU);
+* any other tensors                     -> the kernel's plain PyTorch reference (``*_reference``).
+
+``KFOPT_BACKEND=torch`` forces the reference everywhere; ``KFOPT_BACKEND=triton`` forces Triton and
+fails loudly where Triton cannot run (CPU tensors without the interpreter).
+
+Triton reads ``TRITON_INTERPRET`` when a kernel is decorated, i.e. when ``kfopt.kernels`` is first
+imported, so it must be set before that import; ``INTERPRETER`` records the value seen then.
+
+Interpreter defect handled here: bf16 is stored as uint16 inside the interpreter, so bf16 arithmetic
+and bf16 ``tl.dot`` return garbage. Kernels load, convert to fp32 (``.to(tl.float32)``), compute in
+fp32 and cast on store -- which is the library convention anyway -- and kernels that feed ``tl.dot``
+with 16-bit operands receive ``UPCAST_DOT=dot_needs_upcast(dtype)`` as a constexpr.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterable, Sequence
+
+import torch
+import triton.language as tl
+
+from kfopt.autotune.space import INTERPRETER
+
+#: Storage dtypes the Triton kernels accept (math is fp32 after loading).
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+def backend_override() -> str | None:
+    """The value of ``KFOPT_BACKEND`` ("triton" or "torch"), or None when unset."""
+    value = os.environ.get("KFOPT_BACKEND", "").strip().lower()
+    if value in ("", "auto"):
+        return None
+    if value not in ("triton", "torch"):
+        raise ValueError(f"KFOPT_BACKEND must be 'triton', 'torch' or unset; got {value!r}")
+    return value
+
+
+def use_triton(device: torch.device) -> bool:
+    """True when a kernel call on ``device`` runs Triton (compiled or interpreted)."""
+    forced = backend_override()
+    if forced == "torch":
+        return False
+    if device.type == "cuda" or (device.type == "cpu" and INTERPRETER):
+        return True
+    if forced == "triton":
+        raise RuntimeError(
+            f"KFOPT_BACKEND=triton cannot run on {device.type} tensors: Triton needs CUDA tensors, "
+            "or CPU tensors with TRITON_INTERPRET=1 set before kfopt.kernels is imported"
+        )
+    return False
+
+
+def tl_dtype(dtype: torch.dtype):
+    """The Triton element type for a supported torch storage dtype."""
+    return _TL_DTYPES[dtype]
+
+
+def dot_needs_upcast(dtype: torch.dtype) -> bool:
+    """bf16 ``tl.dot`` is wrong under the interpreter: upcast operands to fp32 there."""
+    return INTERPRETER and dtype == torch.bfloat16
+
+
+def check_kernel_dtype(name: str, tensor: torch.Tensor) -> None:
+    """TypeError unless ``tensor`` has a storage dtype the Triton kernels accept."""
+    if tensor.dtype not in KERNEL_DTYPES:
+        raise TypeError(
+            f"{name}: expected dtype float32, bfloat16 or float16 for the Triton kernels; got {tensor.dtype}"
+        )
+
+
+def check_same_device(name: str, tensors: Iterable[torch.Tensor], device: torch.device) -> None:
+    """ValueError naming ``name`` when any tensor is not on ``device``."""
+    for i, t in enumerate(tensors):
+        if t.device != device:
+            raise ValueError(f"{name}[{i}] is on {t.device}, expected every tensor on {device}")
+
+
+def check_same_shapes(name: str, tensors: Sequence[torch.Tensor], like: Sequence[torch.Tensor]) -> None:
+    """ValueError naming ``name`` when ``tensors`` do not match ``like`` one to one in shape."""
+    if len(tensors) != len(like):
+        raise ValueError(f"{name}: expected {len(like)} tensors, got {len(tensors)}")
+    for i, (t, ref) in enumerate(zip(tensors, like)):
+        if t.shape != ref.shape:
+            raise ValueError(f"{name}[{i}] has shape {tuple(t.shape)}, expected {tuple(ref.shape)}")
+
+
+def is_dense(t: torch.Tensor) -> bool:
+    """True when the elements of ``t`` fill one block of memory without gaps or overlaps, in any order."""
+    expected = 1
+    for size, stride in sorted((d for d in zip(t.shape, t.stride()) if d[0] != 1), key=lambda d: d[1]):
+        if stride != expected:
+            return False
+        expected *= size
+    return True

@@ -1,0 +1,265 @@
+"""LAMB step for many tensors in one multi-tensor pipeline (You et al., ICLR 2020).
+
+Per tensor w with gradient g, step t = step + 1 (state ``step`` counts completed steps)::
+
+    g   <- g * coef                                  coef = min(1, max_grad_norm / ||g_all||)
+    m   <- b1 m + b3 g                               b3 = 1 - b1 (grad_averaging) or 1
+    v   <- b2 v + (1 - b2) g^2
+    u   =  (m / bc1) / (sqrt(v / bc2) + eps) + wd w    bc_k = 1 - b_k^t  (1 without bias correction)
+    r   =  clamp(||w|| / ||u||, lo, hi)  (1 if a norm is 0, or if the tensor is not adapted)
+    w   <- w - lr r u
+
+Launches (no host synchronisation): gradient-norm pass + reduction (``multi_tensor``); pass 1 reads
+g, w, m, v, writes m, v and per-chunk partials of ||w||^2, ||u||^2; a per-tensor reduction forms the
+norms and advances ``step`` where the step is taken; pass 2 reads w, m, v, recomputes u and writes w.
+fp32 state: 44 bytes per parameter (4 for the norm pre-read, 24 pass 1, 16 pass 2).
+
+If any gradient is non-finite (or ||g_all||^2 overflows fp32) nothing is written: w, m, v and step
+keep their values and ``skipped`` (when given) is incremented.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from kfopt.autotune import Config, ConfigSpace, shape_bucket
+
+from .dispatch import check_kernel_dtype, check_same_device, check_same_shapes, tl_dtype, use_triton
+from .multi_tensor import (
+    TensorTable,
+    dense_like,
+    for_each_launch,
+    global_norm_reference,
+    launch_global_norm,
+    launch_segment_norms,
+    per_tensor,
+    trust_ratio,
+    trust_ratio_reference,
+)
+
+# addr table columns and hyper table columns
+P, G, M, V, STEP = range(5)
+LR, B1, B2, B3, EPS, WD, BIAS_CORRECTION, ADAPT, TRUST_MIN, TRUST_MAX = range(10)
+N_HYPER = 10
+
+LAMB_CONFIGS = ConfigSpace(
+    "lamb_step",
+    [
+        Config({"BLOCK": block, "CHUNK": block * iters}, num_warps=warps)
+        for block in (512, 1024, 2048)
+        for iters in (4, 8, 16)
+        for warps in (4, 8)
+    ],
+    default=Config({"BLOCK": 1024, "CHUNK": 8192}, num_warps=4),
+)
+
+
+@triton.jit
+def _lamb_moments_kernel(
+    addr_ptr, numel_ptr, chunk_tensor_ptr, chunk_start_ptr, hyper_ptr, clip_ptr, partial_ptr,
+    P_DT: tl.constexpr, G_DT: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
+):
+    """Pass 1: m, v update; partial[k] = (sum w^2, sum u^2) over chunk k."""
+    pid = tl.program_id(0)
+    tid = tl.load(chunk_tensor_ptr + pid)
+    start = tl.load(chunk_start_ptr + pid)
+    n = tl.load(numel_ptr + tid)
+    row = addr_ptr + tid * 5
+    p_ptr = tl.load(row + 0).to(tl.pointer_type(P_DT))
+    g_ptr = tl.load(row + 1).to(tl.pointer_type(G_DT))
+    m_ptr = tl.load(row + 2).to(tl.pointer_type(tl.float32))
+    v_ptr = tl.load(row + 3).to(tl.pointer_type(tl.float32))
+    t = tl.load(tl.load(row + 4).to(tl.pointer_type(tl.float32))) + 1.0
+    h = hyper_ptr + tid * 10
+    b1 = tl.load(h + 1)
+    b2 = tl.load(h + 2)
+    b3 = tl.load(h + 3)
+    eps = tl.load(h + 4)
+    wd = tl.load(h + 5)
+    bc = tl.load(h + 6)
+    bc1 = tl.where(bc != 0, 1.0 - tl.exp2(t * tl.log2(b1)), 1.0)
+    bc2 = tl.where(bc != 0, 1.0 - tl.exp2(t * tl.log2(b2)), 1.0)
+    coef = tl.load(clip_ptr + 1)
+    n = tl.where(tl.load(clip_ptr + 2) != 0, n, 0)  # a skipped step reads and writes nothing
+    w_sq = tl.zeros([BLOCK], tl.float32)
+    u_sq = tl.zeros([BLOCK], tl.float32)
+    for off in range(0, CHUNK, BLOCK):
+        offs = start + off + tl.arange(0, BLOCK)
+        mask = offs < n
+        w = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) * coef
+        m = b1 * tl.load(m_ptr + offs, mask=mask, other=0.0) + b3 * g
+        v = b2 * tl.load(v_ptr + offs, mask=mask, other=0.0) + (1.0 - b2) * g * g
+        tl.store(m_ptr + offs, m, mask=mask)
+        tl.store(v_ptr + offs, v, mask=mask)
+        u = (m / bc1) / (tl.sqrt(v / bc2) + eps) + wd * w
+        w_sq += w * w
+        u_sq += tl.where(mask, u * u, 0.0)
+    tl.store(partial_ptr + pid * 2, tl.sum(w_sq, axis=0))
+    tl.store(partial_ptr + pid * 2 + 1, tl.sum(u_sq, axis=0))
+
+
+@triton.jit
+def _lamb_apply_kernel(
+    addr_ptr, numel_ptr, chunk_tensor_ptr, chunk_start_ptr, hyper_ptr, clip_ptr, norms_ptr,
+    P_DT: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
+):
+    """Pass 2: w <- w - lr * r * u, u recomputed from the updated m, v (step already advanced)."""
+    pid = tl.program_id(0)
+    tid = tl.load(chunk_tensor_ptr + pid)
+    start = tl.load(chunk_start_ptr + pid)
+    n = tl.load(numel_ptr + tid)
+    row = addr_ptr + tid * 5
+    p_ptr = tl.load(row + 0).to(tl.pointer_type(P_DT))
+    m_ptr = tl.load(row + 2).to(tl.pointer_type(tl.float32))
+    v_ptr = tl.load(row + 3).to(tl.pointer_type(tl.float32))
+    t = tl.load(tl.load(row + 4).to(tl.pointer_type(tl.float32)))
+    h = hyper_ptr + tid * 10
+    lr = tl.load(h + 0)
+    b1 = tl.load(h + 1)
+    b2 = tl.load(h + 2)
+    eps = tl.load(h + 4)
+    wd = tl.load(h + 5)
+    bc = tl.load(h + 6)
+    bc1 = tl.where(bc != 0, 1.0 - tl.exp2(t * tl.log2(b1)), 1.0)
+    bc2 = tl.where(bc != 0, 1.0 - tl.exp2(t * tl.log2(b2)), 1.0)
+    r = trust_ratio(tl.load(norms_ptr + tid * 2), tl.load(norms_ptr + tid * 2 + 1), 1.0,
+                    tl.load(h + 8), tl.load(h + 9), tl.load(h + 7))
+    step_size = lr * r
+    n = tl.where(tl.load(clip_ptr + 2) != 0, n, 0)  # a skipped step writes nothing
+    for off in range(0, CHUNK, BLOCK):
+        offs = start + off + tl.arange(0, BLOCK)
+        mask = offs < n
+        w = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        m = tl.load(m_ptr + offs, mask=mask, other=0.0)
+        v = tl.load(v_ptr + offs, mask=mask, other=0.0)
+        u = (m / bc1) / (tl.sqrt(v / bc2) + eps) + wd * w
+        tl.store(p_ptr + offs, (w - step_size * u).to(P_DT), mask=mask)
+
+
+def _lamb_hyper(n, lr, beta1, beta2, eps, weight_decay, bias_correction, grad_averaging, adapt, trust_min,
+                trust_max) -> list[list[float]]:
+    cols = [per_tensor(name, value, n) for name, value in (
+        ("lr", lr), ("beta1", beta1), ("beta2", beta2), ("eps", eps), ("weight_decay", weight_decay),
+        ("bias_correction", bias_correction), ("grad_averaging", grad_averaging), ("adapt", adapt),
+        ("trust_min", trust_min), ("trust_max", trust_max))]
+    rows = []
+    for lr_i, b1, b2, eps_i, wd, bc, avg, ad, lo, hi in zip(*cols):
+        rows.append([float(lr_i), float(b1), float(b2), 1.0 - float(b1) if avg else 1.0, float(eps_i),
+                     float(wd), float(bool(bc)), float(bool(ad)), float(lo), float(hi)])
+    return rows
+
+
+def lamb_step(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    exp_avgs: Sequence[torch.Tensor],
+    exp_avg_sqs: Sequence[torch.Tensor],
+    steps: Sequence[torch.Tensor],
+    *,
+    lr,
+    beta1=0.9,
+    beta2=0.999,
+    eps=1e-6,
+    weight_decay=0.01,
+    bias_correction=True,
+    grad_averaging=True,
+    adapt=True,
+    trust_min=0.0,
+    trust_max=math.inf,
+    max_grad_norm: float | None = 1.0,
+    skipped: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One LAMB step over all tensors, in place (see the module docstring for the math).
+
+    Hyperparameters are scalars or one value per tensor. ``params`` are fp32/bf16/fp16 (any dtype on
+    the reference path); ``exp_avgs``/``exp_avg_sqs`` fp32 (or the params' dtype if that is float64,
+    reference path only); ``steps`` 0-d fp32 tensors counting completed steps; ``skipped`` an optional
+    0-d int32 counter. Returns ``[||g_all||, clip coefficient, ok]`` as a device tensor.
+    """
+    n = len(params)
+    for name, seq in (("grads", grads), ("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs)):
+        check_same_shapes(name, seq, params)
+    if len(steps) != n:
+        raise ValueError(f"steps: expected {n} tensors, got {len(steps)}")
+    hyper = _lamb_hyper(n, lr, beta1, beta2, eps, weight_decay, bias_correction, grad_averaging, adapt,
+                        trust_min, trust_max)
+    if n == 0:
+        return torch.zeros(3)
+    device = params[0].device
+    for name, seq in (("params", params), ("grads", grads), ("exp_avgs", exp_avgs),
+                      ("exp_avg_sqs", exp_avg_sqs), ("steps", steps)):
+        check_same_device(name, seq, device)
+    if not use_triton(device):
+        return lamb_step_reference(params, grads, exp_avgs, exp_avg_sqs, steps, hyper=hyper,
+                                   max_grad_norm=max_grad_norm, skipped=skipped)
+    for i, (p, g, m, v, s) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, steps)):
+        check_kernel_dtype(f"params[{i}]", p)
+        check_kernel_dtype(f"grads[{i}]", g)
+        for name, t in ((f"exp_avgs[{i}]", m), (f"exp_avg_sqs[{i}]", v), (f"steps[{i}]", s)):
+            if t.dtype != torch.float32:
+                raise TypeError(f"{name}: expected float32 state, got {t.dtype}")
+        if m.stride() != p.stride() or v.stride() != p.stride():
+            raise ValueError(f"exp_avgs[{i}]/exp_avg_sqs[{i}] must have the strides of params[{i}]")
+        if s.numel() != 1:
+            raise ValueError(f"steps[{i}]: expected a one-element tensor, got shape {tuple(s.shape)}")
+    grads = [dense_like(g, p) for g, p in zip(grads, params)]
+    total = sum(p.numel() for p in params)
+
+    def run(config: Config) -> torch.Tensor:
+        table = TensorTable.build([params, grads, exp_avgs, exp_avg_sqs, steps], hyper, config["CHUNK"],
+                                  device, dtype_columns=(P, G))
+        clip = launch_global_norm(table, G, 1, max_grad_norm, skipped, config, device)
+        partial = torch.empty((max(table.n_chunks, 1), 2), dtype=torch.float32, device=device)
+
+        def moments(lo, hi, dtypes):
+            _lamb_moments_kernel[(hi - lo,)](
+                table.addr, table.numel, table.chunk_tensor[lo:hi], table.chunk_start[lo:hi],
+                table.hyper, clip, partial[lo:hi], P_DT=tl_dtype(dtypes[0]), G_DT=tl_dtype(dtypes[1]),
+                BLOCK=config["BLOCK"], CHUNK=config["CHUNK"], num_warps=config.num_warps)
+
+        def apply(lo, hi, dtypes):
+            _lamb_apply_kernel[(hi - lo,)](
+                table.addr, table.numel, table.chunk_tensor[lo:hi], table.chunk_start[lo:hi],
+                table.hyper, clip, norms, P_DT=tl_dtype(dtypes[0]),
+                BLOCK=config["BLOCK"], CHUNK=config["CHUNK"], num_warps=config.num_warps)
+
+        for_each_launch(table, moments)
+        norms = launch_segment_norms(table, partial, clip, step_col=STEP)
+        for_each_launch(table, apply)
+        return clip
+
+    restore = [*params, *exp_avgs, *exp_avg_sqs, *steps] + ([skipped] if skipped is not None else [])
+    config = LAMB_CONFIGS.select(device=device, bucket=shape_bucket(total), dtype=params[0].dtype,
+                                 run=run, restore=restore)
+    return run(config)
+
+
+def lamb_step_reference(params, grads, exp_avgs, exp_avg_sqs, steps, *, hyper, max_grad_norm, skipped=None):
+    """Plain PyTorch LAMB (same contract as :func:`lamb_step`; ``hyper`` rows as built there).
+
+    Math in fp32, or float64 when the params are float64 (the tests' reference).
+    """
+    clip = global_norm_reference(grads, max_grad_norm, skipped)
+    ok = clip[2] != 0
+    for p, g, m, v, s, h in zip(params, grads, exp_avgs, exp_avg_sqs, steps, hyper):
+        dtype = torch.promote_types(p.dtype, torch.float32)
+        w = p.to(dtype)
+        g = g.to(dtype) * clip[1].to(dtype)
+        t = s.to(dtype) + 1
+        bc1 = 1 - h[B1] ** t if h[BIAS_CORRECTION] else torch.ones_like(t)
+        bc2 = 1 - h[B2] ** t if h[BIAS_CORRECTION] else torch.ones_like(t)
+        m_new = h[B1] * m.to(dtype) + h[B3] * g
+        v_new = h[B2] * v.to(dtype) + (1 - h[B2]) * g * g
+        u = (m_new / bc1) / ((v_new / bc2).sqrt() + h[EPS]) + h[WD] * w
+        r = trust_ratio_reference(w.norm(), u.norm(), 1.0, h[TRUST_MIN], h[TRUST_MAX], bool(h[ADAPT]))
+        m.copy_(torch.where(ok, m_new, m.to(dtype)))
+        v.copy_(torch.where(ok, v_new, v.to(dtype)))
+        p.copy_(torch.where(ok, w - h[LR] * r * u, w))
+        s.add_(ok.to(s.dtype))
+    return clip

@@ -1,0 +1,291 @@
+"""Multi-tensor machinery: tensor tables, the global gradient norm, and per-tensor norm reductions.
+
+A multi-tensor kernel updates many tensors in one launch. The launcher packs a *table* per call
+(``TensorTable``): for tensor ``i`` the addresses of its columns (param, grad, state...), its element
+count, and per-tensor hyperparameters; every tensor is cut into chunks of ``CHUNK`` elements and a
+program handles one chunk, looking up its tensor in the chunk table. Tensors whose storage dtypes
+differ go to separate launches over consecutive ranges of the same tables.
+
+Global gradient norm (one pass over every gradient of the call, then one reduction program)::
+
+    n = ||g_all||_2,   coef = min(1, max_norm / n)  (1 when clipping is off),
+    ok = every g is finite and sum(g^2) does not overflow fp32.
+
+When ``ok`` is 0 the optimizer kernels write nothing: the step is skipped for every tensor and a
+skip counter is incremented, all on the device (no host synchronisation).
+
+Per-tensor norms are reduced in two levels -- one partial sum per chunk, then one program per tensor
+adds its chunks in a fixed order -- so results are bit-reproducible (no atomics) and identical on
+every rank of a data-parallel job.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from .dispatch import is_dense, tl_dtype
+
+FP32_MAX = tl.constexpr(3.4028234663852886e38)
+REDUCE_BLOCK = 1024
+
+
+@dataclass
+class TensorTable:
+    """Device-side description of one multi-tensor call (see the module docstring).
+
+    ``addr[i, c]`` holds the address of column ``c`` of tensor ``i``; ``hyper[i]`` its
+    hyperparameters; chunk ``k`` covers elements ``chunk_start[k] : chunk_start[k] + CHUNK`` of tensor
+    ``chunk_tensor[k]``; tensor ``i`` owns chunks ``bounds[i, 0] : bounds[i, 1]``.
+    ``launches`` lists ``(first chunk, end chunk, dtypes of the columns)`` per launch.
+    """
+
+    n: int
+    n_chunks: int
+    addr: torch.Tensor
+    numel: torch.Tensor
+    bounds: torch.Tensor
+    chunk_start: torch.Tensor
+    chunk_tensor: torch.Tensor
+    hyper: torch.Tensor
+    launches: list[tuple[int, int, tuple]]
+
+    @classmethod
+    def build(
+        cls,
+        columns: Sequence[Sequence[torch.Tensor]],
+        hyper: Sequence[Sequence[float]],
+        chunk: int,
+        device: torch.device,
+        dtype_columns: Sequence[int],
+    ) -> "TensorTable":
+        """Pack ``columns[c][i]`` (all dense, equal shape per ``i``) and ``hyper[i]`` for a launch.
+
+        Tensors are grouped (stably) by the dtypes of ``dtype_columns``; callers address tensors by
+        their position in ``columns``, which the table keeps.
+        """
+        n = len(columns[0])
+        keys = [tuple(columns[c][i].dtype for c in dtype_columns) for i in range(n)]
+        order = sorted(range(n), key=lambda i: [str(d) for d in keys[i]])
+        numels = [columns[0][i].numel() for i in range(n)]
+        first_chunk, chunk_start, chunk_tensor, launches = [0] * n, [], [], []
+        for pos, i in enumerate(order):
+            if pos == 0 or keys[i] != keys[order[pos - 1]]:
+                launches.append([len(chunk_start), None, keys[i]])
+            first_chunk[i] = len(chunk_start)
+            for start in range(0, numels[i], chunk):
+                chunk_start.append(start)
+                chunk_tensor.append(i)
+            launches[-1][1] = len(chunk_start)
+        ends = [first_chunk[i] + triton.cdiv(numels[i], chunk) for i in range(n)]
+        ints = [t.data_ptr() for i in range(n) for t in (col[i] for col in columns)]
+        packed = torch.tensor(
+            ints + numels + first_chunk + ends + chunk_start + chunk_tensor, dtype=torch.int64
+        )
+        hyper_cpu = torch.tensor(hyper, dtype=torch.float32).reshape(n, -1)
+        packed, hyper_dev = _to_device(packed, device), _to_device(hyper_cpu, device)
+        n_chunks = len(chunk_start)
+        sizes = [n * len(columns), n, n, n, n_chunks, n_chunks]
+        addr, numel, first, end, starts, tensors = torch.split(packed, sizes)
+        return cls(
+            n=n,
+            n_chunks=n_chunks,
+            addr=addr.reshape(n, len(columns)),
+            numel=numel,
+            bounds=torch.stack([first, end], dim=1),
+            chunk_start=starts,
+            chunk_tensor=tensors,
+            hyper=hyper_dev,
+            launches=[tuple(launch) for launch in launches],
+        )
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host -> device without a host synchronisation (pinned, non-blocking) on CUDA."""
+    if device.type != "cuda":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+def dense_like(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when it is laid out exactly like ``like`` (dense, same strides); else a copy that is."""
+    if t.stride() == like.stride() and is_dense(t):
+        return t
+    return torch.empty_like(like, dtype=t.dtype).copy_(t)
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def trust_ratio(w_norm, u_norm, coef, lo, hi, adapt):
+    """``clamp(coef * ||w|| / ||u||, lo, hi)``; 1 when either norm is 0 or adaptation is off."""
+    r = tl.where((w_norm > 0) & (u_norm > 0), tl.minimum(tl.maximum(coef * w_norm / u_norm, lo), hi), 1.0)
+    return tl.where(adapt != 0, r, 1.0)
+
+
+@triton.jit
+def _grad_sumsq_kernel(
+    addr_ptr, addr_stride, g_col, numel_ptr, chunk_tensor_ptr, chunk_start_ptr, partial_ptr,
+    G_DT: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
+):
+    """partial[k] = (sum of g^2 over the finite elements of chunk k, count of non-finite elements)."""
+    pid = tl.program_id(0)
+    tid = tl.load(chunk_tensor_ptr + pid)
+    start = tl.load(chunk_start_ptr + pid)
+    n = tl.load(numel_ptr + tid)
+    g_ptr = tl.load(addr_ptr + tid * addr_stride + g_col).to(tl.pointer_type(G_DT))
+    sq = tl.zeros([BLOCK], tl.float32)
+    bad = tl.zeros([BLOCK], tl.float32)
+    for off in range(0, CHUNK, BLOCK):
+        offs = start + off + tl.arange(0, BLOCK)
+        g = tl.load(g_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
+        finite = tl.abs(g) <= FP32_MAX
+        sq += tl.where(finite, g * g, 0.0)
+        bad += tl.where(finite, 0.0, 1.0)
+    tl.store(partial_ptr + pid * 2, tl.sum(sq, axis=0))
+    tl.store(partial_ptr + pid * 2 + 1, tl.sum(bad, axis=0))
+
+
+@triton.jit
+def _clip_coef_kernel(
+    partial_ptr, n_chunks, max_norm, clip_ptr, skipped_ptr,
+    HAS_CLIP: tl.constexpr, HAS_SKIPPED: tl.constexpr, RBLOCK: tl.constexpr,
+):
+    """clip = (||g_all||, min(1, max_norm / ||g_all||), ok); skipped += 1 - ok."""
+    sq = tl.zeros([RBLOCK], tl.float32)
+    bad = tl.zeros([RBLOCK], tl.float32)
+    for off in range(0, n_chunks, RBLOCK):
+        idx = off + tl.arange(0, RBLOCK)
+        mask = idx < n_chunks
+        sq += tl.load(partial_ptr + idx * 2, mask=mask, other=0.0)
+        bad += tl.load(partial_ptr + idx * 2 + 1, mask=mask, other=0.0)
+    total = tl.sum(sq, axis=0)
+    ok = (tl.sum(bad, axis=0) == 0) & (total <= FP32_MAX)
+    norm = tl.sqrt(total)
+    coef = 1.0
+    if HAS_CLIP:
+        coef = tl.minimum(max_norm / norm, 1.0)
+    tl.store(clip_ptr, norm)
+    tl.store(clip_ptr + 1, coef)
+    tl.store(clip_ptr + 2, ok.to(tl.float32))
+    if HAS_SKIPPED:
+        tl.store(skipped_ptr, tl.load(skipped_ptr) + 1 - ok.to(tl.int32))
+
+
+@triton.jit
+def _segment_norms_kernel(
+    partial_ptr, bounds_ptr, norms_ptr, addr_ptr, addr_stride, step_col, clip_ptr,
+    INCREMENT_STEP: tl.constexpr, RBLOCK: tl.constexpr,
+):
+    """norms[i] = sqrt of the summed 2-column partials of tensor i's chunks; step_i += ok if asked."""
+    tid = tl.program_id(0)
+    lo = tl.load(bounds_ptr + tid * 2)
+    hi = tl.load(bounds_ptr + tid * 2 + 1)
+    a = tl.zeros([RBLOCK], tl.float32)
+    b = tl.zeros([RBLOCK], tl.float32)
+    for off in range(lo, hi, RBLOCK):
+        idx = off + tl.arange(0, RBLOCK)
+        mask = idx < hi
+        a += tl.load(partial_ptr + idx * 2, mask=mask, other=0.0)
+        b += tl.load(partial_ptr + idx * 2 + 1, mask=mask, other=0.0)
+    tl.store(norms_ptr + tid * 2, tl.sqrt(tl.sum(a, axis=0)))
+    tl.store(norms_ptr + tid * 2 + 1, tl.sqrt(tl.sum(b, axis=0)))
+    if INCREMENT_STEP:
+        step_ptr = tl.load(addr_ptr + tid * addr_stride + step_col).to(tl.pointer_type(tl.float32))
+        tl.store(step_ptr, tl.load(step_ptr) + tl.load(clip_ptr + 2))
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def launch_global_norm(
+    table: TensorTable, g_col: int, g_dtype_pos: int, max_norm: float | None,
+    skipped: torch.Tensor | None, config, device: torch.device,
+) -> torch.Tensor:
+    """Run the gradient-norm pass and its reduction; returns ``clip = [norm, coef, ok]`` (fp32, device)."""
+    partial = torch.empty((max(table.n_chunks, 1), 2), dtype=torch.float32, device=device)
+    for lo, hi, dtypes in table.launches:
+        if hi > lo:
+            _grad_sumsq_kernel[(hi - lo,)](
+                table.addr, table.addr.stride(0), g_col, table.numel,
+                table.chunk_tensor[lo:hi], table.chunk_start[lo:hi], partial[lo:hi],
+                G_DT=tl_dtype(dtypes[g_dtype_pos]), BLOCK=config["BLOCK"], CHUNK=config["CHUNK"],
+                num_warps=config.num_warps,
+            )
+    clip = torch.empty(3, dtype=torch.float32, device=device)
+    has_clip = max_norm is not None and max_norm > 0
+    _clip_coef_kernel[(1,)](
+        partial, table.n_chunks, float(max_norm) if has_clip else 0.0, clip,
+        skipped if skipped is not None else clip,
+        HAS_CLIP=has_clip, HAS_SKIPPED=skipped is not None, RBLOCK=REDUCE_BLOCK,
+    )
+    return clip
+
+
+def launch_segment_norms(
+    table: TensorTable, partial: torch.Tensor, clip: torch.Tensor, step_col: int | None,
+) -> torch.Tensor:
+    """Per-tensor ``[norm of column 0, norm of column 1]`` from chunk partials (and step += ok)."""
+    norms = torch.empty((max(table.n, 1), 2), dtype=torch.float32, device=partial.device)
+    if table.n:
+        _segment_norms_kernel[(table.n,)](
+            partial, table.bounds, norms, table.addr, table.addr.stride(0),
+            step_col if step_col is not None else 0, clip,
+            INCREMENT_STEP=step_col is not None, RBLOCK=REDUCE_BLOCK,
+        )
+    return norms
+
+
+def for_each_launch(table: TensorTable, launch: Callable[[int, int, tuple], None]) -> None:
+    """Call ``launch(lo, hi, dtypes)`` for every non-empty launch range of the table."""
+    for lo, hi, dtypes in table.launches:
+        if hi > lo:
+            launch(lo, hi, dtypes)
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+def global_norm_reference(
+    grads: Sequence[torch.Tensor], max_norm: float | None, skipped: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """PyTorch reference of the gradient-norm pass: ``[norm, coef, ok]`` in the grads' math dtype."""
+    dtype = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
+    device = grads[0].device if grads else torch.device("cpu")
+    total = torch.zeros((), dtype=dtype, device=device)
+    bad = torch.zeros((), dtype=torch.bool, device=device)
+    for g in grads:
+        g = g.to(dtype)
+        finite = torch.isfinite(g)
+        total = total + torch.where(finite, g * g, 0).sum()
+        bad = bad | ~finite.all()
+    ok = ~bad & torch.isfinite(total)
+    norm = total.sqrt()
+    coef = torch.ones((), dtype=dtype, device=device)
+    if max_norm is not None and max_norm > 0:
+        coef = torch.clamp(max_norm / norm, max=1.0)
+    if skipped is not None:
+        skipped.add_((~ok).to(skipped.dtype))
+    return torch.stack([norm, coef, ok.to(dtype)])
+
+
+def trust_ratio_reference(w_norm, u_norm, coef: float, lo: float, hi: float, adapt: bool) -> torch.Tensor:
+    """PyTorch twin of :func:`trust_ratio`."""
+    if not adapt:
+        return torch.ones_like(w_norm)
+    r = torch.clamp(coef * w_norm / u_norm, lo, hi)
+    return torch.where((w_norm > 0) & (u_norm > 0), r, torch.ones_like(r))
+
+
+def per_tensor(name: str, value, n: int) -> list:
+    """Broadcast a scalar hyperparameter to ``n`` tensors, or check a sequence has length ``n``."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise ValueError(f"{name}: expected one value per tensor ({n}), got {len(value)}")
+        return list(value)
+    return [value] * n

@@ -1,0 +1,145 @@
+"""The base of every kfopt optimizer: a ``torch.optim.Optimizer`` with kfopt's contract.
+
+* Hyperparameters are validated per param group (also groups added later): ``_check_group``.
+* Parameters must be real floating tensors on one device; gradients must be dense; where the Triton
+  kernels run, dtypes must be fp32/bf16/fp16 (float64 runs on the PyTorch path only). Errors are
+  raised before any state changes.
+* Non-finite gradients: the step is skipped for every parameter on the device (no host sync); the
+  count of skipped steps is ``optimizer.skipped_steps`` (a device tensor) and is checkpointed.
+* ``state_dict()`` holds plain tensors and numbers only (``torch.load(weights_only=True)`` works);
+  ``load_state_dict`` keeps each state tensor's saved dtype (torch's default would cast fp32 moments
+  of a bf16 parameter to bf16 and break a bit-identical resume) and moves it to the param's device.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import defaultdict
+from typing import Callable, Iterable
+
+import torch
+
+from kfopt.kernels.dispatch import check_kernel_dtype, use_triton
+
+
+class KfoptOptimizer(torch.optim.Optimizer):
+    """Shared machinery; subclasses implement ``_check_group`` and ``step``."""
+
+    #: hyperparameters that must be equal in every group (e.g. global clipping)
+    global_hyperparameters: tuple[str, ...] = ()
+
+    def __init__(self, params: Iterable, defaults: dict):
+        self._skipped: torch.Tensor | None = None
+        super().__init__(params, defaults)
+
+    # -- validation ---------------------------------------------------------------------------
+
+    def _check_group(self, group: dict) -> None:
+        """Raise ValueError naming a bad hyperparameter of ``group``."""
+        raise NotImplementedError
+
+    def add_param_group(self, param_group: dict) -> None:
+        for name in self.global_hyperparameters:
+            if isinstance(param_group, dict) and name in param_group and param_group[name] != self.defaults[name]:
+                raise ValueError(
+                    f"{name} is global to the optimizer (it spans all groups); set it in the "
+                    f"constructor, not per param group (got {param_group[name]!r} in a group)"
+                )
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            for i, p in enumerate(group["params"]):
+                if not p.is_floating_point():
+                    raise TypeError(f"params[{i}]: expected a real floating-point tensor, got dtype {p.dtype}")
+            self._check_group(group)
+        except (TypeError, ValueError):
+            self.param_groups.pop()
+            raise
+
+    # -- step helpers -------------------------------------------------------------------------
+
+    def _evaluate(self, closure: Callable | None):
+        if closure is None:
+            return None
+        with torch.enable_grad():
+            return closure()
+
+    def _params_with_grads(self) -> list[tuple[dict, torch.Tensor]]:
+        """(group, param) for every param that has a gradient; checks grads and devices first."""
+        found, device = [], None
+        for g_index, group in enumerate(self.param_groups):
+            for p_index, p in enumerate(group["params"]):
+                if p.grad is None:
+                    continue
+                name = f"param_groups[{g_index}]['params'][{p_index}]"
+                if p.grad.is_sparse:
+                    raise TypeError(f"{name}: sparse gradients are not supported by {type(self).__name__}")
+                if p.grad.shape != p.shape:
+                    raise ValueError(f"{name}: gradient shape {tuple(p.grad.shape)} != parameter shape {tuple(p.shape)}")
+                device = device or p.device
+                if p.device != device or p.grad.device != device:
+                    raise ValueError(
+                        f"{name} (and its gradient) must be on {device} like the other parameters; "
+                        f"got param on {p.device}, grad on {p.grad.device}: one optimizer step runs on one device"
+                    )
+                if use_triton(device):
+                    check_kernel_dtype(name, p)
+                    check_kernel_dtype(f"{name}.grad", p.grad)
+                found.append((group, p))
+        return found
+
+    def _skip_counter(self, device: torch.device) -> torch.Tensor:
+        if self._skipped is None:
+            self._skipped = torch.zeros((), dtype=torch.int32, device=device)
+        elif self._skipped.device != device:
+            self._skipped = self._skipped.to(device)
+        return self._skipped
+
+    @property
+    def skipped_steps(self) -> torch.Tensor:
+        """How many steps were skipped for a non-finite gradient (a 0-d int32 tensor)."""
+        return self._skipped if self._skipped is not None else torch.zeros((), dtype=torch.int32)
+
+    # -- checkpoints --------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        state["skipped_steps"] = self.skipped_steps.detach().clone()
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a ``state_dict()``; state tensors keep their saved dtype (see module docstring)."""
+        groups = state_dict["param_groups"]
+        if len(groups) != len(self.param_groups):
+            raise ValueError(
+                f"state_dict has {len(groups)} param groups, the optimizer has {len(self.param_groups)}"
+            )
+        for i, (saved, group) in enumerate(zip(groups, self.param_groups)):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(
+                    f"param group {i}: state_dict has {len(saved['params'])} params, the optimizer "
+                    f"has {len(group['params'])}"
+                )
+        new_groups = []
+        for saved, group in zip(groups, self.param_groups):
+            merged = {k: copy.deepcopy(v) for k, v in saved.items() if k != "params"}
+            merged["params"] = group["params"]
+            for name in self.global_hyperparameters:
+                if merged.get(name, self.defaults[name]) != self.defaults[name]:
+                    raise ValueError(f"state_dict has {name}={merged[name]!r}, the optimizer {self.defaults[name]!r}")
+            self._check_group(merged)
+            new_groups.append(merged)
+        id_to_param = {
+            pid: p for saved, group in zip(groups, self.param_groups) for pid, p in zip(saved["params"], group["params"])
+        }
+        state = {}
+        for pid, values in state_dict["state"].items():
+            param = id_to_param[pid]
+            state[param] = {
+                k: (v.detach().clone().to(param.device) if isinstance(v, torch.Tensor) else copy.deepcopy(v))
+                for k, v in values.items()
+            }
+        self.param_groups = new_groups
+        self.state = defaultdict(dict, state)
+        skipped = state_dict.get("skipped_steps")
+        self._skipped = None if skipped is None else skipped.detach().clone()
