@@ -1,3 +1,9 @@
 """kfopt: fused Triton kernels for second-order and large-batch optimizers."""
 
+from .lamb import LAMB
+from .lars import LARS
+from .param_groups import param_groups
+
 __version__ = "0.1.0"
+
+__all__ = ["LAMB", "LARS", "param_groups"]

@@ -1,0 +1,206 @@
+"""LARS step for many tensors in one multi-tensor pipeline (You, Gitman, Ginsburg 2017).
+
+Per tensor w with gradient g and momentum buffer m::
+
+    g  <- g * coef                           coef = min(1, max_grad_norm / ||g_all||) (or 1)
+    d   = g + wd w
+    r   = clamp(eta ||w|| / ||d||, lo, hi)   (1 if a norm is 0, or if the tensor is not adapted)
+    m  <- mu m + lr r d
+    w  <- w - m                              (nesterov: w <- w - (mu m + lr r d))
+
+Launches (no host synchronisation): gradient-norm pass + reduction (``multi_tensor``); pass 1 reads
+g, w and writes per-chunk partials of ||w||^2 and ||d||^2; a per-tensor reduction forms the norms;
+pass 2 reads g, w, m and writes m, w. fp32: 32 bytes per parameter (4 + 8 + 20).
+A non-finite gradient skips the whole step (nothing written) and increments ``skipped``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from kfopt.autotune import Config, ConfigSpace, shape_bucket
+
+from .dispatch import check_kernel_dtype, check_same_device, check_same_shapes, tl_dtype, use_triton
+from .multi_tensor import (
+    TensorTable,
+    dense_like,
+    for_each_launch,
+    global_norm_reference,
+    launch_global_norm,
+    launch_segment_norms,
+    per_tensor,
+    trust_ratio,
+    trust_ratio_reference,
+)
+
+# addr table columns (param, grad, momentum) and hyper table columns
+P, G, M = range(3)
+LR, MOMENTUM, WD, ETA, NESTEROV, ADAPT, TRUST_MIN, TRUST_MAX = range(8)
+
+LARS_CONFIGS = ConfigSpace(
+    "lars_step",
+    [
+        Config({"BLOCK": block, "CHUNK": block * iters}, num_warps=warps)
+        for block in (512, 1024, 2048)
+        for iters in (4, 8, 16)
+        for warps in (4, 8)
+    ],
+    default=Config({"BLOCK": 1024, "CHUNK": 8192}, num_warps=4),
+)
+
+
+@triton.jit
+def _lars_norms_kernel(
+    addr_ptr, numel_ptr, chunk_tensor_ptr, chunk_start_ptr, hyper_ptr, clip_ptr, partial_ptr,
+    P_DT: tl.constexpr, G_DT: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
+):
+    """Pass 1: partial[k] = (sum w^2, sum d^2) over chunk k, d = coef g + wd w."""
+    pid = tl.program_id(0)
+    tid = tl.load(chunk_tensor_ptr + pid)
+    start = tl.load(chunk_start_ptr + pid)
+    n = tl.load(numel_ptr + tid)
+    p_ptr = tl.load(addr_ptr + tid * 3 + 0).to(tl.pointer_type(P_DT))
+    g_ptr = tl.load(addr_ptr + tid * 3 + 1).to(tl.pointer_type(G_DT))
+    wd = tl.load(hyper_ptr + tid * 8 + 2)
+    coef = tl.load(clip_ptr + 1)
+    w_sq = tl.zeros([BLOCK], tl.float32)
+    d_sq = tl.zeros([BLOCK], tl.float32)
+    for off in range(0, CHUNK, BLOCK):
+        offs = start + off + tl.arange(0, BLOCK)
+        mask = offs < n
+        w = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        d = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) * coef + wd * w
+        w_sq += w * w
+        d_sq += d * d
+    tl.store(partial_ptr + pid * 2, tl.sum(w_sq, axis=0))
+    tl.store(partial_ptr + pid * 2 + 1, tl.sum(d_sq, axis=0))
+
+
+@triton.jit
+def _lars_apply_kernel(
+    addr_ptr, numel_ptr, chunk_tensor_ptr, chunk_start_ptr, hyper_ptr, clip_ptr, norms_ptr,
+    P_DT: tl.constexpr, G_DT: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
+):
+    """Pass 2: m <- mu m + lr r d ; w <- w - m (or the Nesterov form)."""
+    pid = tl.program_id(0)
+    tid = tl.load(chunk_tensor_ptr + pid)
+    start = tl.load(chunk_start_ptr + pid)
+    n = tl.load(numel_ptr + tid)
+    p_ptr = tl.load(addr_ptr + tid * 3 + 0).to(tl.pointer_type(P_DT))
+    g_ptr = tl.load(addr_ptr + tid * 3 + 1).to(tl.pointer_type(G_DT))
+    m_ptr = tl.load(addr_ptr + tid * 3 + 2).to(tl.pointer_type(tl.float32))
+    h = hyper_ptr + tid * 8
+    mu = tl.load(h + 1)
+    wd = tl.load(h + 2)
+    nesterov = tl.load(h + 4)
+    r = trust_ratio(tl.load(norms_ptr + tid * 2), tl.load(norms_ptr + tid * 2 + 1), tl.load(h + 3),
+                    tl.load(h + 6), tl.load(h + 7), tl.load(h + 5))
+    step_size = tl.load(h + 0) * r
+    coef = tl.load(clip_ptr + 1)
+    n = tl.where(tl.load(clip_ptr + 2) != 0, n, 0)  # a skipped step reads and writes nothing
+    for off in range(0, CHUNK, BLOCK):
+        offs = start + off + tl.arange(0, BLOCK)
+        mask = offs < n
+        w = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        d = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) * coef + wd * w
+        m = mu * tl.load(m_ptr + offs, mask=mask, other=0.0) + step_size * d
+        update = tl.where(nesterov != 0, mu * m + step_size * d, m)
+        tl.store(m_ptr + offs, m, mask=mask)
+        tl.store(p_ptr + offs, (w - update).to(P_DT), mask=mask)
+
+
+def _lars_hyper(n, lr, momentum, weight_decay, eta, nesterov, adapt, trust_min, trust_max) -> list[list[float]]:
+    cols = [per_tensor(name, value, n) for name, value in (
+        ("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay), ("eta", eta),
+        ("nesterov", nesterov), ("adapt", adapt), ("trust_min", trust_min), ("trust_max", trust_max))]
+    return [[float(lr_i), float(mu), float(wd), float(eta_i), float(bool(nes)), float(bool(ad)), float(lo), float(hi)]
+            for lr_i, mu, wd, eta_i, nes, ad, lo, hi in zip(*cols)]
+
+
+def lars_step(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    momentum_buffers: Sequence[torch.Tensor],
+    *,
+    lr,
+    momentum=0.9,
+    weight_decay=0.0,
+    eta=0.001,
+    nesterov=False,
+    adapt=True,
+    trust_min=0.0,
+    trust_max=math.inf,
+    max_grad_norm: float | None = None,
+    skipped: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One LARS step over all tensors, in place (see the module docstring for the math).
+
+    Hyperparameters are scalars or one value per tensor; ``momentum_buffers`` are fp32 with the
+    params' strides (float64 allowed on the reference path). Returns ``[||g_all||, clip coef, ok]``.
+    """
+    n = len(params)
+    check_same_shapes("grads", grads, params)
+    check_same_shapes("momentum_buffers", momentum_buffers, params)
+    hyper = _lars_hyper(n, lr, momentum, weight_decay, eta, nesterov, adapt, trust_min, trust_max)
+    if n == 0:
+        return torch.zeros(3)
+    device = params[0].device
+    for name, seq in (("params", params), ("grads", grads), ("momentum_buffers", momentum_buffers)):
+        check_same_device(name, seq, device)
+    if not use_triton(device):
+        return lars_step_reference(params, grads, momentum_buffers, hyper=hyper, max_grad_norm=max_grad_norm,
+                                   skipped=skipped)
+    for i, (p, g, m) in enumerate(zip(params, grads, momentum_buffers)):
+        check_kernel_dtype(f"params[{i}]", p)
+        check_kernel_dtype(f"grads[{i}]", g)
+        if m.dtype != torch.float32:
+            raise TypeError(f"momentum_buffers[{i}]: expected float32 state, got {m.dtype}")
+        if m.stride() != p.stride():
+            raise ValueError(f"momentum_buffers[{i}] must have the strides of params[{i}]")
+    grads = [dense_like(g, p) for g, p in zip(grads, params)]
+    total = sum(p.numel() for p in params)
+
+    def run(config: Config) -> torch.Tensor:
+        table = TensorTable.build([params, grads, momentum_buffers], hyper, config["CHUNK"], device,
+                                  dtype_columns=(P, G))
+        clip = launch_global_norm(table, G, 1, max_grad_norm, skipped, config, device)
+        partial = torch.empty((max(table.n_chunks, 1), 2), dtype=torch.float32, device=device)
+
+        def launcher(kernel, out):
+            def launch(lo, hi, dtypes):
+                kernel[(hi - lo,)](
+                    table.addr, table.numel, table.chunk_tensor[lo:hi], table.chunk_start[lo:hi], table.hyper,
+                    clip, out(lo, hi), P_DT=tl_dtype(dtypes[0]), G_DT=tl_dtype(dtypes[1]),
+                    BLOCK=config["BLOCK"], CHUNK=config["CHUNK"], num_warps=config.num_warps)
+            return launch
+
+        for_each_launch(table, launcher(_lars_norms_kernel, lambda lo, hi: partial[lo:hi]))
+        norms = launch_segment_norms(table, partial, clip, step_col=None)
+        for_each_launch(table, launcher(_lars_apply_kernel, lambda lo, hi: norms))
+        return clip
+
+    restore = [*params, *momentum_buffers] + ([skipped] if skipped is not None else [])
+    config = LARS_CONFIGS.select(device=device, bucket=shape_bucket(total), dtype=params[0].dtype, run=run,
+                                 restore=restore)
+    return run(config)
+
+
+def lars_step_reference(params, grads, momentum_buffers, *, hyper, max_grad_norm, skipped=None):
+    """Plain PyTorch LARS (same contract as :func:`lars_step`; math in fp32, float64 for float64 params)."""
+    clip = global_norm_reference(grads, max_grad_norm, skipped)
+    ok = clip[2] != 0
+    for p, g, m, h in zip(params, grads, momentum_buffers, hyper):
+        dtype = torch.promote_types(p.dtype, torch.float32)
+        w = p.to(dtype)
+        d = g.to(dtype) * clip[1].to(dtype) + h[WD] * w
+        r = trust_ratio_reference(w.norm(), d.norm(), h[ETA], h[TRUST_MIN], h[TRUST_MAX], bool(h[ADAPT]))
+        m_new = h[MOMENTUM] * m.to(dtype) + h[LR] * r * d
+        update = h[MOMENTUM] * m_new + h[LR] * r * d if h[NESTEROV] else m_new
+        m.copy_(torch.where(ok, m_new, m.to(dtype)))
+        p.copy_(torch.where(ok, w - update, w))
+    return clip
