@@ -21,6 +21,8 @@ every rank of a data-parallel job.
 
 from __future__ import annotations
 
+import functools
+import itertools
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -69,39 +71,42 @@ class TensorTable:
         their position in ``columns``, which the table keeps.
         """
         n = len(columns[0])
-        keys = [tuple(columns[c][i].dtype for c in dtype_columns) for i in range(n)]
-        order = sorted(range(n), key=lambda i: [str(d) for d in keys[i]])
-        numels = [columns[0][i].numel() for i in range(n)]
-        first_chunk, chunk_start, chunk_tensor, launches = [0] * n, [], [], []
-        for pos, i in enumerate(order):
-            if pos == 0 or keys[i] != keys[order[pos - 1]]:
-                launches.append([len(chunk_start), None, keys[i]])
-            first_chunk[i] = len(chunk_start)
-            for start in range(0, numels[i], chunk):
-                chunk_start.append(start)
-                chunk_tensor.append(i)
-            launches[-1][1] = len(chunk_start)
-        ends = [first_chunk[i] + triton.cdiv(numels[i], chunk) for i in range(n)]
-        ints = [t.data_ptr() for i in range(n) for t in (col[i] for col in columns)]
-        packed = torch.tensor(
-            ints + numels + first_chunk + ends + chunk_start + chunk_tensor, dtype=torch.int64
-        )
-        hyper_cpu = torch.tensor(hyper, dtype=torch.float32).reshape(n, -1)
-        packed, hyper_dev = _to_device(packed, device), _to_device(hyper_cpu, device)
-        n_chunks = len(chunk_start)
-        sizes = [n * len(columns), n, n, n, n_chunks, n_chunks]
-        addr, numel, first, end, starts, tensors = torch.split(packed, sizes)
+        keys = tuple(tuple(columns[c][i].dtype for c in dtype_columns) for i in range(n))
+        numels = tuple(columns[0][i].numel() for i in range(n))
+        layout = _chunk_layout(numels, keys, chunk, device)
+        addr = torch.tensor([t.data_ptr() for i in range(n) for t in (col[i] for col in columns)], dtype=torch.int64)
         return cls(
             n=n,
-            n_chunks=n_chunks,
-            addr=addr.reshape(n, len(columns)),
-            numel=numel,
-            bounds=torch.stack([first, end], dim=1),
-            chunk_start=starts,
-            chunk_tensor=tensors,
-            hyper=hyper_dev,
-            launches=[tuple(launch) for launch in launches],
+            addr=_to_device(addr, device).reshape(n, len(columns)),
+            hyper=_to_device(torch.tensor(hyper, dtype=torch.float32).reshape(n, -1), device),
+            **layout,
         )
+
+
+@functools.lru_cache(maxsize=64)
+def _chunk_layout(numels: tuple, keys: tuple, chunk: int, device: torch.device) -> dict:
+    """The parts of a table that depend only on sizes and dtypes (cached: rebuilt only when they change)."""
+    n = len(numels)
+    order = sorted(range(n), key=lambda i: [str(d) for d in keys[i]])
+    counts = torch.tensor([triton.cdiv(numels[i], chunk) for i in order], dtype=torch.int64)
+    chunk_tensor = torch.repeat_interleave(torch.tensor(order, dtype=torch.int64), counts)
+    first_in_order = torch.cumsum(counts, 0) - counts
+    chunk_start = (torch.arange(len(chunk_tensor)) - torch.repeat_interleave(first_in_order, counts)) * chunk
+    bounds = torch.empty((n, 2), dtype=torch.int64)
+    bounds[torch.tensor(order, dtype=torch.int64)] = torch.stack([first_in_order, first_in_order + counts], 1)
+    launches, pos = [], 0
+    for key, group in itertools.groupby(order, key=lambda i: keys[i]):
+        end = pos + sum(triton.cdiv(numels[i], chunk) for i in group)
+        launches.append((pos, end, key))
+        pos = end
+    return dict(
+        n_chunks=len(chunk_tensor),
+        numel=_to_device(torch.tensor(numels, dtype=torch.int64), device),
+        bounds=_to_device(bounds, device),
+        chunk_start=_to_device(chunk_start, device),
+        chunk_tensor=_to_device(chunk_tensor, device),
+        launches=launches,
+    )
 
 
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
