@@ -1,6 +1,8 @@
 """kfopt.kernels: Triton kernels with their PyTorch references (see ``dispatch`` for routing)."""
 
+from .covariance import symmetric_covariance, symmetric_covariance_reference
 from .dispatch import INTERPRETER, KERNEL_DTYPES, backend_override, use_triton
+from .eigen_basis import eigen_precondition, eigen_precondition_reference
 from .lamb import lamb_step, lamb_step_reference
 from .lars import lars_step, lars_step_reference
 
@@ -8,9 +10,13 @@ __all__ = [
     "INTERPRETER",
     "KERNEL_DTYPES",
     "backend_override",
+    "eigen_precondition",
+    "eigen_precondition_reference",
     "lamb_step",
     "lamb_step_reference",
     "lars_step",
     "lars_step_reference",
+    "symmetric_covariance",
+    "symmetric_covariance_reference",
     "use_triton",
 ]

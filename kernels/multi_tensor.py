@@ -77,8 +77,8 @@ class TensorTable:
         addr = torch.tensor([t.data_ptr() for i in range(n) for t in (col[i] for col in columns)], dtype=torch.int64)
         return cls(
             n=n,
-            addr=_to_device(addr, device).reshape(n, len(columns)),
-            hyper=_to_device(torch.tensor(hyper, dtype=torch.float32).reshape(n, -1), device),
+            addr=to_device(addr, device).reshape(n, len(columns)),
+            hyper=to_device(torch.tensor(hyper, dtype=torch.float32).reshape(n, -1), device),
             **layout,
         )
 
@@ -101,15 +101,15 @@ def _chunk_layout(numels: tuple, keys: tuple, chunk: int, device: torch.device) 
         pos = end
     return dict(
         n_chunks=len(chunk_tensor),
-        numel=_to_device(torch.tensor(numels, dtype=torch.int64), device),
-        bounds=_to_device(bounds, device),
-        chunk_start=_to_device(chunk_start, device),
-        chunk_tensor=_to_device(chunk_tensor, device),
+        numel=to_device(torch.tensor(numels, dtype=torch.int64), device),
+        bounds=to_device(bounds, device),
+        chunk_start=to_device(chunk_start, device),
+        chunk_tensor=to_device(chunk_tensor, device),
         launches=launches,
     )
 
 
-def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Host -> device without a host synchronisation (pinned, non-blocking) on CUDA."""
     if device.type != "cuda":
         return t
