@@ -42,10 +42,11 @@ from .multi_tensor import (
     trust_ratio_reference,
 )
 
-# addr table columns and hyper table columns
-P, G, M, V, STEP = range(5)
-LR, B1, B2, B3, EPS, WD, BIAS_CORRECTION, ADAPT, TRUST_MIN, TRUST_MAX = range(10)
-N_HYPER = 10
+# addr table columns and hyper table columns (constexpr: the kernels index the tables with them).
+# B3 = 1 - b1 (or 1 without grad averaging) and B4 = 1 - b2 are formed in float64 on the host.
+P, G, M, V, STEP, N_COLS = (tl.constexpr(i) for i in range(6))
+LR, B1, B2, B3, B4, EPS, WD, BIAS_CORRECTION, ADAPT, TRUST_MIN, TRUST_MAX, N_HYPER = (
+    tl.constexpr(i) for i in range(12))
 
 LAMB_CONFIGS = ConfigSpace(
     "lamb_step",
@@ -69,19 +70,20 @@ def _lamb_moments_kernel(
     tid = tl.load(chunk_tensor_ptr + pid)
     start = tl.load(chunk_start_ptr + pid)
     n = tl.load(numel_ptr + tid)
-    row = addr_ptr + tid * 5
-    p_ptr = tl.load(row + 0).to(tl.pointer_type(P_DT))
-    g_ptr = tl.load(row + 1).to(tl.pointer_type(G_DT))
-    m_ptr = tl.load(row + 2).to(tl.pointer_type(tl.float32))
-    v_ptr = tl.load(row + 3).to(tl.pointer_type(tl.float32))
-    t = tl.load(tl.load(row + 4).to(tl.pointer_type(tl.float32))) + 1.0
-    h = hyper_ptr + tid * 10
-    b1 = tl.load(h + 1)
-    b2 = tl.load(h + 2)
-    b3 = tl.load(h + 3)
-    eps = tl.load(h + 4)
-    wd = tl.load(h + 5)
-    bc = tl.load(h + 6)
+    row = addr_ptr + tid * N_COLS
+    p_ptr = tl.load(row + P).to(tl.pointer_type(P_DT))
+    g_ptr = tl.load(row + G).to(tl.pointer_type(G_DT))
+    m_ptr = tl.load(row + M).to(tl.pointer_type(tl.float32))
+    v_ptr = tl.load(row + V).to(tl.pointer_type(tl.float32))
+    t = tl.load(tl.load(row + STEP).to(tl.pointer_type(tl.float32))) + 1.0
+    h = hyper_ptr + tid * N_HYPER
+    b1 = tl.load(h + B1)
+    b2 = tl.load(h + B2)
+    b3 = tl.load(h + B3)
+    b4 = tl.load(h + B4)
+    eps = tl.load(h + EPS)
+    wd = tl.load(h + WD)
+    bc = tl.load(h + BIAS_CORRECTION)
     bc1 = tl.where(bc != 0, 1.0 - tl.exp2(t * tl.log2(b1)), 1.0)
     bc2 = tl.where(bc != 0, 1.0 - tl.exp2(t * tl.log2(b2)), 1.0)
     coef = tl.load(clip_ptr + 1)
@@ -94,7 +96,7 @@ def _lamb_moments_kernel(
         w = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) * coef
         m = b1 * tl.load(m_ptr + offs, mask=mask, other=0.0) + b3 * g
-        v = b2 * tl.load(v_ptr + offs, mask=mask, other=0.0) + (1.0 - b2) * g * g
+        v = b2 * tl.load(v_ptr + offs, mask=mask, other=0.0) + b4 * g * g
         tl.store(m_ptr + offs, m, mask=mask)
         tl.store(v_ptr + offs, v, mask=mask)
         u = (m / bc1) / (tl.sqrt(v / bc2) + eps) + wd * w
@@ -114,22 +116,22 @@ def _lamb_apply_kernel(
     tid = tl.load(chunk_tensor_ptr + pid)
     start = tl.load(chunk_start_ptr + pid)
     n = tl.load(numel_ptr + tid)
-    row = addr_ptr + tid * 5
-    p_ptr = tl.load(row + 0).to(tl.pointer_type(P_DT))
-    m_ptr = tl.load(row + 2).to(tl.pointer_type(tl.float32))
-    v_ptr = tl.load(row + 3).to(tl.pointer_type(tl.float32))
-    t = tl.load(tl.load(row + 4).to(tl.pointer_type(tl.float32)))
-    h = hyper_ptr + tid * 10
-    lr = tl.load(h + 0)
-    b1 = tl.load(h + 1)
-    b2 = tl.load(h + 2)
-    eps = tl.load(h + 4)
-    wd = tl.load(h + 5)
-    bc = tl.load(h + 6)
+    row = addr_ptr + tid * N_COLS
+    p_ptr = tl.load(row + P).to(tl.pointer_type(P_DT))
+    m_ptr = tl.load(row + M).to(tl.pointer_type(tl.float32))
+    v_ptr = tl.load(row + V).to(tl.pointer_type(tl.float32))
+    t = tl.load(tl.load(row + STEP).to(tl.pointer_type(tl.float32)))
+    h = hyper_ptr + tid * N_HYPER
+    lr = tl.load(h + LR)
+    b1 = tl.load(h + B1)
+    b2 = tl.load(h + B2)
+    eps = tl.load(h + EPS)
+    wd = tl.load(h + WD)
+    bc = tl.load(h + BIAS_CORRECTION)
     bc1 = tl.where(bc != 0, 1.0 - tl.exp2(t * tl.log2(b1)), 1.0)
     bc2 = tl.where(bc != 0, 1.0 - tl.exp2(t * tl.log2(b2)), 1.0)
     r = trust_ratio(tl.load(norms_ptr + tid * 2), tl.load(norms_ptr + tid * 2 + 1), 1.0,
-                    tl.load(h + 8), tl.load(h + 9), tl.load(h + 7))
+                    tl.load(h + TRUST_MIN), tl.load(h + TRUST_MAX), tl.load(h + ADAPT))
     step_size = lr * r
     n = tl.where(tl.load(clip_ptr + 2) != 0, n, 0)  # a skipped step writes nothing
     for off in range(0, CHUNK, BLOCK):
@@ -150,8 +152,8 @@ def _lamb_hyper(n, lr, beta1, beta2, eps, weight_decay, bias_correction, grad_av
         ("trust_min", trust_min), ("trust_max", trust_max))]
     rows = []
     for lr_i, b1, b2, eps_i, wd, bc, avg, ad, lo, hi in zip(*cols):
-        rows.append([float(lr_i), float(b1), float(b2), 1.0 - float(b1) if avg else 1.0, float(eps_i),
-                     float(wd), float(bool(bc)), float(bool(ad)), float(lo), float(hi)])
+        rows.append([float(lr_i), float(b1), float(b2), 1.0 - float(b1) if avg else 1.0, 1.0 - float(b2),
+                     float(eps_i), float(wd), float(bool(bc)), float(bool(ad)), float(lo), float(hi)])
     return rows
 
 
@@ -255,7 +257,7 @@ def lamb_step_reference(params, grads, exp_avgs, exp_avg_sqs, steps, *, hyper, m
         bc1 = 1 - h[B1] ** t if h[BIAS_CORRECTION] else torch.ones_like(t)
         bc2 = 1 - h[B2] ** t if h[BIAS_CORRECTION] else torch.ones_like(t)
         m_new = h[B1] * m.to(dtype) + h[B3] * g
-        v_new = h[B2] * v.to(dtype) + (1 - h[B2]) * g * g
+        v_new = h[B2] * v.to(dtype) + h[B4] * g * g
         u = (m_new / bc1) / ((v_new / bc2).sqrt() + h[EPS]) + h[WD] * w
         r = trust_ratio_reference(w.norm(), u.norm(), 1.0, h[TRUST_MIN], h[TRUST_MAX], bool(h[ADAPT]))
         m.copy_(torch.where(ok, m_new, m.to(dtype)))

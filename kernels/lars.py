@@ -38,9 +38,9 @@ from .multi_tensor import (
     trust_ratio_reference,
 )
 
-# addr table columns (param, grad, momentum) and hyper table columns
-P, G, M = range(3)
-LR, MOMENTUM, WD, ETA, NESTEROV, ADAPT, TRUST_MIN, TRUST_MAX = range(8)
+# addr table columns (param, grad, momentum) and hyper table columns (constexpr: kernels index with them)
+P, G, M, N_COLS = (tl.constexpr(i) for i in range(4))
+LR, MOMENTUM, WD, ETA, NESTEROV, ADAPT, TRUST_MIN, TRUST_MAX, N_HYPER = (tl.constexpr(i) for i in range(9))
 
 LARS_CONFIGS = ConfigSpace(
     "lars_step",
@@ -64,9 +64,9 @@ def _lars_norms_kernel(
     tid = tl.load(chunk_tensor_ptr + pid)
     start = tl.load(chunk_start_ptr + pid)
     n = tl.load(numel_ptr + tid)
-    p_ptr = tl.load(addr_ptr + tid * 3 + 0).to(tl.pointer_type(P_DT))
-    g_ptr = tl.load(addr_ptr + tid * 3 + 1).to(tl.pointer_type(G_DT))
-    wd = tl.load(hyper_ptr + tid * 8 + 2)
+    p_ptr = tl.load(addr_ptr + tid * N_COLS + P).to(tl.pointer_type(P_DT))
+    g_ptr = tl.load(addr_ptr + tid * N_COLS + G).to(tl.pointer_type(G_DT))
+    wd = tl.load(hyper_ptr + tid * N_HYPER + WD)
     coef = tl.load(clip_ptr + 1)
     w_sq = tl.zeros([BLOCK], tl.float32)
     d_sq = tl.zeros([BLOCK], tl.float32)
@@ -91,16 +91,16 @@ def _lars_apply_kernel(
     tid = tl.load(chunk_tensor_ptr + pid)
     start = tl.load(chunk_start_ptr + pid)
     n = tl.load(numel_ptr + tid)
-    p_ptr = tl.load(addr_ptr + tid * 3 + 0).to(tl.pointer_type(P_DT))
-    g_ptr = tl.load(addr_ptr + tid * 3 + 1).to(tl.pointer_type(G_DT))
-    m_ptr = tl.load(addr_ptr + tid * 3 + 2).to(tl.pointer_type(tl.float32))
-    h = hyper_ptr + tid * 8
-    mu = tl.load(h + 1)
-    wd = tl.load(h + 2)
-    nesterov = tl.load(h + 4)
-    r = trust_ratio(tl.load(norms_ptr + tid * 2), tl.load(norms_ptr + tid * 2 + 1), tl.load(h + 3),
-                    tl.load(h + 6), tl.load(h + 7), tl.load(h + 5))
-    step_size = tl.load(h + 0) * r
+    p_ptr = tl.load(addr_ptr + tid * N_COLS + P).to(tl.pointer_type(P_DT))
+    g_ptr = tl.load(addr_ptr + tid * N_COLS + G).to(tl.pointer_type(G_DT))
+    m_ptr = tl.load(addr_ptr + tid * N_COLS + M).to(tl.pointer_type(tl.float32))
+    h = hyper_ptr + tid * N_HYPER
+    mu = tl.load(h + MOMENTUM)
+    wd = tl.load(h + WD)
+    nesterov = tl.load(h + NESTEROV)
+    r = trust_ratio(tl.load(norms_ptr + tid * 2), tl.load(norms_ptr + tid * 2 + 1), tl.load(h + ETA),
+                    tl.load(h + TRUST_MIN), tl.load(h + TRUST_MAX), tl.load(h + ADAPT))
+    step_size = tl.load(h + LR) * r
     coef = tl.load(clip_ptr + 1)
     n = tl.where(tl.load(clip_ptr + 2) != 0, n, 0)  # a skipped step reads and writes nothing
     for off in range(0, CHUNK, BLOCK):

@@ -217,7 +217,7 @@ def launch_global_norm(
     for lo, hi, dtypes in table.launches:
         if hi > lo:
             _grad_sumsq_kernel[(hi - lo,)](
-                table.addr, table.addr.stride(0), g_col, table.numel,
+                table.addr, table.addr.stride(0), int(g_col), table.numel,
                 table.chunk_tensor[lo:hi], table.chunk_start[lo:hi], partial[lo:hi],
                 G_DT=tl_dtype(dtypes[g_dtype_pos]), BLOCK=config["BLOCK"], CHUNK=config["CHUNK"],
                 num_warps=config.num_warps,
@@ -240,7 +240,7 @@ def launch_segment_norms(
     if table.n:
         _segment_norms_kernel[(table.n,)](
             partial, table.bounds, norms, table.addr, table.addr.stride(0),
-            step_col if step_col is not None else 0, clip,
+            int(step_col) if step_col is not None else 0, clip,
             INCREMENT_STEP=step_col is not None, RBLOCK=REDUCE_BLOCK,
         )
     return norms

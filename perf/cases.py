@@ -1,0 +1,771 @@
+"""The case registry: what is benchmarked, with which baselines, and its bytes/flops model.
+
+Adding a method = adding an entry to one of the lists below (``ELEMENTWISE``, ``FACTOR``,
+``OPTIMIZERS``) and, if it has one, a ``Target``. The test modules parametrize over these lists; an
+entry whose kernel cannot be imported is still listed and its kfopt row is skipped with the reason,
+so a method that lands later only has to make its import succeed (and, for a planned factor kernel,
+replace ``planned("...")`` by a call of the kernel).
+
+Conventions
+* "bytes" is the traffic floor of the algorithm the kernel implements, from its docstring (each
+  pass's compulsory reads and writes); "compulsory_bytes" (elementwise) is the one-pass lower bound
+  (every input read once, every output written once), reported for comparison.
+* "flops" counts 2 per multiply-add of the useful work (a symmetric product counts only one
+  triangle).
+* floor = max(bytes / copy bandwidth, flops / matmul rate of the dtype), both measured in the same
+  run (``perf.timing.measure_ceilings``). floor fraction = floor / measured time.
+* ratio to a baseline = baseline time / case time (> 1: the kfopt kernel is faster); per-byte ratio
+  to a shared baseline of another method (AdamW) = (case bytes / case time) / (baseline bytes /
+  baseline time), i.e. achieved bandwidth over achieved bandwidth.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from perf import baselines
+from perf.config import MODE
+from perf.models import GPT2_SMALL, GPTConfig, Mix, scaled_mix
+
+# ----------------------------------------------------------------------------- optional kfopt parts
+
+
+def _try(importer: Callable[[], object]):
+    """(object, None) or (None, reason) -- kernels being written may not import yet."""
+    try:
+        return importer(), None
+    except Exception as err:  # noqa: BLE001 - any import failure means "not available"
+        return None, f"{type(err).__name__}: {err}"
+
+
+def _public_or(module: str, *names: str):
+    """``kfopt.kernels.<name>`` for each name, else the same names from ``kfopt.kernels.<module>``."""
+    import importlib
+
+    import kfopt.kernels as kernels
+    if all(hasattr(kernels, n) for n in names):
+        return tuple(getattr(kernels, n) for n in names)
+    mod = importlib.import_module(f"kfopt.kernels.{module}")
+    return tuple(getattr(mod, n) for n in names)
+
+
+def _import_sonew():
+    import kfopt
+    (sonew_step,) = _public_or("sonew", "sonew_step")
+    if hasattr(kfopt, "SONew"):
+        return sonew_step, kfopt.SONew
+    from kfopt.sonew import SONew
+    return sonew_step, SONew
+
+
+def _import_covariance():
+    return _public_or("covariance", "symmetric_covariance", "symmetric_covariance_reference")
+
+
+def _import_eigen():
+    return _public_or("eigen_basis", "eigen_precondition", "eigen_precondition_reference")
+
+
+SONEW, SONEW_MISSING = _try(_import_sonew)
+COVARIANCE, COVARIANCE_MISSING = _try(_import_covariance)
+EIGEN, EIGEN_MISSING = _try(_import_eigen)
+
+
+def planned(what: str) -> Callable[[], str]:
+    """Availability of a kernel that does not exist yet."""
+    return lambda: f"not implemented yet: {what}"
+
+
+@contextlib.contextmanager
+def torch_backend():
+    """Route kfopt kernel calls to their PyTorch references (``KFOPT_BACKEND=torch``)."""
+    old = os.environ.get("KFOPT_BACKEND")
+    os.environ["KFOPT_BACKEND"] = "torch"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("KFOPT_BACKEND", None)
+        else:
+            os.environ["KFOPT_BACKEND"] = old
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
+
+
+def size_of(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+# ============================================================================ element-wise steps
+# The parameter sets: realistic mixes (perf.models) scaled to the totals of the issue.
+
+ELEMENTWISE_SIZES = {
+    "full": [(mix, int(total), dtype) for mix in ("gpt2-small", "bert-large") for total in (1e6, 1e7, 1e8)
+             for dtype in (torch.float32, torch.bfloat16)],
+    "quick": [("gpt2-small", int(1e7), torch.float32), ("gpt2-small", int(1e7), torch.bfloat16)],
+    # the embeddings and the first tensors of layer 1 (6 tensors): the interpreter runs a program per chunk
+    "smoke": [("gpt2-small", 3000, torch.float32), ("bert-large", 3000, torch.bfloat16)],
+}
+SMOKE_TENSORS = 6
+
+
+def elementwise_mix(name: str, total: int, max_tensors: int | None = None) -> Mix:
+    if MODE != "smoke":
+        return scaled_mix(name, total)
+    return scaled_mix(name, total, n_layer=1, max_tensors=max_tensors or SMOKE_TENSORS)
+
+
+class ParamSet:
+    """Parameters and gradients of a mix: params ~ N(0, 0.02^2), grads with a global norm of ~2 (so
+    LAMB's default clipping at 1.0 is active at every size). Deterministic in ``seed``."""
+
+    def __init__(self, mix: Mix, dtype: torch.dtype, device: torch.device, seed: int = 0):
+        self.mix, self.dtype, self.device, self.seed = mix, dtype, device, seed
+        gen = torch.Generator(device=device).manual_seed(seed)
+        self.params = [(torch.randn(s, generator=gen, device=device) * 0.02).to(dtype) for s in mix.shapes]
+        self.grads = [torch.empty(s, device=device, dtype=dtype) for s in mix.shapes]
+        self.refresh_grads(0)
+
+    def refresh_grads(self, k: int) -> None:
+        gen = torch.Generator(device=self.device).manual_seed(self.seed * 1000 + k + 1)
+        scale = 2.0 / math.sqrt(self.mix.total)
+        for g in self.grads:
+            g.copy_(torch.randn(g.shape, generator=gen, device=self.device) * scale)
+
+    def clone(self) -> "ParamSet":
+        other = object.__new__(ParamSet)
+        other.mix, other.dtype, other.device, other.seed = self.mix, self.dtype, self.device, self.seed
+        other.params = [p.clone() for p in self.params]
+        other.grads = [g.clone() for g in self.grads]
+        return other
+
+
+# Hyperparameters of every element-wise case (lr large enough that a bf16 step is visible).
+LR = 1e-2
+LAMB_HP = dict(lr=LR, beta1=0.9, beta2=0.999, eps=1e-6, weight_decay=0.01, max_grad_norm=1.0)
+LARS_HP = dict(lr=1.0, momentum=0.9, weight_decay=1e-4, eta=0.001)
+SONEW_HP = dict(lr=LR, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.0, graft="adam", graft_eps=1e-8)
+ADAMW_HP = dict(lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+
+
+class LambRunner:
+    """kfopt's ``lamb_step`` (``backend="torch"``: its PyTorch reference through the same call)."""
+
+    def __init__(self, ps: ParamSet, backend: str | None = None):
+        from kfopt.kernels import lamb_step
+        self.lamb_step, self.ps, self.backend = lamb_step, ps, backend
+        self.state = {"exp_avg": [torch.zeros_like(p, dtype=torch.float32) for p in ps.params],
+                      "exp_avg_sq": [torch.zeros_like(p, dtype=torch.float32) for p in ps.params]}
+        self.steps = [torch.zeros((), device=ps.device) for _ in ps.params]
+
+    def step(self):
+        with torch_backend() if self.backend == "torch" else contextlib.nullcontext():
+            self.lamb_step(self.ps.params, self.ps.grads, self.state["exp_avg"], self.state["exp_avg_sq"],
+                           self.steps, adapt=True, **LAMB_HP)
+
+
+class LambForeachRunner:
+    """BASELINE ``perf.baselines.lamb_foreach_update`` with the global clip coefficient."""
+
+    def __init__(self, ps: ParamSet):
+        self.ps, self.t = ps, 0
+        self.state = {"exp_avg": [torch.zeros_like(p, dtype=torch.float32) for p in ps.params],
+                      "exp_avg_sq": [torch.zeros_like(p, dtype=torch.float32) for p in ps.params]}
+
+    def step(self):
+        self.t += 1
+        hp = dict(LAMB_HP)
+        grads32 = baselines.as_fp32(self.ps.grads)
+        _, coef = baselines.clip_coefficient(grads32, hp.pop("max_grad_norm"))
+        baselines.lamb_foreach_update(self.ps.params, grads32, self.state["exp_avg"], self.state["exp_avg_sq"],
+                                      step=self.t, adapt=True, clip_coef=coef, **hp)
+
+
+class LarsRunner:
+    def __init__(self, ps: ParamSet, backend: str | None = None):
+        from kfopt.kernels import lars_step
+        self.lars_step, self.ps, self.backend = lars_step, ps, backend
+        self.state = {"momentum_buffer": [torch.zeros_like(p, dtype=torch.float32) for p in ps.params]}
+
+    def step(self):
+        with torch_backend() if self.backend == "torch" else contextlib.nullcontext():
+            self.lars_step(self.ps.params, self.ps.grads, self.state["momentum_buffer"], adapt=True,
+                           max_grad_norm=None, **LARS_HP)
+
+
+class LarsForeachRunner:
+    def __init__(self, ps: ParamSet):
+        self.ps = ps
+        self.state = {"momentum_buffer": [torch.zeros_like(p, dtype=torch.float32) for p in ps.params]}
+
+    def step(self):
+        baselines.lars_foreach_update(self.ps.params, self.ps.grads, self.state["momentum_buffer"], adapt=True,
+                                      clip_coef=None, **LARS_HP)
+
+
+def sonew_tensor_band(shape, band: int) -> int:
+    """The band kfopt.SONew gives a tensor: 0 (plain Adam) for <= 1 dimension, else min(band, n - 1)."""
+    n = math.prod(shape)
+    return 0 if len(shape) <= 1 else min(band, n - 1)
+
+
+class SonewRunner:
+    """kfopt's ``sonew_step``, starting from a mid-training state: the statistics of ``WARM_STEPS``
+    random gradients (so that every (band + 1)-row block of S is well conditioned and the checks
+    compare the banded inverse, not the all-edges-dropped first steps)."""
+
+    WARM_STEPS = 12
+
+    def __init__(self, ps: ParamSet, band: int, backend: str | None = None):
+        self.sonew_step = SONEW[0]
+        self.ps, self.backend = ps, backend
+        gen = torch.Generator(device=ps.device).manual_seed(ps.seed + 7)
+        k, b1, b2 = self.WARM_STEPS, SONEW_HP["beta1"], SONEW_HP["beta2"]
+        scale = 2.0 / math.sqrt(ps.mix.total)
+        self.state = {"exp_avg": [], "diag": [], "offdiag": []}
+        for p in ps.params:
+            n, b = p.numel(), sonew_tensor_band(p.shape, band)
+            m, v = torch.zeros(n, device=ps.device), torch.zeros(n, device=ps.device)
+            off = torch.zeros((b, n), device=ps.device)
+            for _ in range(k):
+                g = torch.randn(n, generator=gen, device=ps.device) * scale
+                m.mul_(b1).add_(g, alpha=1 - b1)
+                v.mul_(b2).addcmul_(g, g, value=1 - b2)
+                for j in range(1, b + 1):
+                    off[j - 1, :-j].mul_(b2).addcmul_(g[:-j], g[j:], value=1 - b2)
+            self.state["exp_avg"].append(m.view(p.shape))
+            self.state["diag"].append(v)
+            self.state["offdiag"].append(off)
+        self.steps = [torch.full((), float(k), device=ps.device) for _ in ps.params]
+        self.precondition = [p.dim() > 1 for p in ps.params]
+
+    def step(self):
+        with torch_backend() if self.backend == "torch" else contextlib.nullcontext():
+            self.sonew_step(self.ps.params, self.ps.grads, self.state["exp_avg"], self.state["diag"],
+                            self.state["offdiag"], self.steps, precondition=self.precondition, **SONEW_HP)
+
+
+class AdamWRunner:
+    """``torch.optim.AdamW`` (fused=True, or foreach=True as its correctness reference). State in the
+    parameters' dtype, as torch keeps it."""
+
+    def __init__(self, ps: ParamSet, fused: bool):
+        self.ps = ps
+        for p, g in zip(ps.params, ps.grads):
+            p.grad = g
+        kind = dict(fused=True) if fused else dict(foreach=True)
+        self.opt = torch.optim.AdamW(ps.params, **ADAMW_HP, **kind)
+
+    @property
+    def state(self):
+        return {k: [self.opt.state[p][k] for p in self.ps.params] for k in ("exp_avg", "exp_avg_sq")}
+
+    def step(self):
+        self.opt.step()
+
+
+@dataclass
+class Impl:
+    """One implementation of a method. ``role``: "kernel" (kfopt) or "baseline"; ``bench=False``: used
+    only as a correctness reference."""
+
+    name: str
+    role: str
+    make: Callable[[ParamSet], object]
+    available: Callable[[], str | None] = lambda: None
+    bench: bool = True
+
+
+@dataclass
+class ElementwiseMethod:
+    """An element-wise optimizer step on a list of tensors.
+
+    ``bytes(shapes, dtype)``: the traffic floor of one step (see the module docstring);
+    ``reference``: the impl every other impl's result is checked against, after ``check_steps``
+    steps with fresh gradients each step; ``tol``: relative error allowed per storage dtype on the
+    parameter update (``delta``) and on the state. For bf16/fp16 parameters the parameters must
+    also agree to 1 unit in the last place (rounding of the same fp32 update may differ by one ulp;
+    Triton's interpreter even truncates fp32 -> bf16 stores instead of rounding to nearest, so there
+    only the ulp check and the state are checked).
+    """
+
+    name: str
+    bytes: Callable[[tuple, torch.dtype], float]
+    compulsory_bytes: Callable[[tuple, torch.dtype], float]
+    impls: list[Impl]
+    reference: str
+    check_steps: int = 2
+    tol: dict = field(default_factory=lambda: {"fp32": (1e-4, 1e-4), "bf16": (3e-2, 1e-4), "fp16": (3e-2, 1e-4)})
+    shared_baseline: bool = False  # a baseline for every method of the family (AdamW)
+    smoke_sizes: list | None = None  # replaces ELEMENTWISE_SIZES["smoke"] (interpreter cost)
+    smoke_tensors: int | None = None
+
+    def sizes(self, mode: str) -> list:
+        return self.smoke_sizes if mode == "smoke" and self.smoke_sizes is not None else ELEMENTWISE_SIZES[mode]
+
+    def impl(self, name: str) -> Impl:
+        return next(i for i in self.impls if i.name == name)
+
+
+def _n(shapes) -> int:
+    return sum(math.prod(s) for s in shapes)
+
+
+def lamb_bytes(shapes, dtype):
+    """kernels/lamb.py: g pre-read (norm) + pass 1 (g, w, m, v read; m, v written) + pass 2 (w, m, v
+    read; w written) = 2 s_g + 3 s_p + 24 per parameter (44 fp32, 34 bf16)."""
+    s = size_of(dtype)
+    return _n(shapes) * (2 * s + 3 * s + 24)
+
+
+def lars_bytes(shapes, dtype):
+    """kernels/lars.py: g pre-read + pass 1 (g, w) + pass 2 (g, w, m read; m, w written) = 3 s_g + 3 s_p + 8
+    (32 fp32, 20 bf16)."""
+    s = size_of(dtype)
+    return _n(shapes) * (6 * s + 8)
+
+
+def sonew_bytes(band: int):
+    def model(shapes, dtype):
+        """kernels/sonew.py: g pre-read + pass 1 (g, mu, nu_d, nu_1..b read; mu, nu_d, nu_1..b, d
+        written) + pass 2 (w, d read; w written) = 2 s_g + 2 s_p + 24 + 8 b per parameter (48 fp32 at
+        b = 1), b the tensor's own band (0 for vectors)."""
+        s = size_of(dtype)
+        return sum(math.prod(sh) * (4 * s + 24 + 8 * sonew_tensor_band(sh, band)) for sh in shapes)
+    return model
+
+
+def adamw_fused_bytes(shapes, dtype):
+    """torch AdamW(fused): one pass, p, g, m, v read and p, m, v written, state in the param dtype:
+    2 s_p + s_g + 4 s_p (28 fp32, 14 bf16)."""
+    return _n(shapes) * 7 * size_of(dtype)
+
+
+def _one_pass(state_floats: Callable[[tuple], int]):
+    def model(shapes, dtype):
+        """One pass: w, g read, w written (3 s) + fp32 state read and written (8 per state float)."""
+        return sum(math.prod(sh) * (3 * size_of(dtype)) + 8 * state_floats(sh) for sh in shapes)
+    return model
+
+
+def _sonew_available():
+    return SONEW_MISSING and f"kfopt SONew does not import ({SONEW_MISSING})"
+
+
+ELEMENTWISE: list[ElementwiseMethod] = [
+    ElementwiseMethod(
+        "adamw", adamw_fused_bytes, lambda sh, dt: adamw_fused_bytes(sh, dt),
+        [Impl("torch-fused", "baseline", lambda ps: AdamWRunner(ps, fused=True)),
+         Impl("torch-foreach", "baseline", lambda ps: AdamWRunner(ps, fused=False), bench=False)],
+        reference="torch-foreach", shared_baseline=True,
+        tol={"fp32": (1e-4, 1e-5), "bf16": (3e-2, 2e-2), "fp16": (1e-2, 1e-2)}),
+    ElementwiseMethod(
+        "lamb", lamb_bytes, _one_pass(lambda sh: 2 * math.prod(sh)),
+        [Impl("kfopt", "kernel", lambda ps: LambRunner(ps)),
+         Impl("foreach", "baseline", LambForeachRunner),
+         Impl("reference", "baseline", lambda ps: LambRunner(ps, backend="torch"))],
+        reference="reference"),
+    ElementwiseMethod(
+        "lars", lars_bytes, _one_pass(lambda sh: math.prod(sh)),
+        [Impl("kfopt", "kernel", lambda ps: LarsRunner(ps)),
+         Impl("foreach", "baseline", LarsForeachRunner),
+         Impl("reference", "baseline", lambda ps: LarsRunner(ps, backend="torch"))],
+        reference="reference"),
+] + [
+    ElementwiseMethod(
+        f"sonew-band{band}", sonew_bytes(band),
+        _one_pass(lambda sh, band=band: math.prod(sh) * (2 + sonew_tensor_band(sh, band))),
+        [Impl("kfopt", "kernel", lambda ps, band=band: SonewRunner(ps, band), _sonew_available),
+         Impl("reference", "baseline", lambda ps, band=band: SonewRunner(ps, band, backend="torch"),
+              _sonew_available)],
+        reference="reference",
+        # band 4 costs ~1 s per tensor per step in the interpreter: its smoke case is 3 tensors, fp32
+        smoke_sizes=[("gpt2-small", 3000, torch.float32)] if band > 1 else None,
+        smoke_tensors=3 if band > 1 else None)
+    for band in (1, 4)
+]
+# not yet: a torch._foreach_* SONew baseline (banded solves do not map onto foreach ops cleanly).
+
+
+# ============================================================================ factor kernels
+
+
+@dataclass
+class FactorImpl:
+    """``run(inputs)`` computes the result (may work in place); ``result(out, inputs, params)``
+    turns it into what is compared with the float64 truth (default: ``out`` itself)."""
+
+    name: str
+    role: str
+    run: Callable[[dict], object]
+    available: Callable[[], str | None] = lambda: None
+    result: Callable | None = None
+    bytes: Callable[[dict], float] | None = None   # default: the method's
+    flops: Callable[[dict], float] | None = None
+
+
+@dataclass
+class FactorMethod:
+    """A factor kernel: ``grid[mode]`` lists shape params (dicts with at least "dtype"), ``make_inputs``
+    builds random inputs (``reset`` restores inputs that impls overwrite, before every timed round),
+    ``truth`` the float64 answer, ``tol(params, impl)`` the relative error allowed."""
+
+    name: str
+    grid: dict
+    make_inputs: Callable[[dict, torch.device], dict]
+    truth: Callable[[dict, dict], object]
+    tol: Callable[[dict, str], float]
+    bytes: Callable[[dict], float]
+    flops: Callable[[dict], float]
+    impls: list[FactorImpl]
+    label: Callable[[dict], str]
+    reset: Callable[[dict], None] | None = None
+
+
+def _grid(**axes):
+    keys = list(axes)
+    out = [{}]
+    for k in keys:
+        out = [dict(o, **{k: v}) for o in out for v in axes[k]]
+    return out
+
+
+HALF_AND_FULL = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def _half_tol(dtype, fp32_tol):
+    return fp32_tol if dtype == torch.float32 else 1e-2
+
+
+# --- symmetric covariance (K-FAC, KAISA): x^T x / rows, upper tiles only, fp32 out
+
+def _cov_inputs(p, device):
+    gen = torch.Generator(device=device).manual_seed(1)
+    return {"x": torch.randn(p["rows"], p["d"], generator=gen, device=device).to(p["dtype"])}
+
+
+def _cov_truth(inputs, p):
+    x = inputs["x"].double()
+    return x.T @ x / x.shape[0]
+
+
+def COV_KERNEL_MISSING():  # noqa: N802
+    return COVARIANCE_MISSING and f"kfopt symmetric_covariance does not import ({COVARIANCE_MISSING})"
+
+SYMMETRIC_COVARIANCE = FactorMethod(
+    "symmetric_covariance",
+    grid={"full": _grid(d=(256, 1024, 4096), rows=(4096, 16384), dtype=HALF_AND_FULL),
+          "quick": _grid(d=(1024,), rows=(4096,), dtype=(torch.bfloat16, torch.float32)),
+          "smoke": _grid(d=(70,), rows=(50,), dtype=HALF_AND_FULL)},
+    make_inputs=_cov_inputs,
+    truth=_cov_truth,
+    tol=lambda p, impl: _half_tol(p["dtype"], 1e-4) if impl == "torch.matmul" else 1e-4,
+    # x read once, the fp32 result written once
+    bytes=lambda p: p["rows"] * p["d"] * size_of(p["dtype"]) + 4 * p["d"] ** 2,
+    # one triangle (diagonal included) of x^T x
+    flops=lambda p: p["rows"] * p["d"] * (p["d"] + 1),
+    impls=[
+        FactorImpl("kfopt", "kernel", lambda i: COVARIANCE[0](i["x"]), COV_KERNEL_MISSING),
+        FactorImpl("torch.matmul", "baseline", lambda i: baselines.covariance_matmul(i["x"]),
+                   result=lambda out, i, p: out.double() / p["rows"],
+                   bytes=lambda p: (p["rows"] * p["d"] + p["d"] ** 2) * size_of(p["dtype"]),
+                   flops=lambda p: 2 * p["rows"] * p["d"] ** 2),
+        FactorImpl("reference", "baseline", lambda i: COVARIANCE[1](i["x"]), COV_KERNEL_MISSING),
+    ],
+    label=lambda p: f"d={p['d']},rows={p['rows']}",
+)
+
+
+# --- eigen-basis preconditioning (K-FAC): QG [(QG^T V QA) / (dG dA^T + damping)] QA^T, all layers
+
+GPT2_BLOCK_LAYERS = [(2304, 769), (768, 769), (3072, 769), (768, 3073)]  # (d_out, d_in + 1) of one block
+
+
+def _orthogonal(n, gen, device):
+    return torch.linalg.qr(torch.randn(n, n, generator=gen, device=device))[0]
+
+
+def _eigen_inputs(p, device):
+    gen = torch.Generator(device=device).manual_seed(2)
+    dt = p["dtype"]
+    layers = p["layers"]
+    return {
+        "grads": [torch.randn(m, n, generator=gen, device=device).to(dt) for m, n in layers],
+        "qa": [_orthogonal(n, gen, device).to(dt) for _, n in layers],
+        "da": [torch.rand(n, generator=gen, device=device) ** 2 for _, n in layers],
+        "qg": [_orthogonal(m, gen, device).to(dt) for m, _ in layers],
+        "dg": [torch.rand(m, generator=gen, device=device) ** 2 for m, _ in layers],
+        "damping": 1e-3,
+    }
+
+
+def _eigen_truth(i, p):
+    d64 = lambda ts: [t.double() for t in ts]  # noqa: E731
+    return EIGEN[1](d64(i["grads"]), d64(i["qa"]), d64(i["da"]), d64(i["qg"]), d64(i["dg"]), i["damping"])
+
+
+def EIGEN_MISSING_REASON():  # noqa: N802
+    return EIGEN_MISSING and f"kfopt eigen_precondition does not import ({EIGEN_MISSING})"
+
+
+def _eigen_call(fn):
+    return lambda i: fn(i["grads"], i["qa"], i["da"], i["qg"], i["dg"], i["damping"])
+
+
+EIGEN_PRECONDITION = FactorMethod(
+    "eigen_precondition",
+    grid={"full": _grid(layers=[[(d, d)] for d in (256, 1024, 4096)] + [GPT2_BLOCK_LAYERS], dtype=HALF_AND_FULL),
+          "quick": _grid(layers=[[(1024, 1024)]], dtype=(torch.bfloat16, torch.float32)),
+          "smoke": _grid(layers=[[(24, 20), (9, 33)]], dtype=HALF_AND_FULL)},
+    make_inputs=_eigen_inputs,
+    truth=_eigen_truth,
+    tol=lambda p, impl: _half_tol(p["dtype"], 1e-4),
+    # V, QA, QG, dA, dG read once, P written once (the fp32 intermediates are not compulsory)
+    bytes=lambda p: sum((2 * m * n + m * m + n * n) * size_of(p["dtype"]) + 4 * (m + n) for m, n in p["layers"]),
+    flops=lambda p: sum(4 * m * n * (m + n) for m, n in p["layers"]),
+    impls=[
+        FactorImpl("kfopt", "kernel", _eigen_call(lambda *a: EIGEN[0](*a)), EIGEN_MISSING_REASON),
+        FactorImpl("reference", "baseline", _eigen_call(lambda *a: EIGEN[1](*a)), EIGEN_MISSING_REASON),
+    ],
+    label=lambda p: ("gpt2-block" if p["layers"] == GPT2_BLOCK_LAYERS else
+                     "+".join(f"{m}x{n}" for m, n in p["layers"])),
+)
+
+
+# --- rank-1 inverse update (MKOR): J <- (J - c (Jv)(Jv)^T / (1 + c v^T J v)) / gamma, many layers
+
+RANK1_GAMMA = 0.95
+GPT2_BLOCK_FACTORS = [769, 2304, 769, 768, 769, 3072, 3073, 768]  # sides of the 8 factors of one block
+
+
+def _rank1_inputs(p, device):
+    gen = torch.Generator(device=device).manual_seed(3)
+    js, vs = [], []
+    for d in p["sides"]:
+        a = torch.randn(d, d, generator=gen, device=device) / math.sqrt(d)
+        js.append((torch.eye(d, device=device) + 0.1 * (a + a.T)).to(p["dtype"]))
+        vs.append((torch.randn(d, generator=gen, device=device) / math.sqrt(d)).to(p["dtype"]))
+    return {"J": js, "v": vs, "J0": [j.clone() for j in js]}
+
+
+def _rank1_reset(i):
+    for j, j0 in zip(i["J"], i["J0"]):
+        j.copy_(j0)
+
+
+RANK1_INVERSE_UPDATE = FactorMethod(
+    "rank1_inverse_update",
+    grid={"full": _grid(sides=[[256], [1024], [4096], GPT2_BLOCK_FACTORS * 12], dtype=HALF_AND_FULL),
+          "quick": _grid(sides=[[1024]], dtype=(torch.float32,)),
+          "smoke": _grid(sides=[[33, 8]], dtype=HALF_AND_FULL)},
+    make_inputs=_rank1_inputs,
+    truth=lambda i, p: [baselines.rank1_inverse_update_exact(j, v, RANK1_GAMMA) for j, v in zip(i["J0"], i["v"])],
+    tol=lambda p, impl: _half_tol(p["dtype"], 1e-5),
+    # mkor.md: J read twice, written once (3 d^2) + v read
+    bytes=lambda p: sum((3 * d * d + d) * size_of(p["dtype"]) for d in p["sides"]),
+    flops=lambda p: sum(4 * d * d for d in p["sides"]),
+    impls=[
+        FactorImpl("kfopt", "kernel", None, planned("kfopt.kernels rank1_inverse_update (lands with MKOR)")),
+        FactorImpl("torch-two-op", "baseline",
+                   lambda i: baselines.rank1_inverse_update_torch(i["J"], i["v"], RANK1_GAMMA),
+                   result=lambda out, i, p: i["J"]),
+    ],
+    label=lambda p: "gpt2-12-blocks" if len(p["sides"]) > 8 else "+".join(map(str, p["sides"])),
+    reset=_rank1_reset,
+)
+
+
+# --- structured factor products (SINGD): K (structured, d x d) @ X (d x rows) vs the dense matmul
+
+def _block_diagonal(d, block, gen, device):
+    k = torch.zeros(d, d, device=device)
+    for s in range(0, d, block):
+        e = min(d, s + block)
+        k[s:e, s:e] = torch.randn(e - s, e - s, generator=gen, device=device)
+    return k
+
+
+def _structured_inputs(p, device):
+    gen = torch.Generator(device=device).manual_seed(4)
+    d = p["d"]
+    if p["structure"] == "block-diagonal-32":
+        k = _block_diagonal(d, 32, gen, device)
+    else:  # "lower-triangular"
+        k = torch.tril(torch.randn(d, d, generator=gen, device=device))
+    return {"k_dense": k.to(p["dtype"]),
+            "x": torch.randn(d, p["rows"], generator=gen, device=device).to(p["dtype"])}
+
+
+def _structured_flops(p):
+    d, rows = p["d"], p["rows"]
+    per_row = {"block-diagonal-32": 2 * d * 32, "lower-triangular": d * (d + 1)}[p["structure"]]
+    return per_row * rows
+
+
+def _structured_bytes(p):
+    d, rows, s = p["d"], p["rows"], size_of(p["dtype"])
+    factor = {"block-diagonal-32": d * 32, "lower-triangular": d * (d + 1) // 2}[p["structure"]]
+    return (factor + 2 * d * rows) * s
+
+
+STRUCTURED_PRODUCT = FactorMethod(
+    "structured_product",
+    grid={"full": _grid(structure=("block-diagonal-32", "lower-triangular"), d=(1024, 4096), rows=(4096,),
+                        dtype=(torch.bfloat16, torch.float32)),
+          "quick": _grid(structure=("block-diagonal-32",), d=(1024,), rows=(4096,), dtype=(torch.bfloat16,)),
+          "smoke": _grid(structure=("block-diagonal-32", "lower-triangular"), d=(40,), rows=(24,),
+                         dtype=(torch.float32,))},
+    make_inputs=_structured_inputs,
+    truth=lambda i, p: i["k_dense"].double() @ i["x"].double(),
+    tol=lambda p, impl: _half_tol(p["dtype"], 1e-4),
+    bytes=_structured_bytes,
+    flops=_structured_flops,
+    impls=[
+        FactorImpl("kfopt", "kernel", None, planned("structured factor products (land with SINGD)")),
+        FactorImpl("dense-matmul", "baseline", lambda i: baselines.structured_dense_matmul(i["k_dense"], i["x"]),
+                   bytes=lambda p: (p["d"] ** 2 + 2 * p["d"] * p["rows"]) * size_of(p["dtype"]),
+                   flops=lambda p: 2 * p["d"] ** 2 * p["rows"]),
+    ],
+    label=lambda p: f"{p['structure']},d={p['d']},rows={p['rows']}",
+)
+
+FACTOR: list[FactorMethod] = [SYMMETRIC_COVARIANCE, EIGEN_PRECONDITION, RANK1_INVERSE_UPDATE, STRUCTURED_PRODUCT]
+
+
+# ============================================================================ whole optimizer steps
+
+STEP_MODEL = {
+    "full": (GPT2_SMALL, 8, 1024),
+    "quick": (GPT2_SMALL, 8, 1024),
+    "smoke": (GPTConfig(n_layer=1, n_head=2, d=32, vocab=64, ctx=16), 2, 16),
+}  # (config, batch, sequence length); bf16 autocast, fp32 parameters
+
+
+@dataclass
+class OptimizerCase:
+    """A whole ``optimizer.step()`` on the GPT-2-shaped model's gradients. ``build(model)`` makes the
+    optimizer; ``backend="torch"`` runs it on kfopt's PyTorch references; ``bytes(model)`` is one
+    step's traffic floor; ``reference``: the impl of the same method it is checked against."""
+
+    method: str
+    impl: str
+    role: str
+    build: Callable[[torch.nn.Module], torch.optim.Optimizer]
+    bytes: Callable[[torch.nn.Module], float]
+    reference: str | None = None
+    backend: str | None = None
+    available: Callable[[], str | None] = lambda: None
+
+
+def _param_shapes(model):
+    return [(tuple(p.shape), p.dtype) for p in model.parameters()]
+
+
+def _per_param_bytes(per_param: Callable[[tuple, torch.dtype], float]):
+    return lambda model: sum(per_param([shape], dtype) for shape, dtype in _param_shapes(model))
+
+
+def _groups(model, wd):
+    from kfopt import param_groups
+    return param_groups(model, weight_decay=wd)
+
+
+def _lamb(model):
+    import kfopt
+    return kfopt.LAMB(_groups(model, 0.01), lr=1e-3)
+
+
+def _lars(model):
+    import kfopt
+    return kfopt.LARS(_groups(model, 1e-4), lr=0.1)
+
+
+OPTIMIZERS: list[OptimizerCase] = [
+    OptimizerCase("adamw", "torch-fused", "baseline",
+                  lambda m: torch.optim.AdamW(_groups(m, 0.01), lr=1e-3, fused=True),
+                  _per_param_bytes(adamw_fused_bytes), reference="torch-foreach"),
+    OptimizerCase("adamw", "torch-foreach", "baseline",
+                  lambda m: torch.optim.AdamW(_groups(m, 0.01), lr=1e-3, foreach=True),
+                  _per_param_bytes(adamw_fused_bytes)),
+    OptimizerCase("lamb", "kfopt", "kernel", _lamb, _per_param_bytes(lamb_bytes), reference="reference"),
+    OptimizerCase("lamb", "reference", "baseline", _lamb, _per_param_bytes(lamb_bytes), backend="torch"),
+    OptimizerCase("lamb", "foreach", "baseline", lambda m: baselines.ForeachLAMB(_groups(m, 0.01), lr=1e-3),
+                  _per_param_bytes(lamb_bytes), reference="reference"),
+    OptimizerCase("lars", "kfopt", "kernel", _lars, _per_param_bytes(lars_bytes), reference="reference"),
+    OptimizerCase("lars", "reference", "baseline", _lars, _per_param_bytes(lars_bytes), backend="torch"),
+    OptimizerCase("lars", "foreach", "baseline", lambda m: baselines.ForeachLARS(_groups(m, 1e-4), lr=0.1),
+                  _per_param_bytes(lars_bytes), reference="reference"),
+] + [
+    case
+    for band in (1, 4)
+    for case in (
+        OptimizerCase(f"sonew-band{band}", "kfopt", "kernel",
+                      lambda m, band=band: SONEW[1](m.parameters(), lr=1e-3, band=band),
+                      _per_param_bytes(sonew_bytes(band)), reference="reference", available=_sonew_available),
+        OptimizerCase(f"sonew-band{band}", "reference", "baseline",
+                      lambda m, band=band: SONEW[1](m.parameters(), lr=1e-3, band=band),
+                      _per_param_bytes(sonew_bytes(band)), backend="torch", available=_sonew_available),
+    )
+]
+SHARED_BASELINES = {"elementwise": ("adamw",), "step": ("adamw",)}
+
+
+def optimizer_case(method: str, impl: str) -> OptimizerCase:
+    return next(c for c in OPTIMIZERS if c.method == method and c.impl == impl)
+
+
+# ============================================================================ autotune cost
+
+AUTOTUNE_CASES = {
+    # name: (kernel, description of the call); the probe (perf/autotune_probe.py) builds the inputs
+    "full": ["lamb_step", "lars_step", "sonew_step", "symmetric_covariance", "eigen_precondition"],
+    "quick": ["lamb_step"],
+    "smoke": ["lamb_step"],
+}
+
+
+# ============================================================================ targets (reported, never failed)
+
+
+@dataclass
+class Target:
+    name: str
+    text: str
+    select: Callable[[dict], bool]
+    value: Callable[[dict], float | None]
+    op: str                 # ">=" or "<="
+    threshold: float
+    unit: str = ""
+    available: Callable[[], str | None] = lambda: None  # why the kfopt side may not exist
+
+
+def _is(r, family, method, impl="kfopt"):
+    return r["family"] == family and r["method"] == method and r["impl"] == impl
+
+
+TARGETS = [
+    Target("lamb-byte-floor", "LAMB step >= 85% of its byte floor",
+           lambda r: _is(r, "elementwise", "lamb"), lambda r: r.get("floor_fraction"), ">=", 0.85),
+    Target("lamb-vs-adamw-per-byte", "LAMB step faster than AdamW(fused) per byte moved",
+           lambda r: _is(r, "elementwise", "lamb") or _is(r, "step", "lamb"),
+           lambda r: r["per_byte_ratios"].get("adamw/torch-fused"), ">=", 1.0, "x"),
+    Target("sonew-band1-vs-adamw", "SONew band 1 step <= 1.3x AdamW(fused) time",
+           lambda r: _is(r, "elementwise", "sonew-band1") or _is(r, "step", "sonew-band1"),
+           lambda r: (1.0 / r["ratios"]["adamw/torch-fused"]) if r["ratios"].get("adamw/torch-fused") else None,
+           "<=", 1.3, "x", available=_sonew_available),
+    Target("covariance-vs-matmul", "symmetric covariance >= 1.6x torch.matmul(x.T, x) at d >= 1024",
+           lambda r: _is(r, "factor", "symmetric_covariance") and r["params"].get("d", 0) >= 1024,
+           lambda r: r["ratios"].get("symmetric_covariance/torch.matmul"), ">=", 1.6, "x",
+           available=COV_KERNEL_MISSING),
+    Target("rank1-byte-floor", "rank-1 inverse update >= 80% of its byte floor",
+           lambda r: _is(r, "factor", "rank1_inverse_update"), lambda r: r.get("floor_fraction"), ">=", 0.80,
+           available=RANK1_INVERSE_UPDATE.impls[0].available),
+]

@@ -1,0 +1,47 @@
+"""Correctness checks the suite runs before timing anything (and in the smoke run instead of timing)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+
+def rel_error(out: Sequence[torch.Tensor] | torch.Tensor, ref: Sequence[torch.Tensor] | torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| over all tensors together, in float64; inf if ``out`` is not finite."""
+    if isinstance(out, torch.Tensor):
+        out, ref = [out], [ref]
+    assert len(out) == len(ref), f"{len(out)} outputs vs {len(ref)} references"
+    num = torch.zeros((), dtype=torch.float64, device=out[0].device)
+    den = torch.zeros((), dtype=torch.float64, device=out[0].device)
+    finite = True
+    for o, r in zip(out, ref):
+        assert o.shape == r.shape, f"shape {tuple(o.shape)} vs {tuple(r.shape)}"
+        o, r = o.detach().double(), r.detach().to(o.device).double()
+        finite = finite and bool(torch.isfinite(o).all())
+        num += ((o - r) ** 2).sum()
+        den += (r ** 2).sum()
+    if not finite:
+        return float("inf")
+    return float(num.sqrt() / den.sqrt().clamp_min(1e-300))
+
+
+def assert_close(name: str, out, ref, tol: float) -> float:
+    err = rel_error(out, ref)
+    assert err <= tol, f"{name}: relative error {err:.3e} > {tol:.1e} (NaN/inf count as inf)"
+    return err
+
+
+def max_ulp_difference(out: Sequence[torch.Tensor], ref: Sequence[torch.Tensor]) -> float:
+    """Largest |out - ref| in units of the last place (of the larger magnitude) of the tensors' dtype."""
+    worst = 0.0
+    for o, r in zip(out, ref):
+        mantissa = {torch.bfloat16: 7, torch.float16: 10}.get(r.dtype, 23)
+        r32, o32 = r.detach().float(), o.detach().float()
+        tiny = torch.finfo(r.dtype).tiny
+        big = torch.maximum(r32.abs(), o32.abs()).clamp_min(tiny)
+        ulp = torch.exp2(torch.floor(torch.log2(big))) * 2.0 ** -mantissa
+        diff = (o32 - r32).abs() / ulp
+        if diff.numel():
+            worst = max(worst, float(diff.max()))
+    return worst

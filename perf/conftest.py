@@ -1,0 +1,211 @@
+"""pytest set-up of the benchmark suite (see perf/README.md).
+
+perf.config runs first: it picks the mode (GPU: full; no GPU: smoke) and, for the smoke run, sets
+TRITON_INTERPRET=1 before anything imports triton.
+"""
+
+from perf import config as perf_config  # noqa: I001  (must come before anything that imports triton)
+
+import pytest
+import torch
+
+from perf import timing
+from perf.results import REPO, Recorder, results_folder, slug
+
+_RECORDER = pytest.StashKey[Recorder]()
+_REPORT = pytest.StashKey[dict]()
+DEFAULT_BENCHMARK_STORAGE = "file://./.benchmarks"
+
+
+# ----------------------------------------------------------------------------- options and set-up
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("kfopt perf")
+    group.addoption("--perf-compare-fail", metavar="PCT", type=float, default=None,
+                    help="kfopt perf: fail when a case's median is more than PCT percent slower than its latest "
+                         "earlier measurement in perf/results/<device-kind>.jsonl (works without pytest-benchmark)")
+
+
+class _NoBenchmarkPlugin:
+    """Provides ``benchmark`` = None when pytest-benchmark is not installed (or disabled)."""
+
+    @pytest.fixture
+    def benchmark(self):
+        return None
+
+
+def pytest_configure(config):
+    if not config.pluginmanager.hasplugin("benchmark"):
+        config.pluginmanager.register(_NoBenchmarkPlugin(), "kfopt-perf-no-benchmark")
+        timer = "cuda-events (perf.timing.measure_rounds)"
+    else:
+        timer = "pytest-benchmark pedantic + perf.timing.cuda_event_clock"
+        # saved runs (and so --benchmark-compare) go per GPU kind, unless a storage was given
+        if not perf_config.SMOKE and config.getoption("benchmark_storage") == DEFAULT_BENCHMARK_STORAGE:
+            kind = slug(torch.cuda.get_device_name())
+            config.option.benchmark_storage = f"file://{REPO / '.benchmarks' / kind}"
+    config.stash[_RECORDER] = Recorder(perf_config.MODE, perf_config.DEVICE, "none" if perf_config.SMOKE else timer)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_benchmark_update_machine_info(config, machine_info):
+    if torch.cuda.is_available():
+        machine_info["gpu"] = torch.cuda.get_device_name()
+        machine_info["gpu_kind"] = slug(torch.cuda.get_device_name())
+        machine_info["cuda"] = torch.version.cuda
+    import triton
+    machine_info["torch"] = torch.__version__
+    machine_info["triton"] = triton.__version__
+
+
+def pytest_collection_modifyitems(config, items):
+    if perf_config.SMOKE or not config.pluginmanager.hasplugin("benchmark"):
+        return
+    for item in items:
+        if "bench" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.benchmark(timer=timing.cuda_event_clock))
+
+
+def pytest_report_header(config):
+    lines = [f"kfopt perf: mode={perf_config.MODE}, device={perf_config.DEVICE}, "
+             f"autotune cache={perf_config.AUTOTUNE_CACHE}"]
+    if perf_config.SMOKE:
+        lines.append(f"kfopt perf: {no_timings_message()}")
+    return lines
+
+
+def no_timings_message() -> str:
+    if perf_config.HAS_GPU:
+        return "no timings were taken (KFOPT_PERF_MODE=smoke): smoke run through the Triton interpreter"
+    return perf_config.NO_TIMINGS_MESSAGE
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    return perf_config.DEVICE
+
+
+@pytest.fixture(scope="session")
+def recorder(request) -> Recorder:
+    return request.config.stash[_RECORDER]
+
+
+@pytest.fixture(scope="session")
+def ceilings(recorder):
+    """The machine's copy bandwidth and matmul rates (None in the smoke run)."""
+    if perf_config.SMOKE:
+        return None
+    recorder.ceilings = timing.measure_ceilings()
+    return recorder.ceilings
+
+
+class Bench:
+    """Times one case and records it (see perf/timing.py for what is measured)."""
+
+    def __init__(self, benchmark, recorder: Recorder):
+        self.benchmark, self.recorder = benchmark, recorder
+
+    def run(self, fn, *, family: str, method: str, impl: str, role: str, group: str, shape: str, dtype: str,
+            params: dict | None = None, bytes: float | None = None, compulsory_bytes: float | None = None,
+            flops: float | None = None, flops_dtype: str | None = None, reset=None, check: dict | None = None,
+            extra: dict | None = None) -> dict:
+        fields = dict(family=family, method=method, impl=impl, role=role, group=group, shape=shape, dtype=dtype,
+                      params=params or {}, bytes=bytes, compulsory_bytes=compulsory_bytes, flops=flops,
+                      flops_dtype=flops_dtype, check=check, extra=extra or {})
+        real = self.benchmark is not None
+        if perf_config.SMOKE or (real and self.benchmark.disabled):
+            if real:  # the case already ran once in its correctness check; tell pytest-benchmark nothing was timed
+                self.benchmark.disabled = True
+                self.benchmark.pedantic(lambda: None)
+            return self.recorder.add(**fields, median_s=None)
+
+        prefill_only = timing.make_prefill(0.0)
+
+        def warm_setup():
+            if reset:
+                reset()
+            prefill_only()
+
+        for _ in range(2):  # compile + autotune happen here, untimed
+            warm_setup()
+            fn()
+        torch.cuda.synchronize()
+        host_s, latency_s = timing.host_and_latency(fn)
+        prefill = timing.make_prefill(host_s)
+
+        def setup():
+            if reset:
+                reset()
+            prefill()
+
+        estimate = sorted(timing.measure_rounds(fn, setup, rounds=3, warmup_rounds=0))[1]
+        spin_s = min(host_s * 1.5 + timing.SPIN_MARGIN_S, timing.SPIN_MAX_S)
+        rounds = timing.choose_rounds(estimate, spin_s + 2e-4, perf_config.BUDGET_S)
+        if real:
+            self.benchmark.group = group.replace("|", " ")
+            timing.reset_clock()
+            self.benchmark.pedantic(fn, setup=setup, rounds=rounds, warmup_rounds=2, iterations=1)
+            times = list(self.benchmark.stats.stats.data)
+        else:
+            times = timing.measure_rounds(fn, setup, rounds=rounds)
+        rec = self.recorder.add(**fields, **timing.summarize(times), host_s=host_s, latency_s=latency_s,
+                                host_bound=host_s > timing.summarize(times)["median_s"])
+        if real:
+            self.benchmark.extra_info.update({k: rec.get(k) for k in (
+                "bytes", "flops", "floor_fraction", "bytes_per_s", "flops_per_s", "host_s", "latency_s", "shape",
+                "dtype", "device_name", "commit")})
+        return rec
+
+
+@pytest.fixture
+def bench(benchmark, recorder, ceilings) -> Bench:
+    return Bench(benchmark, recorder)
+
+
+# ----------------------------------------------------------------------------- end of session
+
+
+def pytest_sessionfinish(session, exitstatus):
+    rec: Recorder = session.config.stash.get(_RECORDER, None)
+    if rec is None or not rec.records:
+        return
+    rec.finalize()
+    folder = results_folder(perf_config.SMOKE, perf_config.TMP_DIR)
+    report = {"jsonl": rec.write_jsonl(folder), "png": rec.write_png(folder), "compare": None}
+    fail_pct = session.config.getoption("perf_compare_fail")
+    if fail_pct is not None and not perf_config.SMOKE:
+        lines, regressed = rec.compare_with_previous(report["jsonl"], fail_pct)
+        report["compare"] = lines
+        if regressed:
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    session.config.stash[_REPORT] = report
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    rec: Recorder = config.stash.get(_RECORDER, None)
+    report = config.stash.get(_REPORT, None)
+    if rec is None or report is None:
+        return
+    tr = terminalreporter
+    tr.section("kfopt perf results")
+    for line in rec.table_lines():
+        tr.write_line(line)
+    tr.write_line("")
+    tr.write_line("targets (benchmarks, not tests):")
+    for line in rec.target_lines():
+        tr.write_line(line)
+    tr.write_line("")
+    tr.write_line(f"results appended to {report['jsonl']}")
+    tr.write_line(f"plot: {report['png']}")
+    if report["compare"]:
+        for line in report["compare"]:
+            tr.write_line(line)
+    if perf_config.SMOKE:
+        checked = sum(1 for r in rec.records if r.get("check"))
+        tr.write_line(f"smoke run: {len(rec.records)} cases ran; {checked} were checked against a reference or "
+                      f"float64 result, the others are the references themselves")
+        tr.write_sep("!", no_timings_message().upper(), red=True, bold=True)
