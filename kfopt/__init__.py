@@ -1,9 +1,10 @@
 """kfopt: fused Triton kernels for second-order and large-batch optimizers."""
 
+from .kfac import KFAC, KFACPreconditioner
 from .lamb import LAMB
 from .lars import LARS
 from .param_groups import param_groups
 
 __version__ = "0.1.0"
 
-__all__ = ["LAMB", "LARS", "param_groups"]
+__all__ = ["KFAC", "KFACPreconditioner", "LAMB", "LARS", "param_groups"]

@@ -14,6 +14,9 @@ os.environ.pop("KFOPT_BACKEND", None)
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# Test tensors are tiny: one thread avoids OpenMP spin overhead on the 2-core CI machine.
+torch.set_num_threads(1)
+
 
 @pytest.fixture
 def device() -> torch.device:

@@ -1,0 +1,580 @@
+r"""K-FAC with KAISA's adaptive distribution: :class:`KFACPreconditioner` and the optimizer :class:`KFAC`.
+
+The math of ``shared/design/kfac-kaisa.md``; the distribution is in :mod:`kfopt.kaisa`.
+
+Two objects
+    :class:`KFACPreconditioner` owns everything K-FAC: the layer capture, the factors, the eigen (or
+    inverse) data, KAISA's plan and groups. ``precond.step()`` replaces the ``.grad`` of every
+    preconditioned layer (``nn.Linear``/``nn.Conv2d`` with groups=1, minus ``skip_layers`` and layers
+    whose weight is frozen) by its preconditioned gradient, so it can sit in front of any optimizer::
+
+        loss.backward(); precond.step(); optimizer.step()
+
+    :class:`KFAC` is a ``torch.optim.Optimizer`` (a ``KfoptOptimizer``) that composes a preconditioner
+    with a base optimizer: ``KFAC.step()`` = ``precond.step()`` then ``base.step()``. Its param groups
+    are ``kfopt.param_groups(model, weight_decay)`` (weights decayed; biases and normalisation weights
+    not) and carry ``lr``, ``momentum``, ``weight_decay`` and ``damping``; the base optimizer is built
+    from *the same group dicts*, so an LR scheduler (or a user) changing ``lr`` in ``KFAC.param_groups``
+    changes the base step and the KL clip together. A layer's lr and damping are those of the group of
+    its weight. ``base``: ``"sgd"`` (torch.optim.SGD; momentum and weight_decay apply), ``"adamw"``
+    (torch.optim.AdamW with its default betas; ``momentum`` is not used), ``"lamb"`` (kfopt.LAMB), or a
+    callable ``base(param_groups) -> torch.optim.Optimizer`` that must build its optimizer from the
+    dicts it is given. Parameters that no preconditioned layer owns (embeddings, norms, skipped
+    layers) get the base optimizer's first-order update on their raw gradients.
+
+Factors, per layer (every ``factor_update_steps`` steps)
+    Rows as the capture hands them over (``kfopt.capture``): ``a`` (inputs; Conv2d: unfolded patches),
+    with a column of ones when the layer has a bias, and ``g`` (output gradients of the backpropagated
+    loss), summed over every call since the last step (micro-batches)::
+
+        A_batch = (1 / R) sum_rows a a^T                      R: input rows
+        G_batch = N sum_rows g g^T  =  (1 / N) sum_rows (N g)(N g)^T
+        A <- f A + (1 - f) A_batch,  G likewise                 f = factor_decay, A = G = I initially
+
+    ``N`` is the number of loss terms the loss averages over (``loss_average``: "batch" -> the summed
+    batch sizes of the calls, "batch+sequence" -> their rows, None (a summed loss) -> 1), so ``N g``
+    are per-term gradients and ``A (x) G`` approximates the Fisher ``(1/N) sum_terms vec(dW_t) vec(dW_t)^T``
+    of the averaged loss, whatever N is. Under gradient accumulation with micro-batch losses divided by
+    their number, N adds up over the micro-batches and the factors equal those of the one big batch.
+    For Conv2d (and Linear over sequences with "batch") a row is an (example, position) pair: ``A``
+    is the mean over rows and ``G`` the per-example sum over positions averaged over examples, so
+    ``A (x) G`` equals KFC's ``Omega (x) Gamma`` (Grosse & Martens, 2016; the factor S = positions
+    moves from Omega to Gamma). The reference code divides conv rows by S instead, and does not scale
+    g to per-term gradients: kfopt's damping is not on its scale.
+
+    Distributed: each rank sums its local rows; the numerators ``sum a a^T``, ``N_r^2 sum g g^T`` and
+    the counts ``R_r``, ``N_r`` are averaged over all ranks (one bucketed all-reduce; packed upper
+    triangles with ``symmetric_comm=True``), and the quotients are the factors of the concatenated
+    global batch: under DDP each rank's ``g`` is the gradient of its *local* mean loss, so ``N_r g``
+    is the per-term gradient whatever the world size. This is the world-size invariance of the design
+    page, exact even for unequal local batches. A factor whose count is 0 (layer not called)
+    keeps its value, and so do all factors when any statistic of the step is not finite (an overflow
+    under a GradScaler); decided on the device, without host synchronisation.
+
+Second-order data (every ``inv_update_steps`` steps, after that step's factor update)
+    ``compute_method="eigen"``: ``A = QA diag(dA) QA^T`` (``torch.linalg.eigh`` in the factor's dtype,
+    fp32; eigenvalues clamped at 0), G likewise, and::
+
+        P = QG [ (QG^T V QA) / (dG dA^T + damping) ] QA^T,     V = [dW | db] (d_out x (d_in + 1))
+
+    on every step with the current damping (``kfopt.kernels.eigen_precondition``: all layers in a few
+    launches). ``compute_method="inverse"``: ``P = (G + damping I)^-1 V (A + damping I)^-1`` with the
+    inverses (Cholesky) computed at the inverse update with the damping of that step.
+    A decomposition that raises or returns non-finite values is retried in float64; if that fails too
+    the layer keeps its last good data (identity before the first) and ``decomposition_failures``
+    counts it. Checking for failure synchronises with the host, on inverse-update steps only.
+
+KL clipping (``kl_clip``; None disables it), on the device::
+
+        nu = min(1, sqrt(kl_clip / |sum_layers lr_l^2 <P_l, V_l>|)),   P_l <- nu P_l
+
+    ``P_l`` then replaces the layer's ``.grad`` (weight and bias parts).
+
+Hooks
+    The capture is armed for the forward/backward passes of steps whose index (``steps`` before the
+    step) is a multiple of ``factor_update_steps``: armed at construction and re-armed or disarmed at
+    the end of each ``step()``. Everything captured since the previous step (several micro-batches)
+    enters that step's factors; ``step()`` then clears the capture. Forwards in eval mode or without
+    grad are never captured; a training-mode forward with grad whose output gets no gradient before
+    ``step()`` adds its inputs to ``A``.
+
+KAISA (``grad_worker_fraction``; see :mod:`kfopt.kaisa` for the grid and the greedy LPT assignment)
+    Factors are averaged on all ranks (every rank holds all factors). At an inverse update each layer's
+    inverse worker decomposes its two factors and broadcasts the data inside its grad-worker group;
+    the layer's grad workers precondition its gradient; if ``grad_worker_fraction < 1`` they broadcast
+    ``P`` to their receiver groups. Only grad workers store a layer's second-order data. KL clipping
+    then runs identically on every rank on all layers. KFAC does not average gradients: wrap the model
+    in ``DistributedDataParallel`` so that every rank starts ``step()`` with the same gradients; every
+    rank then ends it with the same parameters.
+
+Checkpoints
+    ``KFACPreconditioner.state_dict()``: ``steps``, ``decomposition_failures`` (this rank's count) and
+    ``factors`` (``{layer name: {"A", "G"}}``): plain tensors and numbers. Factors are global averages,
+    identical on all ranks, so a checkpoint from any rank loads at any world size and grad-worker
+    fraction. Second-order data is not saved: it is recomputed from the loaded factors at the start of
+    the next step (before that step's factor update), so training continues exactly as it would have
+    when the checkpoint was taken right after an inverse-update step (always with ``inv_update_steps=1``).
+    ``KFAC.state_dict()`` is the base optimizer's state dict (``param_groups`` hold all
+    hyperparameters; ``state`` is the base optimizer's state, ``KFAC.state`` is that same object) plus
+    ``"kfac"`` (the preconditioner's) and ``"kfac_skipped_steps"``. Constructor-only settings
+    (factor_decay, kl_clip, intervals, fraction, method) are not saved.
+
+AMP
+    Under ``torch.autocast`` the capture hands over rows in their autocast dtype; the covariance kernel
+    accumulates in fp32 and factors are fp32. With ``torch.amp.GradScaler``, pass ``grad_scaler=scaler``
+    so that output gradients are unscaled before entering G. ``scaler.step(kfac)`` calls ``KFAC.step``
+    (``_step_supports_amp_scaling``) with ``found_inf``: KFAC unscales the gradients if the scaler has
+    not, reads ``found_inf`` on the host (the synchronisation ``GradScaler.step`` does for every torch
+    optimizer) and, on an overflow, skips the whole step (factors, counters and parameters unchanged;
+    ``skipped_steps`` counts it). With a standalone preconditioner, call ``scaler.unscale_(optimizer)``
+    before ``precond.step()``; on an overflow its non-finite statistics leave the factors unchanged.
+    KFAC itself does not skip steps with non-finite gradients outside a GradScaler (the base optimizer
+    decides: kfopt.LAMB skips them).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable, Mapping
+from typing import Literal
+
+import torch
+from torch import nn
+
+from kfopt.kernels import eigen_precondition, symmetric_covariance
+from kfopt.kernels.multi_tensor import to_device
+
+from . import collectives
+from .capture import CallInfo, CapturedLayer, LayerCapture, LossAverage, loss_term_count
+from .kaisa import KAISAGroups, KAISAPlan, Strategy
+from .lamb import LAMB
+from .optimizer import KfoptOptimizer
+from .param_groups import param_groups
+from .validation import check_bool, check_nonnegative, check_positive, check_unit_interval
+
+ComputeMethod = Literal["eigen", "inverse"]
+
+
+def _check_interval(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
+
+
+def _decompose(fn: Callable[[torch.Tensor], tuple[torch.Tensor, ...]],
+               matrix: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+    """``fn(matrix)`` in the matrix's dtype, retried in float64 if it raises a LinAlgError or returns
+    non-finite values; results in the matrix's dtype and row-major (eigh returns column-major
+    eigenvectors: the ranks that receive them hold row-major copies, and all ranks must run the same
+    GEMMs to get bit-identical results), or None if both attempts failed."""
+    for dtype in dict.fromkeys((matrix.dtype, torch.float64)):
+        try:
+            result = fn(matrix.to(dtype))
+        except torch.linalg.LinAlgError:
+            continue
+        if torch.stack([torch.isfinite(t).all() for t in result]).all().item():
+            return tuple(t.to(matrix.dtype).contiguous() for t in result)
+    return None
+
+
+def _eigh(factor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(eigenvectors, eigenvalues clamped at 0) of a symmetric factor."""
+    values, vectors = torch.linalg.eigh(factor)
+    return vectors, values.clamp_min(0)
+
+
+def _damped_inverse(damping: float) -> Callable[[torch.Tensor], tuple[torch.Tensor]]:
+    """``factor -> ((factor + damping I)^-1,)`` by Cholesky."""
+    def inverse(factor: torch.Tensor) -> tuple[torch.Tensor]:
+        eye = torch.eye(factor.shape[0], dtype=factor.dtype, device=factor.device)
+        return (torch.cholesky_inverse(torch.linalg.cholesky(factor + damping * eye)),)
+    return inverse
+
+
+class _Layer:
+    """A preconditioned layer: its capture entry, factors and (on its grad workers) second-order data:
+    ``[QA, dA, QG, dG]`` (eigen) or ``[A_inv, G_inv]`` (inverse), or None on other ranks."""
+
+    def __init__(self, captured: CapturedLayer):
+        self.captured = captured
+        self.name = captured.name
+        weight = captured.module.weight
+        dtype = torch.promote_types(weight.dtype, torch.float32)
+        self.A = torch.eye(captured.in_features + captured.has_bias, dtype=dtype, device=weight.device)
+        self.G = torch.eye(captured.out_features, dtype=dtype, device=weight.device)
+        self.second: list[torch.Tensor] | None = None
+
+    @property
+    def weight(self) -> nn.Parameter:
+        return self.captured.module.weight
+
+    @property
+    def bias(self) -> nn.Parameter | None:
+        return self.captured.module.bias
+
+    def identity_second_order(self, method: ComputeMethod) -> list[torch.Tensor]:
+        """Placeholder data until a decomposition succeeds: that of identity factors (eigen), or
+        identity inverses."""
+        if method == "eigen":
+            return [torch.eye(len(self.A), dtype=self.A.dtype, device=self.A.device),
+                    torch.ones(len(self.A), dtype=self.A.dtype, device=self.A.device),
+                    torch.eye(len(self.G), dtype=self.G.dtype, device=self.G.device),
+                    torch.ones(len(self.G), dtype=self.G.dtype, device=self.G.device)]
+        return [torch.eye(len(self.A), dtype=self.A.dtype, device=self.A.device),
+                torch.eye(len(self.G), dtype=self.G.dtype, device=self.G.device)]
+
+    def grad_matrix(self) -> torch.Tensor:
+        """``V = [dW | db]``, (d_out, d_in [+ 1]): a view of the weight gradient without bias, a copy with."""
+        gw = self.weight.grad.reshape(self.captured.out_features, -1)
+        if self.bias is None:
+            return gw
+        return torch.cat([gw, self.bias.grad.reshape(-1, 1)], dim=1)
+
+    def write_grad(self, p: torch.Tensor) -> None:
+        """Store the preconditioned ``P = [dW | db]`` into the parameters' ``.grad``."""
+        n = self.captured.in_features
+        self.weight.grad.copy_(p[:, :n].reshape(self.weight.grad.shape))
+        if self.bias is not None:
+            self.bias.grad.copy_(p[:, n])
+
+
+def _per_layer(name: str, value: float | Mapping[str, float], layers: list[_Layer]) -> list[float]:
+    if isinstance(value, Mapping):
+        missing = [layer.name for layer in layers if layer.name not in value]
+        if missing:
+            raise ValueError(f"{name}: no value for layer(s) {missing}")
+        return [value[layer.name] for layer in layers]
+    return [value] * len(layers)
+
+
+class KFACPreconditioner:
+    """K-FAC preconditioning of a model's Linear/Conv2d gradients, distributed with KAISA (module docstring).
+
+    Args:
+        model: the model (or a ``DistributedDataParallel`` wrapping it).
+        lr: the learning rate the KL clip assumes (``step(lr=...)`` overrides it per step).
+        damping: added to the eigenvalue products (eigen) or to the factors' diagonal (inverse).
+        factor_decay: f of the running averages, in [0, 1).
+        kl_clip: the KL-clip bound (> 0), or None for no clipping.
+        factor_update_steps, inv_update_steps: the factor and second-order update intervals (steps).
+        grad_worker_fraction: KAISA's fraction of ranks that precondition each layer, in (0, 1].
+        compute_method: "eigen" or "inverse".
+        skip_layers: module names or types not to precondition (as ``LayerCapture``).
+        symmetric_comm: all-reduce only the upper triangles of the factors.
+        assignment_strategy: "compute" or "memory" balancing of the inverse workers.
+        loss_average: how the backpropagated loss averages (``kfopt.capture.loss_term_count``).
+        grad_scaler: a ``torch.amp.GradScaler`` whose scale output gradients are divided by.
+    """
+
+    def __init__(self, model: nn.Module, lr: float = 0.1, damping: float = 1e-3, factor_decay: float = 0.95,
+                 kl_clip: float | None = 1e-3, factor_update_steps: int = 1, inv_update_steps: int = 10,
+                 grad_worker_fraction: float = 1.0, compute_method: ComputeMethod = "eigen",
+                 skip_layers: Iterable[str | type] = (), symmetric_comm: bool = False, *,
+                 assignment_strategy: Strategy = "compute", loss_average: LossAverage = "batch",
+                 grad_scaler: torch.amp.GradScaler | None = None):
+        check_nonnegative("lr", lr)
+        check_positive("damping", damping)
+        check_unit_interval("factor_decay", factor_decay)
+        if kl_clip is not None:
+            check_positive("kl_clip", kl_clip)
+        _check_interval("factor_update_steps", factor_update_steps)
+        _check_interval("inv_update_steps", inv_update_steps)
+        if compute_method not in ("eigen", "inverse"):
+            raise ValueError(f"compute_method: expected 'eigen' or 'inverse', got {compute_method!r}")
+        check_bool("symmetric_comm", symmetric_comm)
+        if loss_average not in (None, "batch", "batch+sequence"):
+            raise ValueError(f"loss_average: expected None, 'batch' or 'batch+sequence', got {loss_average!r}")
+        self.lr, self.damping, self.factor_decay, self.kl_clip = lr, damping, factor_decay, kl_clip
+        self.factor_update_steps, self.inv_update_steps = factor_update_steps, inv_update_steps
+        self.compute_method, self.symmetric_comm, self.loss_average = compute_method, symmetric_comm, loss_average
+
+        skip_layers = tuple(skip_layers)
+        self.capture = LayerCapture(model, skip_layers, input_fn=self._input_stat,
+                                    grad_output_fn=self._grad_output_stat)
+        frozen = [name for name, layer in self.capture.layers.items() if not layer.module.weight.requires_grad]
+        if frozen:
+            self.capture.remove()
+            self.capture = LayerCapture(model, skip_layers + tuple(frozen), input_fn=self._input_stat,
+                                        grad_output_fn=self._grad_output_stat)
+        for name, layer in self.capture.layers.items():
+            if layer.has_bias and not layer.module.bias.requires_grad:
+                raise ValueError(f"layer {name!r}: the weight is trained but the bias is frozen; "
+                                 "add the layer to skip_layers")
+        self.capture.set_grad_scale(grad_scaler)
+        self._layers = [_Layer(layer) for layer in self.capture.layers.values()]
+        self.plan = KAISAPlan.build([(len(layer.A), len(layer.G)) for layer in self._layers],
+                                    collectives.world_size(), collectives.rank(), grad_worker_fraction,
+                                    assignment_strategy)
+        self._groups = KAISAGroups.create(self.plan)
+        for i, layer in enumerate(self._layers):
+            if self.plan.is_grad_worker(i):
+                layer.second = layer.identity_second_order(compute_method)
+        self._terms: dict[str, int] = {}
+        self.steps = 0
+        self.decomposition_failures = 0
+        self._stale = False
+        self.capture.arm()
+
+    # -- statistics handed over by the capture ---------------------------------------------------
+
+    def _input_stat(self, layer: CapturedLayer, call: CallInfo, a: torch.Tensor) -> torch.Tensor | None:
+        """``sum_rows a a^T`` ([a | 1] with a bias), fp32, exactly symmetric (covariance kernel)."""
+        if a.shape[0] == 0:
+            return None
+        return symmetric_covariance(a, ones_column=layer.has_bias).mul_(a.shape[0])
+
+    def _grad_output_stat(self, layer: CapturedLayer, call: CallInfo, g: torch.Tensor) -> torch.Tensor | None:
+        """``sum_rows g g^T``; also adds the call's loss-term count to N."""
+        if self.loss_average is not None:
+            self._terms[layer.name] = self._terms.get(layer.name, 0) + loss_term_count(call, self.loss_average)
+        if g.shape[0] == 0:
+            return None
+        return symmetric_covariance(g).mul_(g.shape[0])
+
+    # -- public API -------------------------------------------------------------------------------
+
+    @property
+    def layers(self) -> dict[str, CapturedLayer]:
+        """The preconditioned layers, by name (the capture's entries)."""
+        return self.capture.layers
+
+    def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A, G)`` of layer ``name`` (the live tensors)."""
+        layer = self._layers[list(self.capture.layers).index(name)]
+        return layer.A, layer.G
+
+    def discard_step(self) -> None:
+        """Drop what was captured since the last step (a step the GradScaler skipped)."""
+        self.capture.clear()
+        self._terms.clear()
+
+    @torch.no_grad()
+    def step(self, *, lr: float | Mapping[str, float] | None = None,
+             damping: float | Mapping[str, float] | None = None) -> None:
+        """Update the factors and second-order data when due and precondition the layers' gradients.
+
+        ``lr``/``damping``: a number, or one per layer name; None uses ``self.lr``/``self.damping``.
+        Every rank must call it (collectives) with the same values.
+        """
+        if self._layers:
+            lrs = _per_layer("lr", self.lr if lr is None else lr, self._layers)
+            dampings = _per_layer("damping", self.damping if damping is None else damping, self._layers)
+            inverse_step = self.steps % self.inv_update_steps == 0
+            if self._stale and not inverse_step:
+                self._update_second_order(dampings)
+            if self.steps % self.factor_update_steps == 0:
+                self._update_factors()
+            if inverse_step:
+                self._update_second_order(dampings)
+            self._precondition(lrs, dampings)
+        self.discard_step()
+        self.steps += 1
+        if self.steps % self.factor_update_steps == 0:
+            self.capture.arm()
+        else:
+            self.capture.disarm()
+
+    def state_dict(self) -> dict:
+        """``{"steps", "decomposition_failures", "factors": {name: {"A", "G"}}}`` (module docstring)."""
+        return {"steps": self.steps, "decomposition_failures": self.decomposition_failures,
+                "factors": {layer.name: {"A": layer.A, "G": layer.G} for layer in self._layers}}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load factors and counters (from any world size); second-order data is recomputed at the
+        next step from the loaded factors."""
+        saved = state_dict["factors"]
+        names = [layer.name for layer in self._layers]
+        if set(saved) != set(names):
+            raise ValueError(f"state_dict has factors for layers {sorted(saved)}, the preconditioner has "
+                             f"layers {sorted(names)}")
+        for layer in self._layers:
+            for key, factor in (("A", layer.A), ("G", layer.G)):
+                if saved[layer.name][key].shape != factor.shape:
+                    raise ValueError(f"state_dict: factor {key} of layer {layer.name!r} has shape "
+                                     f"{tuple(saved[layer.name][key].shape)}, expected {tuple(factor.shape)}")
+        for layer in self._layers:
+            layer.A.copy_(saved[layer.name]["A"])
+            layer.G.copy_(saved[layer.name]["G"])
+        self.steps = int(state_dict["steps"])
+        self.decomposition_failures = int(state_dict["decomposition_failures"])
+        self._stale = True
+        self.discard_step()
+        if self.steps % self.factor_update_steps == 0:
+            self.capture.arm()
+        else:
+            self.capture.disarm()
+
+    # -- the three phases of a step ---------------------------------------------------------------
+
+    def _update_factors(self) -> None:
+        """Running averages of A and G from the statistics captured since the last step."""
+        numerators, counts, factors = [], [], []
+        for layer in self._layers:
+            captured = layer.captured
+            terms = self._terms.get(layer.name, 0) if self.loss_average is not None else int(captured.grad_calls > 0)
+            a_sum, g_sum = captured.input_stat, captured.grad_output_stat
+            numerators += [a_sum if a_sum is not None else torch.zeros_like(layer.A),
+                           g_sum * terms ** 2 if g_sum is not None else torch.zeros_like(layer.G)]
+            counts += [captured.input_row_count, terms]
+            factors += [layer.A, layer.G]
+        count = to_device(torch.tensor(counts, dtype=torch.float64), self._layers[0].A.device)
+        average = (collectives.all_reduce_symmetric_average_async if self.symmetric_comm
+                   else collectives.all_reduce_average_async)
+        handles = [average(numerators), collectives.all_reduce_average_async([count])]
+        for handle in handles:
+            handle.wait()
+        finite = torch.stack([torch.isfinite(numerator).all() for numerator in numerators]).all()
+        new = []
+        for numerator, n, factor in zip(numerators, count.unbind(), factors):
+            n = n.to(factor.dtype)
+            new.append(torch.where(finite & (n > 0), numerator / n, factor))
+        torch._foreach_lerp_(factors, new, 1.0 - self.factor_decay)
+
+    def _update_second_order(self, dampings: list[float]) -> None:
+        """Decompose the factors of the layers this rank is inverse worker of; share inside the
+        grad-worker group."""
+        plan = self.plan
+        for i, layer in enumerate(self._layers):
+            if plan.inverse_workers[i] != plan.rank:
+                continue
+            if self.compute_method == "eigen":
+                parts = [_decompose(_eigh, layer.A), _decompose(_eigh, layer.G)]
+            else:
+                inverse = _damped_inverse(dampings[i])
+                parts = [_decompose(inverse, layer.A), _decompose(inverse, layer.G)]
+            if any(part is None for part in parts):
+                self.decomposition_failures += 1
+            else:
+                layer.second = [t for part in parts for t in part]
+        if plan.grad_workers > 1:
+            group_ranks = plan.worker_groups[plan.rank % plan.groups]
+            handles = [collectives.broadcast_async(
+                [t for i, layer in enumerate(self._layers) if plan.inverse_workers[i] == src for t in layer.second],
+                src, self._groups.worker) for src in group_ranks]
+            for handle in handles:
+                handle.wait()
+        self._stale = False
+
+    def _precondition(self, lrs: list[float], dampings: list[float]) -> None:
+        """Preconditioned gradients of the layers that have a gradient (on every rank), KL clip, write back."""
+        plan = self.plan
+        active = [i for i, layer in enumerate(self._layers) if layer.weight.grad is not None]
+        grads = {i: self._layers[i].grad_matrix() for i in active}
+        mine = [i for i in active if plan.is_grad_worker(i)]
+        if self.compute_method == "eigen":
+            second = [self._layers[i].second for i in mine]
+            out = eigen_precondition([grads[i] for i in mine], [s[0] for s in second], [s[1] for s in second],
+                                     [s[2] for s in second], [s[3] for s in second],
+                                     [dampings[i] for i in mine],
+                                     out=[torch.empty(grads[i].shape, dtype=self._layers[i].A.dtype,
+                                                      device=grads[i].device) for i in mine])
+        else:
+            out = [self._layers[i].second[1] @ grads[i].to(self._layers[i].G.dtype) @ self._layers[i].second[0]
+                   for i in mine]
+        precond = dict(zip(mine, out))
+        if plan.grad_workers < plan.world:
+            for i in active:
+                if i not in precond:
+                    precond[i] = torch.empty(grads[i].shape, dtype=self._layers[i].A.dtype, device=grads[i].device)
+            sources = sorted({plan.gradient_source(i) for i in active})
+            handles = [collectives.broadcast_async([precond[i] for i in active if plan.gradient_source(i) == src],
+                                                   src, self._groups.receiver) for src in sources]
+            for handle in handles:
+                handle.wait()
+        if not active:
+            return
+        results = [precond[i] for i in active]
+        if self.kl_clip is not None:
+            vg = torch.stack([(precond[i] * grads[i]).sum().float() * lrs[i] ** 2 for i in active]).sum()
+            torch._foreach_mul_(results, (self.kl_clip / vg.abs()).sqrt().clamp(max=1.0))
+        for i, p in zip(active, results):
+            self._layers[i].write_grad(p)
+
+
+BaseOptimizer = Literal["sgd", "adamw", "lamb"] | Callable[[list[dict]], torch.optim.Optimizer]
+
+
+def _build_base(base: BaseOptimizer, groups: list[dict]) -> torch.optim.Optimizer:
+    if base == "sgd":
+        return torch.optim.SGD(groups)
+    if base == "adamw":
+        return torch.optim.AdamW(groups)
+    if base == "lamb":
+        return LAMB(groups)
+    if callable(base) and not isinstance(base, str):
+        optimizer = base(groups)
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise ValueError(f"base: the callable returned {type(optimizer).__name__}, not a torch.optim.Optimizer")
+        if len(optimizer.param_groups) != len(groups) or any(
+                mine is not theirs for mine, theirs in zip(groups, optimizer.param_groups)):
+            raise ValueError("base: the callable must build its optimizer from the param groups it is given "
+                             "(e.g. lambda groups: torch.optim.Adam(groups)), so that KFAC's param_groups "
+                             "(and LR schedulers) drive it")
+        return optimizer
+    raise ValueError(f"base: expected 'sgd', 'adamw', 'lamb' or a callable building an optimizer from param "
+                     f"groups, got {base!r}")
+
+
+class KFAC(KfoptOptimizer):
+    """K-FAC/KAISA preconditioning followed by a base optimizer's step (module docstring).
+
+    ``lr``, ``momentum``, ``weight_decay`` and ``damping`` are per-group hyperparameters (two groups:
+    decayed weights, and biases/normalisation weights with weight_decay 0); the other arguments are
+    the preconditioner's (:class:`KFACPreconditioner`, available as ``self.preconditioner``); the
+    base optimizer is ``self.base``.
+    """
+
+    _step_supports_amp_scaling = True
+
+    def __init__(self, model: nn.Module, lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 0.0,
+                 damping: float = 1e-3, factor_decay: float = 0.95, kl_clip: float | None = 1e-3,
+                 factor_update_steps: int = 1, inv_update_steps: int = 10, grad_worker_fraction: float = 1.0,
+                 compute_method: ComputeMethod = "eigen", base: BaseOptimizer = "sgd",
+                 skip_layers: Iterable[str | type] = (), symmetric_comm: bool = False, *,
+                 assignment_strategy: Strategy = "compute", loss_average: LossAverage = "batch",
+                 grad_scaler: torch.amp.GradScaler | None = None):
+        check_nonnegative("weight_decay", weight_decay)
+        self.preconditioner = KFACPreconditioner(
+            model, lr, damping, factor_decay, kl_clip, factor_update_steps, inv_update_steps,
+            grad_worker_fraction, compute_method, skip_layers, symmetric_comm,
+            assignment_strategy=assignment_strategy, loss_average=loss_average, grad_scaler=grad_scaler)
+        self._grad_scaler = grad_scaler
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, damping=damping)
+        super().__init__(param_groups(self.preconditioner.capture.model, weight_decay), defaults)
+        self.base = _build_base(base, self.param_groups)
+        self.base.param_groups = self.param_groups
+        self.state = self.base.state
+
+    def _check_group(self, group: dict) -> None:
+        check_nonnegative("lr", group["lr"])
+        check_nonnegative("momentum", group["momentum"])
+        check_nonnegative("weight_decay", group["weight_decay"])
+        check_positive("damping", group["damping"])
+
+    def add_param_group(self, param_group: dict) -> None:
+        if hasattr(self, "base"):
+            raise NotImplementedError("KFAC's param groups come from its model; add parameters to the model "
+                                      "before building the optimizer")
+        super().add_param_group(param_group)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """``preconditioner.step()`` with each layer's group lr and damping, then ``base.step()``."""
+        loss = self._evaluate(closure)
+        found_inf = getattr(self, "found_inf", None)
+        if found_inf is not None:  # called by GradScaler.step (module docstring, AMP)
+            if self._grad_scaler is None:
+                raise RuntimeError("KFAC is stepped by a GradScaler but was built without grad_scaler=: "
+                                   "output gradients entering G would be scaled; pass grad_scaler=scaler")
+            found = self._params_with_grads()
+            grad_scale = getattr(self, "grad_scale", None)
+            if grad_scale is not None:
+                torch._foreach_mul_([p.grad for _, p in found], grad_scale.double().reciprocal().float())
+            if found_inf.item():
+                self._skip_counter(found_inf.device).add_(1)
+                self.preconditioner.discard_step()
+                return loss
+        owner = {id(p): group for group in self.param_groups for p in group["params"]}
+        layers = self.preconditioner.layers
+        self.preconditioner.step(lr={name: owner[id(layer.module.weight)]["lr"] for name, layer in layers.items()},
+                                 damping={name: owner[id(layer.module.weight)]["damping"]
+                                          for name, layer in layers.items()})
+        self.base.step()
+        return loss
+
+    def state_dict(self) -> dict:
+        """The base optimizer's state dict plus ``"kfac"`` and ``"kfac_skipped_steps"`` (module docstring)."""
+        state = self.base.state_dict()
+        state["kfac"] = self.preconditioner.state_dict()
+        state["kfac_skipped_steps"] = self.skipped_steps.detach().clone()
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a ``state_dict()`` saved at any world size (module docstring, Checkpoints)."""
+        state = {k: v for k, v in state_dict.items() if k not in ("kfac", "kfac_skipped_steps")}
+        for group in state["param_groups"]:
+            self._check_group(group)
+        self.base.load_state_dict({**state, "state": copy.deepcopy(state["state"])})  # torch's would alias
+        self.param_groups = self.base.param_groups
+        self.state = self.base.state
+        self._skipped = state_dict["kfac_skipped_steps"].detach().clone()
+        self.preconditioner.load_state_dict(state_dict["kfac"])

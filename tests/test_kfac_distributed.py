@@ -1,0 +1,179 @@
+"""KFAC with KAISA on 2 and 4 gloo processes (DistributedDataParallel on CPU): COMM-OPT, HYBRID-OPT
+and MEM-OPT give the parameters of one process on the concatenated global batch, identical on every
+rank; a checkpoint saved at world size 2 continues at world sizes 1 and 4.
+
+One spawn per world size runs every configuration (process start-up dominates the cost).
+"""
+
+import copy
+import os
+
+import pytest
+import torch
+from distributed import run_distributed
+from torch import nn
+
+from kfopt.kfac import KFAC, KFACPreconditioner
+
+GLOBAL_BATCH = 8
+STEPS = 5
+#: steps before the checkpoint; with inv_update_steps=2 the last inverse update (step index 2) used
+#: the saved factors, so continuing from the checkpoint equals continuing the run
+SAVE_AFTER = 3
+COMMON = dict(lr=0.1, momentum=0.9, weight_decay=1e-3, damping=1e-2, kl_clip=1e-3, inv_update_steps=2)
+TOL = 1e-4  # fp32: local sums averaged over ranks vs one global sum, amplified by the eigen solve
+
+
+def build_model() -> nn.Module:
+    """Four preconditioned layers of different sizes (so that MEM-OPT on 4 ranks gives each rank one)."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(75, 8), nn.Tanh(),
+                         nn.Linear(8, 8, bias=False), nn.Tanh(), nn.Linear(8, 3))
+
+
+def batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(GLOBAL_BATCH, 2, 5, 5, generator=g), torch.randn(GLOBAL_BATCH, 3, generator=g))
+            for _ in range(STEPS)]
+
+
+def loss_fn(y, t):
+    return ((y - t) ** 2).sum(1).mean()
+
+
+def train(model, opt, data, rank=0, world=1):
+    """Steps on ``data``; each rank takes its contiguous share of every global batch."""
+    share = GLOBAL_BATCH // world
+    for x, t in data:
+        opt.zero_grad()
+        loss_fn(model(x[rank * share:(rank + 1) * share]), t[rank * share:(rank + 1) * share]).backward()
+        opt.step()
+
+
+#: unequal local batches: rank r takes rows UNEQUAL[world][r]:UNEQUAL[world][r + 1] of the global batch
+UNEQUAL = {1: [0, 8], 2: [0, 3, 8], 4: [0, 1, 3, 6, 8]}
+
+
+def unequal_batch_factors(rank=0, world=1):
+    """Factors after one step where each rank backpropagates the mean loss of its unequal share."""
+    model = build_model()
+    precond = KFACPreconditioner(model)
+    x, t = batches()[0]
+    lo, hi = UNEQUAL[world][rank], UNEQUAL[world][rank + 1]
+    loss_fn(model(x[lo:hi]), t[lo:hi]).backward()
+    precond.step()
+    return {name: [f.clone() for f in precond.factors(name)] for name in precond.layers}
+
+
+def kaisa_ranks(rank, world, configs, checkpoint):
+    """Per config: the parameters after STEPS steps (and the checkpoint after SAVE_AFTER if asked), how
+    many layers' second-order data this rank holds; then, if ``checkpoint`` is given, the parameters
+    after continuing it for the remaining steps with each config. Also the factors of a step on
+    unequal local batches."""
+    os.environ["KFOPT_BACKEND"] = "torch"
+    from torch.nn.parallel import DistributedDataParallel
+
+    data = batches()
+    out = {"unequal": unequal_batch_factors(rank, world)}
+    for name, (kwargs, save) in configs.items():
+        model = build_model()
+        ddp = DistributedDataParallel(model)
+        opt = KFAC(ddp, **COMMON, **kwargs)
+        train(ddp, opt, data[:SAVE_AFTER], rank, world)
+        if save:
+            out[name + "/checkpoint"] = copy.deepcopy({"model": model.state_dict(), "opt": opt.state_dict()})
+        train(ddp, opt, data[SAVE_AFTER:], rank, world)
+        out[name] = [p.detach().clone() for p in model.parameters()]
+        out[name + "/stored"] = sum(layer.second is not None for layer in opt.preconditioner._layers)
+        if checkpoint is not None:
+            model = build_model()
+            ddp = DistributedDataParallel(model)
+            opt = KFAC(ddp, **COMMON, **kwargs)
+            model.load_state_dict(checkpoint["model"])
+            opt.load_state_dict(checkpoint["opt"])
+            train(ddp, opt, data[SAVE_AFTER:], rank, world)
+            out[name + "/resumed"] = [p.detach().clone() for p in model.parameters()]
+    return out
+
+
+@pytest.fixture(scope="module")
+def single_process():
+    """The references, on one process (KFOPT_BACKEND=torch, one thread): the parameters after STEPS
+    steps on the global batches, and the factors of one step on the first global batch."""
+    backend, threads = os.environ.get("KFOPT_BACKEND"), torch.get_num_threads()
+    os.environ["KFOPT_BACKEND"] = "torch"
+    torch.set_num_threads(1)
+    try:
+        model = build_model()
+        train(model, KFAC(model, **COMMON), batches())
+        return {"params": [p.detach().clone() for p in model.parameters()], "factors": unequal_batch_factors()}
+    finally:
+        torch.set_num_threads(threads)
+        if backend is None:
+            os.environ.pop("KFOPT_BACKEND")
+        else:
+            os.environ["KFOPT_BACKEND"] = backend
+
+
+def check_unequal(results, reference):
+    """Factors from unequal local batches equal those of the global batch (fp32), on every rank."""
+    for res in results:
+        for name, factors in reference.items():
+            for f, ref in zip(res["unequal"][name], factors):
+                assert ((f - ref).norm() / ref.norm()).item() <= 1e-6, name
+
+
+@pytest.fixture(scope="module")
+def world2():
+    configs = {"comm-opt": (dict(grad_worker_fraction=1.0), True),
+               "mem-opt": (dict(grad_worker_fraction=0.5, symmetric_comm=True), False)}
+    return run_distributed(kaisa_ranks, 2, configs, None, timeout=180)
+
+
+def check_ranks(results, name, reference, tol=TOL):
+    for rank, res in enumerate(results):
+        for p, q, ref in zip(res[name], results[0][name], reference):
+            assert torch.equal(p, q), f"{name}: rank {rank} differs from rank 0"
+            rel = ((p.double() - ref.double()).norm() / ref.double().norm()).item()
+            assert rel <= tol, f"{name}: rank {rank} relative error {rel:.2e} vs the single process"
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(world2, single_process):
+    check_unequal(world2, single_process["factors"])
+    for name in ("comm-opt", "mem-opt"):
+        check_ranks(world2, name, single_process["params"])
+    assert [res["comm-opt/stored"] for res in world2] == [4, 4]  # COMM-OPT: all eigen data everywhere
+    assert sum(res["mem-opt/stored"] for res in world2) == 4  # MEM-OPT: each layer's on one rank
+    saved = [res["comm-opt/checkpoint"]["opt"]["kfac"] for res in world2]
+    assert saved[0]["steps"] == SAVE_AFTER
+    for name, factors in saved[0]["factors"].items():  # factors are global: identical on both ranks
+        assert all(torch.equal(factors[k], saved[1]["factors"][name][k]) for k in ("A", "G"))
+
+
+@pytest.mark.slow
+def test_four_processes_match_one_and_resume_a_two_process_checkpoint(world2, single_process):
+    configs = {"comm-opt": (dict(grad_worker_fraction=1.0), False),
+               "hybrid-opt": (dict(grad_worker_fraction=0.5, symmetric_comm=True), False),
+               "mem-opt": (dict(grad_worker_fraction=0.25, assignment_strategy="memory"), False)}
+    results = run_distributed(kaisa_ranks, 4, configs, world2[0]["comm-opt/checkpoint"], timeout=300)
+    check_unequal(results, single_process["factors"])
+    for name in configs:
+        check_ranks(results, name, single_process["params"])
+        check_ranks(results, name + "/resumed", single_process["params"])
+    assert [res["mem-opt/stored"] for res in results] == [1, 1, 1, 1]
+    # HYBRID-OPT: two grad-worker groups of two ranks; each group stores its layers' data twice
+    assert sum(res["hybrid-opt/stored"] for res in results) == 8
+
+
+def test_two_process_checkpoint_resumes_on_one_process(world2, single_process, monkeypatch):
+    monkeypatch.setenv("KFOPT_BACKEND", "torch")
+    checkpoint = world2[0]["comm-opt/checkpoint"]
+    model = build_model()
+    opt = KFAC(model, **COMMON)
+    model.load_state_dict(checkpoint["model"])
+    opt.load_state_dict(checkpoint["opt"])
+    train(model, opt, batches()[SAVE_AFTER:])
+    for p, ref, two in zip(model.parameters(), single_process["params"], world2[0]["comm-opt"]):
+        assert ((p - ref).norm() / ref.norm()).item() <= TOL
+        assert ((p - two).norm() / two.norm()).item() <= TOL
