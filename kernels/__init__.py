@@ -5,8 +5,15 @@ from .dispatch import INTERPRETER, KERNEL_DTYPES, backend_override, use_triton
 from .eigen_basis import eigen_precondition, eigen_precondition_reference
 from .lamb import lamb_step, lamb_step_reference
 from .lars import lars_step, lars_step_reference
+from .sonew import (
+    apply_sparse_inverse_reference,
+    sonew_step,
+    sonew_step_reference,
+    sparse_inverse_factors_reference,
+)
 
 __all__ = [
+    "apply_sparse_inverse_reference",
     "INTERPRETER",
     "KERNEL_DTYPES",
     "backend_override",
@@ -16,6 +23,9 @@ __all__ = [
     "lamb_step_reference",
     "lars_step",
     "lars_step_reference",
+    "sonew_step",
+    "sonew_step_reference",
+    "sparse_inverse_factors_reference",
     "symmetric_covariance",
     "symmetric_covariance_reference",
     "use_triton",

@@ -4,7 +4,8 @@ from .kfac import KFAC, KFACPreconditioner
 from .lamb import LAMB
 from .lars import LARS
 from .param_groups import param_groups
+from .sonew import SONew
 
 __version__ = "0.1.0"
 
-__all__ = ["KFAC", "KFACPreconditioner", "LAMB", "LARS", "param_groups"]
+__all__ = ["KFAC", "KFACPreconditioner", "LAMB", "LARS", "SONew", "param_groups"]

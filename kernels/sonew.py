@@ -1,0 +1,715 @@
+"""SONew step (Devvrit et al., NeurIPS 2023): banded LogDet-optimal sparse preconditioners, multi-tensor.
+
+Per tensor, flattened row-major to length ``n``, with band ``b`` (``b = offdiag.shape[0]``) and step
+``t = step + 1`` (state ``step`` counts completed steps)::
+
+    mu      <- b1 mu + (1 - b1) g
+    nu_d[i] <- b2 nu_d[i] + (1 - b2) g_i^2
+    nu_j[i] <- b2 nu_j[i] + (1 - b2) g_i g_{i+j}          lags j = 1..b, rows i + j < n
+    mu^ = mu / (1 - b1^t) ;  S = band(nu) / (1 - b2^t) + damp * I
+    damp = eps                                    (absolute, the default)
+         = max(eps * max_i sum_k |S^_ik|, 1e-24)   (relative_eps: max abs row sum of the undamped
+                                                   bias-corrected band statistics S^)
+
+``b <= MAX_BAND = 4``. Relative damping is the design page's ``||S||`` (max abs row sum) for every band;
+the JAX reference applies it to band 1 only, and its ``getl1norm_tds`` overwrites instead of adding the
+second off-diagonal term of each row (it takes ``max_i S_ii + |S_{i-1,i}|``, row 0 with ``|S_{0,1}|``).
+
+**Sparse inverse.** X is the LogDet-optimal (max-determinant completion) inverse with the band's
+sparsity: ``X = L D L^T`` with ``L`` unit lower-banded. Row ``k`` regresses on its kept nearest
+neighbours ``k+1..k+m`` (``m <= b``, rows past ``n`` do not exist)::
+
+    psi_k = A_m^{-1} s_m,   A_m = S[k+1:k+m+1, k+1:k+m+1],  s_m = S[k+1:k+m+1, k]
+    c_k   = S_kk - s_m^T psi_k,   D_k = 1 / c_k,   L[k+p, k] = -psi_k[p-1]
+
+For band 1 this is the closed form ``psi_k = S_{k,k+1} / S_{k+1,k+1}``, ``c_k = S_kk - S_{k,k+1} psi_k``.
+With every edge kept, ``X^{-1}`` equals ``S`` on the band and ``X`` is zero off it.
+
+**Dropped edges.** ``A_m`` is factorised by symmetric Gaussian elimination in the order k+1, k+2, ...;
+eliminating neighbour ``p`` yields its conditional variance (the pivot ``r_p``) and the conditional
+variance ``c_k^(p)`` of row k given neighbours 1..p. Neighbours are kept while, for every ``p <= m``,
+``r_p > DROP_TOL * S_{k+p,k+p}`` and ``c_k^(p) > DROP_TOL * S_kk``; the first failure drops that edge and
+every farther one. This is the tridiagonal rule "where c_k <= 0, drop edge k" (band 1 keeps its edge
+iff ``c_k > DROP_TOL * S_kk``) extended farthest-edge-first; the JAX banded reference instead re-weights
+the farthest edge so that ``c_k = eps_mach * S_kk``, i.e. ``D_k S_kk = 1e7``.
+
+``DROP_TOL = 1e-3`` is where "<= 0" is decided, chosen so that the decision does not depend on
+rounding: c_k^(p) is formed through pivots, and with every pivot above ``DROP_TOL`` of its diagonal its
+fp32 error is at most about ``u / DROP_TOL ~ 1e-4`` of S_kk (u = 6e-8), a tenth of the threshold (with
+1e-4 the decisions flipped between fp32 and float64 in testing). It caps the amplification D_k S_kk at
+1e3; for band 1 an edge goes when its correlation exceeds 0.9995. The first step is the standard case:
+the band of a rank-1 statistic is singular, and wherever the damping is below ``DROP_TOL * g_k^2`` the
+edges of row k are dropped (X is diag(1 / S_kk) where all are).
+
+**Direction and update**::
+
+    x = X mu^ = L (D (L^T mu^))        (never formed; O(n b) after the n independent b x b solves)
+    a = mu^ / (sqrt(nu_d^) + graft_eps)  (graft "adam"),  g / (sqrt(nu_d^) + graft_eps)  ("rmsprop"),
+        g ("sgd");   nu_d^ = nu_d / (1 - b2^t), undamped
+    d = (||a|| / ||x||) x  (grafted; scale 0 when ||x|| = 0)  or  d = x  (graft "none")
+    d = a_adam, no grafting, for tensors with ``precondition=False`` (the plain Adam update)
+    w <- w - lr (d + wd w)
+
+**Kernels** (one launch each over every tensor of a dtype group; no host synchronisation):
+
+0. gradient norm + finiteness (``multi_tensor.launch_global_norm``, no clipping): if any gradient is
+   non-finite nothing below writes state or weights, and ``skipped`` is incremented;
+1. halo snapshot: the old ``mu, nu_d, nu_1..nu_b`` of the ``2b`` rows around every tile boundary
+   (tile = BLOCK rows) into a side buffer -- ``2b(2 + b)`` floats per tile, negligible;
+2. (``relative_eps`` only) per-chunk max abs row sum of the new statistics, then a per-tensor max;
+3. pass 1, per tile of BLOCK rows: the new EMAs of the tile and of its ``b``-row halo on each side
+   (recomputed from old state + g; inside the tile old state is read before a barrier and
+   overwritten after it, outside the tile it comes from the snapshot, because the neighbouring tile
+   -- this program's previous iteration or another program -- may already have overwritten it), the
+   ``b + 1`` row factorisations (psi, D) that ``x_i`` needs (rows i-b..i, batched in registers, fully
+   unrolled), ``x``, the graft vector, the direction ``d`` into a scratch buffer, and per-chunk
+   partials ``(sum d^2, sum a^2)``; a two-level per-tensor reduction turns them into norms and
+   advances ``step``;
+4. pass 2: ``w <- w - lr (scale d + wd w)``.
+
+Bytes per fp32 parameter: 4 (norm pre-read of g) + 24 + 8b (pass 1: g, mu, nu_d, nu_1..b read;
+mu, nu_d, nu_1..b and d written) + 12 (pass 2: w, d read, w written) = ``40 + 8b`` (48 for the
+tridiagonal case); ``relative_eps`` adds one read of g, nu_d, nu_1..b (8 + 4b). The direction scratch
+is 4 bytes per parameter of transient memory. The state (the parameter order is the flattened
+row-major order of ``p``): ``exp_avg`` (shape of p), ``diag`` (n,), ``offdiag`` (b, n) with
+``offdiag[j-1, i]`` the lag-j statistic of rows i, i+j (entries ``i >= n - j`` stay zero), all fp32.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from kfopt.autotune import Config, ConfigSpace, shape_bucket
+
+from .dispatch import check_kernel_dtype, check_same_device, tl_dtype, use_triton
+from .multi_tensor import (
+    REDUCE_BLOCK,
+    TensorTable,
+    for_each_launch,
+    global_norm_reference,
+    launch_global_norm,
+    launch_segment_norms,
+    per_tensor,
+)
+
+#: Largest supported band. Pass 1 unrolls b + 1 eliminations of b x b windows per row: sm_90 compile
+#: time grows ~b^5 (band 4: ~10 s per config, band 8: ~6 min) and band 4 already needs one row per thread
+#: to stay within 255 registers.
+MAX_BAND = 4
+#: Relative conditional variance at or below which an edge is dropped (see the module docstring).
+DROP_TOL = 1e-3
+#: Floor of the relative damping (the JAX reference's ``min_eps``).
+MIN_RELATIVE_DAMPING = 1e-24
+#: Graft vectors, by name.
+GRAFTS = {"none": 0, "adam": 1, "rmsprop": 2, "sgd": 3}
+
+# addr table columns and hyper table columns
+P, G, M, NU, NU_OFF, DIR, STEP = range(7)
+N_COLS = 7
+LR, B1, B2, EPS, WD, GRAFT_EPS, BAND, GRAFT, PRECONDITION, RELATIVE = range(10)
+N_HYPER = 10
+
+_P, _G, _M, _NU, _NU_OFF, _DIR, _STEP = (tl.constexpr(c) for c in (P, G, M, NU, NU_OFF, DIR, STEP))
+_N_COLS = tl.constexpr(N_COLS)
+_LR, _B1, _B2, _EPS, _WD, _GRAFT_EPS, _BAND, _GRAFT, _PRECONDITION, _RELATIVE = (
+    tl.constexpr(c) for c in (LR, B1, B2, EPS, WD, GRAFT_EPS, BAND, GRAFT, PRECONDITION, RELATIVE))
+_N_HYPER = tl.constexpr(N_HYPER)
+_DROP_TOL = tl.constexpr(DROP_TOL)
+_MIN_RELATIVE_DAMPING = tl.constexpr(MIN_RELATIVE_DAMPING)
+_GRAFT_NONE, _GRAFT_ADAM, _GRAFT_RMSPROP, _GRAFT_SGD = (tl.constexpr(GRAFTS[k]) for k in GRAFTS)
+
+#: 1, 2 or 4 rows per thread: pass 1 holds ~(b + 1)(b + 2) live values per row (sm_90, ptxas: band 1
+#: 46 registers at one row per thread, 72 at two; band 4 140 at one, spills at two).
+SONEW_CONFIGS = ConfigSpace(
+    "sonew_step",
+    [
+        Config({"BLOCK": 32 * warps * rows, "CHUNK": 32 * warps * rows * iters}, num_warps=warps)
+        for rows in (1, 2, 4)
+        for iters in (4, 8, 16)
+        for warps in (4, 8)
+    ],
+    default=Config({"BLOCK": 256, "CHUNK": 2048}, num_warps=4),
+)
+
+
+# ----------------------------------------------------------------------------- device helpers
+
+
+@triton.jit
+def _tensor_pointers(addr_ptr, tid):
+    """Addresses of tensor ``tid``'s state columns (fp32)."""
+    row = addr_ptr + tid * _N_COLS
+    m_ptr = tl.load(row + _M).to(tl.pointer_type(tl.float32))
+    nu_ptr = tl.load(row + _NU).to(tl.pointer_type(tl.float32))
+    off_ptr = tl.load(row + _NU_OFF).to(tl.pointer_type(tl.float32))
+    dir_ptr = tl.load(row + _DIR).to(tl.pointer_type(tl.float32))
+    step_ptr = tl.load(row + _STEP).to(tl.pointer_type(tl.float32))
+    return m_ptr, nu_ptr, off_ptr, dir_ptr, step_ptr
+
+
+@triton.jit
+def _old_state(base, r, inside, own, slot, Q: tl.constexpr, BAND: tl.constexpr):
+    """Old value of state quantity ``Q`` (0 mu, 1 nu_d, 1 + j lag j) at rows ``r`` (0 where not
+    ``inside``): from memory in this tile (``own``), else from the tile-boundary snapshot (``slot``)."""
+    return (tl.load(base + r, mask=own & inside, other=0.0)
+            + tl.load(slot + Q * 2 * BAND, mask=(~own) & inside, other=0.0))
+
+
+@triton.jit
+def _new_statistics(g_ptr, m_ptr, nu_ptr, off_ptr, slot_ptr, rows, r0, n, bt, b1, b2,
+                    G_DT: tl.constexpr, BAND: tl.constexpr, BLOCK: tl.constexpr):
+    """This step's EMAs around ``rows``, as tuples indexed by shift ``s + BAND`` for s in -BAND..BAND:
+    ``gs`` (g), ``mus`` (mu), ``nus`` (nu_d), ``offs[j-1]`` (lag j, shifts -BAND..BAND-j). Zero for rows
+    outside the tensor and for lags beyond the tensor's band ``bt``. Old state of rows outside the
+    tile ``[r0, r0 + BLOCK)`` comes from the snapshot: ``slot_ptr`` is this tile's boundary record
+    (rows r0 - BAND .. r0 + BAND - 1), the next tile's record follows it."""
+    REC: tl.constexpr = (2 + BAND) * 2 * BAND
+    gs = ()
+    owns = ()
+    slots = ()
+    mus = ()
+    nus = ()
+    for s in tl.static_range(2 * BAND + 1):
+        r = rows + (s - BAND)
+        inside = (r >= 0) & (r < n)
+        after = r >= r0 + BLOCK
+        own = (r >= r0) & (r < r0 + BLOCK)
+        slot = slot_ptr + (tl.where(after, r - (r0 + BLOCK) + REC, r - r0) + BAND)
+        g = tl.load(g_ptr + r, mask=inside, other=0.0).to(tl.float32)
+        mus = mus + (b1 * _old_state(m_ptr, r, inside, own, slot, 0, BAND) + (1.0 - b1) * g,)
+        nus = nus + (b2 * _old_state(nu_ptr, r, inside, own, slot, 1, BAND) + (1.0 - b2) * g * g,)
+        gs = gs + (g,)
+        owns = owns + (own,)
+        slots = slots + (slot,)
+    offs = ()
+    for j in tl.static_range(1, BAND + 1):
+        n_lag = tl.where(j <= bt, n - j, 0)
+        lag = ()
+        for s in tl.static_range(2 * BAND + 1 - j):
+            r = rows + (s - BAND)
+            inside = (r >= 0) & (r < n_lag)
+            old = _old_state(off_ptr + (j - 1) * n, r, inside, owns[s], slots[s], 1 + j, BAND)
+            lag = lag + (tl.where(inside, b2 * old + (1.0 - b2) * gs[s] * gs[s + j], 0.0),)
+        offs = offs + (lag,)
+    return gs, mus, nus, offs
+
+
+@triton.jit
+def _conditional_regression(c0, U, s, BAND: tl.constexpr):
+    """Row factor of the sparse inverse, batched over a block of rows k.
+
+    ``c0 = S_kk``; ``U`` the upper triangle of the window of the following rows (``U[p][q - p]`` is
+    entry (p, q), q >= p, of neighbours p+1, q+1; identity rows for neighbours that do not exist);
+    ``s[p] = S_{k, k+p+1}`` (0 if absent). Returns ``(psi, 1 / c_k)`` for the kept prefix of
+    neighbours (module docstring: dropped edges)."""
+    diag0 = ()
+    for p in tl.static_range(BAND):
+        diag0 = diag0 + (U[p][0],)
+    c = c0
+    c_kept = c0
+    alive = c0 > 0.0
+    kept = (c0 * 0.0).to(tl.int32)
+    invs = ()
+    for p in tl.static_range(BAND):
+        piv = U[p][0]
+        piv_ok = piv > _DROP_TOL * diag0[p]
+        inv = 1.0 / tl.where(piv_ok, piv, 1.0)
+        c = c - s[p] * s[p] * inv
+        alive = alive & piv_ok & (c > _DROP_TOL * c0)
+        c_kept = tl.where(alive, c, c_kept)
+        kept += alive.to(tl.int32)
+        invs = invs + (inv,)
+        # eliminate neighbour p from the rows after it (rows up to p are final from here on)
+        eliminated = ()
+        s_next = ()
+        for q in tl.static_range(BAND):
+            if q > p:
+                mult = U[p][q - p] * inv
+                row = ()
+                for r in tl.static_range(q, BAND):
+                    row = row + (U[q][r - q] - mult * U[p][r - p],)
+                eliminated = eliminated + (row,)
+                s_next = s_next + (s[q] - mult * s[p],)
+            else:
+                eliminated = eliminated + (U[q],)
+                s_next = s_next + (s[q],)
+        U = eliminated
+        s = s_next
+    # back substitution over the kept prefix
+    psi_rev = ()
+    for j in tl.static_range(BAND - 1, -1, -1):
+        acc = s[j]
+        for q in tl.static_range(j + 1, BAND):
+            acc -= U[j][q - j] * psi_rev[BAND - 1 - q]
+        psi_rev = psi_rev + (tl.where(j < kept, acc * invs[j], 0.0),)
+    psi = ()
+    for p in tl.static_range(BAND):
+        psi = psi + (psi_rev[BAND - 1 - p],)
+    return psi, 1.0 / c_kept
+
+
+@triton.jit
+def _sparse_inverse_apply(mus, nus, offs, rows, n, bt, bc1, bc2, damp, BAND: tl.constexpr):
+    """``x = X mu^`` at ``rows``: ``x_i = z_i - sum_p psi_{i-p}[p-1] z_{i-p}``,
+    ``z_k = D_k (mu^_k - sum_p psi_k[p-1] mu^_{k+p})``, with the factors of rows i-BAND..i."""
+    x = nus[BAND] * 0.0
+    for back in tl.static_range(BAND + 1):
+        k = rows - back
+        exists = ()  # neighbour p of row k is in the tensor and within its band
+        for p in tl.static_range(1, BAND + 1):
+            exists = exists + (k + p < tl.where(p <= bt, n, 0),)
+        U = ()  # upper triangle of the window of neighbours 1..BAND
+        svec = ()
+        for p in tl.static_range(1, BAND + 1):
+            row = (tl.where(exists[p - 1], nus[BAND - back + p] / bc2 + damp, 1.0),)
+            for q in tl.static_range(p + 1, BAND + 1):
+                row = row + (tl.where(exists[q - 1], offs[q - p - 1][BAND - back + p] / bc2, 0.0),)
+            U = U + (row,)
+            svec = svec + (tl.where(exists[p - 1], offs[p - 1][BAND - back] / bc2, 0.0),)
+        psi, dinv = _conditional_regression(nus[BAND - back] / bc2 + damp, U, svec, BAND)
+        z = mus[BAND - back]
+        for p in tl.static_range(1, BAND + 1):
+            z -= psi[p - 1] * mus[BAND - back + p]
+        z = tl.where(k >= 0, dinv * z / bc1, 0.0)
+        if back == 0:
+            x += z
+        else:
+            x -= psi[back - 1] * z
+    return x
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _sonew_halo_kernel(
+    addr_ptr, numel_ptr, chunk_tensor_ptr, chunk_start_ptr, hyper_ptr, snap_ptr,
+    BAND: tl.constexpr, HALO: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
+):
+    """snap[tile, q, h] = old quantity q (mu, nu_d, lags 1..BAND) of row tile_start - BAND + h, h < 2 BAND."""
+    REC: tl.constexpr = (2 + BAND) * 2 * BAND
+    TILES: tl.constexpr = CHUNK // BLOCK
+    pid = tl.program_id(0)
+    tid = tl.load(chunk_tensor_ptr + pid)
+    start = tl.load(chunk_start_ptr + pid)
+    n = tl.load(numel_ptr + tid)
+    bt = tl.load(hyper_ptr + tid * _N_HYPER + _BAND).to(tl.int32)
+    m_ptr, nu_ptr, off_ptr, dir_ptr, step_ptr = _tensor_pointers(addr_ptr, tid)
+    tiles = tl.arange(0, TILES)[:, None]
+    h = tl.arange(0, HALO)[None, :]
+    rows = start + tiles * BLOCK - BAND + h
+    inside = (h < 2 * BAND) & (rows >= 0)
+    dst = snap_ptr + (pid * TILES + tiles) * REC + h
+    tl.store(dst, tl.load(m_ptr + rows, mask=inside & (rows < n), other=0.0), mask=inside & (rows < n))
+    tl.store(dst + 2 * BAND, tl.load(nu_ptr + rows, mask=inside & (rows < n), other=0.0), mask=inside & (rows < n))
+    for j in tl.static_range(1, BAND + 1):
+        valid = inside & (rows < tl.where(j <= bt, n - j, 0))
+        tl.store(dst + (1 + j) * 2 * BAND, tl.load(off_ptr + (j - 1) * n + rows, mask=valid, other=0.0), mask=valid)
+
+
+@triton.jit
+def _sonew_row_sum_kernel(
+    addr_ptr, numel_ptr, chunk_tensor_ptr, chunk_start_ptr, hyper_ptr, clip_ptr, snap_ptr, partial_ptr,
+    G_DT: tl.constexpr, BAND: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
+):
+    """partial[k] = max over chunk k's rows of the new band statistics' abs row sum (before bias
+    correction); tensors without relative damping read nothing and give 0."""
+    REC: tl.constexpr = (2 + BAND) * 2 * BAND
+    pid = tl.program_id(0)
+    tid = tl.load(chunk_tensor_ptr + pid)
+    start = tl.load(chunk_start_ptr + pid)
+    n = tl.load(numel_ptr + tid)
+    g_ptr = tl.load(addr_ptr + tid * _N_COLS + _G).to(tl.pointer_type(G_DT))
+    m_ptr, nu_ptr, off_ptr, dir_ptr, step_ptr = _tensor_pointers(addr_ptr, tid)
+    h = hyper_ptr + tid * _N_HYPER
+    b1 = tl.load(h + _B1)
+    b2 = tl.load(h + _B2)
+    bt = tl.load(h + _BAND).to(tl.int32)
+    n = tl.where((tl.load(h + _RELATIVE) != 0) & (tl.load(clip_ptr + 2) != 0), n, 0)
+    best = tl.zeros([BLOCK], tl.float32)
+    for off in range(0, tl.minimum(n - start, CHUNK), BLOCK):
+        r0 = start + off
+        rows = r0 + tl.arange(0, BLOCK)
+        slot_ptr = snap_ptr + (pid * (CHUNK // BLOCK) + off // BLOCK) * REC
+        gs, mus, nus, offs = _new_statistics(g_ptr, m_ptr, nu_ptr, off_ptr, slot_ptr, rows, r0, n, bt, b1, b2,
+                                             G_DT, BAND, BLOCK)
+        total = nus[BAND]
+        for j in tl.static_range(1, BAND + 1):
+            total += tl.abs(offs[j - 1][BAND]) + tl.abs(offs[j - 1][BAND - j])
+        best = tl.maximum(best, tl.where(rows < n, total, 0.0))
+    tl.store(partial_ptr + pid, tl.max(best, axis=0))
+
+
+@triton.jit
+def _segment_max_kernel(partial_ptr, bounds_ptr, out_ptr, RBLOCK: tl.constexpr):
+    """out[i] = max of the (non-negative) chunk partials of tensor i."""
+    tid = tl.program_id(0)
+    lo = tl.load(bounds_ptr + tid * 2)
+    hi = tl.load(bounds_ptr + tid * 2 + 1)
+    best = tl.zeros([RBLOCK], tl.float32)
+    for off in range(lo, hi, RBLOCK):
+        idx = off + tl.arange(0, RBLOCK)
+        best = tl.maximum(best, tl.load(partial_ptr + idx, mask=idx < hi, other=0.0))
+    tl.store(out_ptr + tid, tl.max(best, axis=0))
+
+
+@triton.jit
+def _sonew_direction_kernel(
+    addr_ptr, numel_ptr, chunk_tensor_ptr, chunk_start_ptr, hyper_ptr, clip_ptr, snap_ptr, row_max_ptr,
+    partial_ptr,
+    G_DT: tl.constexpr, BAND: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
+    HAS_RELATIVE: tl.constexpr,
+):
+    """Pass 1: EMAs, sparse-inverse direction d into the scratch, partial[k] = (sum d^2, sum a^2)."""
+    REC: tl.constexpr = (2 + BAND) * 2 * BAND
+    pid = tl.program_id(0)
+    tid = tl.load(chunk_tensor_ptr + pid)
+    start = tl.load(chunk_start_ptr + pid)
+    n = tl.load(numel_ptr + tid)
+    g_ptr = tl.load(addr_ptr + tid * _N_COLS + _G).to(tl.pointer_type(G_DT))
+    m_ptr, nu_ptr, off_ptr, dir_ptr, step_ptr = _tensor_pointers(addr_ptr, tid)
+    t = tl.load(step_ptr) + 1.0
+    h = hyper_ptr + tid * _N_HYPER
+    b1 = tl.load(h + _B1)
+    b2 = tl.load(h + _B2)
+    eps = tl.load(h + _EPS)
+    graft_eps = tl.load(h + _GRAFT_EPS)
+    bt = tl.load(h + _BAND).to(tl.int32)
+    graft = tl.load(h + _GRAFT).to(tl.int32)
+    precondition = tl.load(h + _PRECONDITION)
+    bc1 = 1.0 - tl.exp2(t * tl.log2(b1))
+    bc2 = 1.0 - tl.exp2(t * tl.log2(b2))
+    damp = eps
+    if HAS_RELATIVE:
+        relative = tl.maximum(eps * tl.load(row_max_ptr + tid) / bc2, _MIN_RELATIVE_DAMPING)
+        damp = tl.where(tl.load(h + _RELATIVE) != 0, relative, eps)
+    n = tl.where(tl.load(clip_ptr + 2) != 0, n, 0)  # a skipped step reads and writes nothing
+    d_sq = tl.zeros([BLOCK], tl.float32)
+    a_sq = tl.zeros([BLOCK], tl.float32)
+    for off in range(0, tl.minimum(n - start, CHUNK), BLOCK):
+        r0 = start + off
+        rows = r0 + tl.arange(0, BLOCK)
+        mask = rows < n
+        slot_ptr = snap_ptr + (pid * (CHUNK // BLOCK) + off // BLOCK) * REC
+        gs, mus, nus, offs = _new_statistics(g_ptr, m_ptr, nu_ptr, off_ptr, slot_ptr, rows, r0, n, bt, b1, b2,
+                                             G_DT, BAND, BLOCK)
+        x = _sparse_inverse_apply(mus, nus, offs, rows, n, bt, bc1, bc2, damp, BAND)
+        g = gs[BAND]
+        rms = tl.sqrt(nus[BAND] / bc2) + graft_eps
+        adam = mus[BAND] / bc1 / rms
+        a = tl.where(graft == _GRAFT_ADAM, adam, tl.where(graft == _GRAFT_RMSPROP, g / rms,
+                                                         tl.where(graft == _GRAFT_SGD, g, 0.0)))
+        d = tl.where(precondition != 0, x, adam)
+        d_sq += tl.where(mask, d * d, 0.0)
+        a_sq += tl.where(mask, a * a, 0.0)
+        # every read of this tile's old state (by any thread) happens before any write below
+        tl.debug_barrier()
+        tl.store(m_ptr + rows, mus[BAND], mask=mask)
+        tl.store(nu_ptr + rows, nus[BAND], mask=mask)
+        for j in tl.static_range(1, BAND + 1):
+            tl.store(off_ptr + (j - 1) * n + rows, offs[j - 1][BAND], mask=rows < tl.where(j <= bt, n - j, 0))
+        tl.store(dir_ptr + rows, d, mask=mask)
+    tl.store(partial_ptr + pid * 2, tl.sum(d_sq, axis=0))
+    tl.store(partial_ptr + pid * 2 + 1, tl.sum(a_sq, axis=0))
+
+
+@triton.jit
+def _sonew_apply_kernel(
+    addr_ptr, numel_ptr, chunk_tensor_ptr, chunk_start_ptr, hyper_ptr, clip_ptr, norms_ptr,
+    P_DT: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
+):
+    """Pass 2: w <- w - lr (scale d + wd w), scale = ||a|| / ||d|| (1 without grafting, 0 if ||d|| = 0)."""
+    pid = tl.program_id(0)
+    tid = tl.load(chunk_tensor_ptr + pid)
+    start = tl.load(chunk_start_ptr + pid)
+    n = tl.load(numel_ptr + tid)
+    p_ptr = tl.load(addr_ptr + tid * _N_COLS + _P).to(tl.pointer_type(P_DT))
+    dir_ptr = tl.load(addr_ptr + tid * _N_COLS + _DIR).to(tl.pointer_type(tl.float32))
+    h = hyper_ptr + tid * _N_HYPER
+    lr = tl.load(h + _LR)
+    wd = tl.load(h + _WD)
+    d_norm = tl.load(norms_ptr + tid * 2)
+    a_norm = tl.load(norms_ptr + tid * 2 + 1)
+    ratio = tl.where(d_norm > 0, a_norm / tl.where(d_norm > 0, d_norm, 1.0), 0.0)
+    scale = tl.where(tl.load(h + _GRAFT).to(tl.int32) == _GRAFT_NONE, 1.0, ratio)
+    n = tl.where(tl.load(clip_ptr + 2) != 0, n, 0)  # a skipped step writes nothing
+    for off in range(0, tl.minimum(n - start, CHUNK), BLOCK):
+        offs = start + off + tl.arange(0, BLOCK)
+        mask = offs < n
+        w = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        d = tl.load(dir_ptr + offs, mask=mask, other=0.0)
+        tl.store(p_ptr + offs, (w - lr * (scale * d + wd * w)).to(P_DT), mask=mask)
+
+
+# ----------------------------------------------------------------------------- launcher
+
+
+def _sonew_hyper(n, offdiags, lr, beta1, beta2, eps, weight_decay, graft, graft_eps, relative_eps,
+                 precondition) -> list[list[float]]:
+    cols = [per_tensor(name, value, n) for name, value in (
+        ("lr", lr), ("beta1", beta1), ("beta2", beta2), ("eps", eps), ("weight_decay", weight_decay),
+        ("graft", graft), ("graft_eps", graft_eps), ("relative_eps", relative_eps),
+        ("precondition", precondition))]
+    rows = []
+    for i, (lr_i, b1, b2, eps_i, wd, gr, geps, rel, pre) in enumerate(zip(*cols)):
+        if gr not in GRAFTS:
+            raise ValueError(f"graft[{i}]: expected one of {sorted(GRAFTS)}, got {gr!r}")
+        rows.append([float(lr_i), float(b1), float(b2), float(eps_i), float(wd), float(geps),
+                     float(offdiags[i].shape[0]), float(GRAFTS[gr] if pre else GRAFTS["none"]),
+                     float(bool(pre)), float(bool(rel))])
+    return rows
+
+
+def _check_state_shapes(params, grads, exp_avgs, diags, offdiags, steps) -> None:
+    n = len(params)
+    for name, seq in (("grads", grads), ("exp_avgs", exp_avgs), ("diags", diags), ("offdiags", offdiags),
+                      ("steps", steps)):
+        if len(seq) != n:
+            raise ValueError(f"{name}: expected {n} tensors, got {len(seq)}")
+    for i, (p, g, m, v, o, s) in enumerate(zip(params, grads, exp_avgs, diags, offdiags, steps)):
+        for name, t, shape in ((f"grads[{i}]", g, p.shape), (f"exp_avgs[{i}]", m, p.shape),
+                               (f"diags[{i}]", v, (p.numel(),))):
+            if t.shape != shape:
+                raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+        if o.dim() != 2 or o.shape[1] != p.numel() or o.shape[0] > MAX_BAND:
+            raise ValueError(f"offdiags[{i}] has shape {tuple(o.shape)}, expected (band, {p.numel()}) "
+                             f"with 0 <= band <= {MAX_BAND}")
+        if s.numel() != 1:
+            raise ValueError(f"steps[{i}]: expected a one-element tensor, got shape {tuple(s.shape)}")
+
+
+def sonew_step(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    exp_avgs: Sequence[torch.Tensor],
+    diags: Sequence[torch.Tensor],
+    offdiags: Sequence[torch.Tensor],
+    steps: Sequence[torch.Tensor],
+    *,
+    lr,
+    beta1=0.9,
+    beta2=0.99,
+    eps=1e-8,
+    weight_decay=0.0,
+    graft="adam",
+    graft_eps=1e-8,
+    relative_eps=False,
+    precondition=True,
+    skipped: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One SONew step over all tensors, in place (see the module docstring for the math).
+
+    Hyperparameters are scalars or one value per tensor; ``graft`` is "adam", "rmsprop", "sgd" or
+    "none"; ``precondition=False`` gives a tensor the plain Adam update (``mu^ / (sqrt(nu_d^) +
+    graft_eps)``, no grafting). Each tensor's band is ``offdiags[i].shape[0]`` (0..MAX_BAND; lags
+    reaching past the tensor's end are simply absent). ``params`` fp32/bf16/fp16 of any layout
+    (non-contiguous ones are updated through a contiguous copy), ``grads`` like them; ``exp_avgs``
+    (shape of params), ``diags`` (n,), ``offdiags`` (band, n) contiguous fp32 (float64 on the
+    reference path); ``steps`` 0-d fp32 counts of completed steps; ``skipped`` an optional 0-d int32
+    counter. Returns ``[||g_all||, 1, ok]`` as a device tensor.
+    """
+    _check_state_shapes(params, grads, exp_avgs, diags, offdiags, steps)
+    n = len(params)
+    hyper = _sonew_hyper(n, offdiags, lr, beta1, beta2, eps, weight_decay, graft, graft_eps, relative_eps,
+                         precondition)
+    if n == 0:
+        return torch.zeros(3)
+    device = params[0].device
+    for name, seq in (("params", params), ("grads", grads), ("exp_avgs", exp_avgs), ("diags", diags),
+                      ("offdiags", offdiags), ("steps", steps)):
+        check_same_device(name, seq, device)
+    if not use_triton(device):
+        return sonew_step_reference(params, grads, exp_avgs, diags, offdiags, steps, hyper=hyper, skipped=skipped)
+    for i, (p, g, m, v, o, s) in enumerate(zip(params, grads, exp_avgs, diags, offdiags, steps)):
+        check_kernel_dtype(f"params[{i}]", p)
+        check_kernel_dtype(f"grads[{i}]", g)
+        for name, t in ((f"exp_avgs[{i}]", m), (f"diags[{i}]", v), (f"offdiags[{i}]", o), (f"steps[{i}]", s)):
+            if t.dtype != torch.float32:
+                raise TypeError(f"{name}: expected float32 state, got {t.dtype}")
+            if not t.is_contiguous():
+                raise ValueError(f"{name} must be contiguous (the state is flattened row-major)")
+    work = [p if p.is_contiguous() else p.contiguous() for p in params]
+    grads = [g.contiguous() for g in grads]
+    band = max([1] + [o.shape[0] for o in offdiags])
+    has_relative = any(row[RELATIVE] for row in hyper)
+    sizes = [p.numel() for p in params]
+    total = sum(sizes)
+
+    def run(config: Config) -> torch.Tensor:
+        block, chunk = config["BLOCK"], config["CHUNK"]
+        tiles = chunk // block
+        directions = torch.empty(total, dtype=torch.float32, device=device).split(sizes)
+        table = TensorTable.build([work, grads, exp_avgs, diags, offdiags, directions, steps], hyper, chunk,
+                                  device, dtype_columns=(P, G))
+        clip = launch_global_norm(table, G, 1, None, skipped, config, device)
+        if table.n_chunks == 0:
+            launch_segment_norms(table, torch.zeros((1, 2), device=device), clip, step_col=STEP)
+            return clip
+        rec = (2 + band) * 2 * band
+        snap = torch.empty((table.n_chunks * tiles + 1) * rec, dtype=torch.float32, device=device)
+
+        def snapshots(lo):  # the tile records of chunks lo, lo + 1, ... (launches start at chunk lo)
+            return snap[lo * tiles * rec:]
+
+        _sonew_halo_kernel[(table.n_chunks,)](
+            table.addr, table.numel, table.chunk_tensor, table.chunk_start, table.hyper, snap,
+            BAND=band, HALO=triton.next_power_of_2(2 * band), BLOCK=block, CHUNK=chunk, num_warps=config.num_warps)
+        row_max = snap  # placeholder pointer when no tensor uses relative damping (never read)
+        if has_relative:
+            row_sums = torch.empty(table.n_chunks, dtype=torch.float32, device=device)
+
+            def row_sum(lo, hi, dtypes):
+                _sonew_row_sum_kernel[(hi - lo,)](
+                    table.addr, table.numel, table.chunk_tensor[lo:hi], table.chunk_start[lo:hi], table.hyper,
+                    clip, snapshots(lo), row_sums[lo:hi], G_DT=tl_dtype(dtypes[1]), BAND=band,
+                    BLOCK=block, CHUNK=chunk, num_warps=config.num_warps)
+
+            for_each_launch(table, row_sum)
+            row_max = torch.empty(table.n, dtype=torch.float32, device=device)
+            _segment_max_kernel[(table.n,)](row_sums, table.bounds, row_max, RBLOCK=REDUCE_BLOCK)
+        partial = torch.empty((table.n_chunks, 2), dtype=torch.float32, device=device)
+
+        def direction(lo, hi, dtypes):
+            _sonew_direction_kernel[(hi - lo,)](
+                table.addr, table.numel, table.chunk_tensor[lo:hi], table.chunk_start[lo:hi], table.hyper, clip,
+                snapshots(lo), row_max, partial[lo:hi], G_DT=tl_dtype(dtypes[1]), BAND=band,
+                BLOCK=block, CHUNK=chunk, HAS_RELATIVE=has_relative, num_warps=config.num_warps)
+
+        def apply(lo, hi, dtypes):
+            _sonew_apply_kernel[(hi - lo,)](
+                table.addr, table.numel, table.chunk_tensor[lo:hi], table.chunk_start[lo:hi], table.hyper, clip,
+                norms, P_DT=tl_dtype(dtypes[0]), BLOCK=block, CHUNK=chunk, num_warps=config.num_warps)
+
+        for_each_launch(table, direction)
+        norms = launch_segment_norms(table, partial, clip, step_col=STEP)
+        for_each_launch(table, apply)
+        return clip
+
+    restore = [*work, *exp_avgs, *diags, *offdiags, *steps] + ([skipped] if skipped is not None else [])
+    config = SONEW_CONFIGS.select(device=device, bucket=shape_bucket(total) + (band,), dtype=params[0].dtype,
+                                  run=run, restore=restore)
+    clip = run(config)
+    for p, w in zip(params, work):
+        if w is not p:
+            p.copy_(w)
+    return clip
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+def sparse_inverse_factors_reference(
+    diag: torch.Tensor, offdiag: torch.Tensor, damping
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors of the LogDet-optimal banded sparse inverse ``X = L D L^T`` (module docstring).
+
+    ``diag`` (n,) and ``offdiag`` (b, n) are the bias-corrected, undamped band statistics
+    (``offdiag[j-1, i] = S_{i, i+j}``; entries ``i >= n - j`` are ignored); ``damping`` is added to the
+    diagonal. Returns ``psi`` (n, b) (``L[k+p, k] = -psi[k, p-1]``) and ``dinv`` (n,) (``D``), computed
+    in the inputs' dtype with the same elimination and edge-dropping rule as the kernel.
+    """
+    n, b = diag.shape[0], offdiag.shape[0]
+    rows = torch.arange(n, device=diag.device)
+    diag_d = diag + damping
+    pad = torch.zeros(b, dtype=diag.dtype, device=diag.device)
+    diag_pad = torch.cat([diag_d, pad])
+    # off_pad[j-1][i] = S_{i, i+j}, 0 where i + j >= n or beyond the array
+    off_pad = [torch.cat([torch.where(rows + j < n, offdiag[j - 1], 0), pad]) for j in range(1, b + 1)]
+    exists = [rows + p < n for p in range(b + 1)]
+
+    def window(p, q):  # S[k+p, k+q] for neighbours p, q >= 1 of every row k (identity where absent)
+        if p == q:
+            return torch.where(exists[p], diag_pad[p:p + n], 1)
+        lo, hi = min(p, q), max(p, q)
+        return torch.where(exists[hi], off_pad[hi - lo - 1][lo:lo + n], 0)
+
+    A = [[window(p, q) for q in range(1, b + 1)] for p in range(1, b + 1)]
+    s = [torch.where(exists[p], off_pad[p - 1][:n], 0) for p in range(1, b + 1)]
+    c0 = diag_d
+    c, c_kept = c0, c0
+    alive = c0 > 0
+    kept = torch.zeros(n, dtype=torch.long, device=diag.device)
+    invs = []
+    diag0 = [A[p][p] for p in range(b)]
+    for p in range(b):
+        piv_ok = A[p][p] > DROP_TOL * diag0[p]
+        inv = 1 / torch.where(piv_ok, A[p][p], 1)
+        c = c - s[p] * s[p] * inv
+        alive = alive & piv_ok & (c > DROP_TOL * c0)
+        c_kept = torch.where(alive, c, c_kept)
+        kept = kept + alive.long()
+        invs.append(inv)
+        for q in range(p + 1, b):
+            mult = A[p][q] * inv
+            s[q] = s[q] - mult * s[p]
+            for r in range(q, b):
+                A[q][r] = A[q][r] - mult * A[p][r]
+    psi = [torch.zeros_like(c0) for _ in range(b)]
+    for p in reversed(range(b)):
+        acc = s[p] - sum((A[p][q] * psi[q] for q in range(p + 1, b)), torch.zeros_like(c0))
+        psi[p] = torch.where(p < kept, acc * invs[p], 0)
+    psi = torch.stack(psi, dim=1) if b else torch.zeros((n, 0), dtype=diag.dtype, device=diag.device)
+    return psi, 1 / c_kept
+
+
+def apply_sparse_inverse_reference(psi: torch.Tensor, dinv: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``X v = L (D (L^T v))`` for the factors of :func:`sparse_inverse_factors_reference` (v flat)."""
+    n, b = psi.shape
+    z = v.clone()
+    for p in range(1, min(b, n - 1) + 1):
+        z[:-p] -= psi[:-p, p - 1] * v[p:]
+    z = dinv * z
+    x = z.clone()
+    for p in range(1, min(b, n - 1) + 1):
+        x[p:] -= psi[:-p, p - 1] * z[:-p]
+    return x
+
+
+def sonew_step_reference(params, grads, exp_avgs, diags, offdiags, steps, *, hyper, skipped=None):
+    """Plain PyTorch SONew (same contract as :func:`sonew_step`; ``hyper`` rows as built there).
+
+    Math in fp32, or float64 when the params are float64 (the tests' reference).
+    """
+    clip = global_norm_reference(grads, None, skipped)
+    ok = clip[2] != 0
+    for p, g, m, v, o, s, h in zip(params, grads, exp_avgs, diags, offdiags, steps, hyper):
+        dtype = torch.promote_types(p.dtype, torch.float32)
+        n, b = p.numel(), o.shape[0]
+        w = p.reshape(-1).to(dtype)
+        g = g.reshape(-1).to(dtype)
+        t = s.to(dtype) + 1
+        bc1, bc2 = 1 - h[B1] ** t, 1 - h[B2] ** t
+        mu = h[B1] * m.reshape(-1).to(dtype) + (1 - h[B1]) * g
+        nu = h[B2] * v.to(dtype) + (1 - h[B2]) * g * g
+        off = o.to(dtype).clone()
+        for j in range(1, min(b, n - 1) + 1):
+            off[j - 1, :-j] = h[B2] * off[j - 1, :-j] + (1 - h[B2]) * g[:-j] * g[j:]
+        nu_hat, off_hat, mu_hat = nu / bc2, off / bc2, mu / bc1
+        damp = h[EPS]
+        if h[RELATIVE]:
+            row_sum = nu_hat.clone()
+            for j in range(1, min(b, n - 1) + 1):
+                row_sum[:-j] += off_hat[j - 1, :-j].abs()
+                row_sum[j:] += off_hat[j - 1, :-j].abs()
+            damp = torch.clamp(h[EPS] * row_sum.max(), min=MIN_RELATIVE_DAMPING)
+        adam = mu_hat / (nu_hat.sqrt() + h[GRAFT_EPS])
+        if h[PRECONDITION]:
+            d = apply_sparse_inverse_reference(*sparse_inverse_factors_reference(nu_hat, off_hat, damp), mu_hat)
+        else:
+            d = adam
+        graft = {GRAFTS["adam"]: adam, GRAFTS["rmsprop"]: g / (nu_hat.sqrt() + h[GRAFT_EPS]), GRAFTS["sgd"]: g,
+                 GRAFTS["none"]: None}[int(h[GRAFT])]
+        if graft is not None:
+            d_norm = d.norm()
+            d = d * torch.where(d_norm > 0, graft.norm() / torch.where(d_norm > 0, d_norm, 1), 0)
+        w_new = w - h[LR] * (d + h[WD] * w)
+        m.copy_(torch.where(ok, mu, m.reshape(-1).to(dtype)).view_as(m))
+        v.copy_(torch.where(ok, nu, v.to(dtype)))
+        o.copy_(torch.where(ok, off, o.to(dtype)))
+        p.copy_(torch.where(ok, w_new, w).view_as(p))
+        s.add_(ok.to(s.dtype))
+    return clip

@@ -1,0 +1,117 @@
+"""``kfopt.SONew``: sparsified online Newton (Devvrit et al., NeurIPS 2023) on one fused multi-tensor pipeline."""
+
+from __future__ import annotations
+
+import torch
+
+from kfopt.kernels.sonew import GRAFTS, MAX_BAND, sonew_step
+
+from .optimizer import KfoptOptimizer
+from .validation import check_betas, check_bool, check_nonnegative, check_positive
+
+
+def _check_band(name: str, value) -> None:
+    """``value`` is an int in ``[1, MAX_BAND]``."""
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_BAND:
+        raise ValueError(f"{name}: expected an integer in [1, {MAX_BAND}], got {value!r}")
+
+
+def _check_graft(name: str, value) -> None:
+    """``value`` names a graft ("adam", "rmsprop", "sgd", "none")."""
+    if not isinstance(value, str) or value not in GRAFTS:
+        raise ValueError(f"{name}: expected one of {sorted(GRAFTS)}, got {value!r}")
+
+
+class SONew(KfoptOptimizer):
+    r"""SONew with a tridiagonal (``band=1``) or banded sparse preconditioner, per ``shared/design/sonew.md``.
+
+    Every parameter tensor is flattened row-major (``w.reshape(-1)``: for an ``nn.Linear`` weight the
+    neighbours of an entry are the weights of the adjacent inputs of the same output unit, as the JAX
+    reference's ``transpose=True`` flattening of a Flax ``(in, out)`` kernel). At step ``t``, with
+    ``b = min(band, n - 1)`` (a tensor shorter than the band gets its band truncated)::
+
+        mu  <- b1 mu + (1 - b1) g ;  nu_d <- b2 nu_d + (1 - b2) g^2 ;  nu_j[i] <- b2 nu_j[i] + (1 - b2) g_i g_{i+j}
+        S    = band(nu) / (1 - b2^t) + damp I,   damp = eps  (relative_eps: eps * max abs row sum of S, >= 1e-24)
+        X    = L D L^T, the LogDet-optimal inverse with the band's sparsity (closed form for band 1, a b x b
+               solve per row otherwise; edges whose conditional variance is not above 1e-3 of the variance
+               it conditions are dropped, farthest first -- see ``kfopt.kernels.sonew``)
+        x    = X mu^,   mu^ = mu / (1 - b1^t)
+        d    = (||a|| / ||x||) x,  a the graft direction: "adam" mu^ / (sqrt(nu_d^) + graft_eps),
+               "rmsprop" g / (sqrt(nu_d^) + graft_eps), "sgd" g;  d = x for graft="none";
+               d = 0 where ||x|| = 0
+        w   <- w - lr (d + weight_decay w)          (decoupled weight decay)
+
+    Tensors with at most one dimension (biases, norm weights) take the plain Adam update
+    ``d = mu^ / (sqrt(nu_d^) + graft_eps)``, whatever ``graft`` says. There is no blocking of long
+    tensors: the sparse inverse runs over the whole flattened tensor in O(n band) memory and time.
+
+    State per parameter (fp32 whatever the parameter dtype): ``exp_avg`` (shape of p), ``diag`` (n,),
+    ``offdiag`` (b, n) -- ``offdiag[j-1, i]`` is the lag-j statistic of entries i, i+j; ``(0, n)`` for
+    tensors with <= 1 dimension -- and ``step`` (0-d). 3n floats for band 1 (Adam: 2n).
+    The band of a parameter is fixed once it has state: changing a group's ``band`` afterwards raises.
+
+    Non-finite gradients: the whole step is skipped on the device and ``skipped_steps`` incremented,
+    as for every kfopt optimizer. Bad hyperparameters raise ``ValueError`` naming the argument.
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.99), eps=1e-8, band=1, graft="adam", graft_eps=1e-8,
+                 weight_decay=0.0, relative_eps=False):
+        defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps, band=band,
+                        graft=graft, graft_eps=graft_eps, weight_decay=weight_decay, relative_eps=relative_eps)
+        super().__init__(params, defaults)
+
+    def _check_group(self, group: dict) -> None:
+        check_nonnegative("lr", group["lr"])
+        check_betas("betas", group["betas"])
+        check_positive("eps", group["eps"])
+        _check_band("band", group["band"])
+        _check_graft("graft", group["graft"])
+        check_positive("graft_eps", group["graft_eps"])
+        check_nonnegative("weight_decay", group["weight_decay"])
+        check_bool("relative_eps", group["relative_eps"])
+
+    @staticmethod
+    def tensor_band(p: torch.Tensor, band: int) -> int:
+        """The band a parameter gets: 0 (plain Adam) for <= 1 dimension, else ``min(band, numel - 1)``."""
+        return 0 if p.dim() <= 1 else min(band, p.numel() - 1)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = self._evaluate(closure)
+        for group in self.param_groups:  # hyperparameters edited since they were added
+            self._check_group(group)
+        found = self._params_with_grads()
+        if not found:
+            return loss
+        for group, p in found:
+            state = self.state[p]
+            if state and state["offdiag"].shape[0] != self.tensor_band(p, group["band"]):
+                raise ValueError(
+                    f"band: a parameter of shape {tuple(p.shape)} has state for band "
+                    f"{state['offdiag'].shape[0]}, its group now asks for {self.tensor_band(p, group['band'])}; "
+                    "the band cannot change once a parameter has state"
+                )
+        cols = {k: [] for k in ("p", "g", "m", "v", "o", "s", "lr", "b1", "b2", "eps", "wd", "graft", "geps", "rel",
+                                 "pre")}
+        for group, p in found:
+            state = self.state[p]
+            if not state:
+                n = p.numel()
+                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                state["exp_avg"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+                state["diag"] = torch.zeros(n, dtype=torch.float32, device=p.device)
+                state["offdiag"] = torch.zeros((self.tensor_band(p, group["band"]), n), dtype=torch.float32,
+                                               device=p.device)
+            for key, value in (("p", p), ("g", p.grad), ("m", state["exp_avg"]), ("v", state["diag"]),
+                               ("o", state["offdiag"]), ("s", state["step"]), ("lr", group["lr"]),
+                               ("b1", group["betas"][0]), ("b2", group["betas"][1]), ("eps", group["eps"]),
+                               ("wd", group["weight_decay"]), ("graft", group["graft"]),
+                               ("geps", group["graft_eps"]), ("rel", group["relative_eps"]), ("pre", p.dim() > 1)):
+                cols[key].append(value)
+        sonew_step(
+            cols["p"], cols["g"], cols["m"], cols["v"], cols["o"], cols["s"], lr=cols["lr"], beta1=cols["b1"],
+            beta2=cols["b2"], eps=cols["eps"], weight_decay=cols["wd"], graft=cols["graft"],
+            graft_eps=cols["geps"], relative_eps=cols["rel"], precondition=cols["pre"],
+            skipped=self._skip_counter(found[0][1].device),
+        )
+        return loss

@@ -1,0 +1,393 @@
+"""SONew kernels (Triton, interpreted on CPU) against float64 truths built independently from the math.
+
+The truth for the sparse inverse is dense: S is formed as an n x n matrix from the band statistics and
+X = L D L^T from per-row ``torch.linalg.solve`` calls (not the elimination recurrences the kernel and
+the library reference use), with the edge-dropping rule of ``kernels/sonew.py`` restated on dense
+matrices.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from checks import assert_rel_close
+
+import kfopt.kernels.sonew as sonew
+from kfopt.autotune import Config, ConfigSpace
+from kfopt.kernels.sonew import (
+    DROP_TOL,
+    MAX_BAND,
+    apply_sparse_inverse_reference,
+    sonew_step,
+    sonew_step_reference,
+    sparse_inverse_factors_reference,
+)
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+F64 = torch.float64
+
+
+# ----------------------------------------------------------------------------- float64 truth
+
+
+def dense_band(diag, offdiag, damping=0.0):
+    """The n x n symmetric banded matrix with ``diag + damping`` and ``S[i, i+j] = offdiag[j-1, i]``."""
+    n, b = diag.shape[0], offdiag.shape[0]
+    S = torch.diag(diag.to(F64) + damping)
+    for j in range(1, min(b, n - 1) + 1):
+        S += torch.diag(offdiag[j - 1, : n - j].to(F64), j) + torch.diag(offdiag[j - 1, : n - j].to(F64), -j)
+    return S
+
+
+def reference_inverse(S, band):
+    """Dense X from the library reference's factors of the band of (already damped) dense S."""
+    n = S.shape[0]
+    offdiag = torch.zeros(band, n, dtype=F64)
+    for j in range(1, min(band, n - 1) + 1):
+        offdiag[j - 1, : n - j] = S.diagonal(j)
+    psi, dinv = sparse_inverse_factors_reference(S.diagonal().clone(), offdiag, 0.0)
+    eye = torch.eye(n, dtype=F64)
+    return torch.stack([apply_sparse_inverse_reference(psi, dinv, eye[k]) for k in range(n)], dim=1)
+
+
+def band_mask(n, b):
+    idx = torch.arange(n)
+    return (idx[:, None] - idx[None, :]).abs() <= b
+
+
+def dense_sparse_inverse(S, band, tol=DROP_TOL):
+    """X = L D L^T for dense S; row k regresses on its nearest neighbours k+1..k+m, m the longest prefix
+    for which every neighbour's conditional variance (given the nearer ones) and row k's conditional
+    variance stay above ``tol`` times their unconditional values. Returns (X, edges kept)."""
+    n = S.shape[0]
+    L, D, kept_edges = torch.eye(n, dtype=F64), torch.zeros(n, dtype=F64), 0
+    for k in range(n):
+        kept, c_kept = 0, S[k, k]
+        for m in range(1, min(band, n - 1 - k) + 1):
+            A, s = S[k + 1:k + m + 1, k + 1:k + m + 1], S[k + 1:k + m + 1, k]
+            pivot = A[-1, -1] - (A[-1, :-1] @ torch.linalg.solve(A[:-1, :-1], A[:-1, -1]) if m > 1 else 0)
+            c = S[k, k] - s @ torch.linalg.solve(A, s)
+            if pivot <= tol * A[-1, -1] or c <= tol * S[k, k]:
+                break
+            kept, c_kept = m, c
+        if kept:
+            L[k + 1:k + kept + 1, k] = -torch.linalg.solve(S[k + 1:k + kept + 1, k + 1:k + kept + 1],
+                                                           S[k + 1:k + kept + 1, k])
+        D[k] = 1 / c_kept
+        kept_edges += kept
+    return L @ torch.diag(D) @ L.T, kept_edges
+
+
+def random_band_statistics(n, b, seed=0, collinear=False):
+    """Band of a random PSD matrix C C^T: diag (n,), offdiag (b, n). Well conditioned (no edge is
+    dropped) unless ``collinear``: then every third row of C is a multiple of the previous one, so
+    windows holding both rows are singular and their edges must go."""
+    gen = torch.Generator().manual_seed(seed)
+    C = torch.randn(n, 4 * n + 8, generator=gen, dtype=F64)
+    if collinear:
+        C[2::3] = -1.5 * C[1::3][: C[2::3].shape[0]]
+    sigma = C @ C.T / C.shape[1] + (0.0 if collinear else 0.1) * torch.eye(n, dtype=F64)
+    offdiag = torch.zeros(b, n, dtype=F64)
+    for j in range(1, min(b, n - 1) + 1):
+        offdiag[j - 1, : n - j] = sigma.diagonal(j)
+    return sigma.diagonal().clone(), offdiag
+
+
+def use_tiles(monkeypatch, block, chunk):
+    """Launch with tiles of ``block`` rows and chunks of ``chunk``, so that small tensors put halos
+    across tile and chunk boundaries (the interpreter's cost grows with the number of tiles)."""
+    small = Config({"BLOCK": block, "CHUNK": chunk}, num_warps=4)
+    monkeypatch.setattr(sonew, "SONEW_CONFIGS", ConfigSpace("sonew_step", [small], small))
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    use_tiles(monkeypatch, 4, 8)
+
+
+@pytest.fixture
+def medium_tiles(monkeypatch):
+    use_tiles(monkeypatch, 16, 32)
+
+
+# ----------------------------------------------------------------------------- the sparse inverse
+
+
+@pytest.mark.parametrize("band", [1, 2, 3, 4])
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 17])
+def test_reference_factors_invert_to_the_band(band, n):
+    """X^{-1} = S on the band, X = 0 off it; the factors equal the dense truth (float64)."""
+    diag, offdiag = random_band_statistics(n, band, seed=n * 10 + band)
+    damping = 1e-3
+    psi, dinv = sparse_inverse_factors_reference(diag, offdiag, damping)
+    L = torch.eye(n, dtype=F64)
+    for k in range(n):
+        for p in range(1, band + 1):
+            if k + p < n:
+                L[k + p, k] = -psi[k, p - 1]
+            else:
+                assert psi[k, p - 1] == 0, "a neighbour past the end must have no weight"
+    X = L @ torch.diag(dinv) @ L.T
+    S = dense_band(diag, offdiag, damping)
+    on_band = band_mask(n, band)
+    assert torch.count_nonzero(X[~on_band]) == 0
+    assert_rel_close(torch.linalg.inv(X)[on_band], S[on_band], tol=1e-10, name="X^-1 on the band")
+    truth, kept = dense_sparse_inverse(S, band)
+    assert kept == sum(min(band, n - 1 - k) for k in range(n)), "well-conditioned S: every edge kept"
+    assert_rel_close(X, truth, tol=1e-10, name="X")
+    v = torch.randn(n, dtype=F64)
+    assert_rel_close(apply_sparse_inverse_reference(psi, dinv, v), truth @ v, tol=1e-12, name="X v")
+
+
+def test_reference_drops_an_edge_of_a_singular_window():
+    """Row 0's window is rank one (S = u u^T + tiny damping on rows 0..1): its edge is dropped (psi = 0,
+    D = 1/S_00), the other rows keep theirs."""
+    u = torch.tensor([1.0, -2.0], dtype=F64)
+    diag = torch.tensor([1.0, 4.0, 3.0, 2.0], dtype=F64)
+    offdiag = torch.tensor([[u[0] * u[1], 0.5, 0.3, 0.0]], dtype=F64)
+    psi, dinv = sparse_inverse_factors_reference(diag, offdiag, 1e-12)
+    assert psi[0, 0] == 0 and dinv[0] == 1 / (1.0 + 1e-12)
+    assert (psi[1:3, 0] != 0).all()
+    truth, kept = dense_sparse_inverse(dense_band(diag, offdiag, 1e-12), 1)
+    assert kept == 2
+    X = torch.eye(4, dtype=F64)
+    for k in range(4):
+        X[:, k] = apply_sparse_inverse_reference(psi, dinv, torch.eye(4, dtype=F64)[k])
+    assert_rel_close(X, truth, tol=1e-12, name="X")
+
+
+def kernel_inverse(diag_old, offdiag_old, g, band, device, b1=0.5, b2=0.9, eps=1e-3, step=3.0):
+    """X as the kernel applies it, column by column: n copies of one tensor in one launch, where copy k
+    has mu^ = e_k (exp_avg chosen for that), w = 0, lr = 1, no grafting, so w_new = -X e_k.
+    Also returns the damped S the kernel must have built."""
+    n = g.numel()
+    t = step + 1
+    bc1, bc2 = 1 - b1 ** t, 1 - b2 ** t
+    eye = torch.eye(n, dtype=F64)
+    exp_avgs = [((bc1 * eye[k] - (1 - b1) * g.to(F64)) / b1).float().to(device) for k in range(n)]
+    params = [torch.zeros(n, device=device) for _ in range(n)]
+    diags = [diag_old.float().to(device) for _ in range(n)]
+    offdiags = [offdiag_old.float().to(device) for _ in range(n)]
+    steps = [torch.tensor(step, device=device) for _ in range(n)]
+    sonew_step(params, [g.to(device)] * n, exp_avgs, diags, offdiags, steps, lr=1.0, beta1=b1, beta2=b2, eps=eps,
+               graft="none")
+    X = -torch.stack(params, dim=1).to(F64).cpu()
+    # the statistics after the step, from the fp32 inputs the kernel saw
+    g64 = g.to(F64)
+    diag_new = (b2 * diag_old.float().to(F64) + (1 - b2) * g64 * g64) / bc2
+    offdiag_new = b2 * offdiag_old.float().to(F64)
+    for j in range(1, min(band, n - 1) + 1):
+        offdiag_new[j - 1, : n - j] += (1 - b2) * g64[:-j] * g64[j:]
+    return X, dense_band(diag_new, offdiag_new / bc2, eps)
+
+
+@pytest.mark.parametrize("band", [1, 2, 3, 4])
+@pytest.mark.parametrize("n", [2, 3, 11])
+def test_kernel_inverse_invert_to_the_band(band, n, small_tiles, poison_empty, device):
+    """The kernel's X (fp32): zero off the band, X^{-1} = S on the band, equal to the dense truth;
+    n = 2, 3 are shorter than bands 2..4; tiles of 4 rows put halos across tile and chunk edges."""
+    diag, offdiag = random_band_statistics(n, band, seed=band)
+    g = torch.randn(n, generator=torch.Generator().manual_seed(n))
+    X, S = kernel_inverse(diag, offdiag, g, band, device)
+    on_band = band_mask(n, band)
+    assert torch.count_nonzero(X[~on_band]) == 0
+    truth, kept = dense_sparse_inverse(S, band)
+    assert kept == sum(min(band, n - 1 - k) for k in range(n))
+    assert_rel_close(X, truth, torch.float32, name="X")
+    assert_rel_close(torch.linalg.inv(X)[on_band], S[on_band], tol=1e-4, name="X^-1 on the band")
+
+
+@pytest.mark.parametrize("band", [1, 2, 3, 4])
+def test_kernel_drops_the_edges_of_singular_windows(band, small_tiles, device):
+    """Statistics with collinear rows (g = 0, so S is exactly the scaled old band; damping 1e-7 of the
+    diagonal): the kernel drops exactly the edges the dense truth drops -- the neighbour's own
+    conditional variance (pivot) vanishing included -- and matches its X."""
+    n = 11
+    diag, offdiag = random_band_statistics(n, band, seed=band, collinear=True)
+    X, S = kernel_inverse(diag, offdiag, torch.zeros(n), band, device, eps=1e-7)
+    truth, kept = dense_sparse_inverse(S, band)
+    assert 0 < kept < sum(min(band, n - 1 - k) for k in range(n))
+    assert torch.equal(X != 0, truth != 0), "the kernel kept or dropped other edges than the truth"
+    assert_rel_close(X, truth, torch.float32, name="X")
+    X_ref = reference_inverse(S, band)
+    assert torch.equal(X_ref != 0, truth != 0), "the reference kept or dropped other edges than the truth"
+    assert_rel_close(X_ref, truth, tol=1e-10, name="reference X")
+
+
+# ----------------------------------------------------------------------------- the whole step
+
+
+SHAPES = [(1,), (2,), (7,), (3, 5), (2, 1, 9), (33,), (129,)]
+
+
+def make_tensors(shape, band, dtype, gen, device):
+    """Random state that is not a first step: [param, grad, exp_avg, diag, offdiag, step], the
+    offdiag truncated to the tensor's length as the optimizer does."""
+    n = torch.Size(shape).numel()
+    diag, offdiag = random_band_statistics(n, band, seed=int(torch.randint(0, 1000, (1,), generator=gen)))
+    offdiag = offdiag[: min(band, n - 1)].contiguous()
+    tensors = [torch.randn(shape, generator=gen).to(dtype), torch.randn(shape, generator=gen).to(dtype),
+               0.3 * torch.randn(shape, generator=gen), diag.float(), offdiag.float(), torch.tensor(5.0)]
+    return [t.to(device) for t in tensors]
+
+
+def run_both(tensors, **hyper):
+    """The kernel on ``tensors`` (in place) and the float64 reference on float64 copies."""
+    ref = [[t.to(F64) if i < 5 else t.clone() for i, t in enumerate(ts)] for ts in tensors]
+    clip = sonew_step(*[list(c) for c in zip(*tensors)], **hyper)
+    cols = [list(c) for c in zip(*ref)]
+    rows = sonew._sonew_hyper(len(ref), cols[4], hyper["lr"], hyper.get("beta1", 0.9), hyper.get("beta2", 0.99),
+                              hyper.get("eps", 1e-8), hyper.get("weight_decay", 0.0), hyper.get("graft", "adam"),
+                              hyper.get("graft_eps", 1e-8), hyper.get("relative_eps", False),
+                              hyper.get("precondition", True))
+    ref_clip = sonew_step_reference(*cols, hyper=rows)
+    return clip, ref_clip, ref
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("band", [1, 2, 3, 4])
+def test_step_matches_reference(dtype, band, medium_tiles, poison_empty, device):
+    """Every output of one multi-tensor step vs the float64 reference: odd shapes (tensors shorter than
+    the band included), per-tensor grafts, relative and absolute damping, plain-Adam tensors."""
+    gen = torch.Generator().manual_seed(band)
+    tensors = [make_tensors(shape, band, dtype, gen, device) for shape in SHAPES]
+    n = len(SHAPES)
+    grafts = ["adam", "none", "rmsprop", "sgd", "adam", "none", "adam"]
+    clip, ref_clip, ref = run_both(
+        tensors, lr=0.1, weight_decay=0.05, eps=1e-3, graft=grafts, relative_eps=[i % 2 == 1 for i in range(n)],
+        precondition=[i != 4 for i in range(n)], beta1=0.8, beta2=0.95)
+    assert_rel_close(clip[:1], ref_clip[:1].float(), torch.float32, name="grad norm")
+    assert clip[2] == 1
+    for i, (out, want) in enumerate(zip(tensors, ref)):
+        for col, name in ((0, "param"), (2, "exp_avg"), (3, "diag"), (4, "offdiag")):
+            o, w = out[col], want[col]
+            if o.numel():
+                assert_rel_close(o, w, dtype if name == "param" else torch.float32, name=f"{name}[{i}]")
+        assert out[5] == 6.0
+
+
+def test_mixed_dtypes_in_one_call(medium_tiles, poison_empty, device):
+    """Tensors of several dtypes: one launch per dtype group over consecutive chunk ranges, each
+    group finding its halo snapshots at its own offset."""
+    gen = torch.Generator().manual_seed(7)
+    dtypes = [torch.bfloat16, torch.float32, torch.float16, torch.float32, torch.bfloat16]
+    shapes = [(5, 9), (40,), (3, 3), (2,), (70,)]
+    tensors = [make_tensors(shape, 2, dtype, gen, device) for shape, dtype in zip(shapes, dtypes)]
+    _, _, ref = run_both(tensors, lr=0.1, graft="none", eps=1e-3, relative_eps=[True, False, True, False, True])
+    for i, (out, want) in enumerate(zip(tensors, ref)):
+        assert_rel_close(out[0], want[0], dtypes[i], name=f"param[{i}]")
+        assert_rel_close(out[4], want[4], torch.float32, name=f"offdiag[{i}]")
+
+
+def test_relative_damping_changes_the_step(medium_tiles, device):
+    """With eps large enough to matter, relative and absolute damping give different (correct) steps."""
+    gen = torch.Generator().manual_seed(3)
+    base = make_tensors((4, 9), 2, torch.float32, gen, device)
+    params = []
+    for relative in (False, True):
+        tensors = [[t.clone() for t in base]]
+        _, _, ref = run_both(tensors, lr=0.1, eps=0.5, graft="none", relative_eps=relative)
+        assert_rel_close(tensors[0][0], ref[0][0], torch.float32, name=f"param (relative={relative})")
+        params.append(tensors[0][0])
+    assert (params[0] - params[1]).abs().max() > 1e-3
+
+
+def test_non_contiguous_param_follows_row_major_order(device):
+    """A transposed view is preconditioned in its own row-major order and written back in place."""
+    gen = torch.Generator().manual_seed(4)
+    ts = make_tensors((6, 5), 1, torch.float32, gen, device)
+    ts[0] = torch.randn(5, 6, generator=gen).to(device).t()
+    ts[1] = torch.randn(5, 6, generator=gen).to(device).t()
+    view = ts[0]
+    _, _, ref = run_both([ts], lr=0.1, graft="none")
+    assert ts[0] is view and not view.is_contiguous()
+    assert_rel_close(view, ref[0][0], torch.float32, name="param")
+
+
+def test_nonfinite_gradient_skips_every_tensor(medium_tiles, device):
+    gen = torch.Generator().manual_seed(5)
+    tensors = [make_tensors(shape, 2, torch.float32, gen, device) for shape in [(3, 4), (9,)]]
+    tensors[1][1][3] = float("inf")
+    before = [[t.clone() for t in ts] for ts in tensors]
+    skipped = torch.zeros((), dtype=torch.int32, device=device)
+    clip = sonew_step(*[list(c) for c in zip(*tensors)], lr=0.1, skipped=skipped)
+    assert clip[2] == 0 and skipped == 1
+    for ts, old in zip(tensors, before):
+        for t, o in zip(ts, old):
+            assert torch.equal(t, o)
+
+
+def test_empty_and_zero_size_tensors(device):
+    assert torch.equal(sonew_step([], [], [], [], [], [], lr=0.1), torch.zeros(3))
+    p, s = torch.zeros(0, 3, device=device), torch.tensor(0.0, device=device)
+    sonew_step([p], [p.clone()], [p.clone()], [torch.zeros(0, device=device)], [torch.zeros(0, 0, device=device)],
+               [s], lr=0.1)
+    assert s == 1.0
+
+
+def test_bad_inputs_raise_before_any_write(device):
+    gen = torch.Generator().manual_seed(6)
+    ts = make_tensors((3, 4), 1, torch.float32, gen, device)
+    p, g, m, v, o, s = ts
+    before = [t.clone() for t in ts]
+    cases = [
+        (ValueError, "grads", dict(grads=[g[:2]])),
+        (ValueError, "exp_avgs", dict(exp_avgs=[m.reshape(-1)])),
+        (ValueError, "diags", dict(diags=[v[:-1]])),
+        (ValueError, "offdiags", dict(offdiags=[torch.zeros(MAX_BAND + 1, 12, device=device)])),
+        (ValueError, "offdiags", dict(offdiags=[torch.zeros(12, device=device)])),
+        (ValueError, "steps", dict(steps=[])),
+        (ValueError, "graft", dict(graft="adagrad")),
+        (ValueError, "must be contiguous", dict(offdiags=[torch.zeros(12, 2, device=device).t()[:1]])),
+        (TypeError, "float32 state", dict(diags=[v.double()])),
+        (TypeError, "params", dict(params=[p.double()], grads=[g.double()], exp_avgs=[m.double()])),
+    ]
+    for error, match, change in cases:
+        args = dict(params=[p], grads=[g], exp_avgs=[m], diags=[v], offdiags=[o], steps=[s])
+        hyper = {"graft": change.pop("graft")} if "graft" in change else {}
+        args.update(change)
+        with pytest.raises(error, match=match):
+            sonew_step(**args, lr=0.1, **hyper)
+    for t, b in zip(ts, before):
+        assert torch.equal(t, b)
+
+
+AOT_SCRIPT = """
+import sys
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from kfopt.kernels import sonew
+
+if "nvidia" not in triton.backends.backends:
+    print("NO_NVIDIA_BACKEND")
+    sys.exit(0)
+ints = ("addr_ptr", "numel_ptr", "chunk_tensor_ptr", "chunk_start_ptr", "bounds_ptr")
+for band in (1, 2):
+    for kernel, constexprs in (
+        (sonew._sonew_halo_kernel, dict(BAND=band, HALO=triton.next_power_of_2(2 * band), BLOCK=256, CHUNK=2048)),
+        (sonew._sonew_row_sum_kernel, dict(G_DT=tl.bfloat16, BAND=band, BLOCK=256, CHUNK=2048)),
+        (sonew._sonew_direction_kernel, dict(G_DT=tl.float16, BAND=band, BLOCK=128, CHUNK=512, HAS_RELATIVE=True)),
+        (sonew._sonew_apply_kernel, dict(P_DT=tl.bfloat16, BLOCK=256, CHUNK=2048)),
+        (sonew._segment_max_kernel, dict(RBLOCK=1024)),
+    ):
+        signature = {a: "constexpr" if a in constexprs else "*i64" if a in ints else "*fp32" for a in kernel.arg_names}
+        triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+                       target=GPUTarget("cuda", 90, 32))
+print("COMPILED")
+"""
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_sm90():
+    """Passing under the interpreter does not prove a kernel compiles: compile every SONew kernel
+    ahead of time for sm_90 (Triton's bundled ptxas, no GPU needed) in a process without the
+    interpreter. Bands 1 and 2 cover every code path (band 2 the multi-pivot elimination)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", AOT_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    if "NO_NVIDIA_BACKEND" in result.stdout:
+        pytest.skip("this Triton build has no NVIDIA backend")
+    assert result.returncode == 0 and "COMPILED" in result.stdout, result.stderr[-3000:]
