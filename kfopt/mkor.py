@@ -1,0 +1,640 @@
+r"""MKOR and MKOR-H (Mozaffari et al., NeurIPS 2023): Kronecker-factored inverses kept up to date by
+rank-1 Sherman-Morrison updates; the math of ``shared/design/mkor.md``.
+
+Per preconditioned layer (``nn.Linear``/``nn.Conv2d`` with groups=1, minus ``skip_layers`` and layers
+whose weight is frozen; ``kfopt.capture``), with ``V = [dW | db]`` (d_out x (d_in [+ 1])):
+
+Vectors (on factor-update steps: every ``inv_freq`` steps, starting at step 0)::
+
+    a = (1 / R) sum_rows [x | 1]                  the mean layer input (1 appended with a bias;
+                                                   Conv2d: unfolded patches, R = batch x positions)
+    g = (1 / R) sum_rows N g_row                  the mean per-example output gradient
+
+``g_row`` is the output gradient of the backpropagated loss and ``N`` its number of loss terms
+(``loss_average``: "batch" -> the summed batch sizes of the calls, "batch+sequence" -> their rows,
+None (a summed loss) -> 1), so ``N g_row`` is the gradient of one loss term (``kfopt.capture``,
+Scaling), exactly as in ``kfopt.kfac``. Everything captured since the last step is summed (several
+calls or micro-batches; with micro-batch losses divided by their number).
+
+Factors, ``L_0 = R_0 = I``, ``gamma = stat_decay``::
+
+    L_k = gamma L_{k-1} + (1 - gamma) g g^T   = gamma^k I + (1 - gamma) sum_{i<=k} gamma^(k-i) g_i g_i^T
+    R_k likewise with a                       (d_in [+ 1])^2
+
+MKOR never forms them: it keeps ``JL = L^{-1}``, ``JR = R^{-1}`` (identity at the start) and applies
+each update by exact Sherman-Morrison (``kfopt.kernels.rank1_inverse_update``; all factors of a step
+in one pipeline): without stabiliser events, ``JL == inv(L_k)`` after k updates. Each inverse is
+stored as ``scale * F`` with ``F`` in ``factor_dtype`` (fp32, bf16 or fp16) normalised to
+``max|F| <= 1`` and ``scale`` an fp32 scalar (the kernel's scale handling: no overflow in any storage
+dtype, whatever the magnitude of the vectors; :meth:`MKOR.inverse_factors` returns ``scale * F``).
+
+Stabiliser (before each update, per factor, on the device): if ``max_ij |J_ij| > stabilizer_threshold``
+(the largest entry of the true inverse, not of the stored ``F``), ``J <- zeta J + (1 - zeta) I`` with
+``zeta = stabilizer_blend``. A factor holding NaN/inf (or found numerically indefinite along the new
+vector) is reset to ``I`` before the update. A non-finite vector (e.g. a layer not called since the
+last update: its count is 0) leaves the factor unchanged. Blends, resets and skips are counted per
+factor (:attr:`MKOR.factor_events`).
+
+Preconditioning (every step, for every layer that has a gradient; ``kfopt.kernels.kronecker_precondition``)::
+
+    D = JL V JR,    V <- (||V|| / ||D||) D          (joint Frobenius norm of [dW | db])
+
+keeping ``V`` where the ratio is not finite. The result replaces ``.grad`` of the weight and bias;
+the base optimizer then takes its step on all parameters (raw gradients for parameters that no
+preconditioned layer owns: embeddings, norms, skipped layers) and owns weight decay and momentum.
+
+Not copied from the reference code (design page): its damped recursion ``J <- SM(0.95 J + 0.05 I, v)``
+(the EMA above is used), its stabiliser that can never run (this one runs and also catches NaN/inf),
+its fp16 ``v^T J v`` that overflows (the math here is fp32 with the scale handling above), its sum of
+weight and bias norms (the joint norm is used) and its double division by the world size.
+
+Base optimizer and param groups
+    The param groups are ``kfopt.param_groups(model, weight_decay)`` (decayed weights; biases and
+    normalisation weights without decay), carrying ``lr`` and ``weight_decay``; the base optimizer is
+    built from *the same dicts*, so LR schedulers on MKOR drive it. ``base``: ``"lamb"``
+    (``kfopt.LAMB``), ``"sgd"``, ``"adamw"`` (torch.optim), with ``**base_kwargs`` passed to its
+    constructor, or a callable ``base(param_groups) -> torch.optim.Optimizer`` that builds its
+    optimizer from the dicts it is given (then ``base_kwargs`` may only hold ``weight_decay``).
+    ``weight_decay`` defaults to the base's default (LAMB, AdamW: 0.01; SGD and callables: 0).
+
+Distributed (``torch.distributed`` initialised, model wrapped in ``DistributedDataParallel`` so that
+every rank starts ``step()`` with the same gradients)
+    On factor-update steps, each rank's sums and counts are averaged over all ranks in two
+    all-reduces, so that the quotients are the vectors of the concatenated global batch (world-size
+    invariant, also for unequal local batches): all layers' ``[sum a | R]`` in one buffer, all
+    layers' ``[N sum g | R]`` in a second. The ``a`` all-reduce is started asynchronously from the
+    first output-gradient hook of each backward pass that follows captured forwards (all inputs of
+    that forward are known then), so it overlaps the rest of the backward pass (and DDP's gradient
+    all-reduces); a later forward of the same step (micro-batches) restarts it with the new sums, so
+    only the last backward is overlapped. The ``g`` all-reduce starts in ``step()``, once every
+    gradient is known, and is not overlapped. Every rank then applies the same rank-1 updates to the
+    same factors (deterministic kernels), so factors and parameters stay bit-identical on all ranks.
+
+AMP
+    Under ``torch.autocast`` the rows are summed in fp32. With ``torch.amp.GradScaler`` pass
+    ``grad_scaler=scaler`` (output gradients entering ``g`` are unscaled) and call
+    ``scaler.step(mkor)``: MKOR unscales the gradients if the scaler has not, reads ``found_inf`` on
+    the host (the synchronisation ``GradScaler.step`` does for every torch optimizer) and on an
+    overflow skips the whole step: factors, scales, counters and parameters unchanged,
+    ``skipped_steps`` incremented, and the step is redone as a factor-update step if it was one.
+
+Checkpoints
+    ``state_dict()`` is the base optimizer's state dict plus ``"mkor"``: ``steps`` (MKOR-H adds
+    ``switched_at`` and its switch criterion's state) and per layer ``{"JL", "JR"}`` (the stored ``F``, plain tensors in ``factor_dtype``),
+    ``{"JL_scale", "JR_scale"}`` (0-d fp32: the inverse is ``scale * F``) and ``events`` ((2, 3) int32:
+    per factor the counts of blends, resets and skips), plus ``"mkor_skipped_steps"``. Factors are
+    identical on all ranks, so a checkpoint loads at any world size; a round trip continues
+    bit-identically. Constructor-only settings (inv_freq, stat_decay, stabiliser, factor_dtype) are not
+    saved.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from collections.abc import Callable, Iterable
+from typing import Literal
+
+import torch
+from torch import nn
+
+from kfopt.kernels.kronecker import kronecker_precondition
+from kfopt.kernels.multi_tensor import to_device
+from kfopt.kernels.rank1_inverse import rank1_inverse_update
+
+from . import collectives
+from .capture import CallInfo, CapturedLayer, LayerCapture, LossAverage, loss_term_count
+from .lamb import LAMB
+from .optimizer import KfoptOptimizer
+from .param_groups import param_groups
+from .validation import check_nonnegative, check_positive
+
+logger = logging.getLogger(__name__)
+
+BaseOptimizer = Literal["lamb", "sgd", "adamw"] | Callable[[list[dict]], torch.optim.Optimizer]
+
+#: the base optimizers by name, with their default weight decay
+_BASES = {"lamb": (LAMB, 0.01), "sgd": (torch.optim.SGD, 0.0), "adamw": (torch.optim.AdamW, 0.01)}
+#: factor storage dtypes (float64 only where the PyTorch kernel path runs)
+FACTOR_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _check_base(base, base_kwargs: dict) -> float:
+    """Validate ``base`` and ``base_kwargs``; returns the weight decay of the decayed group."""
+    if isinstance(base, str):
+        if base not in _BASES:
+            raise ValueError(f"base: expected 'lamb', 'sgd', 'adamw' or a callable, got {base!r}")
+        weight_decay = base_kwargs.get("weight_decay", _BASES[base][1])
+    elif callable(base):
+        extra = sorted(set(base_kwargs) - {"weight_decay"})
+        if extra:
+            raise ValueError(f"base: a callable base builds its own optimizer; pass {extra} to it, not to MKOR")
+        weight_decay = base_kwargs.get("weight_decay", 0.0)
+    else:
+        raise ValueError(f"base: expected 'lamb', 'sgd', 'adamw' or a callable, got {base!r}")
+    check_nonnegative("weight_decay", weight_decay)
+    return weight_decay
+
+
+def _build_base(base, groups: list[dict], base_kwargs: dict) -> torch.optim.Optimizer:
+    if isinstance(base, str):
+        kwargs = {k: v for k, v in base_kwargs.items() if k != "weight_decay"}
+        return _BASES[base][0](groups, **kwargs)
+    optimizer = base(groups)
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise ValueError(f"base: the callable returned {type(optimizer).__name__}, not a torch.optim.Optimizer")
+    if len(optimizer.param_groups) != len(groups) or any(
+            mine is not theirs for mine, theirs in zip(groups, optimizer.param_groups)):
+        raise ValueError("base: the callable must build its optimizer from the param groups it is given "
+                         "(e.g. lambda groups: torch.optim.Adam(groups)), so that MKOR's param_groups "
+                         "(and LR schedulers) drive it")
+    return optimizer
+
+
+class _Layer:
+    """A preconditioned layer: its capture entry and its stored inverse factors ``F`` (JL, JR)."""
+
+    def __init__(self, captured: CapturedLayer, factor_dtype: torch.dtype):
+        self.captured = captured
+        self.name = captured.name
+        device = captured.module.weight.device
+        self.JL = torch.eye(captured.out_features, dtype=factor_dtype, device=device)
+        self.JR = torch.eye(captured.in_features + captured.has_bias, dtype=factor_dtype, device=device)
+
+    @property
+    def weight(self) -> nn.Parameter:
+        return self.captured.module.weight
+
+    @property
+    def bias(self) -> nn.Parameter | None:
+        return self.captured.module.bias
+
+    def has_gradient(self) -> bool:
+        return self.weight.grad is not None and (self.bias is None or self.bias.grad is not None)
+
+    def grad_matrix(self) -> torch.Tensor:
+        """The weight gradient as a (d_out, d_in) matrix sharing its memory, or a copy when its layout
+        cannot be viewed so (e.g. a channels-last Conv2d gradient; :meth:`write_back` copies it back)."""
+        grad = self.weight.grad
+        try:
+            return grad.view(self.captured.out_features, -1)
+        except RuntimeError:
+            return grad.reshape(self.captured.out_features, -1)
+
+    def write_back(self, matrix: torch.Tensor) -> None:
+        """Copy ``matrix`` (from :meth:`grad_matrix`) into the weight gradient if it is a copy."""
+        grad = self.weight.grad
+        if matrix.data_ptr() != grad.data_ptr():
+            grad.copy_(matrix.reshape(grad.shape))
+
+
+class MKOR(KfoptOptimizer):
+    """MKOR: rank-1-updated Kronecker-factored inverses in front of a base optimizer (module docstring).
+
+    Args:
+        model: the model (or a ``DistributedDataParallel`` wrapping it).
+        lr: learning rate of the base optimizer (per group in ``param_groups``).
+        base: ``"lamb"``, ``"sgd"``, ``"adamw"`` or a callable (module docstring).
+        inv_freq: factor-update interval in steps (updates at steps 0, inv_freq, 2 inv_freq, ...).
+        stat_decay: ``gamma`` of the running averages, in (0, 1).
+        stabilizer_threshold: blend a factor when its largest entry exceeds this (> 0; inf: never). The
+            default 10 did better than 2 (the reference code's value, which its bug never applies), 100,
+            1e3 and inf over 300 factor updates on a digits MLP, and no worse than 100 on the chars task.
+        stabilizer_blend: ``zeta`` of the blend ``zeta J + (1 - zeta) I``, in [0, 1].
+        factor_dtype: storage dtype of the inverse factors (fp32, bf16, fp16; float64 only with the
+            PyTorch kernel path).
+        skip_layers: module names or types not to precondition (as ``LayerCapture``).
+        loss_average: how the backpropagated loss averages its terms (``kfopt.capture.loss_term_count``).
+        grad_scaler: the ``torch.amp.GradScaler`` whose scale output gradients are divided by.
+        **base_kwargs: the base optimizer's other arguments (``weight_decay``, ``betas``, ``momentum``...).
+
+    Attributes: ``base`` (the base optimizer), ``steps`` (completed steps), ``layers`` (names of the
+    preconditioned layers), ``factor_events``, ``last_ratios`` (the ``||V|| / ||D||`` of each layer
+    that had a gradient at the last step, a device tensor, NaN where the raw gradient was kept).
+    """
+
+    _step_supports_amp_scaling = True
+
+    def __init__(self, model: nn.Module, lr: float = 1e-3, base: BaseOptimizer = "lamb", inv_freq: int = 10,
+                 stat_decay: float = 0.95, stabilizer_threshold: float = 10.0, stabilizer_blend: float = 0.9,
+                 factor_dtype: torch.dtype = torch.float32, skip_layers: Iterable[str | type] = (), *,
+                 loss_average: LossAverage = "batch", grad_scaler: torch.amp.GradScaler | None = None,
+                 **base_kwargs):
+        check_nonnegative("lr", lr)
+        if isinstance(inv_freq, bool) or not isinstance(inv_freq, int) or inv_freq < 1:
+            raise ValueError(f"inv_freq: expected an int >= 1, got {inv_freq!r}")
+        if not (isinstance(stat_decay, (int, float)) and not isinstance(stat_decay, bool) and 0 < stat_decay < 1):
+            raise ValueError(f"stat_decay: expected a number in (0, 1), got {stat_decay!r}")
+        if (not isinstance(stabilizer_threshold, (int, float)) or isinstance(stabilizer_threshold, bool)
+                or math.isnan(stabilizer_threshold) or stabilizer_threshold <= 0):
+            raise ValueError(f"stabilizer_threshold: expected a number > 0 (inf: never blend), got "
+                             f"{stabilizer_threshold!r}")
+        if (not isinstance(stabilizer_blend, (int, float)) or isinstance(stabilizer_blend, bool)
+                or not 0 <= stabilizer_blend <= 1):
+            raise ValueError(f"stabilizer_blend: expected a number in [0, 1], got {stabilizer_blend!r}")
+        if factor_dtype not in FACTOR_DTYPES:
+            raise ValueError(f"factor_dtype: expected one of {FACTOR_DTYPES}, got {factor_dtype!r}")
+        if loss_average not in (None, "batch", "batch+sequence"):
+            raise ValueError(f"loss_average: expected None, 'batch' or 'batch+sequence', got {loss_average!r}")
+        weight_decay = _check_base(base, base_kwargs)
+        self.inv_freq, self.stat_decay = inv_freq, float(stat_decay)
+        self.stabilizer_threshold, self.stabilizer_blend = float(stabilizer_threshold), float(stabilizer_blend)
+        self.factor_dtype, self.loss_average = factor_dtype, loss_average
+
+        skip_layers = tuple(skip_layers)
+        self.capture = LayerCapture(model, skip_layers, input_fn=self._input_stat,
+                                    grad_output_fn=self._grad_output_stat)
+        frozen = [name for name, layer in self.capture.layers.items() if not layer.module.weight.requires_grad]
+        if frozen:
+            self.capture.remove()
+            self.capture = LayerCapture(model, skip_layers + tuple(frozen), input_fn=self._input_stat,
+                                        grad_output_fn=self._grad_output_stat)
+        for name, layer in self.capture.layers.items():
+            if layer.has_bias and not layer.module.bias.requires_grad:
+                raise ValueError(f"layer {name!r}: the weight is trained but the bias is frozen; "
+                                 "add the layer to skip_layers")
+        self.capture.set_grad_scale(grad_scaler)
+        self._grad_scaler = grad_scaler
+        self._layers = [_Layer(layer, factor_dtype) for layer in self.capture.layers.values()]
+        device = self._layers[0].weight.device if self._layers else torch.device("cpu")
+        self._scales = torch.ones(2 * len(self._layers), dtype=torch.float32, device=device)
+        self._events = torch.zeros((2 * len(self._layers), 3), dtype=torch.int32, device=device)
+        self._a_index, self._a_count_index = self._vector_layout([layer.JR.shape[0] for layer in self._layers],
+                                                                 device)
+        self._g_index, self._g_count_index = self._vector_layout([layer.JL.shape[0] for layer in self._layers],
+                                                                 device)
+        self._overlap = collectives.world_size() > 1
+        self._terms: dict[str, int] = {}
+        self._a_buffer: torch.Tensor | None = None
+        self._a_handle: collectives.CollectiveHandle | None = None
+        self._a_current = False
+        self.steps = 0
+        self.last_ratios: torch.Tensor | None = None
+
+        super().__init__(param_groups(self.capture.model, weight_decay), dict(lr=lr, weight_decay=weight_decay))
+        self.base = _build_base(base, self.param_groups, base_kwargs)
+        self.base.param_groups = self.param_groups
+        self.state = self.base.state
+        self.capture.arm()
+
+    # -- torch.optim.Optimizer ------------------------------------------------------------------
+
+    def _check_group(self, group: dict) -> None:
+        check_nonnegative("lr", group["lr"])
+        check_nonnegative("weight_decay", group["weight_decay"])
+
+    def add_param_group(self, param_group: dict) -> None:
+        if hasattr(self, "base"):
+            raise NotImplementedError(f"{type(self).__name__}'s param groups come from its model; add parameters "
+                                      "to the model before building the optimizer")
+        super().add_param_group(param_group)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Update the factors when due, precondition the layers' gradients, take the base step."""
+        loss = self._evaluate(closure)
+        found_inf = getattr(self, "found_inf", None)
+        if found_inf is not None:  # called by GradScaler.step (module docstring, AMP)
+            if self._grad_scaler is None:
+                raise RuntimeError(f"{type(self).__name__} is stepped by a GradScaler but was built without "
+                                   "grad_scaler=: output gradients entering g would be scaled; pass "
+                                   "grad_scaler=scaler")
+            found = self._params_with_grads()
+            grad_scale = getattr(self, "grad_scale", None)
+            if grad_scale is not None:
+                torch._foreach_mul_([p.grad for _, p in found], grad_scale.double().reciprocal().float())
+            if found_inf.item():
+                self._skip_counter(found_inf.device).add_(1)
+                self._discard_step()
+                return loss
+        self._second_order_step()
+        self.base.step()
+        return loss
+
+    def _second_order_step(self) -> None:
+        """Factor update (when due) and preconditioning; then prepare the capture for the next step."""
+        if self._layers:
+            if self.steps % self.inv_freq == 0:
+                self._update_factors()
+            self._precondition()
+        self._discard_step()
+        self.steps += 1
+        if self.steps % self.inv_freq == 0:
+            self.capture.arm()
+        else:
+            self.capture.disarm()
+
+    # -- public helpers ----------------------------------------------------------------------------
+
+    @property
+    def layers(self) -> list[str]:
+        """Names of the preconditioned layers, in module order."""
+        return [layer.name for layer in self._layers]
+
+    def inverse_factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(JL, JR)`` of layer ``name`` as the true inverses ``scale * F`` (new fp32 tensors, or float64
+        for float64 factors)."""
+        i = self.layers.index(name)
+        layer = self._layers[i]
+        dtype = torch.promote_types(self.factor_dtype, torch.float32)
+        return (self._scales[2 * i].to(dtype) * layer.JL.to(dtype),
+                self._scales[2 * i + 1].to(dtype) * layer.JR.to(dtype))
+
+    @property
+    def factor_events(self) -> torch.Tensor:
+        """Counts per layer and factor (JL, JR) of [stabiliser blends, resets, skipped updates] since
+        the start: a (layers, 2, 3) int32 device tensor."""
+        return self._events.view(len(self._layers), 2, 3)
+
+    # -- statistics handed over by the capture -----------------------------------------------------
+
+    def _input_stat(self, layer: CapturedLayer, call: CallInfo, a: torch.Tensor) -> torch.Tensor:
+        """``sum_rows a`` in fp32; the next backward restarts the ``a`` all-reduce."""
+        self._a_current = False
+        return a.sum(0, dtype=torch.float32)
+
+    def _grad_output_stat(self, layer: CapturedLayer, call: CallInfo, g: torch.Tensor) -> torch.Tensor:
+        """``sum_rows g`` in fp32; adds the call's loss-term count to N. The first one of a backward
+        after captured forwards starts the asynchronous ``a`` all-reduce (distributed only)."""
+        if self._overlap and not self._a_current:
+            self._start_a_reduce()
+        if self.loss_average is not None:
+            self._terms[layer.name] = self._terms.get(layer.name, 0) + loss_term_count(call, self.loss_average)
+        return g.sum(0, dtype=torch.float32)
+
+    # -- factor update -----------------------------------------------------------------------------
+
+    @staticmethod
+    def _vector_layout(sizes: list[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gather indices into a buffer of per-layer segments ``[numerator (size) | count]``: the
+        numerators' positions, and for each of them the position of its layer's count."""
+        values, counts, offset = [], [], 0
+        for size in sizes:
+            values.extend(range(offset, offset + size))
+            counts.extend([offset + size] * size)
+            offset += size + 1
+        return (to_device(torch.tensor(values, dtype=torch.int64), device),
+                to_device(torch.tensor(counts, dtype=torch.int64), device))
+
+    def _numerators(self, sums: list[torch.Tensor | None], sizes: list[int], counts: list[list[float]]
+                    ) -> torch.Tensor:
+        """One fp32 buffer of per-layer segments ``[sum (zeros if None) | counts]``; the counts travel to
+        the device in one non-blocking copy."""
+        device = self._scales.device
+        flat = to_device(torch.tensor([c for layer_counts in counts for c in layer_counts], dtype=torch.float32),
+                         device)
+        parts, offset = [], 0
+        for total, size, layer_counts in zip(sums, sizes, counts):
+            parts.append(total if total is not None else torch.zeros(size, dtype=torch.float32, device=device))
+            parts.append(flat[offset:offset + len(layer_counts)])
+            offset += len(layer_counts)
+        return torch.cat(parts)
+
+    def _a_numerators(self) -> torch.Tensor:
+        """``[sum_rows a (| R) | R]`` of every layer (the bias entry of ``sum [a | 1]`` is R)."""
+        layers = [layer.captured for layer in self._layers]
+        return self._numerators([c.input_stat for c in layers], [c.in_features for c in layers],
+                                [[float(c.input_row_count)] * (1 + c.has_bias) for c in layers])
+
+    def _g_numerators(self) -> torch.Tensor:
+        """``[N sum_rows g | R]`` of every layer."""
+        sums = []
+        for layer in self._layers:
+            captured = layer.captured
+            terms = self._terms.get(layer.name, 0) if self.loss_average is not None else int(captured.grad_calls > 0)
+            sums.append(captured.grad_output_stat * terms if captured.grad_output_stat is not None else None)
+        layers = [layer.captured for layer in self._layers]
+        return self._numerators(sums, [c.out_features for c in layers],
+                                [[float(c.grad_output_row_count)] for c in layers])
+
+    def _start_a_reduce(self) -> None:
+        """(Re)start averaging the ``a`` numerators over the ranks (module docstring, Distributed)."""
+        if self._a_handle is not None:
+            self._a_handle.wait()
+        self._a_buffer = self._a_numerators()
+        self._a_handle = collectives.all_reduce_average_async([self._a_buffer])
+        self._a_current = True
+
+    def _update_factors(self) -> None:
+        """Average the vectors over the ranks and apply one rank-1 update to every factor."""
+        if not self._a_current:
+            self._start_a_reduce()
+        g_buffer = self._g_numerators()
+        g_handle = collectives.all_reduce_average_async([g_buffer])
+        self._a_handle.wait()
+        g_handle.wait()
+        a = self._a_buffer[self._a_index] / self._a_buffer[self._a_count_index]
+        g = g_buffer[self._g_index] / g_buffer[self._g_count_index]
+        a_vectors = a.split([layer.JR.shape[0] for layer in self._layers])
+        g_vectors = g.split([layer.JL.shape[0] for layer in self._layers])
+        factors = [f for layer in self._layers for f in (layer.JL, layer.JR)]
+        vectors = [v for pair in zip(g_vectors, a_vectors) for v in pair]
+        rank1_inverse_update(factors, vectors, self._scales, decay=self.stat_decay,
+                             threshold=self.stabilizer_threshold, blend=self.stabilizer_blend, counts=self._events)
+
+    def _discard_step(self) -> None:
+        """Drop what was captured since the last step (after using it, or for a step the GradScaler
+        skipped); an ``a`` all-reduce in flight is completed first (every rank started it)."""
+        if self._a_handle is not None:
+            self._a_handle.wait()
+        self._a_handle, self._a_buffer, self._a_current = None, None, False
+        self.capture.clear()
+        self._terms.clear()
+
+    # -- preconditioning ---------------------------------------------------------------------------
+
+    def _precondition(self) -> None:
+        """Replace the gradients of the layers that have one by their preconditioned gradients."""
+        active = [layer for layer in self._layers if layer.has_gradient()]
+        if not active:
+            return
+        matrices = [layer.grad_matrix() for layer in active]
+        self.last_ratios = kronecker_precondition(
+            [layer.JL for layer in active], matrices, [layer.JR for layer in active],
+            [layer.bias.grad if layer.bias is not None else None for layer in active])
+        for layer, matrix in zip(active, matrices):
+            layer.write_back(matrix)
+
+    # -- checkpoints -------------------------------------------------------------------------------
+
+    def _mkor_state(self) -> dict:
+        return {"steps": self.steps, "factors": {
+            layer.name: {"JL": layer.JL, "JR": layer.JR, "JL_scale": self._scales[2 * i],
+                         "JR_scale": self._scales[2 * i + 1], "events": self.factor_events[i]}
+            for i, layer in enumerate(self._layers)}}
+
+    def state_dict(self) -> dict:
+        """The base optimizer's state dict plus ``"mkor"`` and ``"mkor_skipped_steps"`` (module docstring)."""
+        state = self.base.state_dict()
+        state["mkor"] = self._mkor_state()
+        state["mkor_skipped_steps"] = self.skipped_steps.detach().clone()
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a ``state_dict()`` (saved at any world size)."""
+        saved = state_dict["mkor"]["factors"]
+        if set(saved) != set(self.layers):
+            raise ValueError(f"state_dict has factors for layers {sorted(saved)}, the optimizer has layers "
+                             f"{sorted(self.layers)}")
+        for layer in self._layers:
+            for key, factor in (("JL", layer.JL), ("JR", layer.JR)):
+                if saved[layer.name][key].shape != factor.shape:
+                    raise ValueError(f"state_dict: factor {key} of layer {layer.name!r} has shape "
+                                     f"{tuple(saved[layer.name][key].shape)}, expected {tuple(factor.shape)}")
+        state = {k: v for k, v in state_dict.items() if k not in ("mkor", "mkor_skipped_steps")}
+        for group in state["param_groups"]:
+            self._check_group(group)
+        self.base.load_state_dict({**state, "state": copy.deepcopy(state["state"])})  # torch's would alias
+        self.param_groups = self.base.param_groups
+        self.state = self.base.state
+        self._skipped = state_dict["mkor_skipped_steps"].detach().clone()
+        self._load_mkor_state(state_dict["mkor"])
+
+    def _load_mkor_state(self, mkor: dict) -> None:
+        for i, layer in enumerate(self._layers):
+            saved = mkor["factors"][layer.name]
+            layer.JL.copy_(saved["JL"])
+            layer.JR.copy_(saved["JR"])
+            self._scales[2 * i] = saved["JL_scale"]
+            self._scales[2 * i + 1] = saved["JR_scale"]
+            self.factor_events[i].copy_(saved["events"])
+        self.steps = int(mkor["steps"])
+        self._discard_step()
+        if self.steps % self.inv_freq == 0:
+            self.capture.arm()
+        else:
+            self.capture.disarm()
+
+
+class MKORH(MKOR):
+    r"""MKOR-H: MKOR that hands over to its base optimizer when second-order steps stop paying.
+
+    The switch criterion (deterministic; on the observed training loss, identical on every rank):
+
+    * Losses are observed once per step: the value returned by ``step(closure)``, or passed to
+      :meth:`observe` (call it every step when not using a closure; without observations it never
+      switches). They are summed on the device; every ``switch_window`` observations the window's
+      mean loss is formed (averaged over the ranks when distributed: one host synchronisation per
+      window). Windows with a non-finite mean are ignored.
+    * The decrease rate of window j is ``rate_j = (mean_{j-1} - mean_j) / |mean_{j-1}|`` (relative
+      decrease per window); ``best`` is the largest rate seen so far.
+    * MKOR-H switches when, for ``switch_patience`` consecutive windows, ``best > 0`` and
+      ``rate_j < switch_fraction * best``: the loss curve has flattened to a small fraction of its
+      steepest descent. While the rate holds up (or grows) it does not switch.
+
+    On switching (also by hand: :meth:`switch`) the capture hooks are removed, the factors and their
+    scales are freed, and later steps are the base optimizer's steps on raw gradients, continuing its
+    state (moments, step counts) without a break. The step is logged (``logging``, logger
+    ``kfopt.mkor``) and kept in ``switched_at`` (the number of completed steps when it switched;
+    saved in ``state_dict()``, and a loaded switched state switches at once).
+
+    Args: as :class:`MKOR`, plus ``switch_window`` (observations per window, >= 1),
+    ``switch_fraction`` (in (0, 1)) and ``switch_patience`` (windows, >= 1).
+    """
+
+    def __init__(self, model: nn.Module, lr: float = 1e-3, base: BaseOptimizer = "lamb", inv_freq: int = 10,
+                 stat_decay: float = 0.95, stabilizer_threshold: float = 10.0, stabilizer_blend: float = 0.9,
+                 factor_dtype: torch.dtype = torch.float32, skip_layers: Iterable[str | type] = (), *,
+                 switch_window: int = 50, switch_fraction: float = 0.1, switch_patience: int = 2,
+                 loss_average: LossAverage = "batch", grad_scaler: torch.amp.GradScaler | None = None,
+                 **base_kwargs):
+        for name, value in (("switch_window", switch_window), ("switch_patience", switch_patience)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
+        check_positive("switch_fraction", switch_fraction)
+        if switch_fraction >= 1:
+            raise ValueError(f"switch_fraction: expected a number in (0, 1), got {switch_fraction!r}")
+        super().__init__(model, lr, base, inv_freq, stat_decay, stabilizer_threshold, stabilizer_blend,
+                         factor_dtype, skip_layers, loss_average=loss_average, grad_scaler=grad_scaler,
+                         **base_kwargs)
+        self.switch_window, self.switch_fraction, self.switch_patience = switch_window, switch_fraction, switch_patience
+        self.switched_at: int | None = None
+        self.window_means: list[float] = []
+        self._best_rate = -math.inf
+        self._flat_windows = 0
+        self._window_sum: torch.Tensor | None = None
+        self._window_count = 0
+
+    @property
+    def switched(self) -> bool:
+        """Whether MKOR-H runs its base optimizer alone now."""
+        return self.switched_at is not None
+
+    def observe(self, loss: torch.Tensor | float) -> None:
+        """Record this step's training loss (a 0-d tensor, read without a host synchronisation except
+        at the end of a window, or a number) for the switch criterion (class docstring)."""
+        if self.switched:
+            return
+        value = loss.detach().reshape(()).to(torch.float64) if isinstance(loss, torch.Tensor) else \
+            torch.tensor(float(loss), dtype=torch.float64)
+        self._window_sum = value if self._window_sum is None else self._window_sum + value.to(self._window_sum.device)
+        self._window_count += 1
+        if self._window_count < self.switch_window:
+            return
+        total = self._window_sum.reshape(1)
+        collectives.all_reduce_average_async([total]).wait()
+        mean = total.item() / self._window_count
+        self._window_sum, self._window_count = None, 0
+        if not math.isfinite(mean):
+            return
+        self.window_means.append(mean)
+        if len(self.window_means) < 2:
+            return
+        previous = self.window_means[-2]
+        rate = (previous - mean) / abs(previous) if previous != 0 else 0.0
+        self._best_rate = max(self._best_rate, rate)
+        flat = self._best_rate > 0 and rate < self.switch_fraction * self._best_rate
+        self._flat_windows = self._flat_windows + 1 if flat else 0
+        if self._flat_windows >= self.switch_patience:
+            self.switch()
+
+    def switch(self) -> None:
+        """Hand over to the base optimizer now (class docstring); no-op when already switched."""
+        if self.switched:
+            return
+        self._free_factors()
+        self.switched_at = self.steps
+        logger.info("MKOR-H switched to its base optimizer (%s) after %d steps", type(self.base).__name__,
+                    self.steps)
+
+    def step(self, closure=None):
+        """As :meth:`MKOR.step` (after the switch: the base optimizer's step); a closure's loss is observed."""
+        loss = super().step(closure)
+        if loss is not None:
+            self.observe(loss)
+        return loss
+
+    def _free_factors(self) -> None:
+        """Remove the capture's hooks and drop the factors, their scales and counters."""
+        self._discard_step()
+        self.capture.remove()
+        self._layers = []
+        self._scales = self._scales.new_empty(0)
+        self._events = self._events.new_empty((0, 3))
+
+    def _mkor_state(self) -> dict:
+        state = super()._mkor_state()
+        window_sum = self._window_sum if self._window_sum is not None else torch.zeros((), dtype=torch.float64)
+        state.update(switched_at=self.switched_at, window_means=list(self.window_means), best_rate=self._best_rate,
+                     flat_windows=self._flat_windows, window_sum=window_sum.detach().clone(),
+                     window_count=self._window_count)
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """As :meth:`MKOR.load_state_dict`, with the switch criterion's state (an MKOR state starts it
+        afresh); a switched state switches this optimizer (one that has switched cannot load a state
+        that has not)."""
+        mkor = {"switched_at": None, "window_means": [], "best_rate": -math.inf, "flat_windows": 0,
+                "window_sum": torch.zeros((), dtype=torch.float64), "window_count": 0, **state_dict["mkor"]}
+        if self.switched and mkor["switched_at"] is None:
+            raise ValueError("state_dict: MKOR-H has switched to its base optimizer and freed its factors; it "
+                             "cannot load a state that has not switched (build a new MKORH)")
+        if mkor["switched_at"] is not None:
+            self._free_factors()
+        super().load_state_dict(state_dict)
+        self.switched_at = mkor["switched_at"]
+        self.window_means = list(mkor["window_means"])
+        self._best_rate, self._flat_windows = float(mkor["best_rate"]), int(mkor["flat_windows"])
+        self._window_count = int(mkor["window_count"])
+        self._window_sum = mkor["window_sum"].detach().clone() if self._window_count else None
