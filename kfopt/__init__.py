@@ -5,8 +5,9 @@ from .lamb import LAMB
 from .lars import LARS
 from .mkor import MKOR, MKORH
 from .param_groups import param_groups
+from .singd import SINGD
 from .sonew import SONew
 
 __version__ = "0.1.0"
 
-__all__ = ["KFAC", "KFACPreconditioner", "LAMB", "LARS", "MKOR", "MKORH", "SONew", "param_groups"]
+__all__ = ["KFAC", "KFACPreconditioner", "LAMB", "LARS", "MKOR", "MKORH", "SINGD", "SONew", "param_groups"]

@@ -1,0 +1,93 @@
+"""Shared pieces of the structured-factor kernels (SINGD's ``K`` and ``C``; the "bf16/fp16 structured
+factor GEMMs"): argument checks, result dtypes and the dot-operand rule.
+
+The kernel families live in one module each, every public function with its PyTorch ``*_reference``:
+
+* :mod:`.block_diagonal` -- ``block_diagonal_matmul`` (batched small GEMMs), ``block_covariance``
+  (per-block Gram matrices of a batch of rows);
+* :mod:`.triangular` -- ``triangular_matmul`` (packed triangular x dense, the zero half skipped);
+* :mod:`.toeplitz` -- ``toeplitz_matmul`` (triangular Toeplitz x dense, tiles built from the
+  coefficient vector) and ``lag_sums`` (streamed lag sums: the Toeplitz projection of ``S^T S``
+  without forming it);
+* :mod:`.diagonal_scaling` -- ``diagonal_matmul`` and ``diagonal_from_inner``;
+* :mod:`.hierarchical_products` -- ``hierarchical_matmul``.
+
+Conventions shared by all of them:
+
+* ``op(M)`` is ``M`` or ``M^T`` (``transpose``); ``right=False`` computes ``op(M) @ x``, ``right=True``
+  computes ``x @ op(M)``. Kernels are written for the left product; a right product is the left
+  product of the transposes, ``x op(M) = (op(M)^T x^T)^T``, launched on transposed views (strides
+  only, nothing copied).
+* Operands may be fp32, bf16 or fp16 on the Triton path, in any combination; math is fp32 (``tl.dot``
+  accumulates in fp32; two equal 16-bit operands run the dot in that dtype, anything else converts both
+  to fp32 and uses ``input_precision="ieee"``, no TF32). Results are fp32 unless ``out`` is given
+  (any kernel dtype, written in place). The references compute in fp32, or float64 when an input is
+  float64 (the tests' reference).
+* Inputs may be any strided view (strides are passed to the kernels); ``out`` must not overlap an input.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .dispatch import check_kernel_dtype, dot_needs_upcast
+
+
+def check_tensor(name: str, t, ndim: int | tuple[int, ...]) -> None:
+    """TypeError/ValueError naming ``name`` unless ``t`` is a floating tensor with ``ndim`` dimensions."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    dims = (ndim,) if isinstance(ndim, int) else ndim
+    if t.dim() not in dims:
+        raise ValueError(f"{name}: expected a tensor with {' or '.join(map(str, dims))} dimensions, "
+                         f"got shape {tuple(t.shape)}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point tensor, got {t.dtype}")
+
+
+def check_flag(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected True or False, got {value!r}")
+
+
+def check_same_device(device: torch.device, **tensors: torch.Tensor | None) -> None:
+    for name, t in tensors.items():
+        if t is not None and t.device != device:
+            raise ValueError(f"{name} is on {t.device}, expected {device} like the other operands")
+
+
+def result_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """fp32, or float64 when an input is float64: the dtype the references compute in."""
+    dtype = torch.float32
+    for t in tensors:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def output(out: torch.Tensor | None, shape: tuple[int, ...], device: torch.device,
+           dtype: torch.dtype) -> torch.Tensor:
+    """``out`` checked against ``shape``/``device``, or a new tensor of ``dtype``."""
+    if out is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"out: expected a torch.Tensor, got {type(out).__name__}")
+    if tuple(out.shape) != tuple(shape):
+        raise ValueError(f"out: expected shape {tuple(shape)}, got {tuple(out.shape)}")
+    if out.device != device:
+        raise ValueError(f"out is on {out.device}, expected {device} like the operands")
+    if not out.is_floating_point():
+        raise TypeError(f"out: expected a floating-point tensor, got {out.dtype}")
+    return out
+
+
+def check_triton_dtypes(**tensors: torch.Tensor | None) -> None:
+    """TypeError unless every given tensor has a storage dtype the Triton kernels accept."""
+    for name, t in tensors.items():
+        if t is not None:
+            check_kernel_dtype(name, t)
+
+
+def upcast_dot(a: torch.dtype, b: torch.dtype) -> bool:
+    """Whether ``tl.dot`` operands of these storage dtypes are converted to fp32 first: when they
+    differ, or where the interpreter gets bf16 dots wrong."""
+    return a != b or dot_needs_upcast(a) or dot_needs_upcast(b)

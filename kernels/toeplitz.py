@@ -1,0 +1,259 @@
+"""Triangular Toeplitz products and streamed lag sums (SINGD's Toeplitz structures), in O(d) memory.
+
+A lower-triangular Toeplitz d x d matrix is its first column ``c`` (d): ``L[i, j] = c[i - j]`` for
+``i >= j``, 0 above the diagonal; an upper-triangular Toeplitz matrix is ``L^T``. Conventions (``op``,
+``right``, dtypes, strides) are those of :mod:`kfopt.kernels.structured`.
+
+``toeplitz_matmul(c, x, transpose=False, right=False) = op(L) x  or  x op(L)``, i.e. for the left
+product ``y[i] = sum_{j <= i} c[i - j] x[j]`` (``L``) or ``y[i] = sum_{j >= i} c[j - i] x[j]`` (``L^T``).
+Kernel: the triangular tile loop of :mod:`.triangular` (only the non-zero half of the k range), with
+each BM x BK tile of ``op(L)`` gathered from ``c`` in registers: the d x d matrix never exists.
+
+``lag_sums(u, v=None)``, for u, v of shape (rows, d) (v = u when None)::
+
+    out[k] = sum_r sum_t u[r, t] v[r, t + k]            k = 0 .. d - 1   (fp32, (d,))
+
+For ``u = v = S`` these are the sums of the diagonals of ``S^T S``: ``out[k] = sum_t (S^T S)[t, t + k]``,
+which is all the Toeplitz projection of ``S^T S`` needs (see :mod:`kfopt.structures`) -- computed
+without the d x d matrix. Kernel: a program per (block of BL lags, slice of the rows); it streams
+row chunks and t tiles, loading ``u`` as a (BR, BT) tile and ``v`` shifted by each lag as a
+(BL, BR, BT) tile (overlapping windows, served from cache), and accumulates the products in fp32.
+Each row slice (at most MAX_SPLIT of them) writes its own partial lag vector, and the partials are
+summed in a fixed order afterwards: deterministic, MAX_SPLIT x d floats of extra memory. Cost: rows d (d + 1) / 2 multiply-adds (the pairs
+of ``S^T S``'s upper triangle), no tensor cores.
+
+The references compute the same sums in tiles of ``REFERENCE_TILE`` (a (tile x tile) product per tile
+pair, then a scatter of its diagonals), so their extra memory is O(tile^2 + d) too.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kfopt.autotune import Config, ConfigSpace, shape_bucket
+
+from .dispatch import use_triton
+from .structured import (
+    check_flag,
+    check_same_device,
+    check_tensor,
+    check_triton_dtypes,
+    output,
+    result_dtype,
+    upcast_dot,
+)
+
+#: tile side of the references' blocked loops (their extra memory is O(REFERENCE_TILE^2 + d))
+REFERENCE_TILE = 128
+
+TOEPLITZ_CONFIGS = ConfigSpace(
+    "toeplitz_matmul",
+    [
+        Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
+        for bm in (32, 64, 128)
+        for bn in (32, 64, 128)
+        for bk in (32, 64)
+        for warps in (4, 8)
+        for stages in (2, 3)
+    ],
+    default=Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=2),
+)
+
+LAG_SUM_CONFIGS = ConfigSpace(
+    "lag_sums",
+    [
+        Config({"BLOCK_L": bl, "BLOCK_R": br, "BLOCK_T": bt, "MAX_SPLIT": split}, num_warps=warps, num_stages=2)
+        for bl in (8, 16, 32)
+        for br in (8, 16)
+        for bt in (32, 64)
+        for split in (8, 32)
+        for warps in (4, 8)
+    ],
+    default=Config({"BLOCK_L": 16, "BLOCK_R": 8, "BLOCK_T": 32, "MAX_SPLIT": 8}, num_warps=4, num_stages=2),
+)
+
+
+@triton.jit
+def _toeplitz_matmul_kernel(
+    c_ptr, x_ptr, out_ptr, d, n, s_c, s_xr, s_xc, s_or, s_oc,
+    UPPER: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """out[rows, cols] = A[rows, :] x[:, cols], A = L (A[r, k] = c[r - k]) or L^T (c[k - r])."""
+    m0 = tl.program_id(0) * BLOCK_M
+    rm = m0 + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rn64 = rn.to(tl.int64)
+    if UPPER:
+        k_lo = (m0 // BLOCK_K) * BLOCK_K
+        k_hi = d
+    else:
+        k_lo = 0
+        k_hi = tl.minimum(m0 + BLOCK_M, d)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(k_lo, k_hi, BLOCK_K):
+        rk = k + tl.arange(0, BLOCK_K)
+        if UPPER:
+            lag = rk[None, :] - rm[:, None]
+        else:
+            lag = rm[:, None] - rk[None, :]
+        inside = (lag >= 0) & (rm[:, None] < d) & (rk[None, :] < d)
+        a = tl.load(c_ptr + lag.to(tl.int64) * s_c, mask=inside, other=0.0)
+        xv = tl.load(x_ptr + rk.to(tl.int64)[:, None] * s_xr + rn64[None, :] * s_xc,
+                     mask=(rk[:, None] < d) & (rn[None, :] < n), other=0.0)
+        if UPCAST_DOT:
+            a = a.to(tl.float32)
+            xv = xv.to(tl.float32)
+        acc = tl.dot(a, xv, acc, input_precision="ieee")
+    tl.store(out_ptr + rm.to(tl.int64)[:, None] * s_or + rn64[None, :] * s_oc, acc.to(out_ptr.dtype.element_ty),
+             mask=(rm[:, None] < d) & (rn[None, :] < n))
+
+
+@triton.jit
+def _lag_sums_kernel(
+    u_ptr, v_ptr, part_ptr, rows, d, split, s_ur, s_uc, s_vr, s_vc,
+    BLOCK_L: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """part[s, lags] = sum over this program's row chunks and all t of u[r, t] v[r, t + lag]."""
+    l0 = tl.program_id(0) * BLOCK_L
+    s = tl.program_id(1)
+    lags = l0 + tl.arange(0, BLOCK_L)
+    acc = tl.zeros((BLOCK_L, BLOCK_R), dtype=tl.float32)
+    for r0 in range(s * BLOCK_R, rows, split * BLOCK_R):
+        rr = r0 + tl.arange(0, BLOCK_R)
+        rr64 = rr.to(tl.int64)
+        for t0 in range(0, d - l0, BLOCK_T):
+            tt = t0 + tl.arange(0, BLOCK_T)
+            u = tl.load(u_ptr + rr64[:, None] * s_ur + tt.to(tl.int64)[None, :] * s_uc,
+                        mask=(rr[:, None] < rows) & (tt[None, :] < d), other=0.0).to(tl.float32)
+            idx = tt[None, None, :] + lags[:, None, None]
+            v = tl.load(v_ptr + rr64[None, :, None] * s_vr + idx.to(tl.int64) * s_vc,
+                        mask=(rr[None, :, None] < rows) & (idx < d), other=0.0).to(tl.float32)
+            acc += tl.sum(v * u[None, :, :], axis=2)
+    tl.store(part_ptr + s.to(tl.int64) * d + lags, tl.sum(acc, axis=1), mask=lags < d)
+
+
+def _matmul_problem(coeffs, x, transpose, right) -> int:
+    check_tensor("coeffs", coeffs, 1)
+    check_tensor("x", x, 2)
+    check_flag("transpose", transpose)
+    check_flag("right", right)
+    check_same_device(coeffs.device, x=x)
+    d = coeffs.shape[0]
+    side = x.shape[1] if right else x.shape[0]
+    if side != d:
+        raise ValueError(f"x: expected {'columns' if right else 'rows'} = {d} (the length of coeffs), "
+                         f"got shape {tuple(x.shape)}")
+    return d
+
+
+def toeplitz_matmul(coeffs: torch.Tensor, x: torch.Tensor, transpose: bool = False, right: bool = False,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+    """``op(L) x`` or ``x op(L)`` for the lower-triangular Toeplitz ``L`` with first column ``coeffs``;
+    see the module docstring. Returns fp32 (float64 on the reference path for float64 inputs) or ``out``."""
+    d = _matmul_problem(coeffs, x, transpose, right)
+    out = output(out, tuple(x.shape), x.device, result_dtype(coeffs, x))
+    if not use_triton(x.device):
+        return toeplitz_matmul_reference(coeffs, x, transpose, right, out=out)
+    check_triton_dtypes(coeffs=coeffs, x=x, out=out)
+    if out.numel() == 0:
+        return out
+    upper = transpose != right  # x op(L) = (op(L)^T x^T)^T
+    xl, ol = (x.T, out.T) if right else (x, out)
+    n = xl.shape[1]
+
+    def run(config: Config) -> None:
+        grid = (triton.cdiv(d, config["BLOCK_M"]), triton.cdiv(n, config["BLOCK_N"]))
+        _toeplitz_matmul_kernel[grid](
+            coeffs, xl, ol, d, n, coeffs.stride(0), *xl.stride(), *ol.stride(),
+            UPPER=upper, UPCAST_DOT=upcast_dot(coeffs.dtype, x.dtype), **config.launch_kwargs())
+
+    config = TOEPLITZ_CONFIGS.select(device=x.device, bucket=shape_bucket(d, n),
+                                     dtype=f"{coeffs.dtype},{x.dtype},{out.dtype},{upper}", run=run)
+    run(config)
+    return out
+
+
+def toeplitz_matmul_reference(coeffs: torch.Tensor, x: torch.Tensor, transpose: bool = False,
+                              right: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Plain PyTorch twin of :func:`toeplitz_matmul`: tile-by-tile products with tiles of ``op(L)``
+    built from ``coeffs`` (O(REFERENCE_TILE^2) extra memory; same contract)."""
+    d = _matmul_problem(coeffs, x, transpose, right)
+    dtype = result_dtype(coeffs, x)
+    c = coeffs.to(dtype)
+    xl = x.to(dtype)
+    if right:
+        xl = xl.T
+    upper = transpose != right
+    y = torch.zeros(xl.shape, dtype=dtype, device=x.device)
+    tile = torch.arange(REFERENCE_TILE, device=x.device)
+    for i0 in range(0, d, REFERENCE_TILE):
+        i1 = min(i0 + REFERENCE_TILE, d)
+        for k0 in (range(i0, d, REFERENCE_TILE) if upper else range(0, i1, REFERENCE_TILE)):
+            k1 = min(k0 + REFERENCE_TILE, d)
+            lag = (tile[None, :k1 - k0] + k0) - (tile[:i1 - i0, None] + i0)
+            if not upper:
+                lag = -lag
+            a = torch.where(lag >= 0, c[lag.clamp(min=0)], 0)
+            y[i0:i1] += a @ xl[k0:k1]
+    if right:
+        y = y.T
+    return y if out is None else out.copy_(y)
+
+
+def _lag_problem(u, v):
+    check_tensor("u", u, 2)
+    if v is not None:
+        check_tensor("v", v, 2)
+        check_same_device(u.device, v=v)
+        if v.shape != u.shape:
+            raise ValueError(f"v: expected the shape of u {tuple(u.shape)}, got {tuple(v.shape)}")
+    return u if v is None else v
+
+
+def lag_sums(u: torch.Tensor, v: torch.Tensor | None = None) -> torch.Tensor:
+    """``out[k] = sum_r sum_t u[r, t] v[r, t + k]`` for k < d (v = u when None): (d,) fp32 (float64 on
+    the reference path for float64 inputs); see the module docstring."""
+    v = _lag_problem(u, v)
+    if not use_triton(u.device):
+        return lag_sums_reference(u, v)
+    check_triton_dtypes(u=u, v=v)
+    rows, d = u.shape
+    if d == 0 or rows == 0:
+        return torch.zeros(d, dtype=torch.float32, device=u.device)
+
+    def run(config: Config) -> torch.Tensor:
+        split = min(triton.cdiv(rows, config["BLOCK_R"]), config["MAX_SPLIT"])
+        part = torch.empty((split, d), dtype=torch.float32, device=u.device)
+        _lag_sums_kernel[(triton.cdiv(d, config["BLOCK_L"]), split)](
+            u, v, part, rows, d, split, *u.stride(), *v.stride(),
+            BLOCK_L=config["BLOCK_L"], BLOCK_R=config["BLOCK_R"], BLOCK_T=config["BLOCK_T"],
+            num_warps=config.num_warps, num_stages=config.num_stages)
+        return part
+
+    config = LAG_SUM_CONFIGS.select(device=u.device, bucket=shape_bucket(rows, d), dtype=f"{u.dtype},{v.dtype}",
+                                    run=run)
+    return run(config).sum(0)
+
+
+def lag_sums_reference(u: torch.Tensor, v: torch.Tensor | None = None) -> torch.Tensor:
+    """Plain PyTorch twin of :func:`lag_sums`: for tile pairs (I, J >= I) of the t index, the product
+    ``u[:, I]^T v[:, J]`` and a scatter of its diagonals into ``out`` (O(REFERENCE_TILE^2 + d) extra
+    memory; same contract)."""
+    v = _lag_problem(u, v)
+    dtype = result_dtype(u, v)
+    d = u.shape[1]
+    out = torch.zeros(d, dtype=dtype, device=u.device)
+    tile = torch.arange(REFERENCE_TILE, device=u.device)
+    for i0 in range(0, d, REFERENCE_TILE):
+        i1 = min(i0 + REFERENCE_TILE, d)
+        ui = u[:, i0:i1].to(dtype)
+        for j0 in range(i0, d, REFERENCE_TILE):
+            j1 = min(j0 + REFERENCE_TILE, d)
+            prod = ui.T @ v[:, j0:j1].to(dtype)  # prod[p, q] pairs t = i0 + p with t + k = j0 + q
+            lag = (tile[None, :j1 - j0] + j0) - (tile[:i1 - i0, None] + i0)
+            keep = lag >= 0
+            out.scatter_add_(0, lag[keep], prod[keep])
+    return out

@@ -1,0 +1,510 @@
+r"""``kfopt.SINGD``: structured inverse-free natural gradient descent (Lin, Dangel, Eschenhagen et al., ICML
+2024), with the arguments, defaults and update of the reference package ``singd`` (0.0.5), on kfopt's
+layer capture and structured kernels. The math is ``shared/design/singd.md``.
+
+Per preconditioned layer (``nn.Linear``, ``nn.Conv2d`` with groups=1; ``G = [dW | db]``, d_out x d_K)
+======================================================================================================
+Factors ``K`` (d_K x d_K, d_K = d_in [+ 1 with a bias]) and ``C`` (d_out x d_out) in the group's
+``structures`` (``kfopt.structures``), stored in ``preconditioner_dtype`` (None: the weight's dtype);
+``K = C = I`` at the start; momenta ``m_K = m_C = 0`` (kept only while ``alpha1 != 0``).
+
+Statistics (captured in the forward/backward of steps with ``steps % T == 0``), summed over the
+layer's captured calls ``c`` (several calls per forward, micro-batches)::
+
+    H_K = sum_c Proj(K^T a_c^T a_c K) / R_c        a_c: the call's input rows [| 1 with a bias], R_c rows
+    H_C = sum_c n_c Proj(C^T g_c^T g_c C)          g_c: output gradients of the backpropagated loss,
+                                                   n_c: its number of loss terms (loss_average)
+
+Rows are those of ``kfopt.capture`` (Conv2d: unfolded patches). ``kfac_approx="expand"`` uses every row
+(batch x positions); ``"reduce"`` first averages ``a`` and sums ``g`` over a call's positions (sequence
+positions of a Linear call, output pixels of a Conv2d call), leaving one row per example. ``n_c``:
+1 (``loss_average=None``, a summed loss), the batch size (``"batch"``), batch x positions
+(``"batch+sequence"``). ``Proj`` is the structure's projection (``kfopt.structures``).
+
+Update (at those steps, before the natural gradient), with ``avgtr(M) = tr(M) / side``,
+``s = 1/2`` (``(1 - alpha1) / 2`` with ``normalize_lr_cov``), ``u`` the grad-scale correction (below)::
+
+    m_K <- alpha1 m_K + s [ u avgtr(H_C) H_K + damping avgtr(Proj(C^T C)) Proj(K^T K) - I ]
+    m_C <- alpha1 m_C + s [ u avgtr(H_K) H_C + damping avgtr(Proj(K^T K)) Proj(C^T C) - I ]
+    K <- K - b_K K m_K,     C <- C - b_C C m_C
+
+``b = lr_cov`` (a float, or ``lr_cov(steps)`` for a callable), divided by ``max(1, max|m|)`` with
+``normalize_lr_cov``. ``kfac_like=True`` (IKFAC) drops the trace couplings (``H_K`` and ``u H_C``, damping
+times the plain ``Proj(K^T K)``/``Proj(C^T C)``) and forces ``alpha1 = 0`` (with a warning, as the
+reference). The statistics are computed with the factors of the step they were captured in, in fp32
+(float64 for a float64 model) whatever the factors' storage dtype; momenta and factors are updated in
+fp32 and rounded to their storage dtype. A layer with no captured statistics at a due step (it was
+not called) keeps its factors and momenta.
+
+Parameter update (every step)::
+
+    N = C C^T G K K^T                      (structured products, fp32 accumulation, fp32 result)
+    d = N + weight_decay * w,   buf <- momentum * buf + d   (buf exists only while momentum != 0),
+    w <- w - lr * (buf or d)
+
+Parameters outside preconditioned layers -- parameters of other modules (embeddings, norms), of layers
+in ``skip_layers``, of layers whose weight is not in ``params`` -- get the same rule with ``N = g``, their
+raw gradient: SGD with heavy-ball momentum (as if ``K = C = I``), with their group's lr, momentum and
+weight decay. (The reference leaves them untrained.) ``params=None`` trains every parameter of the model
+that requires grad; a layer's weight and bias must be in the same param group. Momentum buffers are fp32
+(float64 for float64 parameters); parameters are updated in fp32 and rounded to their dtype.
+
+Param groups carry every hyperparameter above (per group, so LR schedulers and per-group structures
+work). ``structures`` and ``preconditioner_dtype`` are read when the factors are built (construction);
+changing them in a group afterwards has no effect. Layers are selected at construction: parameters
+added later with ``add_param_group`` get the first-order rule.
+
+AMP
+===
+``torch.autocast``: inputs and output gradients arrive in the autocast dtype; the kernels accumulate in
+fp32. ``torch.amp.GradScaler``: ``scaler.step(opt)`` calls ``step()`` with ``found_inf`` and ``grad_scale``
+(``_step_supports_amp_scaling``). If the scaler found inf/NaN gradients the step is skipped: parameters,
+factors, momenta and buffers unchanged, the captured statistics dropped, ``skipped_steps`` incremented,
+``steps`` incremented (as the reference). Reading ``found_inf`` synchronises with the host, as
+``GradScaler.step`` does for every torch optimizer. Otherwise gradients are divided by ``grad_scale``
+and, when the output gradients were captured scaled (no ``grad_scaler`` given), the statistics
+correction is ``u = 1 / grad_scale^2`` (H_C scales with the square of the gradients); with
+``grad_scaler=scaler`` at construction the capture unscales each output gradient exactly when it
+arrives (fp32) and ``u = 1``. Calling ``scaler.unscale_(opt)`` before ``scaler.step`` (to clip
+gradients) requires ``grad_scaler=scaler`` (otherwise the statistics' scale is unknown: RuntimeError).
+The reference's ``init_grad_scale`` (an approximation of that unknown scale) is therefore not needed.
+
+Distributed
+===========
+Wrap the model in ``DistributedDataParallel`` (gradients averaged by DDP). At a due step each rank's
+``H_K`` and ``H_C`` are averaged over the ranks in structured form (their free parameters, one bucketed
+all-reduce); with ``loss_average=None`` ``H_C`` is summed instead (a summed loss's per-term gradients are
+the same on every world size). With a mean loss, a layer's rows divided by the local rows and output
+gradients scaled by the local ``n_c``, the rank average equals the single-process statistic of the
+global batch (for equal local batches), so parameters are the same on every rank and equal to the
+global-batch run. Every rank must capture every due layer (as DDP requires); a layer missing on a rank
+contributes zeros there.
+
+Checkpoints
+===========
+``state_dict()`` holds plain tensors and numbers (``torch.load(weights_only=True)`` works): the param
+groups (a callable ``lr_cov`` is saved as None and ``load_state_dict`` keeps the optimizer's own), per
+parameter ``momentum_buffer``, and in each preconditioned layer's weight state its factors and momenta
+by free-parameter tensor (``"K.<name>"``, ``"C.<name>"``, ``"m_K.<name>"``, ``"m_C.<name>"``, see
+``kfopt.structures``), plus ``"steps"`` and ``"skipped_steps"``. Loading requires the same structures and
+preconditioner dtypes per group. Statistics captured but not yet consumed by a step are not saved:
+checkpoint between steps.
+"""
+
+from __future__ import annotations
+
+import numbers
+import warnings
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+
+from kfopt.kernels.dispatch import KERNEL_DTYPES, use_triton
+
+from . import collectives
+from .capture import CallInfo, CapturedLayer, LayerCapture, loss_term_count
+from .optimizer import KfoptOptimizer
+from .structures import Structure, StructureSpec, parse_structure
+from .validation import check_bool, check_nonnegative, check_unit_interval
+
+_LOSS_AVERAGES = (None, "batch", "batch+sequence")
+_FACTOR_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class _Layer:
+    """A preconditioned layer: its capture entry, param group, factors, momenta and pending statistics."""
+
+    def __init__(self, captured: CapturedLayer, group: int):
+        self.captured = captured
+        self.name = captured.name
+        self.group = group
+        self.K: Structure | None = None
+        self.C: Structure | None = None
+        self.m_K: Structure | None = None
+        self.m_C: Structure | None = None
+        self.H_K: Structure | None = None
+        self.H_C: Structure | None = None
+
+    @property
+    def weight(self) -> nn.Parameter:
+        return self.captured.module.weight
+
+    @property
+    def bias(self) -> nn.Parameter | None:
+        return self.captured.module.bias
+
+    @property
+    def sides(self) -> tuple[int, int]:
+        """(d_K, d_C)."""
+        return self.captured.in_features + self.captured.has_bias, self.captured.out_features
+
+    def clear_statistics(self) -> None:
+        self.H_K = self.H_C = None
+
+
+def _check_int(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {value!r}")
+
+
+def _structure_specs(structures) -> tuple[StructureSpec, StructureSpec]:
+    if not isinstance(structures, (tuple, list)) or len(structures) != 2:
+        raise ValueError(f"structures: expected a pair of structure names (for K and C), got {structures!r}")
+    try:
+        return parse_structure(structures[0]), parse_structure(structures[1])
+    except ValueError as exc:
+        raise ValueError(f"structures: {exc}") from None
+
+
+class SINGD(KfoptOptimizer):
+    """Structured inverse-free natural gradient descent (module docstring for the math and contracts).
+
+    Args:
+        model: the model (or a ``DistributedDataParallel`` wrapping it) whose ``nn.Linear``/``nn.Conv2d``
+            layers are preconditioned.
+        params: parameters or param groups to train; None: every parameter of ``model`` that requires
+            grad. Group entries override the defaults below.
+        lr: learning rate of the parameter update (beta_2 in the paper).
+        momentum: heavy-ball momentum of the parameter update (alpha_2).
+        damping: damping of the factor updates (lambda).
+        alpha1: Riemannian momentum of the factor updates, in [0, 1).
+        weight_decay: added to the natural gradient as ``weight_decay * w`` (gamma).
+        T: factors are updated every ``T`` steps (statistics captured in those steps only).
+        loss_average: None (summed loss), ``"batch"`` or ``"batch+sequence"`` (mean loss over those terms).
+        lr_cov: learning rate of the factor updates (beta_1): a float, or a callable of the step count.
+        structures: structure names of (K, C) (``kfopt.structures.STRUCTURE_NAMES``).
+        kfac_approx: ``"expand"`` or ``"reduce"`` for layers with shared dimensions.
+        kfac_like: the IKFAC update (forces alpha1 = 0).
+        preconditioner_dtype: storage dtypes of (K and m_K, C and m_C); None: the weight's dtype.
+        normalize_lr_cov: normalized gradient descent on the factors.
+        skip_layers: module names or types not to precondition (their parameters get the first-order rule).
+        grad_scaler: the ``torch.amp.GradScaler`` in use, to unscale output gradients as they arrive
+            (needed when ``scaler.unscale_`` is called before ``scaler.step``); keyword only.
+    """
+
+    _step_supports_amp_scaling = True
+
+    def __init__(self, model: nn.Module, params: Iterable | None = None, lr: float = 1e-3, momentum: float = 0.9,
+                 damping: float = 1e-3, alpha1: float = 0.5, weight_decay: float = 0.0, T: int = 10,
+                 loss_average: str | None = "batch", lr_cov: float | Callable[[int], float] = 1e-2,
+                 structures: tuple[str, str] = ("dense", "dense"), kfac_approx: str = "expand",
+                 kfac_like: bool = False, preconditioner_dtype: tuple = (None, None), normalize_lr_cov: bool = False,
+                 skip_layers: Iterable[str | type] = (), *, grad_scaler: torch.amp.GradScaler | None = None):
+        inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+        if params is None:
+            params = [p for p in inner.parameters() if p.requires_grad]
+        defaults = dict(lr=lr, momentum=momentum, damping=damping, alpha1=alpha1, weight_decay=weight_decay, T=T,
+                        loss_average=loss_average, lr_cov=lr_cov, structures=structures, kfac_approx=kfac_approx,
+                        kfac_like=kfac_like, preconditioner_dtype=preconditioner_dtype,
+                        normalize_lr_cov=normalize_lr_cov)
+        super().__init__(params, defaults)
+        self.steps = 0
+        self.capture = self._build_capture(model, tuple(skip_layers))
+        self.capture.set_grad_scale(grad_scaler)
+        self._unscaled_statistics = grad_scaler is not None
+        group_of = {id(p): i for i, group in enumerate(self.param_groups) for p in group["params"]}
+        self._layers = [_Layer(captured, group_of[id(captured.module.weight)])
+                        for captured in self.capture.layers.values()]
+        self._by_name = {layer.name: layer for layer in self._layers}
+        for layer in self._layers:
+            self._init_factors(layer)
+        self._arm()
+
+    # -- construction ---------------------------------------------------------------------------
+
+    def _build_capture(self, model: nn.Module, skip_layers: tuple) -> LayerCapture:
+        """The capture of the layers whose weight is trained here (module docstring)."""
+        capture = LayerCapture(model, skip_layers, input_fn=self._input_stat, grad_output_fn=self._grad_output_stat)
+        group_of = {id(p): i for i, group in enumerate(self.param_groups) for p in group["params"]}
+        untrained = []
+        for name, layer in capture.layers.items():
+            weight, bias = layer.module.weight, layer.module.bias
+            if id(weight) not in group_of:
+                untrained.append(name)
+            elif bias is not None and group_of.get(id(bias)) != group_of[id(weight)]:
+                capture.remove()
+                raise ValueError(f"layer {name!r}: its weight and bias must be in the same param group (the "
+                                 "factor K spans both); add the bias to the weight's group or skip the layer")
+        if untrained:
+            capture.remove()
+            capture = LayerCapture(model, skip_layers + tuple(untrained), input_fn=self._input_stat,
+                                   grad_output_fn=self._grad_output_stat)
+        return capture
+
+    def _init_factors(self, layer: _Layer) -> None:
+        """K = C = I (and zero momenta) in the layer's weight state, then bind the structures."""
+        group = self.param_groups[layer.group]
+        state = self.state[layer.weight]
+        for key, spec, side, dtype in self._factor_layout(layer, group):
+            if dtype not in KERNEL_DTYPES and use_triton(layer.weight.device):
+                raise ValueError(f"preconditioner_dtype: layer {layer.name!r} would keep {key} in {dtype}, but on "
+                                 f"{layer.weight.device} the kernels take float32, bfloat16 or float16 (float64 "
+                                 "runs on the PyTorch path only)")
+            for name, t in spec.eye(side, dtype, layer.weight.device).named_tensors().items():
+                state[f"{key}.{name}"] = t
+        self._bind(layer)
+
+    def _factor_layout(self, layer: _Layer, group: dict) -> list[tuple[str, StructureSpec, int, torch.dtype]]:
+        specs = _structure_specs(group["structures"])
+        dtypes = [d if d is not None else layer.weight.dtype for d in group["preconditioner_dtype"]]
+        return [("K", specs[0], layer.sides[0], dtypes[0]), ("C", specs[1], layer.sides[1], dtypes[1])]
+
+    def _bind(self, layer: _Layer) -> None:
+        """Structures over the tensors in the weight's state (momenta only where present)."""
+        state = self.state[layer.weight]
+        for key, spec, side, _ in self._factor_layout(layer, self.param_groups[layer.group]):
+            names = spec.cls.names
+            setattr(layer, key, spec.from_tensors(side, [state[f"{key}.{n}"] for n in names]))
+            momentum_keys = [f"m_{key}.{n}" for n in names]
+            setattr(layer, f"m_{key}", spec.from_tensors(side, [state[k] for k in momentum_keys])
+                    if all(k in state for k in momentum_keys) else None)
+
+    # -- validation -----------------------------------------------------------------------------
+
+    def _check_group(self, group: dict) -> None:
+        for name in ("lr", "momentum", "damping", "weight_decay"):
+            check_nonnegative(name, group[name])
+        check_unit_interval("alpha1", group["alpha1"])
+        _check_int("T", group["T"], 1)
+        if group["loss_average"] not in _LOSS_AVERAGES:
+            raise ValueError(f"loss_average: expected None, 'batch' or 'batch+sequence', got {group['loss_average']!r}")
+        if not callable(group["lr_cov"]):
+            check_nonnegative("lr_cov", group["lr_cov"])
+        _structure_specs(group["structures"])
+        group["structures"] = tuple(group["structures"])
+        if group["kfac_approx"] not in ("expand", "reduce"):
+            raise ValueError(f"kfac_approx: expected 'expand' or 'reduce', got {group['kfac_approx']!r}")
+        check_bool("kfac_like", group["kfac_like"])
+        check_bool("normalize_lr_cov", group["normalize_lr_cov"])
+        dtypes = group["preconditioner_dtype"]
+        if (not isinstance(dtypes, (tuple, list)) or len(dtypes) != 2
+                or any(d is not None and d not in _FACTOR_DTYPES for d in dtypes)):
+            raise ValueError("preconditioner_dtype: expected a pair of None or floating dtypes (float16, bfloat16, "
+                             f"float32, float64) for (K, C), got {dtypes!r}")
+        group["preconditioner_dtype"] = tuple(dtypes)
+        if group["kfac_like"] and group["alpha1"] != 0:
+            warnings.warn(f"kfac_like=True ignores alpha1={group['alpha1']}: setting alpha1=0 in its param group",
+                          stacklevel=3)
+            group["alpha1"] = 0.0
+
+    # -- statistics -----------------------------------------------------------------------------
+
+    def _due(self, layer: _Layer) -> bool:
+        return self.steps % self.param_groups[layer.group]["T"] == 0
+
+    def _arm(self) -> None:
+        if any(self._due(layer) for layer in self._layers):
+            self.capture.arm()
+        else:
+            self.capture.disarm()
+
+    def _reduced(self, layer: _Layer, call: CallInfo, rows: torch.Tensor, mean: bool) -> torch.Tensor:
+        """``rows`` as the statistic needs them: as they are ("expand"), or one row per example ("reduce":
+        the mean (inputs) or sum (output gradients) over the call's positions)."""
+        if self.param_groups[layer.group]["kfac_approx"] == "expand":
+            return rows
+        per_example = rows.to(torch.promote_types(rows.dtype, torch.float32)).reshape(
+            call.batch_size, call.positions, rows.shape[1])
+        return per_example.mean(1) if mean else per_example.sum(1)
+
+    def _input_stat(self, captured: CapturedLayer, call: CallInfo, a: torch.Tensor) -> None:
+        """Adds ``Proj(K^T a^T a K) / R`` of this call to the layer's pending ``H_K``."""
+        layer = self._by_name[captured.name]
+        if not self._due(layer) or a.shape[0] == 0:
+            return None
+        a = self._reduced(layer, call, a, mean=True)
+        stat = layer.K.from_inner(a, ones_column=captured.has_bias, scale=1.0 / a.shape[0])
+        layer.H_K = stat if layer.H_K is None else layer.H_K.add_(stat)
+        return None
+
+    def _grad_output_stat(self, captured: CapturedLayer, call: CallInfo, g: torch.Tensor) -> None:
+        """Adds ``n Proj(C^T g^T g C)`` of this call to the layer's pending ``H_C``."""
+        layer = self._by_name[captured.name]
+        if not self._due(layer) or g.shape[0] == 0:
+            return None
+        g = self._reduced(layer, call, g, mean=False)
+        terms = loss_term_count(call, self.param_groups[layer.group]["loss_average"])
+        stat = layer.C.from_inner(g, scale=float(terms))
+        layer.H_C = stat if layer.H_C is None else layer.H_C.add_(stat)
+        return None
+
+    def _discard_statistics(self) -> None:
+        self.capture.clear()
+        for layer in self._layers:
+            layer.clear_statistics()
+
+    def _average_statistics(self, layers: list[_Layer]) -> None:
+        """Average (H_K, H_C) over the ranks in structured form; H_C summed for a summed loss."""
+        tensors = []
+        for layer in layers:
+            d_k, d_c = layer.sides
+            device = layer.weight.device
+            if layer.H_K is None:
+                layer.H_K = layer.K.spec.zeros(d_k, torch.promote_types(layer.K.dtype, torch.float32), device)
+            if layer.H_C is None:
+                layer.H_C = layer.C.spec.zeros(d_c, torch.promote_types(layer.C.dtype, torch.float32), device)
+            tensors += layer.H_K.tensors + layer.H_C.tensors
+        collectives.all_reduce_average_async(tensors).wait()
+        world = collectives.world_size()
+        for layer in layers:
+            if self.param_groups[layer.group]["loss_average"] is None:
+                layer.H_C.mul_(float(world))
+
+    # -- the step -------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure: Callable | None = None):
+        """One SINGD step (module docstring); under a GradScaler, called by ``scaler.step(opt)``."""
+        loss = self._evaluate(closure)
+        found = self._params_with_grads()
+        found_inf = getattr(self, "found_inf", None)
+        if found_inf is not None and found_inf.item() != 0:
+            if found:
+                self._skip_counter(found[0][1].device).add_(1)
+            self._finish_step()
+            return loss
+        grad_scale = getattr(self, "grad_scale", None)
+        if found_inf is not None and grad_scale is None and not self._unscaled_statistics and any(
+                layer.H_C is not None for layer in self._layers):
+            raise RuntimeError("scaler.unscale_(optimizer) was called before scaler.step: the statistics were "
+                               "captured with the scaled gradients and their scale is unknown; build SINGD with "
+                               "grad_scaler=scaler so that output gradients are unscaled as they arrive")
+        inv_scale = None if grad_scale is None else grad_scale.double().reciprocal().float()
+        correction = 1.0 if inv_scale is None or self._unscaled_statistics else inv_scale.square()
+        due = [layer for layer in self._layers if self._due(layer)]
+        if due and collectives.is_distributed():
+            self._average_statistics(due)
+        for layer in due:
+            if layer.H_K is not None and layer.H_C is not None:
+                self._update_factors(layer, correction)
+        preconditioned = set()
+        for layer in self._layers:
+            if layer.weight.grad is not None:
+                self._update_layer(layer, inv_scale)
+                preconditioned.update(id(p) for p in (layer.weight, layer.bias) if p is not None)
+        for group, p in found:
+            if id(p) not in preconditioned:
+                grad = p.grad if inv_scale is None else p.grad * inv_scale.to(p.grad.dtype)
+                self._apply(p, group, grad)
+        self._finish_step()
+        return loss
+
+    def _finish_step(self) -> None:
+        self._discard_statistics()
+        self.steps += 1
+        self._arm()
+
+    def _update_factors(self, layer: _Layer, correction: float | torch.Tensor) -> None:
+        """The momentum and factor updates of the module docstring, in fp32 (float64)."""
+        group = self.param_groups[layer.group]
+        damping, alpha1 = group["damping"], group["alpha1"]
+        scale = 0.5 * ((1.0 - alpha1) if group["normalize_lr_cov"] else 1.0)
+        lr_cov = group["lr_cov"](self.steps) if callable(group["lr_cov"]) else group["lr_cov"]
+        h_k, h_c = layer.H_K, layer.H_C
+        k_tk, c_tc = layer.K.from_inner(), layer.C.from_inner()
+        if group["kfac_like"]:
+            coefficients = ((1.0, damping), (correction, damping))
+        else:
+            coefficients = ((correction * h_c.average_trace(), damping * c_tc.average_trace()),
+                            (correction * h_k.average_trace(), damping * k_tk.average_trace()))
+        for key, h, inner, (coef_h, coef_inner) in (("K", h_k, k_tk, coefficients[0]),
+                                                    ("C", h_c, c_tc, coefficients[1])):
+            new_m = h.mul_(coef_h).add_(inner, coef_inner).diag_add_(-1.0).mul_(scale)
+            if alpha1 != 0:
+                m = getattr(layer, f"m_{key}")
+                if m is None:
+                    m = self._new_momentum(layer, key)
+                new_m.add_(m, alpha1)
+                m.copy_(new_m)
+            step_size = lr_cov
+            if group["normalize_lr_cov"]:
+                step_size = lr_cov / new_m.abs_max().clamp(min=1.0)
+            factor = getattr(layer, key)
+            factor.add_(factor.compose(new_m), -step_size if isinstance(step_size, torch.Tensor) else -float(step_size))
+
+    def _new_momentum(self, layer: _Layer, key: str) -> Structure:
+        factor = getattr(layer, key)
+        state = self.state[layer.weight]
+        for name, t in factor.spec.zeros(factor.dim, factor.dtype, factor.device).named_tensors().items():
+            state[f"m_{key}.{name}"] = t
+        self._bind(layer)
+        return getattr(layer, f"m_{key}")
+
+    def _update_layer(self, layer: _Layer, inv_scale: torch.Tensor | None) -> None:
+        """``N = C C^T G K K^T`` and the parameter update of the layer's weight and bias."""
+        weight, bias = layer.weight, layer.bias
+        d_in = layer.captured.in_features
+        g = weight.grad.reshape(layer.captured.out_features, d_in)
+        if bias is not None:
+            bias_grad = bias.grad if bias.grad is not None else torch.zeros_like(bias)
+            g = torch.cat([g, bias_grad.reshape(-1, 1).to(g.dtype)], dim=1)
+        if inv_scale is not None:
+            g = g * inv_scale.to(g.dtype)
+        y = layer.K.matmul(g, right=True)
+        y = layer.K.matmul(y, transpose=True, right=True)
+        y = layer.C.matmul(y, transpose=True)
+        natural = layer.C.matmul(y)
+        group = self.param_groups[layer.group]
+        self._apply(weight, group, natural[:, :d_in].reshape(weight.shape))
+        if bias is not None:
+            self._apply(bias, group, natural[:, d_in])
+
+    def _apply(self, p: torch.Tensor, group: dict, direction: torch.Tensor) -> None:
+        """``d = direction + weight_decay w``; heavy-ball ``buf = momentum buf + d``; ``w -= lr buf``."""
+        dtype = torch.promote_types(p.dtype, torch.float32)
+        d = direction.to(dtype)
+        if group["weight_decay"] != 0:
+            d = d + group["weight_decay"] * p.to(dtype)
+        if group["momentum"] != 0:
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p, dtype=dtype)
+            buf = state["momentum_buffer"]
+            buf.mul_(group["momentum"]).add_(d)
+            d = buf
+        p.add_(d, alpha=-group["lr"])
+
+    # -- inspection and checkpoints -------------------------------------------------------------
+
+    @property
+    def layers(self) -> list[str]:
+        """Names of the preconditioned layers (as in ``model.named_modules()``, no DDP prefix)."""
+        return [layer.name for layer in self._layers]
+
+    def factors(self, name: str) -> tuple[Structure, Structure]:
+        """``(K, C)`` of layer ``name``: live structures over the optimizer's state tensors."""
+        layer = self._by_name[name]
+        return layer.K, layer.C
+
+    def momenta(self, name: str) -> tuple[Structure | None, Structure | None]:
+        """``(m_K, m_C)`` of layer ``name`` (None where alpha1 was always 0)."""
+        layer = self._by_name[name]
+        return layer.m_K, layer.m_C
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        for group in state["param_groups"]:
+            if callable(group["lr_cov"]):
+                group["lr_cov"] = None
+        state["steps"] = self.steps
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a ``state_dict()`` (module docstring, Checkpoints); pending statistics are dropped."""
+        groups = []
+        for saved, current in zip(state_dict["param_groups"], self.param_groups):
+            for name in ("structures", "preconditioner_dtype"):
+                if tuple(saved[name]) != tuple(current[name]):
+                    raise ValueError(f"state_dict has {name}={saved[name]!r} in a param group where the optimizer "
+                                     f"has {current[name]!r}: factors cannot be loaded into other structures")
+            groups.append({**saved, "lr_cov": current["lr_cov"]} if saved["lr_cov"] is None else saved)
+        steps = state_dict["steps"]
+        if not isinstance(steps, numbers.Integral) or steps < 0:
+            raise ValueError(f"state_dict: expected 'steps' an int >= 0, got {steps!r}")
+        super().load_state_dict({**state_dict, "param_groups": groups})
+        for layer in self._layers:
+            self._bind(layer)
+        self.steps = int(steps)
+        self._discard_statistics()
+        self._arm()
