@@ -27,11 +27,12 @@ import torch
 import triton
 import triton.language as tl
 
-from kfopt.autotune import Config, ConfigSpace, shape_bucket
+from kfopt.autotune import Config, shape_bucket
 
 from .dispatch import check_kernel_dtype, check_same_device, check_same_shapes, tl_dtype, use_triton
 from .multi_tensor import (
     TensorTable,
+    chunked_configs,
     dense_like,
     for_each_launch,
     global_norm_reference,
@@ -48,16 +49,7 @@ P, G, M, V, STEP, N_COLS = (tl.constexpr(i) for i in range(6))
 LR, B1, B2, B3, B4, EPS, WD, BIAS_CORRECTION, ADAPT, TRUST_MIN, TRUST_MAX, N_HYPER = (
     tl.constexpr(i) for i in range(12))
 
-LAMB_CONFIGS = ConfigSpace(
-    "lamb_step",
-    [
-        Config({"BLOCK": block, "CHUNK": block * iters}, num_warps=warps)
-        for block in (512, 1024, 2048)
-        for iters in (4, 8, 16)
-        for warps in (4, 8)
-    ],
-    default=Config({"BLOCK": 1024, "CHUNK": 8192}, num_warps=4),
-)
+LAMB_CONFIGS = chunked_configs("lamb_step")
 
 
 @triton.jit

@@ -23,11 +23,12 @@ import torch
 import triton
 import triton.language as tl
 
-from kfopt.autotune import Config, ConfigSpace, shape_bucket
+from kfopt.autotune import Config, shape_bucket
 
 from .dispatch import check_kernel_dtype, check_same_device, check_same_shapes, tl_dtype, use_triton
 from .multi_tensor import (
     TensorTable,
+    chunked_configs,
     dense_like,
     for_each_launch,
     global_norm_reference,
@@ -42,16 +43,7 @@ from .multi_tensor import (
 P, G, M, N_COLS = (tl.constexpr(i) for i in range(4))
 LR, MOMENTUM, WD, ETA, NESTEROV, ADAPT, TRUST_MIN, TRUST_MAX, N_HYPER = (tl.constexpr(i) for i in range(9))
 
-LARS_CONFIGS = ConfigSpace(
-    "lars_step",
-    [
-        Config({"BLOCK": block, "CHUNK": block * iters}, num_warps=warps)
-        for block in (512, 1024, 2048)
-        for iters in (4, 8, 16)
-        for warps in (4, 8)
-    ],
-    default=Config({"BLOCK": 1024, "CHUNK": 8192}, num_warps=4),
-)
+LARS_CONFIGS = chunked_configs("lars_step")
 
 
 @triton.jit

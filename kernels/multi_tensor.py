@@ -30,10 +30,26 @@ import torch
 import triton
 import triton.language as tl
 
+from kfopt.autotune import Config, ConfigSpace
+
 from .dispatch import is_dense, tl_dtype
 
 FP32_MAX = tl.constexpr(3.4028234663852886e38)
 REDUCE_BLOCK = 1024
+
+
+def chunked_configs(kernel: str) -> ConfigSpace:
+    """The config space of a chunked multi-tensor pipeline: elements per inner block, chunk, warps."""
+    return ConfigSpace(
+        kernel,
+        [
+            Config({"BLOCK": block, "CHUNK": block * iters}, num_warps=warps)
+            for block in (512, 1024, 2048)
+            for iters in (4, 8, 16)
+            for warps in (4, 8)
+        ],
+        default=Config({"BLOCK": 1024, "CHUNK": 8192}, num_warps=4),
+    )
 
 
 @dataclass

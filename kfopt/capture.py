@@ -392,6 +392,26 @@ class LayerCapture:
                     for p in (layer.module.weight, layer.module.bias) if p is not None}
         return {name: p for name, p in self.model.named_parameters() if id(p) not in captured}
 
+    @classmethod
+    def trainable(cls, model: nn.Module, skip_layers: Iterable[str | type] = (), **kwargs) -> "LayerCapture":
+        """A capture of the selected layers whose weight is trained (frozen ones are skipped).
+
+        Raises ValueError for a layer whose weight is trained but whose bias is frozen: a Kronecker
+        factor with a bias column cannot precondition half of a layer.
+        """
+        skip_layers = tuple(skip_layers)
+        capture = cls(model, skip_layers, **kwargs)
+        frozen = [name for name, layer in capture.layers.items() if not layer.module.weight.requires_grad]
+        if frozen:
+            capture.remove()
+            capture = cls(model, skip_layers + tuple(frozen), **kwargs)
+        for name, layer in capture.layers.items():
+            if layer.has_bias and not layer.module.bias.requires_grad:
+                capture.remove()
+                raise ValueError(f"layer {name!r}: the weight is trained but the bias is frozen; "
+                                 "add the layer to skip_layers")
+        return capture
+
     def remove(self) -> None:
         """Remove the hooks from the model (the capture captures nothing afterwards)."""
         for handle in self._handles:

@@ -130,7 +130,7 @@ from .kaisa import KAISAGroups, KAISAPlan, Strategy
 from .lamb import LAMB
 from .optimizer import KfoptOptimizer
 from .param_groups import param_groups
-from .validation import check_bool, check_nonnegative, check_positive, check_unit_interval
+from .validation import check_bool, check_loss_average, check_nonnegative, check_positive, check_unit_interval
 
 ComputeMethod = Literal["eigen", "inverse"]
 
@@ -261,24 +261,13 @@ class KFACPreconditioner:
         if compute_method not in ("eigen", "inverse"):
             raise ValueError(f"compute_method: expected 'eigen' or 'inverse', got {compute_method!r}")
         check_bool("symmetric_comm", symmetric_comm)
-        if loss_average not in (None, "batch", "batch+sequence"):
-            raise ValueError(f"loss_average: expected None, 'batch' or 'batch+sequence', got {loss_average!r}")
+        check_loss_average("loss_average", loss_average)
         self.lr, self.damping, self.factor_decay, self.kl_clip = lr, damping, factor_decay, kl_clip
         self.factor_update_steps, self.inv_update_steps = factor_update_steps, inv_update_steps
         self.compute_method, self.symmetric_comm, self.loss_average = compute_method, symmetric_comm, loss_average
 
-        skip_layers = tuple(skip_layers)
-        self.capture = LayerCapture(model, skip_layers, input_fn=self._input_stat,
-                                    grad_output_fn=self._grad_output_stat)
-        frozen = [name for name, layer in self.capture.layers.items() if not layer.module.weight.requires_grad]
-        if frozen:
-            self.capture.remove()
-            self.capture = LayerCapture(model, skip_layers + tuple(frozen), input_fn=self._input_stat,
-                                        grad_output_fn=self._grad_output_stat)
-        for name, layer in self.capture.layers.items():
-            if layer.has_bias and not layer.module.bias.requires_grad:
-                raise ValueError(f"layer {name!r}: the weight is trained but the bias is frozen; "
-                                 "add the layer to skip_layers")
+        self.capture = LayerCapture.trainable(model, skip_layers, input_fn=self._input_stat,
+                                              grad_output_fn=self._grad_output_stat)
         self.capture.set_grad_scale(grad_scaler)
         self._layers = [_Layer(layer) for layer in self.capture.layers.values()]
         self.plan = KAISAPlan.build([(len(layer.A), len(layer.G)) for layer in self._layers],

@@ -108,7 +108,7 @@ from .capture import CallInfo, CapturedLayer, LayerCapture, LossAverage, loss_te
 from .lamb import LAMB
 from .optimizer import KfoptOptimizer
 from .param_groups import param_groups
-from .validation import check_nonnegative, check_positive
+from .validation import check_loss_average, check_nonnegative, check_positive
 
 logger = logging.getLogger(__name__)
 
@@ -235,25 +235,14 @@ class MKOR(KfoptOptimizer):
             raise ValueError(f"stabilizer_blend: expected a number in [0, 1], got {stabilizer_blend!r}")
         if factor_dtype not in FACTOR_DTYPES:
             raise ValueError(f"factor_dtype: expected one of {FACTOR_DTYPES}, got {factor_dtype!r}")
-        if loss_average not in (None, "batch", "batch+sequence"):
-            raise ValueError(f"loss_average: expected None, 'batch' or 'batch+sequence', got {loss_average!r}")
+        check_loss_average("loss_average", loss_average)
         weight_decay = _check_base(base, base_kwargs)
         self.inv_freq, self.stat_decay = inv_freq, float(stat_decay)
         self.stabilizer_threshold, self.stabilizer_blend = float(stabilizer_threshold), float(stabilizer_blend)
         self.factor_dtype, self.loss_average = factor_dtype, loss_average
 
-        skip_layers = tuple(skip_layers)
-        self.capture = LayerCapture(model, skip_layers, input_fn=self._input_stat,
-                                    grad_output_fn=self._grad_output_stat)
-        frozen = [name for name, layer in self.capture.layers.items() if not layer.module.weight.requires_grad]
-        if frozen:
-            self.capture.remove()
-            self.capture = LayerCapture(model, skip_layers + tuple(frozen), input_fn=self._input_stat,
-                                        grad_output_fn=self._grad_output_stat)
-        for name, layer in self.capture.layers.items():
-            if layer.has_bias and not layer.module.bias.requires_grad:
-                raise ValueError(f"layer {name!r}: the weight is trained but the bias is frozen; "
-                                 "add the layer to skip_layers")
+        self.capture = LayerCapture.trainable(model, skip_layers, input_fn=self._input_stat,
+                                              grad_output_fn=self._grad_output_stat)
         self.capture.set_grad_scale(grad_scaler)
         self._grad_scaler = grad_scaler
         self._layers = [_Layer(layer, factor_dtype) for layer in self.capture.layers.values()]

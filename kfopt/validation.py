@@ -55,3 +55,9 @@ def check_optional_nonnegative(name: str, value) -> None:
 def check_bool(name: str, value) -> None:
     if not isinstance(value, bool):
         raise ValueError(f"{name}: expected True or False, got {value!r}")
+
+
+def check_loss_average(name: str, value) -> None:
+    """``value`` is how the loss averages its terms: None (a sum), "batch" or "batch+sequence"."""
+    if value not in (None, "batch", "batch+sequence"):
+        raise ValueError(f"{name}: expected None, 'batch' or 'batch+sequence', got {value!r}")
