@@ -31,3 +31,6 @@ def test_wheel_installs_and_imports_without_source_tree(tmp_path):
     for path in out[:3]:
         assert path.startswith(str(venv)), f"imported {path} instead of the installed wheel"
     assert out[3] == "stepped"
+    usage = subprocess.run([str(python), "-m", "kfopt", "compare", "--help"], check=True, cwd=tmp_path, env=env,
+                           capture_output=True, text=True).stdout
+    assert "usage: kfopt compare" in usage
