@@ -529,19 +529,9 @@ class KFAC(KfoptOptimizer):
     def step(self, closure=None):
         """``preconditioner.step()`` with each layer's group lr and damping, then ``base.step()``."""
         loss = self._evaluate(closure)
-        found_inf = getattr(self, "found_inf", None)
-        if found_inf is not None:  # called by GradScaler.step (module docstring, AMP)
-            if self._grad_scaler is None:
-                raise RuntimeError("KFAC is stepped by a GradScaler but was built without grad_scaler=: "
-                                   "output gradients entering G would be scaled; pass grad_scaler=scaler")
-            found = self._params_with_grads()
-            grad_scale = getattr(self, "grad_scale", None)
-            if grad_scale is not None:
-                torch._foreach_mul_([p.grad for _, p in found], grad_scale.double().reciprocal().float())
-            if found_inf.item():
-                self._skip_counter(found_inf.device).add_(1)
-                self.preconditioner.discard_step()
-                return loss
+        if self._grad_scaler_skips_step("G"):  # called by GradScaler.step (module docstring, AMP)
+            self.preconditioner.discard_step()
+            return loss
         owner = {id(p): group for group in self.param_groups for p in group["params"]}
         layers = self.preconditioner.layers
         self.preconditioner.step(lr={name: owner[id(layer.module.weight)]["lr"] for name, layer in layers.items()},

@@ -283,20 +283,9 @@ class MKOR(KfoptOptimizer):
     def step(self, closure=None):
         """Update the factors when due, precondition the layers' gradients, take the base step."""
         loss = self._evaluate(closure)
-        found_inf = getattr(self, "found_inf", None)
-        if found_inf is not None:  # called by GradScaler.step (module docstring, AMP)
-            if self._grad_scaler is None:
-                raise RuntimeError(f"{type(self).__name__} is stepped by a GradScaler but was built without "
-                                   "grad_scaler=: output gradients entering g would be scaled; pass "
-                                   "grad_scaler=scaler")
-            found = self._params_with_grads()
-            grad_scale = getattr(self, "grad_scale", None)
-            if grad_scale is not None:
-                torch._foreach_mul_([p.grad for _, p in found], grad_scale.double().reciprocal().float())
-            if found_inf.item():
-                self._skip_counter(found_inf.device).add_(1)
-                self._discard_step()
-                return loss
+        if self._grad_scaler_skips_step("g"):  # called by GradScaler.step (module docstring, AMP)
+            self._discard_step()
+            return loss
         self._second_order_step()
         self.base.step()
         return loss

@@ -88,6 +88,26 @@ class KfoptOptimizer(torch.optim.Optimizer):
                 found.append((group, p))
         return found
 
+    def _grad_scaler_skips_step(self, statistic: str) -> bool:
+        """Under ``GradScaler.step`` (optimizers with ``_step_supports_amp_scaling``): unscale the
+        gradients in place and return True when the scaler found inf/NaN, counting the step as skipped.
+        Requires ``self._grad_scaler`` (the capture unscales the output gradients entering ``statistic``)."""
+        found_inf = getattr(self, "found_inf", None)
+        if found_inf is None:
+            return False
+        if self._grad_scaler is None:
+            raise RuntimeError(f"{type(self).__name__} is stepped by a GradScaler but was built without "
+                               f"grad_scaler=: output gradients entering {statistic} would be scaled; pass "
+                               "grad_scaler=scaler")
+        found = self._params_with_grads()
+        grad_scale = getattr(self, "grad_scale", None)
+        if grad_scale is not None:
+            torch._foreach_mul_([p.grad for _, p in found], grad_scale.double().reciprocal().float())
+        if found_inf.item():
+            self._skip_counter(found_inf.device).add_(1)
+            return True
+        return False
+
     def _skip_counter(self, device: torch.device) -> torch.Tensor:
         if self._skipped is None:
             self._skipped = torch.zeros((), dtype=torch.int32, device=device)
