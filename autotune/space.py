@@ -65,6 +65,12 @@ def shape_bucket(*sizes: int) -> tuple[int, ...]:
     return tuple(1 << max(0, math.ceil(math.log2(max(int(s), 1)))) for s in sizes)
 
 
+#: What makes one candidate config unusable (it is skipped): too many resources, or a failure to
+#: compile (Triton's front end, or ptxas, e.g. a register demand it cannot meet).
+CANDIDATE_ERRORS = (triton.runtime.errors.OutOfResources, triton.compiler.errors.CompilationError,
+                    triton.runtime.errors.PTXASError)
+
+
 def can_benchmark(device: torch.device) -> bool:
     """True where candidates can be timed: a compiled (not interpreted) CUDA launch."""
     return device.type == "cuda" and not INTERPRETER
@@ -105,18 +111,18 @@ class ConfigSpace:
             if config in self.configs:
                 return config
         snapshot = [t.detach().clone() for t in restore]
-        timings = {}
+        timings, last_error = {}, None
         for config in self.configs:
             try:
                 timings[config] = benchmark(lambda: run(config))
-            except (triton.runtime.errors.OutOfResources, triton.compiler.errors.CompilationError):
-                timings[config] = math.inf
+            except CANDIDATE_ERRORS as err:
+                timings[config], last_error = math.inf, err
             finally:
                 for t, saved in zip(restore, snapshot):
                     t.detach().copy_(saved)
         best = min(self.configs, key=lambda c: timings[c])
         if math.isinf(timings[best]):
-            raise RuntimeError(f"{self.kernel}: no candidate config could be launched on {device}")
+            raise RuntimeError(f"{self.kernel}: no candidate config could be launched on {device}") from last_error
         cache.put(key, {
             "config": best.to_json(),
             "timings_ms": {_describe(c): t for c, t in timings.items()},

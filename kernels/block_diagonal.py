@@ -43,21 +43,12 @@ from .structured import (
     check_triton_dtypes,
     output,
     result_dtype,
+    tile_gemm_space,
     upcast_dot,
 )
 
-BLOCK_MATMUL_CONFIGS = ConfigSpace(
-    "block_diagonal_matmul",
-    [
-        Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
-        for bm in (16, 32, 64)
-        for bn in (32, 64, 128)
-        for bk in (16, 32)
-        for warps in (4,)
-        for stages in (2, 3)
-    ],
-    default=Config({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 16}, num_warps=4, num_stages=2),
-)
+BLOCK_MATMUL_CONFIGS = tile_gemm_space("block_diagonal_matmul", block_m=(16, 32, 64), block_n=(32, 64, 128),
+                                       block_k=(16, 32), warps=(4,), default=(16, 64, 16))
 
 BLOCK_COVARIANCE_CONFIGS = ConfigSpace(
     "block_covariance",

@@ -30,31 +30,20 @@ import torch
 import triton
 import triton.language as tl
 
-from kfopt.autotune import Config, ConfigSpace, shape_bucket
-
 from .dispatch import use_triton
 from .structured import (
     check_flag,
     check_same_device,
     check_tensor,
     check_triton_dtypes,
+    launch_left_product,
     output,
     result_dtype,
-    upcast_dot,
+    tile_gemm_space,
 )
 
-HIERARCHICAL_CONFIGS = ConfigSpace(
-    "hierarchical_matmul",
-    [
-        Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
-        for bm in (16, 32, 64)
-        for bn in (32, 64, 128)
-        for bk in (16, 32)
-        for warps in (4,)
-        for stages in (2, 3)
-    ],
-    default=Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 16}, num_warps=4, num_stages=2),
-)
+HIERARCHICAL_CONFIGS = tile_gemm_space("hierarchical_matmul", block_m=(16, 32, 64), block_n=(32, 64, 128),
+                                       block_k=(16, 32), warps=(4,), default=(32, 64, 16))
 
 
 @triton.jit
@@ -102,8 +91,8 @@ def _h_range(acc, a_ptr, b_ptr, c_ptr, d_ptr, e_ptr, x_ptr, rm, rn, lo, hi, k1, 
 
 @triton.jit
 def _hierarchical_matmul_kernel(
-    a_ptr, b_ptr, c_ptr, d_ptr, e_ptr, x_ptr, out_ptr, k1, m, dim, n,
-    s_a0, s_a1, s_b0, s_b1, s_c, s_d0, s_d1, s_e0, s_e1, s_xr, s_xc, s_or, s_oc,
+    x_ptr, out_ptr, n, s_xr, s_xc, s_or, s_oc,
+    a_ptr, b_ptr, c_ptr, d_ptr, e_ptr, k1, m, dim, s_a0, s_a1, s_b0, s_b1, s_c, s_d0, s_d1, s_e0, s_e1,
     TRANS: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -173,21 +162,9 @@ def hierarchical_matmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, d: to
     if out.numel() == 0:
         return out
     dim = k1 + m + k2
-    trans = transpose != right  # x op(H) = (op(H)^T x^T)^T
-    xl, ol = (x.T, out.T) if right else (x, out)
-    n = xl.shape[1]
-
-    def run(config: Config) -> None:
-        grid = (triton.cdiv(dim, config["BLOCK_M"]), triton.cdiv(n, config["BLOCK_N"]))
-        _hierarchical_matmul_kernel[grid](
-            a, b, c, d, e, xl, ol, k1, m, dim, n, *a.stride(), *b.stride(), c.stride(0), *d.stride(), *e.stride(),
-            *xl.stride(), *ol.stride(), TRANS=trans, UPCAST_DOT=upcast_dot(a.dtype, x.dtype),
-            **config.launch_kwargs())
-
-    config = HIERARCHICAL_CONFIGS.select(device=x.device, bucket=shape_bucket(dim, n, k1 + k2),
-                                         dtype=f"{a.dtype},{x.dtype},{out.dtype},{trans}", run=run)
-    run(config)
-    return out
+    structure = (a, b, c, d, e, k1, m, dim, *a.stride(), *b.stride(), c.stride(0), *d.stride(), *e.stride())
+    return launch_left_product(HIERARCHICAL_CONFIGS, _hierarchical_matmul_kernel, structure, a.dtype, x, out, dim,
+                               transpose, right, bucket=(k1 + k2,))
 
 
 def hierarchical_matmul_reference(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, d: torch.Tensor,

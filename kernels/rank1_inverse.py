@@ -78,7 +78,7 @@ import triton.language as tl
 
 from kfopt.autotune import Config, ConfigSpace, shape_bucket
 
-from .dispatch import INTERPRETER, check_kernel_dtype, check_same_device, tl_dtype, use_triton
+from .dispatch import check_kernel_dtype, check_same_device, store_needs_rounding, tl_dtype, use_triton
 from .multi_tensor import FP32_MAX, REDUCE_BLOCK, TensorTable, per_tensor
 
 #: smallest normal fp32: a vector whose largest entry is below it counts as zero
@@ -398,7 +398,7 @@ def rank1_inverse_update(
         for lo, hi, (v_dt, f_dt) in table.launches:
             _apply_kernel[(hi - lo,)](table.addr, table.numel, table.chunk_tensor, table.chunk_start, table.bounds,
                                       p, coef, lo, V_DT=tl_dtype(v_dt), F_DT=tl_dtype(f_dt),
-                                      ROUND_BF16=INTERPRETER and f_dt == torch.bfloat16, **common)
+                                      ROUND_BF16=store_needs_rounding(f_dt), **common)
 
     dtypes = ",".join(sorted({str(f.dtype) for f in factors}))
     bucket = shape_bucket(max(f.shape[0] for f in factors), len(factors))

@@ -1,14 +1,15 @@
 """Shared pieces of the structured-factor kernels (SINGD's ``K`` and ``C``; the "bf16/fp16 structured
-factor GEMMs"): argument checks, result dtypes and the dot-operand rule.
+factor GEMMs"): argument checks, result dtypes, the dot-operand rule, and launch helpers.
 
 The kernel families live in one module each, every public function with its PyTorch ``*_reference``:
 
 * :mod:`.block_diagonal` -- ``block_diagonal_matmul`` (batched small GEMMs), ``block_covariance``
   (per-block Gram matrices of a batch of rows);
-* :mod:`.triangular` -- ``triangular_matmul`` (packed triangular x dense, the zero half skipped);
+* :mod:`.triangular` -- ``triangular_matmul`` (packed triangular x dense, the zero half skipped), and
+  the kernel and launcher it shares with ``toeplitz_matmul``;
 * :mod:`.toeplitz` -- ``toeplitz_matmul`` (triangular Toeplitz x dense, tiles built from the
-  coefficient vector) and ``lag_sums`` (streamed lag sums: the Toeplitz projection of ``S^T S``
-  without forming it);
+  coefficient vector; the triangular kernel) and ``lag_sums`` (streamed lag sums: the Toeplitz
+  projection of ``S^T S`` without forming it);
 * :mod:`.diagonal_scaling` -- ``diagonal_matmul`` and ``diagonal_from_inner``;
 * :mod:`.hierarchical_products` -- ``hierarchical_matmul``.
 
@@ -24,11 +25,19 @@ Conventions shared by all of them:
   (any kernel dtype, written in place). The references compute in fp32, or float64 when an input is
   float64 (the tests' reference).
 * Inputs may be any strided view (strides are passed to the kernels); ``out`` must not overlap an input.
+
+Shared launch pieces: :func:`tile_gemm_space` (the candidate tiles of a kernel accumulating
+``BLOCK_M x BLOCK_K`` by ``BLOCK_K x BLOCK_N`` tiles with ``tl.dot``) and :func:`launch_left_product`
+(the right-product transpose above, the ``(cdiv(d, BLOCK_M), cdiv(n, BLOCK_N))`` grid of ``op(M) x``
+for a d x d ``M``, and the tuned config).
 """
 
 from __future__ import annotations
 
 import torch
+import triton
+
+from kfopt.autotune import Config, ConfigSpace, shape_bucket
 
 from .dispatch import check_kernel_dtype, dot_needs_upcast
 
@@ -91,3 +100,40 @@ def upcast_dot(a: torch.dtype, b: torch.dtype) -> bool:
     """Whether ``tl.dot`` operands of these storage dtypes are converted to fp32 first: when they
     differ, or where the interpreter gets bf16 dots wrong."""
     return a != b or dot_needs_upcast(a) or dot_needs_upcast(b)
+
+
+def tile_gemm_space(kernel: str, block_m: tuple[int, ...], block_n: tuple[int, ...], block_k: tuple[int, ...],
+                    warps: tuple[int, ...], default: tuple[int, int, int]) -> ConfigSpace:
+    """The ``ConfigSpace`` (autotune cache name ``kernel``) of a tile-GEMM kernel with constexprs
+    ``BLOCK_M, BLOCK_N, BLOCK_K``: every combination of the given tile sides and warp counts, each with 2
+    and 3 pipeline stages; the default is the tile sides ``default`` with 4 warps and 2 stages."""
+    configs = [Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=stages)
+               for bm in block_m for bn in block_n for bk in block_k for w in warps for stages in (2, 3)]
+    bm, bn, bk = default
+    return ConfigSpace(kernel, configs,
+                       Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=4, num_stages=2))
+
+
+def launch_left_product(space: ConfigSpace, kernel, structure: tuple, dtype: torch.dtype, x: torch.Tensor,
+                        out: torch.Tensor, d: int, transpose: bool, right: bool, bucket: tuple[int, ...] = (),
+                        **constexprs) -> torch.Tensor:
+    """``out = op(M) x`` or ``x op(M)`` for a d x d structure ``M`` stored in ``dtype``; returns ``out``.
+
+    The kernel computes the left product ``out = A x`` with ``A = op(M)`` (``TRANS``: ``A = M^T``); a right
+    product runs it on the transposed views, ``x op(M) = (op(M)^T x^T)^T``. It is launched as
+    ``kernel[grid](x, out, n, x strides, out strides, *structure, TRANS=, UPCAST_DOT=, **constexprs,
+    BLOCK_M=, BLOCK_N=, BLOCK_K=)`` over ``grid = (cdiv(d, BLOCK_M), cdiv(n, BLOCK_N))``, with the config
+    ``space`` selects for the shape bucket ``(d, n, *bucket)`` and the dtypes and ``TRANS``."""
+    trans = transpose != right
+    xl, ol = (x.T, out.T) if right else (x, out)
+    n = xl.shape[1]
+
+    def run(config: Config) -> None:
+        grid = (triton.cdiv(d, config["BLOCK_M"]), triton.cdiv(n, config["BLOCK_N"]))
+        kernel[grid](xl, ol, n, *xl.stride(), *ol.stride(), *structure, TRANS=trans,
+                     UPCAST_DOT=upcast_dot(dtype, x.dtype), **constexprs, **config.launch_kwargs())
+
+    config = space.select(device=x.device, bucket=shape_bucket(d, n, *bucket),
+                          dtype=f"{dtype},{x.dtype},{out.dtype},{trans}", run=run)
+    run(config)
+    return out

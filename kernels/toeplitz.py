@@ -6,8 +6,10 @@ A lower-triangular Toeplitz d x d matrix is its first column ``c`` (d): ``L[i, j
 
 ``toeplitz_matmul(c, x, transpose=False, right=False) = op(L) x  or  x op(L)``, i.e. for the left
 product ``y[i] = sum_{j <= i} c[i - j] x[j]`` (``L``) or ``y[i] = sum_{j >= i} c[j - i] x[j]`` (``L^T``).
-Kernel: the triangular tile loop of :mod:`.triangular` (only the non-zero half of the k range), with
-each BM x BK tile of ``op(L)`` gathered from ``c`` in registers: the d x d matrix never exists.
+Kernel and launcher: those of :mod:`.triangular` (``lower_triangular_matmul``; only the non-zero half
+of the k range), with each BM x BK tile of ``op(L)`` gathered from ``c`` in registers: the d x d matrix
+never exists. ``TOEPLITZ_CONFIGS`` has the candidates of ``triangular.TRIANGULAR_CONFIGS`` under its
+own autotune cache name.
 
 ``lag_sums(u, v=None)``, for u, v of shape (rows, d) (v = u when None)::
 
@@ -35,31 +37,13 @@ import triton.language as tl
 from kfopt.autotune import Config, ConfigSpace, shape_bucket
 
 from .dispatch import use_triton
-from .structured import (
-    check_flag,
-    check_same_device,
-    check_tensor,
-    check_triton_dtypes,
-    output,
-    result_dtype,
-    upcast_dot,
-)
+from .structured import check_same_device, check_tensor, check_triton_dtypes, result_dtype
+from .triangular import TRIANGULAR_CONFIGS, lower_triangular_matmul, lower_triangular_problem
 
 #: tile side of the references' blocked loops (their extra memory is O(REFERENCE_TILE^2 + d))
 REFERENCE_TILE = 128
 
-TOEPLITZ_CONFIGS = ConfigSpace(
-    "toeplitz_matmul",
-    [
-        Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
-        for bm in (32, 64, 128)
-        for bn in (32, 64, 128)
-        for bk in (32, 64)
-        for warps in (4, 8)
-        for stages in (2, 3)
-    ],
-    default=Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=2),
-)
+TOEPLITZ_CONFIGS = ConfigSpace("toeplitz_matmul", TRIANGULAR_CONFIGS.configs, TRIANGULAR_CONFIGS.default)
 
 LAG_SUM_CONFIGS = ConfigSpace(
     "lag_sums",
@@ -73,42 +57,6 @@ LAG_SUM_CONFIGS = ConfigSpace(
     ],
     default=Config({"BLOCK_L": 16, "BLOCK_R": 8, "BLOCK_T": 32, "MAX_SPLIT": 8}, num_warps=4, num_stages=2),
 )
-
-
-@triton.jit
-def _toeplitz_matmul_kernel(
-    c_ptr, x_ptr, out_ptr, d, n, s_c, s_xr, s_xc, s_or, s_oc,
-    UPPER: tl.constexpr, UPCAST_DOT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """out[rows, cols] = A[rows, :] x[:, cols], A = L (A[r, k] = c[r - k]) or L^T (c[k - r])."""
-    m0 = tl.program_id(0) * BLOCK_M
-    rm = m0 + tl.arange(0, BLOCK_M)
-    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rn64 = rn.to(tl.int64)
-    if UPPER:
-        k_lo = (m0 // BLOCK_K) * BLOCK_K
-        k_hi = d
-    else:
-        k_lo = 0
-        k_hi = tl.minimum(m0 + BLOCK_M, d)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(k_lo, k_hi, BLOCK_K):
-        rk = k + tl.arange(0, BLOCK_K)
-        if UPPER:
-            lag = rk[None, :] - rm[:, None]
-        else:
-            lag = rm[:, None] - rk[None, :]
-        inside = (lag >= 0) & (rm[:, None] < d) & (rk[None, :] < d)
-        a = tl.load(c_ptr + lag.to(tl.int64) * s_c, mask=inside, other=0.0)
-        xv = tl.load(x_ptr + rk.to(tl.int64)[:, None] * s_xr + rn64[None, :] * s_xc,
-                     mask=(rk[:, None] < d) & (rn[None, :] < n), other=0.0)
-        if UPCAST_DOT:
-            a = a.to(tl.float32)
-            xv = xv.to(tl.float32)
-        acc = tl.dot(a, xv, acc, input_precision="ieee")
-    tl.store(out_ptr + rm.to(tl.int64)[:, None] * s_or + rn64[None, :] * s_oc, acc.to(out_ptr.dtype.element_ty),
-             mask=(rm[:, None] < d) & (rn[None, :] < n))
 
 
 @triton.jit
@@ -135,52 +83,19 @@ def _lag_sums_kernel(
     tl.store(part_ptr + s.to(tl.int64) * d + lags, tl.sum(acc, axis=1), mask=lags < d)
 
 
-def _matmul_problem(coeffs, x, transpose, right) -> int:
-    check_tensor("coeffs", coeffs, 1)
-    check_tensor("x", x, 2)
-    check_flag("transpose", transpose)
-    check_flag("right", right)
-    check_same_device(coeffs.device, x=x)
-    d = coeffs.shape[0]
-    side = x.shape[1] if right else x.shape[0]
-    if side != d:
-        raise ValueError(f"x: expected {'columns' if right else 'rows'} = {d} (the length of coeffs), "
-                         f"got shape {tuple(x.shape)}")
-    return d
-
-
 def toeplitz_matmul(coeffs: torch.Tensor, x: torch.Tensor, transpose: bool = False, right: bool = False,
                     out: torch.Tensor | None = None) -> torch.Tensor:
     """``op(L) x`` or ``x op(L)`` for the lower-triangular Toeplitz ``L`` with first column ``coeffs``;
     see the module docstring. Returns fp32 (float64 on the reference path for float64 inputs) or ``out``."""
-    d = _matmul_problem(coeffs, x, transpose, right)
-    out = output(out, tuple(x.shape), x.device, result_dtype(coeffs, x))
-    if not use_triton(x.device):
-        return toeplitz_matmul_reference(coeffs, x, transpose, right, out=out)
-    check_triton_dtypes(coeffs=coeffs, x=x, out=out)
-    if out.numel() == 0:
-        return out
-    upper = transpose != right  # x op(L) = (op(L)^T x^T)^T
-    xl, ol = (x.T, out.T) if right else (x, out)
-    n = xl.shape[1]
-
-    def run(config: Config) -> None:
-        grid = (triton.cdiv(d, config["BLOCK_M"]), triton.cdiv(n, config["BLOCK_N"]))
-        _toeplitz_matmul_kernel[grid](
-            coeffs, xl, ol, d, n, coeffs.stride(0), *xl.stride(), *ol.stride(),
-            UPPER=upper, UPCAST_DOT=upcast_dot(coeffs.dtype, x.dtype), **config.launch_kwargs())
-
-    config = TOEPLITZ_CONFIGS.select(device=x.device, bucket=shape_bucket(d, n),
-                                     dtype=f"{coeffs.dtype},{x.dtype},{out.dtype},{upper}", run=run)
-    run(config)
-    return out
+    return lower_triangular_matmul(coeffs, x, transpose, right, out, toeplitz=True, space=TOEPLITZ_CONFIGS,
+                                   reference=toeplitz_matmul_reference)
 
 
 def toeplitz_matmul_reference(coeffs: torch.Tensor, x: torch.Tensor, transpose: bool = False,
                               right: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
     """Plain PyTorch twin of :func:`toeplitz_matmul`: tile-by-tile products with tiles of ``op(L)``
     built from ``coeffs`` (O(REFERENCE_TILE^2) extra memory; same contract)."""
-    d = _matmul_problem(coeffs, x, transpose, right)
+    d = lower_triangular_problem(coeffs, x, transpose, right, toeplitz=True)
     dtype = result_dtype(coeffs, x)
     c = coeffs.to(dtype)
     xl = x.to(dtype)

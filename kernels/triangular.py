@@ -1,28 +1,38 @@
-"""Packed triangular x dense products (SINGD's triangular structures), the zero half skipped.
+"""Lower-triangular x dense products, the zero half skipped (SINGD's triangular and Toeplitz structures).
 
-A lower-triangular d x d matrix ``T`` is stored packed: its rows one after the other, row i holding
-``T[i, 0..i]``, so ``T[i, j]`` (j <= i) is ``packed[i (i + 1) / 2 + j]`` (d (d + 1) / 2 elements). An
-upper-triangular matrix is ``T^T``: the same packing read transposed. Conventions (``op``, ``right``,
-dtypes, strides) are those of :mod:`kfopt.kernels.structured`::
+Two storages of a lower-triangular d x d matrix ``M`` (an upper-triangular matrix is ``M^T``: the same
+storage read transposed):
+
+* packed (this module): ``T[i, j] = packed[i (i + 1) / 2 + j]`` for ``j <= i`` -- the rows one after the
+  other, row i holding ``T[i, 0..i]``, d (d + 1) / 2 elements;
+* Toeplitz (:mod:`.toeplitz`): ``L[i, j] = c[i - j]`` for ``j <= i`` -- the first column ``c``, d elements.
+
+Conventions (``op``, ``right``, dtypes, strides) are those of :mod:`kfopt.kernels.structured`::
 
     triangular_matmul(packed, x, transpose=False, right=False) = op(T) x   or   x op(T)
 
-Kernel: one program per (row tile, column tile) of the left product ``A x`` (``A = T`` or ``T^T``). Row
-tile ``[m0, m0 + BM)`` of a lower ``A`` has non-zeros only in columns ``< m0 + BM``, of an upper ``A``
-only in columns ``>= m0``: the k loop covers that range only, so about half of the dense GEMM's tiles
-are visited: about n d (d + BM) flops instead of the dense product's 2 n d^2. The tile of ``A`` is
-gathered from the packed vector (masked to the triangle) and fed to ``tl.dot``.
+and ``toeplitz_matmul(c, x, ...)`` is the same product with ``L``; both run :func:`lower_triangular_matmul`.
+
+Kernel (both storages): one program per (row tile, column tile) of the left product ``A x`` (``A = M``
+or ``M^T``). Row tile ``[m0, m0 + BM)`` of a lower ``A`` has non-zeros only in columns ``< m0 + BM``, of
+an upper ``A`` only in columns ``>= m0``: the k loop covers that range only, so about half of the dense
+GEMM's tiles are visited: about n d (d + BM) flops instead of the dense product's 2 n d^2. Each BM x BK
+tile of ``A`` is gathered in registers from the storage (``TOEPLITZ``: from ``c[i - j]``, otherwise from
+the packed rows), masked to the triangle, and fed to ``tl.dot``: the d x d matrix never exists. The two
+storages keep their own ``ConfigSpace`` (``TRIANGULAR_CONFIGS``, ``toeplitz.TOEPLITZ_CONFIGS``: the same
+candidates, tuned and cached apart).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import triton
 import triton.language as tl
 
-from kfopt.autotune import Config, ConfigSpace, shape_bucket
+from kfopt.autotune import ConfigSpace
 
 from .dispatch import use_triton
 from .structured import (
@@ -30,38 +40,30 @@ from .structured import (
     check_same_device,
     check_tensor,
     check_triton_dtypes,
+    launch_left_product,
     output,
     result_dtype,
-    upcast_dot,
+    tile_gemm_space,
 )
 
-TRIANGULAR_CONFIGS = ConfigSpace(
-    "triangular_matmul",
-    [
-        Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
-        for bm in (32, 64, 128)
-        for bn in (32, 64, 128)
-        for bk in (32, 64)
-        for warps in (4, 8)
-        for stages in (2, 3)
-    ],
-    default=Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=2),
-)
+TRIANGULAR_CONFIGS = tile_gemm_space("triangular_matmul", block_m=(32, 64, 128), block_n=(32, 64, 128),
+                                     block_k=(32, 64), warps=(4, 8), default=(32, 64, 32))
 
 
 @triton.jit
-def _triangular_matmul_kernel(
-    p_ptr, x_ptr, out_ptr, d, n, s_p, s_xr, s_xc, s_or, s_oc,
-    UPPER: tl.constexpr, UPCAST_DOT: tl.constexpr,
+def _lower_triangular_kernel(
+    x_ptr, out_ptr, n, s_xr, s_xc, s_or, s_oc, m_ptr, d, s_m,
+    TRANS: tl.constexpr, UPCAST_DOT: tl.constexpr, TOEPLITZ: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """out[rows, cols] = A[rows, :] x[:, cols] with A = T (lower) or T^T (UPPER), T packed."""
+    """out[rows, cols] = A[rows, :] x[:, cols] with A = M (lower) or M^T (TRANS); M[i, j] (j <= i) is
+    m[i - j] (TOEPLITZ) or m[i (i + 1) / 2 + j] (packed)."""
     m0 = tl.program_id(0) * BLOCK_M
     rm = m0 + tl.arange(0, BLOCK_M)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     rm64 = rm.to(tl.int64)
     rn64 = rn.to(tl.int64)
-    if UPPER:
+    if TRANS:
         k_lo = (m0 // BLOCK_K) * BLOCK_K
         k_hi = d
     else:
@@ -71,13 +73,19 @@ def _triangular_matmul_kernel(
     for k in range(k_lo, k_hi, BLOCK_K):
         rk = k + tl.arange(0, BLOCK_K)
         rk64 = rk.to(tl.int64)
-        if UPPER:  # A[r, c] = T[c, r], non-zero for r <= c
-            offs = (rk64 * (rk64 + 1) // 2)[None, :] + rm64[:, None]
+        if TRANS:  # A[r, c] = M[c, r], non-zero for r <= c
+            i = rk64[None, :]
+            j = rm64[:, None]
             inside = (rm[:, None] <= rk[None, :]) & (rk[None, :] < d)
-        else:  # A[r, c] = T[r, c], non-zero for c <= r
-            offs = (rm64 * (rm64 + 1) // 2)[:, None] + rk64[None, :]
+        else:  # A[r, c] = M[r, c], non-zero for c <= r
+            i = rm64[:, None]
+            j = rk64[None, :]
             inside = (rk[None, :] <= rm[:, None]) & (rm[:, None] < d)
-        a = tl.load(p_ptr + offs * s_p, mask=inside, other=0.0)
+        if TOEPLITZ:
+            offs = i - j
+        else:
+            offs = i * (i + 1) // 2 + j
+        a = tl.load(m_ptr + offs * s_m, mask=inside, other=0.0)
         xv = tl.load(x_ptr + rk64[:, None] * s_xr + rn64[None, :] * s_xc,
                      mask=(rk[:, None] < d) & (rn[None, :] < n), other=0.0)
         if UPCAST_DOT:
@@ -96,45 +104,47 @@ def packed_side(numel: int) -> int:
     return d
 
 
-def _problem(packed, x, transpose, right) -> int:
-    check_tensor("packed", packed, 1)
+def lower_triangular_problem(storage: torch.Tensor, x: torch.Tensor, transpose: bool, right: bool,
+                             toeplitz: bool) -> int:
+    """The checks of both paths of ``triangular_matmul`` (``packed``) and ``toeplitz_matmul``
+    (``coeffs``, when ``toeplitz``), errors naming the argument; returns d."""
+    name = "coeffs" if toeplitz else "packed"
+    check_tensor(name, storage, 1)
     check_tensor("x", x, 2)
     check_flag("transpose", transpose)
     check_flag("right", right)
-    check_same_device(packed.device, x=x)
-    d = packed_side(packed.numel())
+    check_same_device(storage.device, x=x)
+    d = storage.numel() if toeplitz else packed_side(storage.numel())
     side = x.shape[1] if right else x.shape[0]
     if side != d:
-        raise ValueError(f"x: expected {'columns' if right else 'rows'} = {d} (packed has d (d + 1) / 2 = "
-                         f"{packed.numel()} elements), got shape {tuple(x.shape)}")
+        origin = "the length of coeffs" if toeplitz else f"packed has d (d + 1) / 2 = {storage.numel()} elements"
+        raise ValueError(f"x: expected {'columns' if right else 'rows'} = {d} ({origin}), got shape {tuple(x.shape)}")
     return d
+
+
+def lower_triangular_matmul(storage: torch.Tensor, x: torch.Tensor, transpose: bool, right: bool,
+                            out: torch.Tensor | None, *, toeplitz: bool, space: ConfigSpace,
+                            reference: Callable[..., torch.Tensor]) -> torch.Tensor:
+    """The launcher of ``triangular_matmul`` and ``toeplitz_matmul``: ``op(M) x`` or ``x op(M)`` for the
+    lower-triangular ``M`` in ``storage`` (Toeplitz coefficients when ``toeplitz``, else packed rows),
+    tuned in ``space``; ``reference`` (the function's ``*_reference``) where Triton does not run."""
+    d = lower_triangular_problem(storage, x, transpose, right, toeplitz)
+    out = output(out, tuple(x.shape), x.device, result_dtype(storage, x))
+    if not use_triton(x.device):
+        return reference(storage, x, transpose, right, out=out)
+    check_triton_dtypes(**{"coeffs" if toeplitz else "packed": storage}, x=x, out=out)
+    if out.numel() == 0:
+        return out
+    return launch_left_product(space, _lower_triangular_kernel, (storage, d, storage.stride(0)), storage.dtype,
+                               x, out, d, transpose, right, TOEPLITZ=toeplitz)
 
 
 def triangular_matmul(packed: torch.Tensor, x: torch.Tensor, transpose: bool = False, right: bool = False,
                       out: torch.Tensor | None = None) -> torch.Tensor:
     """``op(T) x`` or ``x op(T)`` with ``T`` lower triangular, packed by rows; see the module docstring.
     Returns fp32 (float64 on the reference path for float64 inputs) or ``out``."""
-    d = _problem(packed, x, transpose, right)
-    out = output(out, tuple(x.shape), x.device, result_dtype(packed, x))
-    if not use_triton(x.device):
-        return triangular_matmul_reference(packed, x, transpose, right, out=out)
-    check_triton_dtypes(packed=packed, x=x, out=out)
-    if out.numel() == 0:
-        return out
-    upper = transpose != right  # x op(T) = (op(T)^T x^T)^T
-    xl, ol = (x.T, out.T) if right else (x, out)
-    n = xl.shape[1]
-
-    def run(config: Config) -> None:
-        grid = (triton.cdiv(d, config["BLOCK_M"]), triton.cdiv(n, config["BLOCK_N"]))
-        _triangular_matmul_kernel[grid](
-            packed, xl, ol, d, n, packed.stride(0), *xl.stride(), *ol.stride(),
-            UPPER=upper, UPCAST_DOT=upcast_dot(packed.dtype, x.dtype), **config.launch_kwargs())
-
-    config = TRIANGULAR_CONFIGS.select(device=x.device, bucket=shape_bucket(d, n),
-                                       dtype=f"{packed.dtype},{x.dtype},{out.dtype},{upper}", run=run)
-    run(config)
-    return out
+    return lower_triangular_matmul(packed, x, transpose, right, out, toeplitz=False, space=TRIANGULAR_CONFIGS,
+                                   reference=triangular_matmul_reference)
 
 
 def unpack_lower(packed: torch.Tensor) -> torch.Tensor:
@@ -157,7 +167,7 @@ def triangular_matmul_reference(packed: torch.Tensor, x: torch.Tensor, transpose
                                 right: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
     """Plain PyTorch twin of :func:`triangular_matmul` (unpacks ``T`` to a dense d x d matrix, which is
     the size of the structure itself; same contract)."""
-    _problem(packed, x, transpose, right)
+    lower_triangular_problem(packed, x, transpose, right, toeplitz=False)
     dtype = result_dtype(packed, x)
     t = unpack_lower(packed.to(dtype))
     if transpose:

@@ -10,17 +10,17 @@ Two objects
 
         loss.backward(); precond.step(); optimizer.step()
 
-    :class:`KFAC` is a ``torch.optim.Optimizer`` (a ``KfoptOptimizer``) that composes a preconditioner
-    with a base optimizer: ``KFAC.step()`` = ``precond.step()`` then ``base.step()``. Its param groups
-    are ``kfopt.param_groups(model, weight_decay)`` (weights decayed; biases and normalisation weights
-    not) and carry ``lr``, ``momentum``, ``weight_decay`` and ``damping``; the base optimizer is built
-    from *the same group dicts*, so an LR scheduler (or a user) changing ``lr`` in ``KFAC.param_groups``
-    changes the base step and the KL clip together. A layer's lr and damping are those of the group of
-    its weight. ``base``: ``"sgd"`` (torch.optim.SGD; momentum and weight_decay apply), ``"adamw"``
-    (torch.optim.AdamW with its default betas; ``momentum`` is not used), ``"lamb"`` (kfopt.LAMB), or a
-    callable ``base(param_groups) -> torch.optim.Optimizer`` that must build its optimizer from the
-    dicts it is given. Parameters that no preconditioned layer owns (embeddings, norms, skipped
-    layers) get the base optimizer's first-order update on their raw gradients.
+    :class:`KFAC` is a ``torch.optim.Optimizer`` (a ``kfopt.composed.ComposedOptimizer``) that composes
+    a preconditioner with a base optimizer: ``KFAC.step()`` = ``precond.step()`` then ``base.step()``.
+    Its param groups are ``kfopt.param_groups(model, weight_decay)`` (weights decayed; biases and
+    normalisation weights not) and carry ``lr``, ``momentum``, ``weight_decay`` and ``damping``; the base
+    optimizer is built from *the same group dicts*, so an LR scheduler (or a user) changing ``lr`` in
+    ``KFAC.param_groups`` changes the base step and the KL clip together. A layer's lr and damping are
+    those of the group of its weight. ``base``: ``"sgd"`` (torch.optim.SGD; momentum and weight_decay
+    apply), ``"adamw"`` (torch.optim.AdamW with its default betas; ``momentum`` is not used), ``"lamb"``
+    (kfopt.LAMB), or a callable ``base(param_groups) -> torch.optim.Optimizer`` that must build its
+    optimizer from the dicts it is given. Parameters that no preconditioned layer owns (embeddings,
+    norms, skipped layers) get the base optimizer's first-order update on their raw gradients.
 
 Factors, per layer (every ``factor_update_steps`` steps)
     Rows as the capture hands them over (``kfopt.capture``): ``a`` (inputs; Conv2d: unfolded patches),
@@ -114,7 +114,6 @@ AMP
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Iterable, Mapping
 from typing import Literal
 
@@ -126,9 +125,9 @@ from kfopt.kernels.multi_tensor import to_device
 
 from . import collectives
 from .capture import CallInfo, CapturedLayer, LayerCapture, LossAverage, loss_term_count
+from .composed import BaseOptimizer, ComposedOptimizer, check_base
 from .kaisa import KAISAGroups, KAISAPlan, Strategy
-from .lamb import LAMB
-from .optimizer import KfoptOptimizer
+from .layer_state import LayerState, check_saved_factors
 from .param_groups import param_groups
 from .validation import check_bool, check_loss_average, check_nonnegative, check_positive, check_unit_interval
 
@@ -170,26 +169,17 @@ def _damped_inverse(damping: float) -> Callable[[torch.Tensor], tuple[torch.Tens
     return inverse
 
 
-class _Layer:
+class _Layer(LayerState):
     """A preconditioned layer: its capture entry, factors and (on its grad workers) second-order data:
     ``[QA, dA, QG, dG]`` (eigen) or ``[A_inv, G_inv]`` (inverse), or None on other ranks."""
 
     def __init__(self, captured: CapturedLayer):
-        self.captured = captured
-        self.name = captured.name
+        super().__init__(captured)
         weight = captured.module.weight
         dtype = torch.promote_types(weight.dtype, torch.float32)
         self.A = torch.eye(captured.in_features + captured.has_bias, dtype=dtype, device=weight.device)
         self.G = torch.eye(captured.out_features, dtype=dtype, device=weight.device)
         self.second: list[torch.Tensor] | None = None
-
-    @property
-    def weight(self) -> nn.Parameter:
-        return self.captured.module.weight
-
-    @property
-    def bias(self) -> nn.Parameter | None:
-        return self.captured.module.bias
 
     def identity_second_order(self, method: ComputeMethod) -> list[torch.Tensor]:
         """Placeholder data until a decomposition succeeds: that of identity factors (eigen), or
@@ -316,6 +306,13 @@ class KFACPreconditioner:
         self.capture.clear()
         self._terms.clear()
 
+    def _arm(self) -> None:
+        """Capture the passes of the next step if it updates the factors (module docstring, Hooks)."""
+        if self.steps % self.factor_update_steps == 0:
+            self.capture.arm()
+        else:
+            self.capture.disarm()
+
     @torch.no_grad()
     def step(self, *, lr: float | Mapping[str, float] | None = None,
              damping: float | Mapping[str, float] | None = None) -> None:
@@ -337,10 +334,7 @@ class KFACPreconditioner:
             self._precondition(lrs, dampings)
         self.discard_step()
         self.steps += 1
-        if self.steps % self.factor_update_steps == 0:
-            self.capture.arm()
-        else:
-            self.capture.disarm()
+        self._arm()
 
     def state_dict(self) -> dict:
         """``{"steps", "decomposition_failures", "factors": {name: {"A", "G"}}}`` (module docstring)."""
@@ -351,15 +345,7 @@ class KFACPreconditioner:
         """Load factors and counters (from any world size); second-order data is recomputed at the
         next step from the loaded factors."""
         saved = state_dict["factors"]
-        names = [layer.name for layer in self._layers]
-        if set(saved) != set(names):
-            raise ValueError(f"state_dict has factors for layers {sorted(saved)}, the preconditioner has "
-                             f"layers {sorted(names)}")
-        for layer in self._layers:
-            for key, factor in (("A", layer.A), ("G", layer.G)):
-                if saved[layer.name][key].shape != factor.shape:
-                    raise ValueError(f"state_dict: factor {key} of layer {layer.name!r} has shape "
-                                     f"{tuple(saved[layer.name][key].shape)}, expected {tuple(factor.shape)}")
+        check_saved_factors(saved, self._layers, ("A", "G"), "preconditioner")
         for layer in self._layers:
             layer.A.copy_(saved[layer.name]["A"])
             layer.G.copy_(saved[layer.name]["G"])
@@ -367,10 +353,7 @@ class KFACPreconditioner:
         self.decomposition_failures = int(state_dict["decomposition_failures"])
         self._stale = True
         self.discard_step()
-        if self.steps % self.factor_update_steps == 0:
-            self.capture.arm()
-        else:
-            self.capture.disarm()
+        self._arm()
 
     # -- the three phases of a step ---------------------------------------------------------------
 
@@ -459,40 +442,18 @@ class KFACPreconditioner:
             self._layers[i].write_grad(p)
 
 
-BaseOptimizer = Literal["sgd", "adamw", "lamb"] | Callable[[list[dict]], torch.optim.Optimizer]
-
-
-def _build_base(base: BaseOptimizer, groups: list[dict]) -> torch.optim.Optimizer:
-    if base == "sgd":
-        return torch.optim.SGD(groups)
-    if base == "adamw":
-        return torch.optim.AdamW(groups)
-    if base == "lamb":
-        return LAMB(groups)
-    if callable(base) and not isinstance(base, str):
-        optimizer = base(groups)
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise ValueError(f"base: the callable returned {type(optimizer).__name__}, not a torch.optim.Optimizer")
-        if len(optimizer.param_groups) != len(groups) or any(
-                mine is not theirs for mine, theirs in zip(groups, optimizer.param_groups)):
-            raise ValueError("base: the callable must build its optimizer from the param groups it is given "
-                             "(e.g. lambda groups: torch.optim.Adam(groups)), so that KFAC's param_groups "
-                             "(and LR schedulers) drive it")
-        return optimizer
-    raise ValueError(f"base: expected 'sgd', 'adamw', 'lamb' or a callable building an optimizer from param "
-                     f"groups, got {base!r}")
-
-
-class KFAC(KfoptOptimizer):
+class KFAC(ComposedOptimizer):
     """K-FAC/KAISA preconditioning followed by a base optimizer's step (module docstring).
 
     ``lr``, ``momentum``, ``weight_decay`` and ``damping`` are per-group hyperparameters (two groups:
     decayed weights, and biases/normalisation weights with weight_decay 0); the other arguments are
     the preconditioner's (:class:`KFACPreconditioner`, available as ``self.preconditioner``); the
-    base optimizer is ``self.base``.
+    base optimizer is ``self.base`` (``kfopt.composed``).
     """
 
     _step_supports_amp_scaling = True
+    state_key = "kfac"
+    scaled_statistic = "G"
 
     def __init__(self, model: nn.Module, lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 0.0,
                  damping: float = 1e-3, factor_decay: float = 0.95, kl_clip: float | None = 1e-3,
@@ -502,6 +463,7 @@ class KFAC(KfoptOptimizer):
                  assignment_strategy: Strategy = "compute", loss_average: LossAverage = "batch",
                  grad_scaler: torch.amp.GradScaler | None = None):
         check_nonnegative("weight_decay", weight_decay)
+        check_base(base)
         self.preconditioner = KFACPreconditioner(
             model, lr, damping, factor_decay, kl_clip, factor_update_steps, inv_update_steps,
             grad_worker_fraction, compute_method, skip_layers, symmetric_comm,
@@ -509,9 +471,7 @@ class KFAC(KfoptOptimizer):
         self._grad_scaler = grad_scaler
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, damping=damping)
         super().__init__(param_groups(self.preconditioner.capture.model, weight_decay), defaults)
-        self.base = _build_base(base, self.param_groups)
-        self.base.param_groups = self.param_groups
-        self.state = self.base.state
+        self._build_base(base)
 
     def _check_group(self, group: dict) -> None:
         check_nonnegative("lr", group["lr"])
@@ -519,41 +479,19 @@ class KFAC(KfoptOptimizer):
         check_nonnegative("weight_decay", group["weight_decay"])
         check_positive("damping", group["damping"])
 
-    def add_param_group(self, param_group: dict) -> None:
-        if hasattr(self, "base"):
-            raise NotImplementedError("KFAC's param groups come from its model; add parameters to the model "
-                                      "before building the optimizer")
-        super().add_param_group(param_group)
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        """``preconditioner.step()`` with each layer's group lr and damping, then ``base.step()``."""
-        loss = self._evaluate(closure)
-        if self._grad_scaler_skips_step("G"):  # called by GradScaler.step (module docstring, AMP)
-            self.preconditioner.discard_step()
-            return loss
+    def _second_order_step(self) -> None:
+        """``preconditioner.step()`` with each layer's group lr and damping."""
         owner = {id(p): group for group in self.param_groups for p in group["params"]}
         layers = self.preconditioner.layers
         self.preconditioner.step(lr={name: owner[id(layer.module.weight)]["lr"] for name, layer in layers.items()},
                                  damping={name: owner[id(layer.module.weight)]["damping"]
                                           for name, layer in layers.items()})
-        self.base.step()
-        return loss
 
-    def state_dict(self) -> dict:
-        """The base optimizer's state dict plus ``"kfac"`` and ``"kfac_skipped_steps"`` (module docstring)."""
-        state = self.base.state_dict()
-        state["kfac"] = self.preconditioner.state_dict()
-        state["kfac_skipped_steps"] = self.skipped_steps.detach().clone()
-        return state
+    def _discard_step(self) -> None:
+        self.preconditioner.discard_step()
 
-    def load_state_dict(self, state_dict: dict) -> None:
-        """Load a ``state_dict()`` saved at any world size (module docstring, Checkpoints)."""
-        state = {k: v for k, v in state_dict.items() if k not in ("kfac", "kfac_skipped_steps")}
-        for group in state["param_groups"]:
-            self._check_group(group)
-        self.base.load_state_dict({**state, "state": copy.deepcopy(state["state"])})  # torch's would alias
-        self.param_groups = self.base.param_groups
-        self.state = self.base.state
-        self._skipped = state_dict["kfac_skipped_steps"].detach().clone()
-        self.preconditioner.load_state_dict(state_dict["kfac"])
+    def _own_state(self) -> dict:
+        return self.preconditioner.state_dict()
+
+    def _load_own_state(self, saved: dict) -> None:
+        self.preconditioner.load_state_dict(saved)

@@ -90,11 +90,9 @@ Checkpoints
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
-from collections.abc import Callable, Iterable
-from typing import Literal
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -105,70 +103,41 @@ from kfopt.kernels.rank1_inverse import rank1_inverse_update
 
 from . import collectives
 from .capture import CallInfo, CapturedLayer, LayerCapture, LossAverage, loss_term_count
-from .lamb import LAMB
-from .optimizer import KfoptOptimizer
+from .composed import BaseOptimizer, ComposedOptimizer, check_base
+from .layer_state import LayerState, check_saved_factors
 from .param_groups import param_groups
 from .validation import check_loss_average, check_nonnegative, check_positive
 
 logger = logging.getLogger(__name__)
 
-BaseOptimizer = Literal["lamb", "sgd", "adamw"] | Callable[[list[dict]], torch.optim.Optimizer]
-
-#: the base optimizers by name, with their default weight decay
-_BASES = {"lamb": (LAMB, 0.01), "sgd": (torch.optim.SGD, 0.0), "adamw": (torch.optim.AdamW, 0.01)}
+#: the default weight decay of each base optimizer (of the decayed group; callables: 0)
+_DEFAULT_WEIGHT_DECAY = {"lamb": 0.01, "sgd": 0.0, "adamw": 0.01}
 #: factor storage dtypes (float64 only where the PyTorch kernel path runs)
 FACTOR_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 def _check_base(base, base_kwargs: dict) -> float:
     """Validate ``base`` and ``base_kwargs``; returns the weight decay of the decayed group."""
+    check_base(base)
     if isinstance(base, str):
-        if base not in _BASES:
-            raise ValueError(f"base: expected 'lamb', 'sgd', 'adamw' or a callable, got {base!r}")
-        weight_decay = base_kwargs.get("weight_decay", _BASES[base][1])
-    elif callable(base):
+        weight_decay = base_kwargs.get("weight_decay", _DEFAULT_WEIGHT_DECAY[base])
+    else:
         extra = sorted(set(base_kwargs) - {"weight_decay"})
         if extra:
             raise ValueError(f"base: a callable base builds its own optimizer; pass {extra} to it, not to MKOR")
         weight_decay = base_kwargs.get("weight_decay", 0.0)
-    else:
-        raise ValueError(f"base: expected 'lamb', 'sgd', 'adamw' or a callable, got {base!r}")
     check_nonnegative("weight_decay", weight_decay)
     return weight_decay
 
 
-def _build_base(base, groups: list[dict], base_kwargs: dict) -> torch.optim.Optimizer:
-    if isinstance(base, str):
-        kwargs = {k: v for k, v in base_kwargs.items() if k != "weight_decay"}
-        return _BASES[base][0](groups, **kwargs)
-    optimizer = base(groups)
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        raise ValueError(f"base: the callable returned {type(optimizer).__name__}, not a torch.optim.Optimizer")
-    if len(optimizer.param_groups) != len(groups) or any(
-            mine is not theirs for mine, theirs in zip(groups, optimizer.param_groups)):
-        raise ValueError("base: the callable must build its optimizer from the param groups it is given "
-                         "(e.g. lambda groups: torch.optim.Adam(groups)), so that MKOR's param_groups "
-                         "(and LR schedulers) drive it")
-    return optimizer
-
-
-class _Layer:
+class _Layer(LayerState):
     """A preconditioned layer: its capture entry and its stored inverse factors ``F`` (JL, JR)."""
 
     def __init__(self, captured: CapturedLayer, factor_dtype: torch.dtype):
-        self.captured = captured
-        self.name = captured.name
+        super().__init__(captured)
         device = captured.module.weight.device
         self.JL = torch.eye(captured.out_features, dtype=factor_dtype, device=device)
         self.JR = torch.eye(captured.in_features + captured.has_bias, dtype=factor_dtype, device=device)
-
-    @property
-    def weight(self) -> nn.Parameter:
-        return self.captured.module.weight
-
-    @property
-    def bias(self) -> nn.Parameter | None:
-        return self.captured.module.bias
 
     def has_gradient(self) -> bool:
         return self.weight.grad is not None and (self.bias is None or self.bias.grad is not None)
@@ -189,7 +158,7 @@ class _Layer:
             grad.copy_(matrix.reshape(grad.shape))
 
 
-class MKOR(KfoptOptimizer):
+class MKOR(ComposedOptimizer):
     """MKOR: rank-1-updated Kronecker-factored inverses in front of a base optimizer (module docstring).
 
     Args:
@@ -215,6 +184,8 @@ class MKOR(KfoptOptimizer):
     """
 
     _step_supports_amp_scaling = True
+    state_key = "mkor"
+    scaled_statistic = "g"
 
     def __init__(self, model: nn.Module, lr: float = 1e-3, base: BaseOptimizer = "lamb", inv_freq: int = 10,
                  stat_decay: float = 0.95, stabilizer_threshold: float = 10.0, stabilizer_blend: float = 0.9,
@@ -262,9 +233,7 @@ class MKOR(KfoptOptimizer):
         self.last_ratios: torch.Tensor | None = None
 
         super().__init__(param_groups(self.capture.model, weight_decay), dict(lr=lr, weight_decay=weight_decay))
-        self.base = _build_base(base, self.param_groups, base_kwargs)
-        self.base.param_groups = self.param_groups
-        self.state = self.base.state
+        self._build_base(base, **{k: v for k, v in base_kwargs.items() if k != "weight_decay"})
         self.capture.arm()
 
     # -- torch.optim.Optimizer ------------------------------------------------------------------
@@ -272,23 +241,6 @@ class MKOR(KfoptOptimizer):
     def _check_group(self, group: dict) -> None:
         check_nonnegative("lr", group["lr"])
         check_nonnegative("weight_decay", group["weight_decay"])
-
-    def add_param_group(self, param_group: dict) -> None:
-        if hasattr(self, "base"):
-            raise NotImplementedError(f"{type(self).__name__}'s param groups come from its model; add parameters "
-                                      "to the model before building the optimizer")
-        super().add_param_group(param_group)
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        """Update the factors when due, precondition the layers' gradients, take the base step."""
-        loss = self._evaluate(closure)
-        if self._grad_scaler_skips_step("g"):  # called by GradScaler.step (module docstring, AMP)
-            self._discard_step()
-            return loss
-        self._second_order_step()
-        self.base.step()
-        return loss
 
     def _second_order_step(self) -> None:
         """Factor update (when due) and preconditioning; then prepare the capture for the next step."""
@@ -298,10 +250,7 @@ class MKOR(KfoptOptimizer):
             self._precondition()
         self._discard_step()
         self.steps += 1
-        if self.steps % self.inv_freq == 0:
-            self.capture.arm()
-        else:
-            self.capture.disarm()
+        self._arm()
 
     # -- public helpers ----------------------------------------------------------------------------
 
@@ -420,6 +369,13 @@ class MKOR(KfoptOptimizer):
         self.capture.clear()
         self._terms.clear()
 
+    def _arm(self) -> None:
+        """Capture the passes of the next step if it updates the factors."""
+        if self.steps % self.inv_freq == 0:
+            self.capture.arm()
+        else:
+            self.capture.disarm()
+
     # -- preconditioning ---------------------------------------------------------------------------
 
     def _precondition(self) -> None:
@@ -436,40 +392,16 @@ class MKOR(KfoptOptimizer):
 
     # -- checkpoints -------------------------------------------------------------------------------
 
-    def _mkor_state(self) -> dict:
+    def _own_state(self) -> dict:
         return {"steps": self.steps, "factors": {
             layer.name: {"JL": layer.JL, "JR": layer.JR, "JL_scale": self._scales[2 * i],
                          "JR_scale": self._scales[2 * i + 1], "events": self.factor_events[i]}
             for i, layer in enumerate(self._layers)}}
 
-    def state_dict(self) -> dict:
-        """The base optimizer's state dict plus ``"mkor"`` and ``"mkor_skipped_steps"`` (module docstring)."""
-        state = self.base.state_dict()
-        state["mkor"] = self._mkor_state()
-        state["mkor_skipped_steps"] = self.skipped_steps.detach().clone()
-        return state
+    def _check_own_state(self, saved: dict) -> None:
+        check_saved_factors(saved["factors"], self._layers, ("JL", "JR"), "optimizer")
 
-    def load_state_dict(self, state_dict: dict) -> None:
-        """Load a ``state_dict()`` (saved at any world size)."""
-        saved = state_dict["mkor"]["factors"]
-        if set(saved) != set(self.layers):
-            raise ValueError(f"state_dict has factors for layers {sorted(saved)}, the optimizer has layers "
-                             f"{sorted(self.layers)}")
-        for layer in self._layers:
-            for key, factor in (("JL", layer.JL), ("JR", layer.JR)):
-                if saved[layer.name][key].shape != factor.shape:
-                    raise ValueError(f"state_dict: factor {key} of layer {layer.name!r} has shape "
-                                     f"{tuple(saved[layer.name][key].shape)}, expected {tuple(factor.shape)}")
-        state = {k: v for k, v in state_dict.items() if k not in ("mkor", "mkor_skipped_steps")}
-        for group in state["param_groups"]:
-            self._check_group(group)
-        self.base.load_state_dict({**state, "state": copy.deepcopy(state["state"])})  # torch's would alias
-        self.param_groups = self.base.param_groups
-        self.state = self.base.state
-        self._skipped = state_dict["mkor_skipped_steps"].detach().clone()
-        self._load_mkor_state(state_dict["mkor"])
-
-    def _load_mkor_state(self, mkor: dict) -> None:
+    def _load_own_state(self, mkor: dict) -> None:
         for i, layer in enumerate(self._layers):
             saved = mkor["factors"][layer.name]
             layer.JL.copy_(saved["JL"])
@@ -479,10 +411,7 @@ class MKOR(KfoptOptimizer):
             self.factor_events[i].copy_(saved["events"])
         self.steps = int(mkor["steps"])
         self._discard_step()
-        if self.steps % self.inv_freq == 0:
-            self.capture.arm()
-        else:
-            self.capture.disarm()
+        self._arm()
 
 
 class MKORH(MKOR):
@@ -591,8 +520,8 @@ class MKORH(MKOR):
         self._scales = self._scales.new_empty(0)
         self._events = self._events.new_empty((0, 3))
 
-    def _mkor_state(self) -> dict:
-        state = super()._mkor_state()
+    def _own_state(self) -> dict:
+        state = super()._own_state()
         window_sum = self._window_sum if self._window_sum is not None else torch.zeros((), dtype=torch.float64)
         state.update(switched_at=self.switched_at, window_means=list(self.window_means), best_rate=self._best_rate,
                      flat_windows=self._flat_windows, window_sum=window_sum.detach().clone(),

@@ -6,6 +6,8 @@
   raised before any state changes.
 * Non-finite gradients: the step is skipped for every parameter on the device (no host sync); the
   count of skipped steps is ``optimizer.skipped_steps`` (a device tensor) and is checkpointed.
+* Under ``GradScaler.step`` (optimizers with ``_step_supports_amp_scaling``) one entry,
+  ``_grad_scaler_skips_step``, unscales the gradients and skips the steps the scaler found inf/NaN in.
 * ``state_dict()`` holds plain tensors and numbers only (``torch.load(weights_only=True)`` works);
   ``load_state_dict`` keeps each state tensor's saved dtype (torch's default would cast fp32 moments
   of a bf16 parameter to bf16 and break a bit-identical resume) and moves it to the param's device.
@@ -27,6 +29,11 @@ class KfoptOptimizer(torch.optim.Optimizer):
 
     #: hyperparameters that must be equal in every group (e.g. global clipping)
     global_hyperparameters: tuple[str, ...] = ()
+    #: the GradScaler whose scale the layer capture divides output gradients by (``grad_scaler=``)
+    _grad_scaler: torch.amp.GradScaler | None = None
+    #: whether the optimizer rescales statistics captured from scaled output gradients itself, by the
+    #: ``grad_scale`` GradScaler.step hands over (SINGD); otherwise a GradScaler needs ``grad_scaler=``
+    _rescales_statistics: bool = False
 
     def __init__(self, params: Iterable, defaults: dict):
         self._skipped: torch.Tensor | None = None
@@ -90,17 +97,22 @@ class KfoptOptimizer(torch.optim.Optimizer):
 
     def _grad_scaler_skips_step(self, statistic: str) -> bool:
         """Under ``GradScaler.step`` (optimizers with ``_step_supports_amp_scaling``): unscale the
-        gradients in place and return True when the scaler found inf/NaN, counting the step as skipped.
-        Requires ``self._grad_scaler`` (the capture unscales the output gradients entering ``statistic``)."""
+        gradients in place (unless ``scaler.unscale_`` did) and return True when the scaler found inf/NaN,
+        counting the step as skipped (reading ``found_inf`` syncs with the host, as ``GradScaler.step``
+        does for every torch optimizer). The output gradients entering ``statistic`` must be unscaled by
+        the capture (``self._grad_scaler``) or, with ``_rescales_statistics``, their scale ``grad_scale``
+        must be known (``scaler.unscale_`` not called first): RuntimeError otherwise."""
         found_inf = getattr(self, "found_inf", None)
         if found_inf is None:
             return False
-        if self._grad_scaler is None:
-            raise RuntimeError(f"{type(self).__name__} is stepped by a GradScaler but was built without "
-                               f"grad_scaler=: output gradients entering {statistic} would be scaled; pass "
-                               "grad_scaler=scaler")
-        found = self._params_with_grads()
         grad_scale = getattr(self, "grad_scale", None)
+        if self._grad_scaler is None and (grad_scale is None or not self._rescales_statistics):
+            unknown = (" and scaler.unscale_ ran before scaler.step, so their scale is unknown"
+                       if self._rescales_statistics else "")
+            raise RuntimeError(f"{type(self).__name__} is stepped by a GradScaler but was built without "
+                               f"grad_scaler=: output gradients entering {statistic} are captured scaled{unknown}; "
+                               "pass grad_scaler=scaler")
+        found = self._params_with_grads()
         if grad_scale is not None:
             torch._foreach_mul_([p.grad for _, p in found], grad_scale.double().reciprocal().float())
         if found_inf.item():

@@ -61,13 +61,24 @@ fp32. ``torch.amp.GradScaler``: ``scaler.step(opt)`` calls ``step()`` with ``fou
 (``_step_supports_amp_scaling``). If the scaler found inf/NaN gradients the step is skipped: parameters,
 factors, momenta and buffers unchanged, the captured statistics dropped, ``skipped_steps`` incremented,
 ``steps`` incremented (as the reference). Reading ``found_inf`` synchronises with the host, as
-``GradScaler.step`` does for every torch optimizer. Otherwise gradients are divided by ``grad_scale``
-and, when the output gradients were captured scaled (no ``grad_scaler`` given), the statistics
+``GradScaler.step`` does for every torch optimizer (the entry shared by the kfopt optimizers,
+``KfoptOptimizer._grad_scaler_skips_step``). Otherwise gradients are divided by ``grad_scale`` in
+place and, when the output gradients were captured scaled (no ``grad_scaler`` given), the statistics
 correction is ``u = 1 / grad_scale^2`` (H_C scales with the square of the gradients); with
 ``grad_scaler=scaler`` at construction the capture unscales each output gradient exactly when it
 arrives (fp32) and ``u = 1``. Calling ``scaler.unscale_(opt)`` before ``scaler.step`` (to clip
 gradients) requires ``grad_scaler=scaler`` (otherwise the statistics' scale is unknown: RuntimeError).
 The reference's ``init_grad_scale`` (an approximation of that unknown scale) is therefore not needed.
+
+Non-finite gradients and statistics
+===================================
+With or without a GradScaler, a step whose gradients (any parameter's) or due statistics (``H_K``,
+``H_C`` after the rank average) hold NaN/inf is skipped on the device, without a host sync (as
+``kfopt.LAMB``, ``LARS`` and ``SONew`` skip one): parameters, momentum buffers, factors and momenta keep
+their values bit for bit, ``skipped_steps`` is incremented, the statistics are dropped and ``steps`` is
+incremented (as for a GradScaler skip). The update is computed and committed with ``torch.where`` on a device flag; the
+only state a skipped step can add is a momentum buffer or factor momentum first needed in it, created
+as zeros (the value it stands for while absent).
 
 Distributed
 ===========
@@ -104,6 +115,7 @@ from kfopt.kernels.dispatch import KERNEL_DTYPES, use_triton
 
 from . import collectives
 from .capture import CallInfo, CapturedLayer, LayerCapture, loss_term_count
+from .layer_state import LayerState
 from .optimizer import KfoptOptimizer
 from .structures import Structure, StructureSpec, parse_structure
 from .validation import check_bool, check_nonnegative, check_unit_interval
@@ -112,12 +124,11 @@ _LOSS_AVERAGES = (None, "batch", "batch+sequence")
 _FACTOR_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-class _Layer:
+class _Layer(LayerState):
     """A preconditioned layer: its capture entry, param group, factors, momenta and pending statistics."""
 
     def __init__(self, captured: CapturedLayer, group: int):
-        self.captured = captured
-        self.name = captured.name
+        super().__init__(captured)
         self.group = group
         self.K: Structure | None = None
         self.C: Structure | None = None
@@ -127,20 +138,19 @@ class _Layer:
         self.H_C: Structure | None = None
 
     @property
-    def weight(self) -> nn.Parameter:
-        return self.captured.module.weight
-
-    @property
-    def bias(self) -> nn.Parameter | None:
-        return self.captured.module.bias
-
-    @property
     def sides(self) -> tuple[int, int]:
         """(d_K, d_C)."""
         return self.captured.in_features + self.captured.has_bias, self.captured.out_features
 
     def clear_statistics(self) -> None:
         self.H_K = self.H_C = None
+
+
+def _commit(finite: torch.Tensor, targets: list[torch.Tensor], new: list[torch.Tensor]) -> None:
+    """``targets <- new`` (rounded to the targets' dtypes) where the 0-d ``finite`` is True; unchanged
+    otherwise, bit for bit: a skipped step decided on the device."""
+    for t, n in zip(targets, new):
+        t.copy_(torch.where(finite, n, t))
 
 
 def _check_int(name: str, value, minimum: int) -> None:
@@ -181,9 +191,14 @@ class SINGD(KfoptOptimizer):
         skip_layers: module names or types not to precondition (their parameters get the first-order rule).
         grad_scaler: the ``torch.amp.GradScaler`` in use, to unscale output gradients as they arrive
             (needed when ``scaler.unscale_`` is called before ``scaler.step``); keyword only.
+
+    A step with a NaN/inf gradient or statistic (with or without a GradScaler) changes no parameter,
+    buffer, factor or momentum: it is skipped on the device, without a host sync, and counted in
+    ``skipped_steps`` (module docstring, Non-finite gradients and statistics).
     """
 
     _step_supports_amp_scaling = True
+    _rescales_statistics = True
 
     def __init__(self, model: nn.Module, params: Iterable | None = None, lr: float = 1e-3, momentum: float = 0.9,
                  damping: float = 1e-3, alpha1: float = 0.5, weight_decay: float = 0.0, T: int = 10,
@@ -202,7 +217,7 @@ class SINGD(KfoptOptimizer):
         self.steps = 0
         self.capture = self._build_capture(model, tuple(skip_layers))
         self.capture.set_grad_scale(grad_scaler)
-        self._unscaled_statistics = grad_scaler is not None
+        self._grad_scaler = grad_scaler
         group_of = {id(p): i for i, group in enumerate(self.param_groups) for p in group["params"]}
         self._layers = [_Layer(captured, group_of[id(captured.module.weight)])
                         for captured in self.capture.layers.values()]
@@ -357,46 +372,48 @@ class SINGD(KfoptOptimizer):
     def step(self, closure: Callable | None = None):
         """One SINGD step (module docstring); under a GradScaler, called by ``scaler.step(opt)``."""
         loss = self._evaluate(closure)
-        found = self._params_with_grads()
-        found_inf = getattr(self, "found_inf", None)
-        if found_inf is not None and found_inf.item() != 0:
-            if found:
-                self._skip_counter(found[0][1].device).add_(1)
+        if self._grad_scaler_skips_step("H_C"):  # the scaler found inf/NaN (module docstring, AMP)
             self._finish_step()
             return loss
         grad_scale = getattr(self, "grad_scale", None)
-        if found_inf is not None and grad_scale is None and not self._unscaled_statistics and any(
-                layer.H_C is not None for layer in self._layers):
-            raise RuntimeError("scaler.unscale_(optimizer) was called before scaler.step: the statistics were "
-                               "captured with the scaled gradients and their scale is unknown; build SINGD with "
-                               "grad_scaler=scaler so that output gradients are unscaled as they arrive")
-        inv_scale = None if grad_scale is None else grad_scale.double().reciprocal().float()
-        correction = 1.0 if inv_scale is None or self._unscaled_statistics else inv_scale.square()
+        correction = (1.0 if grad_scale is None or self._grad_scaler is not None
+                      else grad_scale.double().reciprocal().float().square())
+        found = self._params_with_grads()
         due = [layer for layer in self._layers if self._due(layer)]
         if due and collectives.is_distributed():
             self._average_statistics(due)
-        for layer in due:
-            if layer.H_K is not None and layer.H_C is not None:
-                self._update_factors(layer, correction)
-        preconditioned = set()
-        for layer in self._layers:
-            if layer.weight.grad is not None:
-                self._update_layer(layer, inv_scale)
-                preconditioned.update(id(p) for p in (layer.weight, layer.bias) if p is not None)
-        for group, p in found:
-            if id(p) not in preconditioned:
-                grad = p.grad if inv_scale is None else p.grad * inv_scale.to(p.grad.dtype)
-                self._apply(p, group, grad)
+        updated = [layer for layer in due if layer.H_K is not None and layer.H_C is not None]
+        inputs = [p.grad for _, p in found] + [t for layer in updated for t in layer.H_K.tensors + layer.H_C.tensors]
+        if inputs:
+            finite = self._finite(inputs)
+            for layer in updated:
+                self._update_factors(layer, correction, finite)
+            preconditioned = set()
+            for layer in self._layers:
+                if layer.weight.grad is not None:
+                    self._update_layer(layer, finite)
+                    preconditioned.update(id(p) for p in (layer.weight, layer.bias) if p is not None)
+            for group, p in found:
+                if id(p) not in preconditioned:
+                    self._apply(p, group, p.grad, finite)
         self._finish_step()
         return loss
+
+    def _finite(self, inputs: list[torch.Tensor]) -> torch.Tensor:
+        """Whether every gradient and statistic of the step is finite: a 0-d bool on the device, decided
+        without a host sync; a non-finite step counts in ``skipped_steps`` and changes no state."""
+        finite = torch.stack([torch.isfinite(t).all() for t in inputs]).all()
+        self._skip_counter(finite.device).add_((~finite).to(torch.int32))
+        return finite
 
     def _finish_step(self) -> None:
         self._discard_statistics()
         self.steps += 1
         self._arm()
 
-    def _update_factors(self, layer: _Layer, correction: float | torch.Tensor) -> None:
-        """The momentum and factor updates of the module docstring, in fp32 (float64)."""
+    def _update_factors(self, layer: _Layer, correction: float | torch.Tensor, finite: torch.Tensor) -> None:
+        """The momentum and factor updates of the module docstring, in fp32 (float64); committed only where
+        ``finite``."""
         group = self.param_groups[layer.group]
         damping, alpha1 = group["damping"], group["alpha1"]
         scale = 0.5 * ((1.0 - alpha1) if group["normalize_lr_cov"] else 1.0)
@@ -416,12 +433,14 @@ class SINGD(KfoptOptimizer):
                 if m is None:
                     m = self._new_momentum(layer, key)
                 new_m.add_(m, alpha1)
-                m.copy_(new_m)
+                _commit(finite, m.tensors, new_m.tensors)
             step_size = lr_cov
             if group["normalize_lr_cov"]:
                 step_size = lr_cov / new_m.abs_max().clamp(min=1.0)
             factor = getattr(layer, key)
-            factor.add_(factor.compose(new_m), -step_size if isinstance(step_size, torch.Tensor) else -float(step_size))
+            new = factor.clone().add_(factor.compose(new_m),
+                                      -step_size if isinstance(step_size, torch.Tensor) else -float(step_size))
+            _commit(finite, factor.tensors, new.tensors)
 
     def _new_momentum(self, layer: _Layer, key: str) -> Structure:
         factor = getattr(layer, key)
@@ -431,27 +450,26 @@ class SINGD(KfoptOptimizer):
         self._bind(layer)
         return getattr(layer, f"m_{key}")
 
-    def _update_layer(self, layer: _Layer, inv_scale: torch.Tensor | None) -> None:
-        """``N = C C^T G K K^T`` and the parameter update of the layer's weight and bias."""
+    def _update_layer(self, layer: _Layer, finite: torch.Tensor) -> None:
+        """``N = C C^T G K K^T`` and the parameter update of the layer's weight and bias (where ``finite``)."""
         weight, bias = layer.weight, layer.bias
         d_in = layer.captured.in_features
         g = weight.grad.reshape(layer.captured.out_features, d_in)
         if bias is not None:
             bias_grad = bias.grad if bias.grad is not None else torch.zeros_like(bias)
             g = torch.cat([g, bias_grad.reshape(-1, 1).to(g.dtype)], dim=1)
-        if inv_scale is not None:
-            g = g * inv_scale.to(g.dtype)
         y = layer.K.matmul(g, right=True)
         y = layer.K.matmul(y, transpose=True, right=True)
         y = layer.C.matmul(y, transpose=True)
         natural = layer.C.matmul(y)
         group = self.param_groups[layer.group]
-        self._apply(weight, group, natural[:, :d_in].reshape(weight.shape))
+        self._apply(weight, group, natural[:, :d_in].reshape(weight.shape), finite)
         if bias is not None:
-            self._apply(bias, group, natural[:, d_in])
+            self._apply(bias, group, natural[:, d_in], finite)
 
-    def _apply(self, p: torch.Tensor, group: dict, direction: torch.Tensor) -> None:
-        """``d = direction + weight_decay w``; heavy-ball ``buf = momentum buf + d``; ``w -= lr buf``."""
+    def _apply(self, p: torch.Tensor, group: dict, direction: torch.Tensor, finite: torch.Tensor) -> None:
+        """``d = direction + weight_decay w``; heavy-ball ``buf = momentum buf + d``; ``w -= lr buf``; the
+        buffer and ``w`` change only where ``finite``."""
         dtype = torch.promote_types(p.dtype, torch.float32)
         d = direction.to(dtype)
         if group["weight_decay"] != 0:
@@ -461,9 +479,9 @@ class SINGD(KfoptOptimizer):
             if "momentum_buffer" not in state:
                 state["momentum_buffer"] = torch.zeros_like(p, dtype=dtype)
             buf = state["momentum_buffer"]
-            buf.mul_(group["momentum"]).add_(d)
-            d = buf
-        p.add_(d, alpha=-group["lr"])
+            d = buf * group["momentum"] + d
+            _commit(finite, [buf], [d])
+        _commit(finite, [p], [p.add(d, alpha=-group["lr"])])
 
     # -- inspection and checkpoints -------------------------------------------------------------
 

@@ -8,7 +8,7 @@ the caller points them at empty folders for a cold first process, and reuses the
 Prints one JSON object: first_call_s (wall time of the first call, synchronised: compile + tune on a
 cold cache, cache lookup + loading compiled kernels on a warm one), cached_call_s (median wall time
 of 10 later synchronised calls), the config chosen, the number of candidates, whether the cache
-file changed, and the case's shape and dtype; or {"skip": reason}.
+file changed, and the case's shape and dtype.
 """
 
 from __future__ import annotations
@@ -39,40 +39,38 @@ def config_space(kernel: str):
 
 
 def build(kernel: str):
-    """(call, shape label, dtype label) of the kernel's probe case, or a skip reason string."""
+    """(call, shape label, dtype label) of the kernel's probe case: elementwise steps on a 1e7-parameter
+    GPT-2-small mix (fp32); factor kernels on the first shape of their quick grid (perf.cases.FACTOR;
+    the smoke run: of their smoke grid). The rank-1 update works in place: each call first restores
+    its factors and scales (two copies, included in the call's time)."""
     from perf import cases
     device = config.DEVICE
-    total = {"smoke": 3000}.get(config.MODE, int(1e7))
     if kernel in ("lamb_step", "lars_step", "sonew_step"):
-        if kernel == "sonew_step" and cases.SONEW_MISSING:
-            return f"kfopt SONew does not import ({cases.SONEW_MISSING})"
+        total = {"smoke": 3000}.get(config.MODE, int(1e7))
         mix = cases.elementwise_mix("gpt2-small", total)
         ps = cases.ParamSet(mix, torch.float32, device)
         runner = {"lamb_step": cases.LambRunner, "lars_step": cases.LarsRunner,
                   "sonew_step": lambda p: cases.SonewRunner(p, 1)}[kernel](ps)
         return runner.step, mix.label, "fp32"
-    if kernel == "symmetric_covariance":
-        if cases.COVARIANCE_MISSING:
-            return f"kfopt symmetric_covariance does not import ({cases.COVARIANCE_MISSING})"
-        rows, d = (50, 70) if config.SMOKE else (4096, 1024)
-        x = torch.randn(rows, d, device=device).to(torch.bfloat16)
-        return (lambda: cases.COVARIANCE[0](x)), f"d={d},rows={rows}", "bf16"
-    if kernel == "eigen_precondition":
-        if cases.EIGEN_MISSING:
-            return f"kfopt eigen_precondition does not import ({cases.EIGEN_MISSING})"
-        m = 24 if config.SMOKE else 1024
-        p = {"layers": [(m, m)], "dtype": torch.bfloat16}
-        inputs = cases.EIGEN_PRECONDITION.make_inputs(p, device)
-        call = cases.EIGEN_PRECONDITION.impls[0].run
-        return (lambda: call(inputs)), f"{m}x{m}", "bf16"
-    return f"unknown kernel {kernel!r}"
+    methods = {m.name: m for m in cases.FACTOR}
+    if kernel not in methods:
+        raise KeyError(f"no probe case for kernel {kernel!r} (elementwise steps, or one of {sorted(methods)})")
+    method = methods[kernel]
+    p = method.grid["smoke" if config.SMOKE else "quick"][0]
+    inputs = method.make_inputs(p, device)
+    run = next(impl.run for impl in method.impls if impl.role == "kernel")
+    reset = method.reset
+
+    def call():
+        if reset:
+            reset(inputs)
+        run(inputs)
+
+    return call, method.label(p), cases.dtype_name(p["dtype"])
 
 
 def main(kernel: str) -> dict:
-    built = build(kernel)
-    if isinstance(built, str):
-        return {"skip": built}
-    call, shape, dtype = built
+    call, shape, dtype = build(kernel)
     cuda = config.DEVICE.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     if cuda:

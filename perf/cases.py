@@ -1,17 +1,15 @@
 """The case registry: what is benchmarked, with which baselines, and its bytes/flops model.
 
 Adding a method = adding an entry to one of the lists below (``ELEMENTWISE``, ``FACTOR``,
-``OPTIMIZERS``) and, if it has one, a ``Target``. The test modules parametrize over these lists; an
-entry whose kernel cannot be imported is still listed and its kfopt row is skipped with the reason,
-so a method that lands later only has to make its import succeed (and, for a planned factor kernel,
-replace ``planned("...")`` by a call of the kernel).
+``OPTIMIZERS``, ``AUTOTUNE_CASES``) and, if the issue names one, a ``Target``. The test modules
+parametrize over these lists.
 
 Conventions
 * "bytes" is the traffic floor of the algorithm the kernel implements, from its docstring (each
   pass's compulsory reads and writes); "compulsory_bytes" (elementwise) is the one-pass lower bound
   (every input read once, every output written once), reported for comparison.
 * "flops" counts 2 per multiply-add of the useful work (a symmetric product counts only one
-  triangle).
+  triangle; a structured product only the multiply-adds with the structure's own entries).
 * floor = max(bytes / copy bandwidth, flops / matmul rate of the dtype), both measured in the same
   run (``perf.timing.measure_ceilings``). floor fraction = floor / measured time.
 * ratio to a baseline = baseline time / case time (> 1: the kfopt kernel is faster); per-byte ratio
@@ -22,6 +20,7 @@ Conventions
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import os
 from dataclasses import dataclass, field
@@ -29,57 +28,26 @@ from typing import Callable
 
 import torch
 
+from perf.config import MODE  # noqa: I001  (first: sets TRITON_INTERPRET in the smoke run, before triton loads)
+
+import kfopt
+from kfopt.kernels import (
+    block_diagonal_matmul,
+    eigen_precondition,
+    eigen_precondition_reference,
+    lamb_step,
+    lars_step,
+    rank1_inverse_update,
+    rank1_inverse_update_reference,
+    sonew_step,
+    symmetric_covariance,
+    symmetric_covariance_reference,
+    toeplitz_matmul,
+    triangular_matmul,
+)
+from kfopt.kernels.triangular import unpack_lower
 from perf import baselines
-from perf.config import MODE
 from perf.models import GPT2_SMALL, GPTConfig, Mix, scaled_mix
-
-# ----------------------------------------------------------------------------- optional kfopt parts
-
-
-def _try(importer: Callable[[], object]):
-    """(object, None) or (None, reason) -- kernels being written may not import yet."""
-    try:
-        return importer(), None
-    except Exception as err:  # noqa: BLE001 - any import failure means "not available"
-        return None, f"{type(err).__name__}: {err}"
-
-
-def _public_or(module: str, *names: str):
-    """``kfopt.kernels.<name>`` for each name, else the same names from ``kfopt.kernels.<module>``."""
-    import importlib
-
-    import kfopt.kernels as kernels
-    if all(hasattr(kernels, n) for n in names):
-        return tuple(getattr(kernels, n) for n in names)
-    mod = importlib.import_module(f"kfopt.kernels.{module}")
-    return tuple(getattr(mod, n) for n in names)
-
-
-def _import_sonew():
-    import kfopt
-    (sonew_step,) = _public_or("sonew", "sonew_step")
-    if hasattr(kfopt, "SONew"):
-        return sonew_step, kfopt.SONew
-    from kfopt.sonew import SONew
-    return sonew_step, SONew
-
-
-def _import_covariance():
-    return _public_or("covariance", "symmetric_covariance", "symmetric_covariance_reference")
-
-
-def _import_eigen():
-    return _public_or("eigen_basis", "eigen_precondition", "eigen_precondition_reference")
-
-
-SONEW, SONEW_MISSING = _try(_import_sonew)
-COVARIANCE, COVARIANCE_MISSING = _try(_import_covariance)
-EIGEN, EIGEN_MISSING = _try(_import_eigen)
-
-
-def planned(what: str) -> Callable[[], str]:
-    """Availability of a kernel that does not exist yet."""
-    return lambda: f"not implemented yet: {what}"
 
 
 @contextlib.contextmanager
@@ -160,15 +128,14 @@ class LambRunner:
     """kfopt's ``lamb_step`` (``backend="torch"``: its PyTorch reference through the same call)."""
 
     def __init__(self, ps: ParamSet, backend: str | None = None):
-        from kfopt.kernels import lamb_step
-        self.lamb_step, self.ps, self.backend = lamb_step, ps, backend
+        self.ps, self.backend = ps, backend
         self.state = {"exp_avg": [torch.zeros_like(p, dtype=torch.float32) for p in ps.params],
                       "exp_avg_sq": [torch.zeros_like(p, dtype=torch.float32) for p in ps.params]}
         self.steps = [torch.zeros((), device=ps.device) for _ in ps.params]
 
     def step(self):
         with torch_backend() if self.backend == "torch" else contextlib.nullcontext():
-            self.lamb_step(self.ps.params, self.ps.grads, self.state["exp_avg"], self.state["exp_avg_sq"],
+            lamb_step(self.ps.params, self.ps.grads, self.state["exp_avg"], self.state["exp_avg_sq"],
                            self.steps, adapt=True, **LAMB_HP)
 
 
@@ -191,13 +158,12 @@ class LambForeachRunner:
 
 class LarsRunner:
     def __init__(self, ps: ParamSet, backend: str | None = None):
-        from kfopt.kernels import lars_step
-        self.lars_step, self.ps, self.backend = lars_step, ps, backend
+        self.ps, self.backend = ps, backend
         self.state = {"momentum_buffer": [torch.zeros_like(p, dtype=torch.float32) for p in ps.params]}
 
     def step(self):
         with torch_backend() if self.backend == "torch" else contextlib.nullcontext():
-            self.lars_step(self.ps.params, self.ps.grads, self.state["momentum_buffer"], adapt=True,
+            lars_step(self.ps.params, self.ps.grads, self.state["momentum_buffer"], adapt=True,
                            max_grad_norm=None, **LARS_HP)
 
 
@@ -225,7 +191,6 @@ class SonewRunner:
     WARM_STEPS = 12
 
     def __init__(self, ps: ParamSet, band: int, backend: str | None = None):
-        self.sonew_step = SONEW[0]
         self.ps, self.backend = ps, backend
         gen = torch.Generator(device=ps.device).manual_seed(ps.seed + 7)
         k, b1, b2 = self.WARM_STEPS, SONEW_HP["beta1"], SONEW_HP["beta2"]
@@ -249,7 +214,7 @@ class SonewRunner:
 
     def step(self):
         with torch_backend() if self.backend == "torch" else contextlib.nullcontext():
-            self.sonew_step(self.ps.params, self.ps.grads, self.state["exp_avg"], self.state["diag"],
+            sonew_step(self.ps.params, self.ps.grads, self.state["exp_avg"], self.state["diag"],
                             self.state["offdiag"], self.steps, precondition=self.precondition, **SONEW_HP)
 
 
@@ -280,7 +245,6 @@ class Impl:
     name: str
     role: str
     make: Callable[[ParamSet], object]
-    available: Callable[[], str | None] = lambda: None
     bench: bool = True
 
 
@@ -356,10 +320,6 @@ def _one_pass(state_floats: Callable[[tuple], int]):
     return model
 
 
-def _sonew_available():
-    return SONEW_MISSING and f"kfopt SONew does not import ({SONEW_MISSING})"
-
-
 ELEMENTWISE: list[ElementwiseMethod] = [
     ElementwiseMethod(
         "adamw", adamw_fused_bytes, lambda sh, dt: adamw_fused_bytes(sh, dt),
@@ -383,9 +343,8 @@ ELEMENTWISE: list[ElementwiseMethod] = [
     ElementwiseMethod(
         f"sonew-band{band}", sonew_bytes(band),
         _one_pass(lambda sh, band=band: math.prod(sh) * (2 + sonew_tensor_band(sh, band))),
-        [Impl("kfopt", "kernel", lambda ps, band=band: SonewRunner(ps, band), _sonew_available),
-         Impl("reference", "baseline", lambda ps, band=band: SonewRunner(ps, band, backend="torch"),
-              _sonew_available)],
+        [Impl("kfopt", "kernel", lambda ps, band=band: SonewRunner(ps, band)),
+         Impl("reference", "baseline", lambda ps, band=band: SonewRunner(ps, band, backend="torch"))],
         reference="reference",
         # band 4 costs ~1 s per tensor per step in the interpreter: its smoke case is 3 tensors, fp32
         smoke_sizes=[("gpt2-small", 3000, torch.float32)] if band > 1 else None,
@@ -406,7 +365,6 @@ class FactorImpl:
     name: str
     role: str
     run: Callable[[dict], object]
-    available: Callable[[], str | None] = lambda: None
     result: Callable | None = None
     bytes: Callable[[dict], float] | None = None   # default: the method's
     flops: Callable[[dict], float] | None = None
@@ -457,9 +415,6 @@ def _cov_truth(inputs, p):
     return x.T @ x / x.shape[0]
 
 
-def COV_KERNEL_MISSING():  # noqa: N802
-    return COVARIANCE_MISSING and f"kfopt symmetric_covariance does not import ({COVARIANCE_MISSING})"
-
 SYMMETRIC_COVARIANCE = FactorMethod(
     "symmetric_covariance",
     grid={"full": _grid(d=(256, 1024, 4096), rows=(4096, 16384), dtype=HALF_AND_FULL),
@@ -473,12 +428,12 @@ SYMMETRIC_COVARIANCE = FactorMethod(
     # one triangle (diagonal included) of x^T x
     flops=lambda p: p["rows"] * p["d"] * (p["d"] + 1),
     impls=[
-        FactorImpl("kfopt", "kernel", lambda i: COVARIANCE[0](i["x"]), COV_KERNEL_MISSING),
+        FactorImpl("kfopt", "kernel", lambda i: symmetric_covariance(i["x"])),
         FactorImpl("torch.matmul", "baseline", lambda i: baselines.covariance_matmul(i["x"]),
                    result=lambda out, i, p: out.double() / p["rows"],
                    bytes=lambda p: (p["rows"] * p["d"] + p["d"] ** 2) * size_of(p["dtype"]),
                    flops=lambda p: 2 * p["rows"] * p["d"] ** 2),
-        FactorImpl("reference", "baseline", lambda i: COVARIANCE[1](i["x"]), COV_KERNEL_MISSING),
+        FactorImpl("reference", "baseline", lambda i: symmetric_covariance_reference(i["x"])),
     ],
     label=lambda p: f"d={p['d']},rows={p['rows']}",
 )
@@ -507,17 +462,14 @@ def _eigen_inputs(p, device):
     }
 
 
-def _eigen_truth(i, p):
-    d64 = lambda ts: [t.double() for t in ts]  # noqa: E731
-    return EIGEN[1](d64(i["grads"]), d64(i["qa"]), d64(i["da"]), d64(i["qg"]), d64(i["dg"]), i["damping"])
-
-
-def EIGEN_MISSING_REASON():  # noqa: N802
-    return EIGEN_MISSING and f"kfopt eigen_precondition does not import ({EIGEN_MISSING})"
-
-
 def _eigen_call(fn):
     return lambda i: fn(i["grads"], i["qa"], i["da"], i["qg"], i["dg"], i["damping"])
+
+
+def _eigen_truth(i, p):
+    d64 = lambda ts: [t.double() for t in ts]  # noqa: E731
+    return eigen_precondition_reference(d64(i["grads"]), d64(i["qa"]), d64(i["da"]), d64(i["qg"]), d64(i["dg"]),
+                                        i["damping"])
 
 
 EIGEN_PRECONDITION = FactorMethod(
@@ -532,8 +484,8 @@ EIGEN_PRECONDITION = FactorMethod(
     bytes=lambda p: sum((2 * m * n + m * m + n * n) * size_of(p["dtype"]) + 4 * (m + n) for m, n in p["layers"]),
     flops=lambda p: sum(4 * m * n * (m + n) for m, n in p["layers"]),
     impls=[
-        FactorImpl("kfopt", "kernel", _eigen_call(lambda *a: EIGEN[0](*a)), EIGEN_MISSING_REASON),
-        FactorImpl("reference", "baseline", _eigen_call(lambda *a: EIGEN[1](*a)), EIGEN_MISSING_REASON),
+        FactorImpl("kfopt", "kernel", _eigen_call(eigen_precondition)),
+        FactorImpl("reference", "baseline", _eigen_call(eigen_precondition_reference)),
     ],
     label=lambda p: ("gpt2-block" if p["layers"] == GPT2_BLOCK_LAYERS else
                      "+".join(f"{m}x{n}" for m, n in p["layers"])),
@@ -541,6 +493,9 @@ EIGEN_PRECONDITION = FactorMethod(
 
 
 # --- rank-1 inverse update (MKOR): J <- (J - c (Jv)(Jv)^T / (1 + c v^T J v)) / gamma, many layers
+# kfopt stores J = scales[i] * F_i (kernels/rank1_inverse.py): F starts as J (scale 1) and is
+# renormalised in place (max|F| <= 1), the scale absorbing the rest; the check compares
+# scales[i] * F_i with the float64 update of J.
 
 RANK1_GAMMA = 0.95
 GPT2_BLOCK_FACTORS = [769, 2304, 769, 768, 769, 3072, 3073, 768]  # sides of the 8 factors of one block
@@ -551,14 +506,26 @@ def _rank1_inputs(p, device):
     js, vs = [], []
     for d in p["sides"]:
         a = torch.randn(d, d, generator=gen, device=device) / math.sqrt(d)
-        js.append((torch.eye(d, device=device) + 0.1 * (a + a.T)).to(p["dtype"]))
+        js.append((torch.eye(d, device=device) + 0.1 * (a + a.T)).to(p["dtype"]))  # symmetric, eigenvalues ~[0.7, 1.3]
         vs.append((torch.randn(d, generator=gen, device=device) / math.sqrt(d)).to(p["dtype"]))
-    return {"J": js, "v": vs, "J0": [j.clone() for j in js]}
+    return {"J": js, "v": vs, "scales": torch.ones(len(js), dtype=torch.float32, device=device),
+            "J0": [j.clone() for j in js]}
 
 
 def _rank1_reset(i):
+    """Restore the factors and (kfopt) their scales: every timed round updates the same J."""
     for j, j0 in zip(i["J"], i["J0"]):
         j.copy_(j0)
+    i["scales"].fill_(1.0)
+
+
+def _rank1_kfopt(update):
+    return lambda i: update(i["J"], i["v"], i["scales"], decay=RANK1_GAMMA)
+
+
+def _rank1_scaled(out, i, p):
+    """J_i = scales[i] * F_i (kfopt's storage)."""
+    return [s * f.double() for s, f in zip(i["scales"].double().unbind(), i["J"])]
 
 
 RANK1_INVERSE_UPDATE = FactorMethod(
@@ -569,75 +536,115 @@ RANK1_INVERSE_UPDATE = FactorMethod(
     make_inputs=_rank1_inputs,
     truth=lambda i, p: [baselines.rank1_inverse_update_exact(j, v, RANK1_GAMMA) for j, v in zip(i["J0"], i["v"])],
     tol=lambda p, impl: _half_tol(p["dtype"], 1e-5),
-    # mkor.md: J read twice, written once (3 d^2) + v read
+    # kernels/rank1_inverse.py: F read twice (mat-vec pass, update pass), written once: 3 d^2 s
+    # compulsory, plus v read (d s); the per-factor scale and the O(d) scratch vectors are not counted
     bytes=lambda p: sum((3 * d * d + d) * size_of(p["dtype"]) for d in p["sides"]),
+    # useful work: the mat-vec (2 d^2) and the rank-1 update (2 d^2)
     flops=lambda p: sum(4 * d * d for d in p["sides"]),
     impls=[
-        FactorImpl("kfopt", "kernel", None, planned("kfopt.kernels rank1_inverse_update (lands with MKOR)")),
+        FactorImpl("kfopt", "kernel", _rank1_kfopt(rank1_inverse_update), result=_rank1_scaled),
         FactorImpl("torch-two-op", "baseline",
                    lambda i: baselines.rank1_inverse_update_torch(i["J"], i["v"], RANK1_GAMMA),
                    result=lambda out, i, p: i["J"]),
+        # kfopt's own PyTorch twin: the same stabiliser and scale handling, one factor at a time
+        FactorImpl("reference", "baseline", _rank1_kfopt(rank1_inverse_update_reference), result=_rank1_scaled),
     ],
     label=lambda p: "gpt2-12-blocks" if len(p["sides"]) > 8 else "+".join(map(str, p["sides"])),
     reset=_rank1_reset,
 )
 
 
-# --- structured factor products (SINGD): K (structured, d x d) @ X (d x rows) vs the dense matmul
+# --- structured factor products (SINGD): op(S) x for a structured d x d S and a dense d x rows x,
+# against the dense torch.matmul of the same logical S. The kfopt kernels return fp32 unless given
+# ``out``; here ``out`` is preallocated in the input dtype, the dtype torch.matmul returns, so both
+# sides read and write the same tensors (SINGD itself asks for fp32 results, which writes 4 d rows
+# bytes instead of s d rows).
 
-def _block_diagonal(d, block, gen, device):
-    k = torch.zeros(d, d, device=device)
-    for s in range(0, d, block):
-        e = min(d, s + block)
-        k[s:e, s:e] = torch.randn(e - s, e - s, generator=gen, device=device)
-    return k
-
-
-def _structured_inputs(p, device):
-    gen = torch.Generator(device=device).manual_seed(4)
-    d = p["d"]
-    if p["structure"] == "block-diagonal-32":
-        k = _block_diagonal(d, 32, gen, device)
-    else:  # "lower-triangular"
-        k = torch.tril(torch.randn(d, d, generator=gen, device=device))
-    return {"k_dense": k.to(p["dtype"]),
-            "x": torch.randn(d, p["rows"], generator=gen, device=device).to(p["dtype"])}
+STRUCTURED_GRID = {"full": _grid(d=(256, 1024, 4096), rows=(4096, 16384), dtype=HALF_AND_FULL),
+                   "quick": _grid(d=(1024,), rows=(4096,), dtype=(torch.bfloat16,)),
+                   "smoke": _grid(d=(37,), rows=(19,), dtype=HALF_AND_FULL)}
+BLOCK = {"full": 32, "quick": 32, "smoke": 9}  # side of the diagonal blocks (d is rounded down to a multiple)
 
 
-def _structured_flops(p):
-    d, rows = p["d"], p["rows"]
-    per_row = {"block-diagonal-32": 2 * d * 32, "lower-triangular": d * (d + 1)}[p["structure"]]
-    return per_row * rows
+def _toeplitz_dense(coeffs):
+    """The lower-triangular Toeplitz matrix L[i, j] = c[i - j] (i >= j)."""
+    idx = torch.arange(coeffs.shape[0], device=coeffs.device)
+    lag = idx[:, None] - idx[None, :]
+    return torch.where(lag >= 0, coeffs[lag.clamp(min=0)], torch.zeros((), dtype=coeffs.dtype, device=coeffs.device))
 
 
-def _structured_bytes(p):
-    d, rows, s = p["d"], p["rows"], size_of(p["dtype"])
-    factor = {"block-diagonal-32": d * 32, "lower-triangular": d * (d + 1) // 2}[p["structure"]]
-    return (factor + 2 * d * rows) * s
+@dataclass(frozen=True)
+class StructuredProduct:
+    """One SINGD structure and its kernel ``call(factor, x, out=)``: ``entries(p)`` the number of its
+    free entries (what the kernel reads), ``macs(p)`` the useful multiply-adds per column of x (one per
+    structural non-zero of S); ``make(p, gen, device)`` random free entries, ``dense(factor)`` the same
+    matrix as a d x d tensor; ``params(p, mode)`` adjusts the shape params of the mode's grid."""
+
+    kernel: str
+    entries: Callable[[dict], int]
+    macs: Callable[[dict], int]
+    make: Callable[[dict, torch.Generator, torch.device], torch.Tensor]
+    dense: Callable[[torch.Tensor], torch.Tensor]
+    call: Callable[..., torch.Tensor]
+    params: Callable[[dict, str], dict] = lambda p, mode: {}
 
 
-STRUCTURED_PRODUCT = FactorMethod(
-    "structured_product",
-    grid={"full": _grid(structure=("block-diagonal-32", "lower-triangular"), d=(1024, 4096), rows=(4096,),
-                        dtype=(torch.bfloat16, torch.float32)),
-          "quick": _grid(structure=("block-diagonal-32",), d=(1024,), rows=(4096,), dtype=(torch.bfloat16,)),
-          "smoke": _grid(structure=("block-diagonal-32", "lower-triangular"), d=(40,), rows=(24,),
-                         dtype=(torch.float32,))},
-    make_inputs=_structured_inputs,
-    truth=lambda i, p: i["k_dense"].double() @ i["x"].double(),
-    tol=lambda p, impl: _half_tol(p["dtype"], 1e-4),
-    bytes=_structured_bytes,
-    flops=_structured_flops,
-    impls=[
-        FactorImpl("kfopt", "kernel", None, planned("structured factor products (land with SINGD)")),
-        FactorImpl("dense-matmul", "baseline", lambda i: baselines.structured_dense_matmul(i["k_dense"], i["x"]),
-                   bytes=lambda p: (p["d"] ** 2 + 2 * p["d"] * p["rows"]) * size_of(p["dtype"]),
-                   flops=lambda p: 2 * p["d"] ** 2 * p["rows"]),
-    ],
-    label=lambda p: f"{p['structure']},d={p['d']},rows={p['rows']}",
-)
+def _triangle(p):
+    return p["d"] * (p["d"] + 1) // 2
 
-FACTOR: list[FactorMethod] = [SYMMETRIC_COVARIANCE, EIGEN_PRECONDITION, RANK1_INVERSE_UPDATE, STRUCTURED_PRODUCT]
+
+def _block_grid(p, mode):
+    """The block side, and d rounded down to whole blocks."""
+    b = BLOCK[mode]
+    return {"d": p["d"] - p["d"] % b, "block": b}
+
+
+STRUCTURES = [
+    StructuredProduct(
+        "block_diagonal_matmul", entries=lambda p: p["d"] * p["block"], macs=lambda p: p["d"] * p["block"],
+        make=lambda p, gen, dev: torch.randn(p["d"] // p["block"], p["block"], p["block"], generator=gen,
+                                             device=dev) / math.sqrt(p["block"]),
+        dense=lambda blocks: torch.block_diag(*blocks), call=block_diagonal_matmul, params=_block_grid),
+    StructuredProduct(
+        "triangular_matmul", entries=_triangle, macs=_triangle,
+        make=lambda p, gen, dev: torch.randn(_triangle(p), generator=gen, device=dev) / math.sqrt(p["d"]),
+        dense=unpack_lower, call=triangular_matmul),
+    StructuredProduct(
+        "toeplitz_matmul", entries=lambda p: p["d"], macs=_triangle,
+        make=lambda p, gen, dev: torch.randn(p["d"], generator=gen, device=dev) / math.sqrt(p["d"]),
+        dense=_toeplitz_dense, call=toeplitz_matmul),
+]
+
+
+def _structured_method(st: StructuredProduct) -> FactorMethod:
+    def inputs(p, device):
+        gen = torch.Generator(device=device).manual_seed(4)
+        factor = st.make(p, gen, device).to(p["dtype"])
+        x = torch.randn(p["d"], p["rows"], generator=gen, device=device).to(p["dtype"])
+        return {"factor": factor, "dense": st.dense(factor), "x": x, "out": torch.empty_like(x)}
+
+    return FactorMethod(
+        st.kernel,
+        grid={mode: [dict(p, **st.params(p, mode)) for p in grid] for mode, grid in STRUCTURED_GRID.items()},
+        make_inputs=inputs,
+        truth=lambda i, p: i["dense"].double() @ i["x"].double(),
+        tol=lambda p, impl: _half_tol(p["dtype"], 1e-4),
+        # the structure's own entries and x read once, the result written once (input dtype)
+        bytes=lambda p: (st.entries(p) + 2 * p["d"] * p["rows"]) * size_of(p["dtype"]),
+        flops=lambda p: 2 * st.macs(p) * p["rows"],
+        impls=[
+            FactorImpl("kfopt", "kernel", lambda i: st.call(i["factor"], i["x"], out=i["out"])),
+            FactorImpl("dense-matmul", "baseline", lambda i: baselines.structured_dense_matmul(i["dense"], i["x"]),
+                       bytes=lambda p: (p["d"] ** 2 + 2 * p["d"] * p["rows"]) * size_of(p["dtype"]),
+                       flops=lambda p: 2 * p["d"] ** 2 * p["rows"]),
+        ],
+        label=lambda p: (f"b={p['block']}," if "block" in p else "") + f"d={p['d']},rows={p['rows']}",
+    )
+
+
+STRUCTURED_PRODUCTS = [_structured_method(st) for st in STRUCTURES]
+
+FACTOR: list[FactorMethod] = [SYMMETRIC_COVARIANCE, EIGEN_PRECONDITION, RANK1_INVERSE_UPDATE, *STRUCTURED_PRODUCTS]
 
 
 # ============================================================================ whole optimizer steps
@@ -651,18 +658,34 @@ STEP_MODEL = {
 
 @dataclass
 class OptimizerCase:
-    """A whole ``optimizer.step()`` on the GPT-2-shaped model's gradients. ``build(model)`` makes the
-    optimizer; ``backend="torch"`` runs it on kfopt's PyTorch references; ``bytes(model)`` is one
-    step's traffic floor; ``reference``: the impl of the same method it is checked against."""
+    """A whole ``optimizer.step()`` on the GPT-2-shaped model's gradients (perf/test_optimizer_steps.py).
+
+    ``build(model)`` makes the optimizer; ``backend="torch"`` runs it on kfopt's PyTorch references
+    (for a hook-based optimizer also the forward/backward its hooks see); ``bytes(model)``: one step's
+    traffic floor, or None where the step is not bandwidth-bound (the Kronecker-factored optimizers:
+    eigendecompositions, GEMMs); ``reference``: the impl of the same method it is checked against;
+    ``tol``: the relative error allowed on the parameter update (test_optimizer_steps.py says why).
+
+    ``hooks``: the optimizer is built around the model and captures statistics in the forward/backward
+    (K-FAC, MKOR, SINGD). It is built before the forward/backward, and every timed step is preceded,
+    untimed, by a fresh forward/backward (the step consumes and clears what the hooks captured).
+    ``build`` sets every update interval to 1, so that each timed step updates the factors and the
+    inverse/eigen data: the worst-case step. ``build_default`` is the same optimizer at kfopt's default
+    intervals, whose amortised step (mean over ``cycle`` consecutive steps of a training loop) is
+    recorded as well.
+    """
 
     method: str
     impl: str
     role: str
     build: Callable[[torch.nn.Module], torch.optim.Optimizer]
-    bytes: Callable[[torch.nn.Module], float]
+    bytes: Callable[[torch.nn.Module], float] | None
     reference: str | None = None
     backend: str | None = None
-    available: Callable[[], str | None] = lambda: None
+    hooks: bool = False
+    build_default: Callable[[torch.nn.Module], torch.optim.Optimizer] | None = None
+    cycle: int = 1
+    tol: float = 1e-4
 
 
 def _param_shapes(model):
@@ -674,18 +697,56 @@ def _per_param_bytes(per_param: Callable[[tuple, torch.dtype], float]):
 
 
 def _groups(model, wd):
-    from kfopt import param_groups
-    return param_groups(model, weight_decay=wd)
+    return kfopt.param_groups(model, weight_decay=wd)
 
 
 def _lamb(model):
-    import kfopt
     return kfopt.LAMB(_groups(model, 0.01), lr=1e-3)
 
 
 def _lars(model):
-    import kfopt
     return kfopt.LARS(_groups(model, 1e-4), lr=0.1)
+
+
+def _default(cls, argument: str) -> int:
+    """The default of a constructor argument (an update interval) of a kfopt optimizer."""
+    return inspect.signature(cls).parameters[argument].default
+
+
+# The Kronecker-factored optimizers, with the hyperparameters ``kfopt compare`` uses on its chars
+# transformer (kfopt/compare/registry.py): perf.models.GPT averages its loss over every token.
+LOSS_AVERAGE = "batch+sequence"
+
+
+def _kfac(every_step: bool):
+    intervals = dict(factor_update_steps=1, inv_update_steps=1) if every_step else {}
+    return lambda m: kfopt.KFAC(m, lr=3e-2, loss_average=LOSS_AVERAGE, **intervals)
+
+
+def _mkor(cls):
+    def build(every_step: bool):
+        intervals = dict(inv_freq=1) if every_step else {}
+        return lambda m: cls(m, lr=3e-2, loss_average=LOSS_AVERAGE, **intervals)
+    return build
+
+
+def _singd(structures: tuple[str, str]):
+    def build(every_step: bool):
+        intervals = dict(T=1) if every_step else {}
+        return lambda m: kfopt.SINGD(m, lr=3e-3, lr_cov=0.05, damping=1e-2, loss_average=LOSS_AVERAGE,
+                                     structures=structures, **intervals)
+    return build
+
+
+KRONECKER_FACTORED = [  # (method, build(every_step), steps in one period of the default intervals)
+    ("kfac", _kfac, _default(kfopt.KFAC, "inv_update_steps")),
+    ("mkor", _mkor(kfopt.MKOR), _default(kfopt.MKOR, "inv_freq")),
+    # MKOR-H before its switch (its step() observes no loss here); after it, its step is its base LAMB's
+    ("mkorh", _mkor(kfopt.MKORH), _default(kfopt.MKORH, "inv_freq")),
+    ("singd-dense", _singd(("dense", "dense")), _default(kfopt.SINGD, "T")),
+    ("singd-block32", _singd(("block32diagonal", "block32diagonal")), _default(kfopt.SINGD, "T")),
+    ("singd-toeplitz", _singd(("triltoeplitz", "diagonal")), _default(kfopt.SINGD, "T")),
+]
 
 
 OPTIMIZERS: list[OptimizerCase] = [
@@ -708,14 +769,23 @@ OPTIMIZERS: list[OptimizerCase] = [
     for band in (1, 4)
     for case in (
         OptimizerCase(f"sonew-band{band}", "kfopt", "kernel",
-                      lambda m, band=band: SONEW[1](m.parameters(), lr=1e-3, band=band),
-                      _per_param_bytes(sonew_bytes(band)), reference="reference", available=_sonew_available),
+                      lambda m, band=band: kfopt.SONew(m.parameters(), lr=1e-3, band=band),
+                      _per_param_bytes(sonew_bytes(band)), reference="reference"),
         OptimizerCase(f"sonew-band{band}", "reference", "baseline",
-                      lambda m, band=band: SONEW[1](m.parameters(), lr=1e-3, band=band),
-                      _per_param_bytes(sonew_bytes(band)), backend="torch", available=_sonew_available),
+                      lambda m, band=band: kfopt.SONew(m.parameters(), lr=1e-3, band=band),
+                      _per_param_bytes(sonew_bytes(band)), backend="torch"),
+    )
+] + [
+    case
+    for method, build, cycle in KRONECKER_FACTORED
+    for case in (
+        OptimizerCase(method, "kfopt", "kernel", build(True), None, reference="reference", hooks=True,
+                      build_default=build(False), cycle=cycle),
+        OptimizerCase(method, "reference", "baseline", build(True), None, backend="torch", hooks=True),
     )
 ]
 SHARED_BASELINES = {"elementwise": ("adamw",), "step": ("adamw",)}
+STATE_BASELINE = ("adamw", "torch-fused")  # every step case's optimizer-state bytes are also given relative to it
 
 
 def optimizer_case(method: str, impl: str) -> OptimizerCase:
@@ -725,8 +795,9 @@ def optimizer_case(method: str, impl: str) -> OptimizerCase:
 # ============================================================================ autotune cost
 
 AUTOTUNE_CASES = {
-    # name: (kernel, description of the call); the probe (perf/autotune_probe.py) builds the inputs
-    "full": ["lamb_step", "lars_step", "sonew_step", "symmetric_covariance", "eigen_precondition"],
+    # kernel names (their kfopt.autotune ConfigSpace); the probe (perf/autotune_probe.py) builds the inputs
+    "full": ["lamb_step", "lars_step", "sonew_step", "symmetric_covariance", "eigen_precondition",
+             "rank1_inverse_update", "block_diagonal_matmul", "triangular_matmul", "toeplitz_matmul"],
     "quick": ["lamb_step"],
     "smoke": ["lamb_step"],
 }
@@ -744,7 +815,6 @@ class Target:
     op: str                 # ">=" or "<="
     threshold: float
     unit: str = ""
-    available: Callable[[], str | None] = lambda: None  # why the kfopt side may not exist
 
 
 def _is(r, family, method, impl="kfopt"):
@@ -760,12 +830,10 @@ TARGETS = [
     Target("sonew-band1-vs-adamw", "SONew band 1 step <= 1.3x AdamW(fused) time",
            lambda r: _is(r, "elementwise", "sonew-band1") or _is(r, "step", "sonew-band1"),
            lambda r: (1.0 / r["ratios"]["adamw/torch-fused"]) if r["ratios"].get("adamw/torch-fused") else None,
-           "<=", 1.3, "x", available=_sonew_available),
+           "<=", 1.3, "x"),
     Target("covariance-vs-matmul", "symmetric covariance >= 1.6x torch.matmul(x.T, x) at d >= 1024",
            lambda r: _is(r, "factor", "symmetric_covariance") and r["params"].get("d", 0) >= 1024,
-           lambda r: r["ratios"].get("symmetric_covariance/torch.matmul"), ">=", 1.6, "x",
-           available=COV_KERNEL_MISSING),
+           lambda r: r["ratios"].get("symmetric_covariance/torch.matmul"), ">=", 1.6, "x"),
     Target("rank1-byte-floor", "rank-1 inverse update >= 80% of its byte floor",
-           lambda r: _is(r, "factor", "rank1_inverse_update"), lambda r: r.get("floor_fraction"), ">=", 0.80,
-           available=RANK1_INVERSE_UPDATE.impls[0].available),
+           lambda r: _is(r, "factor", "rank1_inverse_update"), lambda r: r.get("floor_fraction"), ">=", 0.80),
 ]

@@ -134,7 +134,7 @@ class Bench:
             warm_setup()
             fn()
         torch.cuda.synchronize()
-        host_s, latency_s = timing.host_and_latency(fn)
+        host_s, latency_s = timing.host_and_latency(fn, setup=reset)
         prefill = timing.make_prefill(host_s)
 
         def setup():

@@ -9,7 +9,8 @@ One record per (case, implementation); fields (JSON lines, one object per line, 
   commit_dirty, timer, median_s, min_s, max_s, iqr_s, rounds, host_s, latency_s, host_bound, bytes,
   compulsory_bytes, flops, floor_s, floor_fraction, bytes_per_s, flops_per_s, ratios
   ({"method/impl": baseline time / this time}), per_byte_ratios, check ({"max_rel_err", "against"}),
-  targets ([{"target", "value", "threshold", "met", "note"}]), extra.
+  targets ([{"target", "value", "threshold", "met", "note"}]), extra (per family: e.g. the step
+  cases' state_bytes, state_bytes_vs_adamw_fused, iteration_latency_s, amortised_step_s).
 
 Timings are ``null`` in the smoke run (which writes to a temporary folder, never to perf/results/).
 """
@@ -27,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from perf.cases import SHARED_BASELINES, TARGETS
+from perf.cases import SHARED_BASELINES, STATE_BASELINE, TARGETS
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -109,6 +110,7 @@ class Recorder:
         if self.finalized:
             return
         self.finalized = True
+        self._state_ratios()
         timed = [r for r in self.records if r.get("median_s")]
         by_group: dict[str, list[dict]] = {}
         for r in timed:
@@ -144,10 +146,18 @@ class Recorder:
                          "met": met, "note": note}
                 r["targets"].append(entry)
                 rows.append({**entry, "case": r["case"], "impl": r["impl"], "shape": r["shape"], "dtype": r["dtype"]})
-            why = target.available()
             self.targets.append({"target": target.name, "text": target.text, "rows": rows,
-                                 "note": None if rows else "not measured" + (
-                                     f" ({why})" if why else " (no timed kfopt case of it ran)")})
+                                 "note": None if rows else "not measured (no timed kfopt case of it ran)"})
+
+    def _state_ratios(self) -> None:
+        """Optimizer-state bytes of every step case relative to AdamW(fused)'s in the same group (also in
+        the smoke run: memory is not a timing)."""
+        bases = {r["group"]: r for r in self.records
+                 if r["family"] == "step" and (r["method"], r["impl"]) == STATE_BASELINE}
+        for r in self.records:
+            base = bases.get(r["group"])
+            if r["family"] == "step" and base and base["extra"].get("state_bytes"):
+                r["extra"]["state_bytes_vs_adamw_fused"] = r["extra"]["state_bytes"] / base["extra"]["state_bytes"]
 
     # -- output -------------------------------------------------------------------------------
 
@@ -226,7 +236,7 @@ class Recorder:
 
     def table_lines(self) -> list[str]:
         rows = [("case", "impl", "shape", "dtype", "device ms", "host ms", "GB/s", "TFLOP/s", "floor",
-                 "speed-up vs baselines")]
+                 "state/AdamW", "speed-up vs baselines")]
         order = lambda r: (r["family"], r["method"], r["shape"], r["dtype"], r["role"] != "kernel")  # noqa: E731
         for r in sorted(self.records, key=order):
             if r["family"] == "autotune":
@@ -234,7 +244,8 @@ class Recorder:
             ratios = " ".join(f"{k}:{v:.3g}x" for k, v in r["ratios"].items())
             rows.append((r["case"], r["impl"], r["shape"], r["dtype"], _ms(r.get("median_s")), _ms(r.get("host_s")),
                          _num(r.get("bytes_per_s"), 1e9), _num(r.get("flops_per_s"), 1e12),
-                         _pct(r.get("floor_fraction")), ratios or ("-" if r["role"] == "kernel" else "")))
+                         _pct(r.get("floor_fraction")), _times(r["extra"].get("state_bytes_vs_adamw_fused")),
+                         ratios or ("-" if r["role"] == "kernel" else "")))
         lines = _format(rows)
         tuned = [r for r in self.records if r["family"] == "autotune"]
         if tuned:
@@ -314,6 +325,10 @@ def _ms(v):
 
 def _num(v, scale):
     return "-" if v is None else f"{v / scale:.1f}"
+
+
+def _times(v):
+    return "-" if v is None else f"{v:.2f}x"
 
 
 def _pct(v):

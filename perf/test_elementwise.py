@@ -65,9 +65,6 @@ def check_against_reference(method, impl, runner, ps: ParamSet) -> dict:
 
 @pytest.mark.parametrize("method,impl,mix_name,total,dtype", CASES)
 def test_elementwise_step(bench, method, impl, mix_name, total, dtype):
-    reason = impl.available()
-    if reason:
-        pytest.skip(reason)
     mix = elementwise_mix(mix_name, total, method.smoke_tensors)
     ps = ParamSet(mix, dtype, DEVICE)
     runner = impl.make(ps)

@@ -95,10 +95,14 @@ def make_prefill(host_s: float) -> Callable[[], None]:
     return prefill
 
 
-def host_and_latency(fn: Callable[[], object], reps: int = 5) -> tuple[float, float]:
-    """Median (host enqueue seconds, synchronised latency seconds) of ``fn``, GPU idle before each call."""
+def host_and_latency(fn: Callable[[], object], reps: int = 5,
+                     setup: Callable[[], None] | None = None) -> tuple[float, float]:
+    """Median (host enqueue seconds, synchronised latency seconds) of ``fn``, GPU idle before each call;
+    ``setup`` (untimed) runs before each call (e.g. restoring inputs that ``fn`` consumes)."""
     host, latency = [], []
     for _ in range(reps):
+        if setup:
+            setup()
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         fn()

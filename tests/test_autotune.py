@@ -5,6 +5,7 @@ import multiprocessing as mp
 
 import pytest
 import torch
+import triton
 
 import kfopt.autotune.space as space
 from kfopt.autotune import Config, ConfigSpace, TuningCache, get_cache, shape_bucket, tuning_key
@@ -87,6 +88,28 @@ def test_tuning_times_each_candidate_restores_buffers_and_caches(cache_path, mon
     timed.clear()
     assert cs.select(device=torch.device("cpu"), bucket=shape_bucket(120), dtype=torch.float32, run=run) == chosen
     assert timed == [], "a cached decision (same bucket) must not be timed again"
+
+
+@pytest.mark.parametrize("error", [
+    triton.runtime.errors.OutOfResources(300000, 232448, "shared memory"),
+    triton.runtime.errors.PTXASError("ptxas fatal: too many registers"),
+    triton.compiler.errors.CompilationError("src", None, "bad tile"),
+])
+def test_candidates_that_cannot_compile_or_launch_are_skipped(cache_path, monkeypatch, error):
+    """A candidate failing to compile (front end or ptxas) or to launch is skipped; when every candidate
+    fails, select says so instead of returning a config that cannot run."""
+    def run(config):
+        if config["BLOCK"] == 128:
+            raise error
+
+    monkeypatch.setattr(space, "can_benchmark", lambda device: True)
+    monkeypatch.setattr(space, "benchmark", lambda fn: fn() or 1.0)
+    cs = ConfigSpace("failing", CANDIDATES, default=CANDIDATES[3])
+    chosen = cs.select(device=torch.device("cpu"), bucket=(64,), dtype=torch.float32, run=run)
+    assert chosen["BLOCK"] == 64
+    with pytest.raises(RuntimeError, match="no candidate config"):
+        ConfigSpace("failing", CANDIDATES[2:], default=CANDIDATES[3]).select(
+            device=torch.device("cpu"), bucket=(64,), dtype=torch.float32, run=run)
 
 
 def test_default_must_be_a_candidate():

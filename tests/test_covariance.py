@@ -1,15 +1,13 @@
 """symmetric_covariance (Triton, interpreted on CPU) against a float64 reference."""
 
-import json
 import math
 
 import pytest
 import torch
 import triton
 import triton.language as tl
-from checks import assert_rel_close
+from checks import assert_rel_close, check_default_config_untimed, tune_with_fake_timings
 
-import kfopt.autotune.space as space
 from kfopt.kernels.covariance import (
     COVARIANCE_CONFIGS,
     symmetric_covariance,
@@ -170,36 +168,16 @@ def test_bad_inputs(device):
 
 
 def test_default_config_under_interpreter(monkeypatch, device, seed):
-    if not space.INTERPRETER:
-        pytest.skip("the default is chosen without timing only under the interpreter")
-    chosen = []
-    select = COVARIANCE_CONFIGS.select
-    monkeypatch.setattr(COVARIANCE_CONFIGS, "select", lambda **kw: chosen.append(select(**kw)) or chosen[-1])
-    monkeypatch.setattr(space, "benchmark", lambda fn: pytest.fail("benchmarked under the interpreter"))
-    symmetric_covariance(activations(7, 17, torch.float32, device), True)
-    assert chosen == [COVARIANCE_CONFIGS.default]
+    x = activations(7, 17, torch.float32, device)
+    check_default_config_untimed(monkeypatch, COVARIANCE_CONFIGS, lambda: symmetric_covariance(x, True))
 
 
 def test_autotune_restores_the_fused_out(monkeypatch, tmp_path, device, seed):
     """Tuning runs every candidate on ``out`` in place: ``restore`` must leave exactly one update."""
-    cache = tmp_path / "autotune.json"
-    monkeypatch.setenv("KFOPT_AUTOTUNE_CACHE", str(cache))
-    monkeypatch.setattr(space, "can_benchmark", lambda device: True)
-    times = iter(range(len(COVARIANCE_CONFIGS.configs), 0, -1))  # the last candidate is the fastest
-    timed = []
-
-    def fake_benchmark(fn):
-        fn()
-        timed.append(1)
-        return float(next(times))
-
-    monkeypatch.setattr(space, "benchmark", fake_benchmark)
     x = activations(7, 17, torch.float32, device)
     old = random_factor(18, device)
     out = old.clone()
-    symmetric_covariance(x, True, out=out, decay=0.9)
-    assert len(timed) == len(COVARIANCE_CONFIGS.configs)
+    tune_with_fake_timings(monkeypatch, tmp_path, COVARIANCE_CONFIGS,
+                           lambda: symmetric_covariance(x, True, out=out, decay=0.9))
     assert_symmetric(out)
     assert_rel_close(out, reference(x, True, old, 0.9), tol=TOL, name="out after tuning")
-    (entry,) = json.loads(cache.read_text()).values()
-    assert entry["config"] == COVARIANCE_CONFIGS.configs[-1].to_json()

@@ -1,13 +1,11 @@
 """eigen_precondition (grouped Triton GEMMs, interpreted on CPU) against the float64 unfused sequence."""
 
-import json
 import math
 
 import pytest
 import torch
-from checks import assert_rel_close
+from checks import assert_rel_close, check_default_config_untimed, tune_with_fake_timings
 
-import kfopt.autotune.space as space
 from kfopt.kernels import eigen_basis as eigen_module
 from kfopt.kernels.eigen_basis import EIGEN_CONFIGS, eigen_precondition, eigen_precondition_reference
 
@@ -173,35 +171,15 @@ def test_bad_inputs(device, seed):
 
 
 def test_default_config_under_interpreter(monkeypatch, device, seed):
-    if not space.INTERPRETER:
-        pytest.skip("the default is chosen without timing only under the interpreter")
-    chosen = []
-    select = EIGEN_CONFIGS.select
-    monkeypatch.setattr(EIGEN_CONFIGS, "select", lambda **kw: chosen.append(select(**kw)) or chosen[-1])
-    monkeypatch.setattr(space, "benchmark", lambda fn: pytest.fail("benchmarked under the interpreter"))
-    eigen_precondition(*make_layers([(7, 17, torch.float32, torch.float32)], device), 1e-3)
-    assert chosen == [EIGEN_CONFIGS.default]
+    layers = make_layers([(7, 17, torch.float32, torch.float32)], device)
+    check_default_config_untimed(monkeypatch, EIGEN_CONFIGS, lambda: eigen_precondition(*layers, 1e-3))
 
 
 def test_autotune_restores_in_place_grads(monkeypatch, tmp_path, device, seed):
     """Tuning runs every candidate with out=grads: ``restore`` must leave exactly one preconditioning."""
-    cache = tmp_path / "autotune.json"
-    monkeypatch.setenv("KFOPT_AUTOTUNE_CACHE", str(cache))
-    monkeypatch.setattr(space, "can_benchmark", lambda device: True)
-    times = iter(range(len(EIGEN_CONFIGS.configs), 0, -1))  # the last candidate is the fastest
-    timed = []
-
-    def fake_benchmark(fn):
-        fn()
-        timed.append(1)
-        return float(next(times))
-
-    monkeypatch.setattr(space, "benchmark", fake_benchmark)
     layers = make_layers([(7, 17, torch.float32, torch.float32), (17, 5, torch.float32, torch.float32)], device)
     ref = reference(layers, 1e-2)
-    eigen_precondition(*layers, 1e-2, out=layers[0])
-    assert len(timed) == len(EIGEN_CONFIGS.configs)
+    tune_with_fake_timings(monkeypatch, tmp_path, EIGEN_CONFIGS,
+                           lambda: eigen_precondition(*layers, 1e-2, out=layers[0]))
     check(layers[0], ref, [torch.float32] * 2)
-    (entry,) = json.loads(cache.read_text()).values()
-    assert entry["config"] == EIGEN_CONFIGS.configs[-1].to_json()
 

@@ -261,15 +261,17 @@ def test_normalized_and_scheduled_lr_cov(torch_backend):
 
 
 def test_kfac_like_converges_to_damped_inverse(torch_backend):
-    """Design page's sanity result: with kfac_like and a fixed batch, K K^T -> (A + damping I)^{-1}."""
+    """Design page's sanity result: with kfac_like and a fixed batch, K K^T -> (A + damping I)^{-1} (a
+    mean loss keeps C's update stable and its statistics finite: no step is skipped)."""
     torch.manual_seed(4)
     layer = nn.Linear(4, 2, bias=False).double()
     x = torch.randn(32, 4, dtype=torch.float64)
     opt = SINGD(layer, lr=0.0, momentum=0.0, damping=0.1, kfac_like=True, alpha1=0.0, T=1, lr_cov=0.2)
     for _ in range(300):
         opt.zero_grad()
-        layer(x).sum().backward()
+        (layer(x).sum() / 32).backward()
         opt.step()
+    assert opt.skipped_steps.item() == 0
     K, _ = opt.factors("")
     kkt = K.to_dense() @ K.to_dense().T
     target = torch.linalg.inv(x.T @ x / 32 + 0.1 * torch.eye(4, dtype=torch.float64))
@@ -502,6 +504,75 @@ def test_grad_scaler_skips_inf_steps_and_unscales(torch_backend):
         rtol = 1e-6 if with_scaler_arg else 1e-12
         for p, q in zip(scaled.parameters(), plain.parameters()):
             assert torch.allclose(p, q, rtol=rtol, atol=1e-12)
+
+
+def snapshot(model, opt):
+    """Parameters and every optimizer state tensor, cloned."""
+    state = {(i, k): v.clone() for i, values in opt.state_dict()["state"].items() for k, v in values.items()}
+    return [p.detach().clone() for p in model.parameters()], state
+
+
+def assert_unchanged(model, opt, before):
+    params, state = snapshot(model, opt)
+    assert all(torch.equal(p, q) for p, q in zip(params, before[0])), "a parameter changed"
+    assert state.keys() == before[1].keys()
+    changed = [key for key, t in state.items() if not torch.equal(t, before[1][key])]
+    assert not changed, f"optimizer state changed: {changed}"
+
+
+def train_step(model, opt, x, y, poison=None):
+    """One step on (x, y); ``poison(model)`` edits the gradients before it."""
+    opt.zero_grad()
+    loss_fn(model(x), y, "batch").backward()
+    if poison is not None:
+        poison(model)
+    opt.step()
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+@pytest.mark.parametrize("param", ["fc1.weight", "fc2.bias", "norm.weight"])
+def test_non_finite_gradient_skips_the_step_on_the_device(param, bad, torch_backend):
+    """A NaN/inf in one gradient (of a preconditioned layer or of a first-order parameter), no GradScaler:
+    parameters and all state unchanged bit for bit, the step counted; the next step is the one a run
+    without the bad step takes."""
+    torch.manual_seed(13)
+    model = MLP().double()
+    data = batches(3, (8, 5), 3)
+    hp = dict(lr=0.05, momentum=0.9, weight_decay=1e-2, alpha1=0.5, T=1, lr_cov=0.1, damping=1e-2,
+              structures=("block2diagonal", "triutoeplitz"))
+    twin = copy.deepcopy(model)
+    opt, opt_twin = SINGD(model, **hp), SINGD(twin, **hp)
+    for m, o in ((model, opt), (twin, opt_twin)):
+        train_step(m, o, *data[0])
+    before = snapshot(model, opt)
+    train_step(model, opt, *data[1], poison=lambda m: m.get_parameter(param).grad.view(-1)[0].fill_(bad))
+    assert_unchanged(model, opt, before)
+    assert opt.skipped_steps.item() == 1 and opt.steps == 2
+    assert opt.state_dict()["skipped_steps"].item() == 1
+    train_step(model, opt, *data[2])
+    train_step(twin, opt_twin, *data[2])
+    assert opt.skipped_steps.item() == 1
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)
+    for name in opt.layers:
+        for ours, theirs in zip(opt.factors(name) + opt.momenta(name), opt_twin.factors(name) + opt_twin.momenta(name)):
+            assert all(torch.equal(a, b) for a, b in zip(ours.tensors, theirs.tensors))
+
+
+def test_non_finite_statistics_skip_the_step(torch_backend):
+    """An input of 1e200: finite gradients (a linear loss), but ``H_K`` overflows to inf; nothing changes."""
+    torch.manual_seed(14)
+    layer = nn.Linear(3, 2).double()
+    opt = SINGD(layer, lr=0.1, momentum=0.9, alpha1=0.5, T=1, lr_cov=0.1)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    for rows in (x, torch.cat([x[:1] * 1e200, x[1:]])):
+        before = snapshot(layer, opt)
+        opt.zero_grad()
+        layer(rows).sum().backward()
+        assert all(torch.isfinite(p.grad).all() for p in layer.parameters())
+        opt.step()
+    assert_unchanged(layer, opt, before)
+    assert opt.skipped_steps.item() == 1 and opt.steps == 2
 
 
 def test_unscale_without_grad_scaler_argument_raises(torch_backend):

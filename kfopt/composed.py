@@ -1,0 +1,131 @@
+"""``ComposedOptimizer``: a second-order preconditioner in front of a base optimizer (K-FAC, MKOR).
+
+The param groups come from the model (``kfopt.param_groups``; ``add_param_group`` after construction
+raises) and the base optimizer is built from *the same group dicts*: ``self.base.param_groups is
+self.param_groups`` and ``self.state is self.base.state``, so an LR scheduler (or a user) changing a
+group's hyperparameters drives the base step. ``base``: ``"sgd"`` (``torch.optim.SGD``), ``"adamw"``
+(``torch.optim.AdamW``), ``"lamb"`` (``kfopt.LAMB``), or a callable ``base(param_groups) ->
+torch.optim.Optimizer`` that must build its optimizer from the dicts it is given. A step is::
+
+    loss = closure()                                  (when given)
+    GradScaler overflow (_grad_scaler_skips_step):    _discard_step(), nothing else changes
+    otherwise:                                        _second_order_step(); base.step()
+
+``state_dict()`` is the base optimizer's plus ``state_key`` (the subclass's own state) and
+``"<state_key>_skipped_steps"``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+
+from .lamb import LAMB
+from .optimizer import KfoptOptimizer
+
+BaseOptimizer = Literal["sgd", "adamw", "lamb"] | Callable[[list[dict]], torch.optim.Optimizer]
+
+#: the base optimizers by name
+BASE_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW,
+                                                           "lamb": LAMB}
+
+
+def check_base(base) -> None:
+    """ValueError naming ``base`` unless it is a name of ``BASE_OPTIMIZERS`` or a callable."""
+    if not (base in BASE_OPTIMIZERS if isinstance(base, str) else callable(base)):
+        raise ValueError(f"base: expected one of {', '.join(map(repr, BASE_OPTIMIZERS))} or a callable building an "
+                         f"optimizer from param groups, got {base!r}")
+
+
+class ComposedOptimizer(KfoptOptimizer):
+    """The shared machinery of K-FAC and MKOR (module docstring); subclasses set ``state_key`` and
+    ``scaled_statistic`` and implement the hooks below."""
+
+    #: the key of the subclass's own state in ``state_dict()``
+    state_key: str
+    #: the statistic built from output gradients (named when a GradScaler finds them scaled)
+    scaled_statistic: str
+
+    def _build_base(self, base: BaseOptimizer, **kwargs) -> None:
+        """``self.base`` from ``self.param_groups`` (the same dicts): ``BASE_OPTIMIZERS[base](groups,
+        **kwargs)`` or ``base(groups)``."""
+        check_base(base)
+        if isinstance(base, str):
+            optimizer = BASE_OPTIMIZERS[base](self.param_groups, **kwargs)
+        else:
+            optimizer = base(self.param_groups)
+            if not isinstance(optimizer, torch.optim.Optimizer):
+                raise ValueError(f"base: the callable returned {type(optimizer).__name__}, not a torch.optim.Optimizer")
+            if len(optimizer.param_groups) != len(self.param_groups) or any(
+                    mine is not theirs for mine, theirs in zip(self.param_groups, optimizer.param_groups)):
+                raise ValueError("base: the callable must build its optimizer from the param groups it is given "
+                                 f"(e.g. lambda groups: torch.optim.Adam(groups)), so that {type(self).__name__}'s "
+                                 "param_groups (and LR schedulers) drive it")
+        self.base = optimizer
+        optimizer.param_groups = self.param_groups
+        self.state = optimizer.state
+
+    def add_param_group(self, param_group: dict) -> None:
+        if hasattr(self, "base"):
+            raise NotImplementedError(f"{type(self).__name__}'s param groups come from its model; add parameters "
+                                      "to the model before building the optimizer")
+        super().add_param_group(param_group)
+
+    # -- the step -------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """``_second_order_step()`` (factors, preconditioned gradients), then ``base.step()``; under a
+        GradScaler that found inf/NaN nothing but the skip count changes."""
+        loss = self._evaluate(closure)
+        if self._grad_scaler_skips_step(self.scaled_statistic):
+            self._discard_step()
+            return loss
+        self._second_order_step()
+        self.base.step()
+        return loss
+
+    def _second_order_step(self) -> None:
+        """Update the factors when due and replace the layers' gradients by preconditioned ones."""
+        raise NotImplementedError
+
+    def _discard_step(self) -> None:
+        """Drop what was captured for a step the GradScaler skipped."""
+        raise NotImplementedError
+
+    # -- checkpoints ----------------------------------------------------------------------------
+
+    def _own_state(self) -> dict:
+        """The subclass's state (plain tensors and numbers), saved under ``state_key``."""
+        raise NotImplementedError
+
+    def _check_own_state(self, saved: dict) -> None:
+        """Raise ValueError if ``saved`` (an ``_own_state()``) cannot be loaded, before anything changes."""
+
+    def _load_own_state(self, saved: dict) -> None:
+        """Load an ``_own_state()``."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        """The base optimizer's state dict plus ``state_key`` and ``"<state_key>_skipped_steps"``."""
+        state = self.base.state_dict()
+        state[self.state_key] = self._own_state()
+        state[f"{self.state_key}_skipped_steps"] = self.skipped_steps.detach().clone()
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a ``state_dict()``: the base optimizer's part (with these param groups), the skip count and
+        the subclass's state."""
+        skipped_key = f"{self.state_key}_skipped_steps"
+        self._check_own_state(state_dict[self.state_key])
+        state = {k: v for k, v in state_dict.items() if k not in (self.state_key, skipped_key)}
+        for group in state["param_groups"]:
+            self._check_group(group)
+        self.base.load_state_dict({**state, "state": copy.deepcopy(state["state"])})  # torch's would alias
+        self.param_groups = self.base.param_groups
+        self.state = self.base.state
+        self._skipped = state_dict[skipped_key].detach().clone()
+        self._load_own_state(state_dict[self.state_key])

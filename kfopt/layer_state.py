@@ -1,0 +1,39 @@
+"""``LayerState``: the base of the per-layer records of the capturing optimizers (K-FAC, MKOR, SINGD),
+and ``check_saved_factors`` for loading their checkpoints."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .capture import CapturedLayer
+
+
+class LayerState:
+    """A preconditioned layer as an optimizer keeps it: its capture entry (``kfopt.capture``), name,
+    weight and bias; subclasses add their factors."""
+
+    def __init__(self, captured: CapturedLayer):
+        self.captured = captured
+        self.name = captured.name
+
+    @property
+    def weight(self) -> nn.Parameter:
+        return self.captured.module.weight
+
+    @property
+    def bias(self) -> nn.Parameter | None:
+        return self.captured.module.bias
+
+
+def check_saved_factors(saved: dict, layers: list[LayerState], keys: tuple[str, ...], owner: str) -> None:
+    """ValueError unless ``saved`` (``{layer name: {key: tensor}}``) holds the factors ``keys`` of exactly
+    these layers, each of the shape of ``getattr(layer, key)``; ``owner`` names the loading object."""
+    names = [layer.name for layer in layers]
+    if set(saved) != set(names):
+        raise ValueError(f"state_dict has factors for layers {sorted(saved)}, the {owner} has layers {sorted(names)}")
+    for layer in layers:
+        for key in keys:
+            shape, expected = saved[layer.name][key].shape, getattr(layer, key).shape
+            if shape != expected:
+                raise ValueError(f"state_dict: factor {key} of layer {layer.name!r} has shape {tuple(shape)}, "
+                                 f"expected {tuple(expected)}")
