@@ -1,15 +1,26 @@
 """kfopt.autotune: config spaces for kfopt's kernels and a persistent per-device tuning cache."""
 
 from .cache import TuningCache, default_cache_path, get_cache, tuning_key
-from .space import INTERPRETER, Config, ConfigSpace, benchmark, can_benchmark, shape_bucket
+from .space import (
+    INTERPRETER,
+    Config,
+    ConfigSpace,
+    agree_on_configs,
+    benchmark,
+    can_benchmark,
+    configs_per_rank,
+    shape_bucket,
+)
 
 __all__ = [
     "INTERPRETER",
     "Config",
     "ConfigSpace",
     "TuningCache",
+    "agree_on_configs",
     "benchmark",
     "can_benchmark",
+    "configs_per_rank",
     "default_cache_path",
     "get_cache",
     "shape_bucket",

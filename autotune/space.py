@@ -1,7 +1,8 @@
 """Config spaces: what a kernel may be launched with, and how one config is chosen.
 
 A kernel declares a ``ConfigSpace`` (its candidate ``Config``s and a default). At launch time the
-launcher calls ``space.select(...)``:
+launcher calls ``space.launch(..., run=run)``, which runs ``run(space.select(...))`` on the tensors'
+CUDA device; ``select``:
 
 * where nothing can be timed (Triton's interpreter, CPU tensors, no GPU) the default config is
   returned without running anything -- Triton's own autotuner fails there;
@@ -12,16 +13,43 @@ launcher calls ``space.select(...)``:
 In-place kernels pass the tensors they write as ``restore``: those are snapshotted before tuning and
 restored after every candidate, so when ``select`` returns the buffers hold their original values
 and the caller's single real launch is the only update that takes effect.
+
+Several processes (``torch.distributed``)
+=========================================
+Configs change the order of floating-point sums (chunk and tile sizes, warps), so two ranks that tune
+on their own can compute different bits from equal inputs -- and replicas that apply the same update
+(data parallelism: every rank steps its own copy of the weights) would drift apart. So when
+``torch.distributed`` is initialised with more than one rank, ``select`` decides by the context the
+call runs in:
+
+* ``agree_on_configs(group=None)``: every rank of ``group`` (None: all ranks) makes the same launches
+  in the same order inside the block (e.g. an optimizer step on replicated weights). The first time a
+  kernel/shape/dtype key comes up, each rank resolves it as above (cache or tuning) and then adopts the
+  choice of the group's first rank (one broadcast of an index); the agreed config is kept for the
+  process. kfopt's Kronecker-factored optimizers run their replicated work in this context; wrap an
+  element-wise optimizer's step in it to tune it under data parallelism::
+
+      with kfopt.autotune.agree_on_configs():
+          optimizer.step()
+
+* ``configs_per_rank()``: results are combined across ranks afterwards (e.g. statistics that are
+  all-reduced), so each rank may tune for itself.
+* anywhere else: the default config, the same on every rank without communication.
+
+One process (or ``torch.distributed`` not initialised): these contexts change nothing.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence, TypeVar
 
 import torch
+import torch.distributed as dist
 import triton
 
 from .cache import get_cache, tuning_key
@@ -81,6 +109,39 @@ def benchmark(fn: Callable[[], None]) -> float:
     return float(triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median"))
 
 
+T = TypeVar("T")
+
+#: ("agree", group) inside ``agree_on_configs``, ("per-rank", None) inside ``configs_per_rank``
+_DISTRIBUTED_MODE: contextvars.ContextVar = contextvars.ContextVar("kfopt_autotune_distributed_mode",
+                                                                   default=None)
+
+
+@contextlib.contextmanager
+def agree_on_configs(group: dist.ProcessGroup | None = None) -> Iterator[None]:
+    """Inside the block, every rank of ``group`` (None: all ranks) launches the same kernels on the same
+    shapes in the same order, and tuned configs are agreed across the group (module docstring)."""
+    token = _DISTRIBUTED_MODE.set(("agree", group))
+    try:
+        yield
+    finally:
+        _DISTRIBUTED_MODE.reset(token)
+
+
+@contextlib.contextmanager
+def configs_per_rank() -> Iterator[None]:
+    """Inside the block each rank may tune for itself: its results are combined across ranks
+    afterwards, never kept as a replica (module docstring)."""
+    token = _DISTRIBUTED_MODE.set(("per-rank", None))
+    try:
+        yield
+    finally:
+        _DISTRIBUTED_MODE.reset(token)
+
+
+def _several_ranks() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 class ConfigSpace:
     """The candidate configs of one kernel and its default (used wherever nothing can be timed)."""
 
@@ -90,6 +151,7 @@ class ConfigSpace:
         self.kernel = kernel
         self.configs = tuple(configs)
         self.default = default
+        self._agreed: dict[tuple, Config] = {}
 
     def select(
         self,
@@ -103,6 +165,34 @@ class ConfigSpace:
         """The config to launch with; may time ``run(config)`` for every candidate (see module doc)."""
         if len(self.configs) == 1 or not can_benchmark(device):
             return self.default
+        mode, group = _DISTRIBUTED_MODE.get() or (None, None)
+        if not _several_ranks() or mode == "per-rank":
+            return self._resolve(device, bucket, dtype, run, restore)
+        if mode is None:
+            return self.default
+        key = (get_cache().path, self.kernel, str(device), bucket, str(dtype), tuple(dist.get_process_group_ranks(
+            group if group is not None else dist.group.WORLD)))
+        if key not in self._agreed:
+            self._agreed[key] = self._agree(self._resolve(device, bucket, dtype, run, restore), group, device)
+        return self._agreed[key]
+
+    def launch(self, *, device: torch.device, bucket: tuple[int, ...], dtype: torch.dtype | str,
+               run: Callable[[Config], T], restore: Sequence[torch.Tensor] = ()) -> T:
+        """``run(select(...))`` with ``device`` as the current CUDA device (Triton launches on the current
+        device and its current stream: tensors on another GPU would be unreachable, or their work
+        unordered with PyTorch's). Every kfopt launcher goes through here."""
+        with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+            return run(self.select(device=device, bucket=bucket, dtype=dtype, run=run, restore=restore))
+
+    def _agree(self, config: Config, group: dist.ProcessGroup | None, device: torch.device) -> Config:
+        """The config of the group's first rank (a broadcast of its index, on ``device`` for NCCL)."""
+        comm_device = device if dist.get_backend(group) == "nccl" else torch.device("cpu")
+        index = torch.tensor([self.configs.index(config)], dtype=torch.int64, device=comm_device)
+        dist.broadcast(index, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
+        return self.configs[int(index.item())]
+
+    def _resolve(self, device, bucket, dtype, run, restore) -> Config:
+        """This process's choice: the cached config, or the fastest candidate (timed now, then cached)."""
         key = tuning_key(self.kernel, _device_name(device), triton.__version__, bucket, str(dtype))
         cache = get_cache()
         hit = cache.get(key)

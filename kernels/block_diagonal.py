@@ -20,7 +20,13 @@ which is the block-diagonal part of ``scale * a^T a`` without forming the D x D 
 Kernels: ``block_diagonal_matmul`` is one launch over (block, row tile, column tile) programs, each
 accumulating ``op(B_i)[rows, k] x_i[k, cols]`` over k tiles with ``tl.dot`` (``op`` and the 2-D/3-D
 and left/right forms are all strides). ``block_covariance`` runs one program per (block, tile pair)
-accumulating ``a_i[:, p]^T a_i[:, q]`` over row chunks. Cost: ``block_diagonal_matmul`` 2 nb b^2 n flops,
+accumulating ``a_i[:, p]^T a_i[:, q]`` over row chunks. Both grids are one axis (axis 0, up to 2^31 - 1
+programs on CUDA; axes 1 and 2 stop at 65535, less than the column tiles of millions of activation rows,
+blocks x row tiles, or the tile pairs of a block of 4096): ``block_diagonal_matmul`` numbers its programs
+row tile fastest, then block, then column tile (consecutive programs share the tile of ``x_i`` they read,
+and one column tile's blocks are neighbours in a 2-D ``x``); ``block_covariance`` tile q fastest, then
+p, then block (consecutive programs share the column tile ``a_i[:, p]``, and a block's tile pairs run
+together, its columns read from cache). Cost: ``block_diagonal_matmul`` 2 nb b^2 n flops,
 reads Bd and x once per column tile / row tile; ``block_covariance`` 2 rows D b flops (the dense
 covariance needs 2 rows D^2), reads x once per tile pair of its block.
 """
@@ -65,15 +71,18 @@ BLOCK_COVARIANCE_CONFIGS = ConfigSpace(
 
 @triton.jit
 def _block_matmul_kernel(
-    b_ptr, x_ptr, out_ptr, bdim, n, tiles_m,
+    b_ptr, x_ptr, out_ptr, bdim, n, nb, tiles_m,
     s_bb, s_br, s_bc, s_xb, s_xr, s_xc, s_ob, s_or, s_oc,
     UPCAST_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """out_i[rows, cols] = A_i[rows, :] x_i[:, cols]; A_i = op(B_i) through its strides."""
+    """out_i[rows, cols] = A_i[rows, :] x_i[:, cols]; A_i = op(B_i) through its strides. Program
+    pid = (column tile * nb + i) * tiles_m + row tile."""
     pid = tl.program_id(0)
-    blk = (pid // tiles_m).to(tl.int64)
-    rm = (pid % tiles_m) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    tiles_mb = nb * tiles_m
+    pid_mb = pid % tiles_mb
+    blk = (pid_mb // tiles_m).to(tl.int64)
+    rm = (pid_mb % tiles_m) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = (pid // tiles_mb) * BLOCK_N + tl.arange(0, BLOCK_N)
     a_base = b_ptr + blk * s_bb
     x_base = x_ptr + blk * s_xb
     rm64 = rm.to(tl.int64)
@@ -99,9 +108,12 @@ def _block_covariance_kernel(
     x_ptr, out_ptr, rows, d, bdim, tiles_b, s_xr, s_xc, s_ob, s_or, s_oc, scale,
     ONES_COLUMN: tl.constexpr, UPCAST: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """Tile (p, q) of block i: scale * a[:, i b + p]^T a[:, i b + q], a = [x | 1]."""
-    blk = tl.program_id(0)
-    tile = tl.program_id(1)
+    """Tile (p, q) of block i: scale * a[:, i b + p]^T a[:, i b + q], a = [x | 1]. Program
+    pid = (i * tiles_b + p) * tiles_b + q."""
+    pid = tl.program_id(0)
+    pairs = tiles_b * tiles_b
+    blk = pid // pairs
+    tile = pid % pairs
     lp = (tile // tiles_b) * BLOCK_B + tl.arange(0, BLOCK_B)
     lq = (tile % tiles_b) * BLOCK_B + tl.arange(0, BLOCK_B)
     cp = blk * bdim + lp
@@ -184,13 +196,12 @@ def block_diagonal_matmul(blocks: torch.Tensor, x: torch.Tensor, transpose: bool
 
     def run(config: Config) -> None:
         tiles_m = triton.cdiv(b, config["BLOCK_M"])
-        _block_matmul_kernel[(nb * tiles_m, triton.cdiv(n, config["BLOCK_N"]))](
-            blocks, x, out, b, n, tiles_m, sbb, sbr, sbc, *xs, *os_,
+        _block_matmul_kernel[(nb * tiles_m * triton.cdiv(n, config["BLOCK_N"]),)](
+            blocks, x, out, b, n, nb, tiles_m, sbb, sbr, sbc, *xs, *os_,
             UPCAST_DOT=upcast_dot(blocks.dtype, x.dtype), **config.launch_kwargs())
 
-    config = BLOCK_MATMUL_CONFIGS.select(device=x.device, bucket=shape_bucket(nb, b, n),
-                                         dtype=f"{blocks.dtype},{x.dtype},{out.dtype}", run=run)
-    run(config)
+    BLOCK_MATMUL_CONFIGS.launch(device=x.device, bucket=shape_bucket(nb, b, n),
+                                dtype=f"{blocks.dtype},{x.dtype},{out.dtype}", run=run)
     return out
 
 
@@ -239,13 +250,12 @@ def block_covariance(x: torch.Tensor, block: int, ones_column: bool = False, sca
 
     def run(config: Config) -> None:
         tiles_b = triton.cdiv(block, config["BLOCK_B"])
-        _block_covariance_kernel[(shape[0], tiles_b * tiles_b)](
+        _block_covariance_kernel[(shape[0] * tiles_b * tiles_b,)](
             x, out, rows, d, block, tiles_b, x.stride(0), x.stride(1), *out.stride(), float(scale),
             ONES_COLUMN=ones_column, UPCAST=upcast_dot(x.dtype, x.dtype), **config.launch_kwargs())
 
-    config = BLOCK_COVARIANCE_CONFIGS.select(device=x.device, bucket=shape_bucket(rows, block, shape[0]),
-                                             dtype=str(x.dtype), run=run)
-    run(config)
+    BLOCK_COVARIANCE_CONFIGS.launch(device=x.device, bucket=shape_bucket(rows, block, shape[0]),
+                                    dtype=str(x.dtype), run=run)
     return out
 
 

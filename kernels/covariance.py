@@ -189,11 +189,10 @@ def symmetric_covariance(
             ONES_COLUMN=ones_column, EMA=ema, UPCAST_DOT=dot_needs_upcast(x.dtype), **config.launch_kwargs(),
         )
 
-    config = COVARIANCE_CONFIGS.select(
+    COVARIANCE_CONFIGS.launch(
         device=x.device, bucket=shape_bucket(rows, side), dtype=f"{x.dtype}{',ema' if ema else ''}",
         run=run, restore=[out] if ema else [],
     )
-    run(config)
     return out
 
 

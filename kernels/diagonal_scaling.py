@@ -9,9 +9,11 @@
 ``diagonal_from_inner`` is ``diag(scale * D^T a^T a D)``, the diagonal projection of the inner product
 of ``a D``, from one pass over the rows (O(d) memory; the ones column adds ``rows`` to the last sum).
 
-Kernels: ``diagonal_matmul`` is element-wise over (BM x BN) tiles; ``diagonal_from_inner`` runs one
-program per block of BC columns, streaming the rows in chunks of BR and summing squares in fp32. Both
-are bandwidth-bound: they read x once and write the result once.
+Kernels: ``diagonal_matmul`` is element-wise over (BM x BN) tiles, one program per tile, all on grid
+axis 0 (row tile ``pid % cdiv(m, BM)``, column tile ``pid // cdiv(m, BM)``: either side of x may be the
+millions of activation rows, and CUDA allows only 65535 programs on axes 1 and 2); ``diagonal_from_inner``
+runs one program per block of BC columns (axis 0), streaming the rows in chunks of BR and summing squares
+in fp32. Both are bandwidth-bound: they read x once and write the result once.
 """
 
 from __future__ import annotations
@@ -46,8 +48,10 @@ DIAGONAL_INNER_CONFIGS = ConfigSpace(
 def _diagonal_matmul_kernel(k_ptr, x_ptr, out_ptr, m, n, s_k, s_xr, s_xc, s_or, s_oc, RIGHT: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """out = k[:, None] * x (left) or x * k[None, :] (RIGHT) on one (BM x BN) tile."""
-    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(m, BLOCK_M)
+    rm = (pid % tiles_m) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = (pid // tiles_m) * BLOCK_N + tl.arange(0, BLOCK_N)
     rm64 = rm.to(tl.int64)
     rn64 = rn.to(tl.int64)
     inside = (rm[:, None] < m) & (rn[None, :] < n)
@@ -104,13 +108,12 @@ def diagonal_matmul(diag: torch.Tensor, x: torch.Tensor, right: bool = False,
     m, n = x.shape
 
     def run(config: Config) -> None:
-        grid = (triton.cdiv(m, config["BLOCK_M"]), triton.cdiv(n, config["BLOCK_N"]))
+        grid = (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"]),)
         _diagonal_matmul_kernel[grid](diag, x, out, m, n, diag.stride(0), *x.stride(), *out.stride(),
                                       RIGHT=right, **config.launch_kwargs())
 
-    config = DIAGONAL_MATMUL_CONFIGS.select(device=x.device, bucket=shape_bucket(m, n),
-                                            dtype=f"{diag.dtype},{x.dtype},{out.dtype}", run=run)
-    run(config)
+    DIAGONAL_MATMUL_CONFIGS.launch(device=x.device, bucket=shape_bucket(m, n),
+                                   dtype=f"{diag.dtype},{x.dtype},{out.dtype}", run=run)
     return out
 
 
@@ -155,9 +158,8 @@ def diagonal_from_inner(diag: torch.Tensor, x: torch.Tensor, ones_column: bool =
             diag, x, out, rows, d, diag.stride(0), *x.stride(), float(scale), ONES_COLUMN=ones_column,
             **config.launch_kwargs())
 
-    config = DIAGONAL_INNER_CONFIGS.select(device=x.device, bucket=shape_bucket(rows, side),
-                                           dtype=f"{diag.dtype},{x.dtype}", run=run)
-    run(config)
+    DIAGONAL_INNER_CONFIGS.launch(device=x.device, bucket=shape_bucket(rows, side),
+                                  dtype=f"{diag.dtype},{x.dtype}", run=run)
     return out
 
 

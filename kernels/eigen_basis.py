@@ -308,9 +308,8 @@ def eigen_precondition(
 
     dtypes = ",".join(sorted({str(t.dtype) for t in (*grads, *qa, *qg, *outs)}))
     bucket = shape_bucket(max(v.shape[0] for v in grads), max(v.shape[1] for v in grads), len(grads))
-    config = EIGEN_CONFIGS.select(device=device, bucket=bucket, dtype=dtypes, run=run,
-                                  restore=list(out) if out is not None else [])
-    run(config)
+    EIGEN_CONFIGS.launch(device=device, bucket=bucket, dtype=dtypes, run=run,
+                         restore=list(out) if out is not None else [])
     return outs
 
 

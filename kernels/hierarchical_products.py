@@ -15,13 +15,14 @@ For the left product: ``H x = [A x_t + B x_{m,b}; c * x_m; D x_m + E x_b]`` and
 ``H^T x = [A^T x_t; B1^T x_t + c * x_m + D^T x_b; B2^T x_t + E^T x_b]`` (x_t, x_m, x_b: the rows of x
 in the three ranges).
 
-Kernel: one program per (row tile, column tile) of ``op(H) x``. The k range is cut into the three
-ranges [0, k1), [k1, s), [s, d), and a program visits only those its rows have non-zeros in: for
-``H``, top rows need all three, middle rows only the k tiles over their own diagonal, bottom rows
-[k1, d); for ``H^T``, every row needs [0, k1), middle rows their diagonal tiles and [s, d), bottom
-rows [s, d). Each visited BM x BK tile of ``op(H)`` is gathered from the five tensors (masked loads,
-exactly one of which holds each element) and fed to ``tl.dot``. Cost for k1, k2 << d: about
-2 n d (k1 + k2 + 2 BK) flops instead of the dense product's 2 n d^2.
+Kernel: one program per (row tile, column tile) of ``op(H) x``, all on grid axis 0, row tiles fastest
+(``structured.launch_left_product``). The k range is cut into the three ranges [0, k1), [k1, s), [s, d),
+and a program visits only those its rows have non-zeros in: for ``H``, top rows need all three, middle
+rows only the k tiles over their own diagonal, bottom rows [k1, d); for ``H^T``, every row needs
+[0, k1), middle rows their diagonal tiles and [s, d), bottom rows [s, d). Each visited BM x BK tile of
+``op(H)`` is gathered from the five tensors (masked loads, exactly one of which holds each element) and
+fed to ``tl.dot``. Cost for k1, k2 << d: about 2 n d (k1 + k2 + 2 BK) flops instead of the dense
+product's 2 n d^2.
 """
 
 from __future__ import annotations
@@ -97,9 +98,11 @@ def _hierarchical_matmul_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """out[rows, cols] = op(H)[rows, :] x[:, cols], visiting only the k ranges with non-zeros."""
-    m0 = tl.program_id(0) * BLOCK_M
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(dim, BLOCK_M)
+    m0 = (pid % tiles_m) * BLOCK_M
     rm = m0 + tl.arange(0, BLOCK_M)
-    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rn = (pid // tiles_m) * BLOCK_N + tl.arange(0, BLOCK_N)
     s = k1 + m
     has_top = m0 < k1
     has_mid = (m0 < s) & (m0 + BLOCK_M > k1)

@@ -292,7 +292,7 @@ def kronecker_precondition(
     dtypes = ",".join(sorted({f"{key[2]}/{key[3]}/{key[4]}" for key in classes}))
     bucket = shape_bucket(max(g.shape[0] for g in grads), max(g.shape[1] for g in grads), n_layers)
     restore = [*grads, *(b for b in biases if b is not None)]
-    run(KRONECKER_CONFIGS.select(device=device, bucket=bucket, dtype=dtypes, run=run, restore=restore))
+    KRONECKER_CONFIGS.launch(device=device, bucket=bucket, dtype=dtypes, run=run, restore=restore)
     return ratio
 
 

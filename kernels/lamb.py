@@ -9,13 +9,22 @@ Per tensor w with gradient g, step t = step + 1 (state ``step`` counts completed
     r   =  clamp(||w|| / ||u||, lo, hi)  (1 if a norm is 0, or if the tensor is not adapted)
     w   <- w - lr r u
 
+Precision (``multi_tensor``'s module docstring has the GPU details): ``1 / bc_k`` comes from
+``inv_bias_correction``, float64 on the device from ``ln b_k`` formed in float64 on the host (the
+hyper table holds ``ln b_k``; ``-inf`` without bias correction gives 1), and is within ~1 fp32 ulp
+(an approximate ``1 - exp2(t log2 b)`` is off by ~1e-4 relative for b2 = 0.999 at t = 1). ``u`` is
+``div_rn(m * (1 / bc1), sqrt_rn(v * (1 / bc2)) + eps)`` and the norms and the trust ratio are
+correctly rounded too: on sm_90 no ``div.full``/``sqrt.approx``/``ex2.approx`` is involved, and a
+compiled step differs from the interpreted one only by FMA contraction and summation order.
+
 Launches (no host synchronisation): gradient-norm pass + reduction (``multi_tensor``); pass 1 reads
 g, w, m, v, writes m, v and per-chunk partials of ||w||^2, ||u||^2; a per-tensor reduction forms the
 norms and advances ``step`` where the step is taken; pass 2 reads w, m, v, recomputes u and writes w.
 fp32 state: 44 bytes per parameter (4 for the norm pre-read, 24 pass 1, 16 pass 2).
 
 If any gradient is non-finite (or ||g_all||^2 overflows fp32) nothing is written: w, m, v and step
-keep their values and ``skipped`` (when given) is incremented.
+keep their values and ``skipped`` (when given) is incremented. Tensors the step writes must not share
+memory (``multi_tensor.check_no_overlap``: a ValueError names the two entries).
 """
 
 from __future__ import annotations
@@ -29,25 +38,29 @@ import triton.language as tl
 
 from kfopt.autotune import Config, shape_bucket
 
-from .dispatch import check_kernel_dtype, check_same_device, check_same_shapes, tl_dtype, use_triton
+from .dispatch import check_kernel_dtype, check_same_device, check_same_shapes, is_dense, tl_dtype, use_triton
 from .multi_tensor import (
     TensorTable,
+    check_no_overlap,
     chunked_configs,
     dense_like,
     for_each_launch,
     global_norm_reference,
+    inv_bias_correction,
     launch_global_norm,
     launch_segment_norms,
+    log_decay,
     per_tensor,
     trust_ratio,
     trust_ratio_reference,
 )
 
 # addr table columns and hyper table columns (constexpr: the kernels index the tables with them).
-# B3 = 1 - b1 (or 1 without grad averaging) and B4 = 1 - b2 are formed in float64 on the host.
+# B3 = 1 - b1 (or 1 without grad averaging), B4 = 1 - b2 and LN_Bk = ln(b_k) (-inf without bias
+# correction) are formed in float64 on the host.
 P, G, M, V, STEP, N_COLS = (tl.constexpr(i) for i in range(6))
-LR, B1, B2, B3, B4, EPS, WD, BIAS_CORRECTION, ADAPT, TRUST_MIN, TRUST_MAX, N_HYPER = (
-    tl.constexpr(i) for i in range(12))
+LR, B1, B2, B3, B4, LN_B1, LN_B2, EPS, WD, BIAS_CORRECTION, ADAPT, TRUST_MIN, TRUST_MAX, N_HYPER = (
+    tl.constexpr(i) for i in range(14))
 
 LAMB_CONFIGS = chunked_configs("lamb_step")
 
@@ -75,9 +88,8 @@ def _lamb_moments_kernel(
     b4 = tl.load(h + B4)
     eps = tl.load(h + EPS)
     wd = tl.load(h + WD)
-    bc = tl.load(h + BIAS_CORRECTION)
-    bc1 = tl.where(bc != 0, 1.0 - tl.exp2(t * tl.log2(b1)), 1.0)
-    bc2 = tl.where(bc != 0, 1.0 - tl.exp2(t * tl.log2(b2)), 1.0)
+    inv_bc1 = inv_bias_correction(t, tl.load(h + LN_B1))  # 1 / bc1 (1 without bias correction)
+    inv_bc2 = inv_bias_correction(t, tl.load(h + LN_B2))
     coef = tl.load(clip_ptr + 1)
     n = tl.where(tl.load(clip_ptr + 2) != 0, n, 0)  # a skipped step reads and writes nothing
     w_sq = tl.zeros([BLOCK], tl.float32)
@@ -91,7 +103,7 @@ def _lamb_moments_kernel(
         v = b2 * tl.load(v_ptr + offs, mask=mask, other=0.0) + b4 * g * g
         tl.store(m_ptr + offs, m, mask=mask)
         tl.store(v_ptr + offs, v, mask=mask)
-        u = (m / bc1) / (tl.sqrt(v / bc2) + eps) + wd * w
+        u = tl.div_rn(m * inv_bc1, tl.sqrt_rn(v * inv_bc2) + eps) + wd * w
         w_sq += w * w
         u_sq += tl.where(mask, u * u, 0.0)
     tl.store(partial_ptr + pid * 2, tl.sum(w_sq, axis=0))
@@ -115,13 +127,10 @@ def _lamb_apply_kernel(
     t = tl.load(tl.load(row + STEP).to(tl.pointer_type(tl.float32)))
     h = hyper_ptr + tid * N_HYPER
     lr = tl.load(h + LR)
-    b1 = tl.load(h + B1)
-    b2 = tl.load(h + B2)
     eps = tl.load(h + EPS)
     wd = tl.load(h + WD)
-    bc = tl.load(h + BIAS_CORRECTION)
-    bc1 = tl.where(bc != 0, 1.0 - tl.exp2(t * tl.log2(b1)), 1.0)
-    bc2 = tl.where(bc != 0, 1.0 - tl.exp2(t * tl.log2(b2)), 1.0)
+    inv_bc1 = inv_bias_correction(t, tl.load(h + LN_B1))
+    inv_bc2 = inv_bias_correction(t, tl.load(h + LN_B2))
     r = trust_ratio(tl.load(norms_ptr + tid * 2), tl.load(norms_ptr + tid * 2 + 1), 1.0,
                     tl.load(h + TRUST_MIN), tl.load(h + TRUST_MAX), tl.load(h + ADAPT))
     step_size = lr * r
@@ -132,7 +141,7 @@ def _lamb_apply_kernel(
         w = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         m = tl.load(m_ptr + offs, mask=mask, other=0.0)
         v = tl.load(v_ptr + offs, mask=mask, other=0.0)
-        u = (m / bc1) / (tl.sqrt(v / bc2) + eps) + wd * w
+        u = tl.div_rn(m * inv_bc1, tl.sqrt_rn(v * inv_bc2) + eps) + wd * w
         tl.store(p_ptr + offs, (w - step_size * u).to(P_DT), mask=mask)
 
 
@@ -143,9 +152,11 @@ def _lamb_hyper(n, lr, beta1, beta2, eps, weight_decay, bias_correction, grad_av
         ("bias_correction", bias_correction), ("grad_averaging", grad_averaging), ("adapt", adapt),
         ("trust_min", trust_min), ("trust_max", trust_max))]
     rows = []
-    for lr_i, b1, b2, eps_i, wd, bc, avg, ad, lo, hi in zip(*cols):
+    for i, (lr_i, b1, b2, eps_i, wd, bc, avg, ad, lo, hi) in enumerate(zip(*cols)):
+        ln_b1 = log_decay(f"beta1[{i}]" if isinstance(beta1, (list, tuple)) else "beta1", b1, bool(bc))
+        ln_b2 = log_decay(f"beta2[{i}]" if isinstance(beta2, (list, tuple)) else "beta2", b2, bool(bc))
         rows.append([float(lr_i), float(b1), float(b2), 1.0 - float(b1) if avg else 1.0, 1.0 - float(b2),
-                     float(eps_i), float(wd), float(bool(bc)), float(bool(ad)), float(lo), float(hi)])
+                     ln_b1, ln_b2, float(eps_i), float(wd), float(bool(bc)), float(bool(ad)), float(lo), float(hi)])
     return rows
 
 
@@ -175,6 +186,10 @@ def lamb_step(
     the reference path); ``exp_avgs``/``exp_avg_sqs`` fp32 (or the params' dtype if that is float64,
     reference path only); ``steps`` 0-d fp32 tensors counting completed steps; ``skipped`` an optional
     0-d int32 counter. Returns ``[||g_all||, clip coefficient, ok]`` as a device tensor.
+
+    With bias correction, betas must be in [0, 1). ValueError when tensors the step writes (params,
+    exp_avgs, exp_avg_sqs, steps, skipped) share memory, with each other or with a gradient, and
+    (Triton path) when a param is not dense (its elements must fill one block of memory).
     """
     n = len(params)
     for name, seq in (("grads", grads), ("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs)):
@@ -189,6 +204,8 @@ def lamb_step(
     for name, seq in (("params", params), ("grads", grads), ("exp_avgs", exp_avgs),
                       ("exp_avg_sqs", exp_avg_sqs), ("steps", steps)):
         check_same_device(name, seq, device)
+    check_no_overlap([("params", params), ("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs), ("steps", steps),
+                      ("skipped", [skipped])], [("grads", grads)])
     if not use_triton(device):
         return lamb_step_reference(params, grads, exp_avgs, exp_avg_sqs, steps, hyper=hyper,
                                    max_grad_norm=max_grad_norm, skipped=skipped)
@@ -198,6 +215,9 @@ def lamb_step(
         for name, t in ((f"exp_avgs[{i}]", m), (f"exp_avg_sqs[{i}]", v), (f"steps[{i}]", s)):
             if t.dtype != torch.float32:
                 raise TypeError(f"{name}: expected float32 state, got {t.dtype}")
+        if not is_dense(p):
+            raise ValueError(f"params[{i}] must be dense (its elements filling one block of memory, in any "
+                             f"order); got shape {tuple(p.shape)}, strides {p.stride()}")
         if m.stride() != p.stride() or v.stride() != p.stride():
             raise ValueError(f"exp_avgs[{i}]/exp_avg_sqs[{i}] must have the strides of params[{i}]")
         if s.numel() != 1:
@@ -229,15 +249,15 @@ def lamb_step(
         return clip
 
     restore = [*params, *exp_avgs, *exp_avg_sqs, *steps] + ([skipped] if skipped is not None else [])
-    config = LAMB_CONFIGS.select(device=device, bucket=shape_bucket(total), dtype=params[0].dtype,
-                                 run=run, restore=restore)
-    return run(config)
+    return LAMB_CONFIGS.launch(device=device, bucket=shape_bucket(total), dtype=params[0].dtype,
+                               run=run, restore=restore)
 
 
 def lamb_step_reference(params, grads, exp_avgs, exp_avg_sqs, steps, *, hyper, max_grad_norm, skipped=None):
     """Plain PyTorch LAMB (same contract as :func:`lamb_step`; ``hyper`` rows as built there).
 
-    Math in fp32, or float64 when the params are float64 (the tests' reference).
+    Math in fp32, or float64 when the params are float64 (the tests' reference); the bias corrections
+    ``1 - b^t`` always in float64 (they cancel: fp32 ``b^t`` would cost up to ~3e-8 / (1 - b) relative).
     """
     clip = global_norm_reference(grads, max_grad_norm, skipped)
     ok = clip[2] != 0
@@ -245,9 +265,9 @@ def lamb_step_reference(params, grads, exp_avgs, exp_avg_sqs, steps, *, hyper, m
         dtype = torch.promote_types(p.dtype, torch.float32)
         w = p.to(dtype)
         g = g.to(dtype) * clip[1].to(dtype)
-        t = s.to(dtype) + 1
-        bc1 = 1 - h[B1] ** t if h[BIAS_CORRECTION] else torch.ones_like(t)
-        bc2 = 1 - h[B2] ** t if h[BIAS_CORRECTION] else torch.ones_like(t)
+        t = s.to(torch.float64) + 1
+        bc1 = (1 - h[B1] ** t if h[BIAS_CORRECTION] else torch.ones_like(t)).to(dtype)
+        bc2 = (1 - h[B2] ** t if h[BIAS_CORRECTION] else torch.ones_like(t)).to(dtype)
         m_new = h[B1] * m.to(dtype) + h[B3] * g
         v_new = h[B2] * v.to(dtype) + h[B4] * g * g
         u = (m_new / bc1) / ((v_new / bc2).sqrt() + h[EPS]) + h[WD] * w

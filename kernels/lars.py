@@ -12,6 +12,12 @@ Launches (no host synchronisation): gradient-norm pass + reduction (``multi_tens
 g, w and writes per-chunk partials of ||w||^2 and ||d||^2; a per-tensor reduction forms the norms;
 pass 2 reads g, w, m and writes m, w. fp32: 32 bytes per parameter (4 + 8 + 20).
 A non-finite gradient skips the whole step (nothing written) and increments ``skipped``.
+
+Precision: the norms are correctly rounded square roots (``sqrt_rn``: on sm_90 ``sqrt.rn.f32``, not
+``sqrt.approx.ftz.f32``, which flushes a denormal ||w||^2 to a zero norm and so a trust ratio to 1)
+and the trust ratio a correctly rounded division (``div_rn``; likewise the clip coefficient); the
+elementwise update has no division or transcendental. Tensors the step writes must not share memory
+(``multi_tensor.check_no_overlap``: a ValueError names the two entries).
 """
 
 from __future__ import annotations
@@ -25,9 +31,10 @@ import triton.language as tl
 
 from kfopt.autotune import Config, shape_bucket
 
-from .dispatch import check_kernel_dtype, check_same_device, check_same_shapes, tl_dtype, use_triton
+from .dispatch import check_kernel_dtype, check_same_device, check_same_shapes, is_dense, tl_dtype, use_triton
 from .multi_tensor import (
     TensorTable,
+    check_no_overlap,
     chunked_configs,
     dense_like,
     for_each_launch,
@@ -134,6 +141,8 @@ def lars_step(
 
     Hyperparameters are scalars or one value per tensor; ``momentum_buffers`` are fp32 with the
     params' strides (float64 allowed on the reference path). Returns ``[||g_all||, clip coef, ok]``.
+    ValueError when tensors the step writes (params, momentum_buffers, skipped) share memory, with each
+    other or with a gradient, and (Triton path) when a param is not dense.
     """
     n = len(params)
     check_same_shapes("grads", grads, params)
@@ -144,6 +153,8 @@ def lars_step(
     device = params[0].device
     for name, seq in (("params", params), ("grads", grads), ("momentum_buffers", momentum_buffers)):
         check_same_device(name, seq, device)
+    check_no_overlap([("params", params), ("momentum_buffers", momentum_buffers), ("skipped", [skipped])],
+                     [("grads", grads)])
     if not use_triton(device):
         return lars_step_reference(params, grads, momentum_buffers, hyper=hyper, max_grad_norm=max_grad_norm,
                                    skipped=skipped)
@@ -152,6 +163,9 @@ def lars_step(
         check_kernel_dtype(f"grads[{i}]", g)
         if m.dtype != torch.float32:
             raise TypeError(f"momentum_buffers[{i}]: expected float32 state, got {m.dtype}")
+        if not is_dense(p):
+            raise ValueError(f"params[{i}] must be dense (its elements filling one block of memory, in any "
+                             f"order); got shape {tuple(p.shape)}, strides {p.stride()}")
         if m.stride() != p.stride():
             raise ValueError(f"momentum_buffers[{i}] must have the strides of params[{i}]")
     grads = [dense_like(g, p) for g, p in zip(grads, params)]
@@ -177,9 +191,8 @@ def lars_step(
         return clip
 
     restore = [*params, *momentum_buffers] + ([skipped] if skipped is not None else [])
-    config = LARS_CONFIGS.select(device=device, bucket=shape_bucket(total), dtype=params[0].dtype, run=run,
-                                 restore=restore)
-    return run(config)
+    return LARS_CONFIGS.launch(device=device, bucket=shape_bucket(total), dtype=params[0].dtype, run=run,
+                               restore=restore)
 
 
 def lars_step_reference(params, grads, momentum_buffers, *, hyper, max_grad_norm, skipped=None):

@@ -17,12 +17,34 @@ skip counter is incremented, all on the device (no host synchronisation).
 Per-tensor norms are reduced in two levels -- one partial sum per chunk, then one program per tensor
 adds its chunks in a fixed order -- so results are bit-reproducible (no atomics) and identical on
 every rank of a data-parallel job.
+
+**Precision on the GPU.** On sm_90 (Triton 3.6 to 3.9) fp32 ``tl.sqrt`` compiles to
+``sqrt.approx.ftz.f32``, fp32 ``/`` to ``div.full.f32`` (both ~2 ulp; ``ftz`` flushes denormals to 0),
+``tl.exp``/``tl.exp2`` to ``ex2.approx`` (~2^-22 relative) and ``tl.rsqrt`` to ``rsqrt.approx.ftz``
+(``tl.log``/``tl.log2`` are accurate libdevice code), while the interpreter computes all of them
+exactly with numpy. Everything here whose error could move a result or flip a decision uses the
+correctly rounded forms: the norms feeding trust ratios and clip coefficients are ``tl.sqrt_rn``
+(``sqrt.rn.f32``), the ratios ``tl.div_rn`` (``div.rn.f32``). Adam-style bias corrections are formed
+by :func:`inv_bias_correction`: ``1 / (1 - b^t)`` in float64 on the device from ``ln b`` computed on
+the host in float64 (:func:`log_decay`), because ``1 - b^t`` cancels: for b = 0.999 at t = 1 an
+approximate ``exp2(t log2 b)`` has ~1e-4 relative error in ``1 - b^t`` (0.9999: ~1e-3), and even the
+exact power of the fp32-rounded b has up to ~3e-8 / (1 - b) (float64 ``exp`` and division compile to
+FMA sequences and ``div.rn.f64``, no approximate instruction). The result is within ~1 fp32 ulp of
+``1 / (1 - b^t)``, set by the fp32 rounding of ln b. ``tests/test_trust_ratio_kernels.py`` checks the
+kernels' sm_90 PTX for approximate instructions.
+
+**Aliasing.** The kernels update their tensors in place from many programs at once: two list
+entries sharing memory (one ``steps`` scalar for several tensors, a parameter passed twice, state
+tensors aliasing each other) would make programs read-modify-write the same addresses and lose
+updates on a GPU (the sequential interpreter hides this). :func:`check_no_overlap` rejects that on
+the host from the tensors' addresses and strides (no device synchronisation).
 """
 
 from __future__ import annotations
 
 import functools
 import itertools
+import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -139,14 +161,144 @@ def dense_like(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(like, dtype=t.dtype).copy_(t)
 
 
+def log_decay(name: str, beta, enabled=True) -> float:
+    """``ln(beta)`` in float64 for :func:`inv_bias_correction` (``1 - beta^t = -expm1(t ln beta)``).
+
+    ``-inf`` for ``beta = 0`` and when bias correction is off (both give ``1 - beta^t = 1``).
+    ValueError naming ``name`` unless ``0 <= beta < 1`` (else ``1 - beta^t`` is 0 or negative).
+    """
+    if not enabled:
+        return -math.inf
+    beta = float(beta)
+    if not 0.0 <= beta < 1.0:
+        raise ValueError(f"{name}: bias correction needs a decay rate in [0, 1), got {beta!r}")
+    return math.log(beta) if beta > 0.0 else -math.inf
+
+
+def _element_addresses(t: torch.Tensor) -> torch.Tensor:
+    """Sorted start addresses of the elements of ``t`` (host int64; the rare exact-overlap path)."""
+    offsets = torch.zeros((), dtype=torch.int64)
+    for size, stride in zip(t.shape, t.stride()):
+        offsets = offsets.unsqueeze(-1) + torch.arange(size, dtype=torch.int64) * stride
+    return torch.sort(t.data_ptr() + offsets.reshape(-1) * t.element_size()).values
+
+
+def _elements_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether some element of ``a`` shares a byte with some element of ``b`` (exact, O(numel log numel))."""
+    ea, eb = _element_addresses(a), _element_addresses(b)
+    sa, sb = a.element_size(), b.element_size()
+    k = torch.searchsorted(eb, ea - sb, right=True)  # the first b-element starting after x - sb ...
+    hit = k < eb.numel()
+    return bool((eb[k[hit]] < ea[hit] + sa).any())  # ... starts before x + sa
+
+
+def check_no_overlap(
+    written: Sequence[tuple[str, Sequence[torch.Tensor | None]]],
+    read: Sequence[tuple[str, Sequence[torch.Tensor]]] = (),
+) -> None:
+    """ValueError unless every tensor the kernels write owns its memory.
+
+    ``written``/``read`` are ``(argument name, tensors)`` pairs (``None`` entries and empty tensors are
+    ignored). Rejected, with a message naming both entries (``"steps[3] is the same tensor as
+    steps[0]"``, ``"exp_avgs[1] overlaps the memory of params[0]"``): two written entries sharing any
+    byte -- within one list or across lists --, a read entry sharing memory with a written one, and a
+    written tensor whose elements overlap each other (a stride-0, expanded dimension). Read entries may
+    share memory with each other (one gradient passed for several tensors).
+
+    Host work only (addresses, sizes, strides; no device synchronisation): each tensor's byte span
+    ``[data_ptr, data_ptr + extent)``, one sort and a sweep -- about 0.5 us per tensor. Only when spans
+    meet are the pairs examined: dense tensors fill their span, so meeting spans overlap; strided views
+    with gaps (interleaved columns of one matrix) have their element addresses compared exactly.
+    """
+    los, his, refs = [], [], []  # refs[k] = (tensor, name, index, writes, contiguous)
+    for writes, groups in ((True, written), (False, read)):
+        for name, seq in groups:
+            for i, t in enumerate(seq):
+                if t is None:
+                    continue
+                nbytes = t.nbytes
+                if not nbytes:
+                    continue
+                lo = t.data_ptr()
+                contiguous = t.is_contiguous()
+                if contiguous:
+                    hi = lo + nbytes
+                else:
+                    if writes and any(st == 0 and s > 1 for s, st in zip(t.shape, t.stride())):
+                        raise ValueError(f"{name}[{i}] has elements that share memory (an expanded view): the "
+                                         "step writes it in place, so every element needs its own memory")
+                    hi = lo + t.element_size() * (1 + sum((s - 1) * st for s, st in zip(t.shape, t.stride())))
+                los.append(lo)
+                his.append(hi)
+                refs.append((t, name, i, writes, contiguous))
+    order = sorted(range(len(los)), key=los.__getitem__)
+    end = -1
+    for k in order:
+        if los[k] < end:
+            break
+        end = max(end, his[k])
+    else:
+        return  # no two spans meet: the common case
+    _report_overlap(los, his, refs, order)
+
+
+def _report_overlap(los, his, refs, order) -> None:
+    """The slow path of :func:`check_no_overlap`: sweep the spans (sorted by start, then argument order)
+    and raise for the first pair that really shares memory and involves a written tensor."""
+    order = sorted(order, key=lambda k: (los[k], k))
+    seen_read = set()
+    active: list[int] = []
+    for k in order:
+        t, name, i, writes, contiguous = refs[k]
+        if not writes:  # one gradient passed for several tensors: a single entry
+            key = (los[k], his[k], tuple(t.shape), t.stride(), t.dtype)
+            if key in seen_read:
+                continue
+            seen_read.add(key)
+        active = [a for a in active if his[a] > los[k]]
+        for a in active:
+            u, a_name, a_i, a_writes, a_contiguous = refs[a]
+            if not (writes or a_writes):
+                continue
+            dense = (contiguous or is_dense(t)) and (a_contiguous or is_dense(u))
+            if not dense and not _elements_overlap(u, t):
+                continue
+            first, second = refs[min(a, k)], refs[max(a, k)]  # in argument order
+            f, s = first[0], second[0]
+            same = (f.data_ptr() == s.data_ptr() and f.shape == s.shape and f.stride() == s.stride()
+                    and f.dtype == s.dtype)
+            label = lambda ref: f"{ref[1]}[{ref[2]}]"  # noqa: E731
+            role = "" if first[3] and second[3] else f" ({label(first if first[3] else second)} is written by the step)"
+            raise ValueError(
+                f"{label(second)} {'is the same tensor as' if same else 'overlaps the memory of'} {label(first)}"
+                f"{role}: the step updates its tensors in place from many programs at once, so each written tensor "
+                "needs memory of its own (a shared step counter, a parameter passed twice or aliased state would "
+                "lose updates on a GPU)"
+            )
+        active.append(k)
+
+
 # ----------------------------------------------------------------------------- kernels
 
 
 @triton.jit
 def trust_ratio(w_norm, u_norm, coef, lo, hi, adapt):
-    """``clamp(coef * ||w|| / ||u||, lo, hi)``; 1 when either norm is 0 or adaptation is off."""
-    r = tl.where((w_norm > 0) & (u_norm > 0), tl.minimum(tl.maximum(coef * w_norm / u_norm, lo), hi), 1.0)
+    """``clamp(coef * ||w|| / ||u||, lo, hi)``; 1 when either norm is 0 or adaptation is off.
+    The division is correctly rounded (``div.rn.f32`` on the GPU, not the ~2 ulp ``div.full.f32``)."""
+    ratio = tl.div_rn(coef * w_norm, tl.where(u_norm > 0, u_norm, 1.0))
+    r = tl.where((w_norm > 0) & (u_norm > 0), tl.minimum(tl.maximum(ratio, lo), hi), 1.0)
     return tl.where(adapt != 0, r, 1.0)
+
+
+@triton.jit
+def inv_bias_correction(t, ln_b):
+    """``1 / (1 - b^t)`` as fp32, for step ``t`` (fp32; values below 1 -- a skipped step whose result is
+    never used -- count as 1) and ``ln_b = ln b`` (:func:`log_decay`; ``-inf`` gives 1). Computed in
+    float64 (``exp`` and the division compile to exact FMA sequences and ``div.rn.f64`` on sm_90, numpy
+    under the interpreter): ``1 - exp(t ln b)`` has an absolute error ~1e-16, so the result is within
+    ~1 fp32 ulp, the fp32 rounding of ``ln b`` included."""
+    x = tl.maximum(t, 1.0).to(tl.float64) * ln_b.to(tl.float64)
+    return (1.0 / (1.0 - tl.exp(x))).to(tl.float32)
 
 
 @triton.jit
@@ -187,10 +339,10 @@ def _clip_coef_kernel(
         bad += tl.load(partial_ptr + idx * 2 + 1, mask=mask, other=0.0)
     total = tl.sum(sq, axis=0)
     ok = (tl.sum(bad, axis=0) == 0) & (total <= FP32_MAX)
-    norm = tl.sqrt(total)
+    norm = tl.sqrt_rn(total)
     coef = 1.0
     if HAS_CLIP:
-        coef = tl.minimum(max_norm / norm, 1.0)
+        coef = tl.minimum(tl.div_rn(max_norm, norm), 1.0)
     tl.store(clip_ptr, norm)
     tl.store(clip_ptr + 1, coef)
     tl.store(clip_ptr + 2, ok.to(tl.float32))
@@ -203,7 +355,8 @@ def _segment_norms_kernel(
     partial_ptr, bounds_ptr, norms_ptr, addr_ptr, addr_stride, step_col, clip_ptr,
     INCREMENT_STEP: tl.constexpr, RBLOCK: tl.constexpr,
 ):
-    """norms[i] = sqrt of the summed 2-column partials of tensor i's chunks; step_i += ok if asked."""
+    """norms[i] = sqrt of the summed 2-column partials of tensor i's chunks (correctly rounded, no flush
+    to zero: a tiny norm stays > 0); step_i += ok if asked."""
     tid = tl.program_id(0)
     lo = tl.load(bounds_ptr + tid * 2)
     hi = tl.load(bounds_ptr + tid * 2 + 1)
@@ -214,8 +367,8 @@ def _segment_norms_kernel(
         mask = idx < hi
         a += tl.load(partial_ptr + idx * 2, mask=mask, other=0.0)
         b += tl.load(partial_ptr + idx * 2 + 1, mask=mask, other=0.0)
-    tl.store(norms_ptr + tid * 2, tl.sqrt(tl.sum(a, axis=0)))
-    tl.store(norms_ptr + tid * 2 + 1, tl.sqrt(tl.sum(b, axis=0)))
+    tl.store(norms_ptr + tid * 2, tl.sqrt_rn(tl.sum(a, axis=0)))
+    tl.store(norms_ptr + tid * 2 + 1, tl.sqrt_rn(tl.sum(b, axis=0)))
     if INCREMENT_STEP:
         step_ptr = tl.load(addr_ptr + tid * addr_stride + step_col).to(tl.pointer_type(tl.float32))
         tl.store(step_ptr, tl.load(step_ptr) + tl.load(clip_ptr + 2))

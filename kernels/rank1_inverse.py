@@ -403,7 +403,7 @@ def rank1_inverse_update(
     dtypes = ",".join(sorted({str(f.dtype) for f in factors}))
     bucket = shape_bucket(max(f.shape[0] for f in factors), len(factors))
     restore = [*factors, scales] + ([counts] if counts is not None else [])
-    run(RANK1_CONFIGS.select(device=device, bucket=bucket, dtype=dtypes, run=run, restore=restore))
+    RANK1_CONFIGS.launch(device=device, bucket=bucket, dtype=dtypes, run=run, restore=restore)
 
 
 def rank1_inverse_update_reference(

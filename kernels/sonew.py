@@ -67,6 +67,24 @@ edges of row k are dropped (X is diag(1 / S_kk) where all are).
    advances ``step``;
 4. pass 2: ``w <- w - lr (scale d + wd w)``.
 
+**Precision on the GPU** (``multi_tensor``'s module docstring has the instruction-level details): the
+bias corrections enter as ``1 / (1 - b_k^t)`` from ``multi_tensor.inv_bias_correction`` -- float64 on
+the device from ``ln b_k`` formed in float64 on the host, within ~1 fp32 ulp (an approximate
+``1 - exp2(t log2 b)`` is off by ~1e-4 relative for b2 = 0.999 at t = 1, and the band statistics, the
+damping and every graft vector scale with it) -- and are applied as multiplications: a common
+scale error of S is not amplified by the solves (X scales by its inverse), unlike independent
+per-entry errors. The reciprocals of the elimination (pivots and ``c_k``), the graft vector's
+division and square root and the graft ratio are correctly rounded (``div_rn``, ``sqrt_rn``; on sm_90
+``div.rn.f32``/``sqrt.rn.f32`` instead of the ~2 ulp ``div.full.f32``/``sqrt.approx.ftz.f32``): the
+conditional variances are formed by cancellation, amplifying each rounding error up to
+``1 / DROP_TOL``, and the drop rule's margin above assumes correctly rounded operations -- those the
+interpreter (numpy) uses, so a compiled step differs from the interpreted one only by FMA contraction
+and summation order.
+
+Tensors the step writes (params, exp_avgs, diags, offdiags, steps, skipped) must not share memory,
+with each other or with a gradient: ``multi_tensor.check_no_overlap`` raises a ValueError naming the
+two entries.
+
 Bytes per fp32 parameter: 4 (norm pre-read of g) + 24 + 8b (pass 1: g, mu, nu_d, nu_1..b read;
 mu, nu_d, nu_1..b and d written) + 12 (pass 2: w, d read, w written) = ``40 + 8b`` (48 for the
 tridiagonal case); ``relative_eps`` adds one read of g, nu_d, nu_1..b (8 + 4b). The direction scratch
@@ -89,10 +107,13 @@ from .dispatch import check_kernel_dtype, check_same_device, tl_dtype, use_trito
 from .multi_tensor import (
     REDUCE_BLOCK,
     TensorTable,
+    check_no_overlap,
     for_each_launch,
     global_norm_reference,
+    inv_bias_correction,
     launch_global_norm,
     launch_segment_norms,
+    log_decay,
     per_tensor,
 )
 
@@ -107,16 +128,16 @@ MIN_RELATIVE_DAMPING = 1e-24
 #: Graft vectors, by name.
 GRAFTS = {"none": 0, "adam": 1, "rmsprop": 2, "sgd": 3}
 
-# addr table columns and hyper table columns
+# addr table columns and hyper table columns (LN_Bk = ln(b_k), formed in float64 on the host)
 P, G, M, NU, NU_OFF, DIR, STEP = range(7)
 N_COLS = 7
-LR, B1, B2, EPS, WD, GRAFT_EPS, BAND, GRAFT, PRECONDITION, RELATIVE = range(10)
-N_HYPER = 10
+LR, B1, B2, EPS, WD, GRAFT_EPS, BAND, GRAFT, PRECONDITION, RELATIVE, LN_B1, LN_B2 = range(12)
+N_HYPER = 12
 
 _P, _G, _M, _NU, _NU_OFF, _DIR, _STEP = (tl.constexpr(c) for c in (P, G, M, NU, NU_OFF, DIR, STEP))
 _N_COLS = tl.constexpr(N_COLS)
-_LR, _B1, _B2, _EPS, _WD, _GRAFT_EPS, _BAND, _GRAFT, _PRECONDITION, _RELATIVE = (
-    tl.constexpr(c) for c in (LR, B1, B2, EPS, WD, GRAFT_EPS, BAND, GRAFT, PRECONDITION, RELATIVE))
+_LR, _B1, _B2, _EPS, _WD, _GRAFT_EPS, _BAND, _GRAFT, _PRECONDITION, _RELATIVE, _LN_B1, _LN_B2 = (
+    tl.constexpr(c) for c in (LR, B1, B2, EPS, WD, GRAFT_EPS, BAND, GRAFT, PRECONDITION, RELATIVE, LN_B1, LN_B2))
 _N_HYPER = tl.constexpr(N_HYPER)
 _DROP_TOL = tl.constexpr(DROP_TOL)
 _MIN_RELATIVE_DAMPING = tl.constexpr(MIN_RELATIVE_DAMPING)
@@ -205,7 +226,7 @@ def _conditional_regression(c0, U, s, BAND: tl.constexpr):
     ``c0 = S_kk``; ``U`` the upper triangle of the window of the following rows (``U[p][q - p]`` is
     entry (p, q), q >= p, of neighbours p+1, q+1; identity rows for neighbours that do not exist);
     ``s[p] = S_{k, k+p+1}`` (0 if absent). Returns ``(psi, 1 / c_k)`` for the kept prefix of
-    neighbours (module docstring: dropped edges)."""
+    neighbours (module docstring: dropped edges). Reciprocals are correctly rounded (``div_rn``)."""
     diag0 = ()
     for p in tl.static_range(BAND):
         diag0 = diag0 + (U[p][0],)
@@ -217,7 +238,7 @@ def _conditional_regression(c0, U, s, BAND: tl.constexpr):
     for p in tl.static_range(BAND):
         piv = U[p][0]
         piv_ok = piv > _DROP_TOL * diag0[p]
-        inv = 1.0 / tl.where(piv_ok, piv, 1.0)
+        inv = tl.div_rn(1.0, tl.where(piv_ok, piv, 1.0))
         c = c - s[p] * s[p] * inv
         alive = alive & piv_ok & (c > _DROP_TOL * c0)
         c_kept = tl.where(alive, c, c_kept)
@@ -249,13 +270,14 @@ def _conditional_regression(c0, U, s, BAND: tl.constexpr):
     psi = ()
     for p in tl.static_range(BAND):
         psi = psi + (psi_rev[BAND - 1 - p],)
-    return psi, 1.0 / c_kept
+    return psi, tl.div_rn(1.0, c_kept)
 
 
 @triton.jit
-def _sparse_inverse_apply(mus, nus, offs, rows, n, bt, bc1, bc2, damp, BAND: tl.constexpr):
+def _sparse_inverse_apply(mus, nus, offs, rows, n, bt, inv_bc1, inv_bc2, damp, BAND: tl.constexpr):
     """``x = X mu^`` at ``rows``: ``x_i = z_i - sum_p psi_{i-p}[p-1] z_{i-p}``,
-    ``z_k = D_k (mu^_k - sum_p psi_k[p-1] mu^_{k+p})``, with the factors of rows i-BAND..i."""
+    ``z_k = D_k (mu^_k - sum_p psi_k[p-1] mu^_{k+p})``, with the factors of rows i-BAND..i;
+    ``inv_bc1``, ``inv_bc2`` the reciprocal bias corrections (mu^ = mu inv_bc1, S = nu inv_bc2 + damp)."""
     x = nus[BAND] * 0.0
     for back in tl.static_range(BAND + 1):
         k = rows - back
@@ -265,16 +287,16 @@ def _sparse_inverse_apply(mus, nus, offs, rows, n, bt, bc1, bc2, damp, BAND: tl.
         U = ()  # upper triangle of the window of neighbours 1..BAND
         svec = ()
         for p in tl.static_range(1, BAND + 1):
-            row = (tl.where(exists[p - 1], nus[BAND - back + p] / bc2 + damp, 1.0),)
+            row = (tl.where(exists[p - 1], nus[BAND - back + p] * inv_bc2 + damp, 1.0),)
             for q in tl.static_range(p + 1, BAND + 1):
-                row = row + (tl.where(exists[q - 1], offs[q - p - 1][BAND - back + p] / bc2, 0.0),)
+                row = row + (tl.where(exists[q - 1], offs[q - p - 1][BAND - back + p] * inv_bc2, 0.0),)
             U = U + (row,)
-            svec = svec + (tl.where(exists[p - 1], offs[p - 1][BAND - back] / bc2, 0.0),)
-        psi, dinv = _conditional_regression(nus[BAND - back] / bc2 + damp, U, svec, BAND)
+            svec = svec + (tl.where(exists[p - 1], offs[p - 1][BAND - back] * inv_bc2, 0.0),)
+        psi, dinv = _conditional_regression(nus[BAND - back] * inv_bc2 + damp, U, svec, BAND)
         z = mus[BAND - back]
         for p in tl.static_range(1, BAND + 1):
             z -= psi[p - 1] * mus[BAND - back + p]
-        z = tl.where(k >= 0, dinv * z / bc1, 0.0)
+        z = tl.where(k >= 0, dinv * z * inv_bc1, 0.0)
         if back == 0:
             x += z
         else:
@@ -381,11 +403,11 @@ def _sonew_direction_kernel(
     bt = tl.load(h + _BAND).to(tl.int32)
     graft = tl.load(h + _GRAFT).to(tl.int32)
     precondition = tl.load(h + _PRECONDITION)
-    bc1 = 1.0 - tl.exp2(t * tl.log2(b1))
-    bc2 = 1.0 - tl.exp2(t * tl.log2(b2))
+    inv_bc1 = inv_bias_correction(t, tl.load(h + _LN_B1))  # 1 / (1 - b1^t)
+    inv_bc2 = inv_bias_correction(t, tl.load(h + _LN_B2))
     damp = eps
     if HAS_RELATIVE:
-        relative = tl.maximum(eps * tl.load(row_max_ptr + tid) / bc2, _MIN_RELATIVE_DAMPING)
+        relative = tl.maximum(eps * tl.load(row_max_ptr + tid) * inv_bc2, _MIN_RELATIVE_DAMPING)
         damp = tl.where(tl.load(h + _RELATIVE) != 0, relative, eps)
     n = tl.where(tl.load(clip_ptr + 2) != 0, n, 0)  # a skipped step reads and writes nothing
     d_sq = tl.zeros([BLOCK], tl.float32)
@@ -397,13 +419,15 @@ def _sonew_direction_kernel(
         slot_ptr = snap_ptr + (pid * (CHUNK // BLOCK) + off // BLOCK) * REC
         gs, mus, nus, offs = _new_statistics(g_ptr, m_ptr, nu_ptr, off_ptr, slot_ptr, rows, r0, n, bt, b1, b2,
                                              G_DT, BAND, BLOCK)
-        x = _sparse_inverse_apply(mus, nus, offs, rows, n, bt, bc1, bc2, damp, BAND)
+        x = _sparse_inverse_apply(mus, nus, offs, rows, n, bt, inv_bc1, inv_bc2, damp, BAND)
         g = gs[BAND]
-        rms = tl.sqrt(nus[BAND] / bc2) + graft_eps
-        adam = mus[BAND] / bc1 / rms
-        a = tl.where(graft == _GRAFT_ADAM, adam, tl.where(graft == _GRAFT_RMSPROP, g / rms,
-                                                         tl.where(graft == _GRAFT_SGD, g, 0.0)))
-        d = tl.where(precondition != 0, x, adam)
+        rms = tl.sqrt_rn(nus[BAND] * inv_bc2) + graft_eps
+        # mu^ / rms (adam) or g / rms (rmsprop) with one division: an rmsprop tensor is preconditioned,
+        # so its d is x, and a tensor that is not has graft "none" (_sonew_hyper), so its d is adam
+        scaled = tl.div_rn(tl.where(graft == _GRAFT_RMSPROP, g, mus[BAND] * inv_bc1), rms)
+        a = tl.where((graft == _GRAFT_ADAM) | (graft == _GRAFT_RMSPROP), scaled,
+                     tl.where(graft == _GRAFT_SGD, g, 0.0))
+        d = tl.where(precondition != 0, x, scaled)
         d_sq += tl.where(mask, d * d, 0.0)
         a_sq += tl.where(mask, a * a, 0.0)
         # every read of this tile's old state (by any thread) happens before any write below
@@ -434,7 +458,7 @@ def _sonew_apply_kernel(
     wd = tl.load(h + _WD)
     d_norm = tl.load(norms_ptr + tid * 2)
     a_norm = tl.load(norms_ptr + tid * 2 + 1)
-    ratio = tl.where(d_norm > 0, a_norm / tl.where(d_norm > 0, d_norm, 1.0), 0.0)
+    ratio = tl.where(d_norm > 0, tl.div_rn(a_norm, tl.where(d_norm > 0, d_norm, 1.0)), 0.0)
     scale = tl.where(tl.load(h + _GRAFT).to(tl.int32) == _GRAFT_NONE, 1.0, ratio)
     n = tl.where(tl.load(clip_ptr + 2) != 0, n, 0)  # a skipped step writes nothing
     for off in range(0, tl.minimum(n - start, CHUNK), BLOCK):
@@ -458,9 +482,11 @@ def _sonew_hyper(n, offdiags, lr, beta1, beta2, eps, weight_decay, graft, graft_
     for i, (lr_i, b1, b2, eps_i, wd, gr, geps, rel, pre) in enumerate(zip(*cols)):
         if gr not in GRAFTS:
             raise ValueError(f"graft[{i}]: expected one of {sorted(GRAFTS)}, got {gr!r}")
+        ln_b1 = log_decay(f"beta1[{i}]" if isinstance(beta1, (list, tuple)) else "beta1", b1)
+        ln_b2 = log_decay(f"beta2[{i}]" if isinstance(beta2, (list, tuple)) else "beta2", b2)
         rows.append([float(lr_i), float(b1), float(b2), float(eps_i), float(wd), float(geps),
                      float(offdiags[i].shape[0]), float(GRAFTS[gr] if pre else GRAFTS["none"]),
-                     float(bool(pre)), float(bool(rel))])
+                     float(bool(pre)), float(bool(rel)), ln_b1, ln_b2])
     return rows
 
 
@@ -510,7 +536,9 @@ def sonew_step(
     (non-contiguous ones are updated through a contiguous copy), ``grads`` like them; ``exp_avgs``
     (shape of params), ``diags`` (n,), ``offdiags`` (band, n) contiguous fp32 (float64 on the
     reference path); ``steps`` 0-d fp32 counts of completed steps; ``skipped`` an optional 0-d int32
-    counter. Returns ``[||g_all||, 1, ok]`` as a device tensor.
+    counter. Returns ``[||g_all||, 1, ok]`` as a device tensor. Betas must be in [0, 1).
+    ValueError when tensors the step writes (params, exp_avgs, diags, offdiags, steps, skipped) share
+    memory, with each other or with a gradient.
     """
     _check_state_shapes(params, grads, exp_avgs, diags, offdiags, steps)
     n = len(params)
@@ -522,6 +550,8 @@ def sonew_step(
     for name, seq in (("params", params), ("grads", grads), ("exp_avgs", exp_avgs), ("diags", diags),
                       ("offdiags", offdiags), ("steps", steps)):
         check_same_device(name, seq, device)
+    check_no_overlap([("params", params), ("exp_avgs", exp_avgs), ("diags", diags), ("offdiags", offdiags),
+                      ("steps", steps), ("skipped", [skipped])], [("grads", grads)])
     if not use_triton(device):
         return sonew_step_reference(params, grads, exp_avgs, diags, offdiags, steps, hyper=hyper, skipped=skipped)
     for i, (p, g, m, v, o, s) in enumerate(zip(params, grads, exp_avgs, diags, offdiags, steps)):
@@ -590,9 +620,8 @@ def sonew_step(
         return clip
 
     restore = [*work, *exp_avgs, *diags, *offdiags, *steps] + ([skipped] if skipped is not None else [])
-    config = SONEW_CONFIGS.select(device=device, bucket=shape_bucket(total) + (band,), dtype=params[0].dtype,
-                                  run=run, restore=restore)
-    clip = run(config)
+    clip = SONEW_CONFIGS.launch(device=device, bucket=shape_bucket(total) + (band,), dtype=params[0].dtype,
+                                run=run, restore=restore)
     for p, w in zip(params, work):
         if w is not p:
             p.copy_(w)
@@ -672,7 +701,8 @@ def apply_sparse_inverse_reference(psi: torch.Tensor, dinv: torch.Tensor, v: tor
 def sonew_step_reference(params, grads, exp_avgs, diags, offdiags, steps, *, hyper, skipped=None):
     """Plain PyTorch SONew (same contract as :func:`sonew_step`; ``hyper`` rows as built there).
 
-    Math in fp32, or float64 when the params are float64 (the tests' reference).
+    Math in fp32, or float64 when the params are float64 (the tests' reference); the bias corrections
+    ``1 - b^t`` always in float64 (they cancel: fp32 ``b^t`` would cost up to ~3e-8 / (1 - b) relative).
     """
     clip = global_norm_reference(grads, None, skipped)
     ok = clip[2] != 0
@@ -681,8 +711,8 @@ def sonew_step_reference(params, grads, exp_avgs, diags, offdiags, steps, *, hyp
         n, b = p.numel(), o.shape[0]
         w = p.reshape(-1).to(dtype)
         g = g.reshape(-1).to(dtype)
-        t = s.to(dtype) + 1
-        bc1, bc2 = 1 - h[B1] ** t, 1 - h[B2] ** t
+        t = s.to(torch.float64) + 1
+        bc1, bc2 = (1 - h[B1] ** t).to(dtype), (1 - h[B2] ** t).to(dtype)
         mu = h[B1] * m.reshape(-1).to(dtype) + (1 - h[B1]) * g
         nu = h[B2] * v.to(dtype) + (1 - h[B2]) * g * g
         off = o.to(dtype).clone()

@@ -28,8 +28,14 @@ Conventions shared by all of them:
 
 Shared launch pieces: :func:`tile_gemm_space` (the candidate tiles of a kernel accumulating
 ``BLOCK_M x BLOCK_K`` by ``BLOCK_K x BLOCK_N`` tiles with ``tl.dot``) and :func:`launch_left_product`
-(the right-product transpose above, the ``(cdiv(d, BLOCK_M), cdiv(n, BLOCK_N))`` grid of ``op(M) x``
-for a d x d ``M``, and the tuned config).
+(the right-product transpose above, the one-axis grid of ``cdiv(d, BLOCK_M) * cdiv(n, BLOCK_N)`` tiles of
+``op(M) x`` for a d x d ``M``, and the tuned config).
+
+Grids: CUDA takes up to 2^31 - 1 programs on grid axis 0 but only 65535 on axes 1 and 2 (the interpreter
+has no limit). The n of these products is often the number of activation rows (batch x sequence, millions),
+so every launcher here puts its tiles on axis 0 alone and the kernel splits ``tl.program_id(0)`` into
+tile indices, the fastest-varying index being the one whose programs share an operand tile (e.g. the row
+tiles of one column tile of ``x``: the same linear order a 2-D (row tile, column tile) grid had).
 """
 
 from __future__ import annotations
@@ -122,18 +128,19 @@ def launch_left_product(space: ConfigSpace, kernel, structure: tuple, dtype: tor
     The kernel computes the left product ``out = A x`` with ``A = op(M)`` (``TRANS``: ``A = M^T``); a right
     product runs it on the transposed views, ``x op(M) = (op(M)^T x^T)^T``. It is launched as
     ``kernel[grid](x, out, n, x strides, out strides, *structure, TRANS=, UPCAST_DOT=, **constexprs,
-    BLOCK_M=, BLOCK_N=, BLOCK_K=)`` over ``grid = (cdiv(d, BLOCK_M), cdiv(n, BLOCK_N))``, with the config
-    ``space`` selects for the shape bucket ``(d, n, *bucket)`` and the dtypes and ``TRANS``."""
+    BLOCK_M=, BLOCK_N=, BLOCK_K=)`` over ``grid = (cdiv(d, BLOCK_M) * cdiv(n, BLOCK_N),)`` (axis 0 only: n
+    may be millions of rows), with the config ``space`` selects for the shape bucket ``(d, n, *bucket)``
+    and the dtypes and ``TRANS``. The kernel takes row tile ``pid % cdiv(d, BLOCK_M)`` and column tile
+    ``pid // cdiv(d, BLOCK_M)``: consecutive programs share the column tile of ``x`` they read."""
     trans = transpose != right
     xl, ol = (x.T, out.T) if right else (x, out)
     n = xl.shape[1]
 
     def run(config: Config) -> None:
-        grid = (triton.cdiv(d, config["BLOCK_M"]), triton.cdiv(n, config["BLOCK_N"]))
+        grid = (triton.cdiv(d, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"]),)
         kernel[grid](xl, ol, n, *xl.stride(), *ol.stride(), *structure, TRANS=trans,
                      UPCAST_DOT=upcast_dot(dtype, x.dtype), **constexprs, **config.launch_kwargs())
 
-    config = space.select(device=x.device, bucket=shape_bucket(d, n, *bucket),
-                          dtype=f"{dtype},{x.dtype},{out.dtype},{trans}", run=run)
-    run(config)
+    space.launch(device=x.device, bucket=shape_bucket(d, n, *bucket),
+                 dtype=f"{dtype},{x.dtype},{out.dtype},{trans}", run=run)
     return out

@@ -21,7 +21,9 @@ without the d x d matrix. Kernel: a program per (block of BL lags, slice of the 
 row chunks and t tiles, loading ``u`` as a (BR, BT) tile and ``v`` shifted by each lag as a
 (BL, BR, BT) tile (overlapping windows, served from cache), and accumulates the products in fp32.
 Each row slice (at most MAX_SPLIT of them) writes its own partial lag vector, and the partials are
-summed in a fixed order afterwards: deterministic, MAX_SPLIT x d floats of extra memory. Cost: rows d (d + 1) / 2 multiply-adds (the pairs
+summed in a fixed order afterwards: deterministic, MAX_SPLIT x d floats of extra memory. Grid:
+(cdiv(d, BL), slices): the rows never size a grid axis, and axis 1 stays <= MAX_SPLIT (CUDA allows
+65535 there). Cost: rows d (d + 1) / 2 multiply-adds (the pairs
 of ``S^T S``'s upper triangle), no tensor cores.
 
 The references compute the same sums in tiles of ``REFERENCE_TILE`` (a (tile x tile) product per tile
@@ -148,9 +150,8 @@ def lag_sums(u: torch.Tensor, v: torch.Tensor | None = None) -> torch.Tensor:
             num_warps=config.num_warps, num_stages=config.num_stages)
         return part
 
-    config = LAG_SUM_CONFIGS.select(device=u.device, bucket=shape_bucket(rows, d), dtype=f"{u.dtype},{v.dtype}",
-                                    run=run)
-    return run(config).sum(0)
+    return LAG_SUM_CONFIGS.launch(device=u.device, bucket=shape_bucket(rows, d), dtype=f"{u.dtype},{v.dtype}",
+                                  run=run).sum(0)
 
 
 def lag_sums_reference(u: torch.Tensor, v: torch.Tensor | None = None) -> torch.Tensor:

@@ -14,12 +14,13 @@ Conventions (``op``, ``right``, dtypes, strides) are those of :mod:`kfopt.kernel
 and ``toeplitz_matmul(c, x, ...)`` is the same product with ``L``; both run :func:`lower_triangular_matmul`.
 
 Kernel (both storages): one program per (row tile, column tile) of the left product ``A x`` (``A = M``
-or ``M^T``). Row tile ``[m0, m0 + BM)`` of a lower ``A`` has non-zeros only in columns ``< m0 + BM``, of
-an upper ``A`` only in columns ``>= m0``: the k loop covers that range only, so about half of the dense
-GEMM's tiles are visited: about n d (d + BM) flops instead of the dense product's 2 n d^2. Each BM x BK
-tile of ``A`` is gathered in registers from the storage (``TOEPLITZ``: from ``c[i - j]``, otherwise from
-the packed rows), masked to the triangle, and fed to ``tl.dot``: the d x d matrix never exists. The two
-storages keep their own ``ConfigSpace`` (``TRIANGULAR_CONFIGS``, ``toeplitz.TOEPLITZ_CONFIGS``: the same
+or ``M^T``), all on grid axis 0, row tiles fastest (``structured.launch_left_product``). Row tile
+``[m0, m0 + BM)`` of a lower ``A`` has non-zeros only in columns ``< m0 + BM``, of an upper ``A`` only
+in columns ``>= m0``: the k loop covers that range only, so about half of the dense GEMM's tiles are
+visited: about n d (d + BM) flops instead of the dense product's 2 n d^2. Each BM x BK tile of ``A`` is
+gathered in registers from the storage (``TOEPLITZ``: from ``c[i - j]``, otherwise from the packed
+rows), masked to the triangle, and fed to ``tl.dot``: the d x d matrix never exists. The two storages
+keep their own ``ConfigSpace`` (``TRIANGULAR_CONFIGS``, ``toeplitz.TOEPLITZ_CONFIGS``: the same
 candidates, tuned and cached apart).
 """
 
@@ -58,9 +59,11 @@ def _lower_triangular_kernel(
 ):
     """out[rows, cols] = A[rows, :] x[:, cols] with A = M (lower) or M^T (TRANS); M[i, j] (j <= i) is
     m[i - j] (TOEPLITZ) or m[i (i + 1) / 2 + j] (packed)."""
-    m0 = tl.program_id(0) * BLOCK_M
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(d, BLOCK_M)
+    m0 = (pid % tiles_m) * BLOCK_M
     rm = m0 + tl.arange(0, BLOCK_M)
-    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rn = (pid // tiles_m) * BLOCK_N + tl.arange(0, BLOCK_N)
     rm64 = rm.to(tl.int64)
     rn64 = rn.to(tl.int64)
     if TRANS:

@@ -7,7 +7,8 @@ per captured call of a layer, with that call's rows; what it returns (a tensor, 
 over the calls of the step into ``layer.input_stat`` / ``layer.grad_output_stat``. So K-FAC returns
 ``a^T a`` (and ``g^T g``), MKOR ``a.sum(0)``, SINGD its projected ``K^T a^T a K``; the capture keeps the
 sums, counts and row counts until :meth:`LayerCapture.clear`. Nothing else is held: rows are
-transient (see Memory).
+transient (see Memory). The optimizers combine these statistics across ranks before using them, so
+the two functions run under ``kfopt.autotune.configs_per_rank()`` (each rank tunes its kernels).
 
 Selection
     Modules that are instances of ``layer_types`` (default ``nn.Linear`` and ``nn.Conv2d``, subclasses
@@ -119,6 +120,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+
+from kfopt.autotune import configs_per_rank
 
 #: how the backpropagated loss averaged its terms (see :func:`loss_term_count`)
 LossAverage = Literal["batch", "batch+sequence"] | None
@@ -434,7 +437,7 @@ class LayerCapture:
             layer.input_row_count += call.batch_size * call.positions
             if self.input_fn is not None:
                 x = args[0] if args else kwargs["input"]
-                with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+                with torch.no_grad(), torch.autocast(x.device.type, enabled=False), configs_per_rank():
                     stat = self.input_fn(layer, call, _input_rows(layer, x.detach()))
                 layer.input_stat = _sum_into(layer.input_stat, stat)
             output.register_hook(self._grad_hook(layer, call, self._generation))
@@ -455,7 +458,7 @@ class LayerCapture:
             layer.grad_output_row_count += call.batch_size * call.positions
             if self.grad_output_fn is None:
                 return
-            with torch.no_grad(), torch.autocast(grad.device.type, enabled=False):
+            with torch.no_grad(), torch.autocast(grad.device.type, enabled=False), configs_per_rank():
                 rows = _grad_output_rows(layer, grad.detach())
                 scale = self._current_scale()
                 if scale is not None:

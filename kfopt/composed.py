@@ -11,6 +11,9 @@ torch.optim.Optimizer`` that must build its optimizer from the dicts it is given
     GradScaler overflow (_grad_scaler_skips_step):    _discard_step(), nothing else changes
     otherwise:                                        _second_order_step(); base.step()
 
+``base.step()`` runs under ``kfopt.autotune.agree_on_configs()``: under ``torch.distributed`` every rank
+steps the same replicated weights, so the ranks use the same kernel configs (bit-identical replicas).
+
 ``state_dict()`` is the base optimizer's plus ``state_key`` (the subclass's own state) and
 ``"<state_key>_skipped_steps"``.
 """
@@ -22,6 +25,8 @@ from collections.abc import Callable
 from typing import Literal
 
 import torch
+
+from kfopt.autotune import agree_on_configs
 
 from .lamb import LAMB
 from .optimizer import KfoptOptimizer
@@ -85,7 +90,8 @@ class ComposedOptimizer(KfoptOptimizer):
             self._discard_step()
             return loss
         self._second_order_step()
-        self.base.step()
+        with agree_on_configs():  # every rank steps the same replicated weights
+            self.base.step()
         return loss
 
     def _second_order_step(self) -> None:

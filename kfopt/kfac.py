@@ -85,7 +85,10 @@ KAISA (``grad_worker_fraction``; see :mod:`kfopt.kaisa` for the grid and the gre
     ``P`` to their receiver groups. Only grad workers store a layer's second-order data. KL clipping
     then runs identically on every rank on all layers. KFAC does not average gradients: wrap the model
     in ``DistributedDataParallel`` so that every rank starts ``step()`` with the same gradients; every
-    rank then ends it with the same parameters.
+    rank then ends it with the same parameters. Kernel configs (``kfopt.autotune``): the grad workers of
+    a layer agree on them (``agree_on_configs`` over the grad-worker group), so they compute the same
+    ``P``; with one grad worker per layer each rank tunes for itself; ``KFAC``'s base step agrees over
+    all ranks.
 
 Checkpoints
     ``KFACPreconditioner.state_dict()``: ``steps``, ``decomposition_failures`` (this rank's count) and
@@ -120,6 +123,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from kfopt.autotune import agree_on_configs, configs_per_rank
 from kfopt.kernels import eigen_precondition, symmetric_covariance
 from kfopt.kernels.multi_tensor import to_device
 
@@ -414,11 +418,14 @@ class KFACPreconditioner:
         mine = [i for i in active if plan.is_grad_worker(i)]
         if self.compute_method == "eigen":
             second = [self._layers[i].second for i in mine]
-            out = eigen_precondition([grads[i] for i in mine], [s[0] for s in second], [s[1] for s in second],
-                                     [s[2] for s in second], [s[3] for s in second],
-                                     [dampings[i] for i in mine],
-                                     out=[torch.empty(grads[i].shape, dtype=self._layers[i].A.dtype,
-                                                      device=grads[i].device) for i in mine])
+            # grad workers of a layer compute its result redundantly: they agree on the kernel configs
+            agreement = configs_per_rank() if plan.grad_workers == 1 else agree_on_configs(self._groups.worker)
+            with agreement:
+                out = eigen_precondition([grads[i] for i in mine], [s[0] for s in second], [s[1] for s in second],
+                                         [s[2] for s in second], [s[3] for s in second],
+                                         [dampings[i] for i in mine],
+                                         out=[torch.empty(grads[i].shape, dtype=self._layers[i].A.dtype,
+                                                          device=grads[i].device) for i in mine])
         else:
             out = [self._layers[i].second[1] @ grads[i].to(self._layers[i].G.dtype) @ self._layers[i].second[0]
                    for i in mine]

@@ -68,7 +68,8 @@ every rank starts ``step()`` with the same gradients)
     all-reduces); a later forward of the same step (micro-batches) restarts it with the new sums, so
     only the last backward is overlapped. The ``g`` all-reduce starts in ``step()``, once every
     gradient is known, and is not overlapped. Every rank then applies the same rank-1 updates to the
-    same factors (deterministic kernels), so factors and parameters stay bit-identical on all ranks.
+    same factors (deterministic kernels, their tuned configs agreed across the ranks:
+    ``kfopt.autotune.agree_on_configs``), so factors and parameters stay bit-identical on all ranks.
 
 AMP
     Under ``torch.autocast`` the rows are summed in fp32. With ``torch.amp.GradScaler`` pass
@@ -97,6 +98,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from kfopt.autotune import agree_on_configs
 from kfopt.kernels.kronecker import kronecker_precondition
 from kfopt.kernels.multi_tensor import to_device
 from kfopt.kernels.rank1_inverse import rank1_inverse_update
@@ -245,9 +247,10 @@ class MKOR(ComposedOptimizer):
     def _second_order_step(self) -> None:
         """Factor update (when due) and preconditioning; then prepare the capture for the next step."""
         if self._layers:
-            if self.steps % self.inv_freq == 0:
-                self._update_factors()
-            self._precondition()
+            with agree_on_configs():  # every rank updates the same factors and preconditions every layer
+                if self.steps % self.inv_freq == 0:
+                    self._update_factors()
+                self._precondition()
         self._discard_step()
         self.steps += 1
         self._arm()

@@ -89,7 +89,8 @@ the same on every world size). With a mean loss, a layer's rows divided by the l
 gradients scaled by the local ``n_c``, the rank average equals the single-process statistic of the
 global batch (for equal local batches), so parameters are the same on every rank and equal to the
 global-batch run. Every rank must capture every due layer (as DDP requires); a layer missing on a rank
-contributes zeros there.
+contributes zeros there. The step runs under ``kfopt.autotune.agree_on_configs()`` (every rank launches
+the same kernels), so tuned kernel configs, and with them the replicas' bits, agree across ranks.
 
 Checkpoints
 ===========
@@ -111,6 +112,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
+from kfopt.autotune import agree_on_configs
 from kfopt.kernels.dispatch import KERNEL_DTYPES, use_triton
 
 from . import collectives
@@ -385,17 +387,18 @@ class SINGD(KfoptOptimizer):
         updated = [layer for layer in due if layer.H_K is not None and layer.H_C is not None]
         inputs = [p.grad for _, p in found] + [t for layer in updated for t in layer.H_K.tensors + layer.H_C.tensors]
         if inputs:
-            finite = self._finite(inputs)
-            for layer in updated:
-                self._update_factors(layer, correction, finite)
-            preconditioned = set()
-            for layer in self._layers:
-                if layer.weight.grad is not None:
-                    self._update_layer(layer, finite)
-                    preconditioned.update(id(p) for p in (layer.weight, layer.bias) if p is not None)
-            for group, p in found:
-                if id(p) not in preconditioned:
-                    self._apply(p, group, p.grad, finite)
+            with agree_on_configs():  # every rank updates the same factors and weights
+                finite = self._finite(inputs)
+                for layer in updated:
+                    self._update_factors(layer, correction, finite)
+                preconditioned = set()
+                for layer in self._layers:
+                    if layer.weight.grad is not None:
+                        self._update_layer(layer, finite)
+                        preconditioned.update(id(p) for p in (layer.weight, layer.bias) if p is not None)
+                for group, p in found:
+                    if id(p) not in preconditioned:
+                        self._apply(p, group, p.grad, finite)
         self._finish_step()
         return loss
 

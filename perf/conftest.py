@@ -174,10 +174,11 @@ def pytest_sessionfinish(session, exitstatus):
     if rec is None or not rec.records:
         return
     rec.finalize()
-    folder = results_folder(perf_config.SMOKE, perf_config.TMP_DIR)
+    # an untimed run (smoke, --benchmark-disable) never touches the committed history in perf/results/
+    folder = results_folder(perf_config.SMOKE or not rec.timed(), perf_config.TMP_DIR)
     report = {"jsonl": rec.write_jsonl(folder), "png": rec.write_png(folder), "compare": None}
     fail_pct = session.config.getoption("perf_compare_fail")
-    if fail_pct is not None and not perf_config.SMOKE:
+    if fail_pct is not None and rec.timed():
         lines, regressed = rec.compare_with_previous(report["jsonl"], fail_pct)
         report["compare"] = lines
         if regressed:

@@ -195,17 +195,19 @@ class Recorder:
 
         categories = sorted({category(r, k) for r in kernels for k in r["ratios"]})
         height = max(3.0, 0.32 * len(kernels) + 2.0)
-        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(17, height), sharey=True)
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(17, height), sharey=True, layout="constrained")
         y = list(range(len(kernels)))
-        fractions = [r.get("floor_fraction") or 0.0 for r in kernels]
-        ax1.barh(y, fractions, color="tab:blue")
-        for i, f in enumerate(fractions):
-            ax1.text(f, i, f" {100 * f:.0f}%", va="center", fontsize=6)
+        fractions = [r.get("floor_fraction") for r in kernels]
+        ax1.barh(y, [f or 0.0 for f in fractions], color="tab:blue")
+        for i, (f, rec) in enumerate(zip(fractions, kernels)):
+            missing = " not timed" if rec.get("median_s") is None else " no bytes/flops model"
+            ax1.text(0.0 if f is None else min(f, 1.15), i, missing if f is None else f" {100 * f:.0f}%",
+                     va="center", fontsize=6, clip_on=True)
         ax1.axvline(1.0, color="black", lw=0.8)
         ax1.set_xlim(0, 1.15)
         ax1.set_xlabel("fraction of the floor achieved (floor = max(bytes / copy bandwidth, flops / matmul rate))")
         ax1.set_yticks(y, labels, fontsize=7)
-        ax1.invert_yaxis()
+        ax1.set_ylim(len(kernels) - 0.5, -0.5)  # first case on top, no empty rows
         width = 0.8 / max(1, len(categories))
         for k, cat in enumerate(categories):
             ys, vals = [], []
@@ -226,13 +228,18 @@ class Recorder:
                 f"triton {self.env['triton']}, commit {self.env['commit']}"
         if self.mode == "smoke":
             title += " -- SMOKE RUN, NO TIMINGS"
+        elif not self.timed():
+            title += " -- NO TIMINGS"
         fig.suptitle(title, fontsize=9)
-        fig.tight_layout()
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{self.env['device_kind']}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
         return path
+
+    def timed(self) -> bool:
+        """Whether any case of this run was timed (not so in the smoke run or with --benchmark-disable)."""
+        return any(r.get("median_s") for r in self.records)
 
     def table_lines(self) -> list[str]:
         rows = [("case", "impl", "shape", "dtype", "device ms", "host ms", "GB/s", "TFLOP/s", "floor",
@@ -340,8 +347,9 @@ def _format(rows) -> list[str]:
     return ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
 
 
-def results_folder(smoke: bool, tmp_dir: str) -> Path:
+def results_folder(untimed: bool, tmp_dir: str) -> Path:
+    """``KFOPT_PERF_RESULTS``, else perf/results/ for a timed run and a temporary folder otherwise."""
     if os.environ.get("KFOPT_PERF_RESULTS"):
         return Path(os.environ["KFOPT_PERF_RESULTS"])
-    return Path(tmp_dir) / "results" if smoke else RESULTS_DIR
+    return Path(tmp_dir) / "results" if untimed else RESULTS_DIR
 

@@ -18,6 +18,12 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def isolated_autotune_cache(tmp_path_factory):
+    """Tests never read or write the user's tuning cache (processes they spawn inherit this)."""
+    os.environ["KFOPT_AUTOTUNE_CACHE"] = str(tmp_path_factory.mktemp("autotune") / "cache.json")
+
+
 @pytest.fixture
 def device() -> torch.device:
     """Where kernel tests put their tensors: CPU (interpreter) in CI, CUDA with KFOPT_TEST_DEVICE=cuda."""

@@ -1,14 +1,26 @@
-"""kfopt.autotune: cache round trip, concurrent writers, interpreter path, tuning with restore."""
+"""kfopt.autotune: cache round trip, concurrent writers, interpreter path, tuning with restore, and
+config agreement across ranks (gloo processes)."""
 
 import json
 import multiprocessing as mp
 
 import pytest
 import torch
+import torch.distributed as dist
 import triton
+from distributed import run_distributed
 
 import kfopt.autotune.space as space
-from kfopt.autotune import Config, ConfigSpace, TuningCache, get_cache, shape_bucket, tuning_key
+from kfopt.autotune import (
+    Config,
+    ConfigSpace,
+    TuningCache,
+    agree_on_configs,
+    configs_per_rank,
+    get_cache,
+    shape_bucket,
+    tuning_key,
+)
 
 CANDIDATES = [Config({"BLOCK": b}, num_warps=w) for b in (64, 128) for w in (2, 4)]
 
@@ -112,6 +124,31 @@ def test_candidates_that_cannot_compile_or_launch_are_skipped(cache_path, monkey
             device=torch.device("cpu"), bucket=(64,), dtype=torch.float32, run=run)
 
 
+def test_launch_runs_on_the_tensors_cuda_device(monkeypatch):
+    """Triton launches on the current CUDA device: ``launch`` makes the tensors' device current for
+    the selection and the launch (simulated: no GPU here)."""
+    current = []
+
+    class FakeDevice:
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            current.append(self.device)
+
+        def __exit__(self, *exc):
+            current.pop()
+
+    monkeypatch.setattr(torch.cuda, "device", FakeDevice)
+    monkeypatch.setattr(space, "can_benchmark", lambda device: False)
+    cs = ConfigSpace("k", CANDIDATES, default=CANDIDATES[1])
+    cuda1 = torch.device("cuda", 1)
+    seen = cs.launch(device=cuda1, bucket=(64,), dtype=torch.float32, run=lambda config: (config, list(current)))
+    assert seen == (CANDIDATES[1], [cuda1]) and current == []
+    assert cs.launch(device=torch.device("cpu"), bucket=(64,), dtype=torch.float32,
+                     run=lambda config: list(current)) == []
+
+
 def test_default_must_be_a_candidate():
     with pytest.raises(ValueError, match="default"):
         ConfigSpace("k", CANDIDATES, default=Config({"BLOCK": 7}))
@@ -119,3 +156,49 @@ def test_default_must_be_a_candidate():
 
 def test_shape_bucket():
     assert shape_bucket(1, 17, 129, 1024) == (1, 32, 256, 1024)
+
+
+def _choices_on_ranks(rank, world_size, cache_dir):
+    """Each rank times the candidates differently (its own fastest: CANDIDATES[rank]); returns the
+    config chosen outside any context, per rank, in agreement across all ranks (twice: the second is
+    remembered, no collective), and in agreement within the group of ranks 1 and 2."""
+    import os
+    os.environ["KFOPT_AUTOTUNE_CACHE"] = os.path.join(cache_dir, f"rank{rank}.json")  # per-node caches
+    space.can_benchmark = lambda device: True
+    timed = []
+
+    def fake_benchmark(fn):
+        fn()
+        return 0.0 if timed[-1] == CANDIDATES[rank] else 1.0
+
+    space.benchmark = fake_benchmark
+    cs = ConfigSpace("agreed", CANDIDATES, default=CANDIDATES[3])
+
+    def select(bucket):
+        return cs.select(device=torch.device("cpu"), bucket=(bucket,), dtype=torch.float32, run=timed.append)
+
+    subgroup = dist.new_group([1, 2])
+    chosen = {"default": select(64), "per_rank": None, "world": None, "world_again": None, "pair": None}
+    with configs_per_rank():
+        chosen["per_rank"] = select(64)
+    with agree_on_configs():
+        chosen["world"] = select(128)
+        timed.clear()
+        chosen["world_again"] = select(128)
+        assert timed == [], "an agreed config is remembered: no retiming, no collective"
+    if rank in (1, 2):
+        with agree_on_configs(subgroup):
+            chosen["pair"] = select(256)
+    return chosen
+
+
+def test_ranks_agree_on_tuned_configs(tmp_path):
+    """Under torch.distributed: outside a context the default (equal on every rank, no communication),
+    per-rank tuning inside configs_per_rank, the first rank's choice inside agree_on_configs (of the
+    world or of a subgroup) even though every rank times a different candidate fastest."""
+    results = run_distributed(_choices_on_ranks, 3, str(tmp_path))
+    for rank, chosen in enumerate(results):
+        assert chosen["default"] == CANDIDATES[3]
+        assert chosen["per_rank"] == CANDIDATES[rank]
+        assert chosen["world"] == chosen["world_again"] == CANDIDATES[0]
+        assert chosen["pair"] == (CANDIDATES[1] if rank in (1, 2) else None)

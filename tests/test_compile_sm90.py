@@ -78,17 +78,31 @@ class LaunchRecorder:
 
     def __init__(self):
         self.launches: dict[str, dict] = {}
+        self.outside_config_space: set[str] = set()  # kernels launched outside ConfigSpace.launch
+        self._depth = 0
 
     def install(self, monkeypatch):
         from triton.runtime.interpreter import InterpretedFunction
-        real_run = InterpretedFunction.run
+
+        from kfopt.autotune import ConfigSpace
+        real_run, real_launch = InterpretedFunction.run, ConfigSpace.launch
         recorder = self
 
         def run(fn_self, *args, grid, warmup, **kwargs):
             recorder.record(fn_self.fn, args, kwargs)
+            if not recorder._depth:
+                recorder.outside_config_space.add(fn_self.fn.__name__)
             return real_run(fn_self, *args, grid=grid, warmup=warmup, **kwargs)
 
+        def launch(space, **kwargs):
+            recorder._depth += 1
+            try:
+                return real_launch(space, **kwargs)
+            finally:
+                recorder._depth -= 1
+
         monkeypatch.setattr(InterpretedFunction, "run", run)
+        monkeypatch.setattr(ConfigSpace, "launch", launch)
 
     def record(self, fn, args, kwargs):
         options = {k: kwargs.pop(k) for k in OPTIONS if k in kwargs}
@@ -223,13 +237,16 @@ def gpu_launches():
             _optimizer_steps(dt)
     finally:
         monkeypatch.undo()
-    return list(recorder.launches.values())
+    return recorder
 
 
 def test_workload_launches_every_kernel(gpu_launches):
-    """The workload reaches every ``@triton.jit`` kernel the package launches."""
+    """The workload reaches every ``@triton.jit`` kernel the package launches, and every launch goes
+    through ``ConfigSpace.launch`` (which makes the tensors' CUDA device current)."""
+    assert not gpu_launches.outside_config_space, (
+        f"kernels launched outside ConfigSpace.launch: {sorted(gpu_launches.outside_config_space)}")
     import pkgutil
-    launched = {(launch["module"], launch["kernel"]) for launch in gpu_launches}
+    launched = {(launch["module"], launch["kernel"]) for launch in gpu_launches.launches.values()}
     defined = set()
     for info in pkgutil.iter_modules(kernels.__path__):
         module = __import__(f"kfopt.kernels.{info.name}", fromlist=["_"])
@@ -271,6 +288,7 @@ if __name__ == "__main__":
 
 def test_every_launch_compiles_for_sm90(gpu_launches, tmp_path):
     """Each recorded launch compiles for sm_90 and fits its shared memory."""
+    gpu_launches = list(gpu_launches.launches.values())
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = os.environ.get("KFOPT_SM90_CACHE_DIR", str(tmp_path / "triton-cache"))
     script = tmp_path / "compile_sm90.py"

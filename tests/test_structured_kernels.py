@@ -300,3 +300,84 @@ def test_bad_inputs_name_the_argument(device):
         toeplitz_matmul(randn(6, device=device), x, out=randn(6, 4, device=device))
     with pytest.raises(TypeError, match="x: expected a torch.Tensor"):
         diagonal_matmul(randn(6, device=device), [[1.0]])
+
+
+# -- grid limits ------------------------------------------------------------------------------------------
+
+#: CUDA's grid limits: axis 0 takes up to 2^31 - 1 programs, axes 1 and 2 up to 65535 each
+CUDA_GRID_LIMITS = (2**31 - 1, 65535, 65535)
+#: activation rows (batch x sequence): more than 65535 tiles of every candidate tile width (<= 256)
+HUGE = 2**25
+
+
+def _free(*shape):
+    """An fp32 CPU tensor of ``shape`` backed by one element (stride 0): launch arguments only."""
+    return torch.zeros(1).expand(*shape)
+
+
+def _sides(fn, d, *first):
+    """``fn(*first, x, transpose, right)`` for every (transpose, right), x with HUGE rows (the n of ``op(M) x``)."""
+    for transpose, right in SIDES:
+        fn(*first, _free(HUGE, d) if right else _free(d, HUGE), transpose, right)
+
+
+def _block_matmuls():
+    blocks = _free(2, 3, 3)
+    _sides(block_diagonal_matmul, 6, blocks)
+    for transpose, right in SIDES:  # the batched form, then many blocks (their row tiles share axis 0)
+        block_diagonal_matmul(blocks, _free(2, HUGE, 3) if right else _free(2, 3, HUGE), transpose, right)
+        block_diagonal_matmul(_free(70000, 1, 1), _free(3, 70000) if right else _free(70000, 3), transpose, right)
+
+
+def _hierarchical_parts():
+    return [_free(*s) for s in [(1, 1), (1, 3), (2,), (1, 2), (1, 1)]]
+
+
+GRID_CASES = {  # space, kernel, a call launching it with every size that grows with the data
+    "triangular_matmul": (triangular.TRIANGULAR_CONFIGS, triangular._lower_triangular_kernel,
+                          lambda: _sides(triangular_matmul, 3, _free(6))),
+    "toeplitz_matmul": (toeplitz.TOEPLITZ_CONFIGS, triangular._lower_triangular_kernel,
+                        lambda: _sides(toeplitz_matmul, 3, _free(3))),
+    "hierarchical_matmul": (hierarchical_products.HIERARCHICAL_CONFIGS,
+                            hierarchical_products._hierarchical_matmul_kernel,
+                            lambda: _sides(lambda *a: hierarchical_matmul(*_hierarchical_parts(), *a), 4)),
+    "block_diagonal_matmul": (block_diagonal.BLOCK_MATMUL_CONFIGS, block_diagonal._block_matmul_kernel,
+                              _block_matmuls),
+    "block_covariance": (block_diagonal.BLOCK_COVARIANCE_CONFIGS, block_diagonal._block_covariance_kernel,
+                         lambda: [block_covariance(_free(HUGE, 10), 4, True), block_covariance(_free(7, 4100), 4100)]),
+    "diagonal_matmul": (diagonal_scaling.DIAGONAL_MATMUL_CONFIGS, diagonal_scaling._diagonal_matmul_kernel,
+                        lambda: [diagonal_matmul(_free(3), _free(3, HUGE)),
+                                 diagonal_matmul(_free(3), _free(HUGE, 3), right=True)]),
+    "diagonal_from_inner": (diagonal_scaling.DIAGONAL_INNER_CONFIGS, diagonal_scaling._diagonal_inner_kernel,
+                            lambda: diagonal_from_inner(_free(4), _free(HUGE, 3), True)),
+    "lag_sums": (toeplitz.LAG_SUM_CONFIGS, toeplitz._lag_sums_kernel,
+                 lambda: [lag_sums(_free(HUGE, 5)), lag_sums(_free(HUGE, 5), _free(HUGE, 5))]),
+}
+
+
+@pytest.mark.parametrize("name", list(GRID_CASES))
+def test_grids_stay_within_cuda_limits(name, monkeypatch):
+    """With HUGE activation rows (and many or large blocks), every candidate config launches a grid CUDA
+    accepts: the interpreter has no limit, a GPU refuses more than 65535 programs on axis 1 or 2. The
+    launches are captured, not run (operands are stride-0 views, outputs too)."""
+    space, kernel, call = GRID_CASES[name]
+    grids = []
+
+    def capture(*args, grid, warmup, **kwargs):
+        grids.append(tuple(grid(kwargs) if callable(grid) else grid))
+
+    monkeypatch.setattr(kernel, "run", capture)
+    real_empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *shape, dtype=None, device=None, **_: real_empty(
+        1, dtype=dtype, device=device).expand(*(shape[0] if len(shape) == 1 and not isinstance(shape[0], int)
+                                                else shape)))
+    for config in space.configs:
+        monkeypatch.setattr(space, "configs", (config,))  # one candidate: launched as is, nothing timed
+        monkeypatch.setattr(space, "default", config)
+        grids.clear()
+        call()
+        assert grids, f"{name}: no launch captured"
+        for grid in grids:
+            assert 1 <= len(grid) <= 3 and all(isinstance(g, int) and g >= 1 for g in grid), f"{config}: {grid}"
+            assert all(g <= limit for g, limit in zip(grid, CUDA_GRID_LIMITS)), \
+                f"{name} with {config}: grid {grid} exceeds CUDA's limits {CUDA_GRID_LIMITS}"

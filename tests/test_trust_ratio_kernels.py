@@ -1,6 +1,10 @@
 """lamb_step / lars_step kernels (Triton, interpreted on CPU) against float64 references."""
 
+import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -165,3 +169,238 @@ def test_bad_kernel_inputs(device):
                   [torch.zeros(5, device=device)], lr=0.1)
     with pytest.raises(ValueError, match="weight_decay"):
         lars_step(p, [torch.randn(5, device=device)], [torch.zeros(5, device=device)], lr=0.1, weight_decay=[0.1, 0.2])
+
+
+# ----------------------------------------------------------------------------- bias-correction precision
+
+
+@pytest.mark.parametrize("step", [0.0, 99.0, 9999.0])  # t = 1, 100, 10^4 (1 - 0.9999^t = 1e-4 .. 0.63)
+@pytest.mark.parametrize("beta1,beta2", [(0.9, 0.9999), (0.0, 0.9999), (0.9, 0.999)])
+def test_lamb_bias_corrected_update_is_fp32_accurate(step, beta1, beta2, device, seed):
+    """The bias-corrected update u = (m / bc1) / (sqrt(v / bc2) + eps) against float64 to ~1e-6, at the
+    first step (where 1 - b2^t = 1e-4 cancels hardest) and at large t, for fresh random inputs.
+
+    Zero weights make r = 1 and w_new = -lr u, so the check sees u alone. The interpreter computes
+    exp/log/sqrt/division exactly (numpy), so here the test pins the math: bc from ln(b) taken in
+    float64 on the host, not from the fp32-rounded beta (fp32(0.9999) is 1.7e-8 off: 1.7e-4 of
+    1 - b2 at t = 1). That the compiled kernel keeps this precision on the GPU (no ex2.approx/
+    div.full/sqrt.approx) is what ``KFOPT_TEST_DEVICE=cuda`` runs of this test and
+    :func:`test_precise_instructions_on_sm90` check.
+    """
+    shapes = [(1000,), (33, 31)]
+    params = [torch.zeros(s, device=device) for s in shapes]
+    grads = [torch.randn(s, device=device) for s in shapes]
+    state = [[0.1 * torch.randn(s, device=device) for s in shapes],
+             [0.01 * torch.rand(s, device=device) for s in shapes],
+             [torch.tensor(step, device=device) for _ in shapes]]
+    kw = dict(lr=1.0, beta1=beta1, beta2=beta2, eps=1e-8, weight_decay=0.0, adapt=True)
+    ref_p, ref_g, ref_s = double(params), double(grads), [double(col) for col in state]
+    run("lamb", params, grads, state, max_grad_norm=None, **kw)
+    run_reference("lamb", ref_p, ref_g, ref_s, None, **kw)
+    for i, (p, r) in enumerate(zip(params, ref_p)):
+        assert_rel_close(p, r, tol=2e-6, name=f"update {i} (t = {step + 1:.0f})")
+        assert (p.double() - r).abs().max() <= 4e-6 * r.abs().max(), "an element is off by more than ~30 ulp"
+
+
+def test_bias_correction_needs_betas_below_one(device):
+    p, g = [torch.randn(5, device=device)], [torch.randn(5, device=device)]
+
+    def state():
+        return [[torch.zeros(5, device=device)], [torch.zeros(5, device=device)], [torch.zeros((), device=device)]]
+
+    with pytest.raises(ValueError, match=r"beta2: bias correction needs a decay rate in \[0, 1\)"):
+        lamb_step(p, g, *state(), lr=0.1, beta2=1.0)
+    with pytest.raises(ValueError, match=r"beta1\[0\]"):
+        lamb_step(p, g, *state(), lr=0.1, beta1=[-0.5])
+    lamb_step(p, g, *state(), lr=0.1, beta2=1.0, bias_correction=False)  # no 1 - b^t: any beta goes
+
+
+# ----------------------------------------------------------------------------- aliasing
+
+
+def lamb_args(device, n=3, numel=9):
+    params, grads, state = make_tensors([(numel,)] * n, torch.float32, device, "lamb")
+    return dict(params=params, grads=grads, exp_avgs=state[0], exp_avg_sqs=state[1], steps=state[2])
+
+
+@pytest.mark.parametrize("case,match", [
+    ("shared step", r"steps\[2\] is the same tensor as steps\[0\]"),
+    ("param twice", r"params\[1\] is the same tensor as params\[0\]"),
+    ("state across lists", r"exp_avg_sqs\[1\] is the same tensor as exp_avgs\[1\]"),
+    ("overlapping views", r"exp_avgs\[1\] overlaps the memory of exp_avgs\[0\]"),
+    ("param is a state", r"exp_avgs\[2\] is the same tensor as params\[0\]"),
+    ("grad is a param", r"grads\[1\] is the same tensor as params\[0\] \(params\[0\] is written by the step\)"),
+    ("skipped is a step", r"steps\[0\] .* skipped\[0\]|skipped\[0\] .* steps\[0\]"),
+])
+def test_lamb_rejects_tensors_sharing_memory(case, match, device):
+    """Several programs would read-modify-write one address (lost updates on a GPU): a ValueError names
+    both entries, before anything is written."""
+    args = lamb_args(device)
+    skipped = None
+    if case == "shared step":
+        args["steps"][2] = args["steps"][0]
+    elif case == "param twice":
+        args["params"][1] = args["params"][0]
+    elif case == "state across lists":
+        args["exp_avg_sqs"][1] = args["exp_avgs"][1]
+    elif case == "overlapping views":
+        buf = torch.zeros(20, device=device)
+        args["exp_avgs"][0], args["exp_avgs"][1] = buf[:9], buf[5:14]
+    elif case == "param is a state":
+        args["exp_avgs"][2] = args["params"][0]
+    elif case == "grad is a param":
+        args["grads"][1] = args["params"][0]
+    elif case == "skipped is a step":
+        skipped = args["steps"][0]
+    before = {k: [t.clone() for t in v] for k, v in args.items()}
+    with pytest.raises(ValueError, match=match):
+        lamb_step(**args, lr=0.1, skipped=skipped)
+    for k, v in args.items():
+        for t, b in zip(v, before[k]):
+            assert torch.equal(t, b), f"{k} was written before the check"
+
+
+def test_lars_rejects_tensors_sharing_memory(device):
+    params, grads, (bufs,) = make_tensors([(9,), (9,)], torch.float32, device, "lars")
+    with pytest.raises(ValueError, match=r"momentum_buffers\[1\] is the same tensor as params\[0\]"):
+        lars_step(params, grads, [bufs[0], params[0]], lr=0.1)
+    with pytest.raises(ValueError, match=r"params\[1\] is the same tensor as params\[0\]"):
+        lars_step([params[0], params[0]], grads, bufs, lr=0.1)
+    with pytest.raises(ValueError, match=r"grads\[0\] is the same tensor as momentum_buffers\[1\] "
+                                         r"\(momentum_buffers\[1\] is written by the step\)"):
+        lars_step(params, [bufs[1], grads[1]], bufs, lr=0.1)
+
+
+def test_disjoint_views_and_shared_gradients_are_accepted(device, seed):
+    """Memory sharing that is safe: slices of one flat buffer that do not overlap (params, state, steps)
+    and one read-only gradient passed for several tensors."""
+    flat, state_flat, steps_flat = (torch.randn(40, device=device), torch.zeros(80, device=device),
+                                    torch.zeros(4, device=device))
+    params = [flat[:15], flat[15:20], flat[20:]]
+    exp_avgs = [state_flat[:15], state_flat[15:20], state_flat[20:40]]
+    exp_avg_sqs = [state_flat[40:55], state_flat[55:60], state_flat[60:80]]
+    steps = [steps_flat[0], steps_flat[1], steps_flat[3]]
+    g = torch.randn(20, device=device)
+    grads = [g[:15], g[:5], g]
+    want = [double(params), double(grads), [double(exp_avgs), double(exp_avg_sqs), double(steps)]]
+    lamb_step(params, grads, exp_avgs, exp_avg_sqs, steps, lr=0.1, max_grad_norm=None)
+    run_reference("lamb", *want, None, lr=0.1, weight_decay=0.01, adapt=True)
+    for p, r in zip(params, want[0]):
+        assert_rel_close(p, r, torch.float32)
+    assert steps_flat.tolist() == [1.0, 1.0, 0.0, 1.0]
+
+
+def test_check_no_overlap_messages():
+    from kfopt.kernels.multi_tensor import check_no_overlap
+
+    def error(written, read=()):
+        try:
+            check_no_overlap(written, read)
+        except ValueError as e:
+            return str(e).split(":")[0]
+        return None
+
+    x, W = torch.zeros(10), torch.zeros(4, 6)
+    assert error([("steps", [torch.zeros(()), x[0], torch.zeros(()), x[0]])]) == (
+        "steps[3] is the same tensor as steps[1]")
+    assert error([("params", [x]), ("exp_avgs", [x[3:5]])]) == "exp_avgs[0] overlaps the memory of params[0]"
+    assert error([("params", [x[:5]]), ("exp_avgs", [x[5:]])]) is None
+    assert error([("params", [W[:, ::2], W[:, 1::2]])]) is None  # interleaved columns: spans meet, elements don't
+    assert error([("params", [W[:, ::2], W[:, 2::3]])]) == "params[1] overlaps the memory of params[0]"
+    assert error([("params", [W.t()]), ("exp_avgs", [W[1, 2:4]])]) == "exp_avgs[0] overlaps the memory of params[0]"
+    assert error([("params", [x[:4]]), ("steps", [x.view(torch.int32)[3:4]])]) == (
+        "steps[0] overlaps the memory of params[0]")  # another dtype over the same bytes
+    assert error([("params", [x.view(torch.float16)[:6]]), ("steps", [x[3:4]])]) is None
+    assert error([("params", [torch.zeros(1).expand(5)])]).startswith("params[0] has elements that share memory")
+    assert error([("params", [torch.zeros(0), torch.zeros(0)]), ("skipped", [None])]) is None
+    assert error([("params", [torch.zeros(3)])], [("grads", [x, x, x])]) is None  # read-only duplicates
+    assert error([("params", [x[:3]])], [("grads", [x[5:], x[5:], x[2:4]])]) == (
+        "grads[2] overlaps the memory of params[0] (params[0] is written by the step)")
+
+
+@pytest.mark.parametrize("method", ["lamb", "lars"])
+def test_non_dense_params_are_rejected(method, device):
+    """The kernels address a param as one block of numel elements: a view with gaps would have other
+    memory written."""
+    W = torch.randn(6, 8, device=device)
+    p = W[:, ::2]
+    state = ([[torch.zeros(6, 8, device=device)[:, ::2]], [torch.zeros(6, 8, device=device)[:, ::2]],
+              [torch.zeros((), device=device)]] if method == "lamb" else [[torch.zeros(6, 8, device=device)[:, ::2]]])
+    before = W.clone()
+    with pytest.raises(ValueError, match=r"params\[0\] must be dense"):
+        run(method, [p], [torch.randn(6, 4, device=device)], state, lr=0.1, weight_decay=0.0, adapt=True)
+    assert torch.equal(W, before)
+
+
+# ----------------------------------------------------------------------------- sm_90 instructions
+
+PTX_SCRIPT = r"""
+import collections, json, re, sys
+import triton, triton.language as tl
+if "nvidia" not in triton.backends.backends:
+    print(json.dumps("NO_NVIDIA_BACKEND")); sys.exit(0)
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from kfopt.kernels import lamb, lars, multi_tensor as mt, sonew
+
+I64, F32 = "*i64", "*fp32"
+TABLE = {n: I64 for n in ("addr_ptr", "numel_ptr", "chunk_tensor_ptr", "chunk_start_ptr")}
+CHUNKED = dict(BLOCK=1024, CHUNK=8192)
+CASES = [
+    (mt._grad_sumsq_kernel, dict(addr_ptr=I64, addr_stride="i32", g_col="i32", numel_ptr=I64, chunk_tensor_ptr=I64,
+                                 chunk_start_ptr=I64, partial_ptr=F32), dict(G_DT=tl.float32, **CHUNKED)),
+    (mt._clip_coef_kernel, dict(partial_ptr=F32, n_chunks="i32", max_norm="fp32", clip_ptr=F32, skipped_ptr="*i32"),
+     dict(HAS_CLIP=True, HAS_SKIPPED=True, RBLOCK=1024)),
+    (mt._segment_norms_kernel, dict(partial_ptr=F32, bounds_ptr=I64, norms_ptr=F32, addr_ptr=I64, addr_stride="i32",
+                                    step_col="i32", clip_ptr=F32), dict(INCREMENT_STEP=True, RBLOCK=1024)),
+    (lamb._lamb_moments_kernel, dict(TABLE, hyper_ptr=F32, clip_ptr=F32, partial_ptr=F32),
+     dict(P_DT=tl.float32, G_DT=tl.float32, **CHUNKED)),
+    (lamb._lamb_apply_kernel, dict(TABLE, hyper_ptr=F32, clip_ptr=F32, norms_ptr=F32),
+     dict(P_DT=tl.float32, **CHUNKED)),
+    (lars._lars_norms_kernel, dict(TABLE, hyper_ptr=F32, clip_ptr=F32, partial_ptr=F32),
+     dict(P_DT=tl.float32, G_DT=tl.float32, **CHUNKED)),
+    (lars._lars_apply_kernel, dict(TABLE, hyper_ptr=F32, clip_ptr=F32, norms_ptr=F32),
+     dict(P_DT=tl.float32, G_DT=tl.float32, **CHUNKED)),
+    (sonew._sonew_direction_kernel, dict(TABLE, hyper_ptr=F32, clip_ptr=F32, snap_ptr=F32, row_max_ptr=F32,
+                                         partial_ptr=F32),
+     dict(G_DT=tl.float32, BAND=2, BLOCK=256, CHUNK=2048, HAS_RELATIVE=True)),
+    (sonew._sonew_apply_kernel, dict(TABLE, hyper_ptr=F32, clip_ptr=F32, norms_ptr=F32),
+     dict(P_DT=tl.float32, BLOCK=256, CHUNK=2048)),
+]
+OP = re.compile(r"^\s*(?:@!?%p\d+\s+)?((?:div|sqrt|rsqrt|rcp|ex2|lg2|sin|cos|tanh)\.[a-z0-9.]+)", re.M)
+ops = {}
+for fn, signature, constexprs in CASES:
+    signature = dict(signature, **{k: "constexpr" for k in constexprs})
+    kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                            target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
+    ops[fn.__name__] = sorted(set(OP.findall(kernel.asm["ptx"])))
+print(json.dumps(ops))
+"""
+
+
+def test_precise_instructions_on_sm90(tmp_path):
+    """The sm_90 PTX of the LAMB, LARS, SONew and multi-tensor kernels has no approximate arithmetic
+    (``div.full.f32``, ``sqrt.approx``, ``ex2.approx``, ``lg2.approx``, ``rcp.approx``): the norms are
+    ``sqrt.rn.f32``, ratios and the Adam denominators ``div.rn.f32``, the bias corrections float64
+    (``div.rn.f64``, ``exp`` as an FMA polynomial). The interpreter cannot show this: it runs numpy."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
+    result = subprocess.run([sys.executable, "-c", PTX_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ops = json.loads(result.stdout.strip().splitlines()[-1])
+    if ops == "NO_NVIDIA_BACKEND":
+        pytest.skip("this Triton build has no NVIDIA backend")
+    approximate = {k: [op for op in v if "approx" in op or op.startswith(("div.full", "ex2", "lg2"))]
+                   for k, v in ops.items()}
+    assert not any(approximate.values()), f"approximate instructions: {approximate}"
+    expected = {
+        "_clip_coef_kernel": {"sqrt.rn.f32", "div.rn.f32"},
+        "_segment_norms_kernel": {"sqrt.rn.f32"},
+        "_lamb_moments_kernel": {"div.rn.f64", "div.rn.f32", "sqrt.rn.f32"},
+        "_lamb_apply_kernel": {"div.rn.f64", "div.rn.f32", "sqrt.rn.f32"},
+        "_lars_apply_kernel": {"div.rn.f32"},
+        "_sonew_direction_kernel": {"div.rn.f64", "div.rn.f32", "sqrt.rn.f32"},
+        "_sonew_apply_kernel": {"div.rn.f32"},
+    }
+    for kernel, want in expected.items():
+        assert want <= set(ops[kernel]), f"{kernel}: {ops[kernel]} lacks {want - set(ops[kernel])}"
