@@ -167,7 +167,7 @@ def _norms_kernel(table_ptr, pv_ptr, pd_ptr, ratio_ptr, n_pv, n_pd, RBLOCK: tl.c
         sd += tl.load(pd_ptr + layer * n_pd + idx, mask=idx < n_pd, other=0.0)
     v2 = tl.sum(sv, axis=0)
     d2 = tl.sum(sd, axis=0)
-    ratio = tl.sqrt(v2) / tl.sqrt(d2)
+    ratio = tl.div_rn(tl.sqrt_rn(v2), tl.sqrt_rn(d2))  # correctly rounded, no flush to zero on the GPU
     ok = (v2 <= FP32_MAX) & (d2 <= FP32_MAX) & (d2 > 0) & (ratio > 0) & (ratio <= FP32_MAX)
     tl.store(ratio_ptr + tl.load(table_ptr + layer * N_COLS + OUT_INDEX), tl.where(ok, ratio, NAN))
 
