@@ -8,6 +8,7 @@ step on non-finite gradients (that needs a ``torch.where`` over every tensor, wh
 
 * ``lamb_foreach_update`` / ``ForeachLAMB``: LAMB (shared/design/lamb.md) with global clipping.
 * ``lars_foreach_update`` / ``ForeachLARS``: LARS with momentum.
+* ``sonew_tridiagonal_foreach_update``: SONew with band 1 (tridiagonal), Adam grafting.
 * ``rank1_inverse_update_torch``: MKOR's Sherman-Morrison update of an inverse factor in two big
   ops (``torch.mv``, ``Tensor.addr_``) plus scalar ops on the device.
 * ``covariance_matmul``: ``torch.matmul(x.T, x)`` (cuBLAS, full GEMM, output in x's dtype).
@@ -85,6 +86,66 @@ def lars_foreach_update(params, grads, momentum_buffers, *, lr: float, momentum:
     torch._foreach_mul_(momentum_buffers, momentum)
     torch._foreach_add_(momentum_buffers, d)
     torch._foreach_sub_(w32, momentum_buffers)
+    if w32[0] is not params[0]:
+        torch._foreach_copy_(params, w32)
+
+
+def sonew_tridiagonal_foreach_update(params, grads, exp_avgs, diags, offdiags, *, step: int, lr: float, beta1: float,
+                                     beta2: float, eps: float, weight_decay: float, graft_eps: float,
+                                     drop_tol: float) -> None:
+    """One SONew step (shared/design/sonew.md, kfopt.kernels.sonew's docstring) with band 1 and Adam
+    grafting, t = ``step`` (counting from 1), with ``torch._foreach_*`` ops over the flattened tensors.
+
+    ``offdiags[i]``: (1, n) (``offdiags[i][0, k]`` the EMA of ``g_k g_{k+1}``) for a preconditioned
+    tensor, (0, n) for one that gets plain Adam (vectors). State fp32; params/grads any float dtype.
+    Tridiagonal sparse inverse in closed form: ``psi_k = S_{k,k+1} / S_{k+1,k+1}``, ``c_k = S_kk -
+    S_{k,k+1} psi_k``, the edge dropped (``psi_k = 0``, ``c_k = S_kk``) unless ``c_k > drop_tol S_kk``;
+    ``x = L D L^T mu^`` by two shifted multiply-adds. The edge rule is the one step without a foreach
+    form (a ``torch.where`` per tensor).
+    """
+    w32 = as_fp32(params)
+    w = [t.view(-1) for t in w32]
+    g = [t.reshape(-1) for t in as_fp32(grads)]
+    mu = [m.view(-1) for m in exp_avgs]
+    bc1, bc2 = 1.0 - beta1 ** step, 1.0 - beta2 ** step
+    torch._foreach_lerp_(mu, g, 1.0 - beta1)
+    torch._foreach_mul_(diags, beta2)
+    torch._foreach_addcmul_(diags, g, g, value=1.0 - beta2)
+    tri = [i for i, o in enumerate(offdiags) if o.shape[0] == 1 and o.shape[1] > 1]
+    off = [offdiags[i][0, :-1] for i in tri]
+    torch._foreach_mul_(off, beta2)
+    torch._foreach_addcmul_(off, [g[i][:-1] for i in tri], [g[i][1:] for i in tri], value=1.0 - beta2)
+    mu_hat = torch._foreach_div(mu, bc1)
+    nu_hat = torch._foreach_div(diags, bc2)
+    denom = torch._foreach_sqrt(nu_hat)
+    torch._foreach_add_(denom, graft_eps)
+    d = list(torch._foreach_div(mu_hat, denom))  # Adam: the graft, and the direction of unpreconditioned tensors
+    if tri:
+        s = torch._foreach_add([nu_hat[i] for i in tri], eps)  # damped diagonal S_kk
+        s_k, s_next = [x[:-1] for x in s], [x[1:] for x in s]
+        o_hat = torch._foreach_div(off, bc2)  # S_{k,k+1}
+        psi = torch._foreach_div(o_hat, s_next)
+        c = torch._foreach_sub(s_k, torch._foreach_mul(o_hat, psi))
+        keep = [ci > drop_tol * sk for ci, sk in zip(c, s_k)]
+        psi = [torch.where(k, p, 0.0) for k, p in zip(keep, psi)]
+        dinv = torch._foreach_reciprocal(s)
+        torch._foreach_copy_([x[:-1] for x in dinv], torch._foreach_reciprocal(
+            [torch.where(k, ci, sk) for k, ci, sk in zip(keep, c, s_k)]))
+        m_hat = [mu_hat[i] for i in tri]
+        y = [m.clone() for m in m_hat]
+        torch._foreach_addcmul_([x[:-1] for x in y], psi, [m[1:] for m in m_hat], value=-1.0)  # L^T mu^
+        z = torch._foreach_mul(y, dinv)  # D L^T mu^
+        x = [t.clone() for t in z]
+        torch._foreach_addcmul_([t[1:] for t in x], psi, [t[:-1] for t in z], value=-1.0)  # L D L^T mu^
+        graft_norm = torch.stack(torch._foreach_norm([d[i] for i in tri]))
+        x_norm = torch.stack(torch._foreach_norm(x))
+        scale = torch.where(x_norm > 0, graft_norm / torch.where(x_norm > 0, x_norm, 1.0), 0.0)
+        torch._foreach_mul_(x, list(scale.unbind()))
+        for i, xi in zip(tri, x):
+            d[i] = xi
+    if weight_decay:
+        torch._foreach_add_(d, w, alpha=weight_decay)
+    torch._foreach_add_(w, d, alpha=-lr)
     if w32[0] is not params[0]:
         torch._foreach_copy_(params, w32)
 

@@ -45,6 +45,7 @@ from kfopt.kernels import (
     toeplitz_matmul,
     triangular_matmul,
 )
+from kfopt.kernels.sonew import DROP_TOL as SONEW_DROP_TOL
 from kfopt.kernels.triangular import unpack_lower
 from perf import baselines
 from perf.models import GPT2_SMALL, GPTConfig, Mix, scaled_mix
@@ -218,6 +219,21 @@ class SonewRunner:
                             self.state["offdiag"], self.steps, precondition=self.precondition, **SONEW_HP)
 
 
+class SonewForeachRunner(SonewRunner):
+    """BASELINE ``perf.baselines.sonew_tridiagonal_foreach_update`` (band 1) from SonewRunner's state."""
+
+    def __init__(self, ps: ParamSet):
+        super().__init__(ps, band=1, backend="torch")
+        self.t = self.WARM_STEPS
+
+    def step(self):
+        self.t += 1
+        hp = {k: v for k, v in SONEW_HP.items() if k != "graft"}
+        baselines.sonew_tridiagonal_foreach_update(self.ps.params, self.ps.grads, self.state["exp_avg"],
+                                                   self.state["diag"], self.state["offdiag"], step=self.t,
+                                                   drop_tol=SONEW_DROP_TOL, **hp)
+
+
 class AdamWRunner:
     """``torch.optim.AdamW`` (fused=True, or foreach=True as its correctness reference). State in the
     parameters' dtype, as torch keeps it."""
@@ -344,6 +360,7 @@ ELEMENTWISE: list[ElementwiseMethod] = [
         f"sonew-band{band}", sonew_bytes(band),
         _one_pass(lambda sh, band=band: math.prod(sh) * (2 + sonew_tensor_band(sh, band))),
         [Impl("kfopt", "kernel", lambda ps, band=band: SonewRunner(ps, band)),
+         *([Impl("foreach", "baseline", SonewForeachRunner)] if band == 1 else []),
          Impl("reference", "baseline", lambda ps, band=band: SonewRunner(ps, band, backend="torch"))],
         reference="reference",
         # band 4 costs ~1 s per tensor per step in the interpreter: its smoke case is 3 tensors, fp32
@@ -351,7 +368,8 @@ ELEMENTWISE: list[ElementwiseMethod] = [
         smoke_tensors=3 if band > 1 else None)
     for band in (1, 4)
 ]
-# not yet: a torch._foreach_* SONew baseline (banded solves do not map onto foreach ops cleanly).
+# SONew's foreach baseline covers band 1 (closed-form tridiagonal inverse); band 4's per-row 4 x 4
+# eliminations have no foreach form worth writing: its baselines are AdamW(fused) and the reference.
 
 
 # ============================================================================ factor kernels
