@@ -25,8 +25,9 @@ call runs in:
 * ``agree_on_configs(group=None)``: every rank of ``group`` (None: all ranks) makes the same launches
   in the same order inside the block (e.g. an optimizer step on replicated weights). The first time a
   kernel/shape/dtype key comes up, each rank resolves it as above (cache or tuning) and then adopts the
-  choice of the group's first rank (one broadcast of an index); the agreed config is kept for the
-  process. kfopt's Kronecker-factored optimizers run their replicated work in this context; wrap an
+  choice of the group's first rank (one small all-reduce); the agreed config is kept for the process.
+  If resolving fails on any rank (no candidate can be launched, out of memory while tuning), every
+  rank of the group raises, instead of the others waiting forever. kfopt's Kronecker-factored optimizers run their replicated work in this context; wrap an
   element-wise optimizer's step in it to tune it under data parallelism::
 
       with kfopt.autotune.agree_on_configs():
@@ -173,7 +174,11 @@ class ConfigSpace:
         key = (get_cache().path, self.kernel, str(device), bucket, str(dtype), tuple(dist.get_process_group_ranks(
             group if group is not None else dist.group.WORLD)))
         if key not in self._agreed:
-            self._agreed[key] = self._agree(self._resolve(device, bucket, dtype, run, restore), group, device)
+            try:
+                local, error = self._resolve(device, bucket, dtype, run, restore), None
+            except Exception as err:  # noqa: BLE001 - the other ranks must learn of it, not wait forever
+                local, error = None, err
+            self._agreed[key] = self._agree(local, error, group, device)
         return self._agreed[key]
 
     def launch(self, *, device: torch.device, bucket: tuple[int, ...], dtype: torch.dtype | str,
@@ -184,12 +189,22 @@ class ConfigSpace:
         with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
             return run(self.select(device=device, bucket=bucket, dtype=dtype, run=run, restore=restore))
 
-    def _agree(self, config: Config, group: dist.ProcessGroup | None, device: torch.device) -> Config:
-        """The config of the group's first rank (a broadcast of its index, on ``device`` for NCCL)."""
+    def _agree(self, config: Config | None, error: Exception | None, group: dist.ProcessGroup | None,
+               device: torch.device) -> Config:
+        """The config of the group's first rank: one all-reduce (on ``device`` for NCCL) of [ranks whose
+        resolution failed, the first rank's config index]. If any rank failed, every rank raises."""
         comm_device = device if dist.get_backend(group) == "nccl" else torch.device("cpu")
-        index = torch.tensor([self.configs.index(config)], dtype=torch.int64, device=comm_device)
-        dist.broadcast(index, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
-        return self.configs[int(index.item())]
+        first = dist.get_rank(group) == 0
+        shared = torch.tensor([int(config is None), self.configs.index(config) if first and config else 0],
+                              dtype=torch.int64, device=comm_device)
+        dist.all_reduce(shared, group=group)
+        failed, index = (int(v) for v in shared.tolist())
+        if error is not None:
+            raise error
+        if failed:
+            raise RuntimeError(f"{self.kernel}: choosing a config failed on {failed} rank(s) of the group (their "
+                               "errors say why); no rank launches it")
+        return self.configs[index]
 
     def _resolve(self, device, bucket, dtype, run, restore) -> Config:
         """This process's choice: the cached config, or the fastest candidate (timed now, then cached)."""

@@ -183,8 +183,56 @@ def _element_addresses(t: torch.Tensor) -> torch.Tensor:
     return torch.sort(t.data_ptr() + offsets.reshape(-1) * t.element_size()).values
 
 
+def _offset_representable(diff: int, dims: list[tuple[int, int]]) -> bool:
+    """Whether ``diff = sum_k c_k stride_k`` with ``|c_k| <= size_k - 1``; ``dims`` = [(stride, size)] by
+    decreasing stride, each stride above the span of the smaller ones (so c_k is floor or ceil of
+    the quotient: at most two branches per dimension)."""
+    if not dims:
+        return diff == 0
+    (stride, size), smaller = dims[0], dims[1:]
+    rest = sum((sz - 1) * st for st, sz in smaller)
+    q = diff // stride
+    return any(abs(c) <= size - 1 and abs(diff - c * stride) <= rest and _offset_representable(diff - c * stride, smaller)
+               for c in (q, q + 1))
+
+
+def _lattice_overlap(a: torch.Tensor, b: torch.Tensor) -> bool | None:
+    """Exact overlap of two views with one shape, strides and dtype (e.g. interleaved column blocks of
+    one matrix), decided from the address difference alone; None where that does not apply."""
+    if a.shape != b.shape or a.stride() != b.stride() or a.dtype != b.dtype:
+        return None
+    diff, size = b.data_ptr() - a.data_ptr(), a.element_size()
+    if diff % size:
+        return None
+    dims = sorted(((st, sz) for sz, st in zip(a.shape, a.stride()) if sz > 1), reverse=True)
+    span = 0
+    for st, sz in reversed(dims):  # increasing strides: each must exceed the span below it
+        if st <= span:
+            return None
+        span += (sz - 1) * st
+    return _offset_representable(diff // size, dims)
+
+
+#: verdicts of the exact element-by-element comparison, by the two layouts (a step repeats its tensors)
+_OVERLAP_VERDICTS: dict[tuple, bool] = {}
+
+
 def _elements_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether some element of ``a`` shares a byte with some element of ``b`` (exact, O(numel log numel))."""
+    """Whether some element of ``a`` shares a byte with some element of ``b``: by address arithmetic for
+    two views of one layout, else by comparing element addresses (O(numel log numel), remembered)."""
+    lattice = _lattice_overlap(a, b)
+    if lattice is not None:
+        return lattice
+    key = tuple((t.data_ptr(), tuple(t.shape), t.stride(), t.dtype) for t in (a, b))
+    if key not in _OVERLAP_VERDICTS:
+        if len(_OVERLAP_VERDICTS) >= 4096:
+            _OVERLAP_VERDICTS.clear()
+        _OVERLAP_VERDICTS[key] = _element_addresses_overlap(a, b)
+    return _OVERLAP_VERDICTS[key]
+
+
+def _element_addresses_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """The exact comparison: sorted element addresses of both, one search."""
     ea, eb = _element_addresses(a), _element_addresses(b)
     sa, sb = a.element_size(), b.element_size()
     k = torch.searchsorted(eb, ea - sb, right=True)  # the first b-element starting after x - sb ...
@@ -208,7 +256,8 @@ def check_no_overlap(
     Host work only (addresses, sizes, strides; no device synchronisation): each tensor's byte span
     ``[data_ptr, data_ptr + extent)``, one sort and a sweep -- about 0.5 us per tensor. Only when spans
     meet are the pairs examined: dense tensors fill their span, so meeting spans overlap; strided views
-    with gaps (interleaved columns of one matrix) have their element addresses compared exactly.
+    with gaps are decided exactly -- two views of one layout (column blocks of one fused matrix) by
+    address arithmetic, other pairs by comparing their element addresses (remembered per layout pair).
     """
     los, his, refs = [], [], []  # refs[k] = (tensor, name, index, writes, contiguous)
     for writes, groups in ((True, written), (False, read)):

@@ -131,7 +131,7 @@ from . import collectives
 from .capture import CallInfo, CapturedLayer, LayerCapture, LossAverage, loss_term_count
 from .composed import BaseOptimizer, ComposedOptimizer, check_base
 from .kaisa import KAISAGroups, KAISAPlan, Strategy
-from .layer_state import LayerState, check_saved_factors
+from .layer_state import LayerState, check_saved_factors, check_state_keys
 from .param_groups import param_groups
 from .validation import check_bool, check_loss_average, check_nonnegative, check_positive, check_unit_interval
 
@@ -345,11 +345,16 @@ class KFACPreconditioner:
         return {"steps": self.steps, "decomposition_failures": self.decomposition_failures,
                 "factors": {layer.name: {"A": layer.A, "G": layer.G} for layer in self._layers}}
 
+    def check_state_dict(self, state_dict: dict) -> None:
+        """ValueError unless ``state_dict`` (a ``state_dict()``) fits these layers; changes nothing."""
+        check_state_keys(state_dict, ("steps", "decomposition_failures", "factors"), "preconditioner")
+        check_saved_factors(state_dict["factors"], self._layers, ("A", "G"), "preconditioner")
+
     def load_state_dict(self, state_dict: dict) -> None:
         """Load factors and counters (from any world size); second-order data is recomputed at the
         next step from the loaded factors."""
+        self.check_state_dict(state_dict)
         saved = state_dict["factors"]
-        check_saved_factors(saved, self._layers, ("A", "G"), "preconditioner")
         for layer in self._layers:
             layer.A.copy_(saved[layer.name]["A"])
             layer.G.copy_(saved[layer.name]["G"])
@@ -499,6 +504,9 @@ class KFAC(ComposedOptimizer):
 
     def _own_state(self) -> dict:
         return self.preconditioner.state_dict()
+
+    def _check_own_state(self, saved: dict) -> None:
+        self.preconditioner.check_state_dict(saved)
 
     def _load_own_state(self, saved: dict) -> None:
         self.preconditioner.load_state_dict(saved)

@@ -1,5 +1,5 @@
 """``LayerState``: the base of the per-layer records of the capturing optimizers (K-FAC, MKOR, SINGD),
-and ``check_saved_factors`` for loading their checkpoints."""
+and ``check_state_keys``/``check_saved_factors`` for loading their checkpoints."""
 
 from __future__ import annotations
 
@@ -23,6 +23,13 @@ class LayerState:
     @property
     def bias(self) -> nn.Parameter | None:
         return self.captured.module.bias
+
+
+def check_state_keys(saved: dict, keys: tuple[str, ...], owner: str) -> None:
+    """ValueError naming the missing entries unless the checkpoint part ``saved`` holds ``keys``."""
+    missing = [key for key in keys if key not in saved]
+    if missing:
+        raise ValueError(f"state_dict: the {owner}'s state has no {', '.join(map(repr, missing))}")
 
 
 def check_saved_factors(saved: dict, layers: list[LayerState], keys: tuple[str, ...], owner: str) -> None:

@@ -106,7 +106,7 @@ from kfopt.kernels.rank1_inverse import rank1_inverse_update
 from . import collectives
 from .capture import CallInfo, CapturedLayer, LayerCapture, LossAverage, loss_term_count
 from .composed import BaseOptimizer, ComposedOptimizer, check_base
-from .layer_state import LayerState, check_saved_factors
+from .layer_state import LayerState, check_saved_factors, check_state_keys
 from .param_groups import param_groups
 from .validation import check_loss_average, check_nonnegative, check_positive
 
@@ -402,7 +402,10 @@ class MKOR(ComposedOptimizer):
             for i, layer in enumerate(self._layers)}}
 
     def _check_own_state(self, saved: dict) -> None:
+        check_state_keys(saved, ("steps", "factors"), "optimizer")
         check_saved_factors(saved["factors"], self._layers, ("JL", "JR"), "optimizer")
+        for name, layer_state in saved["factors"].items():
+            check_state_keys(layer_state, ("JL_scale", "JR_scale", "events"), f"layer {name!r}")
 
     def _load_own_state(self, mkor: dict) -> None:
         for i, layer in enumerate(self._layers):

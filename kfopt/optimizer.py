@@ -95,6 +95,10 @@ class KfoptOptimizer(torch.optim.Optimizer):
                 found.append((group, p))
         return found
 
+    def _holds_scaled_statistics(self) -> bool:
+        """Whether statistics captured from (scaled) output gradients await this step."""
+        return True
+
     def _grad_scaler_skips_step(self, statistic: str) -> bool:
         """Under ``GradScaler.step`` (optimizers with ``_step_supports_amp_scaling``): unscale the
         gradients in place (unless ``scaler.unscale_`` did) and return True when the scaler found inf/NaN,
@@ -106,7 +110,8 @@ class KfoptOptimizer(torch.optim.Optimizer):
         if found_inf is None:
             return False
         grad_scale = getattr(self, "grad_scale", None)
-        if self._grad_scaler is None and (grad_scale is None or not self._rescales_statistics):
+        if self._grad_scaler is None and self._holds_scaled_statistics() and (
+                grad_scale is None or not self._rescales_statistics):
             unknown = (" and scaler.unscale_ ran before scaler.step, so their scale is unknown"
                        if self._rescales_statistics else "")
             raise RuntimeError(f"{type(self).__name__} is stepped by a GradScaler but was built without "

@@ -402,6 +402,9 @@ class SINGD(KfoptOptimizer):
         self._finish_step()
         return loss
 
+    def _holds_scaled_statistics(self) -> bool:
+        return any(layer.H_C is not None for layer in self._layers)
+
     def _finite(self, inputs: list[torch.Tensor]) -> torch.Tensor:
         """Whether every gradient and statistic of the step is finite: a 0-d bool on the device, decided
         without a host sync; a non-finite step counts in ``skipped_steps`` and changes no state."""
@@ -484,7 +487,7 @@ class SINGD(KfoptOptimizer):
             buf = state["momentum_buffer"]
             d = buf * group["momentum"] + d
             _commit(finite, [buf], [d])
-        _commit(finite, [p], [p.add(d, alpha=-group["lr"])])
+        p.add_(torch.where(finite, d, 0.0), alpha=-group["lr"])  # adding 0 leaves p as it was, bit for bit
 
     # -- inspection and checkpoints -------------------------------------------------------------
 

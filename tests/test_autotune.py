@@ -161,7 +161,8 @@ def test_shape_bucket():
 def _choices_on_ranks(rank, world_size, cache_dir):
     """Each rank times the candidates differently (its own fastest: CANDIDATES[rank]); returns the
     config chosen outside any context, per rank, in agreement across all ranks (twice: the second is
-    remembered, no collective), and in agreement within the group of ranks 1 and 2."""
+    remembered, no collective), in agreement within the group of ranks 1 and 2, and the error every
+    rank gets when tuning fails on rank 1 only."""
     import os
     os.environ["KFOPT_AUTOTUNE_CACHE"] = os.path.join(cache_dir, f"rank{rank}.json")  # per-node caches
     space.can_benchmark = lambda device: True
@@ -189,6 +190,17 @@ def _choices_on_ranks(rank, world_size, cache_dir):
     if rank in (1, 2):
         with agree_on_configs(subgroup):
             chosen["pair"] = select(256)
+
+    def fails_on_rank_1(config):
+        if rank == 1:
+            raise triton.runtime.errors.OutOfResources(300000, 232448, "shared memory")
+        timed.append(config)
+
+    try:
+        with agree_on_configs():
+            cs.select(device=torch.device("cpu"), bucket=(512,), dtype=torch.float32, run=fails_on_rank_1)
+    except RuntimeError as err:
+        chosen["failure"] = str(err)
     return chosen
 
 
@@ -202,3 +214,5 @@ def test_ranks_agree_on_tuned_configs(tmp_path):
         assert chosen["per_rank"] == CANDIDATES[rank]
         assert chosen["world"] == chosen["world_again"] == CANDIDATES[0]
         assert chosen["pair"] == (CANDIDATES[1] if rank in (1, 2) else None)
+        # tuning failed on rank 1 only: every rank raises (none waits in a collective rank 1 never makes)
+        assert ("no candidate config" if rank == 1 else "failed on 1 rank") in chosen["failure"]

@@ -22,6 +22,7 @@ import kfopt
 from kfopt.kernels.dispatch import use_triton
 from kfopt.kaisa import KAISAPlan, grad_worker_count, lpt_assignment, receiver_groups, worker_groups
 from kfopt.kfac import KFAC, KFACPreconditioner
+from kfopt.mkor import MKOR
 
 # fp32 K-FAC vs float64 reference: the eigendecomposition and the division by (dG dA^T + damping)
 # amplify fp32 rounding by up to ~1/damping
@@ -407,6 +408,34 @@ def test_state_dict_round_trip_continues_bit_identically(torch_backend, seed):
     other = KFAC(nn.Sequential(nn.Linear(2, 2)), **kwargs)
     with pytest.raises(ValueError, match="layers"):
         other.preconditioner.load_state_dict(saved["opt"]["kfac"])
+
+
+@pytest.mark.parametrize("make", [lambda m: KFAC(m, lr=0.5, momentum=0.9), lambda m: MKOR(m, lr=0.5, base="sgd")],
+                         ids=["kfac", "mkor"])
+def test_a_checkpoint_that_does_not_fit_changes_nothing(make, torch_backend, seed):
+    """A checkpoint of another model (a layer of another width) raises before any state changes: lr,
+    base state, skip count and factors stay as they were, and training continues."""
+    def build(width):
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(4, width), nn.Tanh(), nn.Linear(width, 3))
+
+    x, y = torch.randn(8, 4), torch.randn(8, 3)
+    other_model = build(5)
+    other = make(other_model)
+    train(other, other_model, [[(x, y)]], lambda out, t: ((out - t) ** 2).mean())
+    other.param_groups[0]["lr"] = 0.1
+    model = build(6)
+    opt = make(model)
+    train(opt, model, [[(x, y)]], lambda out, t: ((out - t) ** 2).mean())
+    before = copy.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError, match="shape"):
+        opt.load_state_dict(other.state_dict())
+    after = opt.state_dict()
+    assert after["param_groups"] == before["param_groups"]
+    flat = lambda d: torch.utils._pytree.tree_leaves(d)  # noqa: E731
+    assert all(torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+               for a, b in zip(flat(after), flat(before)))
+    train(opt, model, [[(x, y)]], lambda out, t: ((out - t) ** 2).mean())
 
 
 # ------------------------------------------------------------------ base optimizers, standalone use

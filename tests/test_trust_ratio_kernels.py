@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import random
 import subprocess
 import sys
 
@@ -12,6 +13,7 @@ from checks import REL_TOL, assert_rel_close
 
 from kfopt.kernels.lamb import _lamb_hyper, lamb_step, lamb_step_reference
 from kfopt.kernels.lars import _lars_hyper, lars_step, lars_step_reference
+from kfopt.kernels.multi_tensor import _element_addresses_overlap, _lattice_overlap
 
 SHAPES = [(1,), (7,), (129,), (1000,), (33, 31), (3, 5, 7), (20001,)]  # 20001 spans several chunks
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -404,3 +406,24 @@ def test_precise_instructions_on_sm90(tmp_path):
     }
     for kernel, want in expected.items():
         assert want <= set(ops[kernel]), f"{kernel}: {ops[kernel]} lacks {want - set(ops[kernel])}"
+
+
+def test_overlap_arithmetic_matches_the_element_comparison():
+    """Two views of one layout (e.g. column blocks of a fused weight) are decided from their address
+    difference, without listing elements; on random layouts that decision equals the exact comparison."""
+    rng = random.Random(0)
+    base, decided = torch.zeros(2000), 0
+    for _ in range(600):
+        nd = rng.randint(1, 3)
+        shape, strides = [rng.randint(1, 5) for _ in range(nd)], [rng.randint(1, 12) for _ in range(nd)]
+        a, b = (base.as_strided(shape, strides, rng.randint(0, 40)) for _ in range(2))
+        verdict = _lattice_overlap(a, b)
+        if verdict is not None:
+            decided += 1
+            assert verdict == _element_addresses_overlap(a, b), (shape, strides, a.storage_offset(),
+                                                                  b.storage_offset())
+    assert decided > 300
+    fused = torch.zeros(64, 3 * 48)
+    columns = [fused[:, 48 * i:48 * (i + 1)] for i in range(3)]
+    assert _lattice_overlap(columns[0], columns[1]) is False
+    assert _lattice_overlap(columns[1], fused[:, 60:108]) is True
