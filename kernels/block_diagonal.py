@@ -167,7 +167,7 @@ def block_diagonal_matmul(blocks: torch.Tensor, x: torch.Tensor, transpose: bool
     """``op(Bd) x`` or ``x op(Bd)`` (2-D x), or per block ``op(B_i) x_i`` / ``x_i op(B_i)`` (3-D x); see
     the module docstring. Returns fp32 (float64 on the reference path for float64 inputs) or ``out``."""
     shape = _matmul_problem(blocks, x, transpose, right)
-    out = output(out, shape, x.device, result_dtype(blocks, x))
+    out = output(out, shape, x.device, result_dtype(blocks, x), blocks=blocks, x=x)
     if not use_triton(x.device):
         return block_diagonal_matmul_reference(blocks, x, transpose, right, out=out)
     check_triton_dtypes(blocks=blocks, x=x, out=out)

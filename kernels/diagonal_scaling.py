@@ -99,7 +99,7 @@ def diagonal_matmul(diag: torch.Tensor, x: torch.Tensor, right: bool = False,
     """``diag(diag) x`` or ``x diag(diag)``; fp32 (float64 on the reference path for float64 inputs)
     or ``out``. See the module docstring."""
     _matmul_problem(diag, x, right)
-    out = output(out, tuple(x.shape), x.device, result_dtype(diag, x))
+    out = output(out, tuple(x.shape), x.device, result_dtype(diag, x), diag=diag, x=x)
     if not use_triton(x.device):
         return diagonal_matmul_reference(diag, x, right, out=out)
     check_triton_dtypes(diag=diag, x=x, out=out)

@@ -155,7 +155,7 @@ def hierarchical_matmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, d: to
     """``op(H) x`` or ``x op(H)`` for the hierarchical ``H`` of (A, B, c, D, E); see the module docstring.
     Returns fp32 (float64 on the reference path for float64 inputs) or ``out``."""
     k1, m, k2 = _problem(a, b, c, d, e, x, transpose, right)
-    out = output(out, tuple(x.shape), x.device, result_dtype(a, x))
+    out = output(out, tuple(x.shape), x.device, result_dtype(a, x), a=a, b=b, c=c, d=d, e=e, x=x)
     if not use_triton(x.device):
         return hierarchical_matmul_reference(a, b, c, d, e, x, transpose, right, out=out)
     check_triton_dtypes(a=a, b=b, c=c, d=d, e=e, x=x, out=out)

@@ -24,7 +24,8 @@ Conventions shared by all of them:
   to fp32 and uses ``input_precision="ieee"``, no TF32). Results are fp32 unless ``out`` is given
   (any kernel dtype, written in place). The references compute in fp32, or float64 when an input is
   float64 (the tests' reference).
-* Inputs may be any strided view (strides are passed to the kernels); ``out`` must not overlap an input.
+* Inputs may be any strided view (strides are passed to the kernels); ``out`` must not share memory with
+  an input (ValueError).
 
 Shared launch pieces: :func:`tile_gemm_space` (the candidate tiles of a kernel accumulating
 ``BLOCK_M x BLOCK_K`` by ``BLOCK_K x BLOCK_N`` tiles with ``tl.dot``) and :func:`launch_left_product`
@@ -46,6 +47,7 @@ import triton
 from kfopt.autotune import Config, ConfigSpace, shape_bucket
 
 from .dispatch import check_kernel_dtype, dot_needs_upcast
+from .multi_tensor import check_no_overlap
 
 
 def check_tensor(name: str, t, ndim: int | tuple[int, ...]) -> None:
@@ -79,9 +81,10 @@ def result_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return dtype
 
 
-def output(out: torch.Tensor | None, shape: tuple[int, ...], device: torch.device,
-           dtype: torch.dtype) -> torch.Tensor:
-    """``out`` checked against ``shape``/``device``, or a new tensor of ``dtype``."""
+def output(out: torch.Tensor | None, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype,
+           **inputs: torch.Tensor) -> torch.Tensor:
+    """``out`` checked against ``shape``/``device`` and against sharing memory with any of ``inputs``
+    (the kernels read the inputs tile by tile while writing ``out``), or a new tensor of ``dtype``."""
     if out is None:
         return torch.empty(shape, dtype=dtype, device=device)
     if not isinstance(out, torch.Tensor):
@@ -92,6 +95,12 @@ def output(out: torch.Tensor | None, shape: tuple[int, ...], device: torch.devic
         raise ValueError(f"out is on {out.device}, expected {device} like the operands")
     if not out.is_floating_point():
         raise TypeError(f"out: expected a floating-point tensor, got {out.dtype}")
+    for name, t in inputs.items():
+        try:
+            check_no_overlap([("out", [out])], [(name, [t])])
+        except ValueError:
+            raise ValueError(f"out shares memory with {name}: the kernel reads {name} tile by tile while it "
+                             "writes out; pass an out of its own (or none)") from None
     return out
 
 

@@ -132,7 +132,8 @@ def lower_triangular_matmul(storage: torch.Tensor, x: torch.Tensor, transpose: b
     lower-triangular ``M`` in ``storage`` (Toeplitz coefficients when ``toeplitz``, else packed rows),
     tuned in ``space``; ``reference`` (the function's ``*_reference``) where Triton does not run."""
     d = lower_triangular_problem(storage, x, transpose, right, toeplitz)
-    out = output(out, tuple(x.shape), x.device, result_dtype(storage, x))
+    out = output(out, tuple(x.shape), x.device, result_dtype(storage, x), x=x,
+                 **{"coeffs" if toeplitz else "packed": storage})
     if not use_triton(x.device):
         return reference(storage, x, transpose, right, out=out)
     check_triton_dtypes(**{"coeffs" if toeplitz else "packed": storage}, x=x, out=out)

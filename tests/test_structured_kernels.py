@@ -302,6 +302,33 @@ def test_bad_inputs_name_the_argument(device):
         diagonal_matmul(randn(6, device=device), [[1.0]])
 
 
+def test_out_sharing_memory_with_an_input_is_rejected(device):
+    """The kernels read their inputs tile by tile while writing ``out``: an ``out`` that shares memory with
+    an input would read half-written values (on a GPU in any order), so it is a ValueError naming it."""
+    x = randn(6, 6, device=device)
+    packed, coeffs, blocks, diag = (randn(*s, device=device) for s in [(21,), (6,), (2, 3, 3), (6,)])
+    h = [randn(*s, device=device) for s in [(2, 2), (2, 4), (2,), (2, 2), (2, 2)]]
+    products = [lambda out: triangular_matmul(packed, x, out=out),
+                lambda out: toeplitz_matmul(coeffs, x, True, True, out),
+                lambda out: block_diagonal_matmul(blocks, x, out=out),
+                lambda out: diagonal_matmul(diag, x, out=out),
+                lambda out: hierarchical_matmul(*h, x, out=out)]
+    for product in products:
+        for alias in (x, x[:, :], x.T.T):
+            with pytest.raises(ValueError, match="out shares memory with x"):
+                product(alias)
+    x3 = randn(6, 3, device=device)
+    with pytest.raises(ValueError, match="out shares memory with packed"):
+        triangular_matmul(packed, x3, out=packed[:18].view(6, 3))
+    with pytest.raises(ValueError, match="out shares memory with blocks"):
+        block_diagonal_matmul(blocks, x3, out=blocks.view(6, 3))
+    big = randn(6, 12, device=device)
+    with pytest.raises(ValueError, match="out shares memory with x"):  # half of x's columns
+        triangular_matmul(packed, big[:, :6], out=big[:, 3:9])
+    triangular_matmul(packed, big[:, :6], out=big[:, 6:])  # the other half: allowed
+    assert torch.equal(big[:, 6:], triangular_matmul(packed, big[:, :6]))
+
+
 # -- grid limits ------------------------------------------------------------------------------------------
 
 #: CUDA's grid limits: axis 0 takes up to 2^31 - 1 programs, axes 1 and 2 up to 65535 each
