@@ -51,6 +51,7 @@ from .multi_tensor import (
     launch_segment_norms,
     log_decay,
     per_tensor,
+    program_chunk,
     trust_ratio,
     trust_ratio_reference,
 )
@@ -71,10 +72,7 @@ def _lamb_moments_kernel(
     P_DT: tl.constexpr, G_DT: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
 ):
     """Pass 1: m, v update; partial[k] = (sum w^2, sum u^2) over chunk k."""
-    pid = tl.program_id(0)
-    tid = tl.load(chunk_tensor_ptr + pid)
-    start = tl.load(chunk_start_ptr + pid)
-    n = tl.load(numel_ptr + tid)
+    pid, tid, start, n = program_chunk(chunk_tensor_ptr, chunk_start_ptr, numel_ptr)
     row = addr_ptr + tid * N_COLS
     p_ptr = tl.load(row + P).to(tl.pointer_type(P_DT))
     g_ptr = tl.load(row + G).to(tl.pointer_type(G_DT))
@@ -116,10 +114,7 @@ def _lamb_apply_kernel(
     P_DT: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
 ):
     """Pass 2: w <- w - lr * r * u, u recomputed from the updated m, v (step already advanced)."""
-    pid = tl.program_id(0)
-    tid = tl.load(chunk_tensor_ptr + pid)
-    start = tl.load(chunk_start_ptr + pid)
-    n = tl.load(numel_ptr + tid)
+    pid, tid, start, n = program_chunk(chunk_tensor_ptr, chunk_start_ptr, numel_ptr)
     row = addr_ptr + tid * N_COLS
     p_ptr = tl.load(row + P).to(tl.pointer_type(P_DT))
     m_ptr = tl.load(row + M).to(tl.pointer_type(tl.float32))

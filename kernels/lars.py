@@ -42,6 +42,7 @@ from .multi_tensor import (
     launch_global_norm,
     launch_segment_norms,
     per_tensor,
+    program_chunk,
     trust_ratio,
     trust_ratio_reference,
 )
@@ -59,10 +60,7 @@ def _lars_norms_kernel(
     P_DT: tl.constexpr, G_DT: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
 ):
     """Pass 1: partial[k] = (sum w^2, sum d^2) over chunk k, d = coef g + wd w."""
-    pid = tl.program_id(0)
-    tid = tl.load(chunk_tensor_ptr + pid)
-    start = tl.load(chunk_start_ptr + pid)
-    n = tl.load(numel_ptr + tid)
+    pid, tid, start, n = program_chunk(chunk_tensor_ptr, chunk_start_ptr, numel_ptr)
     p_ptr = tl.load(addr_ptr + tid * N_COLS + P).to(tl.pointer_type(P_DT))
     g_ptr = tl.load(addr_ptr + tid * N_COLS + G).to(tl.pointer_type(G_DT))
     wd = tl.load(hyper_ptr + tid * N_HYPER + WD)
@@ -86,10 +84,7 @@ def _lars_apply_kernel(
     P_DT: tl.constexpr, G_DT: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
 ):
     """Pass 2: m <- mu m + lr r d ; w <- w - m (or the Nesterov form)."""
-    pid = tl.program_id(0)
-    tid = tl.load(chunk_tensor_ptr + pid)
-    start = tl.load(chunk_start_ptr + pid)
-    n = tl.load(numel_ptr + tid)
+    pid, tid, start, n = program_chunk(chunk_tensor_ptr, chunk_start_ptr, numel_ptr)
     p_ptr = tl.load(addr_ptr + tid * N_COLS + P).to(tl.pointer_type(P_DT))
     g_ptr = tl.load(addr_ptr + tid * N_COLS + G).to(tl.pointer_type(G_DT))
     m_ptr = tl.load(addr_ptr + tid * N_COLS + M).to(tl.pointer_type(tl.float32))

@@ -331,6 +331,15 @@ def _report_overlap(los, his, refs, order) -> None:
 
 
 @triton.jit
+def program_chunk(chunk_tensor_ptr, chunk_start_ptr, numel_ptr):
+    """This program's chunk of a ``TensorTable`` launch (one program per chunk): ``(pid, tensor index,
+    first element of the chunk, numel of the tensor)``."""
+    pid = tl.program_id(0)
+    tid = tl.load(chunk_tensor_ptr + pid)
+    return pid, tid, tl.load(chunk_start_ptr + pid), tl.load(numel_ptr + tid)
+
+
+@triton.jit
 def trust_ratio(w_norm, u_norm, coef, lo, hi, adapt):
     """``clamp(coef * ||w|| / ||u||, lo, hi)``; 1 when either norm is 0 or adaptation is off.
     The division is correctly rounded (``div.rn.f32`` on the GPU, not the ~2 ulp ``div.full.f32``)."""
@@ -356,10 +365,7 @@ def _grad_sumsq_kernel(
     G_DT: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
 ):
     """partial[k] = (sum of g^2 over the finite elements of chunk k, count of non-finite elements)."""
-    pid = tl.program_id(0)
-    tid = tl.load(chunk_tensor_ptr + pid)
-    start = tl.load(chunk_start_ptr + pid)
-    n = tl.load(numel_ptr + tid)
+    pid, tid, start, n = program_chunk(chunk_tensor_ptr, chunk_start_ptr, numel_ptr)
     g_ptr = tl.load(addr_ptr + tid * addr_stride + g_col).to(tl.pointer_type(G_DT))
     sq = tl.zeros([BLOCK], tl.float32)
     bad = tl.zeros([BLOCK], tl.float32)

@@ -115,6 +115,7 @@ from .multi_tensor import (
     launch_segment_norms,
     log_decay,
     per_tensor,
+    program_chunk,
 )
 
 #: Largest supported band. Pass 1 unrolls b + 1 eliminations of b x b windows per row: sm_90 compile
@@ -315,10 +316,7 @@ def _sonew_halo_kernel(
     """snap[tile, q, h] = old quantity q (mu, nu_d, lags 1..BAND) of row tile_start - BAND + h, h < 2 BAND."""
     REC: tl.constexpr = (2 + BAND) * 2 * BAND
     TILES: tl.constexpr = CHUNK // BLOCK
-    pid = tl.program_id(0)
-    tid = tl.load(chunk_tensor_ptr + pid)
-    start = tl.load(chunk_start_ptr + pid)
-    n = tl.load(numel_ptr + tid)
+    pid, tid, start, n = program_chunk(chunk_tensor_ptr, chunk_start_ptr, numel_ptr)
     bt = tl.load(hyper_ptr + tid * _N_HYPER + _BAND).to(tl.int32)
     m_ptr, nu_ptr, off_ptr, dir_ptr, step_ptr = _tensor_pointers(addr_ptr, tid)
     tiles = tl.arange(0, TILES)[:, None]
@@ -341,10 +339,7 @@ def _sonew_row_sum_kernel(
     """partial[k] = max over chunk k's rows of the new band statistics' abs row sum (before bias
     correction); tensors without relative damping read nothing and give 0."""
     REC: tl.constexpr = (2 + BAND) * 2 * BAND
-    pid = tl.program_id(0)
-    tid = tl.load(chunk_tensor_ptr + pid)
-    start = tl.load(chunk_start_ptr + pid)
-    n = tl.load(numel_ptr + tid)
+    pid, tid, start, n = program_chunk(chunk_tensor_ptr, chunk_start_ptr, numel_ptr)
     g_ptr = tl.load(addr_ptr + tid * _N_COLS + _G).to(tl.pointer_type(G_DT))
     m_ptr, nu_ptr, off_ptr, dir_ptr, step_ptr = _tensor_pointers(addr_ptr, tid)
     h = hyper_ptr + tid * _N_HYPER
@@ -388,10 +383,7 @@ def _sonew_direction_kernel(
 ):
     """Pass 1: EMAs, sparse-inverse direction d into the scratch, partial[k] = (sum d^2, sum a^2)."""
     REC: tl.constexpr = (2 + BAND) * 2 * BAND
-    pid = tl.program_id(0)
-    tid = tl.load(chunk_tensor_ptr + pid)
-    start = tl.load(chunk_start_ptr + pid)
-    n = tl.load(numel_ptr + tid)
+    pid, tid, start, n = program_chunk(chunk_tensor_ptr, chunk_start_ptr, numel_ptr)
     g_ptr = tl.load(addr_ptr + tid * _N_COLS + _G).to(tl.pointer_type(G_DT))
     m_ptr, nu_ptr, off_ptr, dir_ptr, step_ptr = _tensor_pointers(addr_ptr, tid)
     t = tl.load(step_ptr) + 1.0
@@ -447,10 +439,7 @@ def _sonew_apply_kernel(
     P_DT: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
 ):
     """Pass 2: w <- w - lr (scale d + wd w), scale = ||a|| / ||d|| (1 without grafting, 0 if ||d|| = 0)."""
-    pid = tl.program_id(0)
-    tid = tl.load(chunk_tensor_ptr + pid)
-    start = tl.load(chunk_start_ptr + pid)
-    n = tl.load(numel_ptr + tid)
+    pid, tid, start, n = program_chunk(chunk_tensor_ptr, chunk_start_ptr, numel_ptr)
     p_ptr = tl.load(addr_ptr + tid * _N_COLS + _P).to(tl.pointer_type(P_DT))
     dir_ptr = tl.load(addr_ptr + tid * _N_COLS + _DIR).to(tl.pointer_type(tl.float32))
     h = hyper_ptr + tid * _N_HYPER

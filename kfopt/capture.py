@@ -357,8 +357,16 @@ class LayerCapture:
 
     @property
     def armed(self) -> bool:
-        """Whether forward calls are captured (module docstring, When a call is captured)."""
+        """Whether forward calls are captured (module docstring, When a call is captured); setting it
+        arms (True) or disarms (False)."""
         return self._armed
+
+    @armed.setter
+    def armed(self, value: bool) -> None:
+        if value:
+            self.arm()
+        else:
+            self.disarm()
 
     def arm(self) -> None:
         """Capture the following forward calls (and their output gradients)."""

@@ -312,10 +312,7 @@ class KFACPreconditioner:
 
     def _arm(self) -> None:
         """Capture the passes of the next step if it updates the factors (module docstring, Hooks)."""
-        if self.steps % self.factor_update_steps == 0:
-            self.capture.arm()
-        else:
-            self.capture.disarm()
+        self.capture.armed = self.steps % self.factor_update_steps == 0
 
     @torch.no_grad()
     def step(self, *, lr: float | Mapping[str, float] | None = None,

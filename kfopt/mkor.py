@@ -374,10 +374,7 @@ class MKOR(ComposedOptimizer):
 
     def _arm(self) -> None:
         """Capture the passes of the next step if it updates the factors."""
-        if self.steps % self.inv_freq == 0:
-            self.capture.arm()
-        else:
-            self.capture.disarm()
+        self.capture.armed = self.steps % self.inv_freq == 0
 
     # -- preconditioning ---------------------------------------------------------------------------
 

@@ -311,10 +311,7 @@ class SINGD(KfoptOptimizer):
         return self.steps % self.param_groups[layer.group]["T"] == 0
 
     def _arm(self) -> None:
-        if any(self._due(layer) for layer in self._layers):
-            self.capture.arm()
-        else:
-            self.capture.disarm()
+        self.capture.armed = any(self._due(layer) for layer in self._layers)
 
     def _reduced(self, layer: _Layer, call: CallInfo, rows: torch.Tensor, mean: bool) -> torch.Tensor:
         """``rows`` as the statistic needs them: as they are ("expand"), or one row per example ("reduce":

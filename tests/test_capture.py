@@ -238,7 +238,8 @@ def test_arming_and_memory():
     assert all(layer.calls == 0 and layer.input_stat is None for layer in capture.layers.values())
     assert not any(isinstance(v, torch.Tensor) for v in vars(capture).values())
 
-    capture.arm()
+    capture.armed = True  # the setter the optimizers use: arm() / disarm()
+    assert capture.armed
     model.zero_grad()
     gone = step(lambda hidden: hidden._backward_hooks)  # the grad-output hook is on the output
     gc.collect()
@@ -249,7 +250,8 @@ def test_arming_and_memory():
     capture.clear()
     model.zero_grad()
     out = model(torch.randn(3, 2, 8, 8, dtype=torch.float64))
-    capture.disarm()
+    capture.armed = False
+    assert not capture.armed
     sum_loss(out).backward()
     check_gradient_identity(capture, rec)
     # ... clearing between them drops them
