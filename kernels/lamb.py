@@ -49,7 +49,7 @@ from .multi_tensor import (
     inv_bias_correction,
     launch_global_norm,
     launch_segment_norms,
-    log_decay,
+    log_decays,
     per_tensor,
     program_chunk,
     trust_ratio,
@@ -146,10 +146,10 @@ def _lamb_hyper(n, lr, beta1, beta2, eps, weight_decay, bias_correction, grad_av
         ("lr", lr), ("beta1", beta1), ("beta2", beta2), ("eps", eps), ("weight_decay", weight_decay),
         ("bias_correction", bias_correction), ("grad_averaging", grad_averaging), ("adapt", adapt),
         ("trust_min", trust_min), ("trust_max", trust_max))]
+    corrected = [bool(bc) for bc in cols[5]]
+    logs = zip(log_decays("beta1", beta1, n, corrected), log_decays("beta2", beta2, n, corrected))
     rows = []
-    for i, (lr_i, b1, b2, eps_i, wd, bc, avg, ad, lo, hi) in enumerate(zip(*cols)):
-        ln_b1 = log_decay(f"beta1[{i}]" if isinstance(beta1, (list, tuple)) else "beta1", b1, bool(bc))
-        ln_b2 = log_decay(f"beta2[{i}]" if isinstance(beta2, (list, tuple)) else "beta2", b2, bool(bc))
+    for (lr_i, b1, b2, eps_i, wd, bc, avg, ad, lo, hi), (ln_b1, ln_b2) in zip(zip(*cols), logs):
         rows.append([float(lr_i), float(b1), float(b2), 1.0 - float(b1) if avg else 1.0, 1.0 - float(b2),
                      ln_b1, ln_b2, float(eps_i), float(wd), float(bool(bc)), float(bool(ad)), float(lo), float(hi)])
     return rows

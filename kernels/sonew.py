@@ -113,7 +113,7 @@ from .multi_tensor import (
     inv_bias_correction,
     launch_global_norm,
     launch_segment_norms,
-    log_decay,
+    log_decays,
     per_tensor,
     program_chunk,
 )
@@ -467,12 +467,11 @@ def _sonew_hyper(n, offdiags, lr, beta1, beta2, eps, weight_decay, graft, graft_
         ("lr", lr), ("beta1", beta1), ("beta2", beta2), ("eps", eps), ("weight_decay", weight_decay),
         ("graft", graft), ("graft_eps", graft_eps), ("relative_eps", relative_eps),
         ("precondition", precondition))]
+    logs = zip(log_decays("beta1", beta1, n), log_decays("beta2", beta2, n))
     rows = []
-    for i, (lr_i, b1, b2, eps_i, wd, gr, geps, rel, pre) in enumerate(zip(*cols)):
+    for i, ((lr_i, b1, b2, eps_i, wd, gr, geps, rel, pre), (ln_b1, ln_b2)) in enumerate(zip(zip(*cols), logs)):
         if gr not in GRAFTS:
             raise ValueError(f"graft[{i}]: expected one of {sorted(GRAFTS)}, got {gr!r}")
-        ln_b1 = log_decay(f"beta1[{i}]" if isinstance(beta1, (list, tuple)) else "beta1", b1)
-        ln_b2 = log_decay(f"beta2[{i}]" if isinstance(beta2, (list, tuple)) else "beta2", b2)
         rows.append([float(lr_i), float(b1), float(b2), float(eps_i), float(wd), float(geps),
                      float(offdiags[i].shape[0]), float(GRAFTS[gr] if pre else GRAFTS["none"]),
                      float(bool(pre)), float(bool(rel)), ln_b1, ln_b2])
