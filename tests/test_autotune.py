@@ -204,6 +204,7 @@ def _choices_on_ranks(rank, world_size, cache_dir):
     return chosen
 
 
+@pytest.mark.distributed
 def test_ranks_agree_on_tuned_configs(tmp_path):
     """Under torch.distributed: outside a context the default (equal on every rank, no communication),
     per-rank tuning inside configs_per_rank, the first rank's choice inside agree_on_configs (of the

@@ -9,6 +9,7 @@ hooks' statistics (combined across ranks afterwards) may use per-rank configs. H
 one rank makes and another does not) fail through ``run_distributed``'s timeout.
 """
 
+import pytest
 import torch
 from distributed import run_distributed
 from torch import nn
@@ -77,6 +78,7 @@ def _ranks(rank, world, cache_dir):
     return out
 
 
+@pytest.mark.distributed
 def test_kronecker_factored_optimizers_agree_on_tuned_configs(tmp_path):
     results = run_distributed(_ranks, 4, str(tmp_path), timeout=600)
     for name in optimizers():

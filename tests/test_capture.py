@@ -1,23 +1,14 @@
 """kfopt.capture.LayerCapture: selection, rows that reproduce the weight gradient (Linear, Conv2d),
-in-place activations, repeated calls, gradient accumulation, arming, AMP, DDP under torchrun, FSDP.
-
-Run as a script by torchrun (see test_torchrun_*), this file is also the per-rank program of the
-distributed tests.
-"""
+in-place activations, repeated calls, gradient accumulation, arming, AMP, DDP under torchrun, FSDP."""
 
 import copy
 import gc
-import os
-import signal
-import subprocess
-import sys
 import weakref
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from distributed import free_port
+from distributed import run_torchrun
 from torch import nn
 
 from kfopt.capture import CallInfo, LayerCapture, loss_term_count
@@ -324,9 +315,8 @@ def test_construction_errors():
         LayerCapture(model, skip_layers=[3])
     with pytest.raises(ValueError, match="layer_types"):
         LayerCapture(model, layer_types=(nn.Conv1d,))
-    with pytest.raises(ValueError, match="groups=2"):
-        LayerCapture(nn.Sequential(nn.Conv2d(4, 4, 3, groups=2)))
-    LayerCapture(nn.Sequential(nn.Conv2d(4, 4, 3, groups=2)), skip_layers=["0"])
+    grouped = LayerCapture(nn.Sequential(nn.Conv2d(4, 4, 3, groups=2), nn.Conv2d(4, 4, 1)))
+    assert list(grouped.layers) == ["1"] and list(grouped.other_params()) == ["0.weight", "0.bias"]
     with pytest.raises(ValueError, match="lazy"):
         LayerCapture(nn.Sequential(nn.LazyLinear(3)))
     tied = Zoo()
@@ -519,54 +509,15 @@ def ddp_and_fsdp_on_rank(rank, world):
     return result
 
 
-@pytest.fixture(scope="module")
-def torchrun_results(tmp_path_factory):
-    """Launch this file with ``torchrun --nproc-per-node 2`` (gloo) and collect each rank's result."""
-    out = tmp_path_factory.mktemp("torchrun")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(free_port()), __file__, str(out)]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        log, _ = proc.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        log, _ = proc.communicate()
-        pytest.fail(f"torchrun did not finish within 120 s (hang?); killed. Output:\n{log}", pytrace=False)
-    if proc.returncode != 0:
-        pytest.fail(f"torchrun exited with code {proc.returncode}. Output:\n{log}", pytrace=False)
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
-
-
 @pytest.mark.slow
-def test_torchrun_ddp(torchrun_results):
-    for res in torchrun_results:
+@pytest.mark.distributed
+def test_torchrun_ddp_capture_and_fsdp_errors():
+    for res in run_torchrun(ddp_and_fsdp_on_rank, 2):
         assert res["layers"] == res["same"] == ["conv", "fc"]  # no "module." prefix; head skipped both ways
         assert res["others"] == ["head.weight", "head.bias"]
         assert res["calls"] == [1, 1]
         assert res["local_error"] < 1e-12 and res["averaged_error"] < 1e-12
-
-
-@pytest.mark.slow
-def test_torchrun_fsdp_raises_at_construction(torchrun_results):
-    for res in torchrun_results:
         assert "'<root>' is sharded by FSDP (FSDPDistNet)" in res["fsdp2"]
         assert "use DistributedDataParallel" in res["fsdp2"]
         assert "'<root>' is sharded by FSDP (FullyShardedDataParallel)" in res["fsdp1"]
         assert "parameter 'fc.weight' is a DTensor" in res["dtensor"]
-
-
-def _torchrun_main(out_dir: str) -> None:
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    result = ddp_and_fsdp_on_rank(rank, world)
-    torch.save(result, Path(out_dir) / f"rank{rank}.pt")
-    dist.destroy_process_group()
-
-
-if __name__ == "__main__":
-    _torchrun_main(sys.argv[1])

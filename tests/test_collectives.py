@@ -149,6 +149,7 @@ def collectives_on_ranks(rank, world):
     return out
 
 
+@pytest.mark.distributed
 @pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 4])
 def test_collectives_on_several_processes(world):
@@ -194,6 +195,7 @@ def hang_on_rank_one(rank, world):
     return rank
 
 
+@pytest.mark.distributed
 @pytest.mark.slow
 def test_helper_reports_a_raising_rank():
     with pytest.raises(pytest.fail.Exception) as err:
@@ -203,6 +205,7 @@ def test_helper_reports_a_raising_rank():
     assert "raise_on_rank_one" in message
 
 
+@pytest.mark.distributed
 @pytest.mark.slow
 def test_helper_reports_a_hanging_rank():
     start = time.monotonic()

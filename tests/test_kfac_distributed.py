@@ -138,6 +138,7 @@ def check_ranks(results, name, reference, tol=TOL):
             assert rel <= tol, f"{name}: rank {rank} relative error {rel:.2e} vs the single process"
 
 
+@pytest.mark.distributed
 @pytest.mark.slow
 def test_two_processes_match_one(world2, single_process):
     check_unequal(world2, single_process["factors"])
@@ -151,6 +152,7 @@ def test_two_processes_match_one(world2, single_process):
         assert all(torch.equal(factors[k], saved[1]["factors"][name][k]) for k in ("A", "G"))
 
 
+@pytest.mark.distributed
 @pytest.mark.slow
 def test_four_processes_match_one_and_resume_a_two_process_checkpoint(world2, single_process):
     configs = {"comm-opt": (dict(grad_worker_fraction=1.0), False),
@@ -166,6 +168,7 @@ def test_four_processes_match_one_and_resume_a_two_process_checkpoint(world2, si
     assert sum(res["hybrid-opt/stored"] for res in results) == 8
 
 
+@pytest.mark.distributed
 def test_two_process_checkpoint_resumes_on_one_process(world2, single_process, monkeypatch):
     monkeypatch.setenv("KFOPT_BACKEND", "torch")
     checkpoint = world2[0]["comm-opt/checkpoint"]

@@ -8,6 +8,7 @@ One spawn runs every configuration (process start-up dominates the cost).
 
 import os
 
+import pytest
 import torch
 from distributed import run_distributed
 from torch import nn
@@ -95,6 +96,7 @@ def single_process(config):
     return results(opt, model)
 
 
+@pytest.mark.distributed
 def test_two_ranks_match_one_process_on_the_global_batch(monkeypatch):
     ranks = run_distributed(mkor_ranks, 2, timeout=120.0)
     monkeypatch.setenv("KFOPT_BACKEND", "torch")

@@ -67,6 +67,7 @@ def _worker(rank, world):
     return results
 
 
+@pytest.mark.distributed
 @pytest.mark.slow
 def test_ranks_agree_and_equal_the_global_batch_run(monkeypatch):
     """Cases: dense; Toeplitz and block-diagonal; hierarchical and diagonal on sequences ("batch+sequence")."""
