@@ -6,6 +6,10 @@ CUDA device; ``select``:
 
 * where nothing can be timed (Triton's interpreter, CPU tensors, no GPU) the default config is
   returned without running anything -- Triton's own autotuner fails there;
+* ``KFOPT_AUTOTUNE=default`` in the environment (read at every ``select``): the default config as
+  well, untimed and uncached, on every device (one compile per kernel and constexpr signature, no
+  tuning: what ``perf/gpu_check.sh`` uses to bound a cold run's compilations); unset or ``tune``:
+  the rule below;
 * on a GPU, the cache (``kfopt.autotune.cache``) is consulted under
   ``(kernel, device name, triton version, shape bucket, dtype)``; on a miss every candidate is timed
   (median of ``triton.testing.do_bench``), the fastest is stored, and returned.
@@ -54,6 +58,21 @@ import torch.distributed as dist
 import triton
 
 from .cache import get_cache, tuning_key
+
+
+#: ``KFOPT_AUTOTUNE``: "tune" (or unset) times the candidates where it can; "default" always launches
+#: the declared default config (no timing, nothing cached).
+AUTOTUNE_ENV = "KFOPT_AUTOTUNE"
+
+
+def forced_default() -> bool:
+    """True when ``KFOPT_AUTOTUNE=default``: every kernel launches its default config, untimed."""
+    value = os.environ.get(AUTOTUNE_ENV, "").strip().lower()
+    if value in ("", "tune"):
+        return False
+    if value == "default":
+        return True
+    raise ValueError(f"{AUTOTUNE_ENV} must be 'tune', 'default' or unset; got {value!r}")
 
 
 #: Triton reads TRITON_INTERPRET when a kernel is decorated; this is the value seen at import.
@@ -164,7 +183,7 @@ class ConfigSpace:
         restore: Sequence[torch.Tensor] = (),
     ) -> Config:
         """The config to launch with; may time ``run(config)`` for every candidate (see module doc)."""
-        if len(self.configs) == 1 or not can_benchmark(device):
+        if len(self.configs) == 1 or not can_benchmark(device) or forced_default():
             return self.default
         mode, group = _DISTRIBUTED_MODE.get() or (None, None)
         if not _several_ranks() or mode == "per-rank":

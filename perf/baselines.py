@@ -9,6 +9,8 @@ step on non-finite gradients (that needs a ``torch.where`` over every tensor, wh
 * ``lamb_foreach_update`` / ``ForeachLAMB``: LAMB (shared/design/lamb.md) with global clipping.
 * ``lars_foreach_update`` / ``ForeachLARS``: LARS with momentum.
 * ``sonew_tridiagonal_foreach_update``: SONew with band 1 (tridiagonal), Adam grafting.
+* the LAMB and SONew steps above compiled by ``torch.compile`` (inductor generates Triton kernels
+  too): ``perf.cases.LambCompiledRunner`` / ``SonewCompiledRunner``, timed after their compilation.
 * ``rank1_inverse_update_torch``: MKOR's Sherman-Morrison update of an inverse factor in two big
   ops (``torch.mv``, ``Tensor.addr_``) plus scalar ops on the device.
 * ``covariance_matmul``: ``torch.matmul(x.T, x)`` (cuBLAS, full GEMM, output in x's dtype).
@@ -17,7 +19,6 @@ step on non-finite gradients (that needs a ``torch.where`` over every tensor, wh
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch
@@ -38,11 +39,13 @@ def clip_coefficient(grads32: Sequence[torch.Tensor], max_grad_norm: float | Non
     return total, torch.clamp(max_grad_norm / total, max=1.0)
 
 
-def lamb_foreach_update(params, grads, exp_avgs, exp_avg_sqs, *, step: int, lr: float, beta1: float, beta2: float,
-                        eps: float, weight_decay: float, adapt: bool, clip_coef: torch.Tensor | None) -> None:
+def lamb_foreach_update(params, grads, exp_avgs, exp_avg_sqs, *, step: int | torch.Tensor, lr: float, beta1: float,
+                        beta2: float, eps: float, weight_decay: float, adapt: bool,
+                        clip_coef: torch.Tensor | None) -> None:
     """One LAMB step (t = ``step``, counting from 1) on lists of tensors with ``torch._foreach_*`` ops.
 
     ``exp_avgs``/``exp_avg_sqs`` fp32; params/grads fp32, bf16 or fp16 (fp32 copies are made).
+    ``step`` may be a device tensor (what ``torch.compile`` needs to reuse one graph at every step).
     """
     w32, g = as_fp32(params), as_fp32(grads)
     g = torch._foreach_mul(g, clip_coef) if clip_coef is not None else g
@@ -51,7 +54,7 @@ def lamb_foreach_update(params, grads, exp_avgs, exp_avg_sqs, *, step: int, lr: 
     torch._foreach_addcmul_(exp_avg_sqs, g, g, value=1.0 - beta2)
     bc1, bc2 = 1.0 - beta1 ** step, 1.0 - beta2 ** step
     denom = torch._foreach_sqrt(exp_avg_sqs)
-    torch._foreach_div_(denom, math.sqrt(bc2))
+    torch._foreach_div_(denom, bc2 ** 0.5)
     torch._foreach_add_(denom, eps)
     u = torch._foreach_div(exp_avgs, denom)
     torch._foreach_mul_(u, 1.0 / bc1)
@@ -90,11 +93,13 @@ def lars_foreach_update(params, grads, momentum_buffers, *, lr: float, momentum:
         torch._foreach_copy_(params, w32)
 
 
-def sonew_tridiagonal_foreach_update(params, grads, exp_avgs, diags, offdiags, *, step: int, lr: float, beta1: float,
+def sonew_tridiagonal_foreach_update(params, grads, exp_avgs, diags, offdiags, *, step: int | torch.Tensor, lr: float,
+                                     beta1: float,
                                      beta2: float, eps: float, weight_decay: float, graft_eps: float,
                                      drop_tol: float) -> None:
     """One SONew step (shared/design/sonew.md, kfopt.kernels.sonew's docstring) with band 1 and Adam
-    grafting, t = ``step`` (counting from 1), with ``torch._foreach_*`` ops over the flattened tensors.
+    grafting, t = ``step`` (counting from 1; an int or a device tensor), with ``torch._foreach_*`` ops over
+    the flattened tensors.
 
     ``offdiags[i]``: (1, n) (``offdiags[i][0, k]`` the EMA of ``g_k g_{k+1}``) for a preconditioned
     tensor, (0, n) for one that gets plain Adam (vectors). State fp32; params/grads any float dtype.

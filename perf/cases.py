@@ -234,6 +234,55 @@ class SonewForeachRunner(SonewRunner):
                                                    drop_tol=SONEW_DROP_TOL, **hp)
 
 
+def compile_backend() -> str:
+    """``torch.compile``'s backend for the compiled baselines: ``KFOPT_PERF_COMPILE_BACKEND``, default
+    "inductor" (which generates Triton kernels on a GPU, C++ on the CPU)."""
+    return os.environ.get("KFOPT_PERF_COMPILE_BACKEND") or "inductor"
+
+
+def _lamb_compiled_step(params, grads, exp_avgs, exp_avg_sqs, t):
+    t.add_(1)
+    hp = dict(LAMB_HP)
+    grads32 = baselines.as_fp32(grads)
+    _, coef = baselines.clip_coefficient(grads32, hp.pop("max_grad_norm"))
+    baselines.lamb_foreach_update(params, grads32, exp_avgs, exp_avg_sqs, step=t, adapt=True, clip_coef=coef, **hp)
+
+
+class LambCompiledRunner(LambForeachRunner):
+    """BASELINE: the same foreach LAMB step (global clip included) compiled by ``torch.compile``: what a
+    user would reach for instead of hand-written kernels. The step count is a device tensor, so one graph
+    serves every step; the compilation happens in the untimed first calls (``extra.first_call_s``)."""
+
+    def __init__(self, ps: ParamSet):
+        super().__init__(ps)
+        self.t = torch.zeros((), device=ps.device)
+        self.compiled = torch.compile(_lamb_compiled_step, backend=compile_backend())
+
+    def step(self):
+        self.compiled(self.ps.params, self.ps.grads, self.state["exp_avg"], self.state["exp_avg_sq"], self.t)
+
+
+def _sonew_compiled_step(params, grads, exp_avgs, diags, offdiags, t):
+    t.add_(1)
+    hp = {k: v for k, v in SONEW_HP.items() if k != "graft"}
+    baselines.sonew_tridiagonal_foreach_update(params, grads, exp_avgs, diags, offdiags, step=t,
+                                               drop_tol=SONEW_DROP_TOL, **hp)
+
+
+class SonewCompiledRunner(SonewForeachRunner):
+    """BASELINE: the foreach tridiagonal SONew step (band 1) compiled by ``torch.compile``, from
+    SonewRunner's state; the step count is a device tensor (one graph for every step)."""
+
+    def __init__(self, ps: ParamSet):
+        super().__init__(ps)
+        self.t = torch.full((), float(self.WARM_STEPS), device=ps.device)
+        self.compiled = torch.compile(_sonew_compiled_step, backend=compile_backend())
+
+    def step(self):
+        self.compiled(self.ps.params, self.ps.grads, self.state["exp_avg"], self.state["diag"],
+                      self.state["offdiag"], self.t)
+
+
 class AdamWRunner:
     """``torch.optim.AdamW`` (fused=True, or foreach=True as its correctness reference). State in the
     parameters' dtype, as torch keeps it."""
@@ -262,6 +311,7 @@ class Impl:
     role: str
     make: Callable[[ParamSet], object]
     bench: bool = True
+    smoke_sizes: int | None = None  # in the smoke run: only the method's first N sizes (None: all)
 
 
 @dataclass
@@ -288,8 +338,12 @@ class ElementwiseMethod:
     smoke_sizes: list | None = None  # replaces ELEMENTWISE_SIZES["smoke"] (interpreter cost)
     smoke_tensors: int | None = None
 
-    def sizes(self, mode: str) -> list:
-        return self.smoke_sizes if mode == "smoke" and self.smoke_sizes is not None else ELEMENTWISE_SIZES[mode]
+    def sizes(self, mode: str, impl: Impl | None = None) -> list:
+        """The sizes of the mode (of ``impl``: its ``smoke_sizes`` first ones in the smoke run)."""
+        sizes = self.smoke_sizes if mode == "smoke" and self.smoke_sizes is not None else ELEMENTWISE_SIZES[mode]
+        if mode == "smoke" and impl is not None and impl.smoke_sizes is not None:
+            sizes = sizes[:impl.smoke_sizes]
+        return sizes
 
     def impl(self, name: str) -> Impl:
         return next(i for i in self.impls if i.name == name)
@@ -336,6 +390,10 @@ def _one_pass(state_floats: Callable[[tuple], int]):
     return model
 
 
+# torch.compile's inductor compiles C++ on the CPU (~1 min per case on two CI cores): the smoke run
+# checks the compiled baselines on each method's first smoke size only.
+COMPILED_SMOKE_SIZES = 1
+
 ELEMENTWISE: list[ElementwiseMethod] = [
     ElementwiseMethod(
         "adamw", adamw_fused_bytes, lambda sh, dt: adamw_fused_bytes(sh, dt),
@@ -347,6 +405,7 @@ ELEMENTWISE: list[ElementwiseMethod] = [
         "lamb", lamb_bytes, _one_pass(lambda sh: 2 * math.prod(sh)),
         [Impl("kfopt", "kernel", lambda ps: LambRunner(ps)),
          Impl("foreach", "baseline", LambForeachRunner),
+         Impl("torch.compile", "baseline", LambCompiledRunner, smoke_sizes=COMPILED_SMOKE_SIZES),
          Impl("reference", "baseline", lambda ps: LambRunner(ps, backend="torch"))],
         reference="reference"),
     ElementwiseMethod(
@@ -360,7 +419,9 @@ ELEMENTWISE: list[ElementwiseMethod] = [
         f"sonew-band{band}", sonew_bytes(band),
         _one_pass(lambda sh, band=band: math.prod(sh) * (2 + sonew_tensor_band(sh, band))),
         [Impl("kfopt", "kernel", lambda ps, band=band: SonewRunner(ps, band)),
-         *([Impl("foreach", "baseline", SonewForeachRunner)] if band == 1 else []),
+         *([Impl("foreach", "baseline", SonewForeachRunner),
+            Impl("torch.compile", "baseline", SonewCompiledRunner, smoke_sizes=COMPILED_SMOKE_SIZES)]
+           if band == 1 else []),
          Impl("reference", "baseline", lambda ps, band=band: SonewRunner(ps, band, backend="torch"))],
         reference="reference",
         # band 4 costs ~1 s per tensor per step in the interpreter: its smoke case is 3 tensors, fp32

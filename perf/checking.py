@@ -56,12 +56,61 @@ def rel_error_beyond_ulp(out: torch.Tensor, ref: torch.Tensor, base: torch.Tenso
     return num / den
 
 
-def max_ulp_difference(out: Sequence[torch.Tensor], ref: Sequence[torch.Tensor]) -> float:
-    """Largest |out - ref| in units of the last place (of the larger magnitude) of the tensors' dtype."""
+def max_ulp_difference(out: Sequence[torch.Tensor], ref: Sequence[torch.Tensor],
+                       start: Sequence[torch.Tensor] | None = None) -> float:
+    """Largest |out - ref| in units of the last place (of the larger magnitude) of the tensors' dtype.
+    With ``start`` (the values several steps ago), the ulp is that of the largest of the three
+    magnitudes: a one-ulp difference left by an earlier step stays the same size when a later step
+    brings the value closer to 0."""
     worst = 0.0
-    for o, r in zip(out, ref):
+    for k, (o, r) in enumerate(zip(out, ref)):
         r32, o32 = r.detach().float(), o.detach().float()
-        diff = (o32 - r32).abs() / _ulp(torch.maximum(r32.abs(), o32.abs()), r.dtype)
+        big = torch.maximum(r32.abs(), o32.abs())
+        if start is not None:
+            big = torch.maximum(big, start[k].detach().float().abs())
+        diff = (o32 - r32).abs() / _ulp(big, r.dtype)
         if diff.numel():
             worst = max(worst, float(diff.max()))
     return worst
+
+
+# How a fresh (all-zero) state tensor is seeded before a check: (kind, what sets its scale). A zero
+# state hides the decay of old state (b1 * 0 == 0 for any b1), so the checks step from random state.
+STATE_SCALES = {
+    "exp_avg": ("normal", "grad"),              # first moments: the gradients' size
+    "exp_avg_sq": ("positive", "grad^2"),       # second moments: their square
+    "momentum_buffer": ("normal", "1e-3 param"),  # LARS: one step's lr * r * d ~ lr * eta * |w|
+}
+
+
+def seed_fresh_state(runners: Sequence, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
+                     seed: int = 0) -> list[str]:
+    """Give every runner the same random, non-zero values in each state tensor that is still all zeros
+    (fresh), for the state names all runners hold (``runner.state``: ``{name: [tensor per param]}``).
+    Scales follow ``STATE_SCALES`` (per tensor: rms of its gradient or parameter). Runners whose state is
+    created by their first step (``torch.optim``: ``.state`` raises KeyError) keep theirs, and then no
+    state is seeded. Returns the names seeded."""
+    states = []
+    for runner in runners:
+        try:
+            states.append(runner.state)
+        except KeyError:
+            return []
+    names = sorted(set.intersection(*(set(s) for s in states)))
+    gen = torch.Generator().manual_seed(seed)
+    seeded = []
+    for name in names:
+        kind, scale_of = STATE_SCALES.get(name, ("normal", "grad"))
+        columns = [s[name] for s in states]
+        if not all(bool((t == 0).all()) for col in columns for t in col):
+            continue
+        for i, tensors in enumerate(zip(*columns)):
+            ref = grads[i] if scale_of.startswith("grad") else params[i]
+            rms = float(ref.detach().float().pow(2).mean().sqrt()) if ref.numel() else 1.0
+            scale = {"grad": rms, "grad^2": rms * rms, "1e-3 param": 1e-3 * rms}[scale_of]
+            values = torch.randn(tensors[0].shape, generator=gen, dtype=torch.float64)
+            values = (0.5 + values.abs()) if kind == "positive" else values
+            for t in tensors:
+                t.copy_((values * scale).to(device=t.device, dtype=t.dtype))
+        seeded.append(name)
+    return seeded

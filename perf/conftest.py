@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from perf import timing
+from perf.bench import Bench
 from perf.results import REPO, Recorder, results_folder, slug
 
 _RECORDER = pytest.StashKey[Recorder]()
@@ -101,64 +102,6 @@ def ceilings(recorder):
         return None
     recorder.ceilings = timing.measure_ceilings()
     return recorder.ceilings
-
-
-class Bench:
-    """Times one case and records it (see perf/timing.py for what is measured)."""
-
-    def __init__(self, benchmark, recorder: Recorder):
-        self.benchmark, self.recorder = benchmark, recorder
-
-    def run(self, fn, *, family: str, method: str, impl: str, role: str, group: str, shape: str, dtype: str,
-            params: dict | None = None, bytes: float | None = None, compulsory_bytes: float | None = None,
-            flops: float | None = None, flops_dtype: str | None = None, reset=None, check: dict | None = None,
-            extra: dict | None = None) -> dict:
-        fields = dict(family=family, method=method, impl=impl, role=role, group=group, shape=shape, dtype=dtype,
-                      params=params or {}, bytes=bytes, compulsory_bytes=compulsory_bytes, flops=flops,
-                      flops_dtype=flops_dtype, check=check, extra=extra or {})
-        real = self.benchmark is not None
-        if perf_config.SMOKE or (real and self.benchmark.disabled):
-            if real:  # the case already ran once in its correctness check; tell pytest-benchmark nothing was timed
-                self.benchmark.disabled = True
-                self.benchmark.pedantic(lambda: None)
-            return self.recorder.add(**fields, median_s=None)
-
-        prefill_only = timing.make_prefill(0.0)
-
-        def warm_setup():
-            if reset:
-                reset()
-            prefill_only()
-
-        for _ in range(2):  # compile + autotune happen here, untimed
-            warm_setup()
-            fn()
-        torch.cuda.synchronize()
-        host_s, latency_s = timing.host_and_latency(fn, setup=reset)
-        prefill = timing.make_prefill(host_s)
-
-        def setup():
-            if reset:
-                reset()
-            prefill()
-
-        estimate = sorted(timing.measure_rounds(fn, setup, rounds=3, warmup_rounds=0))[1]
-        spin_s = min(host_s * 1.5 + timing.SPIN_MARGIN_S, timing.SPIN_MAX_S)
-        rounds = timing.choose_rounds(estimate, spin_s + 2e-4, perf_config.BUDGET_S)
-        if real:
-            self.benchmark.group = group.replace("|", " ")
-            timing.reset_clock()
-            self.benchmark.pedantic(fn, setup=setup, rounds=rounds, warmup_rounds=2, iterations=1)
-            times = list(self.benchmark.stats.stats.data)
-        else:
-            times = timing.measure_rounds(fn, setup, rounds=rounds)
-        rec = self.recorder.add(**fields, **timing.summarize(times), host_s=host_s, latency_s=latency_s,
-                                host_bound=host_s > timing.summarize(times)["median_s"])
-        if real:
-            self.benchmark.extra_info.update({k: rec.get(k) for k in (
-                "bytes", "flops", "floor_fraction", "bytes_per_s", "flops_per_s", "host_s", "latency_s", "shape",
-                "dtype", "device_name", "commit")})
-        return rec
 
 
 @pytest.fixture
