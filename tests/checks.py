@@ -29,6 +29,31 @@ def assert_rel_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype | 
     assert err <= tol, f"{name}: relative error {err:.3e} > {tol:.1e}"
 
 
+def ulp(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Spacing of ``dtype`` (bf16/fp16/fp32) just above each |value| (float64; the subnormal spacing below
+    the smallest normal)."""
+    mantissa = {torch.bfloat16: 7, torch.float16: 10, torch.float32: 23}[dtype]
+    big = values.double().abs().clamp_min(torch.finfo(dtype).tiny)
+    return torch.exp2(torch.floor(torch.log2(big)) - mantissa)
+
+
+def assert_within_one_ulp(out: torch.Tensor, ref: torch.Tensor, name: str = "output") -> None:
+    """Element-wise: ``out`` (16-bit) is within 1 ulp of the float64 ``ref`` rounded to ``out.dtype`` (a
+    correctly rounded or a truncating store of an fp32 result both are; the interpreter truncates bf16)."""
+    assert torch.isfinite(out).all(), f"{name}: non-finite values (an element was not written?)"
+    rounded = ref.detach().cpu().to(out.dtype).double()
+    err = (out.detach().cpu().double() - rounded).abs() / ulp(rounded, out.dtype)
+    worst = err.max().item() if err.numel() else 0.0
+    assert worst <= 1.0, f"{name}: {(err > 1).sum().item()} elements more than 1 ulp off (worst {worst:.1f} ulp)"
+
+
+def moved_beyond_one_ulp(before: torch.Tensor, ref: torch.Tensor) -> int:
+    """How many elements the float64 update ``before -> ref`` moves by more than 1 ulp of ``before.dtype``
+    (once rounded): where this is 0, a step that is never written would pass the 1-ulp check."""
+    rounded = ref.detach().cpu().to(before.dtype).double()
+    return int(((before.detach().cpu().double() - rounded).abs() > ulp(rounded, before.dtype)).sum())
+
+
 def assert_all_changed(out: torch.Tensor, before: torch.Tensor, name: str = "output") -> None:
     """Every element of an in-place output was written (random inputs make a no-op update unlikely)."""
     unchanged = (out == before).sum().item()

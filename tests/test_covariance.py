@@ -51,6 +51,25 @@ def test_matches_float64_reference(rows, d, dtype, ones_column, device, seed, po
     assert_rel_close(got, reference(x, ones_column), tol=TOL)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_matches_the_equations_written_here(dtype, device, seed, poison_empty):
+    """Against the module docstring's equations in float64, built here (not the library's reference):
+    ``a = [x | 1]``, ``new = a^T a / rows``, then ``decay * sym(old) + (1 - decay) * new`` with ``sym``
+    the symmetric matrix of old's upper triangle (old's lower triangle holds different values)."""
+    rows, d, decay = 19, 40, 0.7
+    x = activations(rows, d, dtype, device)
+    a = torch.cat([x.double().cpu(), torch.ones(rows, 1, dtype=torch.float64)], dim=1)
+    new = sum(torch.outer(row, row) for row in a) / rows
+    assert_rel_close(symmetric_covariance(x, True), new, tol=TOL, name="a^T a / rows")
+    old = random_factor(d + 1, device, symmetric=False)
+    upper = torch.triu(old.double().cpu())
+    want = decay * (upper + torch.triu(upper, 1).T) + (1 - decay) * new
+    out = old.clone()
+    symmetric_covariance(x, True, out=out, decay=decay)
+    assert_symmetric(out)
+    assert_rel_close(out, want, tol=TOL, name="fused running average")
+
+
 @pytest.mark.parametrize("rows, d, ones_column", [(33, 64, True), (17, 200, False), (5, 191, True)])
 def test_many_tiles(rows, d, ones_column, device, seed, poison_empty):
     """Ones column opening a new tile; 4 x 4 tile grids (10 tile pairs) at the default BLOCK_D=64."""

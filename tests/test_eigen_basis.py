@@ -70,6 +70,27 @@ def test_same_dtype_layers_share_one_launch_per_stage(monkeypatch, device, seed,
     assert [launch.divide for launch in launches] == [False, True, False, False]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_matches_the_equation_written_here(dtype, device, seed, poison_empty):
+    """Against the module docstring's ``P = QG [(QG^T V QA) / (dG dA^T + damping)] QA^T`` in float64,
+    written here (not the library's reference), for two layers in one call with their own dampings;
+    and the meaning of P: it solves the damped Kronecker system ``G P A + damping P = V`` for
+    ``A = QA diag(dA) QA^T``, ``G = QG diag(dG) QG^T``."""
+    specs = [(7, 17, dtype, dtype), (13, 5, dtype, torch.float32)]
+    layers = make_layers(specs, device)
+    dampings = [0.1, 0.03]
+    got = eigen_precondition(*layers, dampings)
+    for i, (v, qa, da, qg, dg) in enumerate(zip(*layers)):
+        v, qa, da, qg, dg = (t.double().cpu() for t in (v, qa, da, qg, dg))
+        scaled = (qg.T @ v @ qa) / (dg[:, None] * da[None, :] + dampings[i])
+        want = qg @ scaled @ qa.T
+        assert got[i].dtype == dtype
+        assert_rel_close(got[i], want, dtype, name=f"layer {i}")
+        if specs[i][3] == torch.float32:  # eigenvectors orthogonal to fp32 accuracy
+            g, a = qg @ torch.diag(dg) @ qg.T, qa @ torch.diag(da) @ qa.T
+            assert_rel_close(g @ want @ a + dampings[i] * want, v, tol=1e-5, name=f"layer {i}: G P A + damping P")
+
+
 def test_damping(device, seed):
     layers = make_layers([(17, 33, torch.float32, torch.float32), (7, 9, torch.float32, torch.float32)], device)
     # a scalar damping and one per layer give the same result

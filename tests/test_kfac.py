@@ -60,6 +60,7 @@ class Reference:
         self.buf = {}
         self.steps = 0
         self.nus = []
+        self.vgs = []  # sum_layers lr^2 <P, V> of every step (the quantity the KL clip bounds)
 
     @staticmethod
     def _a_side(m):
@@ -133,8 +134,9 @@ class Reference:
                 p = g_inv @ v @ a_inv
             precond[n], grads[n] = p, v
         nu = 1.0
+        vg = sum((precond[n] * grads[n]).sum() * hp["lr"] ** 2 for n in self.layers)
+        self.vgs.append(vg.item())
         if hp["kl_clip"] is not None:
-            vg = sum((precond[n] * grads[n]).sum() * hp["lr"] ** 2 for n in self.layers)
             nu = min(1.0, math.sqrt(hp["kl_clip"] / abs(vg.item())))
         self.nus.append(nu)
         with torch.no_grad():
@@ -228,6 +230,28 @@ def test_steps_match_float64_equations(case, config, torch_backend, seed):
     if config == "intervals":
         assert min(ref.nus) < 1  # the KL clip was active
     assert opt.preconditioner.steps == steps
+
+
+@pytest.mark.parametrize("factor", [2.0, 0.5])
+def test_kl_clip_scales_by_at_most_one(factor, torch_backend, seed):
+    """The KL clip's nu = min(1, sqrt(kl_clip / |sum lr^2 <P, V>|)) with kl_clip set so that the unclipped
+    factor sqrt(kl_clip / |vg|) is 2 (nu must be 1: a larger bound never enlarges the step) and 0.5 (the
+    step is halved), against the float64 reference over two steps."""
+    build, _, _, loss_fn, loss_average = CASES["linear"]
+    model = build()
+    batches = make_batches("linear", 2)
+    kwargs = dict(lr=0.1, inv_update_steps=1, momentum=0.0, damping=1e-2, loss_average=loss_average)
+    probe = Reference(model, kl_clip=None, **kwargs)
+    probe.step(batches[0], loss_fn)
+    kl_clip = factor ** 2 * abs(probe.vgs[0])
+    ref = Reference(model, kl_clip=kl_clip, **kwargs)
+    opt = KFAC(model, kl_clip=kl_clip, **kwargs)
+    for micro in batches:
+        train(opt, model, [micro], loss_fn)
+        ref.step(micro, loss_fn)
+        assert_model_close(model, ref.model)
+    assert ref.nus[0] == pytest.approx(min(1.0, factor), rel=1e-12)
+    assert ref.nus == [min(1.0, math.sqrt(kl_clip / abs(vg))) for vg in ref.vgs]
 
 
 def test_end_to_end_through_triton_kernels(device, seed):

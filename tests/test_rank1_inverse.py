@@ -161,6 +161,52 @@ def test_stabiliser_blend_reset_and_skip_per_factor(dtype, device, seed, poison_
     assert_rel_close(got[9], before[9] / GAMMA, **tol, name="zero vector")
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # inf inputs: numpy warns in the interpreter
+@pytest.mark.parametrize("path", ["kernel", "reference"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_definiteness_check_of_the_stabiliser(path, dtype, device):
+    """Factors that are finite and non-zero but not positive definite, and the limits of the check.
+    Hand-made 2 x 2 (4 x 4) cases whose outcome is known in closed form, one factor per case:
+
+    0 F = diag(1, -1), v = (1, 0.9): v^T J v = 0.19 > 0 but |F w|^2 = 1.81 > 2 d max|F| t = 0.76: reset;
+    1 F = diag(1, -1), v = (0.9, 1): v^T J v < 0: reset;
+    2 J = 10 diag(1, -0.01) blended (threshold 5, zeta 0.8) is diag(8.2, 0.12), definite: blend, no reset;
+    3 J = 10 diag(1, -1) blended is diag(8.2, -7.8), v = (1, 1) still sees it indefinite: reset;
+    4 indefinite F with a non-finite vector: skipped (not reset, unchanged);
+    5 scale -1 and 6 scale 0 (J negative definite / zero): reset;
+    7 F = diag(1, 0), v = (0, 1): v^T J v = 0, J v = 0 (semi-definite, kept): J <- J / gamma;
+    8 F = 0.9 ones + 0.1 I (4 x 4, definite), v = ones: |F w|^2 = 3.7^2 4 > max|F| t = 14.8, within the
+      bound 2 d max|F| t: kept, plain update.
+    """
+    eye2 = torch.eye(2, dtype=torch.float64)
+    mats = [torch.diag(torch.tensor(x, dtype=torch.float64)) for x in
+            ([1.0, -1.0], [1.0, -1.0], [1.0, -0.01], [1.0, -1.0], [1.0, -1.0], [1.0, 0.5], [1.0, 0.5], [1.0, 0.0])]
+    mats.append(0.9 * torch.ones(4, 4, dtype=torch.float64) + 0.1 * torch.eye(4, dtype=torch.float64))
+    vecs = [[1.0, 0.9], [0.9, 1.0], [0.3, 0.7], [1.0, 1.0], [math.inf, 1.0], [0.5, 1.0], [0.5, 1.0], [0.0, 1.0],
+            [1.0] * 4]
+    kappas = [1.0, 1.0, 10.0, 10.0, 1.0, -1.0, 0.0, 1.0, 1.0]
+    factors = [m.to(device=device, dtype=dtype) for m in mats]
+    vectors = [torch.tensor(v, device=device) for v in vecs]
+    scales = torch.tensor(kappas, device=device)
+    before = [k * m for k, m in zip(kappas, mats)]
+    originals = [f.clone() for f in factors]
+    counts = torch.zeros((len(factors), 3), dtype=torch.int32, device=device)
+    kw = dict(decay=GAMMA, threshold=5.0, blend=0.8, counts=counts)
+    (rank1_inverse_update if path == "kernel" else rank1_inverse_update_reference)(factors, vectors, scales, **kw)
+
+    assert counts.tolist() == [[0, 1, 0], [0, 1, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1], [0, 1, 0], [0, 1, 0],
+                               [0, 0, 0], [0, 0, 0]]
+    tol = dict(tol=1e-5) if dtype == torch.float32 else dict(dtype=dtype)
+    got = [true_inverse(f, s) for f, s in zip(factors, scales.tolist())]
+    for i in (0, 1, 3, 5, 6):
+        assert_rel_close(got[i], ema_inverse(eye2, vectors[i]), **tol, name=f"reset case {i}")
+    blended = 0.8 * before[2] + 0.2 * eye2
+    assert_rel_close(got[2], ema_inverse(blended, vectors[2]), **tol, name="blend of an indefinite factor")
+    assert torch.equal(factors[4], originals[4]) and scales[4].item() == 1.0
+    assert_rel_close(got[7], before[7] / GAMMA, **tol, name="semi-definite, J v = 0")
+    assert_rel_close(got[8], ema_inverse(before[8], vectors[8]), **tol, name="definite, |F w|^2 > max|F| t")
+
+
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # NaN/inf inputs: numpy warns in the interpreter
 def test_reference_path_makes_the_same_decisions(device, seed):
     """The PyTorch twin (used on CPU without the interpreter) against the kernel on the stabiliser's

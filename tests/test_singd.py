@@ -278,6 +278,50 @@ def test_kfac_like_converges_to_damped_inverse(torch_backend):
     assert torch.allclose(kkt, target, rtol=1e-6, atol=1e-8)
 
 
+@pytest.mark.parametrize("loss_average", [None, "batch"])
+def test_rank_average_of_statistics_equals_the_global_batch(loss_average, torch_backend, monkeypatch):
+    """Two ranks holding the same local batch x, simulated in one process (the all-reduce average of
+    equal tensors is the tensor itself), against the single-process run on the global batch [x; x]:
+    for a mean loss the averaged statistics are the global ones; for a summed loss (loss_average=None)
+    H_C must be summed over the ranks (the global H_C is twice a rank's). DDP averages the gradients,
+    so the single-process run of a summed loss takes lr / world (N is linear in the gradient, no
+    weight decay): factors and parameters then agree after every step."""
+    from kfopt import collectives
+
+    hp = dict(momentum=0.9, damping=5e-2, alpha1=0.5, weight_decay=0.0, T=1, lr_cov=0.01,
+              structures=("dense", "triltoeplitz"), loss_average=loss_average)
+    lr, world = 0.01 if loss_average else 5e-4, 2
+    torch.manual_seed(4)
+    model = MLP().double()
+    data = batches(3, (4, 5), 3, seed=5)
+    single = copy.deepcopy(model)
+    single_opt = SINGD(single, lr=lr / world if loss_average is None else lr, **hp)
+    for x, y in data:
+        single.zero_grad()
+        loss_fn(single(torch.cat([x, x])), torch.cat([y, y]), loss_average).backward()
+        single_opt.step()
+
+    class Done:
+        def wait(self):
+            return None
+
+    monkeypatch.setattr(collectives, "is_distributed", lambda: True)
+    monkeypatch.setattr(collectives, "world_size", lambda group=None: world)
+    monkeypatch.setattr(collectives, "all_reduce_average_async", lambda tensors, *args, **kwargs: Done())
+    opt = SINGD(model, lr=lr, **hp)
+    for x, y in data:
+        model.zero_grad()
+        loss_fn(model(x), y, loss_average).backward()
+        opt.step()
+    for name in opt.layers:
+        for ours, want in zip(opt.factors(name), single_opt.factors(name)):
+            ours, want = ours.to_dense(), want.to_dense()
+            assert torch.isfinite(want).all() and not torch.allclose(want, torch.eye(len(want), dtype=want.dtype))
+            assert torch.allclose(ours, want, rtol=1e-10, atol=1e-12), f"{name}: factors"
+    for p, q in zip(model.parameters(), single.parameters()):
+        assert torch.allclose(p, q, rtol=1e-10, atol=1e-12), "parameters differ from the global batch run"
+
+
 def test_micro_batches_and_repeated_calls_sum_statistics(torch_backend):
     """Two micro-batches before one step: H sums over the captured calls (as the reference does)."""
     torch.manual_seed(5)

@@ -264,6 +264,57 @@ def test_step_matches_reference(dtype, band, medium_tiles, poison_empty, device)
         assert out[5] == 6.0
 
 
+def sonew_by_hand(w, g, mu, nu_d, nu_off, step, band, lr, b1, b2, eps, wd, graft, graft_eps, relative, precondition):
+    """One SONew step of one tensor in float64 from ``kernels/sonew.py``'s docstring equations, dense
+    (``dense_band``, ``dense_sparse_inverse``), with no library helper. Returns (w, mu, nu_d, nu_off)."""
+    n, t = w.numel(), step + 1
+    w, g, mu = w.reshape(-1), g.reshape(-1), mu.reshape(-1)
+    mu = b1 * mu + (1 - b1) * g
+    nu_d = b2 * nu_d + (1 - b2) * g * g
+    nu_off = nu_off.clone()
+    for j in range(1, min(band, n - 1) + 1):
+        nu_off[j - 1, : n - j] = b2 * nu_off[j - 1, : n - j] + (1 - b2) * g[:-j] * g[j:]
+    mu_hat, nu_hat = mu / (1 - b1 ** t), nu_d / (1 - b2 ** t)
+    s_hat = dense_band(nu_hat, nu_off / (1 - b2 ** t))
+    damp = max(eps * s_hat.abs().sum(1).max().item(), 1e-24) if relative else eps
+    adam = mu_hat / (nu_hat.sqrt() + graft_eps)
+    if precondition:
+        x = dense_sparse_inverse(s_hat + damp * torch.eye(n, dtype=F64), band)[0] @ mu_hat
+        a = {"adam": adam, "rmsprop": g / (nu_hat.sqrt() + graft_eps), "sgd": g, "none": None}[graft]
+        d = x if a is None else a.norm() / x.norm() * x
+    else:
+        d = adam
+    return w - lr * (d + wd * w), mu, nu_d, nu_off
+
+
+def test_step_matches_the_equations_written_here(medium_tiles, poison_empty, device):
+    """Two steps of several tensors in one call against ``sonew_by_hand`` (not the library's reference or
+    hyperparameter packer): every graft, relative and absolute damping, a plain-Adam tensor, weight
+    decay, distinct betas."""
+    gen = torch.Generator().manual_seed(11)
+    cases = [((5, 7), 2, "adam", False, True), ((9,), 1, "rmsprop", True, True), ((2, 6), 3, "sgd", True, True),
+             ((4, 4), 1, "none", False, True), ((6,), 2, "adam", False, False)]
+    hyper = dict(lr=0.05, beta1=0.8, beta2=0.95, eps=1e-3, weight_decay=0.02, graft=[c[2] for c in cases],
+                 graft_eps=1e-6, relative_eps=[c[3] for c in cases], precondition=[c[4] for c in cases])
+    tensors = [make_tensors(c[0], c[1], torch.float32, gen, device) for c in cases]
+    want = [[t.to(F64).cpu() for t in ts[:5]] + [ts[5].item()] for ts in tensors]
+    for _ in range(2):
+        grads = [torch.randn(c[0], generator=gen) for c in cases]
+        for ts, g in zip(tensors, grads):
+            ts[1] = g.to(device)
+        sonew_step(*[list(c) for c in zip(*tensors)], **hyper)
+        for i, (c, g) in enumerate(zip(cases, grads)):
+            w, _, mu, nu_d, nu_off, step = want[i]
+            w_new, mu, nu_d, nu_off = sonew_by_hand(
+                w, g.to(F64), mu, nu_d, nu_off, step, c[1], hyper["lr"], hyper["beta1"], hyper["beta2"], hyper["eps"],
+                hyper["weight_decay"], c[2], hyper["graft_eps"], c[3], c[4])
+            want[i] = [w_new.view(c[0]), None, mu.view(c[0]), nu_d, nu_off, step + 1]
+    for i, (out, w) in enumerate(zip(tensors, want)):
+        for col, name in ((0, "param"), (2, "exp_avg"), (3, "diag"), (4, "offdiag")):
+            assert_rel_close(out[col], w[col], tol=2e-5, name=f"{name}[{i}] ({cases[i][2]})")
+        assert out[5].item() == w[5]
+
+
 def test_mixed_dtypes_in_one_call(medium_tiles, poison_empty, device):
     """Tensors of several dtypes: one launch per dtype group over consecutive chunk ranges, each
     group finding its halo snapshots at its own offset."""
