@@ -33,8 +33,8 @@ Precision: fp32 accumulation in every case. bf16/fp16 products are exact in fp32
 fp32 inputs on FMA units, not tensor cores -- pass bf16/fp16 activations for tensor-core speed.
 
 Layouts: ``x`` may be any strided 2-D view (its strides are passed to the kernel; no copy is made).
-``out`` must be fp32, (D, D), and dense (any dimension order, e.g. a transpose); it must not overlap
-``x`` (not checked).
+``out`` must be fp32, (D, D), and dense (any dimension order, e.g. a transpose); it must not share
+memory with ``x`` (ValueError, ``aliasing.check_no_overlap``).
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ import triton.language as tl
 
 from kfopt.autotune import Config, ConfigSpace, shape_bucket
 
+from .aliasing import check_no_overlap
 from .dispatch import check_kernel_dtype, dot_needs_upcast, is_dense, use_triton
 
 COVARIANCE_CONFIGS = ConfigSpace(
@@ -154,6 +155,7 @@ def _check_args(x, ones_column, out, decay) -> int:
             raise ValueError(f"out is on {out.device}, expected x's device {x.device}")
         if not is_dense(out):
             raise ValueError(f"out: expected a dense tensor (any dimension order), got strides {out.stride()}")
+        check_no_overlap([("out", out)], [("x", x)], writer="the kernel")
     return side
 
 

@@ -114,7 +114,10 @@ def check_same_shapes(name: str, tensors: Sequence[torch.Tensor], like: Sequence
 
 
 def is_dense(t: torch.Tensor) -> bool:
-    """True when the elements of ``t`` fill one block of memory without gaps or overlaps, in any order."""
+    """True when the elements of ``t`` fill one block of memory without gaps or overlaps, in any order
+    (a tensor without elements is dense: it has no memory to fill)."""
+    if t.numel() == 0:
+        return True
     expected = 1
     for size, stride in sorted((d for d in zip(t.shape, t.stride()) if d[0] != 1), key=lambda d: d[1]):
         if stride != expected:

@@ -38,7 +38,8 @@ Layouts and aliasing: ``grads``, ``qa``, ``qg`` with a unit stride in either dim
 column-major, any leading dimension: slices, transposes) are read in place; others are copied to a
 contiguous tensor first. ``da``, ``dg`` may have any stride. ``out`` tensors must be dense (any
 dimension order); ``out=grads`` preconditions in place (every layer's V is read by the first stage
-before the last stage writes); ``out`` must not overlap ``qa``, ``qg``, ``da`` or ``dg`` (not checked).
+before the last stage writes), but ``out`` tensors must not share memory with each other (one ``out``
+for two layers) or with ``qa``, ``qg``, ``da``, ``dg`` (ValueError, ``aliasing.check_no_overlap``).
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ import triton.language as tl
 
 from kfopt.autotune import Config, ConfigSpace, shape_bucket
 
+from .aliasing import check_no_overlap
 from .dispatch import check_kernel_dtype, check_same_device, dot_needs_upcast, is_dense, tl_dtype, use_triton
 from .multi_tensor import to_device, per_tensor
 
@@ -252,6 +254,8 @@ def _check_args(grads, qa, da, qg, dg, damping, out) -> list[float]:
         device = grads[0].device
         for name, seq in (("grads", grads), *lists.items()):
             check_same_device(name, seq, device)
+    if out is not None:  # grads may be out: stage 1 reads every V before stage 4 writes
+        check_no_overlap([("out", out)], [("qa", qa), ("da", da), ("qg", qg), ("dg", dg)], writer="the kernel")
     return dampings
 
 

@@ -24,7 +24,7 @@ fp32 state: 44 bytes per parameter (4 for the norm pre-read, 24 pass 1, 16 pass 
 
 If any gradient is non-finite (or ||g_all||^2 overflows fp32) nothing is written: w, m, v and step
 keep their values and ``skipped`` (when given) is incremented. Tensors the step writes must not share
-memory (``multi_tensor.check_no_overlap``: a ValueError names the two entries).
+memory (``aliasing.check_no_overlap``: a ValueError names the two entries).
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ from .multi_tensor import (
     for_each_launch,
     global_norm_reference,
     inv_bias_correction,
+    amp_tensors,
     launch_global_norm,
     launch_segment_norms,
     log_decays,
@@ -174,13 +175,19 @@ def lamb_step(
     trust_max=math.inf,
     max_grad_norm: float | None = 1.0,
     skipped: torch.Tensor | None = None,
+    grad_scale: torch.Tensor | None = None,
+    found_inf: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One LAMB step over all tensors, in place (see the module docstring for the math).
 
     Hyperparameters are scalars or one value per tensor. ``params`` are fp32/bf16/fp16 (any dtype on
     the reference path); ``exp_avgs``/``exp_avg_sqs`` fp32 (or the params' dtype if that is float64,
     reference path only); ``steps`` 0-d fp32 tensors counting completed steps; ``skipped`` an optional
-    0-d int32 counter. Returns ``[||g_all||, clip coefficient, ok]`` as a device tensor.
+    0-d int32 counter. Returns ``[||g_all||, clip coefficient, ok]`` as a device tensor (the coefficient
+    the stored gradients are multiplied by). ``grad_scale``/``found_inf``: a GradScaler's tensors (as
+    ``GradScaler.step`` hands them to an optimizer with ``_step_supports_amp_scaling``): the gradients
+    are divided by ``grad_scale`` in fp32 as they are loaded (they stay as stored) and the step is
+    skipped (``skipped`` incremented) when ``found_inf`` is nonzero, on the device.
 
     With bias correction, betas must be in [0, 1). ValueError when tensors the step writes (params,
     exp_avgs, exp_avg_sqs, steps, skipped) share memory, with each other or with a gradient, and
@@ -201,9 +208,11 @@ def lamb_step(
         check_same_device(name, seq, device)
     check_no_overlap([("params", params), ("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs), ("steps", steps),
                       ("skipped", [skipped])], [("grads", grads)])
+    grad_scale, found_inf = amp_tensors(grad_scale, found_inf, device)
     if not use_triton(device):
         return lamb_step_reference(params, grads, exp_avgs, exp_avg_sqs, steps, hyper=hyper,
-                                   max_grad_norm=max_grad_norm, skipped=skipped)
+                                   max_grad_norm=max_grad_norm, skipped=skipped, grad_scale=grad_scale,
+                                   found_inf=found_inf)
     for i, (p, g, m, v, s) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, steps)):
         check_kernel_dtype(f"params[{i}]", p)
         check_kernel_dtype(f"grads[{i}]", g)
@@ -223,7 +232,7 @@ def lamb_step(
     def run(config: Config) -> torch.Tensor:
         table = TensorTable.build([params, grads, exp_avgs, exp_avg_sqs, steps], hyper, config["CHUNK"],
                                   device, dtype_columns=(P, G))
-        clip = launch_global_norm(table, G, 1, max_grad_norm, skipped, config, device)
+        clip = launch_global_norm(table, G, 1, max_grad_norm, skipped, config, device, grad_scale, found_inf)
         partial = torch.empty((max(table.n_chunks, 1), 2), dtype=torch.float32, device=device)
 
         def moments(lo, hi, dtypes):
@@ -248,13 +257,14 @@ def lamb_step(
                                run=run, restore=restore)
 
 
-def lamb_step_reference(params, grads, exp_avgs, exp_avg_sqs, steps, *, hyper, max_grad_norm, skipped=None):
+def lamb_step_reference(params, grads, exp_avgs, exp_avg_sqs, steps, *, hyper, max_grad_norm, skipped=None,
+                        grad_scale=None, found_inf=None):
     """Plain PyTorch LAMB (same contract as :func:`lamb_step`; ``hyper`` rows as built there).
 
     Math in fp32, or float64 when the params are float64 (the tests' reference); the bias corrections
     ``1 - b^t`` always in float64 (they cancel: fp32 ``b^t`` would cost up to ~3e-8 / (1 - b) relative).
     """
-    clip = global_norm_reference(grads, max_grad_norm, skipped)
+    clip = global_norm_reference(grads, max_grad_norm, skipped, grad_scale, found_inf)
     ok = clip[2] != 0
     for p, g, m, v, s, h in zip(params, grads, exp_avgs, exp_avg_sqs, steps, hyper):
         dtype = torch.promote_types(p.dtype, torch.float32)

@@ -17,7 +17,7 @@ Precision: the norms are correctly rounded square roots (``sqrt_rn``: on sm_90 `
 ``sqrt.approx.ftz.f32``, which flushes a denormal ||w||^2 to a zero norm and so a trust ratio to 1)
 and the trust ratio a correctly rounded division (``div_rn``; likewise the clip coefficient); the
 elementwise update has no division or transcendental. Tensors the step writes must not share memory
-(``multi_tensor.check_no_overlap``: a ValueError names the two entries).
+(``aliasing.check_no_overlap``: a ValueError names the two entries).
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from .multi_tensor import (
     dense_like,
     for_each_launch,
     global_norm_reference,
+    amp_tensors,
     launch_global_norm,
     launch_segment_norms,
     per_tensor,
@@ -131,6 +132,8 @@ def lars_step(
     trust_max=math.inf,
     max_grad_norm: float | None = None,
     skipped: torch.Tensor | None = None,
+    grad_scale: torch.Tensor | None = None,
+    found_inf: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One LARS step over all tensors, in place (see the module docstring for the math).
 
@@ -138,6 +141,10 @@ def lars_step(
     params' strides (float64 allowed on the reference path). Returns ``[||g_all||, clip coef, ok]``.
     ValueError when tensors the step writes (params, momentum_buffers, skipped) share memory, with each
     other or with a gradient, and (Triton path) when a param is not dense.
+    ``grad_scale``/``found_inf``: a GradScaler's tensors (as ``GradScaler.step`` hands them to an optimizer
+    with ``_step_supports_amp_scaling``): the gradients are divided by ``grad_scale`` in fp32 as they are
+    loaded (they stay as stored) and the step is skipped (``skipped`` incremented) when ``found_inf`` is
+    nonzero, on the device.
     """
     n = len(params)
     check_same_shapes("grads", grads, params)
@@ -150,9 +157,10 @@ def lars_step(
         check_same_device(name, seq, device)
     check_no_overlap([("params", params), ("momentum_buffers", momentum_buffers), ("skipped", [skipped])],
                      [("grads", grads)])
+    grad_scale, found_inf = amp_tensors(grad_scale, found_inf, device)
     if not use_triton(device):
         return lars_step_reference(params, grads, momentum_buffers, hyper=hyper, max_grad_norm=max_grad_norm,
-                                   skipped=skipped)
+                                   skipped=skipped, grad_scale=grad_scale, found_inf=found_inf)
     for i, (p, g, m) in enumerate(zip(params, grads, momentum_buffers)):
         check_kernel_dtype(f"params[{i}]", p)
         check_kernel_dtype(f"grads[{i}]", g)
@@ -169,7 +177,7 @@ def lars_step(
     def run(config: Config) -> torch.Tensor:
         table = TensorTable.build([params, grads, momentum_buffers], hyper, config["CHUNK"], device,
                                   dtype_columns=(P, G))
-        clip = launch_global_norm(table, G, 1, max_grad_norm, skipped, config, device)
+        clip = launch_global_norm(table, G, 1, max_grad_norm, skipped, config, device, grad_scale, found_inf)
         partial = torch.empty((max(table.n_chunks, 1), 2), dtype=torch.float32, device=device)
 
         def launcher(kernel, out):
@@ -190,9 +198,10 @@ def lars_step(
                                restore=restore)
 
 
-def lars_step_reference(params, grads, momentum_buffers, *, hyper, max_grad_norm, skipped=None):
+def lars_step_reference(params, grads, momentum_buffers, *, hyper, max_grad_norm, skipped=None, grad_scale=None,
+                        found_inf=None):
     """Plain PyTorch LARS (same contract as :func:`lars_step`; math in fp32, float64 for float64 params)."""
-    clip = global_norm_reference(grads, max_grad_norm, skipped)
+    clip = global_norm_reference(grads, max_grad_norm, skipped, grad_scale, found_inf)
     ok = clip[2] != 0
     for p, g, m, h in zip(params, grads, momentum_buffers, hyper):
         dtype = torch.promote_types(p.dtype, torch.float32)

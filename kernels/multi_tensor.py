@@ -11,6 +11,11 @@ Global gradient norm (one pass over every gradient of the call, then one reducti
     n = ||g_all||_2,   coef = min(1, max_norm / n)  (1 when clipping is off),
     ok = every g is finite and sum(g^2) does not overflow fp32.
 
+Under a GradScaler (``grad_scale``: the scale the stored gradients carry, ``found_inf``: the scaler's
+verdict, both device tensors) ``g`` above is the *unscaled* gradient ``g_stored / grad_scale`` (formed
+in fp32 on load, so fp16 gradients lose nothing), ``coef`` also carries ``1 / grad_scale`` (the kernels
+multiply the stored gradients by ``coef``) and ``ok`` is also 0 when ``found_inf`` is nonzero.
+
 When ``ok`` is 0 the optimizer kernels write nothing: the step is skipped for every tensor and a
 skip counter is incremented, all on the device (no host synchronisation).
 
@@ -34,10 +39,8 @@ FMA sequences and ``div.rn.f64``, no approximate instruction). The result is wit
 kernels' sm_90 PTX for approximate instructions.
 
 **Aliasing.** The kernels update their tensors in place from many programs at once: two list
-entries sharing memory (one ``steps`` scalar for several tensors, a parameter passed twice, state
-tensors aliasing each other) would make programs read-modify-write the same addresses and lose
-updates on a GPU (the sequential interpreter hides this). :func:`check_no_overlap` rejects that on
-the host from the tensors' addresses and strides (no device synchronisation).
+entries sharing memory would lose updates on a GPU. Every launcher rejects that on the host with
+:func:`kfopt.kernels.aliasing.check_no_overlap` (re-exported here).
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ import triton.language as tl
 
 from kfopt.autotune import Config, ConfigSpace
 
+from .aliasing import _element_addresses_overlap, _lattice_overlap, check_no_overlap  # noqa: F401 (re-exported)
 from .dispatch import is_dense, tl_dtype
 
 FP32_MAX = tl.constexpr(3.4028234663852886e38)
@@ -182,158 +186,6 @@ def log_decays(name: str, beta, n: int, enabled: Sequence[bool] | None = None) -
     return logs
 
 
-def _element_addresses(t: torch.Tensor) -> torch.Tensor:
-    """Sorted start addresses of the elements of ``t`` (host int64; the rare exact-overlap path)."""
-    offsets = torch.zeros((), dtype=torch.int64)
-    for size, stride in zip(t.shape, t.stride()):
-        offsets = offsets.unsqueeze(-1) + torch.arange(size, dtype=torch.int64) * stride
-    return torch.sort(t.data_ptr() + offsets.reshape(-1) * t.element_size()).values
-
-
-def _offset_representable(diff: int, dims: list[tuple[int, int]]) -> bool:
-    """Whether ``diff = sum_k c_k stride_k`` with ``|c_k| <= size_k - 1``; ``dims`` = [(stride, size)] by
-    decreasing stride, each stride above the span of the smaller ones (so c_k is floor or ceil of
-    the quotient: at most two branches per dimension)."""
-    if not dims:
-        return diff == 0
-    (stride, size), smaller = dims[0], dims[1:]
-    rest = sum((sz - 1) * st for st, sz in smaller)
-    q = diff // stride
-    return any(abs(c) <= size - 1 and abs(diff - c * stride) <= rest and _offset_representable(diff - c * stride, smaller)
-               for c in (q, q + 1))
-
-
-def _lattice_overlap(a: torch.Tensor, b: torch.Tensor) -> bool | None:
-    """Exact overlap of two views with one shape, strides and dtype (e.g. interleaved column blocks of
-    one matrix), decided from the address difference alone; None where that does not apply."""
-    if a.shape != b.shape or a.stride() != b.stride() or a.dtype != b.dtype:
-        return None
-    diff, size = b.data_ptr() - a.data_ptr(), a.element_size()
-    if diff % size:
-        return None
-    dims = sorted(((st, sz) for sz, st in zip(a.shape, a.stride()) if sz > 1), reverse=True)
-    span = 0
-    for st, sz in reversed(dims):  # increasing strides: each must exceed the span below it
-        if st <= span:
-            return None
-        span += (sz - 1) * st
-    return _offset_representable(diff // size, dims)
-
-
-#: verdicts of the exact element-by-element comparison, by the two layouts (a step repeats its tensors)
-_OVERLAP_VERDICTS: dict[tuple, bool] = {}
-
-
-def _elements_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether some element of ``a`` shares a byte with some element of ``b``: by address arithmetic for
-    two views of one layout, else by comparing element addresses (O(numel log numel), remembered)."""
-    lattice = _lattice_overlap(a, b)
-    if lattice is not None:
-        return lattice
-    key = tuple((t.data_ptr(), tuple(t.shape), t.stride(), t.dtype) for t in (a, b))
-    if key not in _OVERLAP_VERDICTS:
-        if len(_OVERLAP_VERDICTS) >= 4096:
-            _OVERLAP_VERDICTS.clear()
-        _OVERLAP_VERDICTS[key] = _element_addresses_overlap(a, b)
-    return _OVERLAP_VERDICTS[key]
-
-
-def _element_addresses_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """The exact comparison: sorted element addresses of both, one search."""
-    ea, eb = _element_addresses(a), _element_addresses(b)
-    sa, sb = a.element_size(), b.element_size()
-    k = torch.searchsorted(eb, ea - sb, right=True)  # the first b-element starting after x - sb ...
-    hit = k < eb.numel()
-    return bool((eb[k[hit]] < ea[hit] + sa).any())  # ... starts before x + sa
-
-
-def check_no_overlap(
-    written: Sequence[tuple[str, Sequence[torch.Tensor | None]]],
-    read: Sequence[tuple[str, Sequence[torch.Tensor]]] = (),
-) -> None:
-    """ValueError unless every tensor the kernels write owns its memory.
-
-    ``written``/``read`` are ``(argument name, tensors)`` pairs (``None`` entries and empty tensors are
-    ignored). Rejected, with a message naming both entries (``"steps[3] is the same tensor as
-    steps[0]"``, ``"exp_avgs[1] overlaps the memory of params[0]"``): two written entries sharing any
-    byte -- within one list or across lists --, a read entry sharing memory with a written one, and a
-    written tensor whose elements overlap each other (a stride-0, expanded dimension). Read entries may
-    share memory with each other (one gradient passed for several tensors).
-
-    Host work only (addresses, sizes, strides; no device synchronisation): each tensor's byte span
-    ``[data_ptr, data_ptr + extent)``, one sort and a sweep -- about 0.5 us per tensor. Only when spans
-    meet are the pairs examined: dense tensors fill their span, so meeting spans overlap; strided views
-    with gaps are decided exactly -- two views of one layout (column blocks of one fused matrix) by
-    address arithmetic, other pairs by comparing their element addresses (remembered per layout pair).
-    """
-    los, his, refs = [], [], []  # refs[k] = (tensor, name, index, writes, contiguous)
-    for writes, groups in ((True, written), (False, read)):
-        for name, seq in groups:
-            for i, t in enumerate(seq):
-                if t is None:
-                    continue
-                nbytes = t.nbytes
-                if not nbytes:
-                    continue
-                lo = t.data_ptr()
-                contiguous = t.is_contiguous()
-                if contiguous:
-                    hi = lo + nbytes
-                else:
-                    if writes and any(st == 0 and s > 1 for s, st in zip(t.shape, t.stride())):
-                        raise ValueError(f"{name}[{i}] has elements that share memory (an expanded view): the "
-                                         "step writes it in place, so every element needs its own memory")
-                    hi = lo + t.element_size() * (1 + sum((s - 1) * st for s, st in zip(t.shape, t.stride())))
-                los.append(lo)
-                his.append(hi)
-                refs.append((t, name, i, writes, contiguous))
-    order = sorted(range(len(los)), key=los.__getitem__)
-    end = -1
-    for k in order:
-        if los[k] < end:
-            break
-        end = max(end, his[k])
-    else:
-        return  # no two spans meet: the common case
-    _report_overlap(los, his, refs, order)
-
-
-def _report_overlap(los, his, refs, order) -> None:
-    """The slow path of :func:`check_no_overlap`: sweep the spans (sorted by start, then argument order)
-    and raise for the first pair that really shares memory and involves a written tensor."""
-    order = sorted(order, key=lambda k: (los[k], k))
-    seen_read = set()
-    active: list[int] = []
-    for k in order:
-        t, name, i, writes, contiguous = refs[k]
-        if not writes:  # one gradient passed for several tensors: a single entry
-            key = (los[k], his[k], tuple(t.shape), t.stride(), t.dtype)
-            if key in seen_read:
-                continue
-            seen_read.add(key)
-        active = [a for a in active if his[a] > los[k]]
-        for a in active:
-            u, a_name, a_i, a_writes, a_contiguous = refs[a]
-            if not (writes or a_writes):
-                continue
-            dense = (contiguous or is_dense(t)) and (a_contiguous or is_dense(u))
-            if not dense and not _elements_overlap(u, t):
-                continue
-            first, second = refs[min(a, k)], refs[max(a, k)]  # in argument order
-            f, s = first[0], second[0]
-            same = (f.data_ptr() == s.data_ptr() and f.shape == s.shape and f.stride() == s.stride()
-                    and f.dtype == s.dtype)
-            label = lambda ref: f"{ref[1]}[{ref[2]}]"  # noqa: E731
-            role = "" if first[3] and second[3] else f" ({label(first if first[3] else second)} is written by the step)"
-            raise ValueError(
-                f"{label(second)} {'is the same tensor as' if same else 'overlaps the memory of'} {label(first)}"
-                f"{role}: the step updates its tensors in place from many programs at once, so each written tensor "
-                "needs memory of its own (a shared step counter, a parameter passed twice or aliased state would "
-                "lose updates on a GPU)"
-            )
-        active.append(k)
-
-
 # ----------------------------------------------------------------------------- kernels
 
 
@@ -368,17 +220,23 @@ def inv_bias_correction(t, ln_b):
 
 @triton.jit
 def _grad_sumsq_kernel(
-    addr_ptr, addr_stride, g_col, numel_ptr, chunk_tensor_ptr, chunk_start_ptr, partial_ptr,
-    G_DT: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
+    addr_ptr, addr_stride, g_col, numel_ptr, chunk_tensor_ptr, chunk_start_ptr, partial_ptr, inv_scale_ptr,
+    G_DT: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
 ):
-    """partial[k] = (sum of g^2 over the finite elements of chunk k, count of non-finite elements)."""
+    """partial[k] = (sum of g^2 over the finite elements of chunk k, count of non-finite elements);
+    ``g`` unscaled by ``inv_scale`` when HAS_SCALE."""
     pid, tid, start, n = program_chunk(chunk_tensor_ptr, chunk_start_ptr, numel_ptr)
     g_ptr = tl.load(addr_ptr + tid * addr_stride + g_col).to(tl.pointer_type(G_DT))
+    inv_scale = 1.0
+    if HAS_SCALE:
+        inv_scale = tl.load(inv_scale_ptr)
     sq = tl.zeros([BLOCK], tl.float32)
     bad = tl.zeros([BLOCK], tl.float32)
     for off in range(0, CHUNK, BLOCK):
         offs = start + off + tl.arange(0, BLOCK)
         g = tl.load(g_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
+        if HAS_SCALE:
+            g = g * inv_scale
         finite = tl.abs(g) <= FP32_MAX
         sq += tl.where(finite, g * g, 0.0)
         bad += tl.where(finite, 0.0, 1.0)
@@ -388,10 +246,12 @@ def _grad_sumsq_kernel(
 
 @triton.jit
 def _clip_coef_kernel(
-    partial_ptr, n_chunks, max_norm, clip_ptr, skipped_ptr,
-    HAS_CLIP: tl.constexpr, HAS_SKIPPED: tl.constexpr, RBLOCK: tl.constexpr,
+    partial_ptr, n_chunks, max_norm, clip_ptr, skipped_ptr, inv_scale_ptr, found_inf_ptr,
+    HAS_CLIP: tl.constexpr, HAS_SKIPPED: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
+    RBLOCK: tl.constexpr,
 ):
-    """clip = (||g_all||, min(1, max_norm / ||g_all||), ok); skipped += 1 - ok."""
+    """clip = (||g_all||, min(1, max_norm / ||g_all||) [* inv_scale], ok [and not found_inf]);
+    skipped += 1 - ok."""
     sq = tl.zeros([RBLOCK], tl.float32)
     bad = tl.zeros([RBLOCK], tl.float32)
     for off in range(0, n_chunks, RBLOCK):
@@ -405,6 +265,10 @@ def _clip_coef_kernel(
     coef = 1.0
     if HAS_CLIP:
         coef = tl.minimum(tl.div_rn(max_norm, norm), 1.0)
+    if HAS_SCALE:
+        coef = coef * tl.load(inv_scale_ptr)
+    if HAS_FOUND_INF:
+        ok = ok & (tl.load(found_inf_ptr) == 0)
     tl.store(clip_ptr, norm)
     tl.store(clip_ptr + 1, coef)
     tl.store(clip_ptr + 2, ok.to(tl.float32))
@@ -442,25 +306,42 @@ def _segment_norms_kernel(
 def launch_global_norm(
     table: TensorTable, g_col: int, g_dtype_pos: int, max_norm: float | None,
     skipped: torch.Tensor | None, config, device: torch.device,
+    grad_scale: torch.Tensor | None = None, found_inf: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Run the gradient-norm pass and its reduction; returns ``clip = [norm, coef, ok]`` (fp32, device)."""
+    """Run the gradient-norm pass and its reduction; returns ``clip = [norm, coef, ok]`` (fp32, device).
+    ``grad_scale``/``found_inf``: a GradScaler's (module docstring), as from :func:`amp_tensors`."""
     partial = torch.empty((max(table.n_chunks, 1), 2), dtype=torch.float32, device=device)
+    clip = torch.empty(3, dtype=torch.float32, device=device)
+    inv_scale = grad_scale.double().reciprocal().float() if grad_scale is not None else clip
     for lo, hi, dtypes in table.launches:
         if hi > lo:
             _grad_sumsq_kernel[(hi - lo,)](
                 table.addr, table.addr.stride(0), int(g_col), table.numel,
-                table.chunk_tensor[lo:hi], table.chunk_start[lo:hi], partial[lo:hi],
-                G_DT=tl_dtype(dtypes[g_dtype_pos]), BLOCK=config["BLOCK"], CHUNK=config["CHUNK"],
-                num_warps=config.num_warps,
+                table.chunk_tensor[lo:hi], table.chunk_start[lo:hi], partial[lo:hi], inv_scale,
+                G_DT=tl_dtype(dtypes[g_dtype_pos]), HAS_SCALE=grad_scale is not None, BLOCK=config["BLOCK"],
+                CHUNK=config["CHUNK"], num_warps=config.num_warps,
             )
-    clip = torch.empty(3, dtype=torch.float32, device=device)
     has_clip = max_norm is not None and max_norm > 0
     _clip_coef_kernel[(1,)](
         partial, table.n_chunks, float(max_norm) if has_clip else 0.0, clip,
-        skipped if skipped is not None else clip,
-        HAS_CLIP=has_clip, HAS_SKIPPED=skipped is not None, RBLOCK=REDUCE_BLOCK,
+        skipped if skipped is not None else clip, inv_scale, found_inf if found_inf is not None else clip,
+        HAS_CLIP=has_clip, HAS_SKIPPED=skipped is not None, HAS_SCALE=grad_scale is not None,
+        HAS_FOUND_INF=found_inf is not None, RBLOCK=REDUCE_BLOCK,
     )
     return clip
+
+
+def amp_tensors(grad_scale, found_inf, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """A GradScaler's ``grad_scale`` and ``found_inf`` (None: absent) checked as 0-d floating tensors and
+    moved to ``device`` as fp32 (without a host synchronisation)."""
+    checked = []
+    for name, t in (("grad_scale", grad_scale), ("found_inf", found_inf)):
+        if t is not None:
+            if not isinstance(t, torch.Tensor) or t.numel() != 1 or not t.is_floating_point():
+                raise TypeError(f"{name}: expected a one-element floating tensor (a GradScaler's), got {t!r}")
+            t = t.reshape(()).to(device=device, dtype=torch.float32, non_blocking=True)
+        checked.append(t)
+    return checked[0], checked[1]
 
 
 def launch_segment_norms(
@@ -489,14 +370,16 @@ def for_each_launch(table: TensorTable, launch: Callable[[int, int, tuple], None
 
 def global_norm_reference(
     grads: Sequence[torch.Tensor], max_norm: float | None, skipped: torch.Tensor | None = None,
+    grad_scale: torch.Tensor | None = None, found_inf: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """PyTorch reference of the gradient-norm pass: ``[norm, coef, ok]`` in the grads' math dtype."""
     dtype = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
     device = grads[0].device if grads else torch.device("cpu")
+    inv_scale = grad_scale.double().reciprocal().float().to(dtype) if grad_scale is not None else None
     total = torch.zeros((), dtype=dtype, device=device)
     bad = torch.zeros((), dtype=torch.bool, device=device)
     for g in grads:
-        g = g.to(dtype)
+        g = g.to(dtype) if inv_scale is None else g.to(dtype) * inv_scale
         finite = torch.isfinite(g)
         total = total + torch.where(finite, g * g, 0).sum()
         bad = bad | ~finite.all()
@@ -505,6 +388,10 @@ def global_norm_reference(
     coef = torch.ones((), dtype=dtype, device=device)
     if max_norm is not None and max_norm > 0:
         coef = torch.clamp(max_norm / norm, max=1.0)
+    if inv_scale is not None:
+        coef = coef * inv_scale
+    if found_inf is not None:
+        ok = ok & (found_inf == 0)
     if skipped is not None:
         skipped.add_((~ok).to(skipped.dtype))
     return torch.stack([norm, coef, ok.to(dtype)])

@@ -78,6 +78,7 @@ import triton.language as tl
 
 from kfopt.autotune import Config, ConfigSpace, shape_bucket
 
+from .aliasing import check_no_overlap
 from .dispatch import check_kernel_dtype, check_same_device, store_needs_rounding, tl_dtype, use_triton
 from .multi_tensor import FP32_MAX, REDUCE_BLOCK, TensorTable, per_tensor
 
@@ -346,6 +347,8 @@ def _check_args(factors, vectors, scales, counts) -> None:
         check_same_device("scales", [scales], device)
         if counts is not None:
             check_same_device("counts", [counts], device)
+    check_no_overlap([("factors", factors), ("scales", scales), ("counts", counts)], [("vectors", vectors)],
+                     writer="the kernel")
 
 
 def rank1_inverse_update(

@@ -53,7 +53,9 @@ edges of row k are dropped (X is diag(1 / S_kk) where all are).
 **Kernels** (one launch each over every tensor of a dtype group; no host synchronisation):
 
 0. gradient norm + finiteness (``multi_tensor.launch_global_norm``, no clipping): if any gradient is
-   non-finite nothing below writes state or weights, and ``skipped`` is incremented;
+   non-finite (or a GradScaler's ``found_inf`` is set) nothing below writes state or weights, and
+   ``skipped`` is incremented; under a GradScaler every gradient is multiplied by ``1 / grad_scale``
+   (in fp32) where it is loaded;
 1. halo snapshot: the old ``mu, nu_d, nu_1..nu_b`` of the ``2b`` rows around every tile boundary
    (tile = BLOCK rows) into a side buffer -- ``2b(2 + b)`` floats per tile, negligible;
 2. (``relative_eps`` only) per-chunk max abs row sum of the new statistics, then a per-tensor max;
@@ -82,7 +84,7 @@ interpreter (numpy) uses, so a compiled step differs from the interpreted one on
 and summation order.
 
 Tensors the step writes (params, exp_avgs, diags, offdiags, steps, skipped) must not share memory,
-with each other or with a gradient: ``multi_tensor.check_no_overlap`` raises a ValueError naming the
+with each other or with a gradient: ``aliasing.check_no_overlap`` raises a ValueError naming the
 two entries.
 
 Bytes per fp32 parameter: 4 (norm pre-read of g) + 24 + 8b (pass 1: g, mu, nu_d, nu_1..b read;
@@ -111,6 +113,7 @@ from .multi_tensor import (
     for_each_launch,
     global_norm_reference,
     inv_bias_correction,
+    amp_tensors,
     launch_global_norm,
     launch_segment_norms,
     log_decays,
@@ -182,13 +185,14 @@ def _old_state(base, r, inside, own, slot, Q: tl.constexpr, BAND: tl.constexpr):
 
 
 @triton.jit
-def _new_statistics(g_ptr, m_ptr, nu_ptr, off_ptr, slot_ptr, rows, r0, n, bt, b1, b2,
+def _new_statistics(g_ptr, m_ptr, nu_ptr, off_ptr, slot_ptr, rows, r0, n, bt, b1, b2, coef,
                     G_DT: tl.constexpr, BAND: tl.constexpr, BLOCK: tl.constexpr):
     """This step's EMAs around ``rows``, as tuples indexed by shift ``s + BAND`` for s in -BAND..BAND:
-    ``gs`` (g), ``mus`` (mu), ``nus`` (nu_d), ``offs[j-1]`` (lag j, shifts -BAND..BAND-j). Zero for rows
-    outside the tensor and for lags beyond the tensor's band ``bt``. Old state of rows outside the
-    tile ``[r0, r0 + BLOCK)`` comes from the snapshot: ``slot_ptr`` is this tile's boundary record
-    (rows r0 - BAND .. r0 + BAND - 1), the next tile's record follows it."""
+    ``gs`` (g: the stored gradient times ``coef``, 1 or 1 / grad_scale), ``mus`` (mu), ``nus`` (nu_d),
+    ``offs[j-1]`` (lag j, shifts -BAND..BAND-j). Zero for rows outside the tensor and for lags beyond
+    the tensor's band ``bt``. Old state of rows outside the tile ``[r0, r0 + BLOCK)`` comes from the
+    snapshot: ``slot_ptr`` is this tile's boundary record (rows r0 - BAND .. r0 + BAND - 1), the next
+    tile's record follows it."""
     REC: tl.constexpr = (2 + BAND) * 2 * BAND
     gs = ()
     owns = ()
@@ -201,7 +205,7 @@ def _new_statistics(g_ptr, m_ptr, nu_ptr, off_ptr, slot_ptr, rows, r0, n, bt, b1
         after = r >= r0 + BLOCK
         own = (r >= r0) & (r < r0 + BLOCK)
         slot = slot_ptr + (tl.where(after, r - (r0 + BLOCK) + REC, r - r0) + BAND)
-        g = tl.load(g_ptr + r, mask=inside, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + r, mask=inside, other=0.0).to(tl.float32) * coef
         mus = mus + (b1 * _old_state(m_ptr, r, inside, own, slot, 0, BAND) + (1.0 - b1) * g,)
         nus = nus + (b2 * _old_state(nu_ptr, r, inside, own, slot, 1, BAND) + (1.0 - b2) * g * g,)
         gs = gs + (g,)
@@ -347,13 +351,14 @@ def _sonew_row_sum_kernel(
     b2 = tl.load(h + _B2)
     bt = tl.load(h + _BAND).to(tl.int32)
     n = tl.where((tl.load(h + _RELATIVE) != 0) & (tl.load(clip_ptr + 2) != 0), n, 0)
+    coef = tl.load(clip_ptr + 1)  # 1, or 1 / grad_scale
     best = tl.zeros([BLOCK], tl.float32)
     for off in range(0, tl.minimum(n - start, CHUNK), BLOCK):
         r0 = start + off
         rows = r0 + tl.arange(0, BLOCK)
         slot_ptr = snap_ptr + (pid * (CHUNK // BLOCK) + off // BLOCK) * REC
         gs, mus, nus, offs = _new_statistics(g_ptr, m_ptr, nu_ptr, off_ptr, slot_ptr, rows, r0, n, bt, b1, b2,
-                                             G_DT, BAND, BLOCK)
+                                             coef, G_DT, BAND, BLOCK)
         total = nus[BAND]
         for j in tl.static_range(1, BAND + 1):
             total += tl.abs(offs[j - 1][BAND]) + tl.abs(offs[j - 1][BAND - j])
@@ -402,6 +407,7 @@ def _sonew_direction_kernel(
         relative = tl.maximum(eps * tl.load(row_max_ptr + tid) * inv_bc2, _MIN_RELATIVE_DAMPING)
         damp = tl.where(tl.load(h + _RELATIVE) != 0, relative, eps)
     n = tl.where(tl.load(clip_ptr + 2) != 0, n, 0)  # a skipped step reads and writes nothing
+    coef = tl.load(clip_ptr + 1)  # 1, or 1 / grad_scale
     d_sq = tl.zeros([BLOCK], tl.float32)
     a_sq = tl.zeros([BLOCK], tl.float32)
     for off in range(0, tl.minimum(n - start, CHUNK), BLOCK):
@@ -410,7 +416,7 @@ def _sonew_direction_kernel(
         mask = rows < n
         slot_ptr = snap_ptr + (pid * (CHUNK // BLOCK) + off // BLOCK) * REC
         gs, mus, nus, offs = _new_statistics(g_ptr, m_ptr, nu_ptr, off_ptr, slot_ptr, rows, r0, n, bt, b1, b2,
-                                             G_DT, BAND, BLOCK)
+                                             coef, G_DT, BAND, BLOCK)
         x = _sparse_inverse_apply(mus, nus, offs, rows, n, bt, inv_bc1, inv_bc2, damp, BAND)
         g = gs[BAND]
         rms = tl.sqrt_rn(nus[BAND] * inv_bc2) + graft_eps
@@ -514,6 +520,8 @@ def sonew_step(
     relative_eps=False,
     precondition=True,
     skipped: torch.Tensor | None = None,
+    grad_scale: torch.Tensor | None = None,
+    found_inf: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One SONew step over all tensors, in place (see the module docstring for the math).
 
@@ -524,9 +532,13 @@ def sonew_step(
     (non-contiguous ones are updated through a contiguous copy), ``grads`` like them; ``exp_avgs``
     (shape of params), ``diags`` (n,), ``offdiags`` (band, n) contiguous fp32 (float64 on the
     reference path); ``steps`` 0-d fp32 counts of completed steps; ``skipped`` an optional 0-d int32
-    counter. Returns ``[||g_all||, 1, ok]`` as a device tensor. Betas must be in [0, 1).
-    ValueError when tensors the step writes (params, exp_avgs, diags, offdiags, steps, skipped) share
-    memory, with each other or with a gradient.
+    counter. Returns ``[||g_all||, coef, ok]`` as a device tensor (``coef`` the factor the stored gradients
+    are multiplied by: 1, or ``1 / grad_scale``). Betas must be in [0, 1). ValueError when tensors the
+    step writes (params, exp_avgs, diags, offdiags, steps, skipped) share memory, with each other or
+    with a gradient. ``grad_scale``/``found_inf``: a GradScaler's tensors (as ``GradScaler.step`` hands
+    them to an optimizer with ``_step_supports_amp_scaling``): the gradients are divided by
+    ``grad_scale`` in fp32 as they are loaded (they stay as stored) and the step is skipped
+    (``skipped`` incremented) when ``found_inf`` is nonzero, on the device.
     """
     _check_state_shapes(params, grads, exp_avgs, diags, offdiags, steps)
     n = len(params)
@@ -540,8 +552,10 @@ def sonew_step(
         check_same_device(name, seq, device)
     check_no_overlap([("params", params), ("exp_avgs", exp_avgs), ("diags", diags), ("offdiags", offdiags),
                       ("steps", steps), ("skipped", [skipped])], [("grads", grads)])
+    grad_scale, found_inf = amp_tensors(grad_scale, found_inf, device)
     if not use_triton(device):
-        return sonew_step_reference(params, grads, exp_avgs, diags, offdiags, steps, hyper=hyper, skipped=skipped)
+        return sonew_step_reference(params, grads, exp_avgs, diags, offdiags, steps, hyper=hyper, skipped=skipped,
+                                    grad_scale=grad_scale, found_inf=found_inf)
     for i, (p, g, m, v, o, s) in enumerate(zip(params, grads, exp_avgs, diags, offdiags, steps)):
         check_kernel_dtype(f"params[{i}]", p)
         check_kernel_dtype(f"grads[{i}]", g)
@@ -563,7 +577,7 @@ def sonew_step(
         directions = torch.empty(total, dtype=torch.float32, device=device).split(sizes)
         table = TensorTable.build([work, grads, exp_avgs, diags, offdiags, directions, steps], hyper, chunk,
                                   device, dtype_columns=(P, G))
-        clip = launch_global_norm(table, G, 1, None, skipped, config, device)
+        clip = launch_global_norm(table, G, 1, None, skipped, config, device, grad_scale, found_inf)
         if table.n_chunks == 0:
             launch_segment_norms(table, torch.zeros((1, 2), device=device), clip, step_col=STEP)
             return clip
@@ -686,19 +700,20 @@ def apply_sparse_inverse_reference(psi: torch.Tensor, dinv: torch.Tensor, v: tor
     return x
 
 
-def sonew_step_reference(params, grads, exp_avgs, diags, offdiags, steps, *, hyper, skipped=None):
+def sonew_step_reference(params, grads, exp_avgs, diags, offdiags, steps, *, hyper, skipped=None, grad_scale=None,
+                         found_inf=None):
     """Plain PyTorch SONew (same contract as :func:`sonew_step`; ``hyper`` rows as built there).
 
     Math in fp32, or float64 when the params are float64 (the tests' reference); the bias corrections
     ``1 - b^t`` always in float64 (they cancel: fp32 ``b^t`` would cost up to ~3e-8 / (1 - b) relative).
     """
-    clip = global_norm_reference(grads, None, skipped)
+    clip = global_norm_reference(grads, None, skipped, grad_scale, found_inf)
     ok = clip[2] != 0
     for p, g, m, v, o, s, h in zip(params, grads, exp_avgs, diags, offdiags, steps, hyper):
         dtype = torch.promote_types(p.dtype, torch.float32)
         n, b = p.numel(), o.shape[0]
         w = p.reshape(-1).to(dtype)
-        g = g.reshape(-1).to(dtype)
+        g = g.reshape(-1).to(dtype) * clip[1].to(dtype)  # 1, or 1 / grad_scale
         t = s.to(torch.float64) + 1
         bc1, bc2 = (1 - h[B1] ** t).to(dtype), (1 - h[B2] ** t).to(dtype)
         mu = h[B1] * m.reshape(-1).to(dtype) + (1 - h[B1]) * g

@@ -47,7 +47,7 @@ import triton
 from kfopt.autotune import Config, ConfigSpace, shape_bucket
 
 from .dispatch import check_kernel_dtype, dot_needs_upcast
-from .multi_tensor import check_no_overlap
+from .aliasing import check_no_overlap
 
 
 def check_tensor(name: str, t, ndim: int | tuple[int, ...]) -> None:
@@ -95,12 +95,7 @@ def output(out: torch.Tensor | None, shape: tuple[int, ...], device: torch.devic
         raise ValueError(f"out is on {out.device}, expected {device} like the operands")
     if not out.is_floating_point():
         raise TypeError(f"out: expected a floating-point tensor, got {out.dtype}")
-    for name, t in inputs.items():
-        try:
-            check_no_overlap([("out", [out])], [(name, [t])])
-        except ValueError:
-            raise ValueError(f"out shares memory with {name}: the kernel reads {name} tile by tile while it "
-                             "writes out; pass an out of its own (or none)") from None
+    check_no_overlap([("out", out)], list(inputs.items()), writer="the kernel")
     return out
 
 

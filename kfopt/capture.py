@@ -14,13 +14,15 @@ Selection
     Modules that are instances of ``layer_types`` (default ``nn.Linear`` and ``nn.Conv2d``, subclasses
     included; only subclasses of those two are supported), in ``model.named_modules()`` order, minus
     ``skip_layers``: a module name skips that module and everything under it; a type skips its
-    instances. The projections inside ``nn.MultiheadAttention`` are never selected: that module uses
-    their weights without calling them, so no hook would see their rows. Parameters of other modules
-    (and any extra parameter of a selected subclass) are listed by :meth:`LayerCapture.other_params`:
-    the optimizer gives them its base optimizer's first-order update on their raw gradients; nothing
-    is left untrained. Construction raises for a Conv2d with
-    ``groups != 1``, a lazy layer not yet initialized, and a selected layer whose weight or bias is
-    also registered in another module (tied weights): skip such layers.
+    instances. Never selected: the projections inside ``nn.MultiheadAttention`` (its ``out_proj`` is an
+    ``nn.Linear``, but the module uses its weights without calling it, so no hook would see its rows)
+    and Conv2d layers with ``groups != 1`` (depthwise and grouped convolutions: their weight gradient is
+    not one ``d_out x d_in`` matrix), nor layers whose weight has no elements (``in_features=0`` or
+    ``out_features=0``: nothing to precondition). Parameters of other modules, of those layers (and any extra
+    parameter of a selected subclass) are listed by :meth:`LayerCapture.other_params`: the optimizer
+    gives them its base optimizer's first-order update on their raw gradients; nothing is left
+    untrained. Construction raises for a lazy layer not yet initialized and for a selected layer whose
+    weight or bias is also registered in another module (tied weights): skip such layers.
 
 When a call is captured
     A forward call of a selected layer is captured when the capture is armed (:meth:`LayerCapture.arm`),
@@ -48,7 +50,8 @@ of ``a`` of the same call; ``call`` is a :class:`CallInfo`)
     * ``a`` and ``g`` are detached and may be views of the layer's input or output gradient: the
       functions must not modify them in place. They may be non-contiguous. They keep their dtype (under
       ``torch.autocast`` the input as passed to the layer, possibly fp32, and the output gradient in
-      the autocast dtype), except that ``g`` is float32 when a grad scale is set (below).
+      the autocast dtype), except that ``g`` is float32 (float64 for a float64 model) when a grad scale is
+      set (below).
     * The functions run with autocast and autograd disabled, so their math is in the dtypes they choose.
 
     Identity the tests check: over the calls of a step, ``sum_c g_c^T a_c`` equals the weight gradient
@@ -91,9 +94,9 @@ Memory
 
 AMP
     ``torch.autocast``: see Rows. ``torch.amp.GradScaler``: :meth:`LayerCapture.set_grad_scale` takes the
-    scaler (or a float or tensor scale); each output gradient is converted to float32 and divided by the
-    scale in effect when its backward runs, read without a host synchronization (from the scaler's scale
-    tensor). Data captured in a step that the scaler skips (inf/NaN gradients) must be dropped with
+    scaler (or a float or tensor scale); each output gradient is converted to float32 (float64 stays) and
+    divided by the scale in effect when its backward runs, read without a host synchronization (from the
+    scaler's scale tensor). Data captured in a step that the scaler skips (inf/NaN gradients) must be dropped with
     ``clear()``: a kfopt optimizer sets ``_step_supports_amp_scaling = True`` so that ``scaler.step``
     always calls its ``step()`` with ``self.found_inf``, leaves its factors unchanged where
     ``found_inf`` is set and clears the capture. With an optimizer that ``scaler.step`` does not call on
@@ -263,6 +266,13 @@ def _check_not_sharded(model: nn.Module) -> None:
                 "sharded parameters; use DistributedDataParallel")
 
 
+def _has_empty_weight(module: nn.Module) -> bool:
+    """Whether the layer's weight has no elements (a lazy layer's uninitialized weight has some)."""
+    weight = getattr(module, "weight", None)
+    return (isinstance(weight, torch.Tensor) and not isinstance(weight, nn.parameter.UninitializedParameter)
+            and weight.numel() == 0)
+
+
 class LayerCapture:
     """Selects the layers of ``model`` to precondition and captures their rows (module docstring).
 
@@ -299,6 +309,8 @@ class LayerCapture:
         skip_names += [name for name, module in inner.named_modules() if isinstance(module, nn.MultiheadAttention)]
         for name, module in inner.named_modules():
             if (isinstance(module, tuple(layer_types)) and not isinstance(module, skip_types)
+                    and not (isinstance(module, nn.Conv2d) and module.groups != 1)
+                    and not _has_empty_weight(module)
                     and not any(name == s or name.startswith(s + ".") or s == "" for s in skip_names)):
                 self.layers[name] = self._describe(name, module)
         self._check_not_shared(inner)
@@ -334,9 +346,6 @@ class LayerCapture:
                              "before building the optimizer")
         has_bias = module.bias is not None
         if isinstance(module, nn.Conv2d):
-            if module.groups != 1:
-                raise ValueError(f"layer {name!r}: Conv2d with groups={module.groups} is not supported "
-                                 "(groups must be 1); add it to skip_layers")
             kh, kw = module.kernel_size
             return CapturedLayer(name, module, "conv2d", has_bias, module.in_channels * kh * kw,
                                  module.out_channels)
@@ -470,7 +479,7 @@ class LayerCapture:
                 rows = _grad_output_rows(layer, grad.detach())
                 scale = self._current_scale()
                 if scale is not None:
-                    rows = rows.float() / scale
+                    rows = rows.to(torch.promote_types(rows.dtype, torch.float32)) / scale
                 stat = self.grad_output_fn(layer, call, rows)
             layer.grad_output_stat = _sum_into(layer.grad_output_stat, stat)
         return hook

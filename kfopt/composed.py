@@ -14,8 +14,13 @@ torch.optim.Optimizer`` that must build its optimizer from the dicts it is given
 ``base.step()`` runs under ``kfopt.autotune.agree_on_configs()``: under ``torch.distributed`` every rank
 steps the same replicated weights, so the ranks use the same kernel configs (bit-identical replicas).
 
-``state_dict()`` is the base optimizer's plus ``state_key`` (the subclass's own state) and
-``"<state_key>_skipped_steps"``.
+``state_dict()`` is the base optimizer's plus ``state_key`` (the subclass's own state),
+``"kfopt_optimizer"`` (this class's name), ``"base_optimizer"`` (the base's class name) and
+``"<state_key>_skipped_steps"``; ``load_state_dict`` checks all of it (the base's per-parameter state for
+kfopt bases and torch's SGD and AdamW) before it changes anything (the GradScaler skips). ``skipped_steps`` is one count of every skipped
+step: those plus the base optimizer's own (``base="lamb"`` skips non-finite steps). ``defaults`` names
+the base optimizer's ``betas`` or ``momentum``, so momentum-cycling LR schedulers (``OneCycleLR``'s
+default ``cycle_momentum=True``, ``CyclicLR``) drive the base's.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from kfopt.autotune import agree_on_configs
 
 from .lamb import LAMB
 from .optimizer import KfoptOptimizer
+from .validation import KIND_KEY, check_counter, check_keys, check_kind
 
 BaseOptimizer = Literal["sgd", "adamw", "lamb"] | Callable[[list[dict]], torch.optim.Optimizer]
 
@@ -72,6 +78,19 @@ class ComposedOptimizer(KfoptOptimizer):
         self.base = optimizer
         optimizer.param_groups = self.param_groups
         self.state = optimizer.state
+        # schedulers that cycle momentum (OneCycleLR, CyclicLR) look for "betas" or "momentum" in
+        # ``defaults``: name the one the base optimizer uses (the shared groups carry it)
+        for key in ("betas", "momentum"):
+            if key in optimizer.defaults:
+                self.defaults.setdefault(key, optimizer.defaults[key])
+
+    @property
+    def skipped_steps(self) -> torch.Tensor:
+        """Every skipped step, one 0-d int32 count: the GradScaler skips (here) plus the base optimizer's
+        own (``base="lamb"`` skips a step with a non-finite gradient on the device)."""
+        own = super().skipped_steps
+        base = getattr(self.base, "skipped_steps", None) if hasattr(self, "base") else None
+        return own if not isinstance(base, torch.Tensor) else own.to(base.device) + base
 
     def add_param_group(self, param_group: dict) -> None:
         if hasattr(self, "base"):
@@ -84,7 +103,9 @@ class ComposedOptimizer(KfoptOptimizer):
     @torch.no_grad()
     def step(self, closure=None):
         """``_second_order_step()`` (factors, preconditioned gradients), then ``base.step()``; under a
-        GradScaler that found inf/NaN nothing but the skip count changes."""
+        GradScaler that found inf/NaN nothing but the skip count changes. Hyperparameters (also the base
+        optimizer's) are checked first: an invalid one raises ValueError before anything changes."""
+        self._check_hyperparameters()
         loss = self._evaluate(closure)
         if self._grad_scaler_skips_step(self.scaled_statistic):
             self._discard_step()
@@ -93,6 +114,28 @@ class ComposedOptimizer(KfoptOptimizer):
         with agree_on_configs():  # every rank steps the same replicated weights
             self.base.step()
         return loss
+
+    def _check_hyperparameters(self) -> None:
+        super()._check_hyperparameters()
+        if isinstance(self.base, KfoptOptimizer):
+            self.base._check_hyperparameters()
+
+    def _check_saved_group(self, group: dict) -> None:
+        self._check_group(group)
+        if isinstance(self.base, KfoptOptimizer):
+            self.base._check_group(group)
+
+    def _state_spec(self, p: torch.Tensor, group: dict) -> dict | None:
+        """The base optimizer's per-parameter state (kfopt bases, torch's SGD and AdamW; callables: None)."""
+        base, shape = self.base, tuple(p.shape)
+        if isinstance(base, KfoptOptimizer):
+            return base._state_spec(p, group)
+        if type(base) is torch.optim.SGD:
+            return {"momentum_buffer": (shape, (p.dtype,), False)}
+        if type(base) is torch.optim.AdamW:
+            return {"step": ((), (torch.float32, torch.float64), True), "exp_avg": (shape, (p.dtype,), True),
+                    "exp_avg_sq": (shape, (p.dtype,), True), "max_exp_avg_sq": (shape, (p.dtype,), False)}
+        return None
 
     def _second_order_step(self) -> None:
         """Update the factors when due and replace the layers' gradients by preconditioned ones."""
@@ -110,6 +153,7 @@ class ComposedOptimizer(KfoptOptimizer):
 
     def _check_own_state(self, saved: dict) -> None:
         """Raise ValueError if ``saved`` (an ``_own_state()``) cannot be loaded, before anything changes."""
+        raise NotImplementedError
 
     def _load_own_state(self, saved: dict) -> None:
         """Load an ``_own_state()``."""
@@ -118,18 +162,42 @@ class ComposedOptimizer(KfoptOptimizer):
     def state_dict(self) -> dict:
         """The base optimizer's state dict plus ``state_key`` and ``"<state_key>_skipped_steps"``."""
         state = self.base.state_dict()
+        state.pop(KIND_KEY, None)
+        state[KIND_KEY] = type(self).__name__
+        state["base_optimizer"] = type(self.base).__name__
         state[self.state_key] = self._own_state()
-        state[f"{self.state_key}_skipped_steps"] = self.skipped_steps.detach().clone()
+        state[f"{self.state_key}_skipped_steps"] = super().skipped_steps.detach().clone()  # the base's: in its part
         return state
+
+    def check_state_dict(self, state_dict: dict) -> None:
+        """ValueError saying what does not fit unless ``state_dict`` is a checkpoint of this optimizer
+        (kind, base optimizer, keys, param groups, the base's state tensors, counters, the subclass's
+        state); changes nothing."""
+        skipped_key = f"{self.state_key}_skipped_steps"
+        check_keys(state_dict, ("state", "param_groups", KIND_KEY, "base_optimizer", self.state_key, skipped_key),
+                   "state_dict")
+        mine = type(self).__name__
+        check_kind(state_dict, (mine, *self._loads_checkpoints_of), mine)
+        if state_dict["base_optimizer"] != type(self.base).__name__:
+            raise ValueError(f"state_dict: its base optimizer is {state_dict['base_optimizer']!r}, this "
+                             f"{mine}'s is {type(self.base).__name__!r}")
+        self._check_own_state(state_dict[self.state_key])  # first: another model's layers say the most
+        self._check_groups_and_state(state_dict, self._state_spec)
+        if isinstance(self.base, KfoptOptimizer):
+            check_keys(state_dict, ("skipped_steps",), "state_dict")
+            check_counter("state_dict['skipped_steps']", state_dict["skipped_steps"])
+        check_counter(f"state_dict[{skipped_key!r}]", state_dict[skipped_key])
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a ``state_dict()``: the base optimizer's part (with these param groups), the skip count and
-        the subclass's state."""
+        the subclass's state. Everything is checked first: a checkpoint that does not fit raises
+        ValueError and changes nothing."""
         skipped_key = f"{self.state_key}_skipped_steps"
-        self._check_own_state(state_dict[self.state_key])
-        state = {k: v for k, v in state_dict.items() if k not in (self.state_key, skipped_key)}
-        for group in state["param_groups"]:
-            self._check_group(group)
+        self.check_state_dict(state_dict)
+        state = {k: v for k, v in state_dict.items() if k not in (self.state_key, skipped_key, "base_optimizer",
+                                                                   KIND_KEY)}
+        if isinstance(self.base, KfoptOptimizer):
+            state[KIND_KEY] = type(self.base).__name__
         self.base.load_state_dict({**state, "state": copy.deepcopy(state["state"])})  # torch's would alias
         self.param_groups = self.base.param_groups
         self.state = self.base.state

@@ -20,7 +20,10 @@ Two objects
     apply), ``"adamw"`` (torch.optim.AdamW with its default betas; ``momentum`` is not used), ``"lamb"``
     (kfopt.LAMB), or a callable ``base(param_groups) -> torch.optim.Optimizer`` that must build its
     optimizer from the dicts it is given. Parameters that no preconditioned layer owns (embeddings,
-    norms, skipped layers) get the base optimizer's first-order update on their raw gradients.
+    norms, skipped layers, grouped/depthwise Conv2d layers, ``nn.MultiheadAttention`` with its
+    ``out_proj``: see ``kfopt.capture``, Selection) get the base optimizer's first-order update on their
+    raw gradients. ``skipped_steps`` counts every skipped step: the GradScaler skips and, with
+    ``base="lamb"``, the base optimizer's skips for non-finite gradients.
 
 Factors, per layer (every ``factor_update_steps`` steps)
     Rows as the capture hands them over (``kfopt.capture``): ``a`` (inputs; Conv2d: unfolded patches),
@@ -91,12 +94,17 @@ KAISA (``grad_worker_fraction``; see :mod:`kfopt.kaisa` for the grid and the gre
     all ranks.
 
 Checkpoints
-    ``KFACPreconditioner.state_dict()``: ``steps``, ``decomposition_failures`` (this rank's count) and
-    ``factors`` (``{layer name: {"A", "G"}}``): plain tensors and numbers. Factors are global averages,
-    identical on all ranks, so a checkpoint from any rank loads at any world size and grad-worker
-    fraction. Second-order data is not saved: it is recomputed from the loaded factors at the start of
-    the next step (before that step's factor update), so training continues exactly as it would have
-    when the checkpoint was taken right after an inverse-update step (always with ``inv_update_steps=1``).
+    ``KFACPreconditioner.state_dict()``: ``steps``, ``decomposition_failures`` (this rank's count),
+    ``world_size``, ``compute_method``, ``factors`` (``{layer name: {"A", "G"}}``) and ``second_order``
+    (``{layer name: [QA, dA, QG, dG]}`` or ``[A_inv, G_inv]``: the data the steps until the next inverse
+    update use): plain tensors and numbers. Factors are global averages, identical on all ranks, so a
+    checkpoint from any rank loads at any world size and grad-worker fraction. A checkpoint taken at any
+    step continues bit-identically (the second-order data is that of the last inverse update, not
+    recomputed). ``second_order`` is empty when the saving rank did not hold every layer's data
+    (``grad_worker_fraction < 1`` on several ranks); the data is then recomputed from the loaded factors
+    at the start of the next step (exact only when the checkpoint was taken right after an inverse
+    update). ``load_state_dict`` checks everything (keys, counters, ``world_size``, ``compute_method``,
+    every factor's and second-order tensor's shape and dtype) before it changes anything.
     ``KFAC.state_dict()`` is the base optimizer's state dict (``param_groups`` hold all
     hyperparameters; ``state`` is the base optimizer's state, ``KFAC.state`` is that same object) plus
     ``"kfac"`` (the preconditioner's) and ``"kfac_skipped_steps"``. Constructor-only settings
@@ -133,7 +141,15 @@ from .composed import BaseOptimizer, ComposedOptimizer, check_base
 from .kaisa import KAISAGroups, KAISAPlan, Strategy
 from .layer_state import LayerState, check_saved_factors, check_state_keys
 from .param_groups import param_groups
-from .validation import check_bool, check_loss_average, check_nonnegative, check_positive, check_unit_interval
+from .validation import (
+    check_bool,
+    check_int,
+    check_loss_average,
+    check_nonnegative,
+    check_positive,
+    check_tensor,
+    check_unit_interval,
+)
 
 ComputeMethod = Literal["eigen", "inverse"]
 
@@ -262,12 +278,16 @@ class KFACPreconditioner:
 
         self.capture = LayerCapture.trainable(model, skip_layers, input_fn=self._input_stat,
                                               grad_output_fn=self._grad_output_stat)
-        self.capture.set_grad_scale(grad_scaler)
-        self._layers = [_Layer(layer) for layer in self.capture.layers.values()]
-        self.plan = KAISAPlan.build([(len(layer.A), len(layer.G)) for layer in self._layers],
-                                    collectives.world_size(), collectives.rank(), grad_worker_fraction,
-                                    assignment_strategy)
-        self._groups = KAISAGroups.create(self.plan)
+        try:  # a constructor that raises leaves the model without hooks
+            self.capture.set_grad_scale(grad_scaler)
+            self._layers = [_Layer(layer) for layer in self.capture.layers.values()]
+            self.plan = KAISAPlan.build([(len(layer.A), len(layer.G)) for layer in self._layers],
+                                        collectives.world_size(), collectives.rank(), grad_worker_fraction,
+                                        assignment_strategy)
+            self._groups = KAISAGroups.create(self.plan)
+        except BaseException:
+            self.capture.remove()
+            raise
         for i, layer in enumerate(self._layers):
             if self.plan.is_grad_worker(i):
                 layer.second = layer.identity_second_order(compute_method)
@@ -337,27 +357,63 @@ class KFACPreconditioner:
         self.steps += 1
         self._arm()
 
+    def _second_order_shapes(self, layer: _Layer) -> list[tuple[int, ...]]:
+        a, g = len(layer.A), len(layer.G)
+        return [(a, a), (a,), (g, g), (g,)] if self.compute_method == "eigen" else [(a, a), (g, g)]
+
     def state_dict(self) -> dict:
-        """``{"steps", "decomposition_failures", "factors": {name: {"A", "G"}}}`` (module docstring)."""
+        """``{"steps", "decomposition_failures", "world_size", "compute_method", "factors": {name: {"A",
+        "G"}}, "second_order": {name: [tensors]}}`` (module docstring, Checkpoints)."""
+        holds_all = not self._stale and all(layer.second is not None for layer in self._layers)
         return {"steps": self.steps, "decomposition_failures": self.decomposition_failures,
-                "factors": {layer.name: {"A": layer.A, "G": layer.G} for layer in self._layers}}
+                "world_size": collectives.world_size(), "compute_method": self.compute_method,
+                "factors": {layer.name: {"A": layer.A, "G": layer.G} for layer in self._layers},
+                "second_order": {layer.name: list(layer.second) for layer in self._layers} if holds_all else {}}
 
     def check_state_dict(self, state_dict: dict) -> None:
         """ValueError unless ``state_dict`` (a ``state_dict()``) fits these layers; changes nothing."""
-        check_state_keys(state_dict, ("steps", "decomposition_failures", "factors"), "preconditioner")
+        check_state_keys(state_dict, ("steps", "decomposition_failures", "world_size", "compute_method", "factors",
+                                      "second_order"), "preconditioner")
+        check_int("steps", state_dict["steps"])
+        check_int("decomposition_failures", state_dict["decomposition_failures"])
+        check_int("world_size", state_dict["world_size"], 1)
+        if state_dict["compute_method"] != self.compute_method:
+            raise ValueError(f"state_dict: the checkpoint's compute_method is {state_dict['compute_method']!r}, "
+                             f"this preconditioner's {self.compute_method!r}")
         check_saved_factors(state_dict["factors"], self._layers, ("A", "G"), "preconditioner")
+        for layer in self._layers:
+            for key in ("A", "G"):
+                check_tensor(f"state_dict: factor {key} of layer {layer.name!r}", state_dict["factors"][layer.name][key],
+                             getattr(layer, key).shape, getattr(layer, key).dtype)
+        second = state_dict["second_order"]
+        if not isinstance(second, dict) or (second and set(second) != {layer.name for layer in self._layers}):
+            raise ValueError("state_dict: 'second_order' must be empty or hold the data of every layer "
+                             f"{[layer.name for layer in self._layers]}, got {second!r:.200}")
+        for layer in self._layers if second else ():
+            data, shapes = second[layer.name], self._second_order_shapes(layer)
+            if not isinstance(data, (list, tuple)) or len(data) != len(shapes):
+                raise ValueError(f"state_dict: the second-order data of layer {layer.name!r} must be "
+                                 f"{len(shapes)} tensors ({self.compute_method})")
+            for i, (t, shape) in enumerate(zip(data, shapes)):
+                check_tensor(f"state_dict: second-order tensor {i} of layer {layer.name!r}", t, shape, layer.A.dtype)
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Load factors and counters (from any world size); second-order data is recomputed at the
-        next step from the loaded factors."""
+        """Load factors, counters and second-order data (from any world size). When the checkpoint
+        holds no second-order data (it was taken on a rank that did not hold every layer's), it is
+        recomputed at the next step from the loaded factors."""
         self.check_state_dict(state_dict)
         saved = state_dict["factors"]
         for layer in self._layers:
             layer.A.copy_(saved[layer.name]["A"])
             layer.G.copy_(saved[layer.name]["G"])
+        second = state_dict["second_order"]
+        for layer in self._layers:
+            if second and layer.second is not None:
+                layer.second = [t.detach().to(device=layer.A.device, copy=True).contiguous()
+                                for t in second[layer.name]]
         self.steps = int(state_dict["steps"])
         self.decomposition_failures = int(state_dict["decomposition_failures"])
-        self._stale = True
+        self._stale = not second
         self.discard_step()
         self._arm()
 
@@ -479,8 +535,12 @@ class KFAC(ComposedOptimizer):
             assignment_strategy=assignment_strategy, loss_average=loss_average, grad_scaler=grad_scaler)
         self._grad_scaler = grad_scaler
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, damping=damping)
-        super().__init__(param_groups(self.preconditioner.capture.model, weight_decay), defaults)
-        self._build_base(base)
+        try:  # a constructor that raises leaves the model without hooks
+            super().__init__(param_groups(self.preconditioner.capture.model, weight_decay), defaults)
+            self._build_base(base)
+        except BaseException:
+            self.preconditioner.capture.remove()
+            raise
 
     def _check_group(self, group: dict) -> None:
         check_nonnegative("lr", group["lr"])

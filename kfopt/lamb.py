@@ -41,9 +41,18 @@ class LAMB(KfoptOptimizer):
     whole step is skipped -- weights, moments and step counts keep their values -- and
     ``skipped_steps`` is incremented, on the device, without a host synchronisation.
     ``last_grad_norm`` holds ``||g_all||`` of the last step (before clipping) as a device tensor.
+
+    Mixed precision: under ``torch.amp.GradScaler`` (``scaler.step(opt)``; ``_step_supports_amp_scaling``)
+    the scaler hands the optimizer its scale and inf verdict instead of unscaling: the kernels divide the
+    gradients by the scale in fp32 as they load them (fp16 gradients lose nothing and are left as
+    stored) and skip the step on the device where the scaler found inf/NaN (``skipped_steps``
+    incremented), without a host synchronisation. fp32, bf16 and fp16 parameters all work; don't call
+    ``scaler.unscale_(opt)`` first with fp16 gradients (torch refuses to unscale those); ``max_grad_norm``
+    clips the unscaled gradients.
     """
 
     global_hyperparameters = ("max_grad_norm",)
+    _step_supports_amp_scaling = True
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01,
                  bias_correction=True, max_grad_norm=1.0, trust_clip=None, always_adapt=False,
@@ -65,8 +74,13 @@ class LAMB(KfoptOptimizer):
         for name in ("bias_correction", "always_adapt", "grad_averaging"):
             check_bool(name, group[name])
 
+    def _state_spec(self, p, group):
+        return {"step": ((), torch.float32, True), "exp_avg": (tuple(p.shape), torch.float32, True),
+                "exp_avg_sq": (tuple(p.shape), torch.float32, True)}
+
     @torch.no_grad()
     def step(self, closure=None):
+        self._check_hyperparameters()
         loss = self._evaluate(closure)
         found = self._params_with_grads()
         if not found:
@@ -92,6 +106,7 @@ class LAMB(KfoptOptimizer):
             beta2=cols["b2"], eps=cols["eps"], weight_decay=cols["wd"], bias_correction=cols["bc"],
             grad_averaging=cols["avg"], adapt=cols["adapt"], trust_min=cols["lo"], trust_max=cols["hi"],
             max_grad_norm=self.defaults["max_grad_norm"], skipped=self._skip_counter(found[0][1].device),
+            **self._amp_kwargs(),
         )
         self.last_grad_norm = clip[0]
         return loss

@@ -25,9 +25,17 @@ class LARS(KfoptOptimizer):
     otherwise r = 1 (plain SGD with momentum, the usual treatment of biases and norm weights).
     State per parameter: ``momentum_buffer`` (fp32). Non-finite gradients skip the whole step and
     increment ``skipped_steps`` (see ``kfopt.optimizer``).
+
+    Mixed precision: under ``torch.amp.GradScaler`` (``scaler.step(opt)``; ``_step_supports_amp_scaling``)
+    the scaler hands the optimizer its scale and inf verdict instead of unscaling: the kernels divide the
+    gradients by the scale in fp32 as they load them (fp16 gradients lose nothing and are left as
+    stored) and skip the step on the device where the scaler found inf/NaN (``skipped_steps``
+    incremented), without a host synchronisation. fp32, bf16 and fp16 parameters all work; don't call
+    ``scaler.unscale_(opt)`` first with fp16 gradients (torch refuses to unscale those).
     """
 
     global_hyperparameters = ("max_grad_norm",)
+    _step_supports_amp_scaling = True
 
     def __init__(self, params, lr=1.0, momentum=0.9, weight_decay=0.0, eta=0.001, nesterov=False,
                  trust_clip=None, always_adapt=False, max_grad_norm=None):
@@ -46,8 +54,12 @@ class LARS(KfoptOptimizer):
         check_bool("nesterov", group["nesterov"])
         check_bool("always_adapt", group["always_adapt"])
 
+    def _state_spec(self, p, group):
+        return {"momentum_buffer": (tuple(p.shape), torch.float32, True)}
+
     @torch.no_grad()
     def step(self, closure=None):
+        self._check_hyperparameters()
         loss = self._evaluate(closure)
         found = self._params_with_grads()
         if not found:
@@ -68,6 +80,6 @@ class LARS(KfoptOptimizer):
         clip = lars_step(params, grads, bufs, lr=hyper["lr"], momentum=hyper["mu"], weight_decay=hyper["wd"],
                          eta=hyper["eta"], nesterov=hyper["nes"], adapt=hyper["adapt"], trust_min=hyper["lo"],
                          trust_max=hyper["hi"], max_grad_norm=self.defaults["max_grad_norm"],
-                         skipped=self._skip_counter(found[0][1].device))
+                         skipped=self._skip_counter(found[0][1].device), **self._amp_kwargs())
         self.last_grad_norm = clip[0]
         return loss

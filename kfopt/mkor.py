@@ -2,7 +2,9 @@ r"""MKOR and MKOR-H (Mozaffari et al., NeurIPS 2023): Kronecker-factored inverse
 rank-1 Sherman-Morrison updates; the math of ``shared/design/mkor.md``.
 
 Per preconditioned layer (``nn.Linear``/``nn.Conv2d`` with groups=1, minus ``skip_layers`` and layers
-whose weight is frozen; ``kfopt.capture``), with ``V = [dW | db]`` (d_out x (d_in [+ 1])):
+whose weight is frozen; ``kfopt.capture``; grouped/depthwise Conv2d layers and the projections inside
+``nn.MultiheadAttention``, its ``out_proj`` included, are never preconditioned: their parameters get the
+base optimizer's update), with ``V = [dW | db]`` (d_out x (d_in [+ 1])):
 
 Vectors (on factor-update steps: every ``inv_freq`` steps, starting at step 0)::
 
@@ -108,7 +110,7 @@ from .capture import CallInfo, CapturedLayer, LayerCapture, LossAverage, loss_te
 from .composed import BaseOptimizer, ComposedOptimizer, check_base
 from .layer_state import LayerState, check_saved_factors, check_state_keys
 from .param_groups import param_groups
-from .validation import check_loss_average, check_nonnegative, check_positive
+from .validation import KIND_KEY, check_int, check_keys, check_loss_average, check_nonnegative, check_positive, check_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -216,26 +218,30 @@ class MKOR(ComposedOptimizer):
 
         self.capture = LayerCapture.trainable(model, skip_layers, input_fn=self._input_stat,
                                               grad_output_fn=self._grad_output_stat)
-        self.capture.set_grad_scale(grad_scaler)
-        self._grad_scaler = grad_scaler
-        self._layers = [_Layer(layer, factor_dtype) for layer in self.capture.layers.values()]
-        device = self._layers[0].weight.device if self._layers else torch.device("cpu")
-        self._scales = torch.ones(2 * len(self._layers), dtype=torch.float32, device=device)
-        self._events = torch.zeros((2 * len(self._layers), 3), dtype=torch.int32, device=device)
-        self._a_index, self._a_count_index = self._vector_layout([layer.JR.shape[0] for layer in self._layers],
-                                                                 device)
-        self._g_index, self._g_count_index = self._vector_layout([layer.JL.shape[0] for layer in self._layers],
-                                                                 device)
-        self._overlap = collectives.world_size() > 1
-        self._terms: dict[str, int] = {}
-        self._a_buffer: torch.Tensor | None = None
-        self._a_handle: collectives.CollectiveHandle | None = None
-        self._a_current = False
-        self.steps = 0
-        self.last_ratios: torch.Tensor | None = None
+        try:  # a constructor that raises leaves the model without hooks
+            self.capture.set_grad_scale(grad_scaler)
+            self._grad_scaler = grad_scaler
+            self._layers = [_Layer(layer, factor_dtype) for layer in self.capture.layers.values()]
+            device = self._layers[0].weight.device if self._layers else torch.device("cpu")
+            self._scales = torch.ones(2 * len(self._layers), dtype=torch.float32, device=device)
+            self._events = torch.zeros((2 * len(self._layers), 3), dtype=torch.int32, device=device)
+            self._a_index, self._a_count_index = self._vector_layout([layer.JR.shape[0] for layer in self._layers],
+                                                                     device)
+            self._g_index, self._g_count_index = self._vector_layout([layer.JL.shape[0] for layer in self._layers],
+                                                                     device)
+            self._overlap = collectives.world_size() > 1
+            self._terms: dict[str, int] = {}
+            self._a_buffer: torch.Tensor | None = None
+            self._a_handle: collectives.CollectiveHandle | None = None
+            self._a_current = False
+            self.steps = 0
+            self.last_ratios: torch.Tensor | None = None
 
-        super().__init__(param_groups(self.capture.model, weight_decay), dict(lr=lr, weight_decay=weight_decay))
-        self._build_base(base, **{k: v for k, v in base_kwargs.items() if k != "weight_decay"})
+            super().__init__(param_groups(self.capture.model, weight_decay), dict(lr=lr, weight_decay=weight_decay))
+            self._build_base(base, **{k: v for k, v in base_kwargs.items() if k != "weight_decay"})
+        except BaseException:
+            self.capture.remove()
+            raise
         self.capture.arm()
 
     # -- torch.optim.Optimizer ------------------------------------------------------------------
@@ -398,11 +404,21 @@ class MKOR(ComposedOptimizer):
                          "JR_scale": self._scales[2 * i + 1], "events": self.factor_events[i]}
             for i, layer in enumerate(self._layers)}}
 
-    def _check_own_state(self, saved: dict) -> None:
+    def _check_own_state(self, saved: dict, layers: list[_Layer] | None = None) -> None:
+        """Keys, ``steps``, and every layer's factors (shape, ``factor_dtype``), scales (0-d fp32) and
+        event counts of ``layers`` (default: this optimizer's)."""
+        layers = self._layers if layers is None else layers
         check_state_keys(saved, ("steps", "factors"), "optimizer")
-        check_saved_factors(saved["factors"], self._layers, ("JL", "JR"), "optimizer")
-        for name, layer_state in saved["factors"].items():
-            check_state_keys(layer_state, ("JL_scale", "JR_scale", "events"), f"layer {name!r}")
+        check_int("state_dict: mkor steps", saved["steps"])
+        check_saved_factors(saved["factors"], layers, ("JL", "JR"), "optimizer")
+        for i, layer in enumerate(layers):
+            layer_state = saved["factors"][layer.name]
+            check_state_keys(layer_state, ("JL_scale", "JR_scale", "events"), f"layer {layer.name!r}")
+            where = f"state_dict: layer {layer.name!r}"
+            for key in ("JL", "JR"):
+                check_tensor(f"{where} {key}", layer_state[key], getattr(layer, key).shape, self.factor_dtype)
+                check_tensor(f"{where} {key}_scale", layer_state[f"{key}_scale"], (), torch.float32)
+            check_tensor(f"{where} events", layer_state["events"], self.factor_events[i].shape, torch.int32)
 
     def _load_own_state(self, mkor: dict) -> None:
         for i, layer in enumerate(self._layers):
@@ -531,15 +547,44 @@ class MKORH(MKOR):
                      window_count=self._window_count)
         return state
 
+    _loads_checkpoints_of = ("MKOR",)
+    _SWITCH_KEYS = ("switched_at", "window_means", "best_rate", "flat_windows", "window_sum", "window_count")
+
+    def _check_own_state(self, saved: dict, layers: list | None = None) -> None:
+        """As MKOR's, plus the switch criterion's state (MKOR-H checkpoints); a switched state holds no
+        factors."""
+        check_state_keys(saved, ("steps", "factors"), "optimizer")
+        switched_at = saved.get("switched_at")
+        if switched_at is not None:
+            check_int("state_dict: mkor switched_at", switched_at)
+        if self.switched and switched_at is None:
+            raise ValueError("state_dict: MKOR-H has switched to its base optimizer and freed its factors; it "
+                             "cannot load a state that has not switched (build a new MKORH)")
+        super()._check_own_state(saved, [] if switched_at is not None else layers)
+        if not any(key in saved for key in self._SWITCH_KEYS):
+            return
+        check_keys(saved, self._SWITCH_KEYS, "state_dict['mkor']")
+        if not isinstance(saved["window_means"], (list, tuple)) or not all(
+                isinstance(v, (int, float)) for v in saved["window_means"]):
+            raise ValueError(f"state_dict: mkor window_means: expected a list of numbers, got {saved['window_means']!r}")
+        if isinstance(saved["best_rate"], bool) or not isinstance(saved["best_rate"], (int, float)):
+            raise ValueError(f"state_dict: mkor best_rate: expected a number, got {saved['best_rate']!r}")
+        check_int("state_dict: mkor flat_windows", saved["flat_windows"])
+        check_int("state_dict: mkor window_count", saved["window_count"])
+        check_tensor("state_dict: mkor window_sum", saved["window_sum"], (), torch.float64)
+
+    def check_state_dict(self, state_dict: dict) -> None:
+        if isinstance(state_dict, dict) and state_dict.get(KIND_KEY) == "MKORH":
+            check_keys(state_dict.get("mkor"), self._SWITCH_KEYS, "state_dict['mkor']")
+        super().check_state_dict(state_dict)
+
     def load_state_dict(self, state_dict: dict) -> None:
         """As :meth:`MKOR.load_state_dict`, with the switch criterion's state (an MKOR state starts it
         afresh); a switched state switches this optimizer (one that has switched cannot load a state
-        that has not)."""
+        that has not). Everything is checked before anything changes."""
+        self.check_state_dict(state_dict)
         mkor = {"switched_at": None, "window_means": [], "best_rate": -math.inf, "flat_windows": 0,
                 "window_sum": torch.zeros((), dtype=torch.float64), "window_count": 0, **state_dict["mkor"]}
-        if self.switched and mkor["switched_at"] is None:
-            raise ValueError("state_dict: MKOR-H has switched to its base optimizer and freed its factors; it "
-                             "cannot load a state that has not switched (build a new MKORH)")
         if mkor["switched_at"] is not None:
             self._free_factors()
         super().load_state_dict(state_dict)

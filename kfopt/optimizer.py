@@ -1,16 +1,27 @@
 """The base of every kfopt optimizer: a ``torch.optim.Optimizer`` with kfopt's contract.
 
-* Hyperparameters are validated per param group (also groups added later): ``_check_group``.
+* Hyperparameters are validated per param group (also groups added later): ``_check_group``, and again
+  at every ``step()`` before anything changes (``_check_hyperparameters``: a scheduler or a user may have
+  edited ``param_groups``; Python numbers, checked without a device synchronisation).
 * Parameters must be real floating tensors on one device; gradients must be dense; where the Triton
   kernels run, dtypes must be fp32/bf16/fp16 (float64 runs on the PyTorch path only). Errors are
   raised before any state changes.
 * Non-finite gradients: the step is skipped for every parameter on the device (no host sync); the
   count of skipped steps is ``optimizer.skipped_steps`` (a device tensor) and is checkpointed.
-* Under ``GradScaler.step`` (optimizers with ``_step_supports_amp_scaling``) one entry,
-  ``_grad_scaler_skips_step``, unscales the gradients and skips the steps the scaler found inf/NaN in.
+* Under ``GradScaler.step`` every kfopt optimizer has ``_step_supports_amp_scaling``: the scaler hands
+  it ``grad_scale`` and ``found_inf`` instead of unscaling the gradients itself (which torch refuses
+  for fp16 gradients). The fused element-wise optimizers (LAMB, LARS, SONew) pass them to their kernels
+  (:meth:`_amp_kwargs`: gradients unscaled in fp32 as they are loaded, the step skipped on the device,
+  no host synchronisation); the Kronecker-factored ones go through one entry,
+  ``_grad_scaler_skips_step``, which unscales the gradients and skips the steps the scaler found
+  inf/NaN in.
 * ``state_dict()`` holds plain tensors and numbers only (``torch.load(weights_only=True)`` works);
   ``load_state_dict`` keeps each state tensor's saved dtype (torch's default would cast fp32 moments
   of a bf16 parameter to bf16 and break a bit-identical resume) and moves it to the param's device.
+  It first checks the whole checkpoint (``check_state_dict``: the optimizer kind recorded under
+  ``"kfopt_optimizer"``, keys, param-group count and params, hyperparameters, every state tensor's shape
+  and dtype per ``_state_spec``, counters): one that does not fit raises ValueError, changing nothing.
+* Parameters on the meta device are rejected at construction (ValueError naming the meta device).
 """
 
 from __future__ import annotations
@@ -22,6 +33,8 @@ from typing import Callable, Iterable
 import torch
 
 from kfopt.kernels.dispatch import check_kernel_dtype, use_triton
+
+from .validation import KIND_KEY, TensorSpec, check_counter, check_keys, check_kind, check_param_state
 
 
 class KfoptOptimizer(torch.optim.Optimizer):
@@ -58,10 +71,29 @@ class KfoptOptimizer(torch.optim.Optimizer):
             for i, p in enumerate(group["params"]):
                 if not p.is_floating_point():
                     raise TypeError(f"params[{i}]: expected a real floating-point tensor, got dtype {p.dtype}")
+                if p.is_meta:
+                    raise ValueError(f"params[{i}] is on the meta device (no data): materialize the model first "
+                                     "(e.g. model.to_empty(device=...) and initialize it) before building the optimizer")
             self._check_group(group)
         except (TypeError, ValueError):
             self.param_groups.pop()
             raise
+
+    def _check_hyperparameters(self) -> None:
+        """At every ``step()``, before anything changes: every group's hyperparameters are valid
+        (``_check_group``; a scheduler or a user may have changed them) and global ones equal the
+        constructor's. Python numbers are checked on the host: no device synchronisation."""
+        for i, group in enumerate(self.param_groups):
+            for name in self.global_hyperparameters:
+                if name in group and group[name] != self.defaults[name]:
+                    raise ValueError(f"param_groups[{i}]: {name} is global to the optimizer and was "
+                                     f"{self.defaults[name]!r}; a param group cannot change it (got {group[name]!r})")
+            try:
+                self._check_group(group)
+            except KeyError as exc:
+                raise ValueError(f"param_groups[{i}] has no hyperparameter {exc}") from None
+            except ValueError as exc:
+                raise ValueError(f"param_groups[{i}]: {exc}") from None
 
     # -- step helpers -------------------------------------------------------------------------
 
@@ -94,6 +126,11 @@ class KfoptOptimizer(torch.optim.Optimizer):
                     check_kernel_dtype(f"{name}.grad", p.grad)
                 found.append((group, p))
         return found
+
+    def _amp_kwargs(self) -> dict:
+        """``grad_scale`` and ``found_inf`` as ``GradScaler.step`` set them on this optimizer (None when
+        absent; ``grad_scale`` is None when ``scaler.unscale_`` already ran), for the fused kernels."""
+        return {"grad_scale": getattr(self, "grad_scale", None), "found_inf": getattr(self, "found_inf", None)}
 
     def _holds_scaled_statistics(self) -> bool:
         """Whether statistics captured from (scaled) output gradients await this step."""
@@ -139,13 +176,73 @@ class KfoptOptimizer(torch.optim.Optimizer):
 
     # -- checkpoints --------------------------------------------------------------------------
 
+    #: the optimizer kinds (class names) whose checkpoints this one loads, besides its own
+    _loads_checkpoints_of: tuple[str, ...] = ()
+
     def state_dict(self) -> dict:
         state = super().state_dict()
         state["skipped_steps"] = self.skipped_steps.detach().clone()
+        state[KIND_KEY] = type(self).__name__
         return state
 
+    def _state_spec(self, p: torch.Tensor, group: dict) -> dict[str, TensorSpec] | None:
+        """What the saved state of parameter ``p`` may hold: ``{key: (shape, dtypes, required)}``
+        (None: not checked)."""
+        return None
+
+    def _check_groups_and_state(self, state_dict: dict, spec) -> None:
+        """The param groups (count, params, hyperparameters) and the per-parameter state of
+        ``state_dict`` against this optimizer's; ``spec(p, group)`` as ``_state_spec``."""
+        check_keys(state_dict, ("state", "param_groups"), "state_dict")
+        groups, states = state_dict["param_groups"], state_dict["state"]
+        if not isinstance(groups, (list, tuple)) or not isinstance(states, dict):
+            raise ValueError("state_dict: expected 'param_groups' a list and 'state' a dict")
+        if len(groups) != len(self.param_groups):
+            raise ValueError(f"state_dict has {len(groups)} param groups, the optimizer has {len(self.param_groups)}")
+        owner = {}
+        for i, (saved, group) in enumerate(zip(groups, self.param_groups)):
+            check_keys(saved, [k for k in group if k != "initial_lr"], f"state_dict: param group {i}")
+            if not isinstance(saved["params"], (list, tuple)) or len(saved["params"]) != len(group["params"]):
+                count = len(saved["params"]) if isinstance(saved["params"], (list, tuple)) else saved["params"]
+                raise ValueError(f"param group {i}: state_dict has {count} params, the optimizer has "
+                                 f"{len(group['params'])}")
+            merged = {**copy.deepcopy({k: v for k, v in saved.items() if k != "params"}), "params": group["params"]}
+            for name in self.global_hyperparameters:
+                if merged.get(name, self.defaults[name]) != self.defaults[name]:
+                    raise ValueError(f"state_dict has {name}={merged[name]!r}, the optimizer {self.defaults[name]!r}")
+            try:
+                self._check_saved_group(merged)
+            except ValueError as exc:
+                raise ValueError(f"state_dict: param group {i}: {exc}") from None
+            for pid, p in zip(saved["params"], group["params"]):
+                if pid in owner:
+                    raise ValueError(f"state_dict: param id {pid!r} appears twice in the param groups")
+                owner[pid] = (p, group)
+        for pid, saved in states.items():
+            if pid not in owner:
+                raise ValueError(f"state_dict: state for param id {pid!r}, which no param group holds")
+            p, group = owner[pid]
+            check_param_state(f"state_dict: the state of param {pid!r}", saved, spec(p, group))
+
+    def _check_saved_group(self, group: dict) -> None:
+        """ValueError unless a saved param group (with the live params) holds valid hyperparameters."""
+        self._check_group(group)
+
+    def check_state_dict(self, state_dict: dict) -> None:
+        """ValueError saying what does not fit unless ``state_dict`` is a checkpoint this optimizer
+        loads: its kind, keys, param groups, every state tensor's shape and dtype, counters. Changes
+        nothing (``load_state_dict`` calls it first)."""
+        check_keys(state_dict, ("state", "param_groups", "skipped_steps", KIND_KEY), "state_dict")
+        mine = type(self).__name__
+        check_kind(state_dict, (mine, *self._loads_checkpoints_of), mine)
+        self._check_groups_and_state(state_dict, self._state_spec)
+        check_counter("state_dict['skipped_steps']", state_dict["skipped_steps"])
+
     def load_state_dict(self, state_dict: dict) -> None:
-        """Load a ``state_dict()``; state tensors keep their saved dtype (see module docstring)."""
+        """Load a ``state_dict()``; state tensors keep their saved dtype (see module docstring).
+        Everything is checked first (``check_state_dict``): a checkpoint that does not fit raises
+        ValueError and changes nothing."""
+        self.check_state_dict(state_dict)
         groups = state_dict["param_groups"]
         if len(groups) != len(self.param_groups):
             raise ValueError(

@@ -43,7 +43,8 @@ Parameter update (every step)::
     w <- w - lr * (buf or d)
 
 Parameters outside preconditioned layers -- parameters of other modules (embeddings, norms), of layers
-in ``skip_layers``, of layers whose weight is not in ``params`` -- get the same rule with ``N = g``, their
+in ``skip_layers``, of layers whose weight is not in ``params``, of grouped or depthwise Conv2d layers and
+of ``nn.MultiheadAttention`` (its ``out_proj`` included) -- get the same rule with ``N = g``, their
 raw gradient: SGD with heavy-ball momentum (as if ``K = C = I``), with their group's lr, momentum and
 weight decay. (The reference leaves them untrained.) ``params=None`` trains every parameter of the model
 that requires grad; a layer's weight and bias must be in the same param group. Momentum buffers are fp32
@@ -63,11 +64,17 @@ factors, momenta and buffers unchanged, the captured statistics dropped, ``skipp
 ``steps`` incremented (as the reference). Reading ``found_inf`` synchronises with the host, as
 ``GradScaler.step`` does for every torch optimizer (the entry shared by the kfopt optimizers,
 ``KfoptOptimizer._grad_scaler_skips_step``). Otherwise gradients are divided by ``grad_scale`` in
-place and, when the output gradients were captured scaled (no ``grad_scaler`` given), the statistics
-correction is ``u = 1 / grad_scale^2`` (H_C scales with the square of the gradients); with
-``grad_scaler=scaler`` at construction the capture unscales each output gradient exactly when it
-arrives (fp32) and ``u = 1``. Calling ``scaler.unscale_(opt)`` before ``scaler.step`` (to clip
-gradients) requires ``grad_scaler=scaler`` (otherwise the statistics' scale is unknown: RuntimeError).
+place. With ``grad_scaler=scaler`` at construction the capture unscales each output gradient exactly
+when it arrives (fp32) and ``u = 1``. Without it SINGD still trains correctly: the statistics of the
+first ``scaler.step`` were captured with the full scale (``u = 1 / grad_scale^2``: H_C scales with the
+square of the gradients); from then on the capture divides each output gradient (fp32) by the scale
+of the previous ``scaler.step``, kept on the device, and ``u = (previous / grad_scale)^2`` (a power of
+two, usually 1: the scaler changes its scale rarely). So the statistics never carry the square of a
+large scale -- which overflows fp32 once the scaler has grown its scale past ~2^64 (it grows forever
+while gradients stay finite, e.g. fp32 weights under bf16 autocast), and every step would then be
+skipped for non-finite statistics while the scaler, seeing finite gradients, never backs off. Only
+the first step's statistics can overflow (an absurd initial scale): that one step is skipped.
+Calling ``scaler.unscale_(opt)`` before ``scaler.step`` (to clip gradients) requires ``grad_scaler=scaler`` (otherwise the statistics' scale is unknown: RuntimeError).
 The reference's ``init_grad_scale`` (an approximation of that unknown scale) is therefore not needed.
 
 Non-finite gradients and statistics
@@ -120,7 +127,7 @@ from .capture import CallInfo, CapturedLayer, LayerCapture, loss_term_count
 from .layer_state import LayerState
 from .optimizer import KfoptOptimizer
 from .structures import Structure, StructureSpec, parse_structure
-from .validation import check_bool, check_nonnegative, check_unit_interval
+from .validation import check_bool, check_keys, check_nonnegative, check_unit_interval
 
 _LOSS_AVERAGES = (None, "batch", "batch+sequence")
 _FACTOR_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -218,14 +225,20 @@ class SINGD(KfoptOptimizer):
         super().__init__(params, defaults)
         self.steps = 0
         self.capture = self._build_capture(model, tuple(skip_layers))
-        self.capture.set_grad_scale(grad_scaler)
-        self._grad_scaler = grad_scaler
-        group_of = {id(p): i for i, group in enumerate(self.param_groups) for p in group["params"]}
-        self._layers = [_Layer(captured, group_of[id(captured.module.weight)])
-                        for captured in self.capture.layers.values()]
-        self._by_name = {layer.name: layer for layer in self._layers}
-        for layer in self._layers:
-            self._init_factors(layer)
+        try:  # a constructor that raises leaves the model without hooks
+            self.capture.set_grad_scale(grad_scaler)
+            self._grad_scaler = grad_scaler
+            #: without grad_scaler=: the grad scale of the last scaler.step, which the capture divides by
+            self._last_grad_scale: torch.Tensor | None = None
+            group_of = {id(p): i for i, group in enumerate(self.param_groups) for p in group["params"]}
+            self._layers = [_Layer(captured, group_of[id(captured.module.weight)])
+                            for captured in self.capture.layers.values()]
+            self._by_name = {layer.name: layer for layer in self._layers}
+            for layer in self._layers:
+                self._init_factors(layer)
+        except BaseException:
+            self.capture.remove()
+            raise
         self._arm()
 
     # -- construction ---------------------------------------------------------------------------
@@ -369,14 +382,14 @@ class SINGD(KfoptOptimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable | None = None):
-        """One SINGD step (module docstring); under a GradScaler, called by ``scaler.step(opt)``."""
+        """One SINGD step (module docstring); under a GradScaler, called by ``scaler.step(opt)``.
+        Hyperparameters are checked first: an invalid one raises ValueError before anything changes."""
+        self._check_hyperparameters()
         loss = self._evaluate(closure)
+        correction = self._statistics_correction()
         if self._grad_scaler_skips_step("H_C"):  # the scaler found inf/NaN (module docstring, AMP)
             self._finish_step()
             return loss
-        grad_scale = getattr(self, "grad_scale", None)
-        correction = (1.0 if grad_scale is None or self._grad_scaler is not None
-                      else grad_scale.double().reciprocal().float().square())
         found = self._params_with_grads()
         due = [layer for layer in self._layers if self._due(layer)]
         if due and collectives.is_distributed():
@@ -401,6 +414,25 @@ class SINGD(KfoptOptimizer):
 
     def _holds_scaled_statistics(self) -> bool:
         return any(layer.H_C is not None for layer in self._layers)
+
+    def _statistics_correction(self) -> float | torch.Tensor:
+        """``u`` for this step's H_C (module docstring, AMP): 1, or under a GradScaler without
+        ``grad_scaler=``, ``(divisor / grad_scale)^2`` for output gradients captured divided by ``divisor``
+        (1 before the first scaler step, then the previous step's scale); records this step's scale as the
+        capture's next divisor (device tensors only: no host synchronisation)."""
+        grad_scale = getattr(self, "grad_scale", None)
+        if grad_scale is None or self._grad_scaler is not None:
+            return 1.0
+        scale = grad_scale.detach().reshape(()).float()
+        previous = self._last_grad_scale
+        correction = (previous.double() / scale.double() if previous is not None
+                      else scale.double().reciprocal()).square().float()
+        if previous is None:
+            self._last_grad_scale = scale.clone()
+            self.capture.set_grad_scale(self._last_grad_scale)  # read when each backward runs
+        else:
+            previous.copy_(scale)
+        return correction
 
     def _finite(self, inputs: list[torch.Tensor]) -> torch.Tensor:
         """Whether every gradient and statistic of the step is finite: a 0-d bool on the device, decided
@@ -511,18 +543,58 @@ class SINGD(KfoptOptimizer):
         state["steps"] = self.steps
         return state
 
-    def load_state_dict(self, state_dict: dict) -> None:
-        """Load a ``state_dict()`` (module docstring, Checkpoints); pending statistics are dropped."""
-        groups = []
-        for saved, current in zip(state_dict["param_groups"], self.param_groups):
+    def _state_spec(self, p: torch.Tensor, group: dict) -> dict:
+        """``momentum_buffer`` (optional); a preconditioned layer's weight: its factors (required) and
+        momenta (optional) by free-parameter tensor, of the shapes and dtypes of its structures."""
+        spec = {"momentum_buffer": (tuple(p.shape), (torch.promote_types(p.dtype, torch.float32),), False)}
+        layer = next((layer for layer in self._layers if layer.weight is p), None)
+        if layer is not None:
+            for key, structure_spec, side, dtype in self._factor_layout(layer, group):
+                for name, t in structure_spec.zeros(side, dtype, torch.device("meta")).named_tensors().items():
+                    spec[f"{key}.{name}"] = (tuple(t.shape), (dtype,), True)
+                    spec[f"m_{key}.{name}"] = (tuple(t.shape), (dtype,), False)
+        return spec
+
+    def _loadable_groups(self, groups) -> list:
+        """The saved param groups with a callable ``lr_cov`` (saved as None) taken from the optimizer."""
+        if not isinstance(groups, (list, tuple)):
+            return groups
+        return [{**saved, "lr_cov": current["lr_cov"]} if isinstance(saved, dict) and saved.get("lr_cov", 0) is None
+                else saved for saved, current in zip(groups, self.param_groups)] + list(groups[len(self.param_groups):])
+
+    def check_state_dict(self, state_dict: dict) -> None:
+        """As ``KfoptOptimizer.check_state_dict``, plus ``steps`` and the same structures and
+        preconditioner dtypes per group (factors cannot be loaded into other structures)."""
+        check_keys(state_dict, ("param_groups", "steps"), "state_dict")
+        steps = state_dict["steps"]
+        if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
+            raise ValueError(f"state_dict: expected 'steps' an int >= 0, got {steps!r}")
+        groups = state_dict["param_groups"]
+        for i, (saved, current) in enumerate(zip(groups if isinstance(groups, (list, tuple)) else (),
+                                                  self.param_groups)):
+            check_keys(saved, ("structures", "preconditioner_dtype"), f"state_dict: param group {i}")
             for name in ("structures", "preconditioner_dtype"):
-                if tuple(saved[name]) != tuple(current[name]):
+                if not isinstance(saved[name], (list, tuple)) or tuple(saved[name]) != tuple(current[name]):
                     raise ValueError(f"state_dict has {name}={saved[name]!r} in a param group where the optimizer "
                                      f"has {current[name]!r}: factors cannot be loaded into other structures")
-            groups.append({**saved, "lr_cov": current["lr_cov"]} if saved["lr_cov"] is None else saved)
+        super().check_state_dict({**state_dict, "param_groups": self._loadable_groups(groups)})
+        ids = {id(p): pid for saved, group in zip(groups, self.param_groups)
+               for pid, p in zip(saved["params"], group["params"])}
+        for layer in self._layers:
+            saved = state_dict["state"].get(ids.get(id(layer.weight)), {})
+            momenta = [key for key in self._state_spec(layer.weight, self.param_groups[layer.group])
+                       if key.startswith("m_")]
+            present = [key for key in momenta if key in saved]
+            if present and len(present) != len(momenta):
+                raise ValueError(f"state_dict: layer {layer.name!r} holds momenta {present} but not "
+                                 f"{sorted(set(momenta) - set(present))}: its momenta are all saved or none")
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a ``state_dict()`` (module docstring, Checkpoints); pending statistics are dropped.
+        Everything is checked first: a checkpoint that does not fit raises ValueError and changes nothing."""
+        self.check_state_dict(state_dict)
+        groups = self._loadable_groups(state_dict["param_groups"])
         steps = state_dict["steps"]
-        if not isinstance(steps, numbers.Integral) or steps < 0:
-            raise ValueError(f"state_dict: expected 'steps' an int >= 0, got {steps!r}")
         super().load_state_dict({**state_dict, "param_groups": groups})
         for layer in self._layers:
             self._bind(layer)

@@ -52,7 +52,16 @@ class SONew(KfoptOptimizer):
 
     Non-finite gradients: the whole step is skipped on the device and ``skipped_steps`` incremented,
     as for every kfopt optimizer. Bad hyperparameters raise ``ValueError`` naming the argument.
+
+    Mixed precision: under ``torch.amp.GradScaler`` (``scaler.step(opt)``; ``_step_supports_amp_scaling``)
+    the scaler hands the optimizer its scale and inf verdict instead of unscaling: the kernels divide the
+    gradients by the scale in fp32 as they load them (fp16 gradients lose nothing and are left as
+    stored) and skip the step on the device where the scaler found inf/NaN (``skipped_steps``
+    incremented), without a host synchronisation. fp32, bf16 and fp16 parameters all work; don't call
+    ``scaler.unscale_(opt)`` first with fp16 gradients (torch refuses to unscale those).
     """
+
+    _step_supports_amp_scaling = True
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.99), eps=1e-8, band=1, graft="adam", graft_eps=1e-8,
                  weight_decay=0.0, relative_eps=False):
@@ -73,13 +82,18 @@ class SONew(KfoptOptimizer):
     @staticmethod
     def tensor_band(p: torch.Tensor, band: int) -> int:
         """The band a parameter gets: 0 (plain Adam) for <= 1 dimension, else ``min(band, numel - 1)``."""
-        return 0 if p.dim() <= 1 else min(band, p.numel() - 1)
+        return 0 if p.dim() <= 1 else max(0, min(band, p.numel() - 1))
+
+    def _state_spec(self, p, group):
+        n = p.numel()
+        return {"step": ((), torch.float32, True), "exp_avg": (tuple(p.shape), torch.float32, True),
+                "diag": ((n,), torch.float32, True),
+                "offdiag": ((self.tensor_band(p, group["band"]), n), torch.float32, True)}
 
     @torch.no_grad()
     def step(self, closure=None):
+        self._check_hyperparameters()  # hyperparameters edited since they were added
         loss = self._evaluate(closure)
-        for group in self.param_groups:  # hyperparameters edited since they were added
-            self._check_group(group)
         found = self._params_with_grads()
         if not found:
             return loss
@@ -112,6 +126,6 @@ class SONew(KfoptOptimizer):
             cols["p"], cols["g"], cols["m"], cols["v"], cols["o"], cols["s"], lr=cols["lr"], beta1=cols["b1"],
             beta2=cols["b2"], eps=cols["eps"], weight_decay=cols["wd"], graft=cols["graft"],
             graft_eps=cols["geps"], relative_eps=cols["rel"], precondition=cols["pre"],
-            skipped=self._skip_counter(found[0][1].device),
+            skipped=self._skip_counter(found[0][1].device), **self._amp_kwargs(),
         )
         return loss

@@ -1,9 +1,12 @@
-"""Hyperparameter checks shared by kfopt's optimizers: each raises a ValueError naming the argument."""
+"""Hyperparameter and checkpoint checks shared by kfopt's optimizers: each raises a ValueError naming
+the argument (or the checkpoint entry) that does not fit."""
 
 from __future__ import annotations
 
 import math
 import numbers
+
+import torch
 
 
 def _is_real(value) -> bool:
@@ -61,3 +64,68 @@ def check_loss_average(name: str, value) -> None:
     """``value`` is how the loss averages its terms: None (a sum), "batch" or "batch+sequence"."""
     if value not in (None, "batch", "batch+sequence"):
         raise ValueError(f"{name}: expected None, 'batch' or 'batch+sequence', got {value!r}")
+
+
+# -- checkpoints: load_state_dict checks everything before it changes anything --------------------
+
+#: the key of a kfopt ``state_dict()`` that records the optimizer kind (its class name)
+KIND_KEY = "kfopt_optimizer"
+
+#: (shape, allowed dtypes, required): what one entry of a parameter's saved state must be
+TensorSpec = tuple[tuple[int, ...], tuple, bool]
+
+
+def check_keys(saved, keys, where: str) -> None:
+    """ValueError unless ``saved`` is a dict holding ``keys``."""
+    if not isinstance(saved, dict):
+        raise ValueError(f"{where}: expected a dict, got {type(saved).__name__}")
+    missing = [key for key in keys if key not in saved]
+    if missing:
+        raise ValueError(f"{where} has no {', '.join(map(repr, missing))}")
+
+
+def check_int(name: str, value, minimum: int = 0) -> None:
+    """``value`` is an int >= ``minimum`` (a saved counter)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {value!r}")
+
+
+def check_tensor(name: str, value, shape, dtypes) -> None:
+    """``value`` is a tensor of ``shape`` with a dtype in ``dtypes`` (one dtype or a tuple)."""
+    dtypes = dtypes if isinstance(dtypes, tuple) else (dtypes,)
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"{name}: expected a tensor, got {type(value).__name__}")
+    if tuple(value.shape) != tuple(shape):
+        raise ValueError(f"{name}: shape {tuple(value.shape)}, expected {tuple(shape)}")
+    if value.dtype not in dtypes:
+        raise ValueError(f"{name}: dtype {value.dtype}, expected {' or '.join(map(str, dtypes))}")
+
+
+def check_counter(name: str, value) -> None:
+    """A saved skip counter: a 0-d int32 tensor."""
+    check_tensor(name, value, (), torch.int32)
+
+
+def check_kind(state_dict: dict, accepted: tuple[str, ...], mine: str) -> None:
+    """ValueError unless ``state_dict`` records one of the optimizer kinds ``accepted``."""
+    kind = state_dict.get(KIND_KEY)
+    if kind not in accepted:
+        raise ValueError(f"state_dict is a checkpoint of {kind!r}, not of {mine} (expected "
+                         f"{KIND_KEY} in {list(accepted)})")
+
+
+def check_param_state(where: str, saved, spec: dict[str, TensorSpec] | None) -> None:
+    """ValueError unless the saved state of one parameter fits ``spec`` (None: not checked)."""
+    if not isinstance(saved, dict):
+        raise ValueError(f"{where}: expected a dict, got {type(saved).__name__}")
+    if spec is None:
+        return
+    unknown = sorted(set(saved) - set(spec), key=str)
+    if unknown:
+        raise ValueError(f"{where} has entries {unknown} this optimizer does not keep (expected {sorted(spec)})")
+    missing = [key for key, (_, _, required) in spec.items() if required and key not in saved]
+    if missing and saved:
+        raise ValueError(f"{where} has no {', '.join(map(repr, missing))}")
+    for key, value in saved.items():
+        shape, dtypes, _ = spec[key]
+        check_tensor(f"{where}[{key!r}]", value, shape, dtypes)

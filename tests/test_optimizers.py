@@ -1,6 +1,5 @@
 """kfopt.LAMB and kfopt.LARS as torch optimizers: equations step by step, contract, bad input."""
 
-import io
 import math
 
 import pytest
@@ -96,6 +95,31 @@ def test_steps_follow_the_equations(method, group_overrides, opt_kwargs, seed):
             assert_rel_close(p.detach(), r, torch.float32, tol=2e-5, name=f"step {t} param {i}")
 
 
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_lars_nesterov_follows_the_equations(nesterov, seed):
+    """A configuration where the Nesterov and the heavy-ball updates differ by far more than the tolerance
+    (no clipping, trust ratio ~0.02, lr 1: each step moves the weights by a few percent)."""
+    shapes = [(17, 9), (129,)]
+    params = [torch.randn(s) for s in shapes]
+    model_params = [nn.Parameter(p.clone()) for p in params]
+    opt = kfopt.LARS(model_params, lr=1.0, momentum=0.9, weight_decay=1e-3, eta=0.02, nesterov=nesterov)
+    hp = [dict(DEFAULTS["lars"], lr=1.0, weight_decay=1e-3, eta=0.02, nesterov=nesterov)] * len(shapes)
+    ref = {nes: [p.double() for p in params] for nes in (True, False)}
+    state = {nes: [[torch.zeros_like(p)] for p in ref[nes]] for nes in (True, False)}
+    for t in range(1, 4):
+        grads = [torch.randn(s) for s in shapes]
+        for p, g in zip(model_params, grads):
+            p.grad = g.clone()
+        opt.step()
+        for nes in (True, False):
+            lars_equations(ref[nes], [g.double() for g in grads], state[nes], [dict(h, nesterov=nes) for h in hp], t,
+                           None)
+        for i, (p, r, other) in enumerate(zip(model_params, ref[nesterov], ref[not nesterov])):
+            assert_rel_close(p.detach(), r, tol=2e-5, name=f"step {t} param {i}")
+            gap = ((r - other).norm() / r.norm()).item()
+            assert gap > 100 * 2e-5, f"nesterov={nesterov} is not distinguishable ({gap:.1e})"
+
+
 @pytest.mark.parametrize("method", ["lamb", "lars"])
 def test_reference_backend_matches_triton_backend(method, monkeypatch, seed):
     model = nn.Sequential(nn.Linear(7, 13), nn.LayerNorm(13), nn.Linear(13, 3))
@@ -147,52 +171,6 @@ def test_state_dict_round_trip_continues_bit_identically(method, dtype, tmp_path
     train(model_c, opt_c, data[3:])
     for a, c in zip(model_a.parameters(), model_c.parameters()):
         assert torch.equal(a, c)
-
-
-@pytest.mark.parametrize("method", ["lamb", "lars"])
-def test_closure_scheduler_zero_grad_and_params_without_grads(method, seed):
-    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 1))
-    frozen_used = nn.Linear(1, 1)  # in the optimizer but never given a gradient
-    opt = OPTIMIZERS[method]([{"params": model.parameters()}, {"params": frozen_used.parameters()}], lr=0.1)
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
-    x, y = torch.randn(16, 4), torch.randn(16, 1)
-    frozen_before = [p.clone() for p in frozen_used.parameters()]
-
-    def closure():
-        opt.zero_grad()
-        loss = nn.functional.mse_loss(model(x), y)
-        loss.backward()
-        return loss
-
-    losses = []
-    for _ in range(4):
-        losses.append(opt.step(closure).item())
-        sched.step()
-    assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5 ** 4)
-    assert all(torch.equal(a, b) for a, b in zip(frozen_before, frozen_used.parameters()))
-    assert all(p not in opt.state for p in frozen_used.parameters())
-    opt.zero_grad()
-    assert all(p.grad is None for p in model.parameters())
-    assert losses[-1] < losses[0]
-
-
-@pytest.mark.parametrize("method", ["lamb", "lars"])
-def test_non_finite_gradient_skips_step_and_counts(method, seed):
-    model = nn.Linear(5, 3)
-    opt = OPTIMIZERS[method](model.parameters(), lr=0.1, weight_decay=0.01)
-    model(torch.randn(4, 5)).sum().backward()
-    opt.step()
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    state_before = [{k: v.clone() for k, v in opt.state[p].items()} for p in model.parameters()]
-    opt.zero_grad()
-    model(torch.randn(4, 5)).sum().backward()
-    model.weight.grad[0, 0] = float("nan")
-    opt.step()
-    assert opt.skipped_steps.item() == 1
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    for p, saved in zip(model.parameters(), state_before):
-        assert all(torch.equal(saved[k], v) for k, v in opt.state[p].items())
-    assert opt.state_dict()["skipped_steps"].item() == 1
 
 
 BAD_HYPERPARAMETERS = [
@@ -250,12 +228,8 @@ def test_bad_tensors_raise_before_any_state_changes(method):
 
     p_cpu = nn.Parameter(torch.randn(3))
     p_meta = nn.Parameter(torch.randn(3, device="meta"))
-    opt = OPTIMIZERS[method]([p_cpu, p_meta], lr=0.1)
-    p_cpu.grad = torch.randn(3)
-    p_meta.grad = torch.randn(3, device="meta")
-    with pytest.raises(ValueError, match="device"):
-        opt.step()
-    assert len(opt.state) == 0
+    with pytest.raises(ValueError, match="meta device"):  # no data: rejected at construction
+        OPTIMIZERS[method]([p_cpu, p_meta], lr=0.1)
 
     p64 = nn.Parameter(torch.randn(3, dtype=torch.float64))
     opt = OPTIMIZERS[method]([p64], lr=0.1)
@@ -263,17 +237,6 @@ def test_bad_tensors_raise_before_any_state_changes(method):
     with pytest.raises(TypeError, match="float64"):
         opt.step()  # the Triton kernels take fp32/bf16/fp16 (float64 runs on the PyTorch path)
     assert len(opt.state) == 0
-
-
-def test_load_state_dict_rejects_mismatched_groups():
-    opt = kfopt.LAMB(nn.Linear(3, 3).parameters())
-    other = kfopt.LAMB([{"params": nn.Linear(3, 3).parameters()}, {"params": nn.Linear(3, 1).parameters()}])
-    with pytest.raises(ValueError, match="param groups"):
-        opt.load_state_dict(other.state_dict())
-    buf = io.BytesIO()
-    torch.save(opt.state_dict(), buf)
-    buf.seek(0)
-    opt.load_state_dict(torch.load(buf, weights_only=True))
 
 
 def test_param_groups_split():

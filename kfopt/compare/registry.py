@@ -1,10 +1,11 @@
 """The optimizers ``kfopt compare`` knows: one ``OptimizerSpec`` entry each.
 
 An optimizer is *available* when its module imports; ``kfopt compare`` with no ``--optimizers``
-runs every available one, AdamW (the baseline) first. Adding an optimizer is one entry in
-``REGISTRY``: its module and class, whether it takes the model (Kronecker-factored methods) or
-parameter groups (element-wise methods), its default hyperparameters and its default learning rate
-per task. Element-wise optimizers get ``kfopt.param_groups(model, weight_decay)`` (no decay for
+runs every available one, AdamW (the baseline) first. The optimizers, how they are built (on the model
+for Kronecker-factored methods, on parameter groups for element-wise ones) and the hyperparameters
+they are built with come from kfopt's one registry, ``kfopt.registry.REGISTRY``; this module adds
+what is specific to the comparison (``_COMPARE``): the default learning rate per task and
+hyperparameters per task. Adding an optimizer to the comparison is one entry in ``_COMPARE``. Element-wise optimizers get ``kfopt.param_groups(model, weight_decay)`` (no decay for
 biases and normalisation weights).
 
 Defaults are each library's own defaults, except LARS (``weight_decay=1e-4``, ``always_adapt=True``:
@@ -33,6 +34,8 @@ import torch
 from torch import nn
 
 from kfopt.param_groups import param_groups
+from kfopt.registry import REGISTRY as OPTIMIZERS
+from kfopt.registry import OptimizerEntry
 
 
 @dataclass(frozen=True)
@@ -70,40 +73,40 @@ class OptimizerSpec:
         return {**self.defaults, **overrides}
 
 
-REGISTRY: dict[str, OptimizerSpec] = {spec.name: spec for spec in (
-    OptimizerSpec("adamw", "torch.optim", "AdamW", lr={"chars": 1.5e-3, "digits": 1e-2},
-                  defaults={"betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.01},
-                  summary="torch.optim.AdamW, the baseline (always run)"),
-    OptimizerSpec("lamb", "kfopt.lamb", "LAMB", lr={"chars": 3e-2, "digits": 2e-2},
-                  defaults={"betas": (0.9, 0.999), "eps": 1e-6, "weight_decay": 0.01, "max_grad_norm": 1.0},
-                  summary="kfopt.LAMB, layer-wise trust ratio on Adam moments"),
-    OptimizerSpec("lars", "kfopt.lars", "LARS", lr={"chars": 10.0, "digits": 10.0},
-                  defaults={"momentum": 0.9, "weight_decay": 1e-4, "eta": 0.001, "always_adapt": True},
-                  summary="kfopt.LARS, layer-wise trust ratio on SGD with momentum"),
-    OptimizerSpec("sonew", "kfopt.sonew", "SONew", lr={"chars": 8e-3, "digits": 1e-2},
-                  defaults={"band": 1, "betas": (0.9, 0.99), "eps": 1e-8, "weight_decay": 0.0},
-                  summary="kfopt.SONew, tridiagonal sparsified online Newton, Adam-grafted"),
-    OptimizerSpec("sonew4", "kfopt.sonew", "SONew", lr={"chars": 8e-3, "digits": 1e-2},
-                  defaults={"band": 4, "betas": (0.9, 0.99), "eps": 1e-8, "weight_decay": 0.0},
-                  summary="kfopt.SONew with band 4"),
-    OptimizerSpec("kfac", "kfopt.kfac", "KFAC", lr={"chars": 3e-2, "digits": 3e-2}, takes_model=True,
-                  task_defaults={"chars": {"loss_average": "batch+sequence"}, "digits": {"damping": 0.1}},
-                  summary="kfopt.KFAC (eigen, KAISA), SGD base with momentum"),
-    OptimizerSpec("mkor", "kfopt.mkor", "MKOR", lr={"chars": 3e-2, "digits": 2e-2}, takes_model=True,
-                  task_defaults={"chars": {"loss_average": "batch+sequence"}},
-                  summary="kfopt.MKOR, rank-1 inverse factors, LAMB base"),
-    OptimizerSpec("mkorh", "kfopt.mkor", "MKORH", lr={"chars": 3e-2, "digits": 2e-2}, takes_model=True,
-                  task_defaults={"chars": {"loss_average": "batch+sequence"}},
-                  summary="kfopt.MKORH, MKOR with the loss-rate switch to LAMB"),
-    OptimizerSpec("singd", "kfopt.singd", "SINGD", lr={"chars": 3e-3, "digits": 3e-3}, takes_model=True,
-                  defaults={"T": 2, "lr_cov": 0.05, "damping": 1e-2},
-                  task_defaults={"chars": {"loss_average": "batch+sequence"}},
-                  summary="kfopt.SINGD, dense structured factors"),
-    OptimizerSpec("singd-toeplitz", "kfopt.singd", "SINGD", lr={"chars": 3e-3, "digits": 3e-3}, takes_model=True,
-                  defaults={"T": 2, "lr_cov": 0.05, "damping": 1e-2, "structures": ("triltoeplitz", "diagonal")},
-                  task_defaults={"chars": {"loss_average": "batch+sequence"}},
-                  summary="kfopt.SINGD, lower-triangular Toeplitz K and diagonal C"),
-)}
+#: compare's own data per optimizer of ``kfopt.registry.REGISTRY`` it runs: the peak lr per task, and
+#: hyperparameters on top of the registry's (``defaults``; per task: ``task_defaults``)
+_COMPARE: dict[str, dict] = {
+    "lamb": dict(lr={"chars": 3e-2, "digits": 2e-2},
+                 defaults={"betas": (0.9, 0.999), "eps": 1e-6, "weight_decay": 0.01, "max_grad_norm": 1.0}),
+    "lars": dict(lr={"chars": 10.0, "digits": 10.0}, defaults={"momentum": 0.9, "eta": 0.001}),
+    "sonew": dict(lr={"chars": 8e-3, "digits": 1e-2}, defaults={"betas": (0.9, 0.99), "eps": 1e-8, "weight_decay": 0.0}),
+    "sonew4": dict(lr={"chars": 8e-3, "digits": 1e-2},
+                   defaults={"betas": (0.9, 0.99), "eps": 1e-8, "weight_decay": 0.0}),
+    "kfac": dict(lr={"chars": 3e-2, "digits": 3e-2},
+                 task_defaults={"chars": {"loss_average": "batch+sequence"}, "digits": {"damping": 0.1}}),
+    "mkor": dict(lr={"chars": 3e-2, "digits": 2e-2}, task_defaults={"chars": {"loss_average": "batch+sequence"}}),
+    "mkorh": dict(lr={"chars": 3e-2, "digits": 2e-2}, task_defaults={"chars": {"loss_average": "batch+sequence"}}),
+    "singd": dict(lr={"chars": 3e-3, "digits": 3e-3}, defaults={"T": 2, "lr_cov": 0.05, "damping": 1e-2},
+                  task_defaults={"chars": {"loss_average": "batch+sequence"}}),
+    "singd-toeplitz": dict(lr={"chars": 3e-3, "digits": 3e-3}, defaults={"T": 2, "lr_cov": 0.05, "damping": 1e-2},
+                           task_defaults={"chars": {"loss_average": "batch+sequence"}}),
+}
+
+
+def _spec(entry: OptimizerEntry) -> OptimizerSpec:
+    data = _COMPARE[entry.name]
+    defaults = {**entry.overrides, **data.get("defaults", {})}
+    return OptimizerSpec(entry.name, entry.module, entry.cls_name, lr=data["lr"], defaults=defaults,
+                         task_defaults=data.get("task_defaults", {}), takes_model=entry.takes_model,
+                         summary=entry.summary)
+
+
+REGISTRY: dict[str, OptimizerSpec] = {
+    "adamw": OptimizerSpec("adamw", "torch.optim", "AdamW", lr={"chars": 1.5e-3, "digits": 1e-2},
+                           defaults={"betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.01},
+                           summary="torch.optim.AdamW, the baseline (always run)"),
+    **{name: _spec(entry) for name, entry in OPTIMIZERS.items() if name in _COMPARE},
+}
 
 #: The optimizer every comparison includes and measures step-time overhead against.
 BASELINE = "adamw"
