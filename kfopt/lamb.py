@@ -42,13 +42,8 @@ class LAMB(KfoptOptimizer):
     ``skipped_steps`` is incremented, on the device, without a host synchronisation.
     ``last_grad_norm`` holds ``||g_all||`` of the last step (before clipping) as a device tensor.
 
-    Mixed precision: under ``torch.amp.GradScaler`` (``scaler.step(opt)``; ``_step_supports_amp_scaling``)
-    the scaler hands the optimizer its scale and inf verdict instead of unscaling: the kernels divide the
-    gradients by the scale in fp32 as they load them (fp16 gradients lose nothing and are left as
-    stored) and skip the step on the device where the scaler found inf/NaN (``skipped_steps``
-    incremented), without a host synchronisation. fp32, bf16 and fp16 parameters all work; don't call
-    ``scaler.unscale_(opt)`` first with fp16 gradients (torch refuses to unscale those); ``max_grad_norm``
-    clips the unscaled gradients.
+    Mixed precision: fp32, bf16 and fp16 parameters, also under ``torch.amp.GradScaler`` (the kernels
+    unscale and skip on the device: ``kfopt.optimizer``); ``max_grad_norm`` clips the unscaled gradients.
     """
 
     global_hyperparameters = ("max_grad_norm",)

@@ -53,12 +53,8 @@ class SONew(KfoptOptimizer):
     Non-finite gradients: the whole step is skipped on the device and ``skipped_steps`` incremented,
     as for every kfopt optimizer. Bad hyperparameters raise ``ValueError`` naming the argument.
 
-    Mixed precision: under ``torch.amp.GradScaler`` (``scaler.step(opt)``; ``_step_supports_amp_scaling``)
-    the scaler hands the optimizer its scale and inf verdict instead of unscaling: the kernels divide the
-    gradients by the scale in fp32 as they load them (fp16 gradients lose nothing and are left as
-    stored) and skip the step on the device where the scaler found inf/NaN (``skipped_steps``
-    incremented), without a host synchronisation. fp32, bf16 and fp16 parameters all work; don't call
-    ``scaler.unscale_(opt)`` first with fp16 gradients (torch refuses to unscale those).
+    Mixed precision: fp32, bf16 and fp16 parameters, also under ``torch.amp.GradScaler`` (the kernels
+    unscale and skip on the device: ``kfopt.optimizer``).
     """
 
     _step_supports_amp_scaling = True

@@ -20,7 +20,6 @@ Conventions
 from __future__ import annotations
 
 import contextlib
-import inspect
 import math
 import os
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ import torch
 from perf.config import MODE  # noqa: I001  (first: sets TRITON_INTERPRET in the smoke run, before triton loads)
 
 import kfopt
+from kfopt.compare.registry import REGISTRY as COMPARE
 from kfopt.kernels import (
     block_diagonal_matmul,
     eigen_precondition,
@@ -47,6 +47,7 @@ from kfopt.kernels import (
 )
 from kfopt.kernels.sonew import DROP_TOL as SONEW_DROP_TOL
 from kfopt.kernels.triangular import unpack_lower
+from kfopt.registry import REGISTRY
 from perf import baselines
 from perf.models import GPT2_SMALL, GPTConfig, Mix, scaled_mix
 
@@ -780,51 +781,40 @@ def _groups(model, wd):
 
 
 def _lamb(model):
-    return kfopt.LAMB(_groups(model, 0.01), lr=1e-3)
+    return REGISTRY["lamb"].build(model, lr=1e-3)
 
 
 def _lars(model):
-    return kfopt.LARS(_groups(model, 1e-4), lr=0.1)
+    return REGISTRY["lars"].build(model, lr=0.1)
 
 
-def _default(cls, argument: str) -> int:
-    """The default of a constructor argument (an update interval) of a kfopt optimizer."""
-    return inspect.signature(cls).parameters[argument].default
+def _sonew(band: int):
+    return lambda model: REGISTRY["sonew" if band == 1 else f"sonew{band}"].build(model, lr=1e-3)
 
 
-# The Kronecker-factored optimizers, with the hyperparameters ``kfopt compare`` uses on its chars
-# transformer (kfopt/compare/registry.py): perf.models.GPT averages its loss over every token.
-LOSS_AVERAGE = "batch+sequence"
+def kronecker_factored(name: str, **hyperparameters):
+    """``build(every_step)``: the optimizer ``kfopt.registry`` entry ``name`` with the learning rate and
+    hyperparameters ``kfopt compare`` uses on its chars transformer (perf.models.GPT averages its loss
+    over every token, as that task does), updated by ``hyperparameters``; its update intervals set to 1
+    (``every_step``) or to their defaults (the registry's ``intervals``)."""
+    entry, spec = REGISTRY[name], COMPARE[name]
 
-
-def _kfac(every_step: bool):
-    intervals = dict(factor_update_steps=1, inv_update_steps=1) if every_step else {}
-    return lambda m: kfopt.KFAC(m, lr=3e-2, loss_average=LOSS_AVERAGE, **intervals)
-
-
-def _mkor(cls):
     def build(every_step: bool):
-        intervals = dict(inv_freq=1) if every_step else {}
-        return lambda m: cls(m, lr=3e-2, loss_average=LOSS_AVERAGE, **intervals)
-    return build
-
-
-def _singd(structures: tuple[str, str]):
-    def build(every_step: bool):
-        intervals = dict(T=1) if every_step else {}
-        return lambda m: kfopt.SINGD(m, lr=3e-3, lr_cov=0.05, damping=1e-2, loss_average=LOSS_AVERAGE,
-                                     structures=structures, **intervals)
+        intervals = {key: 1 if every_step else default for key, default in entry.intervals.items()}
+        hyper = {**spec.task_defaults.get("chars", {}), **hyperparameters, **intervals}
+        return lambda m: spec.build(m, spec.lr["chars"], **hyper)
     return build
 
 
 KRONECKER_FACTORED = [  # (method, build(every_step), steps in one period of the default intervals)
-    ("kfac", _kfac, _default(kfopt.KFAC, "inv_update_steps")),
-    ("mkor", _mkor(kfopt.MKOR), _default(kfopt.MKOR, "inv_freq")),
+    ("kfac", kronecker_factored("kfac"), REGISTRY["kfac"].period),
+    ("mkor", kronecker_factored("mkor"), REGISTRY["mkor"].period),
     # MKOR-H before its switch (its step() observes no loss here); after it, its step is its base LAMB's
-    ("mkorh", _mkor(kfopt.MKORH), _default(kfopt.MKORH, "inv_freq")),
-    ("singd-dense", _singd(("dense", "dense")), _default(kfopt.SINGD, "T")),
-    ("singd-block32", _singd(("block32diagonal", "block32diagonal")), _default(kfopt.SINGD, "T")),
-    ("singd-toeplitz", _singd(("triltoeplitz", "diagonal")), _default(kfopt.SINGD, "T")),
+    ("mkorh", kronecker_factored("mkorh"), REGISTRY["mkorh"].period),
+    ("singd-dense", kronecker_factored("singd"), REGISTRY["singd"].period),
+    ("singd-block32", kronecker_factored("singd", structures=("block32diagonal", "block32diagonal")),
+     REGISTRY["singd"].period),
+    ("singd-toeplitz", kronecker_factored("singd-toeplitz"), REGISTRY["singd-toeplitz"].period),
 ]
 
 
@@ -847,11 +837,9 @@ OPTIMIZERS: list[OptimizerCase] = [
     case
     for band in (1, 4)
     for case in (
-        OptimizerCase(f"sonew-band{band}", "kfopt", "kernel",
-                      lambda m, band=band: kfopt.SONew(m.parameters(), lr=1e-3, band=band),
+        OptimizerCase(f"sonew-band{band}", "kfopt", "kernel", _sonew(band),
                       _per_param_bytes(sonew_bytes(band)), reference="reference"),
-        OptimizerCase(f"sonew-band{band}", "reference", "baseline",
-                      lambda m, band=band: kfopt.SONew(m.parameters(), lr=1e-3, band=band),
+        OptimizerCase(f"sonew-band{band}", "reference", "baseline", _sonew(band),
                       _per_param_bytes(sonew_bytes(band)), backend="torch"),
     )
 ] + [

@@ -430,22 +430,17 @@ def run_kernel_check(args: dict, device, large: int) -> dict:
 
 
 def _optimizer_builder(name: str):
-    import kfopt
     from perf import cases
     if name in ("lamb", "lars"):
         return {"lamb": cases._lamb, "lars": cases._lars}[name]
     if name.startswith("sonew-band"):
-        band = int(name[len("sonew-band"):])
-        return lambda m: kfopt.SONew(m.parameters(), lr=1e-3, band=band)
-    if name == "kfac-inverse-lamb":
-        return lambda m: kfopt.KFAC(m, lr=3e-2, loss_average=cases.LOSS_AVERAGE, factor_update_steps=1,
-                                    inv_update_steps=1, base="lamb", compute_method="inverse")
-    if name == "singd-tril":
-        return lambda m: kfopt.SINGD(m, lr=3e-3, lr_cov=0.05, damping=1e-2, loss_average=cases.LOSS_AVERAGE,
-                                     structures=("tril", "triu"), T=1)
-    if name == "singd-hierarchical":
-        return lambda m: kfopt.SINGD(m, lr=3e-3, lr_cov=0.05, damping=1e-2, loss_average=cases.LOSS_AVERAGE,
-                                     structures=("hierarchical3_2", "dense"), T=1)
+        return cases._sonew(int(name[len("sonew-band"):]))
+    variants = {"kfac-inverse-lamb": ("kfac", dict(compute_method="inverse", base="lamb")),
+                "singd-tril": ("singd", dict(structures=("tril", "triu"))),
+                "singd-hierarchical": ("singd", dict(structures=("hierarchical3_2", "dense")))}
+    if name in variants:
+        entry, hyperparameters = variants[name]
+        return cases.kronecker_factored(entry, **hyperparameters)(True)
     return cases.optimizer_case(name, "kfopt").build
 
 
