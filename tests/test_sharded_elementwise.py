@@ -1,7 +1,9 @@
 """LAMB and LARS under FSDP2 (``fully_shard`` on each layer and on the root) and HSDP on gloo processes:
 after 5 steps the full parameters equal one process on the same global batch, whatever the world size
 and mesh, with identical replicated state on every rank; a NaN in one rank's shard makes every rank
-skip; unsupported placements raise at construction.
+skip; unsupported placements raise at construction; torch.distributed.checkpoint saves reshard across
+world sizes 4, 2 and 1, and plain and sharded state dicts load into each other, the resumed runs
+continuing as the uninterrupted one.
 
 One spawn of 4 processes runs every configuration per backend (process start-up dominates the cost):
 world 4 on a 1-D mesh, world 2 on the "shard" dimension of a (2, 2) mesh (two independent jobs), world
@@ -215,3 +217,107 @@ def test_unsupported_placements_raise_at_construction():
         assert "Shard(dim=0), Shard(dim=0)" in errors["shard_both", name]
     assert errors["mixed"] is not None and "param_groups[0]['params'][6]" in errors["mixed"]
     assert errors["sonew"] is not None and "SONew" in errors["sonew"] and "params'][0]" in errors["sonew"]
+
+
+SAVE_AFTER = 3
+
+
+def checkpoint_runs(rank, world, directory):
+    """LAMB checkpoints on 4 ranks (PyTorch path): DCP saved at world 4 resumed at world 2 and 1, saved at
+    world 2 resumed at world 4, a plain single-process state_dict() loaded into a sharded run and a
+    full state dict of a sharded run loaded into a plain optimizer. Returns the full final parameters
+    of each resumed run and of the uninterrupted one."""
+    os.environ["KFOPT_BACKEND"] = "torch"
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_model_state_dict,
+        set_optimizer_state_dict)
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh4 = init_device_mesh("cpu", (4,))
+    mesh22 = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
+    mesh41 = init_device_mesh("cpu", (4, 1), mesh_dim_names=("replicate", "shard"))
+    shard2 = mesh22.get_local_rank("shard")
+    cls, kwargs = OPTIMIZERS["LAMB"]
+    data = batches()
+    out = {}
+
+    def sharded(mesh):
+        model = _sharded_model(mesh)
+        return model, cls(model.parameters(), **kwargs)
+
+    def save(model, opt, path):
+        dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
+                 checkpoint_id=os.path.join(directory, path))
+
+    def load(model, opt, path):
+        sd = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+        dcp.load(sd, checkpoint_id=os.path.join(directory, path))
+        set_model_state_dict(model, sd["model"])
+        set_optimizer_state_dict(model, opt, sd["optim"])
+
+    model, opt = sharded(mesh4)
+    train(model, opt, data, rank, 4)
+    out["uninterrupted"] = snapshot(model, opt)[0]
+
+    model, opt = sharded(mesh4)
+    train(model, opt, data[:SAVE_AFTER], rank, 4)
+    save(model, opt, "w4")
+    full_osd = get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True))
+    full_params = [full(p.detach()).clone() for p in model.parameters()]
+
+    for label, mesh, share, shares in (("w4->w2", mesh22["shard"], shard2, 2), ("w4->w1", mesh41["shard"], 0, 1)):
+        model, opt = sharded(mesh)
+        load(model, opt, "w4")
+        train(model, opt, data[SAVE_AFTER:SAVE_AFTER + 1], share, shares)
+        if label == "w4->w2":
+            save(model, opt, "w2")
+        train(model, opt, data[SAVE_AFTER + 1:], share, shares)
+        out[label] = snapshot(model, opt)[0]
+    model, opt = sharded(mesh4)
+    load(model, opt, "w2")
+    train(model, opt, data[SAVE_AFTER + 1:], rank, 4)
+    out["w2->w4"] = snapshot(model, opt)[0]
+
+    # a plain single-process state_dict() into a sharded run (every rank loads the same file)
+    plain = build_model()
+    plain_opt = cls(plain.parameters(), **kwargs)
+    train(plain, plain_opt, data[:SAVE_AFTER])
+    plain_sd = plain_opt.state_dict()
+    model = build_model()
+    model.load_state_dict(plain.state_dict())
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            from torch.distributed.fsdp import fully_shard
+
+            fully_shard(layer, mesh=mesh4)
+    fully_shard(model, mesh=mesh4)
+    opt = cls(model.parameters(), **kwargs)
+    opt.load_state_dict(plain_sd)
+    train(model, opt, data[SAVE_AFTER:], rank, 4)
+    out["plain->w4"] = snapshot(model, opt)[0]
+
+    # the full state dict of a sharded run into a plain single-process optimizer
+    plain = build_model()
+    with torch.no_grad():
+        for p, q in zip(plain.parameters(), full_params):
+            p.copy_(q)
+    plain_opt = cls(plain.parameters(), **kwargs)
+    plain_opt.load_state_dict(full_osd)
+    train(plain, plain_opt, data[SAVE_AFTER:])
+    out["w4->plain"] = snapshot(plain, plain_opt)[0]
+    return out
+
+
+@pytest.mark.distributed
+def test_checkpoints_reshard_and_resume(tmp_path):
+    os.environ["KFOPT_BACKEND"] = "torch"
+    try:
+        ranks = run_distributed(checkpoint_runs, 4, str(tmp_path), timeout=240)
+    finally:
+        os.environ.pop("KFOPT_BACKEND", None)
+    reference = ranks[0]["uninterrupted"]
+    for rank, out in enumerate(ranks):
+        for label in ("w4->w2", "w4->w1", "w2->w4", "plain->w4", "w4->plain"):
+            for i, (p, q) in enumerate(zip(out[label], reference)):
+                assert rel(p, q) < TOL, f"rank {rank} {label} param {i}: {rel(p, q)}"
