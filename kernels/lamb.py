@@ -30,7 +30,7 @@ memory (``aliasing.check_no_overlap``: a ValueError names the two entries).
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import triton
@@ -54,6 +54,7 @@ from .multi_tensor import (
     per_tensor,
     program_chunk,
     trust_ratio,
+    tensor_norms_reference,
     trust_ratio_reference,
 )
 
@@ -177,6 +178,7 @@ def lamb_step(
     skipped: torch.Tensor | None = None,
     grad_scale: torch.Tensor | None = None,
     found_inf: torch.Tensor | None = None,
+    reduce: Callable[[torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """One LAMB step over all tensors, in place (see the module docstring for the math).
 
@@ -188,6 +190,11 @@ def lamb_step(
     ``GradScaler.step`` hands them to an optimizer with ``_step_supports_amp_scaling``): the gradients
     are divided by ``grad_scale`` in fp32 as they are loaded (they stay as stored) and the step is
     skipped (``skipped`` incremented) when ``found_inf`` is nonzero, on the device.
+
+    ``reduce``: the tensors are this rank's shards of larger ones (FSDP2): an in-place SUM all-reduce
+    over the shard group, applied to the gradient-norm partials ``[sum g^2, non-finite count]`` and to
+    the per-tensor ``[sum w^2, sum u^2]`` (two small collectives per step, no host synchronisation), so
+    the clip coefficient, the skip verdict and the trust ratios are those of the whole tensors.
 
     With bias correction, betas must be in [0, 1). ValueError when tensors the step writes (params,
     exp_avgs, exp_avg_sqs, steps, skipped) share memory, with each other or with a gradient, and
@@ -212,7 +219,7 @@ def lamb_step(
     if not use_triton(device):
         return lamb_step_reference(params, grads, exp_avgs, exp_avg_sqs, steps, hyper=hyper,
                                    max_grad_norm=max_grad_norm, skipped=skipped, grad_scale=grad_scale,
-                                   found_inf=found_inf)
+                                   found_inf=found_inf, reduce=reduce)
     for i, (p, g, m, v, s) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, steps)):
         check_kernel_dtype(f"params[{i}]", p)
         check_kernel_dtype(f"grads[{i}]", g)
@@ -232,7 +239,8 @@ def lamb_step(
     def run(config: Config) -> torch.Tensor:
         table = TensorTable.build([params, grads, exp_avgs, exp_avg_sqs, steps], hyper, config["CHUNK"],
                                   device, dtype_columns=(P, G))
-        clip = launch_global_norm(table, G, 1, max_grad_norm, skipped, config, device, grad_scale, found_inf)
+        clip = launch_global_norm(table, G, 1, max_grad_norm, skipped, config, device, grad_scale, found_inf,
+                                  reduce)
         partial = torch.empty((max(table.n_chunks, 1), 2), dtype=torch.float32, device=device)
 
         def moments(lo, hi, dtypes):
@@ -248,7 +256,7 @@ def lamb_step(
                 BLOCK=config["BLOCK"], CHUNK=config["CHUNK"], num_warps=config.num_warps)
 
         for_each_launch(table, moments)
-        norms = launch_segment_norms(table, partial, clip, step_col=STEP)
+        norms = launch_segment_norms(table, partial, clip, step_col=STEP, reduce=reduce)
         for_each_launch(table, apply)
         return clip
 
@@ -258,14 +266,15 @@ def lamb_step(
 
 
 def lamb_step_reference(params, grads, exp_avgs, exp_avg_sqs, steps, *, hyper, max_grad_norm, skipped=None,
-                        grad_scale=None, found_inf=None):
+                        grad_scale=None, found_inf=None, reduce=None):
     """Plain PyTorch LAMB (same contract as :func:`lamb_step`; ``hyper`` rows as built there).
 
     Math in fp32, or float64 when the params are float64 (the tests' reference); the bias corrections
     ``1 - b^t`` always in float64 (they cancel: fp32 ``b^t`` would cost up to ~3e-8 / (1 - b) relative).
     """
-    clip = global_norm_reference(grads, max_grad_norm, skipped, grad_scale, found_inf)
+    clip = global_norm_reference(grads, max_grad_norm, skipped, grad_scale, found_inf, reduce)
     ok = clip[2] != 0
+    updates = []
     for p, g, m, v, s, h in zip(params, grads, exp_avgs, exp_avg_sqs, steps, hyper):
         dtype = torch.promote_types(p.dtype, torch.float32)
         w = p.to(dtype)
@@ -276,9 +285,13 @@ def lamb_step_reference(params, grads, exp_avgs, exp_avg_sqs, steps, *, hyper, m
         m_new = h[B1] * m.to(dtype) + h[B3] * g
         v_new = h[B2] * v.to(dtype) + h[B4] * g * g
         u = (m_new / bc1) / ((v_new / bc2).sqrt() + h[EPS]) + h[WD] * w
-        r = trust_ratio_reference(w.norm(), u.norm(), 1.0, h[TRUST_MIN], h[TRUST_MAX], bool(h[ADAPT]))
-        m.copy_(torch.where(ok, m_new, m.to(dtype)))
-        v.copy_(torch.where(ok, v_new, v.to(dtype)))
+        updates.append((w, m_new, v_new, u))
+    norms = tensor_norms_reference([(w, u) for w, _, _, u in updates], reduce)
+    for (p, m, v, s, h), (w, m_new, v_new, u), (w_norm, u_norm) in zip(
+            zip(params, exp_avgs, exp_avg_sqs, steps, hyper), updates, norms):
+        r = trust_ratio_reference(w_norm, u_norm, 1.0, h[TRUST_MIN], h[TRUST_MAX], bool(h[ADAPT]))
+        m.copy_(torch.where(ok, m_new, m.to(m_new.dtype)))
+        v.copy_(torch.where(ok, v_new, v.to(v_new.dtype)))
         p.copy_(torch.where(ok, w - h[LR] * r * u, w))
         s.add_(ok.to(s.dtype))
     return clip

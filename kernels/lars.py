@@ -23,7 +23,7 @@ elementwise update has no division or transcendental. Tensors the step writes mu
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import triton
@@ -45,6 +45,7 @@ from .multi_tensor import (
     per_tensor,
     program_chunk,
     trust_ratio,
+    tensor_norms_reference,
     trust_ratio_reference,
 )
 
@@ -134,6 +135,7 @@ def lars_step(
     skipped: torch.Tensor | None = None,
     grad_scale: torch.Tensor | None = None,
     found_inf: torch.Tensor | None = None,
+    reduce: Callable[[torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """One LARS step over all tensors, in place (see the module docstring for the math).
 
@@ -145,6 +147,9 @@ def lars_step(
     with ``_step_supports_amp_scaling``): the gradients are divided by ``grad_scale`` in fp32 as they are
     loaded (they stay as stored) and the step is skipped (``skipped`` incremented) when ``found_inf`` is
     nonzero, on the device.
+    ``reduce``: the tensors are this rank's shards (FSDP2): an in-place SUM all-reduce over the shard
+    group of the gradient-norm partials and of the per-tensor ``[sum w^2, sum d^2]``, as for
+    :func:`kfopt.kernels.lamb_step`.
     """
     n = len(params)
     check_same_shapes("grads", grads, params)
@@ -160,7 +165,7 @@ def lars_step(
     grad_scale, found_inf = amp_tensors(grad_scale, found_inf, device)
     if not use_triton(device):
         return lars_step_reference(params, grads, momentum_buffers, hyper=hyper, max_grad_norm=max_grad_norm,
-                                   skipped=skipped, grad_scale=grad_scale, found_inf=found_inf)
+                                   skipped=skipped, grad_scale=grad_scale, found_inf=found_inf, reduce=reduce)
     for i, (p, g, m) in enumerate(zip(params, grads, momentum_buffers)):
         check_kernel_dtype(f"params[{i}]", p)
         check_kernel_dtype(f"grads[{i}]", g)
@@ -177,7 +182,8 @@ def lars_step(
     def run(config: Config) -> torch.Tensor:
         table = TensorTable.build([params, grads, momentum_buffers], hyper, config["CHUNK"], device,
                                   dtype_columns=(P, G))
-        clip = launch_global_norm(table, G, 1, max_grad_norm, skipped, config, device, grad_scale, found_inf)
+        clip = launch_global_norm(table, G, 1, max_grad_norm, skipped, config, device, grad_scale, found_inf,
+                                  reduce)
         partial = torch.empty((max(table.n_chunks, 1), 2), dtype=torch.float32, device=device)
 
         def launcher(kernel, out):
@@ -189,7 +195,7 @@ def lars_step(
             return launch
 
         for_each_launch(table, launcher(_lars_norms_kernel, lambda lo, hi: partial[lo:hi]))
-        norms = launch_segment_norms(table, partial, clip, step_col=None)
+        norms = launch_segment_norms(table, partial, clip, step_col=None, reduce=reduce)
         for_each_launch(table, launcher(_lars_apply_kernel, lambda lo, hi: norms))
         return clip
 
@@ -199,17 +205,20 @@ def lars_step(
 
 
 def lars_step_reference(params, grads, momentum_buffers, *, hyper, max_grad_norm, skipped=None, grad_scale=None,
-                        found_inf=None):
+                        found_inf=None, reduce=None):
     """Plain PyTorch LARS (same contract as :func:`lars_step`; math in fp32, float64 for float64 params)."""
-    clip = global_norm_reference(grads, max_grad_norm, skipped, grad_scale, found_inf)
+    clip = global_norm_reference(grads, max_grad_norm, skipped, grad_scale, found_inf, reduce)
     ok = clip[2] != 0
-    for p, g, m, h in zip(params, grads, momentum_buffers, hyper):
+    directions = []
+    for p, g, h in zip(params, grads, hyper):
         dtype = torch.promote_types(p.dtype, torch.float32)
         w = p.to(dtype)
-        d = g.to(dtype) * clip[1].to(dtype) + h[WD] * w
-        r = trust_ratio_reference(w.norm(), d.norm(), h[ETA], h[TRUST_MIN], h[TRUST_MAX], bool(h[ADAPT]))
-        m_new = h[MOMENTUM] * m.to(dtype) + h[LR] * r * d
+        directions.append((w, g.to(dtype) * clip[1].to(dtype) + h[WD] * w))
+    norms = tensor_norms_reference(directions, reduce)
+    for p, m, h, (w, d), (w_norm, d_norm) in zip(params, momentum_buffers, hyper, directions, norms):
+        r = trust_ratio_reference(w_norm, d_norm, h[ETA], h[TRUST_MIN], h[TRUST_MAX], bool(h[ADAPT]))
+        m_new = h[MOMENTUM] * m.to(w.dtype) + h[LR] * r * d
         update = h[MOMENTUM] * m_new + h[LR] * r * d if h[NESTEROV] else m_new
-        m.copy_(torch.where(ok, m_new, m.to(dtype)))
+        m.copy_(torch.where(ok, m_new, m.to(w.dtype)))
         p.copy_(torch.where(ok, w - update, w))
     return clip

@@ -300,6 +300,30 @@ def _segment_norms_kernel(
         tl.store(step_ptr, tl.load(step_ptr) + tl.load(clip_ptr + 2))
 
 
+@triton.jit
+def _segment_sums_kernel(
+    partial_ptr, bounds_ptr, sums_ptr, addr_ptr, addr_stride, step_col, clip_ptr,
+    INCREMENT_STEP: tl.constexpr, RBLOCK: tl.constexpr,
+):
+    """sums[i] = the summed 2-column partials of tensor i's chunks (a shard's part of the squared norms,
+    before the all-reduce); step_i += ok if asked."""
+    tid = tl.program_id(0)
+    lo = tl.load(bounds_ptr + tid * 2)
+    hi = tl.load(bounds_ptr + tid * 2 + 1)
+    a = tl.zeros([RBLOCK], tl.float32)
+    b = tl.zeros([RBLOCK], tl.float32)
+    for off in range(lo, hi, RBLOCK):
+        idx = off + tl.arange(0, RBLOCK)
+        mask = idx < hi
+        a += tl.load(partial_ptr + idx * 2, mask=mask, other=0.0)
+        b += tl.load(partial_ptr + idx * 2 + 1, mask=mask, other=0.0)
+    tl.store(sums_ptr + tid * 2, tl.sum(a, axis=0))
+    tl.store(sums_ptr + tid * 2 + 1, tl.sum(b, axis=0))
+    if INCREMENT_STEP:
+        step_ptr = tl.load(addr_ptr + tid * addr_stride + step_col).to(tl.pointer_type(tl.float32))
+        tl.store(step_ptr, tl.load(step_ptr) + tl.load(clip_ptr + 2))
+
+
 # ----------------------------------------------------------------------------- launchers
 
 
@@ -307,9 +331,12 @@ def launch_global_norm(
     table: TensorTable, g_col: int, g_dtype_pos: int, max_norm: float | None,
     skipped: torch.Tensor | None, config, device: torch.device,
     grad_scale: torch.Tensor | None = None, found_inf: torch.Tensor | None = None,
+    reduce: Callable[[torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """Run the gradient-norm pass and its reduction; returns ``clip = [norm, coef, ok]`` (fp32, device).
-    ``grad_scale``/``found_inf``: a GradScaler's (module docstring), as from :func:`amp_tensors`."""
+    ``grad_scale``/``found_inf``: a GradScaler's (module docstring), as from :func:`amp_tensors`.
+    ``reduce``: sharded tensors (module docstring): sums this rank's ``[sum g^2, non-finite count]``
+    with the other shards' in place before the coefficient is formed."""
     partial = torch.empty((max(table.n_chunks, 1), 2), dtype=torch.float32, device=device)
     clip = torch.empty(3, dtype=torch.float32, device=device)
     inv_scale = grad_scale.double().reciprocal().float() if grad_scale is not None else clip
@@ -322,8 +349,13 @@ def launch_global_norm(
                 CHUNK=config["CHUNK"], num_warps=config.num_warps,
             )
     has_clip = max_norm is not None and max_norm > 0
+    n_partials = table.n_chunks
+    if reduce is not None:
+        partial = partial[:table.n_chunks].sum(0, keepdim=True)
+        reduce(partial)
+        n_partials = 1
     _clip_coef_kernel[(1,)](
-        partial, table.n_chunks, float(max_norm) if has_clip else 0.0, clip,
+        partial, n_partials, float(max_norm) if has_clip else 0.0, clip,
         skipped if skipped is not None else clip, inv_scale, found_inf if found_inf is not None else clip,
         HAS_CLIP=has_clip, HAS_SKIPPED=skipped is not None, HAS_SCALE=grad_scale is not None,
         HAS_FOUND_INF=found_inf is not None, RBLOCK=REDUCE_BLOCK,
@@ -346,15 +378,21 @@ def amp_tensors(grad_scale, found_inf, device: torch.device) -> tuple[torch.Tens
 
 def launch_segment_norms(
     table: TensorTable, partial: torch.Tensor, clip: torch.Tensor, step_col: int | None,
+    reduce: Callable[[torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
-    """Per-tensor ``[norm of column 0, norm of column 1]`` from chunk partials (and step += ok)."""
+    """Per-tensor ``[norm of column 0, norm of column 1]`` from chunk partials (and step += ok).
+    ``reduce``: sharded tensors: the per-tensor sums of squares of this rank are summed with the other
+    shards' in place (one collective for all tensors) before the square roots."""
     norms = torch.empty((max(table.n, 1), 2), dtype=torch.float32, device=partial.device)
     if table.n:
-        _segment_norms_kernel[(table.n,)](
+        (_segment_norms_kernel if reduce is None else _segment_sums_kernel)[(table.n,)](
             partial, table.bounds, norms, table.addr, table.addr.stride(0),
             int(step_col) if step_col is not None else 0, clip,
             INCREMENT_STEP=step_col is not None, RBLOCK=REDUCE_BLOCK,
         )
+    if reduce is not None:
+        reduce(norms)
+        norms = norms.sqrt()
     return norms
 
 
@@ -371,8 +409,10 @@ def for_each_launch(table: TensorTable, launch: Callable[[int, int, tuple], None
 def global_norm_reference(
     grads: Sequence[torch.Tensor], max_norm: float | None, skipped: torch.Tensor | None = None,
     grad_scale: torch.Tensor | None = None, found_inf: torch.Tensor | None = None,
+    reduce: Callable[[torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
-    """PyTorch reference of the gradient-norm pass: ``[norm, coef, ok]`` in the grads' math dtype."""
+    """PyTorch reference of the gradient-norm pass: ``[norm, coef, ok]`` in the grads' math dtype
+    (``reduce``: as for :func:`launch_global_norm`)."""
     dtype = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
     device = grads[0].device if grads else torch.device("cpu")
     inv_scale = grad_scale.double().reciprocal().float().to(dtype) if grad_scale is not None else None
@@ -383,6 +423,10 @@ def global_norm_reference(
         finite = torch.isfinite(g)
         total = total + torch.where(finite, g * g, 0).sum()
         bad = bad | ~finite.all()
+    if reduce is not None:
+        sums = torch.stack([total, bad.to(dtype)])
+        reduce(sums)
+        total, bad = sums[0], sums[1] != 0
     ok = ~bad & torch.isfinite(total)
     norm = total.sqrt()
     coef = torch.ones((), dtype=dtype, device=device)
@@ -395,6 +439,18 @@ def global_norm_reference(
     if skipped is not None:
         skipped.add_((~ok).to(skipped.dtype))
     return torch.stack([norm, coef, ok.to(dtype)])
+
+
+def tensor_norms_reference(pairs, reduce: Callable[[torch.Tensor], None] | None = None) -> list:
+    """``[(||a||, ||b||)]`` for each pair of tensors; with ``reduce`` (sharded tensors) the sums of squares
+    of all pairs are summed over the shard group in one collective before the square roots."""
+    if reduce is None:
+        return [(a.norm(), b.norm()) for a, b in pairs]
+    if not pairs:
+        return []
+    sums = torch.stack([torch.stack([a.square().sum(), b.square().sum()]) for a, b in pairs])
+    reduce(sums)
+    return list(sums.sqrt().unbind(0))
 
 
 def trust_ratio_reference(w_norm, u_norm, coef: float, lo: float, hi: float, adapt: bool) -> torch.Tensor:

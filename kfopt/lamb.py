@@ -9,6 +9,7 @@ import torch
 from kfopt.kernels import lamb_step
 
 from .optimizer import KfoptOptimizer
+from .sharding import local
 from .validation import (
     check_betas,
     check_bool,
@@ -42,12 +43,19 @@ class LAMB(KfoptOptimizer):
     ``skipped_steps`` is incremented, on the device, without a host synchronisation.
     ``last_grad_norm`` holds ``||g_all||`` of the last step (before clipping) as a device tensor.
 
+    Sharded training (FSDP2 ``fully_shard``, HSDP): parameters may be DTensors sharded on dim 0
+    (``kfopt.sharding``); the step runs on the local shards, the state holds DTensors with the
+    parameters' placements (``torch.distributed.checkpoint`` saves and reshards it), and the trust
+    ratios, the global gradient norm and the non-finite skip are those of the whole tensors (partial
+    sums all-reduced over the shard group): the same step as one process on the global batch.
+
     Mixed precision: fp32, bf16 and fp16 parameters, also under ``torch.amp.GradScaler`` (the kernels
     unscale and skip on the device: ``kfopt.optimizer``); ``max_grad_norm`` clips the unscaled gradients.
     """
 
     global_hyperparameters = ("max_grad_norm",)
     _step_supports_amp_scaling = True
+    _shardable = True
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01,
                  bias_correction=True, max_grad_norm=1.0, trust_clip=None, always_adapt=False,
@@ -89,7 +97,8 @@ class LAMB(KfoptOptimizer):
                 state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
             lo, hi = group["trust_clip"] if group["trust_clip"] is not None else (0.0, math.inf)
-            for key, value in (("p", p), ("g", p.grad), ("m", state["exp_avg"]), ("v", state["exp_avg_sq"]),
+            for key, value in (("p", local(p)), ("g", local(p.grad)), ("m", local(state["exp_avg"])),
+                               ("v", local(state["exp_avg_sq"])),
                                ("s", state["step"]), ("lr", group["lr"]), ("b1", group["betas"][0]),
                                ("b2", group["betas"][1]), ("eps", group["eps"]), ("wd", group["weight_decay"]),
                                ("bc", group["bias_correction"]), ("avg", group["grad_averaging"]),
@@ -101,7 +110,7 @@ class LAMB(KfoptOptimizer):
             beta2=cols["b2"], eps=cols["eps"], weight_decay=cols["wd"], bias_correction=cols["bc"],
             grad_averaging=cols["avg"], adapt=cols["adapt"], trust_min=cols["lo"], trust_max=cols["hi"],
             max_grad_norm=self.defaults["max_grad_norm"], skipped=self._skip_counter(found[0][1].device),
-            **self._amp_kwargs(),
+            reduce=self._layout.reduce, **self._amp_kwargs(),
         )
         self.last_grad_norm = clip[0]
         return loss

@@ -9,6 +9,7 @@ import torch
 from kfopt.kernels import lars_step
 
 from .optimizer import KfoptOptimizer
+from .sharding import local
 from .validation import check_bool, check_nonnegative, check_optional_nonnegative, check_trust_clip, check_unit_interval
 
 
@@ -25,6 +26,11 @@ class LARS(KfoptOptimizer):
     otherwise r = 1 (plain SGD with momentum, the usual treatment of biases and norm weights).
     State per parameter: ``momentum_buffer`` (fp32). Non-finite gradients skip the whole step and
     increment ``skipped_steps`` (see ``kfopt.optimizer``).
+    Sharded parameters (FSDP2, HSDP) step on their local shards with whole-tensor norms, as for
+    ``kfopt.LAMB``.
+
+    Sharded training (FSDP2, HSDP): as for LAMB (``kfopt.sharding``); trust ratios and the non-finite
+    skip are those of the whole tensors.
 
     Mixed precision: fp32, bf16 and fp16 parameters, also under ``torch.amp.GradScaler`` (the kernels
     unscale and skip on the device: ``kfopt.optimizer``).
@@ -32,6 +38,7 @@ class LARS(KfoptOptimizer):
 
     global_hyperparameters = ("max_grad_norm",)
     _step_supports_amp_scaling = True
+    _shardable = True
 
     def __init__(self, params, lr=1.0, momentum=0.9, weight_decay=0.0, eta=0.001, nesterov=False,
                  trust_clip=None, always_adapt=False, max_grad_norm=None):
@@ -65,9 +72,9 @@ class LARS(KfoptOptimizer):
             state = self.state[p]
             if not state:
                 state["momentum_buffer"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
-            params.append(p)
-            grads.append(p.grad)
-            bufs.append(state["momentum_buffer"])
+            params.append(local(p))
+            grads.append(local(p.grad))
+            bufs.append(local(state["momentum_buffer"]))
             lo, hi = group["trust_clip"] if group["trust_clip"] is not None else (0.0, math.inf)
             for key, value in (("lr", group["lr"]), ("mu", group["momentum"]), ("wd", group["weight_decay"]),
                                ("eta", group["eta"]), ("nes", group["nesterov"]),
@@ -76,6 +83,7 @@ class LARS(KfoptOptimizer):
         clip = lars_step(params, grads, bufs, lr=hyper["lr"], momentum=hyper["mu"], weight_decay=hyper["wd"],
                          eta=hyper["eta"], nesterov=hyper["nes"], adapt=hyper["adapt"], trust_min=hyper["lo"],
                          trust_max=hyper["hi"], max_grad_norm=self.defaults["max_grad_norm"],
-                         skipped=self._skip_counter(found[0][1].device), **self._amp_kwargs())
+                         skipped=self._skip_counter(found[0][1].device), reduce=self._layout.reduce,
+                         **self._amp_kwargs())
         self.last_grad_norm = clip[0]
         return loss

@@ -34,6 +34,7 @@ import torch
 
 from kfopt.kernels.dispatch import check_kernel_dtype, use_triton
 
+from .sharding import ShardLayout, like_param, reject_sharded, shard_layout
 from .validation import KIND_KEY, TensorSpec, check_counter, check_keys, check_kind, check_param_state
 
 
@@ -48,8 +49,13 @@ class KfoptOptimizer(torch.optim.Optimizer):
     #: ``grad_scale`` GradScaler.step hands over (SINGD); otherwise a GradScaler needs ``grad_scaler=``
     _rescales_statistics: bool = False
 
+    #: DTensor parameters (FSDP2/HSDP): True steps on local shards with whole-tensor quantities reduced
+    #: over the shard group (``kfopt.sharding``), False rejects them at construction, None: not checked
+    _shardable: bool | None = None
+
     def __init__(self, params: Iterable, defaults: dict):
         self._skipped: torch.Tensor | None = None
+        self._layout = ShardLayout(None)
         super().__init__(params, defaults)
 
     # -- validation ---------------------------------------------------------------------------
@@ -75,9 +81,22 @@ class KfoptOptimizer(torch.optim.Optimizer):
                     raise ValueError(f"params[{i}] is on the meta device (no data): materialize the model first "
                                      "(e.g. model.to_empty(device=...) and initialize it) before building the optimizer")
             self._check_group(group)
+            self._check_sharding()
         except (TypeError, ValueError):
             self.param_groups.pop()
             raise
+
+    def _named_params(self):
+        return [(f"param_groups[{g}]['params'][{i}]", p)
+                for g, group in enumerate(self.param_groups) for i, p in enumerate(group["params"])]
+
+    def _check_sharding(self) -> None:
+        """DTensor parameters: ValueError naming one this optimizer cannot step (``_shardable``);
+        records the shard group whole-tensor reductions sum over (``kfopt.sharding``)."""
+        if self._shardable is False:
+            reject_sharded(type(self).__name__, self._named_params())
+        elif self._shardable:
+            self._layout = shard_layout(self._named_params())
 
     def _check_hyperparameters(self) -> None:
         """At every ``step()``, before anything changes: every group's hyperparameters are valid
@@ -232,6 +251,9 @@ class KfoptOptimizer(torch.optim.Optimizer):
         """ValueError saying what does not fit unless ``state_dict`` is a checkpoint this optimizer
         loads: its kind, keys, param groups, every state tensor's shape and dtype, counters. Changes
         nothing (``load_state_dict`` calls it first)."""
+        if _from_distributed_checkpoint(state_dict):
+            self._check_groups_and_state(state_dict, self._state_spec)
+            return
         check_keys(state_dict, ("state", "param_groups", "skipped_steps", KIND_KEY), "state_dict")
         mine = type(self).__name__
         check_kind(state_dict, (mine, *self._loads_checkpoints_of), mine)
@@ -270,10 +292,22 @@ class KfoptOptimizer(torch.optim.Optimizer):
         for pid, values in state_dict["state"].items():
             param = id_to_param[pid]
             state[param] = {
-                k: (v.detach().clone().to(param.device) if isinstance(v, torch.Tensor) else copy.deepcopy(v))
+                k: (like_param(v.detach(), param).clone().to(param.device) if isinstance(v, torch.Tensor)
+                    else copy.deepcopy(v))
                 for k, v in values.items()
             }
         self.param_groups = new_groups
         self.state = defaultdict(dict, state)
-        skipped = state_dict.get("skipped_steps")
-        self._skipped = None if skipped is None else skipped.detach().clone()
+        if not _from_distributed_checkpoint(state_dict):
+            skipped = state_dict.get("skipped_steps")
+            self._skipped = None if skipped is None else skipped.detach().clone()
+
+
+def _from_distributed_checkpoint(state_dict) -> bool:
+    """Whether ``state_dict`` comes from ``torch.distributed.checkpoint.state_dict``
+    (``get_optimizer_state_dict`` / ``set_optimizer_state_dict``): per-parameter state keyed by fully
+    qualified parameter names, param groups, and none of ``state_dict()``'s own entries (the optimizer
+    kind, ``skipped_steps``: the skip counter keeps its value when such a dict is loaded)."""
+    return (isinstance(state_dict, dict) and KIND_KEY not in state_dict and "skipped_steps" not in state_dict
+            and isinstance(state_dict.get("state"), dict) and bool(state_dict["state"])
+            and all(isinstance(k, str) for k in state_dict["state"]))

@@ -58,6 +58,7 @@ class SONew(KfoptOptimizer):
     """
 
     _step_supports_amp_scaling = True
+    _shardable = False
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.99), eps=1e-8, band=1, graft="adam", graft_eps=1e-8,
                  weight_decay=0.0, relative_eps=False):

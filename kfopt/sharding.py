@@ -1,0 +1,121 @@
+"""Parameters sharded by FSDP2 / HSDP (``torch.distributed.fsdp.fully_shard``): placement checks and the
+shard-group reduction the element-wise optimizers use.
+
+A parameter is either a plain tensor or a ``DTensor``. The element-wise optimizers (LAMB, LARS) accept
+DTensors whose placements are ``Replicate()`` on every mesh dimension except at most one ``Shard(0)``:
+FSDP2 gives ``(Shard(0),)``, HSDP on a (replicate, shard) mesh ``(Replicate(), Shard(0))``. They step on
+the local shards (``to_local()``) and keep their state as DTensors with the parameter's placements (so
+``torch.distributed.checkpoint`` saves and reshards it). Every quantity defined over a whole tensor (the
+per-tensor norms of the trust ratios, the global gradient norm and its non-finite verdict) is the sum of
+the ranks' partial sums, all-reduced over the process group of the ``Shard(0)`` mesh dimension only
+(replicas of HSDP hold the same shards). Other placements (``Shard(d)`` with d != 0, ``Partial``, two
+sharded dimensions) and optimizers mixing sharded parameters with plain ones or with another shard group
+raise ValueError at construction, naming the parameter and its placement.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+try:
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+except ImportError:  # torch without DTensor: nothing can be sharded
+    DTensor = Replicate = Shard = None
+
+
+def is_dtensor(t) -> bool:
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of ``t`` (a DTensor's local tensor, which the in-place kernels update), or ``t``."""
+    return t.to_local() if is_dtensor(t) else t
+
+
+@dataclass(frozen=True)
+class ShardLayout:
+    """How an optimizer's parameters are sharded: ``group`` is the process group to sum partial sums
+    over (None: no parameter is sharded, or the shard dimension has one rank)."""
+
+    group: object | None
+
+    @property
+    def reduce(self) -> Callable[[torch.Tensor], None] | None:
+        """In-place SUM all-reduce of a small fp32 tensor over the shard group (None when unsharded)."""
+        if self.group is None:
+            return None
+        group = self.group
+
+        def all_reduce_sum(t: torch.Tensor) -> None:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+
+        return all_reduce_sum
+
+
+def shard_dim_group(name: str, p) -> tuple[str, object | None]:
+    """``(kind, group)`` of parameter ``p``: kind "plain" (a tensor), "replicated" (a DTensor replicated on
+    every mesh dimension) or "sharded" (exactly one ``Shard(0)``; ``group`` its mesh dimension's process
+    group). ValueError naming ``name`` and the placement for anything else."""
+    if not is_dtensor(p):
+        return "plain", None
+    placements = tuple(p.placements)
+    shard_dims = [i for i, pl in enumerate(placements) if isinstance(pl, Shard)]
+    others = [pl for pl in placements if not isinstance(pl, (Shard, Replicate))]
+    if others or len(shard_dims) > 1 or any(placements[i].dim != 0 for i in shard_dims):
+        raise ValueError(
+            f"{name}: a DTensor with placements {placements} is not supported; kfopt steps on parameters "
+            "sharded on dim 0 along at most one mesh dimension (FSDP2: (Shard(dim=0),), HSDP: "
+            "(Replicate(), Shard(dim=0))) or replicated (Replicate() on every mesh dimension)")
+    if not shard_dims:
+        return "replicated", None
+    mesh = p.device_mesh
+    group = mesh.get_group(shard_dims[0]) if mesh.ndim > 1 else mesh.get_group()
+    return "sharded", group
+
+
+def shard_layout(named_params) -> ShardLayout:
+    """The :class:`ShardLayout` of ``named_params`` (``(name, param)`` pairs); ValueError naming a
+    parameter whose placement is not supported or whose sharding differs from the others'."""
+    kinds, group, first = set(), None, None
+    for name, p in named_params:
+        kind, g = shard_dim_group(name, p)
+        if kind == "sharded":
+            if group is not None and g is not group:
+                raise ValueError(f"{name} is sharded over another process group than {first}: one optimizer "
+                                 "steps parameters sharded over one mesh dimension")
+            group, first = g, first or name
+        kinds.add((kind, name))
+    found = {k for k, _ in kinds}
+    if "sharded" in found and len(found) > 1:
+        odd = next(name for kind, name in sorted(kinds) if kind != "sharded")
+        raise ValueError(f"{odd} is not sharded like {first} (placement (Shard(dim=0),) on the shard mesh "
+                         "dimension): one optimizer cannot mix sharded and unsharded parameters (their "
+                         "whole-tensor norms are reduced over the shard group)")
+    if group is not None and dist.get_world_size(group) == 1:
+        group = None
+    return ShardLayout(group)
+
+
+def reject_sharded(owner: str, named_params) -> None:
+    """ValueError naming the first parameter that is a DTensor (``owner`` does not step on DTensors)."""
+    for name, p in named_params:
+        if is_dtensor(p):
+            raise ValueError(f"{name}: a DTensor with placements {tuple(p.placements)}; {owner} does not support "
+                             "sharded (FSDP2/HSDP) or other DTensor parameters yet (its band couples "
+                             "neighbouring rows across shard boundaries); LAMB and LARS do")
+
+
+def like_param(state: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """A loaded state tensor laid out like parameter ``p``: a full (plain) tensor is cut into ``p``'s
+    local shard when ``p`` is a DTensor (no communication), a DTensor is gathered when ``p`` is plain."""
+    if is_dtensor(p) and not is_dtensor(state) and state.dim() > 0 and tuple(state.shape) == tuple(p.shape):
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(state.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
+    if is_dtensor(state) and not is_dtensor(p):
+        return state.full_tensor()
+    return state
