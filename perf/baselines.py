@@ -190,8 +190,10 @@ class ForeachLAMB(torch.optim.Optimizer):
 class ForeachLARS(torch.optim.Optimizer):
     """BASELINE: LARS as a ``torch.optim.Optimizer`` on ``lars_foreach_update`` (kfopt.LARS's semantics)."""
 
-    def __init__(self, params, lr=1.0, momentum=0.9, weight_decay=0.0, eta=0.001, max_grad_norm=None):
-        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta))
+    def __init__(self, params, lr=1.0, momentum=0.9, weight_decay=0.0, eta=0.001, always_adapt=False,
+                 max_grad_norm=None):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta,
+                                      always_adapt=always_adapt))
         self.max_grad_norm = max_grad_norm
 
     @torch.no_grad()
@@ -211,7 +213,8 @@ class ForeachLARS(torch.optim.Optimizer):
                     self.state[p]["momentum_buffer"] = torch.zeros_like(p, dtype=torch.float32)
             lars_foreach_update(ps, [p.grad for p in ps], [self.state[p]["momentum_buffer"] for p in ps],
                                 lr=group["lr"], momentum=group["momentum"], weight_decay=group["weight_decay"],
-                                eta=group["eta"], adapt=group["weight_decay"] != 0, clip_coef=coef)
+                                eta=group["eta"], adapt=group["weight_decay"] != 0 or group["always_adapt"],
+                                clip_coef=coef)
         return None
 
 

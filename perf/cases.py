@@ -788,6 +788,13 @@ def _lars(model):
     return REGISTRY["lars"].build(model, lr=0.1)
 
 
+def _foreach_lars(model):
+    """The foreach baseline with the registry's LARS hyperparameters (``_lars``)."""
+    entry = REGISTRY["lars"]
+    return baselines.ForeachLARS(_groups(model, entry.default("weight_decay")), lr=0.1,
+                                 always_adapt=entry.default("always_adapt"))
+
+
 def _sonew(band: int):
     return lambda model: REGISTRY["sonew" if band == 1 else f"sonew{band}"].build(model, lr=1e-3)
 
@@ -831,7 +838,7 @@ OPTIMIZERS: list[OptimizerCase] = [
                   _per_param_bytes(lamb_bytes), reference="reference"),
     OptimizerCase("lars", "kfopt", "kernel", _lars, _per_param_bytes(lars_bytes), reference="reference"),
     OptimizerCase("lars", "reference", "baseline", _lars, _per_param_bytes(lars_bytes), backend="torch"),
-    OptimizerCase("lars", "foreach", "baseline", lambda m: baselines.ForeachLARS(_groups(m, 1e-4), lr=0.1),
+    OptimizerCase("lars", "foreach", "baseline", _foreach_lars,
                   _per_param_bytes(lars_bytes), reference="reference"),
 ] + [
     case

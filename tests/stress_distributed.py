@@ -2,6 +2,7 @@
 
     python tests/stress_distributed.py 30           # 30 rounds, one after the other
     python tests/stress_distributed.py 30 --load    # the same, with the rest of the suite running beside it
+    python tests/stress_distributed.py 10 -k sharded  # only the distributed tests pytest's -k selects
 
 A round runs ``python -m pytest -m distributed`` and records every test's outcome from its JUnit XML
 (fixtures with module scope, which launch the processes once per file, start anew each round). The
@@ -26,10 +27,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
-def run_round(xml: Path) -> dict[str, str]:
-    """One pytest run of the distributed tests: ``{test id: "passed" | "failed" | "skipped"}``."""
-    subprocess.run([sys.executable, "-m", "pytest", "-m", "distributed", "-q", "-p", "no:cacheprovider",
-                    f"--junitxml={xml}"], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def run_round(xml: Path, select: str | None) -> dict[str, str]:
+    """One pytest run of the distributed tests (``-k select`` of them if given): ``{test id: "passed" |
+    "failed" | "skipped"}``."""
+    subprocess.run([sys.executable, "-m", "pytest", "-m", "distributed", *(["-k", select] if select else []),
+                    "-q", "-p", "no:cacheprovider", f"--junitxml={xml}"], cwd=REPO, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL)
     if not xml.exists():
         return {"pytest itself (no report written)": "failed"}
     outcomes = {}
@@ -45,6 +48,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("rounds", type=int)
     parser.add_argument("--load", action="store_true", help="run the rest of the suite beside the rounds")
+    parser.add_argument("-k", dest="select", help="only the distributed tests pytest's -k expression selects")
     args = parser.parse_args()
     load = None
     if args.load:
@@ -55,7 +59,7 @@ def main() -> int:
         with tempfile.TemporaryDirectory() as tmp:
             for r in range(1, args.rounds + 1):
                 start = time.monotonic()
-                outcomes = run_round(Path(tmp) / f"round{r}.xml")
+                outcomes = run_round(Path(tmp) / f"round{r}.xml", args.select)
                 for test, outcome in outcomes.items():
                     tally[test][outcome] += 1
                 bad = sorted(t for t, o in outcomes.items() if o == "failed")

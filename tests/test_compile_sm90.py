@@ -178,10 +178,12 @@ def _elementwise_kernels(dt):
     grads = [torch.randn_like(p) for p in params]
     zeros32 = lambda: [torch.zeros(p.shape) for p in params]  # noqa: E731
     steps = lambda: [torch.zeros(()) for _ in params]  # noqa: E731
-    for adapt, clip in ((True, 1.0), (False, None)):
+    for adapt, clip, reduce in ((True, 1.0, None), (False, None, None), (True, 1.0, lambda t: None)):
+        # reduce: the sharded (FSDP2) path, whose partial sums an all-reduce would combine (here: one rank)
         kernels.lamb_step(params, grads, zeros32(), zeros32(), steps(), lr=1e-3, adapt=adapt, max_grad_norm=clip,
-                          skipped=torch.zeros((), dtype=torch.int64))
-        kernels.lars_step(params, grads, zeros32(), lr=1e-3, adapt=adapt, max_grad_norm=clip, nesterov=adapt)
+                          skipped=torch.zeros((), dtype=torch.int64), reduce=reduce)
+        kernels.lars_step(params, grads, zeros32(), lr=1e-3, adapt=adapt, max_grad_norm=clip, nesterov=adapt,
+                          reduce=reduce)
     for band in range(1, 5):
         n = [p.numel() for p in params]
         for graft in ("adam", "none"):
