@@ -41,20 +41,20 @@ from kfopt.autotune import Config, shape_bucket
 from .dispatch import check_kernel_dtype, check_same_device, check_same_shapes, is_dense, tl_dtype, use_triton
 from .multi_tensor import (
     TensorTable,
+    amp_tensors,
     check_no_overlap,
     chunked_configs,
     dense_like,
     for_each_launch,
     global_norm_reference,
     inv_bias_correction,
-    amp_tensors,
     launch_global_norm,
     launch_segment_norms,
     log_decays,
     per_tensor,
     program_chunk,
-    trust_ratio,
     tensor_norms_reference,
+    trust_ratio,
     trust_ratio_reference,
 )
 

@@ -109,11 +109,11 @@ from .dispatch import check_kernel_dtype, check_same_device, tl_dtype, use_trito
 from .multi_tensor import (
     REDUCE_BLOCK,
     TensorTable,
+    amp_tensors,
     check_no_overlap,
     for_each_launch,
     global_norm_reference,
     inv_bias_correction,
-    amp_tensors,
     launch_global_norm,
     launch_segment_norms,
     log_decays,
