@@ -279,10 +279,11 @@ def _clip_coef_kernel(
 @triton.jit
 def _segment_norms_kernel(
     partial_ptr, bounds_ptr, norms_ptr, addr_ptr, addr_stride, step_col, clip_ptr,
-    INCREMENT_STEP: tl.constexpr, RBLOCK: tl.constexpr,
+    INCREMENT_STEP: tl.constexpr, SQRT: tl.constexpr, RBLOCK: tl.constexpr,
 ):
     """norms[i] = sqrt of the summed 2-column partials of tensor i's chunks (correctly rounded, no flush
-    to zero: a tiny norm stays > 0); step_i += ok if asked."""
+    to zero: a tiny norm stays > 0); without ``SQRT`` the sums themselves (a shard's part of the squared
+    norms, before the all-reduce); step_i += ok if asked."""
     tid = tl.program_id(0)
     lo = tl.load(bounds_ptr + tid * 2)
     hi = tl.load(bounds_ptr + tid * 2 + 1)
@@ -293,32 +294,13 @@ def _segment_norms_kernel(
         mask = idx < hi
         a += tl.load(partial_ptr + idx * 2, mask=mask, other=0.0)
         b += tl.load(partial_ptr + idx * 2 + 1, mask=mask, other=0.0)
-    tl.store(norms_ptr + tid * 2, tl.sqrt_rn(tl.sum(a, axis=0)))
-    tl.store(norms_ptr + tid * 2 + 1, tl.sqrt_rn(tl.sum(b, axis=0)))
-    if INCREMENT_STEP:
-        step_ptr = tl.load(addr_ptr + tid * addr_stride + step_col).to(tl.pointer_type(tl.float32))
-        tl.store(step_ptr, tl.load(step_ptr) + tl.load(clip_ptr + 2))
-
-
-@triton.jit
-def _segment_sums_kernel(
-    partial_ptr, bounds_ptr, sums_ptr, addr_ptr, addr_stride, step_col, clip_ptr,
-    INCREMENT_STEP: tl.constexpr, RBLOCK: tl.constexpr,
-):
-    """sums[i] = the summed 2-column partials of tensor i's chunks (a shard's part of the squared norms,
-    before the all-reduce); step_i += ok if asked."""
-    tid = tl.program_id(0)
-    lo = tl.load(bounds_ptr + tid * 2)
-    hi = tl.load(bounds_ptr + tid * 2 + 1)
-    a = tl.zeros([RBLOCK], tl.float32)
-    b = tl.zeros([RBLOCK], tl.float32)
-    for off in range(lo, hi, RBLOCK):
-        idx = off + tl.arange(0, RBLOCK)
-        mask = idx < hi
-        a += tl.load(partial_ptr + idx * 2, mask=mask, other=0.0)
-        b += tl.load(partial_ptr + idx * 2 + 1, mask=mask, other=0.0)
-    tl.store(sums_ptr + tid * 2, tl.sum(a, axis=0))
-    tl.store(sums_ptr + tid * 2 + 1, tl.sum(b, axis=0))
+    sa = tl.sum(a, axis=0)
+    sb = tl.sum(b, axis=0)
+    if SQRT:
+        sa = tl.sqrt_rn(sa)
+        sb = tl.sqrt_rn(sb)
+    tl.store(norms_ptr + tid * 2, sa)
+    tl.store(norms_ptr + tid * 2 + 1, sb)
     if INCREMENT_STEP:
         step_ptr = tl.load(addr_ptr + tid * addr_stride + step_col).to(tl.pointer_type(tl.float32))
         tl.store(step_ptr, tl.load(step_ptr) + tl.load(clip_ptr + 2))
@@ -385,10 +367,10 @@ def launch_segment_norms(
     shards' in place (one collective for all tensors) before the square roots."""
     norms = torch.empty((max(table.n, 1), 2), dtype=torch.float32, device=partial.device)
     if table.n:
-        (_segment_norms_kernel if reduce is None else _segment_sums_kernel)[(table.n,)](
+        _segment_norms_kernel[(table.n,)](
             partial, table.bounds, norms, table.addr, table.addr.stride(0),
             int(step_col) if step_col is not None else 0, clip,
-            INCREMENT_STEP=step_col is not None, RBLOCK=REDUCE_BLOCK,
+            INCREMENT_STEP=step_col is not None, SQRT=reduce is None, RBLOCK=REDUCE_BLOCK,
         )
     if reduce is not None:
         reduce(norms)

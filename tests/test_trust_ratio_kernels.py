@@ -434,7 +434,7 @@ CASES = [
                                 inv_scale_ptr=F32, found_inf_ptr=F32),
      dict(HAS_CLIP=True, HAS_SKIPPED=True, HAS_SCALE=True, HAS_FOUND_INF=True, RBLOCK=1024)),
     (mt._segment_norms_kernel, dict(partial_ptr=F32, bounds_ptr=I64, norms_ptr=F32, addr_ptr=I64, addr_stride="i32",
-                                    step_col="i32", clip_ptr=F32), dict(INCREMENT_STEP=True, RBLOCK=1024)),
+                                    step_col="i32", clip_ptr=F32), dict(INCREMENT_STEP=True, SQRT=True, RBLOCK=1024)),
     (lamb._lamb_moments_kernel, dict(TABLE, hyper_ptr=F32, clip_ptr=F32, partial_ptr=F32),
      dict(P_DT=tl.float32, G_DT=tl.float32, **CHUNKED)),
     (lamb._lamb_apply_kernel, dict(TABLE, hyper_ptr=F32, clip_ptr=F32, norms_ptr=F32),
