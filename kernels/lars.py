@@ -31,11 +31,11 @@ import triton.language as tl
 
 from kfopt.autotune import Config, shape_bucket
 
+from .aliasing import check_no_overlap
 from .dispatch import check_kernel_dtype, check_same_device, check_same_shapes, is_dense, tl_dtype, use_triton
 from .multi_tensor import (
     TensorTable,
     amp_tensors,
-    check_no_overlap,
     chunked_configs,
     dense_like,
     for_each_launch,

@@ -40,7 +40,7 @@ kernels' sm_90 PTX for approximate instructions.
 
 **Aliasing.** The kernels update their tensors in place from many programs at once: two list
 entries sharing memory would lose updates on a GPU. Every launcher rejects that on the host with
-:func:`kfopt.kernels.aliasing.check_no_overlap` (re-exported here).
+:func:`kfopt.kernels.aliasing.check_no_overlap`.
 """
 
 from __future__ import annotations
@@ -57,7 +57,6 @@ import triton.language as tl
 
 from kfopt.autotune import Config, ConfigSpace
 
-from .aliasing import _element_addresses_overlap, _lattice_overlap, check_no_overlap  # noqa: F401 (re-exported)
 from .dispatch import is_dense, tl_dtype
 
 FP32_MAX = tl.constexpr(3.4028234663852886e38)

@@ -105,12 +105,12 @@ import triton.language as tl
 
 from kfopt.autotune import Config, ConfigSpace, shape_bucket
 
+from .aliasing import check_no_overlap
 from .dispatch import check_kernel_dtype, check_same_device, tl_dtype, use_triton
 from .multi_tensor import (
     REDUCE_BLOCK,
     TensorTable,
     amp_tensors,
-    check_no_overlap,
     for_each_launch,
     global_norm_reference,
     inv_bias_correction,

@@ -103,10 +103,7 @@ class KfoptOptimizer(torch.optim.Optimizer):
         (``_check_group``; a scheduler or a user may have changed them) and global ones equal the
         constructor's. Python numbers are checked on the host: no device synchronisation."""
         for i, group in enumerate(self.param_groups):
-            for name in self.global_hyperparameters:
-                if name in group and group[name] != self.defaults[name]:
-                    raise ValueError(f"param_groups[{i}]: {name} is global to the optimizer and was "
-                                     f"{self.defaults[name]!r}; a param group cannot change it (got {group[name]!r})")
+            self._check_global_hyperparameters(group, f"param_groups[{i}]")
             try:
                 self._check_group(group)
             except KeyError as exc:
@@ -145,6 +142,13 @@ class KfoptOptimizer(torch.optim.Optimizer):
                     check_kernel_dtype(f"{name}.grad", p.grad)
                 found.append((group, p))
         return found
+
+    def _check_global_hyperparameters(self, group: dict, where: str) -> None:
+        """ValueError unless ``group`` leaves every global hyperparameter at the constructor's value."""
+        for name in self.global_hyperparameters:
+            if group.get(name, self.defaults[name]) != self.defaults[name]:
+                raise ValueError(f"{where}: {name} is global to the optimizer and was {self.defaults[name]!r}; "
+                                 f"a param group cannot change it (got {group[name]!r})")
 
     def _amp_kwargs(self) -> dict:
         """``grad_scale`` and ``found_inf`` as ``GradScaler.step`` set them on this optimizer (None when
@@ -226,9 +230,7 @@ class KfoptOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"param group {i}: state_dict has {count} params, the optimizer has "
                                  f"{len(group['params'])}")
             merged = {**copy.deepcopy({k: v for k, v in saved.items() if k != "params"}), "params": group["params"]}
-            for name in self.global_hyperparameters:
-                if merged.get(name, self.defaults[name]) != self.defaults[name]:
-                    raise ValueError(f"state_dict has {name}={merged[name]!r}, the optimizer {self.defaults[name]!r}")
+            self._check_global_hyperparameters(merged, f"state_dict: param group {i}")
             try:
                 self._check_saved_group(merged)
             except ValueError as exc:
@@ -264,27 +266,10 @@ class KfoptOptimizer(torch.optim.Optimizer):
         """Load a ``state_dict()``; state tensors keep their saved dtype (see module docstring).
         Everything is checked first (``check_state_dict``): a checkpoint that does not fit raises
         ValueError and changes nothing."""
-        self.check_state_dict(state_dict)
+        self.check_state_dict(state_dict)  # counts, params, hyperparameters, state: nothing below can fail
         groups = state_dict["param_groups"]
-        if len(groups) != len(self.param_groups):
-            raise ValueError(
-                f"state_dict has {len(groups)} param groups, the optimizer has {len(self.param_groups)}"
-            )
-        for i, (saved, group) in enumerate(zip(groups, self.param_groups)):
-            if len(saved["params"]) != len(group["params"]):
-                raise ValueError(
-                    f"param group {i}: state_dict has {len(saved['params'])} params, the optimizer "
-                    f"has {len(group['params'])}"
-                )
-        new_groups = []
-        for saved, group in zip(groups, self.param_groups):
-            merged = {k: copy.deepcopy(v) for k, v in saved.items() if k != "params"}
-            merged["params"] = group["params"]
-            for name in self.global_hyperparameters:
-                if merged.get(name, self.defaults[name]) != self.defaults[name]:
-                    raise ValueError(f"state_dict has {name}={merged[name]!r}, the optimizer {self.defaults[name]!r}")
-            self._check_group(merged)
-            new_groups.append(merged)
+        new_groups = [{**{k: copy.deepcopy(v) for k, v in saved.items() if k != "params"}, "params": group["params"]}
+                      for saved, group in zip(groups, self.param_groups)]
         id_to_param = {
             pid: p for saved, group in zip(groups, self.param_groups) for pid, p in zip(saved["params"], group["params"])
         }

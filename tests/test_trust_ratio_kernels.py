@@ -13,7 +13,7 @@ from checks import REL_TOL, assert_rel_close, assert_within_one_ulp, moved_beyon
 
 from kfopt.kernels.lamb import _lamb_hyper, lamb_step, lamb_step_reference
 from kfopt.kernels.lars import _lars_hyper, lars_step, lars_step_reference
-from kfopt.kernels.multi_tensor import _element_addresses_overlap, _lattice_overlap
+from kfopt.kernels.aliasing import _element_addresses_overlap, _lattice_overlap
 
 SHAPES = [(1,), (7,), (129,), (1000,), (33, 31), (3, 5, 7), (20001,)]  # 20001 spans several chunks
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -371,7 +371,7 @@ def test_disjoint_views_and_shared_gradients_are_accepted(device, seed):
 
 
 def test_check_no_overlap_messages():
-    from kfopt.kernels.multi_tensor import check_no_overlap
+    from kfopt.kernels.aliasing import check_no_overlap
 
     def error(written, read=()):
         try:
