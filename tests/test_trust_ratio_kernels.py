@@ -211,6 +211,43 @@ def test_strided_gradient(method, device, poison_empty, seed):
 
 
 @pytest.mark.parametrize("method", ["lamb", "lars"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shapes", [[(7,)], [(33, 31), (129,), (20001,)]], ids=["one", "several"])
+def test_grad_scale_and_one_rank_reduce_match_float64(method, dtype, shapes, device, poison_empty, seed):
+    """A GradScaler's stored gradients (times 2^10, exact) with ``grad_scale`` and ``found_inf = 0``, on the
+    sharded path's ``reduce`` with one rank (nothing to add): the float64 step of the unscaled gradients."""
+    params, grads, state = make_tensors(shapes, dtype, device, method)
+    ref_p, ref_g, ref_s = double(params), double(grads), [double(col) for col in state]
+    before = [p.clone() for p in params]
+    scaled = [(g.float() * 1024).to(dtype) for g in grads]
+    reduced = []
+    kw = dict(lr=0.05, weight_decay=0.01, adapt=True)
+    clip = run(method, params, scaled, state, max_grad_norm=1.0, grad_scale=torch.tensor(1024.0, device=device),
+               found_inf=torch.zeros((), device=device), reduce=reduced.append, **kw)
+    ref_clip = run_reference(method, ref_p, ref_g, ref_s, 1.0, **kw)
+    assert len(reduced) == 2, "the gradient-norm partials and the per-tensor sums each go through reduce once"
+    assert_rel_close(clip[0], ref_clip[0], torch.float32, name="norm of the unscaled gradients")
+    assert_rel_close(clip[1] * 1024, ref_clip[1], torch.float32, name="clip coefficient (carries 1 / grad_scale)")
+    assert clip[2].item() == 1
+    check_params(params, ref_p, before)
+    for c, (col, ref_col) in enumerate(zip(state, ref_s)):
+        for i, (t, r) in enumerate(zip(col, ref_col)):
+            assert_rel_close(t, r, torch.float32, name=f"state {c}[{i}]")
+
+
+@pytest.mark.parametrize("method", ["lamb", "lars"])
+def test_found_inf_skips_everything(method, device, seed):
+    params, grads, state = make_tensors([(7,), (129,)], torch.float16, device, method)
+    before = [t.clone() for t in params + [s for col in state for s in col]]
+    skipped = torch.zeros((), dtype=torch.int32, device=device)
+    clip = run(method, params, grads, state, lr=0.1, weight_decay=0.01, adapt=True, max_grad_norm=1.0, skipped=skipped,
+               grad_scale=torch.tensor(2.0, device=device), found_inf=torch.ones((), device=device))
+    for b, a in zip(before, params + [s for col in state for s in col]):
+        assert torch.equal(a, b), "a step the scaler found inf in must leave weights and state untouched"
+    assert clip[2].item() == 0 and skipped.item() == 1
+
+
+@pytest.mark.parametrize("method", ["lamb", "lars"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), 3e19])
 def test_non_finite_gradient_skips_everything(method, bad, device, seed):
     params, grads, state = make_tensors([(7,), (129,)], torch.float32, device, method)
