@@ -29,6 +29,13 @@ def tiny_model(seed: int = 0) -> nn.Module:
     return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
 
 
+def one_layer_model(seed: int = 0) -> nn.Module:
+    """One Linear layer (4 -> 3, the shapes of ``batch``), deterministic: the cheapest model under the
+    interpreter."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, 3))
+
+
 def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(1000 + step)
     return torch.randn(8, 4, generator=g), torch.randn(8, 3, generator=g)
