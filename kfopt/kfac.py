@@ -95,16 +95,21 @@ KAISA (``grad_worker_fraction``; see :mod:`kfopt.kaisa` for the grid and the gre
 
 Checkpoints
     ``KFACPreconditioner.state_dict()``: ``steps``, ``decomposition_failures`` (this rank's count),
-    ``world_size``, ``compute_method``, ``factors`` (``{layer name: {"A", "G"}}``) and ``second_order``
-    (``{layer name: [QA, dA, QG, dG]}`` or ``[A_inv, G_inv]``: the data the steps until the next inverse
-    update use): plain tensors and numbers. Factors are global averages, identical on all ranks, so a
+    ``world_size``, ``compute_method``, ``factors`` (``{layer name: {"A", "G"}}``), and each layer's
+    second-order data, the data the steps until the next inverse update use, in one of two forms:
+    ``second_order`` (``{layer name: [QA, dA, QG, dG]}`` or ``[A_inv, G_inv]``) for the layers whose data
+    the saving rank holds, and ``decomposed`` (``{layer name: {"A", "G", "damping"}}``: the factors the
+    last inverse update decomposed and the damping it used) for the others (``grad_worker_fraction < 1``
+    on several ranks: a rank that is not a layer's grad worker copies the layer's factors to the host at
+    each inverse update, host memory the size of those factors; device memory is as without
+    checkpoints). Plain tensors and numbers. Factors are global averages, identical on all ranks, so a
     checkpoint from any rank loads at any world size and grad-worker fraction. A checkpoint taken at any
-    step continues bit-identically (the second-order data is that of the last inverse update, not
-    recomputed). ``second_order`` is empty when the saving rank did not hold every layer's data
-    (``grad_worker_fraction < 1`` on several ranks); the data is then recomputed from the loaded factors
-    at the start of the next step (exact only when the checkpoint was taken right after an inverse
-    update). ``load_state_dict`` checks everything (keys, counters, ``world_size``, ``compute_method``,
-    every factor's and second-order tensor's shape and dtype) before it changes anything.
+    step continues bit-identically: a grad worker loads the saved data, or decomposes the saved
+    ``decomposed`` factors as the inverse worker did (the same function on the same kind of device;
+    not exact after a decomposition that failed since, counted in ``decomposition_failures``, whose
+    layer kept older data). Checkpoints of earlier kfopt versions (no ``decomposed``) are rejected.
+    ``load_state_dict`` checks everything (keys, counters, ``world_size``, ``compute_method``, every
+    factor's and second-order tensor's shape and dtype, the dampings) before it changes anything.
     ``KFAC.state_dict()`` is the base optimizer's state dict (``param_groups`` hold all
     hyperparameters; ``state`` is the base optimizer's state, ``KFAC.state`` is that same object) plus
     ``"kfac"`` (the preconditioner's) and ``"kfac_skipped_steps"``. Constructor-only settings
@@ -190,8 +195,11 @@ def _damped_inverse(damping: float) -> Callable[[torch.Tensor], tuple[torch.Tens
 
 
 class _Layer(LayerState):
-    """A preconditioned layer: its capture entry, factors and (on its grad workers) second-order data:
-    ``[QA, dA, QG, dG]`` (eigen) or ``[A_inv, G_inv]`` (inverse), or None on other ranks."""
+    """A preconditioned layer: its capture entry, factors and (on its grad workers) second-order data
+    ``second``: ``[QA, dA, QG, dG]`` (eigen) or ``[A_inv, G_inv]`` (inverse), or None on other ranks.
+    Other ranks keep instead, on the host, what reproduces the data for a checkpoint (``elsewhere``):
+    ``("decomposed", {"A", "G", "damping"})``, the factors the last inverse update decomposed and the
+    damping it used, or ``("second_order", data)``, the data a loaded checkpoint carried."""
 
     def __init__(self, captured: CapturedLayer):
         super().__init__(captured)
@@ -200,6 +208,7 @@ class _Layer(LayerState):
         self.A = torch.eye(captured.in_features + captured.has_bias, dtype=dtype, device=weight.device)
         self.G = torch.eye(captured.out_features, dtype=dtype, device=weight.device)
         self.second: list[torch.Tensor] | None = None
+        self.elsewhere: tuple[str, list[torch.Tensor] | dict] | None = None
 
     def identity_second_order(self, method: ComputeMethod) -> list[torch.Tensor]:
         """Placeholder data until a decomposition succeeds: that of identity factors (eigen), or
@@ -291,10 +300,11 @@ class KFACPreconditioner:
         for i, layer in enumerate(self._layers):
             if self.plan.is_grad_worker(i):
                 layer.second = layer.identity_second_order(compute_method)
+            else:
+                layer.elsewhere = ("second_order", [t.cpu() for t in layer.identity_second_order(compute_method)])
         self._terms: dict[str, int] = {}
         self.steps = 0
         self.decomposition_failures = 0
-        self._stale = False
         self.capture.arm()
 
     # -- statistics handed over by the capture ---------------------------------------------------
@@ -345,12 +355,9 @@ class KFACPreconditioner:
         if self._layers:
             lrs = _per_layer("lr", self.lr if lr is None else lr, self._layers)
             dampings = _per_layer("damping", self.damping if damping is None else damping, self._layers)
-            inverse_step = self.steps % self.inv_update_steps == 0
-            if self._stale and not inverse_step:
-                self._update_second_order(dampings)
             if self.steps % self.factor_update_steps == 0:
                 self._update_factors()
-            if inverse_step:
+            if self.steps % self.inv_update_steps == 0:
                 self._update_second_order(dampings)
             self._precondition(lrs, dampings)
         self.discard_step()
@@ -363,17 +370,25 @@ class KFACPreconditioner:
 
     def state_dict(self) -> dict:
         """``{"steps", "decomposition_failures", "world_size", "compute_method", "factors": {name: {"A",
-        "G"}}, "second_order": {name: [tensors]}}`` (module docstring, Checkpoints)."""
-        holds_all = not self._stale and all(layer.second is not None for layer in self._layers)
+        "G"}}, "second_order": {name: [tensors]}, "decomposed": {name: {"A", "G", "damping"}}}`` (module
+        docstring, Checkpoints): each layer's second-order data is in ``second_order`` or, when this rank
+        does not hold it, in ``decomposed``."""
+        second, decomposed = {}, {}
+        for layer in self._layers:
+            kind, data = ("second_order", layer.second) if layer.second is not None else layer.elsewhere
+            if kind == "second_order":
+                second[layer.name] = list(data)
+            else:
+                decomposed[layer.name] = dict(data)
         return {"steps": self.steps, "decomposition_failures": self.decomposition_failures,
                 "world_size": collectives.world_size(), "compute_method": self.compute_method,
                 "factors": {layer.name: {"A": layer.A, "G": layer.G} for layer in self._layers},
-                "second_order": {layer.name: list(layer.second) for layer in self._layers} if holds_all else {}}
+                "second_order": second, "decomposed": decomposed}
 
     def check_state_dict(self, state_dict: dict) -> None:
         """ValueError unless ``state_dict`` (a ``state_dict()``) fits these layers; changes nothing."""
         check_state_keys(state_dict, ("steps", "decomposition_failures", "world_size", "compute_method", "factors",
-                                      "second_order"), "preconditioner")
+                                      "second_order", "decomposed"), "preconditioner")
         check_int("steps", state_dict["steps"])
         check_int("decomposition_failures", state_dict["decomposition_failures"])
         check_int("world_size", state_dict["world_size"], 1)
@@ -385,35 +400,63 @@ class KFACPreconditioner:
             for key in ("A", "G"):
                 check_tensor(f"state_dict: factor {key} of layer {layer.name!r}", state_dict["factors"][layer.name][key],
                              getattr(layer, key).shape, getattr(layer, key).dtype)
-        second = state_dict["second_order"]
-        if not isinstance(second, dict) or (second and set(second) != {layer.name for layer in self._layers}):
-            raise ValueError("state_dict: 'second_order' must be empty or hold the data of every layer "
-                             f"{[layer.name for layer in self._layers]}, got {second!r:.200}")
-        for layer in self._layers if second else ():
-            data, shapes = second[layer.name], self._second_order_shapes(layer)
-            if not isinstance(data, (list, tuple)) or len(data) != len(shapes):
-                raise ValueError(f"state_dict: the second-order data of layer {layer.name!r} must be "
-                                 f"{len(shapes)} tensors ({self.compute_method})")
-            for i, (t, shape) in enumerate(zip(data, shapes)):
-                check_tensor(f"state_dict: second-order tensor {i} of layer {layer.name!r}", t, shape, layer.A.dtype)
+        second, decomposed = state_dict["second_order"], state_dict["decomposed"]
+        names = [layer.name for layer in self._layers]
+        if not isinstance(second, dict) or not isinstance(decomposed, dict) or set(second) & set(decomposed) \
+                or set(second) | set(decomposed) != set(names):
+            raise ValueError(f"state_dict: 'second_order' and 'decomposed' must hold each of the layers {names} "
+                             f"once, got {sorted(map(str, second))} and {sorted(map(str, decomposed))}")
+        for layer in self._layers:
+            if layer.name in second:
+                data, shapes = second[layer.name], self._second_order_shapes(layer)
+                if not isinstance(data, (list, tuple)) or len(data) != len(shapes):
+                    raise ValueError(f"state_dict: the second-order data of layer {layer.name!r} must be "
+                                     f"{len(shapes)} tensors ({self.compute_method})")
+                for i, (t, shape) in enumerate(zip(data, shapes)):
+                    check_tensor(f"state_dict: second-order tensor {i} of layer {layer.name!r}", t, shape,
+                                 layer.A.dtype)
+            else:
+                saved = decomposed[layer.name]
+                check_state_keys(saved, ("A", "G", "damping"), f"preconditioner's decomposed layer {layer.name!r}")
+                for key in ("A", "G"):
+                    check_tensor(f"state_dict: decomposed factor {key} of layer {layer.name!r}", saved[key],
+                                 getattr(layer, key).shape, getattr(layer, key).dtype)
+                check_positive(f"state_dict: damping of the decomposed layer {layer.name!r}", saved["damping"])
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Load factors, counters and second-order data (from any world size). When the checkpoint
-        holds no second-order data (it was taken on a rank that did not hold every layer's), it is
-        recomputed at the next step from the loaded factors."""
+        """Load factors, counters and second-order data (from any world size and grad-worker fraction).
+        A layer this rank is a grad worker of gets its saved data, or decomposes its saved
+        ``decomposed`` factors as its inverse worker did; other ranks keep the layer's entry on the host
+        for their own checkpoints."""
         self.check_state_dict(state_dict)
+        second, decomposed = state_dict["second_order"], state_dict["decomposed"]
+        failures, data = 0, {}
+        for layer in self._layers:  # everything computed before anything changes
+            if layer.second is None:
+                data[layer.name] = (("second_order", [t.detach().to("cpu", copy=True) for t in second[layer.name]])
+                                    if layer.name in second else
+                                    ("decomposed", {key: value.detach().to("cpu", copy=True)
+                                                    if isinstance(value, torch.Tensor) else float(value)
+                                                    for key, value in decomposed[layer.name].items()}))
+            elif layer.name in second:
+                data[layer.name] = [t.detach().to(device=layer.A.device, copy=True).contiguous()
+                                    for t in second[layer.name]]
+            else:
+                saved = decomposed[layer.name]
+                result = self._decomposition(saved["A"].to(layer.A.device), saved["G"].to(layer.A.device),
+                                             float(saved["damping"]))
+                failures += result is None
+                data[layer.name] = result if result is not None else layer.identity_second_order(self.compute_method)
         saved = state_dict["factors"]
         for layer in self._layers:
             layer.A.copy_(saved[layer.name]["A"])
             layer.G.copy_(saved[layer.name]["G"])
-        second = state_dict["second_order"]
-        for layer in self._layers:
-            if second and layer.second is not None:
-                layer.second = [t.detach().to(device=layer.A.device, copy=True).contiguous()
-                                for t in second[layer.name]]
+            if layer.second is None:
+                layer.elsewhere = data[layer.name]
+            else:
+                layer.second = data[layer.name]
         self.steps = int(state_dict["steps"])
-        self.decomposition_failures = int(state_dict["decomposition_failures"])
-        self._stale = not second
+        self.decomposition_failures = int(state_dict["decomposition_failures"]) + failures
         self.discard_step()
         self._arm()
 
@@ -443,22 +486,28 @@ class KFACPreconditioner:
             new.append(torch.where(finite & (n > 0), numerator / n, factor))
         torch._foreach_lerp_(factors, new, 1.0 - self.factor_decay)
 
+    def _decomposition(self, A: torch.Tensor, G: torch.Tensor, damping: float) -> list[torch.Tensor] | None:
+        """The second-order data of factors ``A``, ``G`` (module docstring), or None if a decomposition
+        failed."""
+        fn = _eigh if self.compute_method == "eigen" else _damped_inverse(damping)
+        parts = [_decompose(fn, A), _decompose(fn, G)]
+        return None if any(part is None for part in parts) else [t for part in parts for t in part]
+
     def _update_second_order(self, dampings: list[float]) -> None:
         """Decompose the factors of the layers this rank is inverse worker of; share inside the
-        grad-worker group."""
+        grad-worker group. Ranks that are not a layer's grad workers copy the factors to the host
+        (what reproduces the data in their checkpoints)."""
         plan = self.plan
         for i, layer in enumerate(self._layers):
-            if plan.inverse_workers[i] != plan.rank:
-                continue
-            if self.compute_method == "eigen":
-                parts = [_decompose(_eigh, layer.A), _decompose(_eigh, layer.G)]
-            else:
-                inverse = _damped_inverse(dampings[i])
-                parts = [_decompose(inverse, layer.A), _decompose(inverse, layer.G)]
-            if any(part is None for part in parts):
-                self.decomposition_failures += 1
-            else:
-                layer.second = [t for part in parts for t in part]
+            if plan.inverse_workers[i] == plan.rank:
+                result = self._decomposition(layer.A, layer.G, dampings[i])
+                if result is None:
+                    self.decomposition_failures += 1
+                else:
+                    layer.second = result
+            elif layer.second is None:
+                layer.elsewhere = ("decomposed", {"A": layer.A.to("cpu", copy=True),
+                                                  "G": layer.G.to("cpu", copy=True), "damping": float(dampings[i])})
         if plan.grad_workers > 1:
             group_ranks = plan.worker_groups[plan.rank % plan.groups]
             handles = [collectives.broadcast_async(
@@ -466,7 +515,6 @@ class KFACPreconditioner:
                 src, self._groups.worker) for src in group_ranks]
             for handle in handles:
                 handle.wait()
-        self._stale = False
 
     def _precondition(self, lrs: list[float], dampings: list[float]) -> None:
         """Preconditioned gradients of the layers that have a gradient (on every rank), KL clip, write back."""

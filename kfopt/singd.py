@@ -105,7 +105,11 @@ Checkpoints
 groups (a callable ``lr_cov`` is saved as None and ``load_state_dict`` keeps the optimizer's own), per
 parameter ``momentum_buffer``, and in each preconditioned layer's weight state its factors and momenta
 by free-parameter tensor (``"K.<name>"``, ``"C.<name>"``, ``"m_K.<name>"``, ``"m_C.<name>"``, see
-``kfopt.structures``), plus ``"steps"`` and ``"skipped_steps"``. Loading requires the same structures and
+``kfopt.structures``), plus ``"steps"``, ``"skipped_steps"`` and ``"last_grad_scale"`` (the scale of the
+last ``scaler.step`` that the capture divides output gradients by, without ``grad_scaler=``: a 0-d fp32
+tensor, or None before the first scaler step and with ``grad_scaler=``, whose optimizer ignores it), so a
+checkpoint taken under a GradScaler continues bit-identically. Checkpoints of earlier versions (no
+``"last_grad_scale"``) are rejected. Loading requires the same structures and
 preconditioner dtypes per group. Statistics captured but not yet consumed by a step are not saved:
 checkpoint between steps.
 """
@@ -127,7 +131,7 @@ from .capture import CallInfo, CapturedLayer, LayerCapture, loss_term_count
 from .layer_state import LayerState
 from .optimizer import KfoptOptimizer
 from .structures import Structure, StructureSpec, parse_structure
-from .validation import check_bool, check_keys, check_nonnegative, check_unit_interval
+from .validation import check_bool, check_keys, check_nonnegative, check_tensor, check_unit_interval
 
 _LOSS_AVERAGES = (None, "batch", "batch+sequence")
 _FACTOR_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -541,6 +545,8 @@ class SINGD(KfoptOptimizer):
             if callable(group["lr_cov"]):
                 group["lr_cov"] = None
         state["steps"] = self.steps
+        last = self._last_grad_scale
+        state["last_grad_scale"] = None if last is None else last.detach().clone()
         return state
 
     def _state_spec(self, p: torch.Tensor, group: dict) -> dict:
@@ -565,10 +571,15 @@ class SINGD(KfoptOptimizer):
     def check_state_dict(self, state_dict: dict) -> None:
         """As ``KfoptOptimizer.check_state_dict``, plus ``steps`` and the same structures and
         preconditioner dtypes per group (factors cannot be loaded into other structures)."""
-        check_keys(state_dict, ("param_groups", "steps"), "state_dict")
+        check_keys(state_dict, ("param_groups", "steps", "last_grad_scale"), "state_dict")
         steps = state_dict["steps"]
         if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
             raise ValueError(f"state_dict: expected 'steps' an int >= 0, got {steps!r}")
+        last = state_dict["last_grad_scale"]
+        if last is not None:
+            check_tensor("state_dict['last_grad_scale']", last, (), torch.float32)
+            if not (torch.isfinite(last) & (last > 0)).item():  # loading may synchronise
+                raise ValueError(f"state_dict['last_grad_scale']: expected None or a finite scale > 0, got {last}")
         groups = state_dict["param_groups"]
         for i, (saved, current) in enumerate(zip(groups if isinstance(groups, (list, tuple)) else (),
                                                   self.param_groups)):
@@ -594,10 +605,14 @@ class SINGD(KfoptOptimizer):
         Everything is checked first: a checkpoint that does not fit raises ValueError and changes nothing."""
         self.check_state_dict(state_dict)
         groups = self._loadable_groups(state_dict["param_groups"])
-        steps = state_dict["steps"]
+        steps, last = state_dict["steps"], state_dict["last_grad_scale"]
         super().load_state_dict({**state_dict, "param_groups": groups})
         for layer in self._layers:
             self._bind(layer)
         self.steps = int(steps)
+        if self._grad_scaler is None:
+            device = next(p.device for group in self.param_groups for p in group["params"])
+            self._last_grad_scale = None if last is None else last.detach().to(device, copy=True)
+            self.capture.set_grad_scale(self._last_grad_scale)
         self._discard_statistics()
         self._arm()

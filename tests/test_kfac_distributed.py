@@ -1,6 +1,8 @@
 """KFAC with KAISA on 2 and 4 gloo processes (DistributedDataParallel on CPU): COMM-OPT, HYBRID-OPT
 and MEM-OPT give the parameters of one process on the concatenated global batch, identical on every
-rank; a checkpoint saved at world size 2 continues at world sizes 1 and 4.
+rank; a checkpoint saved at world size 2 continues at world sizes 1 and 4; at world size 2 with one
+grad worker per layer, rank 0's checkpoint taken at any phase of the default inverse-update interval
+continues on both ranks bit for bit as the uninterrupted run.
 
 One spawn per world size runs every configuration (process start-up dominates the cost).
 """
@@ -10,6 +12,7 @@ import os
 
 import pytest
 import torch
+from contracts.helpers import assert_same_tree
 from distributed import run_distributed
 from torch import nn
 
@@ -31,10 +34,10 @@ def build_model() -> nn.Module:
                          nn.Linear(8, 8, bias=False), nn.Tanh(), nn.Linear(8, 3))
 
 
-def batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+def batches(steps: int = STEPS) -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(1)
     return [(torch.randn(GLOBAL_BATCH, 2, 5, 5, generator=g), torch.randn(GLOBAL_BATCH, 3, generator=g))
-            for _ in range(STEPS)]
+            for _ in range(steps)]
 
 
 def loss_fn(y, t):
@@ -96,6 +99,57 @@ def kaisa_ranks(rank, world, configs, checkpoint):
     return out
 
 
+#: the resume run: the default inverse-update interval (10), one grad worker per layer on 2 ranks,
+#: checkpoints (steps taken) after the first update, mid-interval, just before, at and after the second
+RESUME = dict(lr=0.1, momentum=0.9, weight_decay=1e-3, damping=1e-2, grad_worker_fraction=0.5)
+RESUME_STEPS, RESUME_SAVES = 12, (1, 5, 9, 10, 11)
+
+
+def resume_ranks(rank, world, compute_method):
+    """The uninterrupted run (parameters after each step, final state dict), and for each checkpoint of
+    rank 0 (broadcast to every rank) a fresh model and optimizer on every rank loading it and taking the
+    remaining steps (parameters after each, final state dict)."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    os.environ["KFOPT_BACKEND"] = "torch"
+    data = batches(RESUME_STEPS)
+
+    def fresh():
+        model = build_model()
+        ddp = DistributedDataParallel(model)
+        return model, ddp, KFAC(ddp, **RESUME, compute_method=compute_method)
+
+    model, ddp, opt = fresh()
+    params, checkpoints = [], {}
+    for step in range(RESUME_STEPS):
+        train(ddp, opt, data[step:step + 1], rank, world)
+        params.append([p.detach().clone() for p in model.parameters()])
+        if step + 1 in RESUME_SAVES:
+            saved = [copy.deepcopy({"model": model.state_dict(), "opt": opt.state_dict()})]
+            dist.broadcast_object_list(saved, src=0)
+            checkpoints[step + 1] = saved[0]
+    out = {"params": params, "state": copy.deepcopy(opt.state_dict()), "resumed": {},
+           "stored": sum(layer.second is not None for layer in opt.preconditioner._layers),
+           "saved_forms": {k: (sorted(c["opt"]["kfac"]["second_order"]), sorted(c["opt"]["kfac"]["decomposed"]))
+                           for k, c in checkpoints.items()}}
+    for saved_after, checkpoint in checkpoints.items():
+        model, ddp, opt = fresh()
+        model.load_state_dict(checkpoint["model"])
+        opt.load_state_dict(checkpoint["opt"])
+        resumed = []
+        for step in range(saved_after, RESUME_STEPS):
+            train(ddp, opt, data[step:step + 1], rank, world)
+            resumed.append([p.detach().clone() for p in model.parameters()])
+        out["resumed"][saved_after] = {"params": resumed, "state": copy.deepcopy(opt.state_dict())}
+    return out
+
+
+def world2_ranks(rank, world, configs):
+    return {**kaisa_ranks(rank, world, configs, None),
+            "resume": {method: resume_ranks(rank, world, method) for method in ("eigen", "inverse")}}
+
+
 @pytest.fixture(scope="module")
 def single_process():
     """The references, on one process (KFOPT_BACKEND=torch, one thread): the parameters after STEPS
@@ -127,7 +181,7 @@ def check_unequal(results, reference):
 def world2():
     configs = {"comm-opt": (dict(grad_worker_fraction=1.0), True),
                "mem-opt": (dict(grad_worker_fraction=0.5, symmetric_comm=True), False)}
-    return run_distributed(kaisa_ranks, 2, configs, None, timeout=180)
+    return run_distributed(world2_ranks, 2, configs, timeout=180)
 
 
 def check_ranks(results, name, reference, tol=TOL):
@@ -180,3 +234,30 @@ def test_two_process_checkpoint_resumes_on_one_process(world2, single_process, m
     for p, ref, two in zip(model.parameters(), single_process["params"], world2[0]["comm-opt"]):
         assert ((p - ref).norm() / ref.norm()).item() <= TOL
         assert ((p - two).norm() / two.norm()).item() <= TOL
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("method", ["eigen", "inverse"])
+def test_checkpoint_with_one_grad_worker_per_layer_resumes_bit_identically(world2, method):
+    """grad_worker_fraction=0.5 on 2 ranks: each layer's second-order data lives on one rank; rank 0's
+    checkpoint carries its own layers' data and the factors (and damping) the last inverse update
+    decomposed for the others, and every rank continues from it exactly as the uninterrupted run."""
+    runs = [res["resume"][method] for res in world2]
+    assert sum(run["stored"] for run in runs) == 4  # each layer's data on one rank only
+    held, decomposed = runs[0]["saved_forms"][RESUME_SAVES[0]]
+    assert held and decomposed  # rank 0's checkpoint holds both forms
+    for rank, run in enumerate(runs):
+        for saved_after, resumed in run["resumed"].items():
+            for step, (got, expected) in enumerate(zip(resumed["params"], run["params"][saved_after:]),
+                                                   start=saved_after + 1):
+                for i, (p, q) in enumerate(zip(got, expected)):
+                    assert torch.equal(p, q), f"rank {rank}, resumed after step {saved_after}: parameter {i} " \
+                        f"differs after step {step} by {(p - q).abs().max().item():.3e}"
+            state, expected = resumed["state"], run["state"]
+            if rank > 0 and saved_after > RESUME_SAVES[-2]:
+                # no inverse update since the load: rank 1 keeps rank 0's saved data of the layers it
+                # does not hold, where its own run keeps the factors they were decomposed from
+                state, expected = ({**s, "kfac": {k: v for k, v in s["kfac"].items()
+                                                  if k not in ("second_order", "decomposed")}}
+                                   for s in (state, expected))
+            assert_same_tree(state, expected, f"rank {rank}, resumed after step {saved_after}")

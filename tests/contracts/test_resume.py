@@ -11,11 +11,12 @@ the uninterrupted run (weights and state dict) after its step.
 """
 
 import pytest
+import torch
 
 from kfopt.registry import REGISTRY
 
 from .conftest import use_backend
-from .helpers import (assert_same_params, assert_same_tree, clone_tree, one_layer_model, one_per_class,
+from .helpers import (assert_same_params, assert_same_tree, batch, clone_tree, one_layer_model, one_per_class,
                       tiny_model, train_step)
 
 
@@ -69,3 +70,52 @@ def test_resume_after_every_step_of_the_default_intervals_under_the_interpreter_
         assert_same_params(model, expected_model, f"resumed after step {step}, step {step + 1}: ")
         model_state, optimizer_state = clone_tree(model.state_dict()), clone_tree(optimizer.state_dict())
         assert_same_tree(optimizer_state, reference[step + 1][1], f"resumed after step {step}: state_dict")
+
+
+SCALED = [(name, True) for name in REGISTRY] + [(name, False) for name, e in REGISTRY.items() if e.cls_name == "SINGD"]
+
+
+@pytest.mark.parametrize(("name", "grad_scaler_argument"), SCALED,
+                         ids=[f"{n}{'' if a else '-without-grad_scaler'}" for n, a in SCALED])
+def test_resume_under_a_grad_scaler_after_every_step_is_bit_identical(name, grad_scaler_argument, monkeypatch):
+    """Under a GradScaler whose scale grows past 2^64 (so statistics scaled by its square overflow), a
+    fresh model, optimizer and scaler loading the checkpoints of the step before take each step as the
+    uninterrupted run; the Kronecker-factored optimizers with ``grad_scaler=scaler``, SINGD also
+    without it (it then divides output gradients by the last step's scale: part of its checkpoint).
+    Statistics at every step (intervals of 1)."""
+    use_backend(monkeypatch, "torch")
+    entry = REGISTRY[name]
+    steps = 6
+
+    def fresh(checkpoint=None):
+        model = tiny_model(seed=1)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 40, growth_factor=2.0 ** 8, growth_interval=1)
+        kwargs = {"grad_scaler": scaler} if grad_scaler_argument and entry.takes_model else {}
+        optimizer = entry.build(model, **kwargs, **{key: 1 for key in entry.intervals})
+        if checkpoint is not None:
+            model.load_state_dict(checkpoint["model"])
+            optimizer.load_state_dict(clone_tree(checkpoint["optimizer"]))
+            scaler.load_state_dict(checkpoint["scaler"])
+        return model, optimizer, scaler
+
+    def step(model, optimizer, scaler, index):
+        optimizer.zero_grad()
+        x, y = batch(index)
+        scaler.scale(((model(x) - y) ** 2).mean()).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        return {"model": clone_tree(model.state_dict()), "optimizer": clone_tree(optimizer.state_dict()),
+                "scaler": scaler.state_dict()}
+
+    model, optimizer, scaler = fresh()
+    model.load_state_dict(tiny_model().state_dict())
+    reference = [{"model": clone_tree(model.state_dict()), "optimizer": clone_tree(optimizer.state_dict()),
+                  "scaler": scaler.state_dict()}]
+    for index in range(steps):
+        reference.append(step(model, optimizer, scaler, index))
+    assert scaler.get_scale() > 2.0 ** 64 and int(optimizer.skipped_steps) == 0
+    for index in range(steps):  # a fresh model, optimizer and scaler from the last checkpoint for every step
+        resumed = step(*fresh(reference[index]), index)
+        assert_same_tree(resumed["model"], reference[index + 1]["model"], f"resumed after step {index}: weights")
+        assert_same_tree(resumed["optimizer"], reference[index + 1]["optimizer"],
+                         f"resumed after step {index}: state_dict")

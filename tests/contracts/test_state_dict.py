@@ -180,3 +180,48 @@ def test_checkpoint_from_another_world_size_is_checked():
     assert "world_size" in saved["kfac"]
     saved["kfac"]["world_size"] = 0
     _assert_rejected_unchanged(model, opt, saved, "world_size 0")
+
+
+@pytest.mark.parametrize("name", ["kfac", "kfac-inverse"])
+def test_kfac_checkpoint_with_decomposed_factors_is_checked_and_continues(name):
+    """A K-FAC checkpoint may carry a layer's second-order data as the factors the last inverse update
+    decomposed and its damping (``decomposed``: what a rank that is not the layer's grad worker saves);
+    it is checked like the rest, and a single process loading it decomposes them and continues
+    bit-identically."""
+    model, opt = _trained(name, steps=1)  # step 0's inverse update decomposed the current factors
+    saved = clone_tree(opt.state_dict())
+    layer = next(iter(saved["kfac"]["second_order"]))
+    del saved["kfac"]["second_order"][layer]
+    saved["kfac"]["decomposed"][layer] = {**clone_tree(saved["kfac"]["factors"][layer]),
+                                          "damping": opt.defaults["damping"]}
+    other_model, other = _trained(name, steps=1)
+    for what, bad in _mutations(saved):
+        if "decomposed" in what:
+            _assert_rejected_unchanged(other_model, other, bad, what)
+    for damping in (float("nan"), -1.0, 0.0, "x"):
+        bad = clone_tree(saved)
+        bad["kfac"]["decomposed"][layer]["damping"] = damping
+        _assert_rejected_unchanged(other_model, other, bad, f"damping {damping!r}")
+    both = clone_tree(saved)
+    both["kfac"]["second_order"][layer] = clone_tree(opt.state_dict()["kfac"]["second_order"][layer])
+    _assert_rejected_unchanged(other_model, other, both, "a layer in both second_order and decomposed")
+    resumed_model = tiny_model()
+    resumed_model.load_state_dict(model.state_dict())
+    resumed = REGISTRY[name].build(resumed_model)
+    resumed.load_state_dict(saved)
+    for step in range(1, 4):
+        train_step(model, opt, step)
+        train_step(resumed_model, resumed, step)
+        assert_same_params(model, resumed_model, f"step {step}: ")
+
+
+def test_singd_last_grad_scale_is_checked():
+    """SINGD's saved scale of the last GradScaler step must be None or a finite positive 0-d fp32 tensor."""
+    model, opt = _trained("singd")
+    saved = clone_tree(opt.state_dict())
+    assert "last_grad_scale" in saved
+    for bad in (torch.tensor([2.0]), torch.tensor(2.0, dtype=torch.float64), torch.tensor(float("nan")),
+                torch.tensor(float("inf")), torch.tensor(0.0), torch.tensor(-2.0), 2.0, "x"):
+        _assert_rejected_unchanged(model, opt, {**saved, "last_grad_scale": bad}, f"last_grad_scale {bad!r}")
+    opt.load_state_dict({**saved, "last_grad_scale": torch.tensor(2.0 ** 70)})
+    assert opt.state_dict()["last_grad_scale"].item() == 2.0 ** 70
