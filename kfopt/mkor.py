@@ -35,7 +35,9 @@ Stabiliser (before each update, per factor, on the device): if ``max_ij |J_ij| >
 ``zeta = stabilizer_blend``. A factor holding NaN/inf (or found numerically indefinite along the new
 vector) is reset to ``I`` before the update. A non-finite vector (e.g. a layer not called since the
 last update: its count is 0) leaves the factor unchanged. Blends, resets and skips are counted per
-factor (:attr:`MKOR.factor_events`).
+factor (:attr:`MKOR.factor_events`). A factor-update step whose parameter gradients are not all finite
+(the base optimizer's step is then skipped: ``kfopt.LAMB``) changes no factor, scale or count: decided
+on the device, without a host synchronisation.
 
 Preconditioning (every step, for every layer that has a gradient; ``kfopt.kernels.kronecker_precondition``)::
 
@@ -362,12 +364,21 @@ class MKOR(ComposedOptimizer):
         g_handle.wait()
         a = self._a_buffer[self._a_index] / self._a_buffer[self._a_count_index]
         g = g_buffer[self._g_index] / g_buffer[self._g_count_index]
+        # a step whose gradients are not all finite changes no factor (the base skips it): non-finite
+        # vectors leave the factors and scales unchanged, and the skips they count are taken back
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        finite = torch.stack([torch.isfinite(grad).all() for grad in grads]).all() if grads else None
+        if finite is not None:
+            a, g = a.masked_fill(~finite, math.nan), g.masked_fill(~finite, math.nan)
+            events = self._events.clone()
         a_vectors = a.split([layer.JR.shape[0] for layer in self._layers])
         g_vectors = g.split([layer.JL.shape[0] for layer in self._layers])
         factors = [f for layer in self._layers for f in (layer.JL, layer.JR)]
         vectors = [v for pair in zip(g_vectors, a_vectors) for v in pair]
         rank1_inverse_update(factors, vectors, self._scales, decay=self.stat_decay,
                              threshold=self.stabilizer_threshold, blend=self.stabilizer_blend, counts=self._events)
+        if finite is not None:
+            self._events.copy_(torch.where(finite, self._events, events))
 
     def _discard_step(self) -> None:
         """Drop what was captured since the last step (after using it, or for a step the GradScaler

@@ -1,9 +1,9 @@
 """kfopt.MKOR / MKORH on one process: steps against a float64 implementation of shared/design/mkor.md
 (Linear with/without bias, 3-D inputs, Conv2d; with and without stabiliser blends), the factors
 against the inverse of the explicitly formed running average, a NaN factor, 16-bit factors,
-gradient accumulation, channels-last gradients, checkpoints, AMP, base optimizers, hyperparameter
-checks, MKOR-H's switch criterion on synthetic loss curves and its hand-over, and a convergence
-comparison with LAMB.
+gradient accumulation, channels-last gradients, AMP, base optimizers, MKOR-H's switch criterion on
+synthetic loss curves and its hand-over, and a convergence comparison with LAMB. What every optimizer
+promises (checkpoints, hyperparameter checks, closures...) is tested once for all in tests/contracts.
 
 Most tests force the PyTorch kernel path (KFOPT_BACKEND=torch) for speed; the kernels themselves are
 tested in test_rank1_inverse.py / test_kronecker_precondition.py, and
@@ -11,7 +11,6 @@ tested in test_rank1_inverse.py / test_kronecker_precondition.py, and
 """
 
 import copy
-import io
 import logging
 import math
 
@@ -255,36 +254,6 @@ def test_channels_last_conv_gradients(torch_backend):
     assert_models_close(model, other, 1e-6)
 
 
-def test_state_dict_round_trip_continues_bit_identically(torch_backend):
-    model, data, _ = make_case("conv", 6)
-    opt = MKOR(model, lr=0.01, inv_freq=2, factor_dtype=torch.bfloat16, stabilizer_threshold=1.5)
-    train(opt, model, data[:3])
-    buffer = io.BytesIO()
-    torch.save(opt.state_dict(), buffer)
-    buffer.seek(0)
-    saved = torch.load(buffer, weights_only=True)
-    factors = saved["mkor"]["factors"]
-    assert set(factors) == set(opt.layers)
-    assert all(type(factors[n][k]) is torch.Tensor for n in factors for k in ("JL", "JR", "JL_scale", "events"))
-    assert factors["0"]["JL"].dtype == torch.bfloat16 and factors["0"]["JR"].shape == (19, 19)
-
-    restored_model = copy.deepcopy(model)
-    restored = MKOR(restored_model, lr=0.5, inv_freq=2, factor_dtype=torch.bfloat16, stabilizer_threshold=1.5)
-    restored.load_state_dict(saved)
-    assert restored.param_groups[0]["lr"] == 0.01 and restored.steps == 3
-    train(opt, model, data[3:])
-    train(restored, restored_model, data[3:])
-    for p, q in zip(model.parameters(), restored_model.parameters()):
-        assert torch.equal(p, q)
-    for name in opt.layers:
-        for f, g in zip(opt.inverse_factors(name), restored.inverse_factors(name)):
-            assert torch.equal(f, g)
-    assert torch.equal(opt.factor_events, restored.factor_events)
-
-    with pytest.raises(ValueError, match="layers"):
-        MKOR(nn.Linear(2, 2)).load_state_dict(saved)
-
-
 # ------------------------------------------------------------------ AMP
 
 
@@ -367,11 +336,7 @@ def test_bases_param_groups_and_schedulers(torch_backend):
     assert isinstance(custom.base, torch.optim.Adam) and custom.param_groups[0]["weight_decay"] == 0.0
     train(custom, custom.capture.model, data)
     with pytest.raises(ValueError, match="base"):
-        MKOR(copy.deepcopy(model), base=lambda groups: torch.optim.Adam(model.parameters()))
-    with pytest.raises(ValueError, match="base"):
         MKOR(copy.deepcopy(model), base=lambda groups: torch.optim.Adam(groups), betas=(0.9, 0.9))
-    with pytest.raises(NotImplementedError):
-        opt.add_param_group({"params": [nn.Parameter(torch.zeros(1))]})
 
 
 def test_closure_skipped_layers_and_other_parameters(torch_backend):
@@ -400,26 +365,6 @@ def test_closure_skipped_layers_and_other_parameters(torch_backend):
         for p, q in zip(model.get_submodule(i).parameters(), plain.get_submodule(i).parameters()):
             assert torch.equal(p, q), i
     assert not torch.equal(model[2].weight, plain[2].weight)
-
-
-@pytest.mark.parametrize("kwargs, name", [
-    (dict(lr=-1.0), "lr"), (dict(inv_freq=0), "inv_freq"), (dict(stat_decay=1.0), "stat_decay"),
-    (dict(stabilizer_threshold=0.0), "stabilizer_threshold"), (dict(stabilizer_blend=1.5), "stabilizer_blend"),
-    (dict(factor_dtype=torch.int8), "factor_dtype"), (dict(base="adam"), "base"),
-    (dict(weight_decay=-1.0), "weight_decay"), (dict(loss_average="mean"), "loss_average"),
-])
-def test_bad_hyperparameters_name_the_argument(kwargs, name):
-    with pytest.raises(ValueError, match=name):
-        MKOR(nn.Sequential(nn.Linear(3, 2)), **kwargs)
-
-
-@pytest.mark.parametrize("kwargs, name", [
-    (dict(switch_window=0), "switch_window"), (dict(switch_fraction=1.0), "switch_fraction"),
-    (dict(switch_patience=0), "switch_patience"),
-])
-def test_bad_switch_parameters_name_the_argument(kwargs, name):
-    with pytest.raises(ValueError, match=name):
-        MKORH(nn.Linear(3, 2), **kwargs)
 
 
 # ------------------------------------------------------------------ MKOR-H

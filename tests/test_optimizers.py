@@ -1,4 +1,5 @@
-"""kfopt.LAMB and kfopt.LARS as torch optimizers: equations step by step, contract, bad input."""
+"""kfopt.LAMB and kfopt.LARS as torch optimizers: equations step by step, bad input specific to them
+(what every optimizer promises is tested once for all in tests/contracts)."""
 
 import math
 
@@ -138,68 +139,6 @@ def test_reference_backend_matches_triton_backend(method, monkeypatch, seed):
 
 
 @pytest.mark.parametrize("method", ["lamb", "lars"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_state_dict_round_trip_continues_bit_identically(method, dtype, tmp_path, seed):
-    def make():
-        torch.manual_seed(1)
-        return nn.Sequential(nn.Linear(5, 11), nn.ReLU(), nn.Linear(11, 2)).to(dtype)
-
-    data = [(torch.randn(8, 5, dtype=dtype), torch.randn(8, 2, dtype=dtype)) for _ in range(6)]
-
-    def train(model, opt, batches):
-        for x, y in batches:
-            opt.zero_grad()
-            nn.functional.mse_loss(model(x).float(), y.float()).backward()
-            opt.step()
-
-    model_a = make()
-    opt_a = OPTIMIZERS[method](kfopt.param_groups(model_a, 0.01), lr=0.01)
-    train(model_a, opt_a, data)
-
-    model_b = make()
-    opt_b = OPTIMIZERS[method](kfopt.param_groups(model_b, 0.01), lr=0.01)
-    train(model_b, opt_b, data[:3])
-    torch.save({"model": model_b.state_dict(), "opt": opt_b.state_dict()}, tmp_path / "ckpt.pt")
-    loaded = torch.load(tmp_path / "ckpt.pt", weights_only=True)
-    model_c = make()
-    model_c.load_state_dict(loaded["model"])
-    opt_c = OPTIMIZERS[method](kfopt.param_groups(model_c, 0.01), lr=0.01)
-    opt_c.load_state_dict(loaded["opt"])
-    for state in opt_c.state.values():
-        for value in state.values():
-            assert value.dtype == torch.float32, "state must stay fp32 after loading (bf16 params)"
-    train(model_c, opt_c, data[3:])
-    for a, c in zip(model_a.parameters(), model_c.parameters()):
-        assert torch.equal(a, c)
-
-
-BAD_HYPERPARAMETERS = [
-    ("lamb", dict(lr=-1.0), ValueError, "lr"),
-    ("lamb", dict(betas=(1.0, 0.999)), ValueError, "betas"),
-    ("lamb", dict(betas=(0.9, -0.1)), ValueError, "betas"),
-    ("lamb", dict(betas=(0.9,)), ValueError, "betas"),
-    ("lamb", dict(eps=0.0), ValueError, "eps"),
-    ("lamb", dict(eps=-1e-8), ValueError, "eps"),
-    ("lamb", dict(weight_decay=-0.1), ValueError, "weight_decay"),
-    ("lamb", dict(trust_clip=(2.0, 1.0)), ValueError, "trust_clip"),
-    ("lamb", dict(trust_clip=(-1.0, 1.0)), ValueError, "trust_clip"),
-    ("lamb", dict(trust_clip=5.0), ValueError, "trust_clip"),
-    ("lamb", dict(max_grad_norm=-1.0), ValueError, "max_grad_norm"),
-    ("lamb", dict(bias_correction="yes"), ValueError, "bias_correction"),
-    ("lars", dict(lr=float("nan")), ValueError, "lr"),
-    ("lars", dict(momentum=1.5), ValueError, "momentum"),
-    ("lars", dict(eta=-0.001), ValueError, "eta"),
-    ("lars", dict(trust_clip=(0.5, 0.1)), ValueError, "trust_clip"),
-]
-
-
-@pytest.mark.parametrize("method,kwargs,error,name", BAD_HYPERPARAMETERS)
-def test_bad_hyperparameters_name_the_argument(method, kwargs, error, name):
-    with pytest.raises(error, match=name):
-        OPTIMIZERS[method](nn.Linear(2, 2).parameters(), **kwargs)
-
-
-@pytest.mark.parametrize("method", ["lamb", "lars"])
 def test_bad_param_group_added_later_is_rejected_without_change(method):
     opt = OPTIMIZERS[method](nn.Linear(2, 2).parameters(), lr=0.1)
     with pytest.raises(ValueError, match="lr"):
@@ -225,11 +164,6 @@ def test_bad_tensors_raise_before_any_state_changes(method):
     with pytest.raises(TypeError, match="sparse"):
         opt.step()
     assert len(opt.state) == 0 and all(torch.equal(a, b) for a, b in zip(before, lin.parameters()))
-
-    p_cpu = nn.Parameter(torch.randn(3))
-    p_meta = nn.Parameter(torch.randn(3, device="meta"))
-    with pytest.raises(ValueError, match="meta device"):  # no data: rejected at construction
-        OPTIMIZERS[method]([p_cpu, p_meta], lr=0.1)
 
     p64 = nn.Parameter(torch.randn(3, dtype=torch.float64))
     opt = OPTIMIZERS[method]([p64], lr=0.1)

@@ -29,11 +29,18 @@ def tiny_model(seed: int = 0) -> nn.Module:
     return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
 
 
-def one_layer_model(seed: int = 0) -> nn.Module:
+def one_layer_model(seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Module:
     """One Linear layer (4 -> 3, the shapes of ``batch``), deterministic: the cheapest model under the
     interpreter."""
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(4, 3))
+    return nn.Sequential(nn.Linear(4, 3)).to(dtype)
+
+
+def conv_model(seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A Conv2d (the inputs of ``batch`` as 1x2x2 images) and a Linear layer, deterministic."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Unflatten(1, (1, 2, 2)), nn.Conv2d(1, 4, 2, padding=1), nn.Tanh(), nn.Flatten(),
+                         nn.Linear(36, 3)).to(dtype)
 
 
 def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,7 +50,8 @@ def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def backward(model: nn.Module, step: int) -> torch.Tensor:
     x, y = batch(step)
-    loss = ((model(x) - y) ** 2).mean()
+    dtype = next(model.parameters()).dtype
+    loss = ((model(x.to(dtype)).float() - y) ** 2).mean()
     loss.backward()
     return loss
 

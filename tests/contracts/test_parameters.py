@@ -44,8 +44,10 @@ def test_zero_size_parameters_work(name, backend, monkeypatch):
     optimizer.load_state_dict(optimizer.state_dict())
 
 
-def test_meta_parameters_get_a_clear_error(entry):
-    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).to("meta")
+@pytest.mark.parametrize("on_meta", ["all", "last-layer"])
+def test_meta_parameters_get_a_clear_error(entry, on_meta):
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    (model if on_meta == "all" else model[2]).to("meta")
     hooks = hook_count(model)
     with pytest.raises((ValueError, TypeError), match="meta") as error:
         entry.build(model)

@@ -16,12 +16,16 @@ import torch
 
 from kfopt.registry import REGISTRY
 
+from .conftest import use_backend
 from .helpers import (
     assert_same_params,
     assert_same_tree,
     build,
     clone_tree,
+    conv_model,
     hook_count,
+    one_layer_model,
+    one_per_class,
     tiny_model,
     train_step,
 )
@@ -50,21 +54,59 @@ def checkpoints():
         os.environ.pop("KFOPT_BACKEND", None)
 
 
-def test_round_trip_through_torch_save_continues_bit_identically(entry):
-    model, opt = _trained(entry.name)
+#: (entry, overrides): every entry with its defaults, and the state layouts of other settings
+ROUND_TRIPS = [(name, {}) for name in REGISTRY] + [
+    ("mkor", {"factor_dtype": torch.bfloat16, "stabilizer_threshold": 1.5}),
+    ("singd", {"structures": ("block4diagonal", "triutoeplitz"), "preconditioner_dtype": (torch.bfloat16, None)}),
+    ("singd", {"structures": ("hierarchical2_3", "tril")}),
+]
+
+
+def _round_trip(name, overrides, dtype, make_model=conv_model):
+    """On ``make_model`` (a Conv2d and a Linear layer by default) in ``dtype``: three steps (a StepLR halving lr at each), the model, optimizer and scheduler saved through
+    ``torch.save``/``torch.load(weights_only=True)``, loaded into a fresh model and an optimizer built with
+    another lr (the checkpoint's must win), and three more steps beside the uninterrupted run: the
+    weights after each and the final state dicts (shapes, dtypes, bits) equal; a composed optimizer's
+    base shares the loaded param groups and state."""
+    entry = REGISTRY[name]
+    model = make_model(dtype=dtype)
+    opt = entry.build(model, **overrides)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 1, 0.5)
+    for step in range(3):
+        train_step(model, opt, step)
+        sched.step()
     buffer = io.BytesIO()
-    torch.save(opt.state_dict(), buffer)
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict()}, buffer)
     buffer.seek(0)
     saved = torch.load(buffer, weights_only=True)
-    resumed_model = tiny_model()
-    resumed_model.load_state_dict(model.state_dict())
-    resumed = entry.build(resumed_model)
-    resumed.load_state_dict(saved)
-    for step in range(2, 4):
-        train_step(model, opt, step)
-        train_step(resumed_model, resumed, step)
+    resumed_model = make_model(seed=1, dtype=dtype)
+    resumed_model.load_state_dict(saved["model"])
+    resumed = entry.build(resumed_model, lr=3 * entry.default("lr"), **overrides)
+    resumed_sched = torch.optim.lr_scheduler.StepLR(resumed, 1, 0.5)
+    resumed.load_state_dict(saved["opt"])
+    resumed_sched.load_state_dict(saved["sched"])
+    if entry.composed:
+        assert resumed.base.param_groups is resumed.param_groups and resumed.base.state is resumed.state
+    for step in range(3, 6):
+        for m, o, s in ((model, opt, sched), (resumed_model, resumed, resumed_sched)):
+            train_step(m, o, step)
+            s.step()
         assert_same_params(model, resumed_model, f"step {step}: ")
+    assert resumed.param_groups[0]["lr"] == opt.param_groups[0]["lr"] == entry.default("lr") * 0.5 ** 6
     assert_same_tree(resumed.state_dict(), opt.state_dict())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize(("name", "overrides"), ROUND_TRIPS,
+                         ids=[name + "".join(f"-{k}" for k in o) for name, o in ROUND_TRIPS])
+def test_round_trip_through_torch_save_continues_bit_identically(name, overrides, dtype):
+    _round_trip(name, overrides, dtype)
+
+
+@pytest.mark.parametrize("name", one_per_class())
+def test_round_trip_under_the_interpreter_continues_bit_identically(name, monkeypatch):
+    use_backend(monkeypatch, "triton")
+    _round_trip(name, {}, torch.bfloat16, one_layer_model)
 
 
 def _paths(tree, prefix=()):
@@ -135,6 +177,14 @@ def _mutations(checkpoint: dict, optional: set = frozenset()):
             yield f"{where} as a string", _replace(checkpoint, path, "x")
 
 
+def _continue_alike(model, opt, other_model, other, steps) -> None:
+    """Both take ``steps`` and have the same weights after each."""
+    for step in steps:
+        train_step(model, opt, step)
+        train_step(other_model, other, step)
+        assert_same_params(model, other_model, f"step {step}: ")
+
+
 def _assert_rejected_unchanged(model, opt, bad, what):
     before, hooks = clone_tree(opt.state_dict()), hook_count(model)
     try:
@@ -154,10 +204,7 @@ def test_malformed_checkpoints_raise_value_error_and_change_nothing(entry, check
     twin_model, twin = _trained(entry.name)
     for what, bad in _mutations(checkpoints[entry.name], _optional_state(opt, checkpoints[entry.name])):
         _assert_rejected_unchanged(model, opt, bad, what)
-    for step in range(2, 5):  # the optimizer continues as one that never saw the bad checkpoints
-        train_step(model, opt, step)
-        train_step(twin_model, twin, step)
-        assert_same_params(model, twin_model, f"step {step}: ")
+    _continue_alike(model, opt, twin_model, twin, range(2, 5))
 
 
 def test_checkpoint_of_another_optimizer_raises_and_changes_nothing(entry, checkpoints):
@@ -167,10 +214,7 @@ def test_checkpoint_of_another_optimizer_raises_and_changes_nothing(entry, check
         if other == entry.name or (other, entry.name) in COMPATIBLE:
             continue
         _assert_rejected_unchanged(model, opt, saved, f"{other}'s checkpoint")
-    for step in range(2, 5):
-        train_step(model, opt, step)
-        train_step(twin_model, twin, step)
-        assert_same_params(model, twin_model, f"step {step}: ")
+    _continue_alike(model, opt, twin_model, twin, range(2, 5))
 
 
 def test_checkpoint_from_another_world_size_is_checked():
@@ -209,10 +253,7 @@ def test_kfac_checkpoint_with_decomposed_factors_is_checked_and_continues(name):
     resumed_model.load_state_dict(model.state_dict())
     resumed = REGISTRY[name].build(resumed_model)
     resumed.load_state_dict(saved)
-    for step in range(1, 4):
-        train_step(model, opt, step)
-        train_step(resumed_model, resumed, step)
-        assert_same_params(model, resumed_model, f"step {step}: ")
+    _continue_alike(model, opt, resumed_model, resumed, range(1, 4))
 
 
 def test_singd_last_grad_scale_is_checked():
