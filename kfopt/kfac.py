@@ -101,8 +101,8 @@ Checkpoints
     the saving rank holds, and ``decomposed`` (``{layer name: {"A", "G", "damping"}}``: the factors the
     last inverse update decomposed and the damping it used) for the others (``grad_worker_fraction < 1``
     on several ranks: a rank that is not a layer's grad worker copies the layer's factors to the host at
-    each inverse update, host memory the size of those factors; device memory is as without
-    checkpoints). Plain tensors and numbers. Factors are global averages, identical on all ranks, so a
+    each inverse update, host memory the size of those factors and a copy that synchronises, on
+    inverse-update steps only as the failure check does; device memory is as without checkpoints). Plain tensors and numbers. Factors are global averages, identical on all ranks, so a
     checkpoint from any rank loads at any world size and grad-worker fraction. A checkpoint taken at any
     step continues bit-identically: a grad worker loads the saved data, or decomposes the saved
     ``decomposed`` factors as the inverse worker did (the same function on the same kind of device;
