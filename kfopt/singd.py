@@ -51,7 +51,11 @@ that requires grad; a layer's weight and bias must be in the same param group. M
 (float64 for float64 parameters); parameters are updated in fp32 and rounded to their dtype.
 
 Param groups carry every hyperparameter above (per group, so LR schedulers and per-group structures
-work). ``structures`` and ``preconditioner_dtype`` are read when the factors are built (construction);
+work). ``lr`` may be a 0-d floating tensor (as some schedulers and ``torch.compile`` users set it): its
+form is checked at every step on the host, its value on the device, without a host synchronisation: a
+step with a NaN, infinite or negative tensor lr is skipped and counted like a step with a non-finite
+gradient (below). The parameter update is then ``w - (lr * d)`` instead of ``w + (-lr) * d``, equal
+to the float lr's within rounding. ``structures`` and ``preconditioner_dtype`` are read when the factors are built (construction);
 changing them in a group afterwards has no effect. Layers are selected at construction: parameters
 added later with ``add_param_group`` get the first-order rule.
 
@@ -131,7 +135,14 @@ from .capture import CallInfo, CapturedLayer, LayerCapture, loss_term_count
 from .layer_state import LayerState
 from .optimizer import KfoptOptimizer
 from .structures import Structure, StructureSpec, parse_structure
-from .validation import check_bool, check_keys, check_nonnegative, check_tensor, check_unit_interval
+from .validation import (
+    check_bool,
+    check_keys,
+    check_nonnegative,
+    check_tensor,
+    check_tensor_hyperparameter,
+    check_unit_interval,
+)
 
 _LOSS_AVERAGES = (None, "batch", "batch+sequence")
 _FACTOR_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -297,7 +308,11 @@ class SINGD(KfoptOptimizer):
     # -- validation -----------------------------------------------------------------------------
 
     def _check_group(self, group: dict) -> None:
-        for name in ("lr", "momentum", "damping", "weight_decay"):
+        if isinstance(group["lr"], torch.Tensor):  # its value is checked on the device (module docstring)
+            check_tensor_hyperparameter("lr", group["lr"])
+        else:
+            check_nonnegative("lr", group["lr"])
+        for name in ("momentum", "damping", "weight_decay"):
             check_nonnegative(name, group[name])
         check_unit_interval("alpha1", group["alpha1"])
         _check_int("T", group["T"], 1)
@@ -439,9 +454,13 @@ class SINGD(KfoptOptimizer):
         return correction
 
     def _finite(self, inputs: list[torch.Tensor]) -> torch.Tensor:
-        """Whether every gradient and statistic of the step is finite: a 0-d bool on the device, decided
-        without a host sync; a non-finite step counts in ``skipped_steps`` and changes no state."""
-        finite = torch.stack([torch.isfinite(t).all() for t in inputs]).all()
+        """Whether every gradient and statistic of the step is finite and every tensor lr is finite and
+        >= 0: a 0-d bool on the device, decided without a host sync; a step where it is False counts in
+        ``skipped_steps`` and changes no state."""
+        checks = [torch.isfinite(t).all() for t in inputs]
+        checks += [(torch.isfinite(group["lr"]) & (group["lr"] >= 0)).to(checks[0].device)
+                   for group in self.param_groups if isinstance(group["lr"], torch.Tensor)]
+        finite = torch.stack(checks).all()
         self._skip_counter(finite.device).add_((~finite).to(torch.int32))
         return finite
 
@@ -520,7 +539,11 @@ class SINGD(KfoptOptimizer):
             buf = state["momentum_buffer"]
             d = buf * group["momentum"] + d
             _commit(finite, [buf], [d])
-        p.add_(torch.where(finite, d, 0.0), alpha=-group["lr"])  # adding 0 leaves p as it was, bit for bit
+        lr = group["lr"]
+        if isinstance(lr, torch.Tensor):  # where picks 0 where not finite: a NaN lr cannot leak into p
+            p.sub_(torch.where(finite, d * lr.to(d.device), 0.0))
+        else:
+            p.add_(torch.where(finite, d, 0.0), alpha=-lr)  # adding 0 leaves p as it was, bit for bit
 
     # -- inspection and checkpoints -------------------------------------------------------------
 

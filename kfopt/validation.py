@@ -129,3 +129,13 @@ def check_param_state(where: str, saved, spec: dict[str, TensorSpec] | None) -> 
     for key, value in saved.items():
         shape, dtypes, _ = spec[key]
         check_tensor(f"{where}[{key!r}]", value, shape, dtypes)
+
+
+def check_tensor_hyperparameter(name: str, value) -> None:
+    """A hyperparameter given as a tensor (an ``lr`` set by a scheduler or a ``torch.compile`` user): a
+    0-d floating tensor without grad. Only its form is checked here, on the host; its value is checked
+    on the device by the optimizer (a step with a NaN, infinite or negative one is skipped and counted
+    in ``skipped_steps``), without a host synchronisation."""
+    if (not isinstance(value, torch.Tensor) or value.ndim != 0 or not value.is_floating_point()
+            or value.requires_grad):
+        raise ValueError(f"{name}: expected a number or a 0-d floating tensor without grad, got {value!r}")
