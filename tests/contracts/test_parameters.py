@@ -9,7 +9,7 @@ from torch import nn
 from kfopt.registry import REGISTRY
 
 from .conftest import use_backend
-from .helpers import hook_count, one_per_class, train_step
+from .helpers import hook_count, one_per_module, train_step
 
 
 class WithEmptyLayers(nn.Module):
@@ -27,9 +27,9 @@ class WithEmptyLayers(nn.Module):
         return self.body(x) + self.no_inputs(x[:, :0]) + self.no_outputs(x).sum() + self.empty.sum()
 
 
-# every entry on the PyTorch path; under the interpreter one entry per optimizer class (its kernels)
+# every entry on the PyTorch path; under the interpreter one entry per optimizer module (its kernels)
 @pytest.mark.parametrize("name, backend", [(name, "torch") for name in REGISTRY]
-                         + [(name, "triton") for name in one_per_class()])
+                         + [(name, "triton") for name in one_per_module()])
 def test_zero_size_parameters_work(name, backend, monkeypatch):
     entry = REGISTRY[name]
     use_backend(monkeypatch, backend)

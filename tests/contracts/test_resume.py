@@ -4,7 +4,7 @@ An optimizer checkpointed after any step (between K-FAC's inverse updates, MKOR'
 SINGD's factor updates...) and resumed in a fresh process (a new model and optimizer loading the
 saved states) continues exactly as the uninterrupted run. Both paths run the default intervals. The
 PyTorch path resumes at each phase of the first period and runs past the next update. The Triton
-interpreter (slow) runs each optimizer class once, on one Linear layer, for a period and two steps
+interpreter (slow) runs each optimizer module once, on one Linear layer, for a period and two steps
 (through the second update of every interval and one step past it), every step taken by a fresh
 optimizer that loaded the checkpoint of the step before: a resume at every phase, each compared with
 the uninterrupted run (weights and state dict) after its step.
@@ -16,7 +16,7 @@ import torch
 from kfopt.registry import REGISTRY
 
 from .conftest import use_backend
-from .helpers import (assert_same_params, assert_same_tree, batch, clone_tree, one_layer_model, one_per_class,
+from .helpers import (assert_same_params, assert_same_tree, batch, clone_tree, one_layer_model, one_per_module,
                       tiny_model, train_step)
 
 
@@ -55,7 +55,7 @@ def test_resume_at_every_phase_of_the_default_intervals_is_bit_identical(entry, 
         assert_same_tree(optimizer.state_dict(), reference[end][1], f"resumed after step {phase}: state_dict")
 
 
-@pytest.mark.parametrize("name", one_per_class())
+@pytest.mark.parametrize("name", one_per_module())
 def test_resume_after_every_step_of_the_default_intervals_under_the_interpreter_is_bit_identical(name, monkeypatch):
     use_backend(monkeypatch, "triton")
     entry = REGISTRY[name]

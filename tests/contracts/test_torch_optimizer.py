@@ -2,7 +2,7 @@
 no gradient, and (where the entry promises it) a non-finite gradient that skips the whole step.
 
 Every entry of the registry, on the PyTorch path (the kernels' own equivalence to it is tested per
-kernel family); the non-finite skip also under the Triton interpreter, once per optimizer class.
+kernel family); the non-finite skip also under the Triton interpreter, once per optimizer module.
 """
 
 import pytest
@@ -12,7 +12,7 @@ from torch import nn
 from kfopt.registry import REGISTRY
 
 from .conftest import use_backend
-from .helpers import assert_same_params, assert_same_tree, backward, batch, clone_tree, one_per_class, train_step
+from .helpers import assert_same_params, assert_same_tree, backward, batch, clone_tree, one_per_module, train_step
 
 pytestmark = pytest.mark.usefixtures("torch_path")
 
@@ -145,7 +145,7 @@ POISONED = ["body.2.weight", "body.0.bias", "gain"]
 NON_FINITE_CASES = (
     [(name, "torch", bad, param, intervals) for name in SKIPPING for bad in ("nan", "inf") for param in POISONED
      for intervals in ("default", "every-step")]
-    + [(name, "triton", "nan", "body.0.bias", "every-step") for name in one_per_class() if name in SKIPPING])
+    + [(name, "triton", "nan", "body.0.bias", "every-step") for name in one_per_module() if name in SKIPPING])
 
 
 @pytest.mark.parametrize(("name", "backend", "bad", "param", "intervals"), NON_FINITE_CASES,
