@@ -1,8 +1,9 @@
 """KFAC with KAISA on 2 and 4 gloo processes (DistributedDataParallel on CPU): COMM-OPT, HYBRID-OPT
 and MEM-OPT give the parameters of one process on the concatenated global batch, identical on every
 rank; a checkpoint saved at world size 2 continues at world sizes 1 and 4; at world size 2 with one
-grad worker per layer, rank 0's checkpoint taken at any phase of the default inverse-update interval
-continues on both ranks bit for bit as the uninterrupted run.
+grad worker per layer, rank 0's checkpoint taken after step 1, 5, 9, 10 or 11 (the default inverse-update
+interval of 10: after an update, between updates, just before, at and after the next) continues on
+both ranks bit for bit as the uninterrupted run.
 
 One spawn per world size runs every configuration (process start-up dominates the cost).
 """
