@@ -9,7 +9,9 @@ from .space import (
     benchmark,
     can_benchmark,
     configs_per_rank,
+    default_configs,
     shape_bucket,
+    timing_candidates,
 )
 
 __all__ = [
@@ -22,7 +24,9 @@ __all__ = [
     "can_benchmark",
     "configs_per_rank",
     "default_cache_path",
+    "default_configs",
     "get_cache",
     "shape_bucket",
+    "timing_candidates",
     "tuning_key",
 ]

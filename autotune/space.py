@@ -39,7 +39,15 @@ call runs in:
 
 * ``configs_per_rank()``: results are combined across ranks afterwards (e.g. statistics that are
   all-reduced), so each rank may tune for itself.
-* anywhere else: the default config, the same on every rank without communication.
+* ``default_configs()``, or anywhere else: the default config, the same on every rank without
+  communication.
+
+Timing a candidate runs the launcher's whole ``run``, and ranks time different numbers of repetitions
+(``do_bench`` sizes them from a first measurement) or none (a cache hit): a collective inside ``run``
+would then pair up wrongly across ranks, or wait forever. While candidates are timed,
+:func:`timing_candidates` is True, and a launcher's collectives (the shard-group all-reduce of the
+element-wise optimizers under FSDP2, ``kfopt.sharding``) are skipped: what is timed is the kernels, whose
+configs are chosen; the results are discarded (``restore``), and the real launch makes the collectives.
 
 One process (or ``torch.distributed`` not initialised): these contexts change nothing.
 """
@@ -148,6 +156,27 @@ def agree_on_configs(group: dist.ProcessGroup | None = None) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def default_configs() -> Iterator[None]:
+    """Inside the block, under ``torch.distributed`` with several ranks, every kernel launches its default
+    config (whatever context encloses the block): for replicas that cannot agree (module docstring)."""
+    token = _DISTRIBUTED_MODE.set(None)
+    try:
+        yield
+    finally:
+        _DISTRIBUTED_MODE.reset(token)
+
+
+#: True while ``ConfigSpace`` times a candidate config (a launcher's collectives are skipped then)
+_TIMING: contextvars.ContextVar = contextvars.ContextVar("kfopt_autotune_timing", default=False)
+
+
+def timing_candidates() -> bool:
+    """True while a candidate config is being timed: the launch's results are discarded, and collectives
+    inside it must be skipped (module docstring)."""
+    return _TIMING.get()
+
+
+@contextlib.contextmanager
 def configs_per_rank() -> Iterator[None]:
     """Inside the block each rank may tune for itself: its results are combined across ranks
     afterwards, never kept as a replica (module docstring)."""
@@ -236,14 +265,18 @@ class ConfigSpace:
                 return config
         snapshot = [t.detach().clone() for t in restore]
         timings, last_error = {}, None
-        for config in self.configs:
-            try:
-                timings[config] = benchmark(lambda: run(config))
-            except CANDIDATE_ERRORS as err:
-                timings[config], last_error = math.inf, err
-            finally:
-                for t, saved in zip(restore, snapshot):
-                    t.detach().copy_(saved)
+        token = _TIMING.set(True)
+        try:
+            for config in self.configs:
+                try:
+                    timings[config] = benchmark(lambda: run(config))
+                except CANDIDATE_ERRORS as err:
+                    timings[config], last_error = math.inf, err
+                finally:
+                    for t, saved in zip(restore, snapshot):
+                        t.detach().copy_(saved)
+        finally:
+            _TIMING.reset(token)
         best = min(self.configs, key=lambda c: timings[c])
         if math.isinf(timings[best]):
             raise RuntimeError(f"{self.kernel}: no candidate config could be launched on {device}") from last_error

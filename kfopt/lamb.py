@@ -105,12 +105,13 @@ class LAMB(KfoptOptimizer):
                                ("adapt", group["weight_decay"] != 0 or group["always_adapt"]),
                                ("lo", lo), ("hi", hi)):
                 cols[key].append(value)
-        clip = lamb_step(
-            cols["p"], cols["g"], cols["m"], cols["v"], cols["s"], lr=cols["lr"], beta1=cols["b1"],
-            beta2=cols["b2"], eps=cols["eps"], weight_decay=cols["wd"], bias_correction=cols["bc"],
-            grad_averaging=cols["avg"], adapt=cols["adapt"], trust_min=cols["lo"], trust_max=cols["hi"],
-            max_grad_norm=self.defaults["max_grad_norm"], skipped=self._skip_counter(found[0][1].device),
-            reduce=self._layout.reduce, **self._amp_kwargs(),
-        )
+        with self._layout.tuning():
+            clip = lamb_step(
+                cols["p"], cols["g"], cols["m"], cols["v"], cols["s"], lr=cols["lr"], beta1=cols["b1"],
+                beta2=cols["b2"], eps=cols["eps"], weight_decay=cols["wd"], bias_correction=cols["bc"],
+                grad_averaging=cols["avg"], adapt=cols["adapt"], trust_min=cols["lo"], trust_max=cols["hi"],
+                max_grad_norm=self.defaults["max_grad_norm"], skipped=self._skip_counter(found[0][1].device),
+                reduce=self._layout.reduce, **self._amp_kwargs(),
+            )
         self.last_grad_norm = clip[0]
         return loss

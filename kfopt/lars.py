@@ -80,10 +80,11 @@ class LARS(KfoptOptimizer):
                                ("eta", group["eta"]), ("nes", group["nesterov"]),
                                ("adapt", group["weight_decay"] != 0 or group["always_adapt"]), ("lo", lo), ("hi", hi)):
                 hyper[key].append(value)
-        clip = lars_step(params, grads, bufs, lr=hyper["lr"], momentum=hyper["mu"], weight_decay=hyper["wd"],
-                         eta=hyper["eta"], nesterov=hyper["nes"], adapt=hyper["adapt"], trust_min=hyper["lo"],
-                         trust_max=hyper["hi"], max_grad_norm=self.defaults["max_grad_norm"],
-                         skipped=self._skip_counter(found[0][1].device), reduce=self._layout.reduce,
-                         **self._amp_kwargs())
+        with self._layout.tuning():
+            clip = lars_step(params, grads, bufs, lr=hyper["lr"], momentum=hyper["mu"], weight_decay=hyper["wd"],
+                             eta=hyper["eta"], nesterov=hyper["nes"], adapt=hyper["adapt"], trust_min=hyper["lo"],
+                             trust_max=hyper["hi"], max_grad_norm=self.defaults["max_grad_norm"],
+                             skipped=self._skip_counter(found[0][1].device), reduce=self._layout.reduce,
+                             **self._amp_kwargs())
         self.last_grad_norm = clip[0]
         return loss

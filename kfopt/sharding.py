@@ -11,15 +11,24 @@ the ranks' partial sums, all-reduced over the process group of the ``Shard(0)`` 
 (replicas of HSDP hold the same shards). Other placements (``Shard(d)`` with d != 0, ``Partial``, two
 sharded dimensions) and optimizers mixing sharded parameters with plain ones or with another shard group
 raise ValueError at construction, naming the parameter and its placement.
+
+Tuned kernel configs (``kfopt.autotune``) change the order of the partial sums, not their all-reduced
+total: ranks of the shard group may tune for themselves (``configs_per_rank``), while HSDP's replicas,
+which apply the same update to the same shard, agree on them over the replicate dimension
+(``agree_on_configs``). With more than one replicate dimension every kernel launches its default
+config. While candidates are timed the all-reduce is skipped (``kfopt.autotune.timing_candidates``).
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, ContextManager
 
 import torch
 import torch.distributed as dist
+
+from kfopt.autotune import agree_on_configs, configs_per_rank, default_configs, timing_candidates
 
 try:
     from torch.distributed.tensor import DTensor, Replicate, Shard
@@ -36,32 +45,54 @@ def local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if is_dtensor(t) else t
 
 
+#: ``ShardLayout.replicas`` when HSDP's replicas span more than one mesh dimension
+SEVERAL_DIMENSIONS = "several mesh dimensions"
+
+
 @dataclass(frozen=True)
 class ShardLayout:
     """How an optimizer's parameters are sharded: ``group`` is the process group to sum partial sums
-    over (None: no parameter is sharded, or the shard dimension has one rank)."""
+    over (None: no parameter is sharded, or the shard dimension has one rank); ``replicas`` the process
+    group of the ranks that hold the same shards (HSDP's replicate dimension; None: there are none,
+    ``SEVERAL_DIMENSIONS``: they span several mesh dimensions)."""
 
     group: object | None
+    replicas: object | None = None
 
     @property
     def reduce(self) -> Callable[[torch.Tensor], None] | None:
-        """In-place SUM all-reduce of a small fp32 tensor over the shard group (None when unsharded)."""
+        """In-place SUM all-reduce of a small fp32 tensor over the shard group (None when unsharded); a
+        no-op while kernel configs are timed (module docstring)."""
         if self.group is None:
             return None
         group = self.group
 
         def all_reduce_sum(t: torch.Tensor) -> None:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+            if not timing_candidates():
+                dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
 
         return all_reduce_sum
 
+    def tuning(self) -> ContextManager[None]:
+        """The ``kfopt.autotune`` context of a step's launches (module docstring); unsharded: none (the
+        enclosing one applies)."""
+        if self.group is None:
+            return contextlib.nullcontext()
+        if self.replicas is None:
+            return configs_per_rank()
+        if self.replicas is SEVERAL_DIMENSIONS:
+            return default_configs()
+        return agree_on_configs(self.replicas)
 
-def shard_dim_group(name: str, p) -> tuple[str, object | None]:
-    """``(kind, group)`` of parameter ``p``: kind "plain" (a tensor), "replicated" (a DTensor replicated on
-    every mesh dimension) or "sharded" (exactly one ``Shard(0)``; ``group`` its mesh dimension's process
-    group). ValueError naming ``name`` and the placement for anything else."""
+
+def shard_dim_group(name: str, p) -> tuple[str, object | None, object | None]:
+    """``(kind, group, replicas)`` of parameter ``p``: kind "plain" (a tensor), "replicated" (a DTensor
+    replicated on every mesh dimension) or "sharded" (exactly one ``Shard(0)``; ``group`` its mesh
+    dimension's process group, ``replicas`` that of the other mesh dimensions with more than one rank:
+    None, a group, or ``SEVERAL_DIMENSIONS``). ValueError naming ``name`` and the placement for anything
+    else."""
     if not is_dtensor(p):
-        return "plain", None
+        return "plain", None, None
     placements = tuple(p.placements)
     shard_dims = [i for i, pl in enumerate(placements) if isinstance(pl, Shard)]
     others = [pl for pl in placements if not isinstance(pl, (Shard, Replicate))]
@@ -71,23 +102,26 @@ def shard_dim_group(name: str, p) -> tuple[str, object | None]:
             "sharded on dim 0 along at most one mesh dimension (FSDP2: (Shard(dim=0),), HSDP: "
             "(Replicate(), Shard(dim=0))) or replicated (Replicate() on every mesh dimension)")
     if not shard_dims:
-        return "replicated", None
+        return "replicated", None, None
     mesh = p.device_mesh
     group = mesh.get_group(shard_dims[0]) if mesh.ndim > 1 else mesh.get_group()
-    return "sharded", group
+    replicate_dims = [d for d in range(mesh.ndim) if d != shard_dims[0] and mesh.size(d) > 1]
+    replicas = (None if not replicate_dims else mesh.get_group(replicate_dims[0]) if len(replicate_dims) == 1
+                else SEVERAL_DIMENSIONS)
+    return "sharded", group, replicas
 
 
 def shard_layout(named_params) -> ShardLayout:
     """The :class:`ShardLayout` of ``named_params`` (``(name, param)`` pairs); ValueError naming a
     parameter whose placement is not supported or whose sharding differs from the others'."""
-    kinds, group, first = set(), None, None
+    kinds, group, replicas, first = set(), None, None, None
     for name, p in named_params:
-        kind, g = shard_dim_group(name, p)
+        kind, g, replicas_of_p = shard_dim_group(name, p)
         if kind == "sharded":
             if group is not None and g is not group:
                 raise ValueError(f"{name} is sharded over another process group than {first}: one optimizer "
                                  "steps parameters sharded over one mesh dimension")
-            group, first = g, first or name
+            group, replicas, first = g, replicas_of_p, first or name
         kinds.add((kind, name))
     found = {k for k, _ in kinds}
     if "sharded" in found and len(found) > 1:
@@ -97,7 +131,7 @@ def shard_layout(named_params) -> ShardLayout:
                          "whole-tensor norms are reduced over the shard group)")
     if group is not None and dist.get_world_size(group) == 1:
         group = None
-    return ShardLayout(group)
+    return ShardLayout(group, replicas if group is not None else None)
 
 
 def reject_sharded(owner: str, named_params) -> None:

@@ -17,8 +17,10 @@ from kfopt.autotune import (
     TuningCache,
     agree_on_configs,
     configs_per_rank,
+    default_configs,
     get_cache,
     shape_bucket,
+    timing_candidates,
     tuning_key,
 )
 
@@ -100,6 +102,35 @@ def test_tuning_times_each_candidate_restores_buffers_and_caches(cache_path, mon
     timed.clear()
     assert cs.select(device=torch.device("cpu"), bucket=shape_bucket(120), dtype=torch.float32, run=run) == chosen
     assert timed == [], "a cached decision (same bucket) must not be timed again"
+
+
+def test_timing_candidates_is_true_only_while_timing(cache_path, monkeypatch):
+    """Launchers skip their collectives while a candidate is timed (``timing_candidates``), and only then."""
+    seen = []
+    monkeypatch.setattr(space, "can_benchmark", lambda device: True)
+    monkeypatch.setattr(space, "benchmark", lambda fn: fn() or 1.0)
+    cs = ConfigSpace("flag", CANDIDATES, default=CANDIDATES[0])
+    chosen = cs.launch(device=torch.device("cpu"), bucket=(1,), dtype=torch.float32,
+                       run=lambda config: seen.append(timing_candidates()))
+    assert chosen is None and seen == [True] * len(CANDIDATES) + [False]
+    assert not timing_candidates()
+
+
+def test_default_configs_overrides_an_enclosing_context(cache_path, monkeypatch):
+    """Under several ranks ``default_configs()`` launches the default, untimed, even inside
+    ``agree_on_configs()`` or ``configs_per_rank()``."""
+    timed = []
+    monkeypatch.setattr(space, "can_benchmark", lambda device: True)
+    monkeypatch.setattr(space, "benchmark", lambda fn: timed.append(1) or 1.0)
+    monkeypatch.setattr(space, "_several_ranks", lambda: True)
+    cs = ConfigSpace("outer", CANDIDATES, default=CANDIDATES[2])
+    for outer in (agree_on_configs, configs_per_rank):
+        with outer(), default_configs():
+            assert cs.select(device=torch.device("cpu"), bucket=(1,), dtype=torch.float32, run=None) == CANDIDATES[2]
+    assert timed == []
+    with configs_per_rank():  # the enclosing context applies again after the block
+        cs.select(device=torch.device("cpu"), bucket=(1,), dtype=torch.float32, run=lambda c: None)
+    assert len(timed) == len(CANDIDATES)
 
 
 @pytest.mark.parametrize("error", [

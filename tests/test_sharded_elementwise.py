@@ -3,7 +3,8 @@ after 5 steps the full parameters equal one process on the same global batch, wh
 and mesh, with identical replicated state on every rank; a NaN in one rank's shard makes every rank
 skip; unsupported placements raise at construction; torch.distributed.checkpoint saves reshard across
 world sizes 4, 2 and 1, and plain and sharded state dicts load into each other, the resumed runs
-continuing as the uninterrupted one.
+continuing as the uninterrupted one; with tuning on, FSDP2 ranks tune per rank, HSDP replicas agree, and
+timing makes no collective.
 
 One spawn of 4 processes runs every configuration per backend (process start-up dominates the cost):
 world 4 on a 1-D mesh, world 2 on the "shard" dimension of a (2, 2) mesh (two independent jobs), world
@@ -223,22 +224,32 @@ SAVE_AFTER = 3
 
 
 def checkpoint_runs(rank, world, directory):
-    """LAMB checkpoints on 4 ranks (PyTorch path): DCP saved at world 4 resumed at world 2 and 1, saved at
-    world 2 resumed at world 4, a plain single-process state_dict() loaded into a sharded run and a
-    full state dict of a sharded run loaded into a plain optimizer. Returns the full final parameters
-    of each resumed run and of the uninterrupted one."""
+    """LAMB and LARS checkpoints on 4 ranks (PyTorch path): DCP saved at world 4 resumed at world 2 and 1,
+    saved at world 2 resumed at world 4, a plain single-process state_dict() loaded into a sharded run
+    and a full state dict of a sharded run loaded into a plain optimizer. Returns the full final
+    parameters of each resumed run and of the uninterrupted one, per optimizer."""
     os.environ["KFOPT_BACKEND"] = "torch"
+    from torch.distributed.device_mesh import init_device_mesh
+
+    meshes = (init_device_mesh("cpu", (4,)), init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard")),
+              init_device_mesh("cpu", (4, 1), mesh_dim_names=("replicate", "shard")))
+    out = {}
+    for name in OPTIMIZERS:
+        for label, params in _checkpoint_runs(rank, name, meshes, os.path.join(directory, name)).items():
+            out[name, label] = params
+    return out
+
+
+def _checkpoint_runs(rank, name, meshes, directory):
+    """One optimizer's runs of :func:`checkpoint_runs`, its checkpoints under ``directory``."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_model_state_dict,
         set_optimizer_state_dict)
-    from torch.distributed.device_mesh import init_device_mesh
 
-    mesh4 = init_device_mesh("cpu", (4,))
-    mesh22 = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
-    mesh41 = init_device_mesh("cpu", (4, 1), mesh_dim_names=("replicate", "shard"))
+    mesh4, mesh22, mesh41 = meshes
     shard2 = mesh22.get_local_rank("shard")
-    cls, kwargs = OPTIMIZERS["LAMB"]
+    cls, kwargs = OPTIMIZERS[name]
     data = batches()
     out = {}
 
@@ -316,8 +327,90 @@ def test_checkpoints_reshard_and_resume(tmp_path):
         ranks = run_distributed(checkpoint_runs, 4, str(tmp_path), timeout=240)
     finally:
         os.environ.pop("KFOPT_BACKEND", None)
-    reference = ranks[0]["uninterrupted"]
-    for rank, out in enumerate(ranks):
-        for label in ("w4->w2", "w4->w1", "w2->w4", "plain->w4", "w4->plain"):
-            for i, (p, q) in enumerate(zip(out[label], reference)):
-                assert rel(p, q) < TOL, f"rank {rank} {label} param {i}: {rel(p, q)}"
+    for name in OPTIMIZERS:
+        reference = ranks[0][name, "uninterrupted"]
+        for rank, out in enumerate(ranks):
+            for label in ("w4->w2", "w4->w1", "w2->w4", "plain->w4", "w4->plain"):
+                for i, (p, q) in enumerate(zip(out[name, label], reference)):
+                    assert rel(p, q) < TOL, f"{name} rank {rank} {label} param {i}: {rel(p, q)}"
+
+
+def tuned_runs(rank, world, cache_dir):
+    """LAMB and LARS on 4 ranks (Triton interpreter) under FSDP2 and HSDP with tuning switched on (as on a
+    GPU) and a fake timer that makes every rank prefer a different candidate and *run* a rank-dependent
+    number of them (1 to 3 launches per candidate): a collective made while timing would pair up wrongly
+    across ranks or hang. Returns each run's selections, local shards and full parameters."""
+    import kfopt.autotune.space as space
+    from torch.distributed.device_mesh import init_device_mesh
+
+    selected, timing = [], {}
+    real_select = space.ConfigSpace.select
+
+    def select(cs, *, run, **kwargs):
+        def timed_run(config):
+            timing["candidate"] = (cs, config)
+            return run(config)
+
+        config = real_select(cs, run=timed_run, **kwargs)
+        mode = space._DISTRIBUTED_MODE.get()
+        selected.append((mode[0] if mode else None, cs.kernel, cs.configs.index(config),
+                         [cs.configs.index(preferred(cs, r)) for r in range(world)]))
+        return config
+
+    def preferred(cs, r):
+        others = [c for c in cs.configs if c != cs.default]
+        return others[(r + 1) % len(others)]
+
+    def rank_preference(fn):
+        for _ in range(1 + rank % 3):
+            fn()
+        cs, config = timing["candidate"]
+        return 0.0 if config == preferred(cs, rank) else 1.0
+
+    from kfopt.kernels.lamb import LAMB_CONFIGS
+    from kfopt.kernels.lars import LARS_CONFIGS
+
+    for cs in (LAMB_CONFIGS, LARS_CONFIGS):  # five candidates each: the interpreter runs every timed one
+        cs.configs = (cs.default, *[c for c in cs.configs if c != cs.default][:world])
+    os.environ["KFOPT_AUTOTUNE_CACHE"] = os.path.join(cache_dir, f"rank{rank}.json")
+    space.can_benchmark = lambda device: True
+    space.benchmark = rank_preference
+    space.ConfigSpace.select = select
+    meshes = {"fsdp4": init_device_mesh("cpu", (4,)),
+              "hsdp22": init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))}
+    data = batches()[:2]
+    out = {}
+    for config, mesh in meshes.items():
+        for name, (cls, kwargs) in OPTIMIZERS.items():
+            selected.clear()
+            model = _sharded_model(mesh)
+            opt = cls(model.parameters(), **kwargs)
+            train(model, opt, data, rank, 4)
+            out[config, name] = {"selected": list(selected), "full": snapshot(model, opt)[0],
+                                 "local": [p.detach().to_local().clone() for p in model.parameters()]}
+    return out
+
+
+@pytest.mark.distributed
+def test_tuned_configs_under_fsdp2_and_hsdp(tmp_path):
+    """FSDP2: every rank tunes its own shard (per-rank configs); HSDP: the replicas of a shard (ranks
+    {0, 2} and {1, 3} of the (2, 2) mesh) agree on the config of their first rank, so they stay
+    bit-identical; timing makes no collective; the result is the single-process one."""
+    ranks = run_distributed(tuned_runs, 4, str(tmp_path), timeout=240)
+    for config in ("fsdp4", "hsdp22"):
+        for name in OPTIMIZERS:
+            reference = single_process(name, batches()[:2])[0]
+            for rank, out in enumerate(ranks):
+                run = out[config, name]
+                assert run["selected"], f"{config} {name}: rank {rank} launched no kernel"
+                for mode, kernel, index, preferred in run["selected"]:
+                    assert len(set(preferred)) == 4  # the ranks prefer different candidates
+                    if config == "fsdp4":
+                        assert (mode, index) == ("per-rank", preferred[rank]), (config, name, rank, kernel)
+                    else:
+                        assert (mode, index) == ("agree", preferred[rank % 2]), (config, name, rank, kernel)
+                for i, (p, q) in enumerate(zip(run["full"], reference)):
+                    assert rel(p, q) < TOL, f"{config} {name} rank {rank} param {i}: {rel(p, q)}"
+            for rank in (2, 3):  # HSDP replicas hold bit-identical shards
+                mine, replica = ranks[rank]["hsdp22", name]["local"], ranks[rank - 2]["hsdp22", name]["local"]
+                assert all(torch.equal(a, b) for a, b in zip(mine, replica)), f"{name}: rank {rank} drifted"

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 import kfopt
 
-from . import report
+from . import distributed, report
 from .registry import BASELINE, REGISTRY, available_optimizers
 from .runner import (DIVERGENCE_FACTOR, EVAL_POINTS, FINAL_LR_FRACTION, SMOOTHING, WARMUP_FRACTION, RunResult,
                      eval_steps, train)
@@ -139,6 +139,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seed of the initial weights and the batches (default 0)")
     parser.add_argument("--out", metavar="DIR", help="output folder (default: ./kfopt_runs/<date-time>)")
     parser.add_argument("--no-plot", action="store_true", help="do not write loss.png")
+    parser.add_argument("--distributed", choices=distributed.MODES,
+                        help="train data-parallel on the ranks torchrun starts (torchrun --nproc-per-node N -m "
+                        "kfopt compare --distributed ...): ddp (DistributedDataParallel) or fsdp (FSDP2 "
+                        "fully_shard; the optimizers that step sharded parameters)")
 
 
 def _select_optimizers(args, parser) -> list[str]:
@@ -150,6 +154,15 @@ def _select_optimizers(args, parser) -> list[str]:
         if name not in available:
             parser.error(f"argument --optimizers: {name!r} is not available in this installation "
                          f"({REGISTRY[name].unavailable_reason()}); available: {', '.join(available)}")
+    if args.distributed:
+        unsupported = [name for name in requested if not distributed.supports(args.distributed, name)]
+        if unsupported and args.optimizers:
+            parser.error(f"argument --optimizers: {', '.join(unsupported)} cannot train under --distributed "
+                         f"{args.distributed} (sharded parameters: only AdamW, LAMB and LARS so far)")
+        if unsupported and os.environ.get("RANK", "0") == "0":
+            print(f"--distributed {args.distributed}: leaving out {', '.join(unsupported)} (they do not step "
+                  "sharded parameters yet)", file=sys.stderr)
+        requested = [name for name in requested if name not in unsupported]
     return list(dict.fromkeys([BASELINE] + requested))
 
 
@@ -192,6 +205,12 @@ class Plan:
     target: float
     initial_model: torch.nn.Module
     out: str
+    distribution: distributed.Distribution | None = None
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this process prints and writes (one process, or rank 0 of a distributed comparison)."""
+        return self.distribution is None or self.distribution.is_main
 
 
 def _plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Plan:
@@ -211,8 +230,14 @@ def _plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Plan:
         overrides[name][key] = value
     device = _resolve_device(args.device, parser)
     size = args.size or ("medium" if device.type == "cuda" else "small")
+    distribution = None
     try:
+        if args.distributed:
+            distribution = distributed.start(args.distributed, device)
+            device = distribution.device
         task = make_task(args.task, size, device, args.text)
+        if distribution is not None:
+            task = distributed.DistributedTask(task, distribution)
     except (ValueError, RuntimeError) as exc:
         parser.error(str(exc))
     torch.manual_seed(args.seed)
@@ -220,16 +245,21 @@ def _plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Plan:
     lrs = {name: lrs.get(name, REGISTRY[name].lr[args.task]) for name in names}
     for name in names:
         try:
-            REGISTRY[name].build(copy.deepcopy(initial_model), lrs[name], **overrides[name])
+            REGISTRY[name].build(task.prepare(copy.deepcopy(initial_model)), lrs[name], **overrides[name])
         except (TypeError, ValueError) as exc:
             parser.error(f"optimizer {name!r} rejects its hyperparameters: {exc}")
     out = args.out or os.path.join("kfopt_runs", datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    if distribution is not None and distribution.world > 1:  # rank 0's folder (the clocks may differ by a second)
+        shared = [out]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        out = shared[0]
     try:
-        os.makedirs(out, exist_ok=True)
+        if distribution is None or distribution.is_main:
+            os.makedirs(out, exist_ok=True)
     except OSError as exc:
         parser.error(f"argument --out: cannot create {out!r}: {exc}")
     return Plan(task, size, names, lrs, overrides, args.steps or task.steps, args.target or task.target,
-                initial_model, out)
+                initial_model, out, distribution)
 
 
 def _run_all(plan: Plan, seed: int) -> tuple[list[RunResult], bool]:
@@ -238,7 +268,8 @@ def _run_all(plan: Plan, seed: int) -> tuple[list[RunResult], bool]:
     results = []
     try:
         for name in plan.names:
-            with tqdm(total=plan.steps, desc=f"{name:>8}", unit="step", dynamic_ncols=True) as bar:
+            with tqdm(total=plan.steps, desc=f"{name:>8}", unit="step", dynamic_ncols=True,
+                      disable=not plan.is_main) as bar:
                 def progress(step, loss, bar=bar):
                     bar.set_postfix_str(f"loss {loss:.3f}", refresh=False)
                     bar.update()
@@ -294,18 +325,23 @@ def run_compare(args: argparse.Namespace, parser: argparse.ArgumentParser, comma
     exit status (0; 1 if a run failed with an error; 130 after Ctrl-C)."""
     plan = _plan(args, parser)
     parameters = sum(p.numel() for p in plan.initial_model.parameters())
-    print(f"kfopt compare: task {args.task} ({plan.size}, {plan.task.describe['model']['type']}, "
-          f"{parameters / 1e6:.2f}M parameters) on {plan.task.device}, {plan.steps} steps, seed {args.seed}, "
-          f"target {plan.target:g}; optimizers: {', '.join(plan.names)}", flush=True)
+    where = plan.task.device if plan.distribution is None else (
+        f"{plan.distribution.world} ranks ({plan.distribution.mode}, {plan.task.device.type})")
+    if plan.is_main:
+        print(f"kfopt compare: task {args.task} ({plan.size}, {plan.task.describe['model']['type']}, "
+              f"{parameters / 1e6:.2f}M parameters) on {where}, {plan.steps} steps, seed {args.seed}, "
+              f"target {plan.target:g}; optimizers: {', '.join(plan.names)}", flush=True)
     started, clock = datetime.datetime.now().isoformat(timespec="seconds"), time.perf_counter()
     results, interrupted = _run_all(plan, args.seed)
     wall = time.perf_counter() - clock
-    table, paths = _write_reports(plan, args, results, interrupted,
-                                  {"command": command, "started": started, "wall_time_s": wall})
-    print("\n" + table)
-    print(f"\nwall time of the runs: {wall:.1f} s")
-    for kind, path in paths.items():
-        print(f"{kind:>5}: {path}")
-    if interrupted:
-        return 130
-    return 1 if any(r.status == "failed" for r in results) else 0
+    if plan.is_main:
+        table, paths = _write_reports(plan, args, results, interrupted,
+                                      {"command": command, "started": started, "wall_time_s": wall})
+        print("\n" + table)
+        print(f"\nwall time of the runs: {wall:.1f} s")
+        for kind, path in paths.items():
+            print(f"{kind:>5}: {path}")
+    status = 130 if interrupted else 1 if any(r.status == "failed" for r in results) else 0
+    if plan.distribution is not None:
+        distributed.finish(status)
+    return status

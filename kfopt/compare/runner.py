@@ -33,6 +33,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from kfopt.sharding import local
+
 from .registry import OptimizerSpec
 from .tasks import Task
 
@@ -102,17 +104,18 @@ def train_step(task: Task, model: nn.Module, optimizer: torch.optim.Optimizer,
 def state_bytes(optimizer: torch.optim.Optimizer, model: nn.Module) -> int:
     """Bytes of every tensor the optimizer holds (its state, and for Kronecker-factored optimizers
     their factors, eigen data and base optimizer), each storage once; the model's own parameters,
-    gradients and buffers are not counted, and modules are not entered."""
-    owned_by_model = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
-    owned_by_model |= {p.grad.untyped_storage().data_ptr() for p in model.parameters() if p.grad is not None}
+    gradients and buffers are not counted, and modules are not entered. Sharded (DTensor) tensors
+    count their local shard."""
+    owned_by_model = {local(t).untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    owned_by_model |= {local(p.grad).untyped_storage().data_ptr() for p in model.parameters() if p.grad is not None}
     seen, total, stack, visited = set(owned_by_model), 0, [optimizer.__dict__], set()
     while stack:
         item = stack.pop()
         if isinstance(item, torch.Tensor):
-            key = item.untyped_storage().data_ptr()
-            if key not in seen:
-                seen.add(key)
-                total += item.untyped_storage().nbytes()
+            storage = local(item).untyped_storage()
+            if storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                total += storage.nbytes()
         elif isinstance(item, nn.Module) or id(item) in visited:
             continue
         elif isinstance(item, dict):
@@ -138,7 +141,7 @@ def train(task: Task, spec: OptimizerSpec, lr: float, overrides: dict, initial_m
     """Train a copy of ``initial_model`` with ``spec`` for ``steps`` steps; ``progress(step, loss)``
     is called after every step. Never raises for a failing optimizer or Ctrl-C: see ``status``."""
     result = RunResult(spec.name, lr, spec.hyperparameters(overrides))
-    model = copy.deepcopy(initial_model)
+    model = task.prepare(copy.deepcopy(initial_model))
     generator = torch.Generator().manual_seed(seed)
     checkpoints = set(eval_steps(steps))
     optimizer = None

@@ -83,6 +83,10 @@ class Task:
         """A freshly initialised model on ``device`` (seed the global RNG first for a fixed init)."""
         raise NotImplementedError
 
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """The model a run trains, from a copy of the initial one (data-parallel wrappers: ``distributed``)."""
+        return model
+
     def train_batch(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """The next (inputs, targets) training batch on ``device``, drawn with ``generator``."""
         raise NotImplementedError
