@@ -101,9 +101,10 @@ Checkpoints
     the saving rank holds, and ``decomposed`` (``{layer name: {"A", "G", "damping"}}``: the factors the
     last inverse update decomposed and the damping it used) for the others (``grad_worker_fraction < 1``
     on several ranks: a rank that is not a layer's grad worker copies the layer's factors to the host at
-    each inverse update, host memory the size of those factors and a copy that synchronises, on
-    inverse-update steps only as the failure check does; device memory is as without checkpoints). Plain tensors and numbers. Factors are global averages, identical on all ranks, so a
-    checkpoint from any rank loads at any world size and grad-worker fraction. A checkpoint taken at any
+    each inverse update, asynchronously into pinned host memory the size of those factors; ``state_dict()``
+    waits for the copies; device memory is as without checkpoints). Plain tensors and numbers. Factors
+    are global averages, identical on all ranks, so a checkpoint from any rank loads at any world size
+    and grad-worker fraction. A checkpoint taken at any
     step continues bit-identically: a grad worker loads the saved data, or decomposes the saved
     ``decomposed`` factors as the inverse worker did (the same function on the same kind of device;
     not exact after a decomposition that failed since, counted in ``decomposition_failures``, whose
@@ -372,7 +373,9 @@ class KFACPreconditioner:
         """``{"steps", "decomposition_failures", "world_size", "compute_method", "factors": {name: {"A",
         "G"}}, "second_order": {name: [tensors]}, "decomposed": {name: {"A", "G", "damping"}}}`` (module
         docstring, Checkpoints): each layer's second-order data is in ``second_order`` or, when this rank
-        does not hold it, in ``decomposed``."""
+        does not hold it, in ``decomposed`` (host copies: waits for their device-to-host copies)."""
+        if self._layers and self._layers[0].A.is_cuda:
+            torch.cuda.synchronize(self._layers[0].A.device)
         second, decomposed = {}, {}
         for layer in self._layers:
             kind, data = ("second_order", layer.second) if layer.second is not None else layer.elsewhere
@@ -505,9 +508,10 @@ class KFACPreconditioner:
                     self.decomposition_failures += 1
                 else:
                     layer.second = result
-            elif layer.second is None:
-                layer.elsewhere = ("decomposed", {"A": layer.A.to("cpu", copy=True),
-                                                  "G": layer.G.to("cpu", copy=True), "damping": float(dampings[i])})
+            elif layer.second is None:  # ordered on the stream before later factor updates; no host sync
+                layer.elsewhere = ("decomposed", {"A": layer.A.to("cpu", non_blocking=True, copy=True),
+                                                  "G": layer.G.to("cpu", non_blocking=True, copy=True),
+                                                  "damping": float(dampings[i])})
         if plan.grad_workers > 1:
             group_ranks = plan.worker_groups[plan.rank % plan.groups]
             handles = [collectives.broadcast_async(
