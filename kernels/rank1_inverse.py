@@ -1,4 +1,4 @@
-r"""Sherman-Morrison updates of many inverse factors in one pipeline (MKOR; shared/design/mkor.md).
+r"""Sherman-Morrison updates of many inverse factors in one pipeline (MKOR; docs/mkor.md).
 
 Each factor is the inverse ``J = L^{-1}`` of a running average ``L <- gamma L + (1 - gamma) v v^T``
 (symmetric positive definite, ``L_0 = I``). It is stored as ``J = kappa * F``: ``F`` (the tensor

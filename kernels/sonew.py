@@ -11,7 +11,7 @@ Per tensor, flattened row-major to length ``n``, with band ``b`` (``b = offdiag.
          = max(eps * max_i sum_k |S^_ik|, 1e-24)   (relative_eps: max abs row sum of the undamped
                                                    bias-corrected band statistics S^)
 
-``b <= MAX_BAND = 4``. Relative damping is the design page's ``||S||`` (max abs row sum) for every band;
+``b <= MAX_BAND = 4``. Relative damping is ``docs/sonew.md``'s ``||S||`` (max abs row sum) for every band;
 the JAX reference applies it to band 1 only, and its ``getl1norm_tds`` overwrites instead of adding the
 second off-diagonal term of each row (it takes ``max_i S_ii + |S_{i-1,i}|``, row 0 with ``|S_{0,1}|``).
 

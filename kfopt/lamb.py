@@ -21,7 +21,7 @@ from .validation import (
 
 
 class LAMB(KfoptOptimizer):
-    r"""LAMB, exactly as in ``shared/design/lamb.md`` (apex FusedLAMB / timm Lamb semantics).
+    r"""LAMB with apex FusedLAMB / timm Lamb semantics (``docs/lamb-lars.md``).
 
     For every parameter ``w`` with gradient ``g`` at step ``t``::
 
@@ -38,19 +38,9 @@ class LAMB(KfoptOptimizer):
     State per parameter: ``exp_avg``, ``exp_avg_sq`` (fp32, whatever the parameter dtype) and ``step``
     (0-d fp32 tensor). bf16/fp16 parameters are updated in fp32 and rounded on store.
 
-    Non-finite gradients: if any gradient of the step is NaN/inf (or ||g_all||^2 overflows fp32) the
-    whole step is skipped -- weights, moments and step counts keep their values -- and
-    ``skipped_steps`` is incremented, on the device, without a host synchronisation.
     ``last_grad_norm`` holds ``||g_all||`` of the last step (before clipping) as a device tensor.
-
-    Sharded training (FSDP2 ``fully_shard``, HSDP): parameters may be DTensors sharded on dim 0
-    (``kfopt.sharding``); the step runs on the local shards, the state holds DTensors with the
-    parameters' placements (``torch.distributed.checkpoint`` saves and reshards it), and the trust
-    ratios, the global gradient norm and the non-finite skip are those of the whole tensors (partial
-    sums all-reduced over the shard group): the same step as one process on the global batch.
-
-    Mixed precision: fp32, bf16 and fp16 parameters, also under ``torch.amp.GradScaler`` (the kernels
-    unscale and skip on the device: ``kfopt.optimizer``); ``max_grad_norm`` clips the unscaled gradients.
+    Non-finite gradients, GradScaler, checkpoints and sharded parameters (FSDP2, HSDP):
+    ``docs/contracts.md``.
     """
 
     global_hyperparameters = ("max_grad_norm",)

@@ -14,7 +14,7 @@ from .validation import check_bool, check_nonnegative, check_optional_nonnegativ
 
 
 class LARS(KfoptOptimizer):
-    r"""LARS with momentum, as in ``shared/design/lamb.md``::
+    r"""LARS with momentum (``docs/lamb-lars.md``)::
 
         g <- g * min(1, max_grad_norm / ||g_all||)      (global; None/0: off, the default)
         d  = g + weight_decay * w
@@ -24,16 +24,8 @@ class LARS(KfoptOptimizer):
 
     As for LAMB, the trust ratio applies to a group when its ``weight_decay != 0`` or ``always_adapt``;
     otherwise r = 1 (plain SGD with momentum, the usual treatment of biases and norm weights).
-    State per parameter: ``momentum_buffer`` (fp32). Non-finite gradients skip the whole step and
-    increment ``skipped_steps`` (see ``kfopt.optimizer``).
-    Sharded parameters (FSDP2, HSDP) step on their local shards with whole-tensor norms, as for
-    ``kfopt.LAMB``.
-
-    Sharded training (FSDP2, HSDP): as for LAMB (``kfopt.sharding``); trust ratios and the non-finite
-    skip are those of the whole tensors.
-
-    Mixed precision: fp32, bf16 and fp16 parameters, also under ``torch.amp.GradScaler`` (the kernels
-    unscale and skip on the device: ``kfopt.optimizer``).
+    State per parameter: ``momentum_buffer`` (fp32). Non-finite gradients, GradScaler, checkpoints and
+    sharded parameters (FSDP2, HSDP): ``docs/contracts.md``.
     """
 
     global_hyperparameters = ("max_grad_norm",)

@@ -1,6 +1,6 @@
 r"""``kfopt.SINGD``: structured inverse-free natural gradient descent (Lin, Dangel, Eschenhagen et al., ICML
 2024), with the arguments, defaults and update of the reference package ``singd`` (0.0.5), on kfopt's
-layer capture and structured kernels. The math is ``shared/design/singd.md``.
+layer capture and structured kernels. The math is in ``docs/singd.md``.
 
 Per preconditioned layer (``nn.Linear``, ``nn.Conv2d`` with groups=1; ``G = [dW | db]``, d_out x d_K)
 ======================================================================================================

@@ -23,7 +23,7 @@ def _check_graft(name: str, value) -> None:
 
 
 class SONew(KfoptOptimizer):
-    r"""SONew with a tridiagonal (``band=1``) or banded sparse preconditioner, per ``shared/design/sonew.md``.
+    r"""SONew with a tridiagonal (``band=1``) or banded sparse preconditioner, ``docs/sonew.md``.
 
     Every parameter tensor is flattened row-major (``w.reshape(-1)``: for an ``nn.Linear`` weight the
     neighbours of an entry are the weights of the adjacent inputs of the same output unit, as the JAX
@@ -50,11 +50,7 @@ class SONew(KfoptOptimizer):
     tensors with <= 1 dimension -- and ``step`` (0-d). 3n floats for band 1 (Adam: 2n).
     The band of a parameter is fixed once it has state: changing a group's ``band`` afterwards raises.
 
-    Non-finite gradients: the whole step is skipped on the device and ``skipped_steps`` incremented,
-    as for every kfopt optimizer. Bad hyperparameters raise ``ValueError`` naming the argument.
-
-    Mixed precision: fp32, bf16 and fp16 parameters, also under ``torch.amp.GradScaler`` (the kernels
-    unscale and skip on the device: ``kfopt.optimizer``).
+    Non-finite gradients, GradScaler, checkpoints and bad hyperparameters: ``docs/contracts.md``.
     """
 
     _step_supports_amp_scaling = True
