@@ -71,6 +71,13 @@ class LAMB(KfoptOptimizer):
         return {"step": ((), torch.float32, True), "exp_avg": (tuple(p.shape), torch.float32, True),
                 "exp_avg_sq": (tuple(p.shape), torch.float32, True)}
 
+    def _kernel_hyperparameters(self, group: dict, p: torch.Tensor) -> dict:
+        lo, hi = group["trust_clip"] if group["trust_clip"] is not None else (0.0, math.inf)
+        return dict(lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1], eps=group["eps"],
+                    weight_decay=group["weight_decay"], bias_correction=group["bias_correction"],
+                    grad_averaging=group["grad_averaging"],
+                    adapt=group["weight_decay"] != 0 or group["always_adapt"], trust_min=lo, trust_max=hi)
+
     @torch.no_grad()
     def step(self, closure=None):
         self._check_hyperparameters()
@@ -78,29 +85,18 @@ class LAMB(KfoptOptimizer):
         found = self._params_with_grads()
         if not found:
             return loss
-        cols = {k: [] for k in ("p", "g", "m", "v", "s", "lr", "b1", "b2", "eps", "wd", "bc", "avg",
-                                 "adapt", "lo", "hi")}
-        for group, p in found:
+        for _, p in found:
             state = self.state[p]
             if not state:
                 state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
                 state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
-            lo, hi = group["trust_clip"] if group["trust_clip"] is not None else (0.0, math.inf)
-            for key, value in (("p", local(p)), ("g", local(p.grad)), ("m", local(state["exp_avg"])),
-                               ("v", local(state["exp_avg_sq"])),
-                               ("s", state["step"]), ("lr", group["lr"]), ("b1", group["betas"][0]),
-                               ("b2", group["betas"][1]), ("eps", group["eps"]), ("wd", group["weight_decay"]),
-                               ("bc", group["bias_correction"]), ("avg", group["grad_averaging"]),
-                               ("adapt", group["weight_decay"] != 0 or group["always_adapt"]),
-                               ("lo", lo), ("hi", hi)):
-                cols[key].append(value)
+        states = [self.state[p] for _, p in found]
         clip = lamb_step(
-            cols["p"], cols["g"], cols["m"], cols["v"], cols["s"], lr=cols["lr"], beta1=cols["b1"],
-            beta2=cols["b2"], eps=cols["eps"], weight_decay=cols["wd"], bias_correction=cols["bc"],
-            grad_averaging=cols["avg"], adapt=cols["adapt"], trust_min=cols["lo"], trust_max=cols["hi"],
+            [local(p) for _, p in found], [local(p.grad) for _, p in found], [local(s["exp_avg"]) for s in states],
+            [local(s["exp_avg_sq"]) for s in states], [s["step"] for s in states],
             max_grad_norm=self.defaults["max_grad_norm"], skipped=self._skip_counter(found[0][1].device),
-            reduce=self._layout.reduce, **self._amp_kwargs(),
+            reduce=self._layout.reduce, **self._amp_kwargs(), **self._per_tensor_hyperparameters(found),
         )
         self.last_grad_norm = clip[0]
         return loss

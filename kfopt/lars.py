@@ -52,6 +52,12 @@ class LARS(KfoptOptimizer):
     def _state_spec(self, p, group):
         return {"momentum_buffer": (tuple(p.shape), torch.float32, True)}
 
+    def _kernel_hyperparameters(self, group: dict, p: torch.Tensor) -> dict:
+        lo, hi = group["trust_clip"] if group["trust_clip"] is not None else (0.0, math.inf)
+        return dict(lr=group["lr"], momentum=group["momentum"], weight_decay=group["weight_decay"], eta=group["eta"],
+                    nesterov=group["nesterov"], adapt=group["weight_decay"] != 0 or group["always_adapt"],
+                    trust_min=lo, trust_max=hi)
+
     @torch.no_grad()
     def step(self, closure=None):
         self._check_hyperparameters()
@@ -59,23 +65,13 @@ class LARS(KfoptOptimizer):
         found = self._params_with_grads()
         if not found:
             return loss
-        params, grads, bufs, hyper = [], [], [], {k: [] for k in ("lr", "mu", "wd", "eta", "nes", "adapt", "lo", "hi")}
-        for group, p in found:
-            state = self.state[p]
-            if not state:
-                state["momentum_buffer"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
-            params.append(local(p))
-            grads.append(local(p.grad))
-            bufs.append(local(state["momentum_buffer"]))
-            lo, hi = group["trust_clip"] if group["trust_clip"] is not None else (0.0, math.inf)
-            for key, value in (("lr", group["lr"]), ("mu", group["momentum"]), ("wd", group["weight_decay"]),
-                               ("eta", group["eta"]), ("nes", group["nesterov"]),
-                               ("adapt", group["weight_decay"] != 0 or group["always_adapt"]), ("lo", lo), ("hi", hi)):
-                hyper[key].append(value)
-        clip = lars_step(params, grads, bufs, lr=hyper["lr"], momentum=hyper["mu"], weight_decay=hyper["wd"],
-                         eta=hyper["eta"], nesterov=hyper["nes"], adapt=hyper["adapt"], trust_min=hyper["lo"],
-                         trust_max=hyper["hi"], max_grad_norm=self.defaults["max_grad_norm"],
-                         skipped=self._skip_counter(found[0][1].device), reduce=self._layout.reduce,
-                         **self._amp_kwargs())
+        for _, p in found:
+            if not self.state[p]:
+                self.state[p]["momentum_buffer"] = torch.zeros_like(p, dtype=torch.float32,
+                                                                    memory_format=torch.preserve_format)
+        clip = lars_step([local(p) for _, p in found], [local(p.grad) for _, p in found],
+                         [local(self.state[p]["momentum_buffer"]) for _, p in found],
+                         max_grad_norm=self.defaults["max_grad_norm"], skipped=self._skip_counter(found[0][1].device),
+                         reduce=self._layout.reduce, **self._amp_kwargs(), **self._per_tensor_hyperparameters(found))
         self.last_grad_norm = clip[0]
         return loss

@@ -98,8 +98,6 @@ class SONew(KfoptOptimizer):
                     f"{state['offdiag'].shape[0]}, its group now asks for {self.tensor_band(p, group['band'])}; "
                     "the band cannot change once a parameter has state"
                 )
-        cols = {k: [] for k in ("p", "g", "m", "v", "o", "s", "lr", "b1", "b2", "eps", "wd", "graft", "geps", "rel",
-                                 "pre")}
         for group, p in found:
             state = self.state[p]
             if not state:
@@ -109,16 +107,16 @@ class SONew(KfoptOptimizer):
                 state["diag"] = torch.zeros(n, dtype=torch.float32, device=p.device)
                 state["offdiag"] = torch.zeros((self.tensor_band(p, group["band"]), n), dtype=torch.float32,
                                                device=p.device)
-            for key, value in (("p", p), ("g", p.grad), ("m", state["exp_avg"]), ("v", state["diag"]),
-                               ("o", state["offdiag"]), ("s", state["step"]), ("lr", group["lr"]),
-                               ("b1", group["betas"][0]), ("b2", group["betas"][1]), ("eps", group["eps"]),
-                               ("wd", group["weight_decay"]), ("graft", group["graft"]),
-                               ("geps", group["graft_eps"]), ("rel", group["relative_eps"]), ("pre", p.dim() > 1)):
-                cols[key].append(value)
+        states = [self.state[p] for _, p in found]
         sonew_step(
-            cols["p"], cols["g"], cols["m"], cols["v"], cols["o"], cols["s"], lr=cols["lr"], beta1=cols["b1"],
-            beta2=cols["b2"], eps=cols["eps"], weight_decay=cols["wd"], graft=cols["graft"],
-            graft_eps=cols["geps"], relative_eps=cols["rel"], precondition=cols["pre"],
+            [p for _, p in found], [p.grad for _, p in found], [s["exp_avg"] for s in states],
+            [s["diag"] for s in states], [s["offdiag"] for s in states], [s["step"] for s in states],
             skipped=self._skip_counter(found[0][1].device), **self._amp_kwargs(),
+            **self._per_tensor_hyperparameters(found),
         )
         return loss
+
+    def _kernel_hyperparameters(self, group: dict, p: torch.Tensor) -> dict:
+        return dict(lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1], eps=group["eps"],
+                    weight_decay=group["weight_decay"], graft=group["graft"], graft_eps=group["graft_eps"],
+                    relative_eps=group["relative_eps"], precondition=p.dim() > 1)
