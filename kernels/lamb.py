@@ -59,6 +59,7 @@ from .op_declaration import (
     like_param,
     log_decay,
     one_element,
+    within,
 )
 
 
@@ -66,16 +67,16 @@ from .op_declaration import (
 class LambHyperparameters(Hyperparameters):
     """One tensor's LAMB hyperparameters; the fields in order are the columns of the kernels' table."""
 
-    lr: float
-    beta1: float = 0.9
-    beta2: float = 0.999
-    eps: float = 1e-6
-    weight_decay: float = 0.01
+    lr: float = field(metadata=within("[0, inf)"))
+    beta1: float = field(default=0.9, metadata=within("[0, 1)"))
+    beta2: float = field(default=0.999, metadata=within("[0, 1)"))
+    eps: float = field(default=1e-6, metadata=within("(0, inf)"))
+    weight_decay: float = field(default=0.01, metadata=within("[0, inf)"))
     bias_correction: bool = True
     grad_averaging: bool = True
     adapt: bool = True
-    trust_min: float = 0.0
-    trust_max: float = math.inf
+    trust_min: float = field(default=0.0, metadata=within("[0, inf)"))
+    trust_max: float = field(default=math.inf, metadata=within("[0, inf]"))
     grad_weight: float = field(init=False)  # b3: 1 - b1 with grad averaging, else 1
     one_minus_beta2: float = field(init=False)
     ln_beta1: float = field(init=False)  # -inf without bias correction
@@ -247,7 +248,8 @@ def _lamb_reference(call: Call, max_grad_norm, reduce) -> torch.Tensor:
     clip = global_norm_reference(grads, max_grad_norm, call.skipped, call.grad_scale, call.found_inf, reduce)
     ok = clip[2] != 0
     updates = []
-    for p, g, m, v, s, h in zip(params, grads, exp_avgs, exp_avg_sqs, steps, call.records):
+    records = [r.on_host() for r in call.records]
+    for p, g, m, v, s, h in zip(params, grads, exp_avgs, exp_avg_sqs, steps, records):
         dtype = torch.promote_types(p.dtype, torch.float32)
         w = p.to(dtype)
         g = g.to(dtype) * clip[1].to(dtype)
@@ -260,7 +262,7 @@ def _lamb_reference(call: Call, max_grad_norm, reduce) -> torch.Tensor:
         updates.append((w, m_new, v_new, u))
     norms = tensor_norms_reference([(w, u) for w, _, _, u in updates], reduce)
     for (p, m, v, s, h), (w, m_new, v_new, u), (w_norm, u_norm) in zip(
-            zip(params, exp_avgs, exp_avg_sqs, steps, call.records), updates, norms):
+            zip(params, exp_avgs, exp_avg_sqs, steps, records), updates, norms):
         r = trust_ratio_reference(w_norm, u_norm, 1.0, h.trust_min, h.trust_max, bool(h.adapt))
         m.copy_(torch.where(ok, m_new, m.to(m_new.dtype)))
         v.copy_(torch.where(ok, v_new, v.to(v_new.dtype)))

@@ -26,7 +26,7 @@ hyperparameter table, its tensors and their checks, and :func:`lars_traffic`.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
@@ -42,21 +42,21 @@ from .multi_tensor import (
     trust_ratio_reference,
 )
 from .norm_pipeline import launch_two_passes
-from .op_declaration import Call, ElementwiseOp, Hyperparameters, TensorArg, Traffic, like_param
+from .op_declaration import Call, ElementwiseOp, Hyperparameters, TensorArg, Traffic, like_param, within
 
 
 @dataclass(frozen=True)
 class LarsHyperparameters(Hyperparameters):
     """One tensor's LARS hyperparameters; the fields in order are the columns of the kernels' table."""
 
-    lr: float
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    eta: float = 0.001
+    lr: float = field(metadata=within("[0, inf)"))
+    momentum: float = field(default=0.9, metadata=within("[0, 1)"))
+    weight_decay: float = field(default=0.0, metadata=within("[0, inf)"))
+    eta: float = field(default=0.001, metadata=within("[0, inf)"))
     nesterov: bool = False
     adapt: bool = True
-    trust_min: float = 0.0
-    trust_max: float = math.inf
+    trust_min: float = field(default=0.0, metadata=within("[0, inf)"))
+    trust_max: float = field(default=math.inf, metadata=within("[0, inf]"))
 
 
 def lars_traffic(shapes: Sequence[tuple], dtype: torch.dtype, grad_dtype: torch.dtype | None = None) -> Traffic:
@@ -183,12 +183,13 @@ def _lars_reference(call: Call, max_grad_norm, reduce) -> torch.Tensor:
     clip = global_norm_reference(grads, max_grad_norm, call.skipped, call.grad_scale, call.found_inf, reduce)
     ok = clip[2] != 0
     directions = []
-    for p, g, h in zip(params, grads, call.records):
+    records = [r.on_host() for r in call.records]
+    for p, g, h in zip(params, grads, records):
         dtype = torch.promote_types(p.dtype, torch.float32)
         w = p.to(dtype)
         directions.append((w, g.to(dtype) * clip[1].to(dtype) + h.weight_decay * w))
     norms = tensor_norms_reference(directions, reduce)
-    for p, m, h, (w, d), (w_norm, d_norm) in zip(params, momentum_buffers, call.records, directions, norms):
+    for p, m, h, (w, d), (w_norm, d_norm) in zip(params, momentum_buffers, records, directions, norms):
         r = trust_ratio_reference(w_norm, d_norm, h.eta, h.trust_min, h.trust_max, bool(h.adapt))
         m_new = h.momentum * m.to(w.dtype) + h.lr * r * d
         update = h.momentum * m_new + h.lr * r * d if h.nesterov else m_new

@@ -100,12 +100,13 @@ class TensorTable:
     def build(
         cls,
         columns: Sequence[Sequence[torch.Tensor]],
-        hyper: Sequence[Sequence[float]],
+        hyper: Sequence[Sequence[float]] | torch.Tensor,
         chunk: int,
         device: torch.device,
         dtype_columns: Sequence[int],
     ) -> "TensorTable":
-        """Pack ``columns[c][i]`` (all dense, equal shape per ``i``) and ``hyper[i]`` for a launch.
+        """Pack ``columns[c][i]`` (all dense, equal shape per ``i``) and ``hyper[i]`` (numbers, or an fp32
+        tensor on ``device``) for a launch.
 
         Tensors are grouped (stably) by the dtypes of ``dtype_columns``; callers address tensors by
         their position in ``columns``, which the table keeps.
@@ -118,7 +119,8 @@ class TensorTable:
         return cls(
             n=n,
             addr=to_device(addr, device).reshape(n, len(columns)),
-            hyper=to_device(torch.tensor(hyper, dtype=torch.float32).reshape(n, -1), device),
+            hyper=hyper if isinstance(hyper, torch.Tensor) else
+            to_device(torch.tensor(hyper, dtype=torch.float32).reshape(n, -1), device),
             **layout,
         )
 

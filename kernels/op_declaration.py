@@ -7,10 +7,15 @@ An op declares
 * **its hyperparameters**: a frozen dataclass whose fields, in order, are the columns of the kernels'
   hyperparameter table (one row per tensor). Fields with ``init=True`` are the public keyword
   arguments of the kernel function and of its reference, with their defaults; fields with
-  ``init=False`` are derived columns that ``__post_init__`` forms on the host in float64 (e.g.
-  ``ln b``). A field with ``metadata={"from_tensors": True}`` is read off the tensors by the launcher
+  ``init=False`` are derived columns that ``__post_init__`` forms in float64 (e.g. ``ln b``; on the
+  host, or on the device for a tensor value). A field with ``metadata={"from_tensors": True}`` is read off the tensors by the launcher
   (SONew's band), never passed by a caller. ``__post_init__`` raises :class:`HyperparameterError`
-  for a bad value; every field ends up a number.
+  for a bad value; every field ends up a number, or a 0-d float64 tensor on the call's device.
+  **Tensor hyperparameters** (one-element floating tensors, e.g. a tensor ``lr``) are used without a
+  host synchronisation: the table is assembled on the device, and a value outside its field's
+  ``metadata={"range": "[0, inf)"}`` (or NaN) sets the call's ``found_inf``, so the kernels skip the
+  whole step and count it in ``skipped``, as for a non-finite gradient. Flags (``bool`` fields) and
+  choices must be Python values.
 * **its tensors**: :class:`TensorArg` per list argument, in the launcher's order (params first, then
   grads): whether the op writes it, whether it is fp32 state, its shape relative to the param, and
   the layout the Triton kernels need. The address table's columns follow that order, then the
@@ -26,6 +31,7 @@ hyperparameter to an op is one field in its record, the kernel line that uses it
 from __future__ import annotations
 
 import collections
+import copy
 import math
 from dataclasses import MISSING, dataclass, fields
 from typing import Callable, Sequence
@@ -45,7 +51,7 @@ from .checks import (
     check_strides_like,
 )
 from .dispatch import use_triton
-from .multi_tensor import TensorTable, amp_tensors, per_tensor
+from .multi_tensor import TensorTable, amp_tensors, per_tensor, to_device
 
 
 class TableColumns(tl.constexpr):
@@ -76,17 +82,24 @@ class HyperparameterError(ValueError):
         self.field, self.message = field, message
 
 
-def number(name: str, value) -> float:
-    """``value`` as a float; TypeError unless it is a real Python number (bools count: 0 and 1)."""
+def number(name: str, value) -> float | torch.Tensor:
+    """``value`` as a float (a real Python number; bools count: 0 and 1), or a one-element floating
+    tensor as a 0-d float64 tensor on its device; TypeError otherwise."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or not value.is_floating_point():
+            raise TypeError(f"{name}: expected a number or a one-element floating tensor, got a tensor of shape "
+                            f"{tuple(value.shape)} and dtype {value.dtype}")
+        return value.detach().reshape(()).to(torch.float64)
     check_number(name, value)
     return float(value)
 
 
 @dataclass(frozen=True)
 class Hyperparameters:
-    """Base of the ops' hyperparameter records: every init field becomes a float (TypeError for a value
-    that is not a real number; a field with ``metadata={"choices": {name: number}}`` takes one of those
-    names, HyperparameterError otherwise), then :meth:`derive` fills the derived fields."""
+    """Base of the ops' hyperparameter records: every init field becomes a float, or a 0-d float64
+    tensor for a tensor value (TypeError for anything else, and for a tensor flag; a field with
+    ``metadata={"choices": {name: number}}`` takes one of those names, HyperparameterError otherwise),
+    then :meth:`derive` fills the derived fields (float64, on the host or on the tensors' device)."""
 
     def __post_init__(self):
         for f in fields(self):
@@ -97,21 +110,56 @@ class Hyperparameters:
                     if not isinstance(value, str) or value not in choices:
                         raise HyperparameterError(f.name, f"expected one of {sorted(choices)}, got {value!r}")
                     value = choices[value]
+                if f.type in ("bool", bool) and isinstance(value, torch.Tensor):
+                    raise TypeError(f"{f.name}: expected True or False, got a tensor")
                 object.__setattr__(self, f.name, number(f.name, value))
         for name, value in self.derive().items():
             object.__setattr__(self, name, value)
 
     def derive(self) -> dict:
-        """The derived fields' values (float64 on the host) from the init fields."""
+        """The derived fields' values from the init fields."""
         return {}
+
+    def on_host(self):
+        """This record with tensor values read into Python numbers, for the PyTorch references (whose
+        arithmetic then matches that of the same numbers given as floats; on a GPU this synchronises)."""
+        host = copy.copy(self)
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, torch.Tensor):
+                object.__setattr__(host, f.name, value.item())
+        return host
+
+    def out_of_range(self) -> list[torch.Tensor]:
+        """For each tensor-valued field with a ``range``: a device bool, True when the value lies outside
+        it (NaN included)."""
+        flags = []
+        for f in fields(self):
+            value, interval = getattr(self, f.name), f.metadata.get("range")
+            if isinstance(value, torch.Tensor) and interval is not None:
+                low, high = (float(x) for x in interval[1:-1].split(","))
+                above = value > low if interval[0] == "(" else value >= low
+                below = value < high if interval[-1] == ")" else value <= high
+                flags.append(~(above & below))
+        return flags
+
+
+def within(interval: str) -> dict:
+    """Field metadata: the interval a tensor hyperparameter must lie in, e.g. "[0, 1)" or "[0, inf]"."""
+    if interval[0] not in "[(" or interval[-1] not in "])" or interval.count(",") != 1:
+        raise ValueError(f"expected an interval like '[0, 1)', got {interval!r}")
+    return {"range": interval}
 
 
 def log_decay(name: str, beta: float, enabled: bool = True) -> float:
     """``ln(beta)`` in float64 for ``inv_bias_correction`` (``1 - beta^t = -expm1(t ln beta)``): ``-inf``
     where ``beta = 0`` or bias correction is off (both give ``1 - beta^t = 1``). HyperparameterError
-    unless ``0 <= beta < 1`` (else ``1 - beta^t`` is 0 or negative)."""
+    unless ``0 <= beta < 1`` (else ``1 - beta^t`` is 0 or negative); a tensor ``beta`` is checked on the
+    device by its field's range."""
     if not enabled:
         return -math.inf
+    if isinstance(beta, torch.Tensor):
+        return beta.log()
     if not 0.0 <= beta < 1.0:
         raise HyperparameterError(name, f"bias correction needs a decay rate in [0, 1), got {beta!r}")
     return math.log(beta) if beta > 0.0 else -math.inf
@@ -201,10 +249,12 @@ class ElementwiseOp:
         return {f.name: f.default for f in fields(self.hyperparameters)
                 if f.name in self.public_hyperparameters and f.default is not MISSING}
 
-    def records(self, n: int, values: dict, from_tensors: dict | None = None) -> list:
+    def records(self, n: int, values: dict, from_tensors: dict | None = None,
+                device: torch.device | None = None) -> list:
         """One hyperparameter record per tensor from the caller's ``values`` (a scalar, or one value per
-        tensor) and the launcher's ``from_tensors`` (one value per tensor). TypeError for an unknown or
-        missing hyperparameter, ValueError naming the entry (``name[i]`` for a list) for a bad value."""
+        tensor; tensor values are moved to ``device``) and the launcher's ``from_tensors`` (one value per
+        tensor). TypeError for an unknown or missing hyperparameter, ValueError naming the entry
+        (``name[i]`` for a list) for a bad value."""
         public = self.public_hyperparameters
         unknown = sorted(set(values) - set(public))
         if unknown:
@@ -213,7 +263,8 @@ class ElementwiseOp:
         missing = [name for name in public if name not in given]
         if missing:
             raise TypeError(f"{self.name}: missing hyperparameter {missing[0]!r}")
-        columns = {name: per_tensor(name, given[name], n) for name in public}
+        columns = {name: [v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) and device is not None else v
+                          for v in per_tensor(name, given[name], n)] for name in public}
         columns.update(from_tensors or {})
         out = []
         for i in range(n):
@@ -241,14 +292,18 @@ class ElementwiseOp:
                     problem = arg.shape(t, p)
                     if problem:
                         raise ValueError(f"{arg.name}[{i}]: {problem}")
-        records = self.records(n, values, from_tensors(args) if from_tensors else None)
+        device = params[0].device if n else None
+        records = self.records(n, values, from_tensors(args) if from_tensors else None, device)
         if n == 0:
             return Call(args, records, None, skipped, None, None)
-        device = params[0].device
         check_same_device(device, **args, skipped=skipped)
         check_no_overlap([*((a.name, args[a.name]) for a in self.tensors if a.written), ("skipped", [skipped])],
                          [(a.name, args[a.name]) for a in self.tensors if not a.written])
         grad_scale, found_inf = amp_tensors(grad_scale, found_inf, device)
+        out_of_range = [flag for r in records for flag in r.out_of_range()]
+        if out_of_range:  # a tensor hyperparameter outside its range skips the step, like an inf gradient
+            bad = torch.stack(out_of_range).any().to(torch.float32)
+            found_inf = bad if found_inf is None else found_inf + bad
         return Call(args, records, device, skipped, grad_scale, found_inf)
 
     def run(self, call: Call, reference: Callable[[Call], torch.Tensor],
@@ -285,7 +340,15 @@ class ElementwiseOp:
         """The tables of a launch: addresses of ``columns`` (every tensor argument and scratch buffer, by
         name) and one hyperparameter row per record; launches grouped by the dtypes of params and grads."""
         addr = self.addr
-        rows = [[float(getattr(r, f.name)) for f in fields(r)] for r in records]
+        values = [[getattr(r, f.name) for f in fields(r)] for r in records]
+        rows = [[0.0 if isinstance(v, torch.Tensor) else float(v) for v in row] for row in values]
+        on_device = [(i, j, v) for i, row in enumerate(values) for j, v in enumerate(row)
+                     if isinstance(v, torch.Tensor)]
+        if on_device:  # the numbers go up in one copy, the tensor values are put in place on the device
+            hyper = to_device(torch.tensor(rows, dtype=torch.float32).reshape(len(rows), -1), device)
+            i, j, v = zip(*on_device)
+            index = to_device(torch.tensor([i, j], dtype=torch.int64), device)
+            rows = hyper.index_put_((index[0], index[1]), torch.stack(v).to(torch.float32))
         return TensorTable.build([columns[name] for name in addr], rows, chunk, device,
                                  dtype_columns=(int(addr.value[0]), int(addr.value[1])))
 

@@ -126,6 +126,7 @@ from .op_declaration import (
     like_param,
     log_decay,
     one_element,
+    within,
 )
 
 #: Largest supported band. Pass 1 unrolls b + 1 eliminations of b x b windows per row: sm_90 compile
@@ -147,13 +148,13 @@ class SonewHyperparameters(Hyperparameters):
     ``graft`` is stored as its number in :data:`GRAFTS` ("none" for a tensor with ``precondition=False``,
     which takes the plain Adam update); ``band`` is the tensor's band, ``offdiags[i].shape[0]``."""
 
-    lr: float
-    beta1: float = 0.9
-    beta2: float = 0.99
-    eps: float = 1e-8
-    weight_decay: float = 0.0
+    lr: float = field(metadata=within("[0, inf)"))
+    beta1: float = field(default=0.9, metadata=within("[0, 1)"))
+    beta2: float = field(default=0.99, metadata=within("[0, 1)"))
+    eps: float = field(default=1e-8, metadata=within("(0, inf)"))
+    weight_decay: float = field(default=0.0, metadata=within("[0, inf)"))
     graft: str = field(default="adam", metadata={"choices": GRAFTS})
-    graft_eps: float = 1e-8
+    graft_eps: float = field(default=1e-8, metadata=within("(0, inf)"))
     relative_eps: bool = False
     precondition: bool = True
     band: int = field(default=0, metadata={"from_tensors": True})
@@ -704,7 +705,8 @@ def _sonew_reference(call: Call) -> torch.Tensor:
     params, grads, exp_avgs, diags, offdiags, steps = (call.tensors[a.name] for a in SONEW.tensors)
     clip = global_norm_reference(grads, None, call.skipped, call.grad_scale, call.found_inf)
     ok = clip[2] != 0
-    for p, g, m, v, o, s, h in zip(params, grads, exp_avgs, diags, offdiags, steps, call.records):
+    records = [r.on_host() for r in call.records]
+    for p, g, m, v, o, s, h in zip(params, grads, exp_avgs, diags, offdiags, steps, records):
         dtype = torch.promote_types(p.dtype, torch.float32)
         n, b = p.numel(), o.shape[0]
         w = p.reshape(-1).to(dtype)

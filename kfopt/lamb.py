@@ -13,6 +13,7 @@ from .sharding import local
 from .validation import (
     check_betas,
     check_bool,
+    check_device_lr,
     check_nonnegative,
     check_optional_nonnegative,
     check_positive,
@@ -45,6 +46,7 @@ class LAMB(KfoptOptimizer):
 
     global_hyperparameters = ("max_grad_norm",)
     _step_supports_amp_scaling = True
+    device_lr = True
     _shardable = True
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01,
@@ -59,7 +61,7 @@ class LAMB(KfoptOptimizer):
         super().__init__(params, defaults)
 
     def _check_group(self, group: dict) -> None:
-        check_nonnegative("lr", group["lr"])
+        check_device_lr("lr", group["lr"])
         check_betas("betas", group["betas"])
         check_positive("eps", group["eps"])
         check_nonnegative("weight_decay", group["weight_decay"])

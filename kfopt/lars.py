@@ -10,7 +10,14 @@ from kfopt.kernels import lars_step
 
 from .optimizer import KfoptOptimizer
 from .sharding import local
-from .validation import check_bool, check_nonnegative, check_optional_nonnegative, check_trust_clip, check_unit_interval
+from .validation import (
+    check_bool,
+    check_device_lr,
+    check_nonnegative,
+    check_optional_nonnegative,
+    check_trust_clip,
+    check_unit_interval,
+)
 
 
 class LARS(KfoptOptimizer):
@@ -30,6 +37,7 @@ class LARS(KfoptOptimizer):
 
     global_hyperparameters = ("max_grad_norm",)
     _step_supports_amp_scaling = True
+    device_lr = True
     _shardable = True
 
     def __init__(self, params, lr=1.0, momentum=0.9, weight_decay=0.0, eta=0.001, nesterov=False,
@@ -41,7 +49,7 @@ class LARS(KfoptOptimizer):
         super().__init__(params, defaults)
 
     def _check_group(self, group: dict) -> None:
-        check_nonnegative("lr", group["lr"])
+        check_device_lr("lr", group["lr"])
         check_unit_interval("momentum", group["momentum"])
         check_nonnegative("weight_decay", group["weight_decay"])
         check_nonnegative("eta", group["eta"])

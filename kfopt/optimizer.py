@@ -50,6 +50,8 @@ class KfoptOptimizer(torch.optim.Optimizer):
     #: ``grad_scale`` GradScaler.step hands over (SINGD); otherwise a GradScaler needs ``grad_scaler=``
     _rescales_statistics: bool = False
 
+    #: ``lr`` may be a one-element tensor, checked on the device (``validation.check_device_lr``)
+    device_lr: bool = False
     #: DTensor parameters (FSDP2/HSDP): True steps on local shards with whole-tensor quantities reduced
     #: over the shard group (``kfopt.sharding``), False rejects them at construction, None: not checked
     _shardable: bool | None = None

@@ -7,7 +7,7 @@ import torch
 from kfopt.kernels.sonew import GRAFTS, MAX_BAND, sonew_step
 
 from .optimizer import KfoptOptimizer
-from .validation import check_betas, check_bool, check_nonnegative, check_positive
+from .validation import check_betas, check_bool, check_device_lr, check_nonnegative, check_positive
 
 
 def _check_band(name: str, value) -> None:
@@ -54,6 +54,7 @@ class SONew(KfoptOptimizer):
     """
 
     _step_supports_amp_scaling = True
+    device_lr = True
     _shardable = False
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.99), eps=1e-8, band=1, graft="adam", graft_eps=1e-8,
@@ -63,7 +64,7 @@ class SONew(KfoptOptimizer):
         super().__init__(params, defaults)
 
     def _check_group(self, group: dict) -> None:
-        check_nonnegative("lr", group["lr"])
+        check_device_lr("lr", group["lr"])
         check_betas("betas", group["betas"])
         check_positive("eps", group["eps"])
         _check_band("band", group["band"])

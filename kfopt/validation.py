@@ -19,6 +19,18 @@ def check_nonnegative(name: str, value) -> None:
         raise ValueError(f"{name}: expected a finite number >= 0, got {value!r}")
 
 
+def check_device_lr(name: str, value) -> None:
+    """``value`` is a finite number >= 0, or a one-element floating tensor: its value is checked on the
+    device by the fused kernels (LAMB, LARS, SONew), without a host synchronisation, and an invalid one
+    (NaN, negative, infinite) skips the step and counts it in ``skipped_steps``."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or not value.is_floating_point() or value.requires_grad:
+            raise ValueError(f"{name}: expected a finite number >= 0 or a one-element floating tensor (no grad), "
+                             f"got a tensor of shape {tuple(value.shape)} and dtype {value.dtype}")
+        return
+    check_nonnegative(name, value)
+
+
 def check_positive(name: str, value) -> None:
     """``value`` is a finite real number > 0 (eps, damping...)."""
     if not _is_real(value) or not math.isfinite(value) or value <= 0:

@@ -144,3 +144,70 @@ def test_a_tensor_on_another_device_is_a_value_error(name):
              "sonew": [[torch.zeros(2, 3)], [torch.zeros(6)], [torch.zeros(1, 6)], [torch.zeros((), device="meta")]]}[name]
     with pytest.raises(ValueError, match=r"\[0\] is on meta, expected cpu"):
         kernel([p], [torch.randn(2, 3)], *state, lr=0.1)
+
+
+# ----------------------------------------------------------------------------- tensor hyperparameters
+
+
+def _lamb_inputs(device):
+    """Fresh random LAMB inputs, the same at every call: params, grads, exp_avgs, exp_avg_sqs, steps."""
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(7,), (5, 9)]
+    return [[torch.randn(s, generator=gen).to(device) for s in shapes],
+            [torch.randn(s, generator=gen).to(device) for s in shapes],
+            [0.1 * torch.randn(s, generator=gen).to(device) for s in shapes],
+            [torch.rand(s, generator=gen).to(device) for s in shapes],
+            [torch.tensor(2.0, device=device) for _ in shapes]]
+
+
+def _lamb_call(device, **hyper):
+    tensors = _lamb_inputs(device)
+    skipped = torch.zeros((), dtype=torch.int32, device=device)
+    clip = lamb_step(*tensors, skipped=skipped, **hyper)
+    return tensors, clip, skipped
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_tensor_hyperparameters_step_as_the_same_numbers(backend, device, monkeypatch):
+    """0-d tensors (one per tensor or shared) holding the same numbers as Python floats give the same bits:
+    the derived columns (1 - b2, ln b) are formed in float64 on the device as on the host. (An fp32
+    tensor holds its fp32 value: 0.5 is exact, 0.9 would not be.)"""
+    if backend == "torch":
+        monkeypatch.setenv("KFOPT_BACKEND", "torch")
+    numbers_ = dict(lr=0.05, beta1=[0.9, 0.8], beta2=0.5, weight_decay=0.01)
+    tensors_ = dict(lr=torch.tensor(0.05, dtype=torch.float64), beta1=[torch.tensor(0.9, dtype=torch.float64), 0.8],
+                    beta2=torch.tensor(0.5), weight_decay=0.01)
+    want, want_clip, _ = _lamb_call(device, **numbers_)
+    got, got_clip, skipped = _lamb_call(device, **tensors_)
+    assert torch.equal(got_clip, want_clip) and skipped == 0
+    moved = False
+    for col_got, col_want, col_in in zip(got, want, _lamb_inputs(device)):
+        for a, b, c in zip(col_got, col_want, col_in):
+            assert torch.equal(a, b)
+            moved |= not torch.equal(a, c)
+    assert moved
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("hyper", [dict(lr=torch.tensor(math.nan)), dict(lr=-1.0 * torch.ones(())),
+                                   dict(lr=0.1, beta1=torch.tensor(1.0)), dict(lr=0.1, eps=torch.tensor(0.0)),
+                                   dict(lr=0.1, trust_max=torch.tensor(math.nan))], ids=str)
+def test_a_tensor_hyperparameter_out_of_range_skips_the_step_on_the_device(backend, hyper, device, monkeypatch):
+    """Checked on the device and folded into the step's skip flag: nothing is written, ``skipped`` counts it."""
+    if backend == "torch":
+        monkeypatch.setenv("KFOPT_BACKEND", "torch")
+    tensors, clip, skipped = _lamb_call(device, **hyper)
+    assert skipped == 1 and clip[2] == 0
+    for col, original in zip(tensors, _lamb_inputs(device)):
+        for a, b in zip(col, original):
+            assert torch.equal(a, b), "a skipped step wrote a tensor"
+
+
+def test_flags_and_choices_must_be_python_values(device):
+    p = [torch.randn(3, device=device)]
+    state = ([torch.randn(3, device=device)], [torch.zeros(3, device=device)], [torch.zeros(3, device=device)],
+             [torch.zeros((), device=device)])
+    with pytest.raises(TypeError, match="adapt: expected True or False, got a tensor"):
+        lamb_step(p, *state, lr=0.1, adapt=torch.tensor(1.0))
+    with pytest.raises(TypeError, match="lr: expected a number or a one-element floating tensor"):
+        lamb_step(p, *state, lr=torch.tensor([0.1, 0.2]))

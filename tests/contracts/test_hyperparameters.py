@@ -5,13 +5,17 @@ naming it at the next ``step()``, before anything changes (weights, state, captu
 the optimizer then continues exactly as one that never saw the bad value.
 """
 
+import importlib
 import math
 import numbers
 
 import pytest
 import torch
 
-from .helpers import assert_same_params, assert_same_tree, backward, build, clone_tree, train_step
+from .conftest import use_backend
+from kfopt.registry import REGISTRY
+
+from .helpers import assert_same_params, assert_same_tree, backward, build, clone_tree, one_per_class, train_step
 
 pytestmark = pytest.mark.usefixtures("torch_path")
 
@@ -75,3 +79,63 @@ def test_tensor_or_non_number_lr_is_rejected_at_step(entry):
         backward(model, 1)
         with pytest.raises(ValueError, match="lr"):
             opt.step()
+
+
+def _device_lr(name: str) -> bool:
+    entry = REGISTRY[name]
+    return getattr(importlib.import_module(entry.module), entry.cls_name).device_lr
+
+
+def test_a_tensor_lr_is_checked_on_the_device_or_rejected(entry):
+    """Optimizers with ``device_lr`` (the fused element-wise ones) take a one-element tensor ``lr`` without a
+    host synchronisation: it steps exactly as the same number does, and a NaN, negative or infinite one
+    skips the whole step on the device (weights and state unchanged, ``skipped_steps`` incremented, the
+    next valid step equal to that of an optimizer that never saw it). The others reject it with a
+    ValueError naming ``lr`` before anything changes."""
+    _check_tensor_lr(entry)
+
+
+@pytest.mark.parametrize("name", [n for n in one_per_class() if _device_lr(n)])
+def test_a_tensor_lr_through_the_triton_kernels(name, monkeypatch):
+    """The same through the Triton kernels (interpreted on the CPU): the table is built on the device."""
+    use_backend(monkeypatch, "triton")
+    _check_tensor_lr(REGISTRY[name])
+
+
+def _check_tensor_lr(entry):
+    model, opt = build(entry)
+    twin_model, twin = build(entry)
+    train_step(model, opt, 0)
+    train_step(twin_model, twin, 0)
+    good = opt.param_groups[0]["lr"]
+    before_params = [p.detach().clone() for p in model.parameters()]
+    before_state = clone_tree(opt.state_dict())
+    if not type(opt).device_lr:
+        opt.param_groups[0]["lr"] = torch.tensor(good)
+        opt.zero_grad()
+        backward(model, 1)
+        with pytest.raises(ValueError, match="lr"):
+            opt.step()
+        for p, q in zip(model.parameters(), before_params):
+            assert torch.equal(p, q), "a rejected step changed a weight"
+        return
+    for step, bad in enumerate([math.nan, -1.0, math.inf], start=1):
+        for group in opt.param_groups:
+            group["lr"] = torch.tensor(bad)
+        opt.zero_grad()
+        backward(model, 1)
+        opt.step()
+        for p, q in zip(model.parameters(), before_params):
+            assert torch.equal(p, q), f"lr={bad}: a skipped step changed a weight"
+        after = clone_tree(opt.state_dict())
+        assert after["skipped_steps"] == before_state["skipped_steps"] + step
+        after["skipped_steps"] = before_state["skipped_steps"]
+        for group in after["param_groups"]:
+            group["lr"] = good
+        assert_same_tree(after, before_state)
+    for group in opt.param_groups:
+        group["lr"] = torch.tensor(good, dtype=torch.float64)
+    for k in (1, 2):
+        train_step(model, opt, k)
+        train_step(twin_model, twin, k)
+        assert_same_params(model, twin_model)
