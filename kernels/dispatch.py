@@ -32,6 +32,7 @@ the GPU is what a GPU run launches.
 from __future__ import annotations
 
 import os
+
 import torch
 import triton.language as tl
 
