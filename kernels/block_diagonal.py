@@ -42,11 +42,8 @@ import triton.language as tl
 from kfopt.autotune import Config, ConfigSpace, shape_bucket
 
 from .dispatch import use_triton
+from .checks import check_flag, check_kernel_dtypes, check_same_device, check_tensor
 from .structured import (
-    check_flag,
-    check_same_device,
-    check_tensor,
-    check_triton_dtypes,
     output,
     result_dtype,
     tile_gemm_space,
@@ -170,7 +167,7 @@ def block_diagonal_matmul(blocks: torch.Tensor, x: torch.Tensor, transpose: bool
     out = output(out, shape, x.device, result_dtype(blocks, x), blocks=blocks, x=x)
     if not use_triton(x.device):
         return block_diagonal_matmul_reference(blocks, x, transpose, right, out=out)
-    check_triton_dtypes(blocks=blocks, x=x, out=out)
+    check_kernel_dtypes(blocks=blocks, x=x, out=out)
     nb, b, _ = blocks.shape
     if out.numel() == 0:
         return out
@@ -242,7 +239,7 @@ def block_covariance(x: torch.Tensor, block: int, ones_column: bool = False, sca
     shape = _covariance_problem(x, block, ones_column, scale)
     if not use_triton(x.device):
         return block_covariance_reference(x, block, ones_column, scale)
-    check_triton_dtypes(x=x)
+    check_kernel_dtypes(x=x)
     out = torch.empty(shape, dtype=torch.float32, device=x.device)
     if out.numel() == 0:
         return out

@@ -48,7 +48,8 @@ import triton.language as tl
 from kfopt.autotune import Config, ConfigSpace, shape_bucket
 
 from .aliasing import check_no_overlap
-from .dispatch import check_kernel_dtype, dot_needs_upcast, is_dense, use_triton
+from .checks import check_kernel_dtype
+from .dispatch import dot_needs_upcast, is_dense, use_triton
 
 COVARIANCE_CONFIGS = ConfigSpace(
     "symmetric_covariance",

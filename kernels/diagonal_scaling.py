@@ -27,7 +27,8 @@ import triton.language as tl
 from kfopt.autotune import Config, ConfigSpace, shape_bucket
 
 from .dispatch import use_triton
-from .structured import check_flag, check_same_device, check_tensor, check_triton_dtypes, output, result_dtype
+from .checks import check_flag, check_kernel_dtypes, check_same_device, check_tensor
+from .structured import output, result_dtype
 
 DIAGONAL_MATMUL_CONFIGS = ConfigSpace(
     "diagonal_matmul",
@@ -102,7 +103,7 @@ def diagonal_matmul(diag: torch.Tensor, x: torch.Tensor, right: bool = False,
     out = output(out, tuple(x.shape), x.device, result_dtype(diag, x), diag=diag, x=x)
     if not use_triton(x.device):
         return diagonal_matmul_reference(diag, x, right, out=out)
-    check_triton_dtypes(diag=diag, x=x, out=out)
+    check_kernel_dtypes(diag=diag, x=x, out=out)
     if out.numel() == 0:
         return out
     m, n = x.shape
@@ -146,7 +147,7 @@ def diagonal_from_inner(diag: torch.Tensor, x: torch.Tensor, ones_column: bool =
     _inner_problem(diag, x, ones_column, scale)
     if not use_triton(x.device):
         return diagonal_from_inner_reference(diag, x, ones_column, scale)
-    check_triton_dtypes(diag=diag, x=x)
+    check_kernel_dtypes(diag=diag, x=x)
     side = diag.shape[0]
     out = torch.empty(side, dtype=torch.float32, device=x.device)
     if side == 0:

@@ -1,4 +1,4 @@
-"""Where a kernel call runs, and the input checks every public kernel shares.
+"""Where a kernel call runs (the argument checks every launcher shares are in :mod:`.checks`).
 
 Routing rule for a call whose tensors live on ``device``:
 
@@ -32,7 +32,6 @@ the GPU is what a GPU run launches.
 from __future__ import annotations
 
 import os
-from typing import Iterable, Sequence
 
 import torch
 import triton.language as tl
@@ -87,30 +86,6 @@ def dot_needs_upcast(dtype: torch.dtype) -> bool:
 def store_needs_rounding(dtype: torch.dtype) -> bool:
     """The interpreter truncates fp32 -> bf16 stores: round to nearest even in the kernel there."""
     return INTERPRETER_WORKAROUNDS and dtype == torch.bfloat16
-
-
-def check_kernel_dtype(name: str, tensor: torch.Tensor) -> None:
-    """TypeError unless ``tensor`` has a storage dtype the Triton kernels accept."""
-    if tensor.dtype not in KERNEL_DTYPES:
-        raise TypeError(
-            f"{name}: expected dtype float32, bfloat16 or float16 for the Triton kernels; got {tensor.dtype}"
-        )
-
-
-def check_same_device(name: str, tensors: Iterable[torch.Tensor], device: torch.device) -> None:
-    """ValueError naming ``name`` when any tensor is not on ``device``."""
-    for i, t in enumerate(tensors):
-        if t.device != device:
-            raise ValueError(f"{name}[{i}] is on {t.device}, expected every tensor on {device}")
-
-
-def check_same_shapes(name: str, tensors: Sequence[torch.Tensor], like: Sequence[torch.Tensor]) -> None:
-    """ValueError naming ``name`` when ``tensors`` do not match ``like`` one to one in shape."""
-    if len(tensors) != len(like):
-        raise ValueError(f"{name}: expected {len(like)} tensors, got {len(tensors)}")
-    for i, (t, ref) in enumerate(zip(tensors, like)):
-        if t.shape != ref.shape:
-            raise ValueError(f"{name}[{i}] has shape {tuple(t.shape)}, expected {tuple(ref.shape)}")
 
 
 def is_dense(t: torch.Tensor) -> bool:

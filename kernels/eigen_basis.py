@@ -56,7 +56,8 @@ import triton.language as tl
 from kfopt.autotune import Config, ConfigSpace, shape_bucket
 
 from .aliasing import check_no_overlap
-from .dispatch import check_kernel_dtype, check_same_device, dot_needs_upcast, is_dense, tl_dtype, use_triton
+from .checks import check_kernel_dtype, check_same_device
+from .dispatch import dot_needs_upcast, is_dense, tl_dtype, use_triton
 from .multi_tensor import to_device, per_tensor
 
 EIGEN_CONFIGS = ConfigSpace(
@@ -252,8 +253,7 @@ def _check_args(grads, qa, da, qg, dg, damping, out) -> list[float]:
             raise ValueError(f"out[{i}]: expected a dense tensor (any dimension order), got strides {out[i].stride()}")
     if n_layers:
         device = grads[0].device
-        for name, seq in (("grads", grads), *lists.items()):
-            check_same_device(name, seq, device)
+        check_same_device(device, grads=grads, **lists)
     if out is not None:  # grads may be out: stage 1 reads every V before stage 4 writes
         check_no_overlap([("out", out)], [("qa", qa), ("da", da), ("qg", qg), ("dg", dg)], writer="the kernel")
     return dampings

@@ -32,11 +32,8 @@ import triton
 import triton.language as tl
 
 from .dispatch import use_triton
+from .checks import check_flag, check_kernel_dtypes, check_same_device, check_tensor
 from .structured import (
-    check_flag,
-    check_same_device,
-    check_tensor,
-    check_triton_dtypes,
     launch_left_product,
     output,
     result_dtype,
@@ -158,7 +155,7 @@ def hierarchical_matmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, d: to
     out = output(out, tuple(x.shape), x.device, result_dtype(a, x), a=a, b=b, c=c, d=d, e=e, x=x)
     if not use_triton(x.device):
         return hierarchical_matmul_reference(a, b, c, d, e, x, transpose, right, out=out)
-    check_triton_dtypes(a=a, b=b, c=c, d=d, e=e, x=x, out=out)
+    check_kernel_dtypes(a=a, b=b, c=c, d=d, e=e, x=x, out=out)
     if len({t.dtype for t in (a, b, c, d, e)}) != 1:
         raise TypeError("a, b, c, d, e: expected one dtype for the five parts of the structure, got "
                         f"{[str(t.dtype) for t in (a, b, c, d, e)]}")

@@ -49,7 +49,8 @@ import triton.language as tl
 from kfopt.autotune import Config, ConfigSpace, shape_bucket
 
 from .aliasing import check_no_overlap
-from .dispatch import check_kernel_dtype, check_same_device, dot_needs_upcast, tl_dtype, use_triton
+from .checks import check_kernel_dtype, check_same_device
+from .dispatch import dot_needs_upcast, tl_dtype, use_triton
 from .multi_tensor import FP32_MAX, REDUCE_BLOCK, to_device
 
 KRONECKER_CONFIGS = ConfigSpace(
@@ -230,9 +231,7 @@ def _check_args(left, grads, right, biases) -> list:
             raise TypeError(f"biases[{i}]: expected the dtype of grads[{i}] ({g.dtype}), got {b.dtype}")
     if n_layers:
         device = grads[0].device
-        for name, seq in (("left", left), ("grads", grads), ("right", right),
-                          ("biases", [b for b in biases if b is not None])):
-            check_same_device(name, seq, device)
+        check_same_device(device, left=left, grads=grads, right=right, biases=biases)
     check_no_overlap([("grads", grads), ("biases", biases)], [("left", left), ("right", right)], writer="the kernel")
     return biases
 

@@ -11,7 +11,7 @@ Per tensor w with gradient g, step t = step + 1 (state ``step`` counts completed
 
 Precision (``multi_tensor``'s module docstring has the GPU details): ``1 / bc_k`` comes from
 ``inv_bias_correction``, float64 on the device from ``ln b_k`` formed in float64 on the host (the
-hyper table holds ``ln b_k``; ``-inf`` without bias correction gives 1), and is within ~1 fp32 ulp
+hyperparameter table holds ``ln b_k``; ``-inf`` without bias correction gives 1), and is within ~1 fp32 ulp
 (an approximate ``1 - exp2(t log2 b)`` is off by ~1e-4 relative for b2 = 0.999 at t = 1). ``u`` is
 ``div_rn(m * (1 / bc1), sqrt_rn(v * (1 / bc2)) + eps)`` and the norms and the trust ratio are
 correctly rounded too: on sm_90 no ``div.full``/``sqrt.approx``/``ex2.approx`` is involved, and a
@@ -25,45 +25,91 @@ fp32 state: 44 bytes per parameter (4 for the norm pre-read, 24 pass 1, 16 pass 
 If any gradient is non-finite (or ||g_all||^2 overflows fp32) nothing is written: w, m, v and step
 keep their values and ``skipped`` (when given) is incremented. Tensors the step writes must not share
 memory (``aliasing.check_no_overlap``: a ValueError names the two entries).
+
+:data:`LAMB` declares the op (``op_declaration``): :class:`LambHyperparameters` is the kernels'
+hyperparameter table, its tensors and their checks, and :func:`lamb_traffic`.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
 import triton
 import triton.language as tl
 
-from kfopt.autotune import Config, shape_bucket
-
-from .aliasing import check_no_overlap
-from .dispatch import check_kernel_dtype, check_same_device, check_same_shapes, is_dense, tl_dtype, use_triton
 from .multi_tensor import (
-    TensorTable,
-    amp_tensors,
     chunked_configs,
-    dense_like,
-    for_each_launch,
     global_norm_reference,
     inv_bias_correction,
-    launch_global_norm,
-    launch_segment_norms,
-    log_decays,
-    per_tensor,
     program_chunk,
     tensor_norms_reference,
     trust_ratio,
     trust_ratio_reference,
 )
+from .norm_pipeline import launch_two_passes
+from .op_declaration import (
+    Call,
+    ElementwiseOp,
+    Hyperparameters,
+    TensorArg,
+    Traffic,
+    like_param,
+    log_decay,
+    one_element,
+    within,
+)
 
-# addr table columns and hyper table columns (constexpr: the kernels index the tables with them).
-# B3 = 1 - b1 (or 1 without grad averaging), B4 = 1 - b2 and LN_Bk = ln(b_k) (-inf without bias
-# correction) are formed in float64 on the host.
-P, G, M, V, STEP, N_COLS = (tl.constexpr(i) for i in range(6))
-LR, B1, B2, B3, B4, LN_B1, LN_B2, EPS, WD, BIAS_CORRECTION, ADAPT, TRUST_MIN, TRUST_MAX, N_HYPER = (
-    tl.constexpr(i) for i in range(14))
+
+@dataclass(frozen=True)
+class LambHyperparameters(Hyperparameters):
+    """One tensor's LAMB hyperparameters; the fields in order are the columns of the kernels' table."""
+
+    lr: float = field(metadata=within("[0, inf)"))
+    beta1: float = field(default=0.9, metadata=within("[0, 1)"))
+    beta2: float = field(default=0.999, metadata=within("[0, 1)"))
+    eps: float = field(default=1e-6, metadata=within("(0, inf)"))
+    weight_decay: float = field(default=0.01, metadata=within("[0, inf)"))
+    bias_correction: bool = True
+    grad_averaging: bool = True
+    adapt: bool = True
+    trust_min: float = field(default=0.0, metadata=within("[0, inf)"))
+    trust_max: float = field(default=math.inf, metadata=within("[0, inf]"))
+    grad_weight: float = field(init=False)  # b3: 1 - b1 with grad averaging, else 1
+    one_minus_beta2: float = field(init=False)
+    ln_beta1: float = field(init=False)  # -inf without bias correction
+    ln_beta2: float = field(init=False)
+
+    def derive(self) -> dict:
+        corrected = bool(self.bias_correction)
+        return dict(grad_weight=1.0 - self.beta1 if self.grad_averaging else 1.0, one_minus_beta2=1.0 - self.beta2,
+                    ln_beta1=log_decay("beta1", self.beta1, corrected),
+                    ln_beta2=log_decay("beta2", self.beta2, corrected))
+
+
+def lamb_traffic(shapes: Sequence[tuple], dtype: torch.dtype, grad_dtype: torch.dtype | None = None) -> Traffic:
+    """One call on fp32 state: g pre-read (norm) + pass 1 (g, w, m, v read; m, v written) + pass 2 (w, m, v
+    read; w written) = 2 s_g + 3 s_p + 24 bytes per parameter (44 fp32, 34 bf16); about 30 flops per
+    parameter (norm 2, pass 1 19, pass 2 9)."""
+    n = sum(math.prod(s) for s in shapes)
+    s_p = torch.finfo(dtype).bits // 8
+    s_g = torch.finfo(grad_dtype or dtype).bits // 8
+    return Traffic(bytes=n * (2 * s_g + 3 * s_p + 24), flops=30 * n)
+
+
+LAMB = ElementwiseOp(
+    "lamb_step", LambHyperparameters,
+    (TensorArg("params", written=True, layout="dense"),
+     TensorArg("grads", written=False, shape=like_param),
+     TensorArg("exp_avgs", written=True, state=True, shape=like_param, layout="param_strides"),
+     TensorArg("exp_avg_sqs", written=True, state=True, shape=like_param, layout="param_strides"),
+     TensorArg("steps", written=True, state=True, shape=one_element)),
+    lamb_traffic,
+)
+A = LAMB.addr
+H = LAMB.hyper
 
 LAMB_CONFIGS = chunked_configs("lamb_step")
 
@@ -75,21 +121,21 @@ def _lamb_moments_kernel(
 ):
     """Pass 1: m, v update; partial[k] = (sum w^2, sum u^2) over chunk k."""
     pid, tid, start, n = program_chunk(chunk_tensor_ptr, chunk_start_ptr, numel_ptr)
-    row = addr_ptr + tid * N_COLS
-    p_ptr = tl.load(row + P).to(tl.pointer_type(P_DT))
-    g_ptr = tl.load(row + G).to(tl.pointer_type(G_DT))
-    m_ptr = tl.load(row + M).to(tl.pointer_type(tl.float32))
-    v_ptr = tl.load(row + V).to(tl.pointer_type(tl.float32))
-    t = tl.load(tl.load(row + STEP).to(tl.pointer_type(tl.float32))) + 1.0
-    h = hyper_ptr + tid * N_HYPER
-    b1 = tl.load(h + B1)
-    b2 = tl.load(h + B2)
-    b3 = tl.load(h + B3)
-    b4 = tl.load(h + B4)
-    eps = tl.load(h + EPS)
-    wd = tl.load(h + WD)
-    inv_bc1 = inv_bias_correction(t, tl.load(h + LN_B1))  # 1 / bc1 (1 without bias correction)
-    inv_bc2 = inv_bias_correction(t, tl.load(h + LN_B2))
+    row = addr_ptr + tid * A.width
+    p_ptr = tl.load(row + A.params).to(tl.pointer_type(P_DT))
+    g_ptr = tl.load(row + A.grads).to(tl.pointer_type(G_DT))
+    m_ptr = tl.load(row + A.exp_avgs).to(tl.pointer_type(tl.float32))
+    v_ptr = tl.load(row + A.exp_avg_sqs).to(tl.pointer_type(tl.float32))
+    t = tl.load(tl.load(row + A.steps).to(tl.pointer_type(tl.float32))) + 1.0
+    h = hyper_ptr + tid * H.width
+    b1 = tl.load(h + H.beta1)
+    b2 = tl.load(h + H.beta2)
+    b3 = tl.load(h + H.grad_weight)
+    b4 = tl.load(h + H.one_minus_beta2)
+    eps = tl.load(h + H.eps)
+    wd = tl.load(h + H.weight_decay)
+    inv_bc1 = inv_bias_correction(t, tl.load(h + H.ln_beta1))  # 1 / bc1 (1 without bias correction)
+    inv_bc2 = inv_bias_correction(t, tl.load(h + H.ln_beta2))
     coef = tl.load(clip_ptr + 1)
     n = tl.where(tl.load(clip_ptr + 2) != 0, n, 0)  # a skipped step reads and writes nothing
     w_sq = tl.zeros([BLOCK], tl.float32)
@@ -117,19 +163,19 @@ def _lamb_apply_kernel(
 ):
     """Pass 2: w <- w - lr * r * u, u recomputed from the updated m, v (step already advanced)."""
     pid, tid, start, n = program_chunk(chunk_tensor_ptr, chunk_start_ptr, numel_ptr)
-    row = addr_ptr + tid * N_COLS
-    p_ptr = tl.load(row + P).to(tl.pointer_type(P_DT))
-    m_ptr = tl.load(row + M).to(tl.pointer_type(tl.float32))
-    v_ptr = tl.load(row + V).to(tl.pointer_type(tl.float32))
-    t = tl.load(tl.load(row + STEP).to(tl.pointer_type(tl.float32)))
-    h = hyper_ptr + tid * N_HYPER
-    lr = tl.load(h + LR)
-    eps = tl.load(h + EPS)
-    wd = tl.load(h + WD)
-    inv_bc1 = inv_bias_correction(t, tl.load(h + LN_B1))
-    inv_bc2 = inv_bias_correction(t, tl.load(h + LN_B2))
+    row = addr_ptr + tid * A.width
+    p_ptr = tl.load(row + A.params).to(tl.pointer_type(P_DT))
+    m_ptr = tl.load(row + A.exp_avgs).to(tl.pointer_type(tl.float32))
+    v_ptr = tl.load(row + A.exp_avg_sqs).to(tl.pointer_type(tl.float32))
+    t = tl.load(tl.load(row + A.steps).to(tl.pointer_type(tl.float32)))
+    h = hyper_ptr + tid * H.width
+    lr = tl.load(h + H.lr)
+    eps = tl.load(h + H.eps)
+    wd = tl.load(h + H.weight_decay)
+    inv_bc1 = inv_bias_correction(t, tl.load(h + H.ln_beta1))
+    inv_bc2 = inv_bias_correction(t, tl.load(h + H.ln_beta2))
     r = trust_ratio(tl.load(norms_ptr + tid * 2), tl.load(norms_ptr + tid * 2 + 1), 1.0,
-                    tl.load(h + TRUST_MIN), tl.load(h + TRUST_MAX), tl.load(h + ADAPT))
+                    tl.load(h + H.trust_min), tl.load(h + H.trust_max), tl.load(h + H.adapt))
     step_size = lr * r
     n = tl.where(tl.load(clip_ptr + 2) != 0, n, 0)  # a skipped step writes nothing
     for off in range(0, CHUNK, BLOCK):
@@ -142,21 +188,6 @@ def _lamb_apply_kernel(
         tl.store(p_ptr + offs, (w - step_size * u).to(P_DT), mask=mask)
 
 
-def _lamb_hyper(n, lr, beta1, beta2, eps, weight_decay, bias_correction, grad_averaging, adapt, trust_min,
-                trust_max) -> list[list[float]]:
-    cols = [per_tensor(name, value, n) for name, value in (
-        ("lr", lr), ("beta1", beta1), ("beta2", beta2), ("eps", eps), ("weight_decay", weight_decay),
-        ("bias_correction", bias_correction), ("grad_averaging", grad_averaging), ("adapt", adapt),
-        ("trust_min", trust_min), ("trust_max", trust_max))]
-    corrected = [bool(bc) for bc in cols[5]]
-    logs = zip(log_decays("beta1", beta1, n, corrected), log_decays("beta2", beta2, n, corrected))
-    rows = []
-    for (lr_i, b1, b2, eps_i, wd, bc, avg, ad, lo, hi), (ln_b1, ln_b2) in zip(zip(*cols), logs):
-        rows.append([float(lr_i), float(b1), float(b2), 1.0 - float(b1) if avg else 1.0, 1.0 - float(b2),
-                     ln_b1, ln_b2, float(eps_i), float(wd), float(bool(bc)), float(bool(ad)), float(lo), float(hi)])
-    return rows
-
-
 def lamb_step(
     params: Sequence[torch.Tensor],
     grads: Sequence[torch.Tensor],
@@ -164,134 +195,77 @@ def lamb_step(
     exp_avg_sqs: Sequence[torch.Tensor],
     steps: Sequence[torch.Tensor],
     *,
-    lr,
-    beta1=0.9,
-    beta2=0.999,
-    eps=1e-6,
-    weight_decay=0.01,
-    bias_correction=True,
-    grad_averaging=True,
-    adapt=True,
-    trust_min=0.0,
-    trust_max=math.inf,
     max_grad_norm: float | None = 1.0,
     skipped: torch.Tensor | None = None,
     grad_scale: torch.Tensor | None = None,
     found_inf: torch.Tensor | None = None,
     reduce: Callable[[torch.Tensor], None] | None = None,
+    **hyperparameters,
 ) -> torch.Tensor:
     """One LAMB step over all tensors, in place (see the module docstring for the math).
 
-    Hyperparameters are scalars or one value per tensor. ``params`` are fp32/bf16/fp16 (any dtype on
-    the reference path); ``exp_avgs``/``exp_avg_sqs`` fp32 (or the params' dtype if that is float64,
-    reference path only); ``steps`` 0-d fp32 tensors counting completed steps; ``skipped`` an optional
-    0-d int32 counter. Returns ``[||g_all||, clip coefficient, ok]`` as a device tensor (the coefficient
-    the stored gradients are multiplied by). ``grad_scale``/``found_inf``: a GradScaler's tensors (as
-    ``GradScaler.step`` hands them to an optimizer with ``_step_supports_amp_scaling``): the gradients
-    are divided by ``grad_scale`` in fp32 as they are loaded (they stay as stored) and the step is
-    skipped (``skipped`` incremented) when ``found_inf`` is nonzero, on the device.
+    ``hyperparameters``: the fields of :class:`LambHyperparameters` (``lr`` required; ``beta1``,
+    ``beta2``, ``eps``, ``weight_decay``, ``bias_correction``, ``grad_averaging``, ``adapt``,
+    ``trust_min``, ``trust_max`` with its defaults), each a number or one per tensor. ``params`` are
+    fp32/bf16/fp16 (any dtype on the reference path); ``exp_avgs``/``exp_avg_sqs`` fp32 (or the params'
+    dtype if that is float64, reference path only); ``steps`` 0-d fp32 tensors counting completed steps;
+    ``skipped`` an optional 0-d int32 counter. Returns ``[||g_all||, clip coefficient, ok]`` as a device
+    tensor (the coefficient the stored gradients are multiplied by). ``grad_scale``/``found_inf``: a
+    GradScaler's tensors (as ``GradScaler.step`` hands them to an optimizer with
+    ``_step_supports_amp_scaling``): the gradients are divided by ``grad_scale`` in fp32 as they are
+    loaded (they stay as stored) and the step is skipped (``skipped`` incremented) when ``found_inf`` is
+    nonzero, on the device.
 
     ``reduce``: the tensors are this rank's shards of larger ones (FSDP2): an in-place SUM all-reduce
     over the shard group, applied to the gradient-norm partials ``[sum g^2, non-finite count]`` and to
     the per-tensor ``[sum w^2, sum u^2]`` (two small collectives per step, no host synchronisation), so
     the clip coefficient, the skip verdict and the trust ratios are those of the whole tensors.
 
-    With bias correction, betas must be in [0, 1). ValueError when tensors the step writes (params,
-    exp_avgs, exp_avg_sqs, steps, skipped) share memory, with each other or with a gradient, and
-    (Triton path) when a param is not dense (its elements must fill one block of memory).
+    With bias correction, betas must be in [0, 1). Argument checks: :data:`LAMB` (``kernels.checks``).
     """
-    n = len(params)
-    for name, seq in (("grads", grads), ("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs)):
-        check_same_shapes(name, seq, params)
-    if len(steps) != n:
-        raise ValueError(f"steps: expected {n} tensors, got {len(steps)}")
-    hyper = _lamb_hyper(n, lr, beta1, beta2, eps, weight_decay, bias_correction, grad_averaging, adapt,
-                        trust_min, trust_max)
-    if n == 0:
-        return torch.zeros(3)
-    device = params[0].device
-    for name, seq in (("params", params), ("grads", grads), ("exp_avgs", exp_avgs),
-                      ("exp_avg_sqs", exp_avg_sqs), ("steps", steps)):
-        check_same_device(name, seq, device)
-    check_no_overlap([("params", params), ("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs), ("steps", steps),
-                      ("skipped", [skipped])], [("grads", grads)])
-    grad_scale, found_inf = amp_tensors(grad_scale, found_inf, device)
-    if not use_triton(device):
-        return lamb_step_reference(params, grads, exp_avgs, exp_avg_sqs, steps, hyper=hyper,
-                                   max_grad_norm=max_grad_norm, skipped=skipped, grad_scale=grad_scale,
-                                   found_inf=found_inf, reduce=reduce)
-    for i, (p, g, m, v, s) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, steps)):
-        check_kernel_dtype(f"params[{i}]", p)
-        check_kernel_dtype(f"grads[{i}]", g)
-        for name, t in ((f"exp_avgs[{i}]", m), (f"exp_avg_sqs[{i}]", v), (f"steps[{i}]", s)):
-            if t.dtype != torch.float32:
-                raise TypeError(f"{name}: expected float32 state, got {t.dtype}")
-        if not is_dense(p):
-            raise ValueError(f"params[{i}] must be dense (its elements filling one block of memory, in any "
-                             f"order); got shape {tuple(p.shape)}, strides {p.stride()}")
-        if m.stride() != p.stride() or v.stride() != p.stride():
-            raise ValueError(f"exp_avgs[{i}]/exp_avg_sqs[{i}] must have the strides of params[{i}]")
-        if s.numel() != 1:
-            raise ValueError(f"steps[{i}]: expected a one-element tensor, got shape {tuple(s.shape)}")
-    grads = [dense_like(g, p) for g, p in zip(grads, params)]
-    total = sum(p.numel() for p in params)
-
-    def run(config: Config) -> torch.Tensor:
-        table = TensorTable.build([params, grads, exp_avgs, exp_avg_sqs, steps], hyper, config["CHUNK"],
-                                  device, dtype_columns=(P, G))
-        clip = launch_global_norm(table, G, 1, max_grad_norm, skipped, config, device, grad_scale, found_inf,
-                                  reduce)
-        partial = torch.empty((max(table.n_chunks, 1), 2), dtype=torch.float32, device=device)
-
-        def moments(lo, hi, dtypes):
-            _lamb_moments_kernel[(hi - lo,)](
-                table.addr, table.numel, table.chunk_tensor[lo:hi], table.chunk_start[lo:hi],
-                table.hyper, clip, partial[lo:hi], P_DT=tl_dtype(dtypes[0]), G_DT=tl_dtype(dtypes[1]),
-                BLOCK=config["BLOCK"], CHUNK=config["CHUNK"], num_warps=config.num_warps)
-
-        def apply(lo, hi, dtypes):
-            _lamb_apply_kernel[(hi - lo,)](
-                table.addr, table.numel, table.chunk_tensor[lo:hi], table.chunk_start[lo:hi],
-                table.hyper, clip, norms, P_DT=tl_dtype(dtypes[0]),
-                BLOCK=config["BLOCK"], CHUNK=config["CHUNK"], num_warps=config.num_warps)
-
-        for_each_launch(table, moments)
-        norms = launch_segment_norms(table, partial, clip, step_col=STEP, reduce=reduce)
-        for_each_launch(table, apply)
-        return clip
-
-    restore = [*params, *exp_avgs, *exp_avg_sqs, *steps] + ([skipped] if skipped is not None else [])
-    return LAMB_CONFIGS.launch(device=device, bucket=shape_bucket(total), dtype=params[0].dtype,
-                               run=run, restore=restore)
+    call = LAMB.bind((params, grads, exp_avgs, exp_avg_sqs, steps), hyperparameters, skipped=skipped,
+                     grad_scale=grad_scale, found_inf=found_inf)
+    return LAMB.run(call, lambda c: _lamb_reference(c, max_grad_norm, reduce),
+                    lambda c: launch_two_passes(LAMB, c, LAMB_CONFIGS, _lamb_moments_kernel, _lamb_apply_kernel,
+                                                max_grad_norm=max_grad_norm, reduce=reduce, step_col=A.steps))
 
 
-def lamb_step_reference(params, grads, exp_avgs, exp_avg_sqs, steps, *, hyper, max_grad_norm, skipped=None,
-                        grad_scale=None, found_inf=None, reduce=None):
-    """Plain PyTorch LAMB (same contract as :func:`lamb_step`; ``hyper`` rows as built there).
+def lamb_step_reference(params, grads, exp_avgs, exp_avg_sqs, steps, *, max_grad_norm=1.0, skipped=None,
+                        grad_scale=None, found_inf=None, reduce=None, **hyperparameters) -> torch.Tensor:
+    """Plain PyTorch LAMB with :func:`lamb_step`'s arguments and contract.
 
     Math in fp32, or float64 when the params are float64 (the tests' reference); the bias corrections
     ``1 - b^t`` always in float64 (they cancel: fp32 ``b^t`` would cost up to ~3e-8 / (1 - b) relative).
     """
-    clip = global_norm_reference(grads, max_grad_norm, skipped, grad_scale, found_inf, reduce)
+    call = LAMB.bind((params, grads, exp_avgs, exp_avg_sqs, steps), hyperparameters, skipped=skipped,
+                     grad_scale=grad_scale, found_inf=found_inf)
+    return LAMB.run(call, lambda c: _lamb_reference(c, max_grad_norm, reduce), None)
+
+
+def _lamb_reference(call: Call, max_grad_norm, reduce) -> torch.Tensor:
+    """The reference's math on a bound call."""
+    params, grads, exp_avgs, exp_avg_sqs, steps = (call.tensors[a.name] for a in LAMB.tensors)
+    clip = global_norm_reference(grads, max_grad_norm, call.skipped, call.grad_scale, call.found_inf, reduce)
     ok = clip[2] != 0
     updates = []
-    for p, g, m, v, s, h in zip(params, grads, exp_avgs, exp_avg_sqs, steps, hyper):
+    records = [r.on_host() for r in call.records]
+    for p, g, m, v, s, h in zip(params, grads, exp_avgs, exp_avg_sqs, steps, records):
         dtype = torch.promote_types(p.dtype, torch.float32)
         w = p.to(dtype)
         g = g.to(dtype) * clip[1].to(dtype)
         t = s.to(torch.float64) + 1
-        bc1 = (1 - h[B1] ** t if h[BIAS_CORRECTION] else torch.ones_like(t)).to(dtype)
-        bc2 = (1 - h[B2] ** t if h[BIAS_CORRECTION] else torch.ones_like(t)).to(dtype)
-        m_new = h[B1] * m.to(dtype) + h[B3] * g
-        v_new = h[B2] * v.to(dtype) + h[B4] * g * g
-        u = (m_new / bc1) / ((v_new / bc2).sqrt() + h[EPS]) + h[WD] * w
+        bc1 = (1 - h.beta1 ** t if h.bias_correction else torch.ones_like(t)).to(dtype)
+        bc2 = (1 - h.beta2 ** t if h.bias_correction else torch.ones_like(t)).to(dtype)
+        m_new = h.beta1 * m.to(dtype) + h.grad_weight * g
+        v_new = h.beta2 * v.to(dtype) + h.one_minus_beta2 * g * g
+        u = (m_new / bc1) / ((v_new / bc2).sqrt() + h.eps) + h.weight_decay * w
         updates.append((w, m_new, v_new, u))
     norms = tensor_norms_reference([(w, u) for w, _, _, u in updates], reduce)
     for (p, m, v, s, h), (w, m_new, v_new, u), (w_norm, u_norm) in zip(
-            zip(params, exp_avgs, exp_avg_sqs, steps, hyper), updates, norms):
-        r = trust_ratio_reference(w_norm, u_norm, 1.0, h[TRUST_MIN], h[TRUST_MAX], bool(h[ADAPT]))
+            zip(params, exp_avgs, exp_avg_sqs, steps, records), updates, norms):
+        r = trust_ratio_reference(w_norm, u_norm, 1.0, h.trust_min, h.trust_max, bool(h.adapt))
         m.copy_(torch.where(ok, m_new, m.to(m_new.dtype)))
         v.copy_(torch.where(ok, v_new, v.to(v_new.dtype)))
-        p.copy_(torch.where(ok, w - h[LR] * r * u, w))
+        p.copy_(torch.where(ok, w - h.lr * r * u, w))
         s.add_(ok.to(s.dtype))
     return clip

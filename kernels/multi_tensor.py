@@ -31,7 +31,7 @@ exactly with numpy. Everything here whose error could move a result or flip a de
 correctly rounded forms: the norms feeding trust ratios and clip coefficients are ``tl.sqrt_rn``
 (``sqrt.rn.f32``), the ratios ``tl.div_rn`` (``div.rn.f32``). Adam-style bias corrections are formed
 by :func:`inv_bias_correction`: ``1 / (1 - b^t)`` in float64 on the device from ``ln b`` computed on
-the host in float64 (:func:`log_decays`), because ``1 - b^t`` cancels: for b = 0.999 at t = 1 an
+the host in float64 (``op_declaration.log_decay``), because ``1 - b^t`` cancels: for b = 0.999 at t = 1 an
 approximate ``exp2(t log2 b)`` has ~1e-4 relative error in ``1 - b^t`` (0.9999: ~1e-3), and even the
 exact power of the fp32-rounded b has up to ~3e-8 / (1 - b) (float64 ``exp`` and division compile to
 FMA sequences and ``div.rn.f64``, no approximate instruction). The result is within ~1 fp32 ulp of
@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -101,12 +100,13 @@ class TensorTable:
     def build(
         cls,
         columns: Sequence[Sequence[torch.Tensor]],
-        hyper: Sequence[Sequence[float]],
+        hyper: Sequence[Sequence[float]] | torch.Tensor,
         chunk: int,
         device: torch.device,
         dtype_columns: Sequence[int],
     ) -> "TensorTable":
-        """Pack ``columns[c][i]`` (all dense, equal shape per ``i``) and ``hyper[i]`` for a launch.
+        """Pack ``columns[c][i]`` (all dense, equal shape per ``i``) and ``hyper[i]`` (numbers, or an fp32
+        tensor on ``device``) for a launch.
 
         Tensors are grouped (stably) by the dtypes of ``dtype_columns``; callers address tensors by
         their position in ``columns``, which the table keeps.
@@ -119,7 +119,8 @@ class TensorTable:
         return cls(
             n=n,
             addr=to_device(addr, device).reshape(n, len(columns)),
-            hyper=to_device(torch.tensor(hyper, dtype=torch.float32).reshape(n, -1), device),
+            hyper=hyper if isinstance(hyper, torch.Tensor) else
+            to_device(torch.tensor(hyper, dtype=torch.float32).reshape(n, -1), device),
             **layout,
         )
 
@@ -164,27 +165,6 @@ def dense_like(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(like, dtype=t.dtype).copy_(t)
 
 
-def log_decays(name: str, beta, n: int, enabled: Sequence[bool] | None = None) -> list[float]:
-    """``ln(beta_i)`` in float64 for each of ``n`` tensors (``beta`` a scalar or one per tensor, as for
-    :func:`per_tensor`), for :func:`inv_bias_correction` (``1 - beta^t = -expm1(t ln beta)``).
-
-    ``-inf`` where ``beta_i = 0`` or ``enabled[i]`` is False (bias correction off): both give
-    ``1 - beta^t = 1``. ValueError naming ``name`` (``name[i]`` for a sequence) unless ``0 <= beta_i < 1``
-    (else ``1 - beta^t`` is 0 or negative).
-    """
-    logs = []
-    for i, (b, on) in enumerate(zip(per_tensor(name, beta, n), enabled if enabled is not None else [True] * n)):
-        if not on:
-            logs.append(-math.inf)
-            continue
-        b = float(b)
-        if not 0.0 <= b < 1.0:
-            label = f"{name}[{i}]" if isinstance(beta, (list, tuple)) else name
-            raise ValueError(f"{label}: bias correction needs a decay rate in [0, 1), got {b!r}")
-        logs.append(math.log(b) if b > 0.0 else -math.inf)
-    return logs
-
-
 # ----------------------------------------------------------------------------- kernels
 
 
@@ -209,7 +189,7 @@ def trust_ratio(w_norm, u_norm, coef, lo, hi, adapt):
 @triton.jit
 def inv_bias_correction(t, ln_b):
     """``1 / (1 - b^t)`` as fp32, for step ``t`` (fp32; values below 1 -- a skipped step whose result is
-    never used -- count as 1) and ``ln_b = ln b`` (:func:`log_decays`; ``-inf`` gives 1). Computed in
+    never used -- count as 1) and ``ln_b = ln b`` (``op_declaration.log_decay``; ``-inf`` gives 1). Computed in
     float64 (``exp`` and the division compile to exact FMA sequences and ``div.rn.f64`` on sm_90, numpy
     under the interpreter): ``1 - exp(t ln b)`` has an absolute error ~1e-16, so the result is within
     ~1 fp32 ulp, the fp32 rounding of ``ln b`` included."""
@@ -377,11 +357,19 @@ def launch_segment_norms(
     return norms
 
 
-def for_each_launch(table: TensorTable, launch: Callable[[int, int, tuple], None]) -> None:
-    """Call ``launch(lo, hi, dtypes)`` for every non-empty launch range of the table."""
+def launch_chunks(kernel, table: TensorTable, config, args: Callable[[int, int], tuple], **constexprs) -> None:
+    """Run a chunked kernel (one program per chunk) over every launch range ``[lo, hi)`` of ``table``::
+
+        kernel[(hi - lo,)](addr, numel, chunk_tensor[lo:hi], chunk_start[lo:hi], hyper, *args(lo, hi),
+                           P_DT=, G_DT=, BLOCK=, CHUNK=, **constexprs, num_warps=)
+
+    ``P_DT``/``G_DT`` (the range's param and grad element types) only where the kernel takes them."""
     for lo, hi, dtypes in table.launches:
         if hi > lo:
-            launch(lo, hi, dtypes)
+            dts = {name: tl_dtype(d) for name, d in zip(("P_DT", "G_DT"), dtypes) if name in kernel.arg_names}
+            kernel[(hi - lo,)](table.addr, table.numel, table.chunk_tensor[lo:hi], table.chunk_start[lo:hi],
+                               table.hyper, *args(lo, hi), **dts, BLOCK=config["BLOCK"], CHUNK=config["CHUNK"],
+                               **constexprs, num_warps=config.num_warps)
 
 
 # ----------------------------------------------------------------------------- reference

@@ -1,4 +1,4 @@
-r"""Sherman-Morrison updates of many inverse factors in one pipeline (MKOR; shared/design/mkor.md).
+r"""Sherman-Morrison updates of many inverse factors in one pipeline (MKOR; docs/mkor.md).
 
 Each factor is the inverse ``J = L^{-1}`` of a running average ``L <- gamma L + (1 - gamma) v v^T``
 (symmetric positive definite, ``L_0 = I``). It is stored as ``J = kappa * F``: ``F`` (the tensor
@@ -79,7 +79,8 @@ import triton.language as tl
 from kfopt.autotune import Config, ConfigSpace, shape_bucket
 
 from .aliasing import check_no_overlap
-from .dispatch import check_kernel_dtype, check_same_device, store_needs_rounding, tl_dtype, use_triton
+from .checks import check_contiguous, check_dtype, check_kernel_dtype, check_same_device, check_shape, check_tensor
+from .dispatch import store_needs_rounding, tl_dtype, use_triton
 from .multi_tensor import FP32_MAX, REDUCE_BLOCK, TensorTable, per_tensor
 
 #: smallest normal fp32: a vector whose largest entry is below it counts as zero
@@ -329,24 +330,19 @@ def _check_args(factors, vectors, scales, counts) -> None:
         for name, t in (("factors", f), ("vectors", v)):
             if not t.is_floating_point():
                 raise TypeError(f"{name}[{i}]: expected a floating-point tensor, got {t.dtype}")
-    if not isinstance(scales, torch.Tensor):
-        raise TypeError(f"scales: expected a torch.Tensor, got {type(scales).__name__}")
-    if scales.dtype != torch.float32 or scales.shape != (n,) or not scales.is_contiguous():
-        raise ValueError(f"scales: expected a contiguous float32 tensor of shape ({n},), got "
-                         f"{scales.dtype} {tuple(scales.shape)}")
+    check_tensor("scales", scales)
+    check_dtype("scales", scales, (torch.float32,))
+    check_shape("scales", scales, (n,))
+    check_contiguous("scales", scales)
     if counts is not None:
         if not isinstance(counts, torch.Tensor):
             raise TypeError(f"counts: expected a torch.Tensor, got {type(counts).__name__}")
-        if counts.dtype != torch.int32 or counts.shape != (n, 3) or not counts.is_contiguous():
-            raise ValueError(f"counts: expected a contiguous int32 tensor of shape ({n}, 3), got "
-                             f"{counts.dtype} {tuple(counts.shape)}")
+        check_dtype("counts", counts, (torch.int32,))
+        check_shape("counts", counts, (n, 3))
+        check_contiguous("counts", counts)
     if n:
         device = factors[0].device
-        check_same_device("factors", factors, device)
-        check_same_device("vectors", vectors, device)
-        check_same_device("scales", [scales], device)
-        if counts is not None:
-            check_same_device("counts", [counts], device)
+        check_same_device(device, factors=factors, vectors=vectors, scales=scales, counts=counts)
     check_no_overlap([("factors", factors), ("scales", scales), ("counts", counts)], [("vectors", vectors)],
                      writer="the kernel")
 

@@ -11,7 +11,7 @@ Per tensor, flattened row-major to length ``n``, with band ``b`` (``b = offdiag.
          = max(eps * max_i sum_k |S^_ik|, 1e-24)   (relative_eps: max abs row sum of the undamped
                                                    bias-corrected band statistics S^)
 
-``b <= MAX_BAND = 4``. Relative damping is the design page's ``||S||`` (max abs row sum) for every band;
+``b <= MAX_BAND = 4``. Relative damping is ``docs/sonew.md``'s ``||S||`` (max abs row sum) for every band;
 the JAX reference applies it to band 1 only, and its ``getl1norm_tds`` overwrites instead of adding the
 second off-diagonal term of each row (it takes ``max_i S_ii + |S_{i-1,i}|``, row 0 with ``|S_{0,1}|``).
 
@@ -97,6 +97,8 @@ row-major order of ``p``): ``exp_avg`` (shape of p), ``diag`` (n,), ``offdiag`` 
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -105,20 +107,26 @@ import triton.language as tl
 
 from kfopt.autotune import Config, ConfigSpace, shape_bucket
 
-from .aliasing import check_no_overlap
-from .dispatch import check_kernel_dtype, check_same_device, tl_dtype, use_triton
 from .multi_tensor import (
     REDUCE_BLOCK,
-    TensorTable,
-    amp_tensors,
-    for_each_launch,
     global_norm_reference,
     inv_bias_correction,
+    launch_chunks,
     launch_global_norm,
     launch_segment_norms,
-    log_decays,
-    per_tensor,
     program_chunk,
+)
+from .op_declaration import (
+    Call,
+    ElementwiseOp,
+    Hyperparameters,
+    TensorArg,
+    Traffic,
+    flat_like_param,
+    like_param,
+    log_decay,
+    one_element,
+    within,
 )
 
 #: Largest supported band. Pass 1 unrolls b + 1 eliminations of b x b windows per row: sm_90 compile
@@ -132,17 +140,69 @@ MIN_RELATIVE_DAMPING = 1e-24
 #: Graft vectors, by name.
 GRAFTS = {"none": 0, "adam": 1, "rmsprop": 2, "sgd": 3}
 
-# addr table columns and hyper table columns (LN_Bk = ln(b_k), formed in float64 on the host)
-P, G, M, NU, NU_OFF, DIR, STEP = range(7)
-N_COLS = 7
-LR, B1, B2, EPS, WD, GRAFT_EPS, BAND, GRAFT, PRECONDITION, RELATIVE, LN_B1, LN_B2 = range(12)
-N_HYPER = 12
 
-_P, _G, _M, _NU, _NU_OFF, _DIR, _STEP = (tl.constexpr(c) for c in (P, G, M, NU, NU_OFF, DIR, STEP))
-_N_COLS = tl.constexpr(N_COLS)
-_LR, _B1, _B2, _EPS, _WD, _GRAFT_EPS, _BAND, _GRAFT, _PRECONDITION, _RELATIVE, _LN_B1, _LN_B2 = (
-    tl.constexpr(c) for c in (LR, B1, B2, EPS, WD, GRAFT_EPS, BAND, GRAFT, PRECONDITION, RELATIVE, LN_B1, LN_B2))
-_N_HYPER = tl.constexpr(N_HYPER)
+
+@dataclass(frozen=True)
+class SonewHyperparameters(Hyperparameters):
+    """One tensor's SONew hyperparameters; the fields in order are the columns of the kernels' table.
+    ``graft`` is stored as its number in :data:`GRAFTS` ("none" for a tensor with ``precondition=False``,
+    which takes the plain Adam update); ``band`` is the tensor's band, ``offdiags[i].shape[0]``."""
+
+    lr: float = field(metadata=within("[0, inf)"))
+    beta1: float = field(default=0.9, metadata=within("[0, 1)"))
+    beta2: float = field(default=0.99, metadata=within("[0, 1)"))
+    eps: float = field(default=1e-8, metadata=within("(0, inf)"))
+    weight_decay: float = field(default=0.0, metadata=within("[0, inf)"))
+    graft: str = field(default="adam", metadata={"choices": GRAFTS})
+    graft_eps: float = field(default=1e-8, metadata=within("(0, inf)"))
+    relative_eps: bool = False
+    precondition: bool = True
+    band: int = field(default=0, metadata={"from_tensors": True})
+    ln_beta1: float = field(init=False)
+    ln_beta2: float = field(init=False)
+
+    def derive(self) -> dict:
+        return dict(graft=self.graft if self.precondition else float(GRAFTS["none"]),
+                    ln_beta1=log_decay("beta1", self.beta1), ln_beta2=log_decay("beta2", self.beta2))
+
+
+def _band_of_params(t: torch.Tensor, p: torch.Tensor) -> str | None:
+    """Shape rule of ``offdiags``: ``(band, numel)`` with ``0 <= band <= MAX_BAND``."""
+    if t.dim() == 2 and t.shape[1] == p.numel() and t.shape[0] <= MAX_BAND:
+        return None
+    return f"expected shape (band, {p.numel()}) with 0 <= band <= {MAX_BAND}, got {tuple(t.shape)}"
+
+
+def sonew_traffic(shapes: Sequence[tuple], dtype: torch.dtype, bands: Sequence[int],
+                  relative_eps: bool = False) -> Traffic:
+    """One call on fp32 state, per parameter of a tensor with band b: g pre-read (norm) + pass 1 (g, mu,
+    nu_d, nu_1..b read; mu, nu_d, nu_1..b, d written) + pass 2 (w, d read; w written) = 2 s_g + 2 s_p +
+    24 + 8 b bytes (48 fp32 at b = 1); ``relative_eps`` adds a read of g, nu_d, nu_1..b (s_g + 4 + 4 b).
+    Flops: about 30 + 10 b + (b + 1)^2 b per parameter (the EMAs, the b + 1 row eliminations of pass 1,
+    the direction and the update)."""
+    s = torch.finfo(dtype).bits // 8
+    total_bytes = total_flops = 0
+    for shape, b in zip(shapes, bands):
+        n = math.prod(shape)
+        total_bytes += n * (4 * s + 24 + 8 * b + (s + 4 + 4 * b if relative_eps else 0))
+        total_flops += n * (30 + 10 * b + (b + 1) ** 2 * b)
+    return Traffic(bytes=total_bytes, flops=total_flops)
+
+
+SONEW = ElementwiseOp(
+    "sonew_step", SonewHyperparameters,
+    (TensorArg("params", written=True),
+     TensorArg("grads", written=False, shape=like_param),
+     TensorArg("exp_avgs", written=True, state=True, shape=like_param, layout="contiguous"),
+     TensorArg("diags", written=True, state=True, shape=flat_like_param, layout="contiguous"),
+     TensorArg("offdiags", written=True, state=True, shape=_band_of_params, layout="contiguous"),
+     TensorArg("steps", written=True, state=True, shape=one_element, layout="contiguous")),
+    sonew_traffic,
+    scratch=("directions",),
+)
+A = SONEW.addr
+H = SONEW.hyper
+
 _DROP_TOL = tl.constexpr(DROP_TOL)
 _MIN_RELATIVE_DAMPING = tl.constexpr(MIN_RELATIVE_DAMPING)
 _GRAFT_NONE, _GRAFT_ADAM, _GRAFT_RMSPROP, _GRAFT_SGD = (tl.constexpr(GRAFTS[k]) for k in GRAFTS)
@@ -167,12 +227,12 @@ SONEW_CONFIGS = ConfigSpace(
 @triton.jit
 def _tensor_pointers(addr_ptr, tid):
     """Addresses of tensor ``tid``'s state columns (fp32)."""
-    row = addr_ptr + tid * _N_COLS
-    m_ptr = tl.load(row + _M).to(tl.pointer_type(tl.float32))
-    nu_ptr = tl.load(row + _NU).to(tl.pointer_type(tl.float32))
-    off_ptr = tl.load(row + _NU_OFF).to(tl.pointer_type(tl.float32))
-    dir_ptr = tl.load(row + _DIR).to(tl.pointer_type(tl.float32))
-    step_ptr = tl.load(row + _STEP).to(tl.pointer_type(tl.float32))
+    row = addr_ptr + tid * A.width
+    m_ptr = tl.load(row + A.exp_avgs).to(tl.pointer_type(tl.float32))
+    nu_ptr = tl.load(row + A.diags).to(tl.pointer_type(tl.float32))
+    off_ptr = tl.load(row + A.offdiags).to(tl.pointer_type(tl.float32))
+    dir_ptr = tl.load(row + A.directions).to(tl.pointer_type(tl.float32))
+    step_ptr = tl.load(row + A.steps).to(tl.pointer_type(tl.float32))
     return m_ptr, nu_ptr, off_ptr, dir_ptr, step_ptr
 
 
@@ -321,7 +381,7 @@ def _sonew_halo_kernel(
     REC: tl.constexpr = (2 + BAND) * 2 * BAND
     TILES: tl.constexpr = CHUNK // BLOCK
     pid, tid, start, n = program_chunk(chunk_tensor_ptr, chunk_start_ptr, numel_ptr)
-    bt = tl.load(hyper_ptr + tid * _N_HYPER + _BAND).to(tl.int32)
+    bt = tl.load(hyper_ptr + tid * H.width + H.band).to(tl.int32)
     m_ptr, nu_ptr, off_ptr, dir_ptr, step_ptr = _tensor_pointers(addr_ptr, tid)
     tiles = tl.arange(0, TILES)[:, None]
     h = tl.arange(0, HALO)[None, :]
@@ -344,13 +404,13 @@ def _sonew_row_sum_kernel(
     correction); tensors without relative damping read nothing and give 0."""
     REC: tl.constexpr = (2 + BAND) * 2 * BAND
     pid, tid, start, n = program_chunk(chunk_tensor_ptr, chunk_start_ptr, numel_ptr)
-    g_ptr = tl.load(addr_ptr + tid * _N_COLS + _G).to(tl.pointer_type(G_DT))
+    g_ptr = tl.load(addr_ptr + tid * A.width + A.grads).to(tl.pointer_type(G_DT))
     m_ptr, nu_ptr, off_ptr, dir_ptr, step_ptr = _tensor_pointers(addr_ptr, tid)
-    h = hyper_ptr + tid * _N_HYPER
-    b1 = tl.load(h + _B1)
-    b2 = tl.load(h + _B2)
-    bt = tl.load(h + _BAND).to(tl.int32)
-    n = tl.where((tl.load(h + _RELATIVE) != 0) & (tl.load(clip_ptr + 2) != 0), n, 0)
+    h = hyper_ptr + tid * H.width
+    b1 = tl.load(h + H.beta1)
+    b2 = tl.load(h + H.beta2)
+    bt = tl.load(h + H.band).to(tl.int32)
+    n = tl.where((tl.load(h + H.relative_eps) != 0) & (tl.load(clip_ptr + 2) != 0), n, 0)
     coef = tl.load(clip_ptr + 1)  # 1, or 1 / grad_scale
     best = tl.zeros([BLOCK], tl.float32)
     for off in range(0, tl.minimum(n - start, CHUNK), BLOCK):
@@ -389,23 +449,23 @@ def _sonew_direction_kernel(
     """Pass 1: EMAs, sparse-inverse direction d into the scratch, partial[k] = (sum d^2, sum a^2)."""
     REC: tl.constexpr = (2 + BAND) * 2 * BAND
     pid, tid, start, n = program_chunk(chunk_tensor_ptr, chunk_start_ptr, numel_ptr)
-    g_ptr = tl.load(addr_ptr + tid * _N_COLS + _G).to(tl.pointer_type(G_DT))
+    g_ptr = tl.load(addr_ptr + tid * A.width + A.grads).to(tl.pointer_type(G_DT))
     m_ptr, nu_ptr, off_ptr, dir_ptr, step_ptr = _tensor_pointers(addr_ptr, tid)
     t = tl.load(step_ptr) + 1.0
-    h = hyper_ptr + tid * _N_HYPER
-    b1 = tl.load(h + _B1)
-    b2 = tl.load(h + _B2)
-    eps = tl.load(h + _EPS)
-    graft_eps = tl.load(h + _GRAFT_EPS)
-    bt = tl.load(h + _BAND).to(tl.int32)
-    graft = tl.load(h + _GRAFT).to(tl.int32)
-    precondition = tl.load(h + _PRECONDITION)
-    inv_bc1 = inv_bias_correction(t, tl.load(h + _LN_B1))  # 1 / (1 - b1^t)
-    inv_bc2 = inv_bias_correction(t, tl.load(h + _LN_B2))
+    h = hyper_ptr + tid * H.width
+    b1 = tl.load(h + H.beta1)
+    b2 = tl.load(h + H.beta2)
+    eps = tl.load(h + H.eps)
+    graft_eps = tl.load(h + H.graft_eps)
+    bt = tl.load(h + H.band).to(tl.int32)
+    graft = tl.load(h + H.graft).to(tl.int32)
+    precondition = tl.load(h + H.precondition)
+    inv_bc1 = inv_bias_correction(t, tl.load(h + H.ln_beta1))  # 1 / (1 - b1^t)
+    inv_bc2 = inv_bias_correction(t, tl.load(h + H.ln_beta2))
     damp = eps
     if HAS_RELATIVE:
         relative = tl.maximum(eps * tl.load(row_max_ptr + tid) * inv_bc2, _MIN_RELATIVE_DAMPING)
-        damp = tl.where(tl.load(h + _RELATIVE) != 0, relative, eps)
+        damp = tl.where(tl.load(h + H.relative_eps) != 0, relative, eps)
     n = tl.where(tl.load(clip_ptr + 2) != 0, n, 0)  # a skipped step reads and writes nothing
     coef = tl.load(clip_ptr + 1)  # 1, or 1 / grad_scale
     d_sq = tl.zeros([BLOCK], tl.float32)
@@ -421,7 +481,7 @@ def _sonew_direction_kernel(
         g = gs[BAND]
         rms = tl.sqrt_rn(nus[BAND] * inv_bc2) + graft_eps
         # mu^ / rms (adam) or g / rms (rmsprop) with one division: an rmsprop tensor is preconditioned,
-        # so its d is x, and a tensor that is not has graft "none" (_sonew_hyper), so its d is adam
+        # so its d is x, and a tensor that is not has graft "none" (SonewHyperparameters), so its d is adam
         scaled = tl.div_rn(tl.where(graft == _GRAFT_RMSPROP, g, mus[BAND] * inv_bc1), rms)
         a = tl.where((graft == _GRAFT_ADAM) | (graft == _GRAFT_RMSPROP), scaled,
                      tl.where(graft == _GRAFT_SGD, g, 0.0))
@@ -446,15 +506,15 @@ def _sonew_apply_kernel(
 ):
     """Pass 2: w <- w - lr (scale d + wd w), scale = ||a|| / ||d|| (1 without grafting, 0 if ||d|| = 0)."""
     pid, tid, start, n = program_chunk(chunk_tensor_ptr, chunk_start_ptr, numel_ptr)
-    p_ptr = tl.load(addr_ptr + tid * _N_COLS + _P).to(tl.pointer_type(P_DT))
-    dir_ptr = tl.load(addr_ptr + tid * _N_COLS + _DIR).to(tl.pointer_type(tl.float32))
-    h = hyper_ptr + tid * _N_HYPER
-    lr = tl.load(h + _LR)
-    wd = tl.load(h + _WD)
+    p_ptr = tl.load(addr_ptr + tid * A.width + A.params).to(tl.pointer_type(P_DT))
+    dir_ptr = tl.load(addr_ptr + tid * A.width + A.directions).to(tl.pointer_type(tl.float32))
+    h = hyper_ptr + tid * H.width
+    lr = tl.load(h + H.lr)
+    wd = tl.load(h + H.weight_decay)
     d_norm = tl.load(norms_ptr + tid * 2)
     a_norm = tl.load(norms_ptr + tid * 2 + 1)
     ratio = tl.where(d_norm > 0, tl.div_rn(a_norm, tl.where(d_norm > 0, d_norm, 1.0)), 0.0)
-    scale = tl.where(tl.load(h + _GRAFT).to(tl.int32) == _GRAFT_NONE, 1.0, ratio)
+    scale = tl.where(tl.load(h + H.graft).to(tl.int32) == _GRAFT_NONE, 1.0, ratio)
     n = tl.where(tl.load(clip_ptr + 2) != 0, n, 0)  # a skipped step writes nothing
     for off in range(0, tl.minimum(n - start, CHUNK), BLOCK):
         offs = start + off + tl.arange(0, BLOCK)
@@ -467,41 +527,6 @@ def _sonew_apply_kernel(
 # ----------------------------------------------------------------------------- launcher
 
 
-def _sonew_hyper(n, offdiags, lr, beta1, beta2, eps, weight_decay, graft, graft_eps, relative_eps,
-                 precondition) -> list[list[float]]:
-    cols = [per_tensor(name, value, n) for name, value in (
-        ("lr", lr), ("beta1", beta1), ("beta2", beta2), ("eps", eps), ("weight_decay", weight_decay),
-        ("graft", graft), ("graft_eps", graft_eps), ("relative_eps", relative_eps),
-        ("precondition", precondition))]
-    logs = zip(log_decays("beta1", beta1, n), log_decays("beta2", beta2, n))
-    rows = []
-    for i, ((lr_i, b1, b2, eps_i, wd, gr, geps, rel, pre), (ln_b1, ln_b2)) in enumerate(zip(zip(*cols), logs)):
-        if gr not in GRAFTS:
-            raise ValueError(f"graft[{i}]: expected one of {sorted(GRAFTS)}, got {gr!r}")
-        rows.append([float(lr_i), float(b1), float(b2), float(eps_i), float(wd), float(geps),
-                     float(offdiags[i].shape[0]), float(GRAFTS[gr] if pre else GRAFTS["none"]),
-                     float(bool(pre)), float(bool(rel)), ln_b1, ln_b2])
-    return rows
-
-
-def _check_state_shapes(params, grads, exp_avgs, diags, offdiags, steps) -> None:
-    n = len(params)
-    for name, seq in (("grads", grads), ("exp_avgs", exp_avgs), ("diags", diags), ("offdiags", offdiags),
-                      ("steps", steps)):
-        if len(seq) != n:
-            raise ValueError(f"{name}: expected {n} tensors, got {len(seq)}")
-    for i, (p, g, m, v, o, s) in enumerate(zip(params, grads, exp_avgs, diags, offdiags, steps)):
-        for name, t, shape in ((f"grads[{i}]", g, p.shape), (f"exp_avgs[{i}]", m, p.shape),
-                               (f"diags[{i}]", v, (p.numel(),))):
-            if t.shape != shape:
-                raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
-        if o.dim() != 2 or o.shape[1] != p.numel() or o.shape[0] > MAX_BAND:
-            raise ValueError(f"offdiags[{i}] has shape {tuple(o.shape)}, expected (band, {p.numel()}) "
-                             f"with 0 <= band <= {MAX_BAND}")
-        if s.numel() != 1:
-            raise ValueError(f"steps[{i}]: expected a one-element tensor, got shape {tuple(s.shape)}")
-
-
 def sonew_step(
     params: Sequence[torch.Tensor],
     grads: Sequence[torch.Tensor],
@@ -510,22 +535,16 @@ def sonew_step(
     offdiags: Sequence[torch.Tensor],
     steps: Sequence[torch.Tensor],
     *,
-    lr,
-    beta1=0.9,
-    beta2=0.99,
-    eps=1e-8,
-    weight_decay=0.0,
-    graft="adam",
-    graft_eps=1e-8,
-    relative_eps=False,
-    precondition=True,
     skipped: torch.Tensor | None = None,
     grad_scale: torch.Tensor | None = None,
     found_inf: torch.Tensor | None = None,
+    **hyperparameters,
 ) -> torch.Tensor:
     """One SONew step over all tensors, in place (see the module docstring for the math).
 
-    Hyperparameters are scalars or one value per tensor; ``graft`` is "adam", "rmsprop", "sgd" or
+    ``hyperparameters``: the fields of :class:`SonewHyperparameters` (``lr`` required; ``beta1``,
+    ``beta2``, ``eps``, ``weight_decay``, ``graft``, ``graft_eps``, ``relative_eps``, ``precondition``
+    with its defaults), each a value or one per tensor; ``graft`` is "adam", "rmsprop", "sgd" or
     "none"; ``precondition=False`` gives a tensor the plain Adam update (``mu^ / (sqrt(nu_d^) +
     graft_eps)``, no grafting). Each tensor's band is ``offdiags[i].shape[0]`` (0..MAX_BAND; lags
     reaching past the tensor's end are simply absent). ``params`` fp32/bf16/fp16 of any layout
@@ -533,53 +552,34 @@ def sonew_step(
     (shape of params), ``diags`` (n,), ``offdiags`` (band, n) contiguous fp32 (float64 on the
     reference path); ``steps`` 0-d fp32 counts of completed steps; ``skipped`` an optional 0-d int32
     counter. Returns ``[||g_all||, coef, ok]`` as a device tensor (``coef`` the factor the stored gradients
-    are multiplied by: 1, or ``1 / grad_scale``). Betas must be in [0, 1). ValueError when tensors the
-    step writes (params, exp_avgs, diags, offdiags, steps, skipped) share memory, with each other or
-    with a gradient. ``grad_scale``/``found_inf``: a GradScaler's tensors (as ``GradScaler.step`` hands
-    them to an optimizer with ``_step_supports_amp_scaling``): the gradients are divided by
-    ``grad_scale`` in fp32 as they are loaded (they stay as stored) and the step is skipped
-    (``skipped`` incremented) when ``found_inf`` is nonzero, on the device.
+    are multiplied by: 1, or ``1 / grad_scale``). Betas must be in [0, 1). ``grad_scale``/``found_inf``:
+    a GradScaler's tensors, as for :func:`kfopt.kernels.lamb_step`. Argument checks: :data:`SONEW`
+    (``kernels.checks``).
     """
-    _check_state_shapes(params, grads, exp_avgs, diags, offdiags, steps)
-    n = len(params)
-    hyper = _sonew_hyper(n, offdiags, lr, beta1, beta2, eps, weight_decay, graft, graft_eps, relative_eps,
-                         precondition)
-    if n == 0:
-        return torch.zeros(3)
-    device = params[0].device
-    for name, seq in (("params", params), ("grads", grads), ("exp_avgs", exp_avgs), ("diags", diags),
-                      ("offdiags", offdiags), ("steps", steps)):
-        check_same_device(name, seq, device)
-    check_no_overlap([("params", params), ("exp_avgs", exp_avgs), ("diags", diags), ("offdiags", offdiags),
-                      ("steps", steps), ("skipped", [skipped])], [("grads", grads)])
-    grad_scale, found_inf = amp_tensors(grad_scale, found_inf, device)
-    if not use_triton(device):
-        return sonew_step_reference(params, grads, exp_avgs, diags, offdiags, steps, hyper=hyper, skipped=skipped,
-                                    grad_scale=grad_scale, found_inf=found_inf)
-    for i, (p, g, m, v, o, s) in enumerate(zip(params, grads, exp_avgs, diags, offdiags, steps)):
-        check_kernel_dtype(f"params[{i}]", p)
-        check_kernel_dtype(f"grads[{i}]", g)
-        for name, t in ((f"exp_avgs[{i}]", m), (f"diags[{i}]", v), (f"offdiags[{i}]", o), (f"steps[{i}]", s)):
-            if t.dtype != torch.float32:
-                raise TypeError(f"{name}: expected float32 state, got {t.dtype}")
-            if not t.is_contiguous():
-                raise ValueError(f"{name} must be contiguous (the state is flattened row-major)")
+    call = _bind(params, grads, exp_avgs, diags, offdiags, steps, hyperparameters, skipped, grad_scale, found_inf)
+    return SONEW.run(call, _sonew_reference, _launch)
+
+
+def _launch(call: Call) -> torch.Tensor:
+    """The Triton path of :func:`sonew_step` (module docstring, Kernels)."""
+    params = call.tensors["params"]
     work = [p if p.is_contiguous() else p.contiguous() for p in params]
-    grads = [g.contiguous() for g in grads]
-    band = max([1] + [o.shape[0] for o in offdiags])
-    has_relative = any(row[RELATIVE] for row in hyper)
+    columns = {**call.tensors, "params": work, "grads": [g.contiguous() for g in call.tensors["grads"]]}
+    band = max([1] + [o.shape[0] for o in call.tensors["offdiags"]])
+    has_relative = any(r.relative_eps for r in call.records)
     sizes = [p.numel() for p in params]
     total = sum(sizes)
+    device = call.device
 
     def run(config: Config) -> torch.Tensor:
         block, chunk = config["BLOCK"], config["CHUNK"]
         tiles = chunk // block
         directions = torch.empty(total, dtype=torch.float32, device=device).split(sizes)
-        table = TensorTable.build([work, grads, exp_avgs, diags, offdiags, directions, steps], hyper, chunk,
-                                  device, dtype_columns=(P, G))
-        clip = launch_global_norm(table, G, 1, None, skipped, config, device, grad_scale, found_inf)
+        table = SONEW.table({**columns, "directions": directions}, call.records, chunk, device)
+        clip = launch_global_norm(table, A.grads, 1, None, call.skipped, config, device, call.grad_scale,
+                                  call.found_inf)
         if table.n_chunks == 0:
-            launch_segment_norms(table, torch.zeros((1, 2), device=device), clip, step_col=STEP)
+            launch_segment_norms(table, torch.zeros((1, 2), device=device), clip, step_col=A.steps)
             return clip
         rec = (2 + band) * 2 * band
         snap = torch.empty((table.n_chunks * tiles + 1) * rec, dtype=torch.float32, device=device)
@@ -587,47 +587,36 @@ def sonew_step(
         def snapshots(lo):  # the tile records of chunks lo, lo + 1, ... (launches start at chunk lo)
             return snap[lo * tiles * rec:]
 
-        _sonew_halo_kernel[(table.n_chunks,)](
-            table.addr, table.numel, table.chunk_tensor, table.chunk_start, table.hyper, snap,
-            BAND=band, HALO=triton.next_power_of_2(2 * band), BLOCK=block, CHUNK=chunk, num_warps=config.num_warps)
+        launch_chunks(_sonew_halo_kernel, table, config, lambda lo, hi: (snapshots(lo),), BAND=band,
+                      HALO=triton.next_power_of_2(2 * band))
         row_max = snap  # placeholder pointer when no tensor uses relative damping (never read)
         if has_relative:
             row_sums = torch.empty(table.n_chunks, dtype=torch.float32, device=device)
-
-            def row_sum(lo, hi, dtypes):
-                _sonew_row_sum_kernel[(hi - lo,)](
-                    table.addr, table.numel, table.chunk_tensor[lo:hi], table.chunk_start[lo:hi], table.hyper,
-                    clip, snapshots(lo), row_sums[lo:hi], G_DT=tl_dtype(dtypes[1]), BAND=band,
-                    BLOCK=block, CHUNK=chunk, num_warps=config.num_warps)
-
-            for_each_launch(table, row_sum)
+            launch_chunks(_sonew_row_sum_kernel, table, config, lambda lo, hi: (clip, snapshots(lo), row_sums[lo:hi]),
+                          BAND=band)
             row_max = torch.empty(table.n, dtype=torch.float32, device=device)
             _segment_max_kernel[(table.n,)](row_sums, table.bounds, row_max, RBLOCK=REDUCE_BLOCK)
         partial = torch.empty((table.n_chunks, 2), dtype=torch.float32, device=device)
-
-        def direction(lo, hi, dtypes):
-            _sonew_direction_kernel[(hi - lo,)](
-                table.addr, table.numel, table.chunk_tensor[lo:hi], table.chunk_start[lo:hi], table.hyper, clip,
-                snapshots(lo), row_max, partial[lo:hi], G_DT=tl_dtype(dtypes[1]), BAND=band,
-                BLOCK=block, CHUNK=chunk, HAS_RELATIVE=has_relative, num_warps=config.num_warps)
-
-        def apply(lo, hi, dtypes):
-            _sonew_apply_kernel[(hi - lo,)](
-                table.addr, table.numel, table.chunk_tensor[lo:hi], table.chunk_start[lo:hi], table.hyper, clip,
-                norms, P_DT=tl_dtype(dtypes[0]), BLOCK=block, CHUNK=chunk, num_warps=config.num_warps)
-
-        for_each_launch(table, direction)
-        norms = launch_segment_norms(table, partial, clip, step_col=STEP)
-        for_each_launch(table, apply)
+        launch_chunks(_sonew_direction_kernel, table, config,
+                      lambda lo, hi: (clip, snapshots(lo), row_max, partial[lo:hi]), BAND=band,
+                      HAS_RELATIVE=has_relative)
+        norms = launch_segment_norms(table, partial, clip, step_col=A.steps)
+        launch_chunks(_sonew_apply_kernel, table, config, lambda lo, hi: (clip, norms))
         return clip
 
-    restore = [*work, *exp_avgs, *diags, *offdiags, *steps] + ([skipped] if skipped is not None else [])
     clip = SONEW_CONFIGS.launch(device=device, bucket=shape_bucket(total) + (band,), dtype=params[0].dtype,
-                                run=run, restore=restore)
+                                run=run, restore=SONEW.restore(columns, call.skipped))
     for p, w in zip(params, work):
         if w is not p:
             p.copy_(w)
     return clip
+
+
+def _bind(params, grads, exp_avgs, diags, offdiags, steps, hyperparameters, skipped, grad_scale, found_inf) -> Call:
+    """:meth:`SONEW.bind` with each tensor's band read off its ``offdiags``."""
+    return SONEW.bind((params, grads, exp_avgs, diags, offdiags, steps), hyperparameters, skipped=skipped,
+                      grad_scale=grad_scale, found_inf=found_inf,
+                      from_tensors=lambda t: {"band": [o.shape[0] for o in t["offdiags"]]})
 
 
 # ----------------------------------------------------------------------------- reference
@@ -700,46 +689,54 @@ def apply_sparse_inverse_reference(psi: torch.Tensor, dinv: torch.Tensor, v: tor
     return x
 
 
-def sonew_step_reference(params, grads, exp_avgs, diags, offdiags, steps, *, hyper, skipped=None, grad_scale=None,
-                         found_inf=None):
-    """Plain PyTorch SONew (same contract as :func:`sonew_step`; ``hyper`` rows as built there).
+def sonew_step_reference(params, grads, exp_avgs, diags, offdiags, steps, *, skipped=None, grad_scale=None,
+                         found_inf=None, **hyperparameters) -> torch.Tensor:
+    """Plain PyTorch SONew with :func:`sonew_step`'s arguments and contract.
 
     Math in fp32, or float64 when the params are float64 (the tests' reference); the bias corrections
     ``1 - b^t`` always in float64 (they cancel: fp32 ``b^t`` would cost up to ~3e-8 / (1 - b) relative).
     """
-    clip = global_norm_reference(grads, None, skipped, grad_scale, found_inf)
+    call = _bind(params, grads, exp_avgs, diags, offdiags, steps, hyperparameters, skipped, grad_scale, found_inf)
+    return SONEW.run(call, _sonew_reference, None)
+
+
+def _sonew_reference(call: Call) -> torch.Tensor:
+    """The reference's math on a bound call."""
+    params, grads, exp_avgs, diags, offdiags, steps = (call.tensors[a.name] for a in SONEW.tensors)
+    clip = global_norm_reference(grads, None, call.skipped, call.grad_scale, call.found_inf)
     ok = clip[2] != 0
-    for p, g, m, v, o, s, h in zip(params, grads, exp_avgs, diags, offdiags, steps, hyper):
+    records = [r.on_host() for r in call.records]
+    for p, g, m, v, o, s, h in zip(params, grads, exp_avgs, diags, offdiags, steps, records):
         dtype = torch.promote_types(p.dtype, torch.float32)
         n, b = p.numel(), o.shape[0]
         w = p.reshape(-1).to(dtype)
         g = g.reshape(-1).to(dtype) * clip[1].to(dtype)  # 1, or 1 / grad_scale
         t = s.to(torch.float64) + 1
-        bc1, bc2 = (1 - h[B1] ** t).to(dtype), (1 - h[B2] ** t).to(dtype)
-        mu = h[B1] * m.reshape(-1).to(dtype) + (1 - h[B1]) * g
-        nu = h[B2] * v.to(dtype) + (1 - h[B2]) * g * g
+        bc1, bc2 = (1 - h.beta1 ** t).to(dtype), (1 - h.beta2 ** t).to(dtype)
+        mu = h.beta1 * m.reshape(-1).to(dtype) + (1 - h.beta1) * g
+        nu = h.beta2 * v.to(dtype) + (1 - h.beta2) * g * g
         off = o.to(dtype).clone()
         for j in range(1, min(b, n - 1) + 1):
-            off[j - 1, :-j] = h[B2] * off[j - 1, :-j] + (1 - h[B2]) * g[:-j] * g[j:]
+            off[j - 1, :-j] = h.beta2 * off[j - 1, :-j] + (1 - h.beta2) * g[:-j] * g[j:]
         nu_hat, off_hat, mu_hat = nu / bc2, off / bc2, mu / bc1
-        damp = h[EPS]
-        if h[RELATIVE]:
+        damp = h.eps
+        if h.relative_eps:
             row_sum = nu_hat.clone()
             for j in range(1, min(b, n - 1) + 1):
                 row_sum[:-j] += off_hat[j - 1, :-j].abs()
                 row_sum[j:] += off_hat[j - 1, :-j].abs()
-            damp = torch.clamp(h[EPS] * row_sum.max(), min=MIN_RELATIVE_DAMPING)
-        adam = mu_hat / (nu_hat.sqrt() + h[GRAFT_EPS])
-        if h[PRECONDITION]:
+            damp = torch.clamp(h.eps * row_sum.max(), min=MIN_RELATIVE_DAMPING)
+        adam = mu_hat / (nu_hat.sqrt() + h.graft_eps)
+        if h.precondition:
             d = apply_sparse_inverse_reference(*sparse_inverse_factors_reference(nu_hat, off_hat, damp), mu_hat)
         else:
             d = adam
-        graft = {GRAFTS["adam"]: adam, GRAFTS["rmsprop"]: g / (nu_hat.sqrt() + h[GRAFT_EPS]), GRAFTS["sgd"]: g,
-                 GRAFTS["none"]: None}[int(h[GRAFT])]
+        graft = {GRAFTS["adam"]: adam, GRAFTS["rmsprop"]: g / (nu_hat.sqrt() + h.graft_eps), GRAFTS["sgd"]: g,
+                 GRAFTS["none"]: None}[int(h.graft)]
         if graft is not None:
             d_norm = d.norm()
             d = d * torch.where(d_norm > 0, graft.norm() / torch.where(d_norm > 0, d_norm, 1), 0)
-        w_new = w - h[LR] * (d + h[WD] * w)
+        w_new = w - h.lr * (d + h.weight_decay * w)
         m.copy_(torch.where(ok, mu, m.reshape(-1).to(dtype)).view_as(m))
         v.copy_(torch.where(ok, nu, v.to(dtype)))
         o.copy_(torch.where(ok, off, o.to(dtype)))

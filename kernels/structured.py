@@ -46,31 +46,9 @@ import triton
 
 from kfopt.autotune import Config, ConfigSpace, shape_bucket
 
-from .dispatch import check_kernel_dtype, dot_needs_upcast
 from .aliasing import check_no_overlap
-
-
-def check_tensor(name: str, t, ndim: int | tuple[int, ...]) -> None:
-    """TypeError/ValueError naming ``name`` unless ``t`` is a floating tensor with ``ndim`` dimensions."""
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-    dims = (ndim,) if isinstance(ndim, int) else ndim
-    if t.dim() not in dims:
-        raise ValueError(f"{name}: expected a tensor with {' or '.join(map(str, dims))} dimensions, "
-                         f"got shape {tuple(t.shape)}")
-    if not t.is_floating_point():
-        raise TypeError(f"{name}: expected a floating-point tensor, got {t.dtype}")
-
-
-def check_flag(name: str, value) -> None:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name}: expected True or False, got {value!r}")
-
-
-def check_same_device(device: torch.device, **tensors: torch.Tensor | None) -> None:
-    for name, t in tensors.items():
-        if t is not None and t.device != device:
-            raise ValueError(f"{name} is on {t.device}, expected {device} like the other operands")
+from .checks import check_same_device, check_shape, check_tensor
+from .dispatch import dot_needs_upcast
 
 
 def result_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -87,23 +65,11 @@ def output(out: torch.Tensor | None, shape: tuple[int, ...], device: torch.devic
     (the kernels read the inputs tile by tile while writing ``out``), or a new tensor of ``dtype``."""
     if out is None:
         return torch.empty(shape, dtype=dtype, device=device)
-    if not isinstance(out, torch.Tensor):
-        raise TypeError(f"out: expected a torch.Tensor, got {type(out).__name__}")
-    if tuple(out.shape) != tuple(shape):
-        raise ValueError(f"out: expected shape {tuple(shape)}, got {tuple(out.shape)}")
-    if out.device != device:
-        raise ValueError(f"out is on {out.device}, expected {device} like the operands")
-    if not out.is_floating_point():
-        raise TypeError(f"out: expected a floating-point tensor, got {out.dtype}")
+    check_tensor("out", out)
+    check_shape("out", out, shape)
+    check_same_device(device, out=out)
     check_no_overlap([("out", out)], list(inputs.items()), writer="the kernel")
     return out
-
-
-def check_triton_dtypes(**tensors: torch.Tensor | None) -> None:
-    """TypeError unless every given tensor has a storage dtype the Triton kernels accept."""
-    for name, t in tensors.items():
-        if t is not None:
-            check_kernel_dtype(name, t)
 
 
 def upcast_dot(a: torch.dtype, b: torch.dtype) -> bool:

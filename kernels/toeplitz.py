@@ -39,7 +39,8 @@ import triton.language as tl
 from kfopt.autotune import Config, ConfigSpace, shape_bucket
 
 from .dispatch import use_triton
-from .structured import check_same_device, check_tensor, check_triton_dtypes, result_dtype
+from .checks import check_kernel_dtypes, check_same_device, check_tensor
+from .structured import result_dtype
 from .triangular import TRIANGULAR_CONFIGS, lower_triangular_matmul, lower_triangular_problem
 
 #: tile side of the references' blocked loops (their extra memory is O(REFERENCE_TILE^2 + d))
@@ -136,7 +137,7 @@ def lag_sums(u: torch.Tensor, v: torch.Tensor | None = None) -> torch.Tensor:
     v = _lag_problem(u, v)
     if not use_triton(u.device):
         return lag_sums_reference(u, v)
-    check_triton_dtypes(u=u, v=v)
+    check_kernel_dtypes(u=u, v=v)
     rows, d = u.shape
     if d == 0 or rows == 0:
         return torch.zeros(d, dtype=torch.float32, device=u.device)

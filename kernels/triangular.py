@@ -36,11 +36,8 @@ import triton.language as tl
 from kfopt.autotune import ConfigSpace
 
 from .dispatch import use_triton
+from .checks import check_flag, check_kernel_dtypes, check_same_device, check_tensor
 from .structured import (
-    check_flag,
-    check_same_device,
-    check_tensor,
-    check_triton_dtypes,
     launch_left_product,
     output,
     result_dtype,
@@ -136,7 +133,7 @@ def lower_triangular_matmul(storage: torch.Tensor, x: torch.Tensor, transpose: b
                  **{"coeffs" if toeplitz else "packed": storage})
     if not use_triton(x.device):
         return reference(storage, x, transpose, right, out=out)
-    check_triton_dtypes(**{"coeffs" if toeplitz else "packed": storage}, x=x, out=out)
+    check_kernel_dtypes(**{"coeffs" if toeplitz else "packed": storage}, x=x, out=out)
     if out.numel() == 0:
         return out
     return launch_left_product(space, _lower_triangular_kernel, (storage, d, storage.stride(0)), storage.dtype,

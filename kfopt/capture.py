@@ -69,7 +69,7 @@ Scaling (``loss_average``)
     micro-batches ``M``, per-example gradients are ``M * n * g``. Under ``DistributedDataParallel`` each
     rank backpropagates its local loss: ``g`` is the gradient of the *local* mean loss, ``world`` times
     that of the global mean loss over all ranks (world-size-invariant statistics divide by ``world``;
-    see shared/design/kfac-kaisa.md). The capture applies none of these factors itself.
+    see docs/kfac.md). The capture applies none of these factors itself.
 
 Accumulation
     Statistics are summed over every captured call between two :meth:`LayerCapture.clear` calls:

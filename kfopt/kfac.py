@@ -1,6 +1,6 @@
 r"""K-FAC with KAISA's adaptive distribution: :class:`KFACPreconditioner` and the optimizer :class:`KFAC`.
 
-The math of ``shared/design/kfac-kaisa.md``; the distribution is in :mod:`kfopt.kaisa`.
+The math is in ``docs/kfac.md``; the distribution is in :mod:`kfopt.kaisa`.
 
 Two objects
     :class:`KFACPreconditioner` owns everything K-FAC: the layer capture, the factors, the eigen (or
@@ -49,8 +49,8 @@ Factors, per layer (every ``factor_update_steps`` steps)
     the counts ``R_r``, ``N_r`` are averaged over all ranks (one bucketed all-reduce; packed upper
     triangles with ``symmetric_comm=True``), and the quotients are the factors of the concatenated
     global batch: under DDP each rank's ``g`` is the gradient of its *local* mean loss, so ``N_r g``
-    is the per-term gradient whatever the world size. This is the world-size invariance of the design
-    page, exact even for unequal local batches. A factor whose count is 0 (layer not called)
+    is the per-term gradient whatever the world size. This is the world-size invariance of
+    ``docs/contracts.md``, exact even for unequal local batches. A factor whose count is 0 (layer not called)
     keeps its value, and so do all factors when any statistic of the step is not finite (an overflow
     under a GradScaler); decided on the device, without host synchronisation.
 

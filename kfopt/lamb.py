@@ -13,6 +13,7 @@ from .sharding import local
 from .validation import (
     check_betas,
     check_bool,
+    check_device_lr,
     check_nonnegative,
     check_optional_nonnegative,
     check_positive,
@@ -21,7 +22,7 @@ from .validation import (
 
 
 class LAMB(KfoptOptimizer):
-    r"""LAMB, exactly as in ``shared/design/lamb.md`` (apex FusedLAMB / timm Lamb semantics).
+    r"""LAMB with apex FusedLAMB / timm Lamb semantics (``docs/lamb-lars.md``).
 
     For every parameter ``w`` with gradient ``g`` at step ``t``::
 
@@ -38,23 +39,14 @@ class LAMB(KfoptOptimizer):
     State per parameter: ``exp_avg``, ``exp_avg_sq`` (fp32, whatever the parameter dtype) and ``step``
     (0-d fp32 tensor). bf16/fp16 parameters are updated in fp32 and rounded on store.
 
-    Non-finite gradients: if any gradient of the step is NaN/inf (or ||g_all||^2 overflows fp32) the
-    whole step is skipped -- weights, moments and step counts keep their values -- and
-    ``skipped_steps`` is incremented, on the device, without a host synchronisation.
     ``last_grad_norm`` holds ``||g_all||`` of the last step (before clipping) as a device tensor.
-
-    Sharded training (FSDP2 ``fully_shard``, HSDP): parameters may be DTensors sharded on dim 0
-    (``kfopt.sharding``); the step runs on the local shards, the state holds DTensors with the
-    parameters' placements (``torch.distributed.checkpoint`` saves and reshards it), and the trust
-    ratios, the global gradient norm and the non-finite skip are those of the whole tensors (partial
-    sums all-reduced over the shard group): the same step as one process on the global batch.
-
-    Mixed precision: fp32, bf16 and fp16 parameters, also under ``torch.amp.GradScaler`` (the kernels
-    unscale and skip on the device: ``kfopt.optimizer``); ``max_grad_norm`` clips the unscaled gradients.
+    Non-finite gradients, GradScaler, checkpoints and sharded parameters (FSDP2, HSDP):
+    ``docs/contracts.md``.
     """
 
     global_hyperparameters = ("max_grad_norm",)
     _step_supports_amp_scaling = True
+    device_lr = True
     _shardable = True
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01,
@@ -69,7 +61,7 @@ class LAMB(KfoptOptimizer):
         super().__init__(params, defaults)
 
     def _check_group(self, group: dict) -> None:
-        check_nonnegative("lr", group["lr"])
+        check_device_lr("lr", group["lr"])
         check_betas("betas", group["betas"])
         check_positive("eps", group["eps"])
         check_nonnegative("weight_decay", group["weight_decay"])
@@ -81,6 +73,13 @@ class LAMB(KfoptOptimizer):
         return {"step": ((), torch.float32, True), "exp_avg": (tuple(p.shape), torch.float32, True),
                 "exp_avg_sq": (tuple(p.shape), torch.float32, True)}
 
+    def _kernel_hyperparameters(self, group: dict, p: torch.Tensor) -> dict:
+        lo, hi = group["trust_clip"] if group["trust_clip"] is not None else (0.0, math.inf)
+        return dict(lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1], eps=group["eps"],
+                    weight_decay=group["weight_decay"], bias_correction=group["bias_correction"],
+                    grad_averaging=group["grad_averaging"],
+                    adapt=group["weight_decay"] != 0 or group["always_adapt"], trust_min=lo, trust_max=hi)
+
     @torch.no_grad()
     def step(self, closure=None):
         self._check_hyperparameters()
@@ -88,30 +87,19 @@ class LAMB(KfoptOptimizer):
         found = self._params_with_grads()
         if not found:
             return loss
-        cols = {k: [] for k in ("p", "g", "m", "v", "s", "lr", "b1", "b2", "eps", "wd", "bc", "avg",
-                                 "adapt", "lo", "hi")}
-        for group, p in found:
+        for _, p in found:
             state = self.state[p]
             if not state:
                 state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
                 state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
-            lo, hi = group["trust_clip"] if group["trust_clip"] is not None else (0.0, math.inf)
-            for key, value in (("p", local(p)), ("g", local(p.grad)), ("m", local(state["exp_avg"])),
-                               ("v", local(state["exp_avg_sq"])),
-                               ("s", state["step"]), ("lr", group["lr"]), ("b1", group["betas"][0]),
-                               ("b2", group["betas"][1]), ("eps", group["eps"]), ("wd", group["weight_decay"]),
-                               ("bc", group["bias_correction"]), ("avg", group["grad_averaging"]),
-                               ("adapt", group["weight_decay"] != 0 or group["always_adapt"]),
-                               ("lo", lo), ("hi", hi)):
-                cols[key].append(value)
+        states = [self.state[p] for _, p in found]
         with self._layout.tuning():
             clip = lamb_step(
-                cols["p"], cols["g"], cols["m"], cols["v"], cols["s"], lr=cols["lr"], beta1=cols["b1"],
-                beta2=cols["b2"], eps=cols["eps"], weight_decay=cols["wd"], bias_correction=cols["bc"],
-                grad_averaging=cols["avg"], adapt=cols["adapt"], trust_min=cols["lo"], trust_max=cols["hi"],
+                [local(p) for _, p in found], [local(p.grad) for _, p in found], [local(s["exp_avg"]) for s in states],
+                [local(s["exp_avg_sq"]) for s in states], [s["step"] for s in states],
                 max_grad_norm=self.defaults["max_grad_norm"], skipped=self._skip_counter(found[0][1].device),
-                reduce=self._layout.reduce, **self._amp_kwargs(),
+                reduce=self._layout.reduce, **self._amp_kwargs(), **self._per_tensor_hyperparameters(found),
             )
         self.last_grad_norm = clip[0]
         return loss

@@ -10,11 +10,18 @@ from kfopt.kernels import lars_step
 
 from .optimizer import KfoptOptimizer
 from .sharding import local
-from .validation import check_bool, check_nonnegative, check_optional_nonnegative, check_trust_clip, check_unit_interval
+from .validation import (
+    check_bool,
+    check_device_lr,
+    check_nonnegative,
+    check_optional_nonnegative,
+    check_trust_clip,
+    check_unit_interval,
+)
 
 
 class LARS(KfoptOptimizer):
-    r"""LARS with momentum, as in ``shared/design/lamb.md``::
+    r"""LARS with momentum (``docs/lamb-lars.md``)::
 
         g <- g * min(1, max_grad_norm / ||g_all||)      (global; None/0: off, the default)
         d  = g + weight_decay * w
@@ -24,20 +31,13 @@ class LARS(KfoptOptimizer):
 
     As for LAMB, the trust ratio applies to a group when its ``weight_decay != 0`` or ``always_adapt``;
     otherwise r = 1 (plain SGD with momentum, the usual treatment of biases and norm weights).
-    State per parameter: ``momentum_buffer`` (fp32). Non-finite gradients skip the whole step and
-    increment ``skipped_steps`` (see ``kfopt.optimizer``).
-    Sharded parameters (FSDP2, HSDP) step on their local shards with whole-tensor norms, as for
-    ``kfopt.LAMB``.
-
-    Sharded training (FSDP2, HSDP): as for LAMB (``kfopt.sharding``); trust ratios and the non-finite
-    skip are those of the whole tensors.
-
-    Mixed precision: fp32, bf16 and fp16 parameters, also under ``torch.amp.GradScaler`` (the kernels
-    unscale and skip on the device: ``kfopt.optimizer``).
+    State per parameter: ``momentum_buffer`` (fp32). Non-finite gradients, GradScaler, checkpoints and
+    sharded parameters (FSDP2, HSDP): ``docs/contracts.md``.
     """
 
     global_hyperparameters = ("max_grad_norm",)
     _step_supports_amp_scaling = True
+    device_lr = True
     _shardable = True
 
     def __init__(self, params, lr=1.0, momentum=0.9, weight_decay=0.0, eta=0.001, nesterov=False,
@@ -49,7 +49,7 @@ class LARS(KfoptOptimizer):
         super().__init__(params, defaults)
 
     def _check_group(self, group: dict) -> None:
-        check_nonnegative("lr", group["lr"])
+        check_device_lr("lr", group["lr"])
         check_unit_interval("momentum", group["momentum"])
         check_nonnegative("weight_decay", group["weight_decay"])
         check_nonnegative("eta", group["eta"])
@@ -60,6 +60,12 @@ class LARS(KfoptOptimizer):
     def _state_spec(self, p, group):
         return {"momentum_buffer": (tuple(p.shape), torch.float32, True)}
 
+    def _kernel_hyperparameters(self, group: dict, p: torch.Tensor) -> dict:
+        lo, hi = group["trust_clip"] if group["trust_clip"] is not None else (0.0, math.inf)
+        return dict(lr=group["lr"], momentum=group["momentum"], weight_decay=group["weight_decay"], eta=group["eta"],
+                    nesterov=group["nesterov"], adapt=group["weight_decay"] != 0 or group["always_adapt"],
+                    trust_min=lo, trust_max=hi)
+
     @torch.no_grad()
     def step(self, closure=None):
         self._check_hyperparameters()
@@ -67,24 +73,15 @@ class LARS(KfoptOptimizer):
         found = self._params_with_grads()
         if not found:
             return loss
-        params, grads, bufs, hyper = [], [], [], {k: [] for k in ("lr", "mu", "wd", "eta", "nes", "adapt", "lo", "hi")}
-        for group, p in found:
-            state = self.state[p]
-            if not state:
-                state["momentum_buffer"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
-            params.append(local(p))
-            grads.append(local(p.grad))
-            bufs.append(local(state["momentum_buffer"]))
-            lo, hi = group["trust_clip"] if group["trust_clip"] is not None else (0.0, math.inf)
-            for key, value in (("lr", group["lr"]), ("mu", group["momentum"]), ("wd", group["weight_decay"]),
-                               ("eta", group["eta"]), ("nes", group["nesterov"]),
-                               ("adapt", group["weight_decay"] != 0 or group["always_adapt"]), ("lo", lo), ("hi", hi)):
-                hyper[key].append(value)
+        for _, p in found:
+            if not self.state[p]:
+                self.state[p]["momentum_buffer"] = torch.zeros_like(p, dtype=torch.float32,
+                                                                    memory_format=torch.preserve_format)
         with self._layout.tuning():
-            clip = lars_step(params, grads, bufs, lr=hyper["lr"], momentum=hyper["mu"], weight_decay=hyper["wd"],
-                             eta=hyper["eta"], nesterov=hyper["nes"], adapt=hyper["adapt"], trust_min=hyper["lo"],
-                             trust_max=hyper["hi"], max_grad_norm=self.defaults["max_grad_norm"],
+            clip = lars_step([local(p) for _, p in found], [local(p.grad) for _, p in found],
+                             [local(self.state[p]["momentum_buffer"]) for _, p in found],
+                             max_grad_norm=self.defaults["max_grad_norm"],
                              skipped=self._skip_counter(found[0][1].device), reduce=self._layout.reduce,
-                             **self._amp_kwargs())
+                             **self._amp_kwargs(), **self._per_tensor_hyperparameters(found))
         self.last_grad_norm = clip[0]
         return loss

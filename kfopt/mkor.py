@@ -1,5 +1,5 @@
 r"""MKOR and MKOR-H (Mozaffari et al., NeurIPS 2023): Kronecker-factored inverses kept up to date by
-rank-1 Sherman-Morrison updates; the math of ``shared/design/mkor.md``.
+rank-1 Sherman-Morrison updates; the math is in ``docs/mkor.md``.
 
 Per preconditioned layer (``nn.Linear``/``nn.Conv2d`` with groups=1, minus ``skip_layers`` and layers
 whose weight is frozen; ``kfopt.capture``; grouped/depthwise Conv2d layers and the projections inside
@@ -47,7 +47,7 @@ keeping ``V`` where the ratio is not finite. The result replaces ``.grad`` of th
 the base optimizer then takes its step on all parameters (raw gradients for parameters that no
 preconditioned layer owns: embeddings, norms, skipped layers) and owns weight decay and momentum.
 
-Not copied from the reference code (design page): its damped recursion ``J <- SM(0.95 J + 0.05 I, v)``
+Not copied from the reference code (``docs/mkor.md``): its damped recursion ``J <- SM(0.95 J + 0.05 I, v)``
 (the EMA above is used), its stabiliser that can never run (this one runs and also catches NaN/inf),
 its fp16 ``v^T J v`` that overflows (the math here is fp32 with the scale handling above), its sum of
 weight and bias norms (the joint norm is used) and its double division by the world size.

@@ -32,7 +32,8 @@ from typing import Callable, Iterable
 
 import torch
 
-from kfopt.kernels.dispatch import check_kernel_dtype, use_triton
+from kfopt.kernels.checks import check_kernel_dtype
+from kfopt.kernels.dispatch import use_triton
 
 from .sharding import ShardLayout, like_param, reject_sharded, shard_layout
 from .validation import KIND_KEY, TensorSpec, check_counter, check_keys, check_kind, check_param_state
@@ -49,6 +50,8 @@ class KfoptOptimizer(torch.optim.Optimizer):
     #: ``grad_scale`` GradScaler.step hands over (SINGD); otherwise a GradScaler needs ``grad_scaler=``
     _rescales_statistics: bool = False
 
+    #: ``lr`` may be a one-element tensor, checked on the device (``validation.check_device_lr``)
+    device_lr: bool = False
     #: DTensor parameters (FSDP2/HSDP): True steps on local shards with whole-tensor quantities reduced
     #: over the shard group (``kfopt.sharding``), False rejects them at construction, None: not checked
     _shardable: bool | None = None
@@ -149,6 +152,18 @@ class KfoptOptimizer(torch.optim.Optimizer):
             if group.get(name, self.defaults[name]) != self.defaults[name]:
                 raise ValueError(f"{where}: {name} is global to the optimizer and was {self.defaults[name]!r}; "
                                  f"a param group cannot change it (got {group[name]!r})")
+
+    def _kernel_hyperparameters(self, group: dict, p: torch.Tensor) -> dict:
+        """The hyperparameters of ``p`` (in ``group``) as the fused kernel takes them, by its names."""
+        raise NotImplementedError
+
+    def _per_tensor_hyperparameters(self, found: list[tuple[dict, torch.Tensor]]) -> dict[str, list]:
+        """:meth:`_kernel_hyperparameters` of every (group, param) of ``found``, one list per name."""
+        columns: dict[str, list] = {}
+        for group, p in found:
+            for name, value in self._kernel_hyperparameters(group, p).items():
+                columns.setdefault(name, []).append(value)
+        return columns
 
     def _amp_kwargs(self) -> dict:
         """``grad_scale`` and ``found_inf`` as ``GradScaler.step`` set them on this optimizer (None when

@@ -14,8 +14,6 @@ hyperparameters the registry builds it with (its *defaults*: the class's own def
   ``kfopt.composed``).
 * ``intervals``: the hyperparameters that set how often cached second-order data is refreshed,
   with their defaults (a checkpoint may be taken at any phase of them).
-* ``tensor_lr``: ``lr`` may be a 0-d tensor, its value checked on the device (a step with an invalid
-  one is skipped and counted); the others reject a tensor lr with a ValueError naming it.
 
 Who reads it: the contract suite (``tests/contracts``: every contract runs for every entry), the
 benchmarks (``perf/``) and ``kfopt compare`` (``kfopt.compare.registry`` layers its per-task
@@ -52,7 +50,6 @@ class OptimizerEntry:
     composed: bool = False
     #: interval hyperparameter -> its default (the class's default)
     intervals: dict[str, int] = field(default_factory=dict)
-    tensor_lr: bool = False
     summary: str = ""
 
     @property
@@ -120,9 +117,9 @@ REGISTRY: dict[str, OptimizerEntry] = {entry.name: entry for entry in (
                    summary="kfopt.MKOR, rank-1 inverse factors, LAMB base"),
     OptimizerEntry("mkorh", "kfopt.mkor", "MKORH", "kronecker", composed=True, intervals={"inv_freq": 10},
                    summary="kfopt.MKORH, MKOR with the loss-rate switch to LAMB"),
-    OptimizerEntry("singd", "kfopt.singd", "SINGD", "kronecker", intervals={"T": 10}, tensor_lr=True,
+    OptimizerEntry("singd", "kfopt.singd", "SINGD", "kronecker", intervals={"T": 10},
                    summary="kfopt.SINGD, dense structured factors"),
     OptimizerEntry("singd-toeplitz", "kfopt.singd", "SINGD", "kronecker",
-                   overrides={"structures": ("triltoeplitz", "diagonal")}, intervals={"T": 10}, tensor_lr=True,
+                   overrides={"structures": ("triltoeplitz", "diagonal")}, intervals={"T": 10},
                    summary="kfopt.SINGD, lower-triangular Toeplitz K and diagonal C"),
 )}

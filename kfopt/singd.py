@@ -1,6 +1,6 @@
 r"""``kfopt.SINGD``: structured inverse-free natural gradient descent (Lin, Dangel, Eschenhagen et al., ICML
 2024), with the arguments, defaults and update of the reference package ``singd`` (0.0.5), on kfopt's
-layer capture and structured kernels. The math is ``shared/design/singd.md``.
+layer capture and structured kernels. The math is in ``docs/singd.md``.
 
 Per preconditioned layer (``nn.Linear``, ``nn.Conv2d`` with groups=1; ``G = [dW | db]``, d_out x d_K)
 ======================================================================================================
@@ -51,12 +51,13 @@ that requires grad; a layer's weight and bias must be in the same param group. M
 (float64 for float64 parameters); parameters are updated in fp32 and rounded to their dtype.
 
 Param groups carry every hyperparameter above (per group, so LR schedulers and per-group structures
-work). ``lr`` may be a 0-d floating tensor (as some schedulers and ``torch.compile`` users set it): its
-form is checked at every step on the host, its value on the device, without a host synchronisation: a
-step with a NaN, infinite or negative tensor lr is skipped and counted like a step with a non-finite
-gradient (below). The parameter update is then ``w - (lr * d)`` instead of ``w + (-lr) * d``, equal
-to the float lr's within rounding. ``structures`` and ``preconditioner_dtype`` are read when the factors are built (construction);
-changing them in a group afterwards has no effect. Layers are selected at construction: parameters
+work). ``lr`` may be a one-element floating tensor (as some schedulers and ``torch.compile`` users set
+it; ``device_lr``): its form is checked at every step on the host, its value on the device, without a
+host synchronisation: a step with a NaN, infinite or negative tensor lr is skipped and counted like a
+step with a non-finite gradient (below). The parameter update is then ``w - (lr * d)`` instead of
+``w + (-lr) * d``, equal to the float lr's within rounding. ``structures`` and
+``preconditioner_dtype`` are read when the factors are built (construction); changing them in a group
+afterwards has no effect. Layers are selected at construction: parameters
 added later with ``add_param_group`` get the first-order rule.
 
 AMP
@@ -78,7 +79,8 @@ large scale -- which overflows fp32 once the scaler has grown its scale past ~2^
 while gradients stay finite, e.g. fp32 weights under bf16 autocast), and every step would then be
 skipped for non-finite statistics while the scaler, seeing finite gradients, never backs off. Only
 the first step's statistics can overflow (an absurd initial scale): that one step is skipped.
-Calling ``scaler.unscale_(opt)`` before ``scaler.step`` (to clip gradients) requires ``grad_scaler=scaler`` (otherwise the statistics' scale is unknown: RuntimeError).
+Calling ``scaler.unscale_(opt)`` before ``scaler.step`` (to clip gradients) requires
+``grad_scaler=scaler`` (otherwise the statistics' scale is unknown: RuntimeError).
 The reference's ``init_grad_scale`` (an approximation of that unknown scale) is therefore not needed.
 
 Non-finite gradients and statistics
@@ -137,10 +139,10 @@ from .optimizer import KfoptOptimizer
 from .structures import Structure, StructureSpec, parse_structure
 from .validation import (
     check_bool,
+    check_device_lr,
     check_keys,
     check_nonnegative,
     check_tensor,
-    check_tensor_hyperparameter,
     check_unit_interval,
 )
 
@@ -223,6 +225,7 @@ class SINGD(KfoptOptimizer):
 
     _step_supports_amp_scaling = True
     _rescales_statistics = True
+    device_lr = True
 
     def __init__(self, model: nn.Module, params: Iterable | None = None, lr: float = 1e-3, momentum: float = 0.9,
                  damping: float = 1e-3, alpha1: float = 0.5, weight_decay: float = 0.0, T: int = 10,
@@ -308,10 +311,7 @@ class SINGD(KfoptOptimizer):
     # -- validation -----------------------------------------------------------------------------
 
     def _check_group(self, group: dict) -> None:
-        if isinstance(group["lr"], torch.Tensor):  # its value is checked on the device (module docstring)
-            check_tensor_hyperparameter("lr", group["lr"])
-        else:
-            check_nonnegative("lr", group["lr"])
+        check_device_lr("lr", group["lr"])  # a tensor's value is checked on the device (module docstring)
         for name in ("momentum", "damping", "weight_decay"):
             check_nonnegative(name, group[name])
         check_unit_interval("alpha1", group["alpha1"])
@@ -458,7 +458,7 @@ class SINGD(KfoptOptimizer):
         >= 0: a 0-d bool on the device, decided without a host sync; a step where it is False counts in
         ``skipped_steps`` and changes no state."""
         checks = [torch.isfinite(t).all() for t in inputs]
-        checks += [(torch.isfinite(group["lr"]) & (group["lr"] >= 0)).to(checks[0].device)
+        checks += [(torch.isfinite(group["lr"]) & (group["lr"] >= 0)).reshape(()).to(checks[0].device)
                    for group in self.param_groups if isinstance(group["lr"], torch.Tensor)]
         finite = torch.stack(checks).all()
         self._skip_counter(finite.device).add_((~finite).to(torch.int32))
@@ -541,7 +541,7 @@ class SINGD(KfoptOptimizer):
             _commit(finite, [buf], [d])
         lr = group["lr"]
         if isinstance(lr, torch.Tensor):  # where picks 0 where not finite: a NaN lr cannot leak into p
-            p.sub_(torch.where(finite, d * lr.to(d.device), 0.0))
+            p.sub_(torch.where(finite, d * lr.to(d.device).reshape(()), 0.0))
         else:
             p.add_(torch.where(finite, d, 0.0), alpha=-lr)  # adding 0 leaves p as it was, bit for bit
 

@@ -7,7 +7,7 @@ import torch
 from kfopt.kernels.sonew import GRAFTS, MAX_BAND, sonew_step
 
 from .optimizer import KfoptOptimizer
-from .validation import check_betas, check_bool, check_nonnegative, check_positive
+from .validation import check_betas, check_bool, check_device_lr, check_nonnegative, check_positive
 
 
 def _check_band(name: str, value) -> None:
@@ -23,7 +23,7 @@ def _check_graft(name: str, value) -> None:
 
 
 class SONew(KfoptOptimizer):
-    r"""SONew with a tridiagonal (``band=1``) or banded sparse preconditioner, per ``shared/design/sonew.md``.
+    r"""SONew with a tridiagonal (``band=1``) or banded sparse preconditioner, ``docs/sonew.md``.
 
     Every parameter tensor is flattened row-major (``w.reshape(-1)``: for an ``nn.Linear`` weight the
     neighbours of an entry are the weights of the adjacent inputs of the same output unit, as the JAX
@@ -50,14 +50,11 @@ class SONew(KfoptOptimizer):
     tensors with <= 1 dimension -- and ``step`` (0-d). 3n floats for band 1 (Adam: 2n).
     The band of a parameter is fixed once it has state: changing a group's ``band`` afterwards raises.
 
-    Non-finite gradients: the whole step is skipped on the device and ``skipped_steps`` incremented,
-    as for every kfopt optimizer. Bad hyperparameters raise ``ValueError`` naming the argument.
-
-    Mixed precision: fp32, bf16 and fp16 parameters, also under ``torch.amp.GradScaler`` (the kernels
-    unscale and skip on the device: ``kfopt.optimizer``).
+    Non-finite gradients, GradScaler, checkpoints and bad hyperparameters: ``docs/contracts.md``.
     """
 
     _step_supports_amp_scaling = True
+    device_lr = True
     _shardable = False
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.99), eps=1e-8, band=1, graft="adam", graft_eps=1e-8,
@@ -67,7 +64,7 @@ class SONew(KfoptOptimizer):
         super().__init__(params, defaults)
 
     def _check_group(self, group: dict) -> None:
-        check_nonnegative("lr", group["lr"])
+        check_device_lr("lr", group["lr"])
         check_betas("betas", group["betas"])
         check_positive("eps", group["eps"])
         _check_band("band", group["band"])
@@ -102,8 +99,6 @@ class SONew(KfoptOptimizer):
                     f"{state['offdiag'].shape[0]}, its group now asks for {self.tensor_band(p, group['band'])}; "
                     "the band cannot change once a parameter has state"
                 )
-        cols = {k: [] for k in ("p", "g", "m", "v", "o", "s", "lr", "b1", "b2", "eps", "wd", "graft", "geps", "rel",
-                                 "pre")}
         for group, p in found:
             state = self.state[p]
             if not state:
@@ -113,16 +108,16 @@ class SONew(KfoptOptimizer):
                 state["diag"] = torch.zeros(n, dtype=torch.float32, device=p.device)
                 state["offdiag"] = torch.zeros((self.tensor_band(p, group["band"]), n), dtype=torch.float32,
                                                device=p.device)
-            for key, value in (("p", p), ("g", p.grad), ("m", state["exp_avg"]), ("v", state["diag"]),
-                               ("o", state["offdiag"]), ("s", state["step"]), ("lr", group["lr"]),
-                               ("b1", group["betas"][0]), ("b2", group["betas"][1]), ("eps", group["eps"]),
-                               ("wd", group["weight_decay"]), ("graft", group["graft"]),
-                               ("geps", group["graft_eps"]), ("rel", group["relative_eps"]), ("pre", p.dim() > 1)):
-                cols[key].append(value)
+        states = [self.state[p] for _, p in found]
         sonew_step(
-            cols["p"], cols["g"], cols["m"], cols["v"], cols["o"], cols["s"], lr=cols["lr"], beta1=cols["b1"],
-            beta2=cols["b2"], eps=cols["eps"], weight_decay=cols["wd"], graft=cols["graft"],
-            graft_eps=cols["geps"], relative_eps=cols["rel"], precondition=cols["pre"],
+            [p for _, p in found], [p.grad for _, p in found], [s["exp_avg"] for s in states],
+            [s["diag"] for s in states], [s["offdiag"] for s in states], [s["step"] for s in states],
             skipped=self._skip_counter(found[0][1].device), **self._amp_kwargs(),
+            **self._per_tensor_hyperparameters(found),
         )
         return loss
+
+    def _kernel_hyperparameters(self, group: dict, p: torch.Tensor) -> dict:
+        return dict(lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1], eps=group["eps"],
+                    weight_decay=group["weight_decay"], graft=group["graft"], graft_eps=group["graft_eps"],
+                    relative_eps=group["relative_eps"], precondition=p.dim() > 1)

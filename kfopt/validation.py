@@ -19,6 +19,18 @@ def check_nonnegative(name: str, value) -> None:
         raise ValueError(f"{name}: expected a finite number >= 0, got {value!r}")
 
 
+def check_device_lr(name: str, value) -> None:
+    """``value`` is a finite number >= 0, or a one-element floating tensor: its value is checked on the
+    device by the fused kernels (LAMB, LARS, SONew), without a host synchronisation, and an invalid one
+    (NaN, negative, infinite) skips the step and counts it in ``skipped_steps``."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or not value.is_floating_point() or value.requires_grad:
+            raise ValueError(f"{name}: expected a finite number >= 0 or a one-element floating tensor (no grad), "
+                             f"got a tensor of shape {tuple(value.shape)} and dtype {value.dtype}")
+        return
+    check_nonnegative(name, value)
+
+
 def check_positive(name: str, value) -> None:
     """``value`` is a finite real number > 0 (eps, damping...)."""
     if not _is_real(value) or not math.isfinite(value) or value <= 0:
@@ -130,12 +142,3 @@ def check_param_state(where: str, saved, spec: dict[str, TensorSpec] | None) -> 
         shape, dtypes, _ = spec[key]
         check_tensor(f"{where}[{key!r}]", value, shape, dtypes)
 
-
-def check_tensor_hyperparameter(name: str, value) -> None:
-    """A hyperparameter given as a tensor (an ``lr`` set by a scheduler or a ``torch.compile`` user): a
-    0-d floating tensor without grad. Only its form is checked here, on the host; its value is checked
-    on the device by the optimizer (a step with a NaN, infinite or negative one is skipped and counted
-    in ``skipped_steps``), without a host synchronisation."""
-    if (not isinstance(value, torch.Tensor) or value.ndim != 0 or not value.is_floating_point()
-            or value.requires_grad):
-        raise ValueError(f"{name}: expected a number or a 0-d floating tensor without grad, got {value!r}")

@@ -6,7 +6,7 @@ is a fair "what does the fused kernel buy". They implement the same math as the 
 (checked against the kfopt references in every run of the suite), except that they do not skip a
 step on non-finite gradients (that needs a ``torch.where`` over every tensor, which no user writes).
 
-* ``lamb_foreach_update`` / ``ForeachLAMB``: LAMB (shared/design/lamb.md) with global clipping.
+* ``lamb_foreach_update`` / ``ForeachLAMB``: LAMB (docs/lamb-lars.md) with global clipping.
 * ``lars_foreach_update`` / ``ForeachLARS``: LARS with momentum.
 * ``sonew_tridiagonal_foreach_update``: SONew with band 1 (tridiagonal), Adam grafting.
 * the LAMB and SONew steps above compiled by ``torch.compile`` (inductor generates Triton kernels
@@ -74,7 +74,7 @@ def lamb_foreach_update(params, grads, exp_avgs, exp_avg_sqs, *, step: int | tor
 
 def lars_foreach_update(params, grads, momentum_buffers, *, lr: float, momentum: float, weight_decay: float,
                         eta: float, adapt: bool, clip_coef: torch.Tensor | None) -> None:
-    """One LARS step (shared/design/lamb.md) with ``torch._foreach_*`` ops; buffers fp32."""
+    """One LARS step (docs/lamb-lars.md) with ``torch._foreach_*`` ops; buffers fp32."""
     w32, g = as_fp32(params), as_fp32(grads)
     d = torch._foreach_mul(g, clip_coef) if clip_coef is not None else [t.clone() for t in g]
     if weight_decay:
@@ -97,7 +97,7 @@ def sonew_tridiagonal_foreach_update(params, grads, exp_avgs, diags, offdiags, *
                                      beta1: float,
                                      beta2: float, eps: float, weight_decay: float, graft_eps: float,
                                      drop_tol: float) -> None:
-    """One SONew step (shared/design/sonew.md, kfopt.kernels.sonew's docstring) with band 1 and Adam
+    """One SONew step (docs/sonew.md, kfopt.kernels.sonew's docstring) with band 1 and Adam
     grafting, t = ``step`` (counting from 1; an int or a device tensor), with ``torch._foreach_*`` ops over
     the flattened tensors.
 

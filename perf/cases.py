@@ -45,7 +45,10 @@ from kfopt.kernels import (
     toeplitz_matmul,
     triangular_matmul,
 )
+from kfopt.kernels.lamb import LAMB
+from kfopt.kernels.lars import LARS
 from kfopt.kernels.sonew import DROP_TOL as SONEW_DROP_TOL
+from kfopt.kernels.sonew import SONEW
 from kfopt.kernels.triangular import unpack_lower
 from kfopt.registry import REGISTRY
 from perf import baselines
@@ -355,26 +358,20 @@ def _n(shapes) -> int:
 
 
 def lamb_bytes(shapes, dtype):
-    """kernels/lamb.py: g pre-read (norm) + pass 1 (g, w, m, v read; m, v written) + pass 2 (w, m, v
-    read; w written) = 2 s_g + 3 s_p + 24 per parameter (44 fp32, 34 bf16)."""
-    s = size_of(dtype)
-    return _n(shapes) * (2 * s + 3 * s + 24)
+    """The traffic model declared beside the LAMB launcher (``kernels.lamb.lamb_traffic``)."""
+    return LAMB.traffic(shapes, dtype).bytes
 
 
 def lars_bytes(shapes, dtype):
-    """kernels/lars.py: g pre-read + pass 1 (g, w) + pass 2 (g, w, m read; m, w written) = 3 s_g + 3 s_p + 8
-    (32 fp32, 20 bf16)."""
-    s = size_of(dtype)
-    return _n(shapes) * (6 * s + 8)
+    """The traffic model declared beside the LARS launcher (``kernels.lars.lars_traffic``)."""
+    return LARS.traffic(shapes, dtype).bytes
 
 
 def sonew_bytes(band: int):
     def model(shapes, dtype):
-        """kernels/sonew.py: g pre-read + pass 1 (g, mu, nu_d, nu_1..b read; mu, nu_d, nu_1..b, d
-        written) + pass 2 (w, d read; w written) = 2 s_g + 2 s_p + 24 + 8 b per parameter (48 fp32 at
-        b = 1), b the tensor's own band (0 for vectors)."""
-        s = size_of(dtype)
-        return sum(math.prod(sh) * (4 * s + 24 + 8 * sonew_tensor_band(sh, band)) for sh in shapes)
+        """The traffic model declared beside the SONew launcher (``kernels.sonew.sonew_traffic``), each
+        tensor with its own band (0 for vectors)."""
+        return SONEW.traffic(shapes, dtype, [sonew_tensor_band(sh, band) for sh in shapes]).bytes
     return model
 
 

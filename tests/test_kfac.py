@@ -1,8 +1,8 @@
 """kfopt.KFAC / KFACPreconditioner on one process: steps against a float64 implementation of
-shared/design/kfac-kaisa.md (Linear with/without bias and 3-D inputs, Conv2d), intervals, KL clip,
-the inverse method, capture edge cases, gradient accumulation, eigh fallback, AMP, base optimizers,
-KAISA's assignment, and a convergence comparison with SGD. What every optimizer promises (checkpoints,
-hyperparameter checks, closures...) is tested once for all in tests/contracts.
+docs/kfac.md (Linear with/without bias and 3-D inputs, Conv2d), intervals, KL clip, the inverse method,
+capture edge cases, gradient accumulation, eigh fallback, AMP, base optimizers, KAISA's assignment, and a
+convergence comparison with SGD. What every optimizer promises (checkpoints, hyperparameter checks,
+closures...) is tested once for all in tests/contracts.
 
 Most tests force the PyTorch kernel path (KFOPT_BACKEND=torch) for speed; the kernels themselves are
 tested in test_covariance.py / test_eigen_basis.py, and ``test_end_to_end_through_triton_kernels``
@@ -33,11 +33,11 @@ def torch_backend(monkeypatch):
     monkeypatch.setenv("KFOPT_BACKEND", "torch")
 
 
-# ------------------------------------------------------------------ float64 reference (design page)
+# ------------------------------------------------------------------ float64 reference (docs/kfac.md)
 
 
 class Reference:
-    """K-FAC + SGD in float64, written from the design page; autograd only for the gradients.
+    """K-FAC + SGD in float64, written from docs/kfac.md; autograd only for the gradients.
 
     Per layer: a = input rows [| 1], g = output-gradient rows; A_batch = a^T a / rows;
     G_batch = (1/N) sum_rows (N g)(N g)^T with N the loss-term count; A = f A + (1-f) A_batch from I;
@@ -526,6 +526,35 @@ def test_autocast_bf16_matches_fp32(torch_backend, seed):
 
 
 # ------------------------------------------------------------------ KAISA plan (pure functions)
+
+
+@pytest.mark.parametrize("n", [3, 8])
+def test_output_gradient_factor_is_n_squared_times_kfac_pytorchs(n, torch_backend, seed):
+    """docs/kfac.md, "Scale of G and damping from kfac-pytorch": for a mean loss over N terms (one row
+    each), kfopt's G is N^2 times kfac-pytorch's ``g^T g / rows`` of the mean loss's output gradients
+    (written here by hand), A is the same, and with the damping multiplied by N^2 the eigen method's
+    preconditioned gradient is kfac-pytorch's divided by N^2."""
+    damping = 0.1  # kfac-pytorch's value
+    layer = nn.Linear(4, 3)
+    precond = KFACPreconditioner(nn.Sequential(layer), damping=n * n * damping, factor_decay=0.0, kl_clip=None,
+                                 inv_update_steps=1)
+    x, t = torch.randn(n, 4), torch.randn(n, 3)
+    y = layer(x)
+    ((y - t) ** 2).sum(1).mean().backward()  # the mean of n loss terms
+    g = 2 * (y.detach().double() - t.double()) / n  # d loss / d y of the mean loss, rows
+    a = torch.cat([x.double(), torch.ones(n, 1, dtype=torch.float64)], 1)
+    g_kp, a_kp = g.T @ g / n, a.T @ a / n  # kfac-pytorch's factors of this batch
+    v = torch.cat([layer.weight.grad.double(), layer.bias.grad.double()[:, None]], 1)
+    precond.step()
+    a_got, g_got = precond.factors("0")
+    assert_rel_close(a_got, a_kp, tol=1e-6, name="A")
+    assert_rel_close(g_got, n * n * g_kp, tol=1e-6, name="G")
+    assert not torch.allclose(g_got.double(), g_kp, rtol=0.5)  # the N^2 is there
+    d_a, q_a = torch.linalg.eigh(a_kp)
+    d_g, q_g = torch.linalg.eigh(g_kp)
+    p_kp = q_g @ ((q_g.T @ v @ q_a) / (d_g.clamp(min=0)[:, None] * d_a.clamp(min=0)[None, :] + damping)) @ q_a.T
+    got = torch.cat([layer.weight.grad, layer.bias.grad[:, None]], 1)
+    assert_rel_close(got, p_kp / (n * n), tol=1e-4, name="P")
 
 
 def test_kaisa_grid_and_assignment():

@@ -1,4 +1,4 @@
-"""kfopt.MKOR / MKORH on one process: steps against a float64 implementation of shared/design/mkor.md
+"""kfopt.MKOR / MKORH on one process: steps against a float64 implementation of docs/mkor.md
 (Linear with/without bias, 3-D inputs, Conv2d; with and without stabiliser blends), the factors
 against the inverse of the explicitly formed running average, a NaN factor, 16-bit factors,
 gradient accumulation, channels-last gradients, AMP, base optimizers, MKOR-H's switch criterion on
@@ -67,11 +67,11 @@ def assert_models_close(a, b, tol, name=""):
         assert_rel_close(p, q.to(p.dtype), tol=tol, name=f"{name}{n}")
 
 
-# ------------------------------------------------------------------ float64 reference (design page)
+# ------------------------------------------------------------------ float64 reference (docs/mkor.md)
 
 
 class Reference:
-    """MKOR + torch SGD in float64, written from the design page. The inverses are kept explicitly and
+    """MKOR + torch SGD in float64, written from docs/mkor.md. The inverses are kept explicitly and
     updated by inverting the running average of their inverses (never by Sherman-Morrison)::
 
         J <- zeta J + (1 - zeta) I   if max|J| > threshold

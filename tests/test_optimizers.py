@@ -15,7 +15,7 @@ import kfopt
 
 
 def lamb_equations(params, grads, state, groups, t, max_grad_norm):
-    """One LAMB step in float64 written straight from shared/design/lamb.md (lists of tensors)."""
+    """One LAMB step in float64 written straight from docs/lamb-lars.md (lists of tensors)."""
     total = math.sqrt(sum(float((g * g).sum()) for g in grads))
     coef = min(1.0, max_grad_norm / total) if max_grad_norm else 1.0
     for i, (w, g) in enumerate(zip(params, grads)):
@@ -37,7 +37,7 @@ def lamb_equations(params, grads, state, groups, t, max_grad_norm):
 
 
 def lars_equations(params, grads, state, groups, t, max_grad_norm):
-    """One LARS step in float64 from shared/design/lamb.md."""
+    """One LARS step in float64 from docs/lamb-lars.md."""
     total = math.sqrt(sum(float((g * g).sum()) for g in grads))
     coef = min(1.0, max_grad_norm / total) if max_grad_norm else 1.0
     for i, (w, g) in enumerate(zip(params, grads)):

@@ -34,3 +34,45 @@ def test_wheel_installs_and_imports_without_source_tree(tmp_path):
     usage = subprocess.run([str(python), "-m", "kfopt", "compare", "--help"], check=True, cwd=tmp_path, env=env,
                            capture_output=True, text=True).stdout
     assert "usage: kfopt compare" in usage
+
+
+#: paths that only exist beside a checkout on some machine, never in the repository (spelled in two
+#: pieces so that this file does not match itself)
+OUTSIDE_PATHS = tuple(a + b for a, b in (("shared/", "design"), ("../", "shared"), ("/work", "/")))
+
+
+def _repository_files() -> list[Path]:
+    """The tracked files (the tree under REPO when it is not a git checkout, minus build outputs)."""
+    try:
+        names = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, check=True, capture_output=True).stdout
+        files = [REPO / name for name in names.decode().split("\0") if name]
+    except (OSError, subprocess.CalledProcessError):
+        skip = {".git", "build", "__pycache__", ".pytest_cache"}
+        files = [p for p in REPO.rglob("*") if p.is_file() and not skip & set(p.relative_to(REPO).parts)]
+    return [p for p in files if p.is_file()]
+
+
+def test_no_file_refers_to_a_path_outside_the_repository():
+    offenders = []
+    for path in _repository_files():
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            continue
+        for lineno, line in enumerate(text.splitlines(), 1):
+            offenders += [f"{path.relative_to(REPO)}:{lineno}: {needle}" for needle in OUTSIDE_PATHS if needle in line]
+    assert not offenders, "references outside the repository (point to docs/ instead):\n" + "\n".join(offenders)
+
+
+def test_docs_links_resolve():
+    """Every relative Markdown link in README.md and docs/ names a file of the repository."""
+    import re
+
+    pages = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+    assert len(pages) >= 8, "docs/ lost a page"
+    broken = []
+    for page in pages:
+        for target in re.findall(r"\]\(([^)#\s]+)", page.read_text(encoding="utf-8")):
+            if "://" not in target and not (page.parent / target).exists():
+                broken.append(f"{page.relative_to(REPO)} -> {target}")
+    assert not broken, f"broken links: {broken}"

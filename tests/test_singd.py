@@ -1,8 +1,8 @@
-"""kfopt.SINGD against an independent float64 implementation of shared/design/singd.md's equations.
+"""kfopt.SINGD against an independent float64 implementation of docs/singd.md's equations.
 
 The reference below works on dense float64 matrices only: its own hooks collect the layers' inputs and
 output gradients, its own projections (masks and diagonal sums) stand for the structures, and the
-update is the design page's, written out. Optimizer-level tests run on the PyTorch path
+update is docs/singd.md's, written out. Optimizer-level tests run on the PyTorch path
 (KFOPT_BACKEND=torch) unless they are about the kernels.
 """
 
@@ -54,7 +54,7 @@ def rows_of(module, x, g, kfac_approx):
 
 
 class ReferenceSINGD:
-    """Dense float64 SINGD (design page) on a model; hooks of its own collect the rows."""
+    """Dense float64 SINGD (docs/singd.md) on a model; hooks of its own collect the rows."""
 
     def __init__(self, model, lr, momentum, damping, alpha1, weight_decay, T, loss_average, lr_cov, structures,
                  kfac_approx="expand", kfac_like=False, normalize_lr_cov=False):

@@ -1,4 +1,4 @@
-"""kfopt.SONew against a float64 implementation of the equations (shared/design/sonew.md + issue 8).
+"""kfopt.SONew against a float64 implementation of the equations (docs/sonew.md).
 
 ``Float64SONew`` is written from the formulas, not from the library: full n x n EMA of g g^T masked to
 the band, dense S, X = L D L^T from per-row linear solves (``dense_sparse_inverse``), X mu^ as a

@@ -161,6 +161,21 @@ def test_from_inner_is_the_projected_inner_product(name, d, dtype, poison_empty)
     assert_rel_close(got.to_dense(), project(name, m.T @ m), tol=TOL, name="from_inner()")
 
 
+@pytest.mark.parametrize("name", ["block4diagonal", "block30diagonal"])
+def test_block_diagonal_from_inner_multiplies_by_k_transpose_first(name):
+    """docs/singd.md: H_K = Proj(K^T a^T a K) with a non-symmetric block-diagonal K, not singd 0.0.5's
+    Proj(K a^T a K^T) (its ``BlockDiagonalMatrixTemplate.rmatmat`` multiplies by K where K^T belongs)."""
+    d = 37
+    s = random_structure(name, d, torch.float32, seed=11)
+    k = dense(s)
+    assert not torch.allclose(k, k.T)
+    x = torch.randn(9, d, dtype=torch.float64)
+    got = s.from_inner(x.float()).to_dense().double()
+    assert_rel_close(got, project(name, k.T @ x.T @ x @ k), tol=TOL)
+    singd_005 = project(name, k @ x.T @ x @ k.T)
+    assert (got - singd_005).norm() > 0.1 * singd_005.norm()
+
+
 @pytest.mark.parametrize("name", SPECS)
 def test_from_inner_of_no_rows_is_zero(name):
     s = random_structure(name, 9)

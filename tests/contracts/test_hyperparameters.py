@@ -2,11 +2,12 @@
 
 A scheduler or a user may change ``param_groups`` at any time: an invalid value raises a ValueError
 naming it at the next ``step()``, before anything changes (weights, state, captured statistics), and
-the optimizer then continues exactly as one that never saw the bad value. An ``lr`` given as a 0-d
-tensor (entries with ``tensor_lr``) is checked on the device instead: a step with an invalid one is
-skipped and counted; the other entries reject a tensor lr with that ValueError.
+the optimizer then continues exactly as one that never saw the bad value. An ``lr`` given as a
+one-element tensor (optimizers with ``device_lr``) is checked on the device instead: a step with an
+invalid one is skipped and counted; the others reject a tensor lr with that ValueError.
 """
 
+import importlib
 import math
 import numbers
 
@@ -15,7 +16,8 @@ import torch
 
 from kfopt.registry import REGISTRY
 
-from .helpers import assert_same_params, assert_same_tree, backward, build, clone_tree, train_step
+from .conftest import use_backend
+from .helpers import assert_same_params, assert_same_tree, backward, build, clone_tree, one_per_module, train_step
 
 pytestmark = pytest.mark.usefixtures("torch_path")
 
@@ -81,61 +83,84 @@ def test_non_number_lr_is_rejected_at_step(entry):
             opt.step()
 
 
+def _device_lr(name: str) -> bool:
+    entry = REGISTRY[name]
+    return getattr(importlib.import_module(entry.module), entry.cls_name).device_lr
+
+
 def _set_lr(optimizer, lr) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr.clone() if isinstance(lr, torch.Tensor) else lr
 
 
 def _without_counters(tree):
-    """A state dict without its step counters and param groups (the lr set in them)."""
+    """A state dict without its step counters (SINGD's ``steps`` counts skipped steps too) and param
+    groups (the lr set in them)."""
     if isinstance(tree, dict):
-        return {k: _without_counters(v) for k, v in tree.items()
-                if k not in ("skipped_steps", "steps", "param_groups")}
+        return {k: _without_counters(v) for k, v in tree.items() if k not in ("skipped_steps", "steps", "param_groups")}
     return tree
 
 
-TENSOR_LR = [name for name, entry in REGISTRY.items() if entry.tensor_lr]
-NO_TENSOR_LR = [name for name, entry in REGISTRY.items() if not entry.tensor_lr]
+def test_a_tensor_lr_is_checked_on_the_device_or_rejected(entry):
+    """Optimizers with ``device_lr`` take a one-element tensor ``lr`` without a host synchronisation: it
+    steps as the same number does (bit for bit in the fused element-wise kernels; SINGD's update is
+    ``w - lr d`` rather than ``w + (-lr) d``: within rounding), and a NaN, negative or infinite one skips
+    the whole step on the device (weights and state unchanged, ``skipped_steps`` incremented, the next
+    valid step equal to that of an optimizer that never saw it); a tensor of another form (two elements,
+    integer, requiring grad) raises a ValueError naming ``lr``. The others reject any tensor lr with a
+    ValueError naming ``lr`` before anything changes."""
+    _check_tensor_lr(entry)
 
 
-@pytest.mark.parametrize("name", TENSOR_LR)
-def test_a_tensor_lr_steps_like_the_number_and_an_invalid_one_skips_the_step(name):
-    entry = REGISTRY[name]
-    (model, opt), (number_model, number_opt), (twin_model, twin) = build(entry), build(entry), build(entry)
-    lr = torch.tensor(float(entry.default("lr")))
-    _set_lr(opt, lr)
-    _set_lr(twin, lr)
-    for step in range(2):
-        for m, o in ((model, opt), (number_model, number_opt), (twin_model, twin)):
-            train_step(m, o, step)
-    for p, q in zip(model.parameters(), number_model.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-8)  # w - (lr d) vs w + (-lr) d: rounding
-    for bad in (math.nan, math.inf, -1.0):
-        weights, state = [p.detach().clone() for p in model.parameters()], clone_tree(opt.state_dict())
-        skipped = int(opt.skipped_steps)
-        _set_lr(opt, torch.tensor(bad))
-        train_step(model, opt, 2)
-        assert int(opt.skipped_steps) == skipped + 1, f"lr {bad}: the step was not counted as skipped"
-        assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights)), f"lr {bad} changed a weight"
-        assert_same_tree(_without_counters(opt.state_dict()), _without_counters(state), f"lr {bad}: state_dict")
-    for bad in (torch.tensor([0.1]), torch.tensor(1), torch.tensor(0.1, requires_grad=True)):
-        _set_lr(opt, bad)
+@pytest.mark.parametrize("name", [n for n in one_per_module() if _device_lr(n) and REGISTRY[n].kind == "elementwise"])
+def test_a_tensor_lr_through_the_triton_kernels(name, monkeypatch):
+    """The same through the Triton kernels (interpreted on the CPU): the table is built on the device."""
+    use_backend(monkeypatch, "triton")
+    _check_tensor_lr(REGISTRY[name])
+
+
+def _check_tensor_lr(entry):
+    model, opt = build(entry)
+    twin_model, twin = build(entry)
+    number_model, number_opt = build(entry)
+    for m, o in ((model, opt), (twin_model, twin), (number_model, number_opt)):
+        train_step(m, o, 0)
+    good = opt.param_groups[0]["lr"]
+    before_params = [p.detach().clone() for p in model.parameters()]
+    before_state = clone_tree(opt.state_dict())
+    if not type(opt).device_lr:
+        _set_lr(opt, torch.tensor(good))
         opt.zero_grad()
-        backward(model, 2)
+        backward(model, 1)
         with pytest.raises(ValueError, match="lr"):
             opt.step()
-    _set_lr(opt, lr)
-    train_step(model, opt, 2)
-    train_step(twin_model, twin, 2)
-    assert_same_params(model, twin_model, "after the skipped steps: ")
-
-
-@pytest.mark.parametrize("name", NO_TENSOR_LR)
-def test_a_tensor_lr_is_rejected_where_not_supported(name):
-    model, opt = build(name)
-    train_step(model, opt, 0)
-    _set_lr(opt, torch.tensor(0.1))
-    opt.zero_grad()
-    backward(model, 1)
-    with pytest.raises(ValueError, match="lr"):
+        for p, q in zip(model.parameters(), before_params):
+            assert torch.equal(p, q), "a rejected step changed a weight"
+        return
+    for step, bad in enumerate([math.nan, -1.0, math.inf], start=1):
+        _set_lr(opt, torch.tensor(bad))
+        opt.zero_grad()
+        backward(model, 1)
         opt.step()
+        for p, q in zip(model.parameters(), before_params):
+            assert torch.equal(p, q), f"lr={bad}: a skipped step changed a weight"
+        after = clone_tree(opt.state_dict())
+        assert after["skipped_steps"] == before_state["skipped_steps"] + step
+        assert_same_tree(_without_counters(after), _without_counters(before_state), f"lr={bad}: state_dict")
+    for bad in (torch.tensor([0.1, 0.2]), torch.tensor(1), torch.tensor(0.1, requires_grad=True)):
+        _set_lr(opt, bad)
+        opt.zero_grad()
+        backward(model, 1)
+        with pytest.raises(ValueError, match="lr"):
+            opt.step()
+    _set_lr(opt, torch.tensor(good, dtype=torch.float64))
+    _set_lr(number_opt, good)
+    for k in (1, 2):
+        train_step(model, opt, k)
+        train_step(twin_model, twin, k)
+        train_step(number_model, number_opt, k)
+        if entry.kind == "elementwise":
+            assert_same_params(model, twin_model)
+        else:
+            for p, q in zip(model.parameters(), number_model.parameters()):
+                torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-8)
