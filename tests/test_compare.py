@@ -425,18 +425,18 @@ def test_cache_reuses_runs_and_keys_on_what_determines_them(quadratic, tmp_path)
 
 
 def test_cache_key_covers_the_run():
-    run = plan.Run("sgd", 0, 0, 0.5)
     context = {"task": "chars", "size": "small", "steps": 10, "environment": {"device": "cpu", "kfopt": "0.1.0"}}
-    base = plan.key_id(plan.run_key(context, run, {"momentum": 0.0}))
-    assert base == plan.key_id(plan.run_key(dict(context), plan.Run("sgd", 0, 0, 0.5), {"momentum": 0.0}))
-    variants = [plan.run_key({**context, "steps": 11}, run, {"momentum": 0.0}),
-                plan.run_key({**context, "environment": {"device": "cuda:0", "kfopt": "0.1.0"}}, run, {"momentum": 0.0}),
-                plan.run_key({**context, "environment": {"device": "cpu", "kfopt": "0.2.0"}}, run, {"momentum": 0.0}),
-                plan.run_key(context, plan.Run("lamb", 0, 0, 0.5), {"momentum": 0.0}),
-                plan.run_key(context, plan.Run("sgd", 0, 0, 1.0), {"momentum": 0.0}),
-                plan.run_key(context, plan.Run("sgd", 0, 1, 0.5), {"momentum": 0.0}),
-                plan.run_key(context, run, {"momentum": 0.9})]
-    assert len({base} | {plan.key_id(v) for v in variants}) == 1 + len(variants)
+
+    def key(context=context, run=plan.Run("sgd", 0, 0, 0.5), cls="torch.optim.SGD", momentum=0.0):
+        return plan.key_id(plan.run_key(context, run, cls, {"momentum": momentum}))
+
+    assert key() == key(dict(context), plan.Run("sgd", 0, 0, 0.5))  # equal runs, equal keys
+    variants = [key({**context, "steps": 11}), key({**context, "size": "medium"}),
+                key({**context, "environment": {"device": "cuda:0", "kfopt": "0.1.0"}}),
+                key({**context, "environment": {"device": "cpu", "kfopt": "0.2.0"}}),
+                key(run=plan.Run("lamb", 0, 0, 0.5)), key(run=plan.Run("sgd", 0, 0, 1.0)),
+                key(run=plan.Run("sgd", 0, 1, 0.5)), key(cls="kfopt.LARS"), key(momentum=0.9)]
+    assert len({key()} | set(variants)) == 1 + len(variants)
 
 
 def test_budget_trims_the_plan_with_a_note(quadratic, tmp_path, capsys):

@@ -232,7 +232,7 @@ class Plan:
         return self._models[seed]
 
     def context(self) -> dict:
-        """What every run's cache key shares: task, data, budget, device, versions, the runner's constants."""
+        """What every run's cache key shares: task, size, steps, data, device, versions, the runner's constants."""
         text = getattr(self.task, "text", None)
         return {"task": self.task.name, "size": self.size, "steps": self.steps, "describe": self.task.describe,
                 "data_sha256": None if text is None else hashlib.sha256(text).hexdigest(),
@@ -295,7 +295,8 @@ class _Session:
         self.budget_note = None
 
     def key(self, run: Run) -> dict:
-        return run_key(self.context, run, REGISTRY[run.optimizer].hyperparameters(self.plan.overrides[run.optimizer]))
+        spec = REGISTRY[run.optimizer]
+        return run_key(self.context, run, f"{spec.module}.{spec.cls}", spec.hyperparameters(self.plan.overrides[run.optimizer]))
 
     def pending(self, runs: list[Run]) -> list[Run]:
         """The runs of ``runs`` neither cached nor run yet."""

@@ -60,11 +60,12 @@ def plan_runs(names: list[str], lrs: dict[str, float], k: int, seeds: list[int])
             for seed in seeds for e in _centre_out(grid_exponents(k)) for name in names]
 
 
-def run_key(context: dict, run: Run, hyperparameters: dict) -> dict:
+def run_key(context: dict, run: Run, optimizer_class: str, hyperparameters: dict) -> dict:
     """The cache key of ``run``: ``context`` (task, size, steps, data fingerprint, device, versions,
-    backend, schedule constants) plus the optimizer, its lr and hyperparameters, and the seed."""
-    return {**context, "optimizer": run.optimizer, "lr": run.lr, "hyperparameters": repr(sorted(
-        hyperparameters.items())), "seed": run.seed}
+    backend, schedule constants) plus the optimizer (name and class), its lr and hyperparameters, and
+    the seed."""
+    return {**context, "optimizer": run.optimizer, "class": optimizer_class, "lr": run.lr,
+            "hyperparameters": repr(sorted(hyperparameters.items())), "seed": run.seed}
 
 
 def key_id(key: dict) -> str:

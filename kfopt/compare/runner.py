@@ -1,7 +1,7 @@
 """One training run of ``kfopt compare``: the loop, its measurements, divergence and Ctrl-C.
 
-Every run starts from the same initial weights (a copy of one model) and draws the same batches (a
-generator seeded with ``seed``). Per step it records the training loss of the batch (before the
+Every run of a seed starts from the same initial weights (a copy of the seed's model) and draws the
+same batches (a generator seeded with ``seed``). Per step it records the training loss of the batch (before the
 update) and the step time: forward, backward, ``optimizer.step()`` and the LR schedule, with CUDA
 synchronised before and after; sampling the batch and evaluation are not timed.
 
