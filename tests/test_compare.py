@@ -1,5 +1,7 @@
 """``kfopt compare`` end to end on tiny budgets: outputs and their consistency, argument errors,
-divergence and failure handling, Ctrl-C. Kernels take the PyTorch path (they are tested elsewhere)."""
+divergence and failure handling, Ctrl-C; the lr sweep, seeds, verdicts, the run cache and the time
+budget on a synthetic quadratic task whose best learning rate is known. Kernels take the PyTorch
+path (they are tested elsewhere)."""
 
 import json
 import os
@@ -13,8 +15,9 @@ import torch
 import kfopt
 
 from kfopt.__main__ import main
-from kfopt.compare import registry, runner
+from kfopt.compare import cli, plan, registry, runner, summary
 from kfopt.compare.registry import REGISTRY, OptimizerSpec
+from kfopt.compare.tasks import Task
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -68,12 +71,16 @@ def test_end_to_end_outputs_agree(tmp_path, capsys):
     runs = {r["optimizer"]: r for r in doc["runs"]}
     assert list(runs) == ["adamw", "lamb"]  # the baseline is always added, first
     assert doc["config"]["steps"] == 8 and doc["config"]["task"] == "chars" and not doc["interrupted"]
+    assert doc["config"]["seeds"] == [0] and doc["config"]["sweep"]["factors"] == [1.0]
+    assert doc["runs_run"] == 2 and doc["runs_reused"] == 0
     assert runs["lamb"]["lr"] == 5e-3 and runs["adamw"]["lr"] == REGISTRY["adamw"].lr["chars"]
     rows = table_rows(table)
     assert set(rows) == set(runs)
     header = table.splitlines()[0].split()
     assert header[2:6] == [f"val@{s}" for s in doc["config"]["table_columns"]] == ["val@2", "val@4", "val@6", "val@8"]
+    assert "--thorough" in table  # no sweep, one seed: the table says how to tune
     for name, run in runs.items():
+        assert doc["summary"][name]["lr"] == run["lr"] and doc["summary"][name]["seeds"] == [0]
         assert run["status"] == "ok" and run["steps_done"] == 8 and len(run["step_time"]) == 8
         assert [e["step"] for e in run["evals"]] == doc["config"]["eval_steps"]
         row = rows[name]
@@ -84,7 +91,12 @@ def test_end_to_end_outputs_agree(tmp_path, capsys):
     # same seed: same initial weights and the same first batch for every optimizer
     assert runs["adamw"]["train_loss"][0] == runs["lamb"]["train_loss"][0]
     assert runs["adamw"]["evals"][0]["loss"] == runs["lamb"]["evals"][0]["loss"]
-    assert runs["adamw"]["step_time_vs_baseline"] == 1.0
+    assert doc["summary"]["adamw"]["step_time_vs_baseline"] == 1.0
+    lamb = doc["summary"]["lamb"]
+    assert lamb["step_time_vs_baseline"] == pytest.approx(
+        runs["lamb"]["median_step_ms"] / runs["adamw"]["median_step_ms"])
+    if lamb["steps_to_target"]["mean"] is not None:
+        assert lamb["time_to_target_s"] == pytest.approx(lamb["steps_to_target"]["mean"] * lamb["median_step_ms"] / 1e3)
 
 
 def test_python_dash_m_help():
@@ -111,6 +123,9 @@ def test_python_dash_m_help():
     (["--steps", "0"], "expected an integer >= 1"),
     (["--seed", "-1"], "expected an integer >= 0"),
     (["--target", "nan"], "positive number"),
+    (["--sweep", "0"], "expected an integer >= 1"),
+    (["--seeds", "two"], "expected an integer >= 1"),
+    (["--budget-s", "-5"], "positive number"),
     (["--device", "tpu"], "expected auto, cpu or cuda"),
 ])
 def test_argument_errors(argv, message, tmp_path, capsys):
@@ -206,14 +221,21 @@ def test_ctrl_c_writes_what_was_measured(tmp_path, monkeypatch, capsys):
     status = main(["compare", "--task", "digits", "--steps", "12", "--optimizers", "lamb,lars", "--out", str(tmp_path)])
     assert status == 130
     doc = json.loads((tmp_path / "results.json").read_text())
-    assert doc["interrupted"] and doc["not_run"] == ["lars"]
+    assert doc["interrupted"] and doc["not_run"] == ["lars lr 10 seed 0"]
     runs = {r["optimizer"]: r for r in doc["runs"]}
     assert runs["adamw"]["status"] == "ok" and runs["adamw"]["steps_done"] == 12
     assert runs["lamb"]["status"] == "interrupted" and runs["lamb"]["steps_done"] == 3
     table = (tmp_path / "results.txt").read_text()
-    assert "interrupted (Ctrl-C)" in table and "not run: lars" in table
+    assert "interrupted (Ctrl-C)" in table and "not run: lars (lr 10, seed 0)" in table
     assert table_rows(table)["lamb"][-1] == "interrupted"
     assert (tmp_path / "loss.png").read_bytes()[:8] == PNG_MAGIC
+    # the same command again continues: AdamW comes from the cache, the interrupted run is repeated
+    monkeypatch.setattr(runner, "train_step", real_step)
+    assert main(["compare", "--task", "digits", "--steps", "12", "--optimizers", "lamb,lars", "--no-plot",
+                 "--out", str(tmp_path)]) == 0
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert not doc["interrupted"] and doc["runs_reused"] == 1 and doc["runs_run"] == 2
+    assert [r["status"] for r in doc["runs"]] == ["ok"] * 3 and doc["runs"][0]["train_loss"] == runs["adamw"]["train_loss"]
 
 
 def test_lr_schedule_and_eval_steps():
@@ -243,3 +265,207 @@ def test_state_bytes_counts_kronecker_factors(monkeypatch):
     opt.step()
     factors = 4 * ((3 + 1) ** 2 + 10 ** 2 + (10 + 1) ** 2 + 2 ** 2)
     assert runner.state_bytes(opt, model) >= 2 * factors  # factors and their eigenvectors at least
+
+
+# --- sweep, seeds, verdicts, cache and budget on a quadratic whose best lr is known -------------------
+
+CURVATURE = 1.0
+SPREAD = 1e-3
+STEPS = 12
+
+
+class Quadratic(Task):
+    """loss(w) = CURVATURE / 2 * |w|^2 for every batch, w ~ 1 + N(0, SPREAD^2) in 4 dimensions (seeds barely
+    differ, so a small lr difference shows beyond their spread). SGD without momentum
+    multiplies w by (1 - lr * factor(t) * CURVATURE) at step t, so the final loss of a peak lr is known."""
+
+    def build_model(self):
+        model = torch.nn.Module()
+        model.w = torch.nn.Parameter(1 + SPREAD * torch.randn(4))
+        return model
+
+    def train_batch(self, generator):
+        batch = torch.rand(3, generator=generator)
+        self.batches.append(batch)
+        return batch, batch
+
+    def loss(self, model, batch):
+        return 0.5 * CURVATURE * (model.w ** 2).sum()
+
+    @torch.no_grad()
+    def evaluate(self, model):
+        return {"loss": self.loss(model, None).item()}
+
+
+def sgd_final_loss_ratio(lr: float) -> float:
+    """final / initial loss of SGD at peak ``lr`` on the quadratic, from the equation above."""
+    ratio = 1.0
+    for t in range(STEPS):
+        ratio *= (1 - lr * runner.lr_factor(t, STEPS) * CURVATURE) ** 2
+    return ratio
+
+
+@pytest.fixture
+def quadratic(monkeypatch):
+    """Every ``kfopt compare`` gets the quadratic; optimizers ``sgd`` (lr 0.5; ``--lr sgd=...``),
+    ``adamw2`` (AdamW under another name) and ``slow`` (SGD at lr 1e-4). Returns the task and the runs
+    started (optimizer, lr, seed), counted through ``cli.train``."""
+    task = Quadratic("chars", "small", torch.device("cpu"), STEPS, 1e-3, {"model": {"type": "Quadratic"}})
+    task.batches = []
+    monkeypatch.setattr(cli, "make_task", lambda *args: task)
+    for name, cls, lr in (("sgd", "SGD", 0.5), ("slow", "SGD", 1e-4)):
+        monkeypatch.setitem(REGISTRY, name, OptimizerSpec(name, "torch.optim", cls, lr={"chars": lr}))
+    monkeypatch.setitem(REGISTRY, "adamw2", OptimizerSpec("adamw2", "torch.optim", "AdamW", lr=REGISTRY["adamw"].lr,
+                                                          defaults=REGISTRY["adamw"].defaults))
+    started, real_train = [], cli.train
+
+    def counting_train(task, spec, lr, overrides, initial_model, *, seed, **kwargs):
+        started.append((spec.name, lr, seed))
+        return real_train(task, spec, lr, overrides, initial_model, seed=seed, **kwargs)
+
+    monkeypatch.setattr(cli, "train", counting_train)
+    return types.SimpleNamespace(task=task, started=started)
+
+
+def compare(out, *argv):
+    status = main(["compare", "--no-plot", "--out", str(out), *argv])
+    return status, json.loads((out / "results.json").read_text())
+
+
+@pytest.mark.parametrize("default_lr, edge", [(0.5, False), (0.05, True)])
+def test_sweep_picks_the_known_best_and_flags_the_edge(quadratic, tmp_path, default_lr, edge, capsys):
+    status, doc = compare(tmp_path, "--optimizers", "sgd", "--lr", f"sgd={default_lr}", "--sweep", "5")
+    assert status == 0
+    factors = [0.25, 0.5, 1.0, 2.0, 4.0]
+    assert doc["config"]["sweep"]["factors"] == factors and "x1/4, x1/2, x1, x2, x4" in doc["config"]["sweep"]["grid"]
+    lrs = [default_lr * f for f in factors]
+    best = min(lrs, key=sgd_final_loss_ratio)
+    assert (best in (lrs[0], lrs[-1])) == edge  # the case is what its name says
+    sgd = doc["summary"]["sgd"]
+    assert sgd["lr"] == pytest.approx(best) and sgd["edge"] == edge
+    initial = doc["runs"][1]["evals"][0]["loss"]
+    for exponent, point in sgd["sweep"].items():  # every grid point measured as the equation says
+        assert point["mean_final_val_loss"] == pytest.approx(
+            initial * sgd_final_loss_ratio(default_lr * 2.0 ** int(exponent)), rel=1e-4, abs=1e-12)
+    table = (tmp_path / "results.txt").read_text()
+    assert table in capsys.readouterr().out
+    assert ("sgd: best lr at the edge of the grid (x4): widen the sweep" in table) == edge
+    assert ("x4!" if edge else "x2") == table_rows(table)["sgd"][2]
+    assert "lr sweep" in table and "x1/4, x1/2, x1, x2, x4" in table and plan.SELECTION_RULE in table
+    assert sorted(quadratic.started) == sorted((name, lr, 0) for name in ("adamw", "sgd")
+                                               for lr in [doc["config"]["default_lrs"][name] * f for f in factors])
+
+
+def test_seeds_change_initial_weights_and_batches(quadratic, tmp_path):
+    status, doc = compare(tmp_path, "--optimizers", "sgd", "--seeds", "2", "--seed", "5")
+    assert status == 0 and doc["config"]["seeds"] == [5, 6]
+    assert [(r["optimizer"], r["seed"]) for r in doc["runs"]] == [("adamw", 5), ("sgd", 5), ("adamw", 6), ("sgd", 6)]
+    batches = quadratic.task.batches
+    assert len(batches) == 4 * STEPS
+    per_run = [torch.stack(batches[i * STEPS:(i + 1) * STEPS]) for i in range(4)]
+    assert torch.equal(per_run[0], per_run[1]) and torch.equal(per_run[2], per_run[3])  # same seed, same batches
+    assert not torch.equal(per_run[0], per_run[2])
+    initial = [r["evals"][0]["loss"] for r in doc["runs"]]
+    assert initial[0] == initial[1] and initial[2] == initial[3] and initial[0] != initial[2]
+    torch.manual_seed(6)
+    assert initial[2] == pytest.approx(0.5 * CURVATURE * ((1 + SPREAD * torch.randn(4)) ** 2).sum().item(), rel=1e-6)
+    finals = [r["final_val_loss"] for r in doc["runs"] if r["optimizer"] == "sgd"]
+    spread = doc["summary"]["sgd"]["final_val_loss"]
+    assert spread == {"mean": pytest.approx(sum(finals) / 2), "min": min(finals), "max": max(finals)}
+    row = table_rows((tmp_path / "results.txt").read_text())["sgd"]
+    assert f"{min(finals):.4f}-{max(finals):.4f}" in row
+
+
+def test_verdicts_tie_when_ranges_overlap(quadratic, tmp_path):
+    status, doc = compare(tmp_path, "--optimizers", "adamw2,sgd,slow", "--seeds", "3")
+    assert status == 0
+    verdicts = {name: s["verdict"] for name, s in doc["summary"].items()}
+    assert verdicts == {"adamw": None, "adamw2": "tie", "sgd": "better", "slow": "worse"}
+    rows = table_rows((tmp_path / "results.txt").read_text())
+    assert [rows[name][-2] for name in ("adamw", "adamw2", "sgd", "slow")] == ["-", "tie", "better", "worse"]
+    assert plan.TIE_RULE in (tmp_path / "results.txt").read_text()
+    _, doc = compare(tmp_path / "one", "--optimizers", "adamw2,sgd")  # one seed: no verdict
+    assert all(s["verdict"] is None for s in doc["summary"].values())
+
+
+def test_verdict_rule():
+    def s(low, high, seeds=2):
+        return {"final_val_loss": {"mean": (low + high) / 2, "min": low, "max": high}, "seeds_used": list(range(seeds))}
+
+    assert summary.verdict(s(1.0, 1.2), s(1.1, 1.3)) == "tie"
+    assert summary.verdict(s(1.0, 1.1), s(1.1, 1.3)) == "tie"  # touching ranges
+    assert summary.verdict(s(1.0, 1.09), s(1.1, 1.3)) == "better"
+    assert summary.verdict(s(1.4, 1.5), s(1.1, 1.3)) == "worse"
+    assert summary.verdict(s(1.0, 1.0, seeds=1), s(1.1, 1.3)) is None
+
+
+def test_cache_reuses_runs_and_keys_on_what_determines_them(quadratic, tmp_path):
+    args = ["--optimizers", "sgd", "--sweep", "3"]
+    _, first = compare(tmp_path, *args)
+    assert len(quadratic.started) == 6 and first["runs_run"] == 6
+    table = (tmp_path / "results.txt").read_text()
+    quadratic.started.clear()
+    _, again = compare(tmp_path, *args)
+    assert quadratic.started == [] and again["runs_reused"] == 6 and again["summary"] == first["summary"]
+    assert (tmp_path / "results.txt").read_text() == table
+    _, extended = compare(tmp_path, *args, "--seeds", "2")  # only the new seed runs
+    assert sorted(quadratic.started) == sorted((name, lr, 1) for name, lr, _ in
+                                               [(r["optimizer"], r["lr"], 0) for r in first["runs"]])
+    quadratic.started.clear()
+    _, changed = compare(tmp_path, *args, "--hparam", "sgd.momentum=0.5")  # only sgd's runs change
+    assert sorted(quadratic.started) == sorted((r["optimizer"], r["lr"], 0) for r in first["runs"]
+                                               if r["optimizer"] == "sgd")
+    assert len(changed["other_runs"]) == 3 + 6  # sgd without momentum, seed 1: kept for later
+    quadratic.started.clear()
+    compare(tmp_path, *args, "--steps", "6")  # every run changes
+    assert len(quadratic.started) == 6
+    quadratic.started.clear()
+    _, back = compare(tmp_path, *args)
+    assert quadratic.started == [] and back["summary"] == first["summary"]
+
+
+def test_cache_key_covers_the_run():
+    context = {"task": "chars", "size": "small", "steps": 10, "environment": {"device": "cpu", "kfopt": "0.1.0"}}
+
+    def key(context=context, run=plan.Run("sgd", 0, 0, 0.5), cls="torch.optim.SGD", momentum=0.0):
+        return plan.key_id(plan.run_key(context, run, cls, {"momentum": momentum}))
+
+    assert key() == key(dict(context), plan.Run("sgd", 0, 0, 0.5))  # equal runs, equal keys
+    variants = [key({**context, "steps": 11}), key({**context, "size": "medium"}),
+                key({**context, "environment": {"device": "cuda:0", "kfopt": "0.1.0"}}),
+                key({**context, "environment": {"device": "cpu", "kfopt": "0.2.0"}}),
+                key(run=plan.Run("lamb", 0, 0, 0.5)), key(run=plan.Run("sgd", 0, 0, 1.0)),
+                key(run=plan.Run("sgd", 0, 1, 0.5)), key(cls="kfopt.LARS"), key(momentum=0.9)]
+    assert len({key()} | set(variants)) == 1 + len(variants)
+
+
+def test_budget_trims_the_plan_with_a_note(quadratic, tmp_path, capsys):
+    status, doc = compare(tmp_path, "--optimizers", "sgd", "--sweep", "5", "--seeds", "3", "--budget-s", "1e-6")
+    assert status == 0 and len(quadratic.started) == 2  # the core alone: each optimizer at x1, first seed
+    out = capsys.readouterr()
+    assert "note: --budget-s 1e-06: the full plan (grid x1/4, x1/2, x1, x2, x4, 3 seed(s))" in out.out + out.err
+    assert "running grid x1 with 1 seed(s)" in doc["config"]["budget_note"]
+    assert doc["config"]["seeds"] == [0] and doc["config"]["sweep"]["factors"] == [1.0]
+    assert doc["config"]["budget_note"] in (tmp_path / "results.txt").read_text()
+    quadratic.started.clear()
+    _, doc = compare(tmp_path / "ample", "--optimizers", "sgd", "--sweep", "3", "--seeds", "2", "--budget-s", "1e6")
+    assert len(quadratic.started) == 12 and doc["config"]["budget_note"] is None
+
+
+def test_trim_rule():
+    def cost(k, n):
+        return 10.0 * k * n
+
+    assert plan.trim(5, 3, cost, 1000) == (5, 3)
+    assert plan.trim(5, 3, cost, 95) == (3, 3)  # 9 runs beat 5x1 and 4x2
+    assert plan.trim(5, 3, cost, 40) == (4, 1)  # 4 runs either way: the wider grid
+    assert plan.trim(5, 3, cost, 5) == (1, 1)  # the core always stays
+    assert plan.grid_exponents(5) == [-2, -1, 0, 1, 2] and plan.grid_exponents(4) == [-2, -1, 0, 1]
+    assert set(plan.grid_exponents(3)) <= set(plan.grid_exponents(4)) <= set(plan.grid_exponents(5))
+
+
+def test_thorough_is_a_five_point_sweep_with_three_seeds(quadratic, tmp_path):
+    status, doc = compare(tmp_path, "--optimizers", "sgd", "--thorough", "--seeds", "2")
+    assert status == 0 and doc["config"]["sweep"]["points"] == 5 and doc["config"]["seeds"] == [0, 1]
+    assert len(quadratic.started) == 2 * 5 * 2
+    assert cli.THOROUGH == {"sweep": 5, "seeds": 3}

@@ -6,6 +6,7 @@ import argparse
 import ast
 import copy
 import datetime
+import hashlib
 import math
 import os
 import platform
@@ -19,15 +20,23 @@ from tqdm import tqdm
 import kfopt
 
 from . import distributed, report
+from .plan import (GRID_RATIO, SELECTION_RULE, TIE_RULE, Run, describe_grid, factor_label, grid_exponents, key_id,
+                   plan_runs, run_key, trim)
 from .registry import BASELINE, REGISTRY, available_optimizers
-from .runner import (DIVERGENCE_FACTOR, EVAL_POINTS, FINAL_LR_FRACTION, SMOOTHING, WARMUP_FRACTION, RunResult,
+from .runner import (DIVERGENCE_FACTOR, EVAL_POINTS, FINAL_LR_FRACTION, SMOOTHING, WARMUP_FRACTION,
                      eval_steps, train)
+from .summary import summarize
 from .tasks import SIZES, TASKS, Task, make_task
+
+#: ``--thorough``: the full sweep with several seeds.
+THOROUGH = {"sweep": 5, "seeds": 3}
 
 DESCRIPTION = """\
 Train the same model from the same seed with each optimizer and compare: validation loss at fixed
 steps, steps and training time to reach a target loss, step time relative to AdamW, optimizer-state
-memory, and divergence. Writes a table (terminal and results.txt), results.json and loss.png."""
+memory, and divergence. With --sweep, each optimizer at its best learning rate of a grid; with
+--seeds, means and min-max ranges over seeds and a verdict (better, worse, tie) against AdamW.
+Writes a table (terminal and results.txt), results.json (also the cache of finished runs) and loss.png."""
 
 
 def _optimizer_help() -> str:
@@ -39,6 +48,8 @@ def _optimizer_help() -> str:
         lines.append(f"  {name:<8} {spec.summary}{'' if reason is None else ' [unavailable: ' + reason + ']'}")
         lines.append(f"  {'':<8} lr: {lrs}; {hyper}")
     lines += ["", "examples:", "  kfopt compare", "  kfopt compare --optimizers lamb --lr lamb=5e-3 --steps 500",
+              "  kfopt compare --thorough --out runs/thorough   (rerun the same line to continue after Ctrl-C)",
+              "  kfopt compare --sweep 3 --seeds 2 --budget-s 1800",
               "  kfopt compare --task digits", "  kfopt compare --text book.txt --size medium --device cuda"]
     return "\n".join(lines)
 
@@ -136,8 +147,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", type=_positive_float,
                         help="target smoothed training loss (default: per task and size)")
     parser.add_argument("--seed", type=_int_at_least(0), default=0,
-                        help="seed of the initial weights and the batches (default 0)")
-    parser.add_argument("--out", metavar="DIR", help="output folder (default: ./kfopt_runs/<date-time>)")
+                        help="seed of the initial weights and the batches (default 0); the first seed with --seeds")
+    parser.add_argument("--sweep", type=_int_at_least(1), metavar="K",
+                        help=f"run every optimizer (AdamW too) at its default lr times a {GRID_RATIO:g}x-spaced grid of K "
+                        f"points ({describe_grid(5)} for K=5) and report each at its best lr (default 1: no sweep)")
+    parser.add_argument("--seeds", type=_int_at_least(1), metavar="N",
+                        help="repeat the comparison for the seeds SEED..SEED+N-1 (initial weights and batches); "
+                        "the table shows means and min-max ranges (default 1)")
+    parser.add_argument("--thorough", action="store_true",
+                        help=f"--sweep {THOROUGH['sweep']} --seeds {THOROUGH['seeds']} (either may still be given; "
+                        "roughly 15x the default run time)")
+    parser.add_argument("--budget-s", type=_positive_float, metavar="SECONDS",
+                        help="cap the total time: after the first seed at the default lrs, shrink the grid and the "
+                        "seeds to what fits (printed); without it the whole plan runs")
+    parser.add_argument("--out", metavar="DIR", help="output folder (default: ./kfopt_runs/<date-time>); runs "
+                        "already in its results.json are reused, so the same --out continues or extends a comparison")
     parser.add_argument("--no-plot", action="store_true", help="do not write loss.png")
     parser.add_argument("--distributed", choices=distributed.MODES,
                         help="train data-parallel on the ranks torchrun starts (torchrun --nproc-per-node N -m "
@@ -194,7 +218,8 @@ def _environment(device: torch.device) -> dict:
 
 @dataclass
 class Plan:
-    """What ``kfopt compare`` will run, resolved from the arguments."""
+    """What ``kfopt compare`` will run, resolved from the arguments (see ``plan`` for the grid, the
+    seeds and their order)."""
 
     task: Task
     size: str
@@ -203,6 +228,9 @@ class Plan:
     overrides: dict[str, dict]
     steps: int
     target: float
+    grid: int
+    seeds: list[int]
+    budget_s: float | None
     initial_model: torch.nn.Module
     out: str
     distribution: distributed.Distribution | None = None
@@ -211,6 +239,35 @@ class Plan:
     def is_main(self) -> bool:
         """Whether this process prints and writes (one process, or rank 0 of a distributed comparison)."""
         return self.distribution is None or self.distribution.is_main
+
+    def agree(self, value):
+        """Rank 0's ``value`` on every rank of a distributed comparison (what decides the runs: every
+        rank must make the same ones); ``value`` itself in one process."""
+        if self.distribution is None or self.distribution.world == 1:
+            return value
+        shared = [value]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        return shared[0]
+
+    def __post_init__(self):
+        self._models = {self.seeds[0]: self.initial_model}
+
+    def model_for(self, seed: int) -> torch.nn.Module:
+        """The initial model of ``seed`` (built with the global RNG seeded by ``seed``)."""
+        if seed not in self._models:
+            torch.manual_seed(seed)
+            self._models[seed] = self.task.build_model()
+        return self._models[seed]
+
+    def context(self) -> dict:
+        """What every run's cache key shares: task, size, steps, data, device, versions, the runner's constants."""
+        text = getattr(self.task, "text", None)
+        return {"task": self.task.name, "size": self.size, "steps": self.steps, "describe": self.task.describe,
+                "data_sha256": None if text is None else hashlib.sha256(text).hexdigest(),
+                "environment": _environment(self.task.device),
+                "runner": {"warmup_fraction": WARMUP_FRACTION, "final_lr_fraction": FINAL_LR_FRACTION,
+                           "smoothing": SMOOTHING, "eval_points": EVAL_POINTS,
+                           "divergence_factor": DIVERGENCE_FACTOR}}
 
 
 def _plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Plan:
@@ -258,90 +315,194 @@ def _plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Plan:
             os.makedirs(out, exist_ok=True)
     except OSError as exc:
         parser.error(f"argument --out: cannot create {out!r}: {exc}")
-    return Plan(task, size, names, lrs, overrides, args.steps or task.steps, args.target or task.target,
-                initial_model, out, distribution)
+    grid, seeds = args.sweep or (THOROUGH["sweep"] if args.thorough else 1), args.seeds or (
+        THOROUGH["seeds"] if args.thorough else 1)
+    return Plan(task, size, names, lrs, overrides, args.steps or task.steps, args.target or task.target, grid,
+                list(range(args.seed, args.seed + seeds)), args.budget_s, initial_model, out, distribution)
 
 
-def _run_all(plan: Plan, seed: int) -> tuple[list[RunResult], bool]:
-    """Train with every optimizer in turn, a progress bar each; stops at Ctrl-C.
-    Returns the results so far and whether it was interrupted."""
-    results = []
-    try:
-        for name in plan.names:
-            with tqdm(total=plan.steps, desc=f"{name:>8}", unit="step", dynamic_ncols=True,
-                      disable=not plan.is_main) as bar:
-                def progress(step, loss, bar=bar):
-                    bar.set_postfix_str(f"loss {loss:.3f}", refresh=False)
-                    bar.update()
+class _Session:
+    """The runs of one invocation: what the cache already holds, what was run, the progress bar."""
 
-                results.append(train(plan.task, REGISTRY[name], plan.lrs[name], plan.overrides[name],
-                                     plan.initial_model, steps=plan.steps, seed=seed, target=plan.target,
-                                     progress=progress))
-            if results[-1].status == "interrupted":
-                return results, True
-    except KeyboardInterrupt:
-        return results, True
-    return results, False
+    def __init__(self, plan: Plan, args: argparse.Namespace, header: dict):
+        self.plan, self.args, self.header = plan, args, header
+        self.json_path = os.path.join(plan.out, "results.json")
+        self.cache = plan.agree(report.load_cache(self.json_path) if plan.is_main else None)
+        self.context = plan.context()
+        self.records: dict[str, dict] = {}  # key_id -> record, of this invocation's plan
+        self.ran = 0
+        self.budget_note = None
+
+    def key(self, run: Run) -> dict:
+        spec = REGISTRY[run.optimizer]
+        return run_key(self.context, run, f"{spec.module}.{spec.cls}", spec.hyperparameters(self.plan.overrides[run.optimizer]))
+
+    def pending(self, runs: list[Run]) -> list[Run]:
+        """The runs of ``runs`` neither cached nor run yet."""
+        ids = [key_id(self.key(run)) for run in runs]
+        return [run for run, i in zip(runs, ids) if i not in self.cache and i not in self.records]
+
+    def execute(self, runs: list[Run], bar: tqdm) -> bool:
+        """Run (or take from the cache) every run of ``runs``; saves results.json after each run.
+        Returns False after Ctrl-C."""
+        for run in runs:
+            key = self.key(run)
+            ident = key_id(key)
+            if ident in self.records:
+                continue
+            if ident in self.cache:
+                self.records[ident] = {**self.cache[ident], "exponent": run.exponent}
+                continue
+            bar.set_description_str(f"{run.optimizer} lr {run.lr:.3g} ({factor_label(run.exponent)}) "
+                                    f"seed {run.seed}", refresh=False)
+
+            def progress(step, loss):
+                bar.set_postfix_str(f"loss {loss:.3f}", refresh=False)
+                bar.update()
+
+            try:
+                result = train(self.plan.task, REGISTRY[run.optimizer], run.lr, self.plan.overrides[run.optimizer],
+                               self.plan.model_for(run.seed), steps=self.plan.steps, seed=run.seed, progress=progress)
+            except KeyboardInterrupt:
+                return False
+            bar.update(self.plan.steps - result.steps_done)  # a run that stopped early
+            self.ran += 1
+            self.records[ident] = report.run_record(result, run, key)
+            self.save_json(interrupted=result.status == "interrupted")
+            if result.status == "interrupted":
+                return False
+        return True
+
+    def estimate_s(self, runs: list[Run]) -> float:
+        """Predicted seconds of ``runs`` not done yet: each at the wall time of its optimizer's core run."""
+        core = {r["optimizer"]: r["wall_s"] for r in self.records.values()
+                if r["exponent"] == 0 and r["seed"] == self.plan.seeds[0]}
+        return sum(core.get(run.optimizer, max(core.values(), default=0.0)) for run in self.pending(runs))
+
+    def plan_records(self, runs: list[Run]) -> list[dict]:
+        ids = [key_id(self.key(run)) for run in runs]
+        return [self.records[i] for i in ids if i in self.records]
+
+    def save_json(self, interrupted: bool, runs: list[Run] | None = None, summaries: dict | None = None,
+                  files: dict | None = None) -> None:
+        """Write results.json: this plan's runs, the summaries, and the cached runs outside the plan
+        (``other_runs``, kept for a later invocation). Rank 0 alone writes in a distributed comparison."""
+        if not self.plan.is_main:
+            return
+        plan = self.plan
+        records = list(self.records.values())
+        ids = {r["key_id"] for r in records}
+        grid = grid_exponents(plan.grid)
+        report.write_json(self.json_path, {
+            **self.header, "interrupted": interrupted,
+            "not_run": [] if runs is None else [f"{r.optimizer} lr {r.lr:.3g} seed {r.seed}" for r in self.pending(runs)],
+            "runs_reused": len(records) - self.ran, "runs_run": self.ran,
+            "environment": _environment(plan.task.device),
+            "config": {"task": self.args.task, "size": plan.size, "steps": plan.steps, "seeds": plan.seeds,
+                       "target": plan.target, "parameters": sum(p.numel() for p in plan.initial_model.parameters()),
+                       "eval_steps": eval_steps(plan.steps), "table_columns": report.table_columns(plan.steps),
+                       "default_lrs": plan.lrs,
+                       "sweep": {"points": plan.grid, "ratio": GRID_RATIO, "exponents": grid,
+                                 "factors": [GRID_RATIO ** e for e in grid], "grid": describe_grid(plan.grid),
+                                 "selection_rule": SELECTION_RULE},
+                       "tie_rule": TIE_RULE, "budget_s": plan.budget_s, "budget_note": self.budget_note,
+                       "lr_schedule": {"warmup_fraction": WARMUP_FRACTION, "final_lr_fraction": FINAL_LR_FRACTION,
+                                       "shape": "linear warm-up, cosine decay"},
+                       "smoothing": SMOOTHING, "eval_points": EVAL_POINTS, "divergence_factor": DIVERGENCE_FACTOR,
+                       "baseline": BASELINE, **plan.task.describe},
+            "summary": summaries, "runs": records,
+            "other_runs": [r for i, r in self.cache.items() if i not in ids], "files": files,
+        })
 
 
-def _write_reports(plan: Plan, args: argparse.Namespace, results: list[RunResult], interrupted: bool,
-                   header: dict) -> tuple[str, dict[str, str]]:
-    """Write results.txt, loss.png (unless --no-plot) and results.json; returns the table and the paths."""
-    baseline = next((r for r in results if r.optimizer == BASELINE), None)
-    records = [report.run_record(r, baseline) for r in results]
-    not_run = plan.names[len(results):]
-    paths = {"table": os.path.join(plan.out, "results.txt"), "json": os.path.join(plan.out, "results.json")}
-    columns = eval_steps(plan.steps)[2::2]
-    table = report.format_table(records, columns, plan.target, BASELINE)
-    if interrupted:
-        table += f"\ninterrupted (Ctrl-C): results of the runs measured so far; not run: {', '.join(not_run) or 'none'}"
-    with open(paths["table"], "w") as f:
-        f.write(table + "\n")
-    if not args.no_plot:
-        paths["plot"] = os.path.join(plan.out, "loss.png")
-        try:
-            report.write_plot(paths["plot"], records, plan.target,
-                              f"kfopt compare: {args.task} ({plan.size}) on {plan.task.device}, seed {args.seed}")
-        except ImportError:
-            print("matplotlib is not installed: no plot (python -m pip install 'kfopt[plot]')", file=sys.stderr)
-            del paths["plot"]
-    parameters = sum(p.numel() for p in plan.initial_model.parameters())
-    report.write_json(paths["json"], {
-        **header, "interrupted": interrupted, "not_run": not_run, "environment": _environment(plan.task.device),
-        "config": {"task": args.task, "size": plan.size, "steps": plan.steps, "seed": args.seed,
-                   "target": plan.target, "parameters": parameters, "eval_steps": eval_steps(plan.steps),
-                   "table_columns": columns,
-                   "lr_schedule": {"warmup_fraction": WARMUP_FRACTION, "final_lr_fraction": FINAL_LR_FRACTION,
-                                   "shape": "linear warm-up, cosine decay"},
-                   "smoothing": SMOOTHING, "eval_points": EVAL_POINTS, "divergence_factor": DIVERGENCE_FACTOR,
-                   "baseline": BASELINE, **plan.task.describe},
-        "runs": records, "files": paths,
-    })
-    return table, paths
+def _trim(session: _Session, started: float) -> None:
+    """Shrink the plan's grid and seeds to fit ``--budget-s`` (the rule: ``plan.trim``); prints the note."""
+    plan = session.plan
+    if plan.budget_s is None or (plan.grid, len(plan.seeds)) == (1, 1):
+        return
+    remaining = plan.budget_s - (time.perf_counter() - started)
+
+    def cost(k, n):
+        return session.estimate_s(plan_runs(plan.names, plan.lrs, k, plan.seeds[:n]))
+
+    k, n = plan.agree(trim(plan.grid, len(plan.seeds), cost, remaining))  # rank 0's timings decide
+    if (k, n) == (plan.grid, len(plan.seeds)):
+        return
+    session.budget_note = (
+        f"--budget-s {plan.budget_s:g}: the full plan (grid {describe_grid(plan.grid)}, {len(plan.seeds)} seed(s)) "
+        f"would take about {cost(plan.grid, len(plan.seeds)):.0f} s more, {max(remaining, 0):.0f} s are left; "
+        f"running grid {describe_grid(k)} with {n} seed(s) (about {cost(k, n):.0f} s) instead")
+    plan.grid, plan.seeds = k, plan.seeds[:n]
+    if plan.is_main:
+        tqdm.write(f"note: {session.budget_note}")
 
 
 def run_compare(args: argparse.Namespace, parser: argparse.ArgumentParser, command: list[str]) -> int:
-    """Check ``args`` (parsed from ``command``), run every optimizer, write the reports; returns the
-    exit status (0; 1 if a run failed with an error; 130 after Ctrl-C)."""
+    """Check ``args`` (parsed from ``command``), run the plan (reusing the runs cached in the output
+    folder's results.json), write the reports; returns the exit status (0; 1 if a run failed with an
+    error; 130 after Ctrl-C)."""
     plan = _plan(args, parser)
+    started, clock = datetime.datetime.now().isoformat(timespec="seconds"), time.perf_counter()
+    session = _Session(plan, args, {"command": command, "started": started})
+    full = plan_runs(plan.names, plan.lrs, plan.grid, plan.seeds)
+    pending = session.pending(full)
     parameters = sum(p.numel() for p in plan.initial_model.parameters())
     where = plan.task.device if plan.distribution is None else (
         f"{plan.distribution.world} ranks ({plan.distribution.mode}, {plan.task.device.type})")
     if plan.is_main:
         print(f"kfopt compare: task {args.task} ({plan.size}, {plan.task.describe['model']['type']}, "
-              f"{parameters / 1e6:.2f}M parameters) on {where}, {plan.steps} steps, seed {args.seed}, "
-              f"target {plan.target:g}; optimizers: {', '.join(plan.names)}", flush=True)
-    started, clock = datetime.datetime.now().isoformat(timespec="seconds"), time.perf_counter()
-    results, interrupted = _run_all(plan, args.seed)
+              f"{parameters / 1e6:.2f}M parameters) on {where}, {plan.steps} steps, target {plan.target:g}; "
+              f"optimizers: {', '.join(plan.names)}\n"
+              f"lr grid: {describe_grid(plan.grid)} of each default lr; seeds: {', '.join(map(str, plan.seeds))}; "
+              f"{len(full)} runs, {len(full) - len(pending)} of them cached in {session.json_path}"
+              + ("" if plan.budget_s is None else f"; budget {plan.budget_s:g} s"), flush=True)
+    core = [run for run in full if run.exponent == 0 and run.seed == plan.seeds[0]]
+    with tqdm(total=plan.steps * len(pending), unit="step", dynamic_ncols=True, disable=not plan.is_main) as bar:
+        finished = session.execute(core, bar)
+        if finished:
+            _trim(session, clock)
+            runs = plan_runs(plan.names, plan.lrs, plan.grid, plan.seeds)
+            bar.total = plan.steps * (len(session.pending(runs)) + session.ran)
+            bar.refresh()
+            finished = session.execute(runs, bar)
+    runs = plan_runs(plan.names, plan.lrs, plan.grid, plan.seeds)
     wall = time.perf_counter() - clock
+    session.header["wall_time_s"] = wall
+    records = session.plan_records(runs)
+    status = 130 if not finished else 1 if any(r["status"] == "failed" for r in records) else 0
     if plan.is_main:
-        table, paths = _write_reports(plan, args, results, interrupted,
-                                      {"command": command, "started": started, "wall_time_s": wall})
-        print("\n" + table)
-        print(f"\nwall time of the runs: {wall:.1f} s")
-        for kind, path in paths.items():
-            print(f"{kind:>5}: {path}")
-    status = 130 if interrupted else 1 if any(r.status == "failed" for r in results) else 0
+        _report(plan, args, session, runs, records, finished, wall)
     if plan.distribution is not None:
         distributed.finish(status)
     return status
+
+
+def _report(plan: Plan, args: argparse.Namespace, session: _Session, runs: list[Run], records: list[dict],
+            finished: bool, wall: float) -> None:
+    """Write results.txt, loss.png (unless --no-plot) and results.json; print the table."""
+    summaries = summarize(records, plan.names, grid_exponents(plan.grid), plan.target, BASELINE)
+    table = report.format_table(summaries, report.table_columns(plan.steps), plan.target, BASELINE,
+                                grid_exponents(plan.grid), plan.seeds)
+    if session.budget_note:
+        table += f"\nnote: {session.budget_note}"
+    not_run = session.pending(runs)
+    if not finished:
+        table += (f"\ninterrupted (Ctrl-C): results of the runs measured so far; not run: "
+                  f"{', '.join(f'{r.optimizer} (lr {r.lr:.3g}, seed {r.seed})' for r in not_run) or 'none'}")
+    paths = {"table": os.path.join(plan.out, "results.txt"), "json": session.json_path}
+    with open(paths["table"], "w") as f:
+        f.write(table + "\n")
+    if not args.no_plot:
+        paths["plot"] = os.path.join(plan.out, "loss.png")
+        try:
+            report.write_plot(paths["plot"], summaries, records, plan.target,
+                              f"kfopt compare: {args.task} ({plan.size}) on {plan.task.device}, "
+                              f"seeds {', '.join(map(str, plan.seeds))}", grid_exponents(plan.grid))
+        except ImportError:
+            print("matplotlib is not installed: no plot (python -m pip install 'kfopt[plot]')", file=sys.stderr)
+            del paths["plot"]
+    session.save_json(not finished, runs, summaries, paths)
+    print("\n" + table)
+    print(f"\nwall time: {wall:.1f} s ({session.ran} runs run, {len(records) - session.ran} reused from the cache)")
+    for kind, path in paths.items():
+        print(f"{kind:>5}: {path}")

@@ -1,7 +1,7 @@
 """One training run of ``kfopt compare``: the loop, its measurements, divergence and Ctrl-C.
 
-Every run starts from the same initial weights (a copy of one model) and draws the same batches (a
-generator seeded with ``seed``). Per step it records the training loss of the batch (before the
+Every run of a seed starts from the same initial weights (a copy of the seed's model) and draws the
+same batches (a generator seeded with ``seed``). Per step it records the training loss of the batch (before the
 update) and the step time: forward, backward, ``optimizer.step()`` and the LR schedule, with CUDA
 synchronised before and after; sampling the batch and evaluation are not timed.
 
@@ -9,8 +9,8 @@ synchronised before and after; sampling the batch and evaluation are not timed.
   ``WARMUP_FRACTION`` of the steps, then cosine decay to ``FINAL_LR_FRACTION`` of the peak.
 * Smoothed training loss: a bias-corrected exponential moving average of the per-step loss with
   ``SMOOTHING`` (what the target and the plots use; per-batch loss is noisy).
-* Target: the first step whose smoothed training loss is <= the target, and the training time
-  (sum of step times, no evaluation) up to and including that step.
+* Target: the first step whose smoothed training loss is <= the target (``steps_to_target``; derived
+  from the recorded losses, so a cached run serves any target).
 * Validation: at step 0 and at ``EVAL_POINTS`` evenly spaced steps up to the last one.
 * Divergence: a non-finite loss, or a loss above ``DIVERGENCE_FACTOR`` x the first step's loss,
   stops the run and marks it ``diverged``; the other runs go on.
@@ -52,16 +52,16 @@ class RunResult:
     optimizer: str
     lr: float
     hyperparameters: dict
+    seed: int = 0
     status: str = "ok"
     message: str = ""
     train_loss: list[float] = field(default_factory=list)
     smoothed_loss: list[float] = field(default_factory=list)
     step_time: list[float] = field(default_factory=list)
     evals: list[dict] = field(default_factory=list)
-    target_step: int | None = None
-    target_time: float | None = None
     state_bytes: int = 0
     skipped_steps: int | None = None
+    wall_s: float = 0.0
 
     @property
     def steps_done(self) -> int:
@@ -72,6 +72,11 @@ class RunResult:
         """Median step time in seconds, leaving out the first step (lazy state, kernel compilation)."""
         times = self.step_time[1:] or self.step_time
         return statistics.median(times) if times else None
+
+
+def steps_to_target(smoothed_loss: list[float], target: float) -> int | None:
+    """The first (1-based) step whose smoothed training loss is <= ``target``; None if none is."""
+    return next((step for step, loss in enumerate(smoothed_loss, 1) if loss <= target), None)
 
 
 def lr_factor(step: int, steps: int) -> float:
@@ -136,11 +141,13 @@ def _synchronize(device: torch.device) -> None:
 
 
 def train(task: Task, spec: OptimizerSpec, lr: float, overrides: dict, initial_model: nn.Module, *,
-          steps: int, seed: int, target: float, progress: Callable[[int, float], None] = lambda step, loss: None
+          steps: int, seed: int, progress: Callable[[int, float], None] = lambda step, loss: None
           ) -> RunResult:
     """Train a copy of ``initial_model`` with ``spec`` for ``steps`` steps; ``progress(step, loss)``
-    is called after every step. Never raises for a failing optimizer or Ctrl-C: see ``status``."""
-    result = RunResult(spec.name, lr, spec.hyperparameters(overrides))
+    is called after every step; the batches come from a generator seeded with ``seed``. Never raises
+    for a failing optimizer or Ctrl-C: see ``status``."""
+    started = time.perf_counter()
+    result = RunResult(spec.name, lr, spec.hyperparameters(overrides), seed)
     model = task.prepare(copy.deepcopy(initial_model))
     generator = torch.Generator().manual_seed(seed)
     checkpoints = set(eval_steps(steps))
@@ -167,8 +174,6 @@ def train(task: Task, spec: OptimizerSpec, lr: float, overrides: dict, initial_m
                 result.status = "diverged"
                 result.message = f"loss {loss:.4g} at step {step} (first step: {result.train_loss[0]:.4g})"
                 break
-            if result.target_step is None and result.smoothed_loss[-1] <= target:
-                result.target_step, result.target_time = step, elapsed
             if step in checkpoints:
                 result.evals.append({"step": step, "time": elapsed, **task.evaluate(model)})
                 if not math.isfinite(result.evals[-1]["loss"]):
@@ -185,4 +190,5 @@ def train(task: Task, spec: OptimizerSpec, lr: float, overrides: dict, initial_m
         result.state_bytes = state_bytes(optimizer, model)
         skipped = getattr(optimizer, "skipped_steps", None)
         result.skipped_steps = None if skipped is None else int(skipped)
+    result.wall_s = time.perf_counter() - started
     return result
