@@ -17,7 +17,8 @@ Norms are Frobenius norms of whole tensors (so ``||d|| = ||a||``: the first-orde
 with the preconditioner's direction).
 
 **Non-finite updates.** When any tensor's ``||a||`` or ``||q||`` is not finite (a NaN/inf gradient or
-preconditioned gradient, a factor that blew up, a sum of squares overflowing fp32) nothing is written:
+preconditioned gradient, a factor that blew up, a sum of squares overflowing fp32), or the caller's
+``found_inf`` flag is set, nothing is written:
 params, moments, buffers and steps keep their values, ``skipped`` is incremented, all on the device
 (no host synchronisation). The returned 0-d fp32 flag is 1 for a step taken, 0 for a skipped one.
 
@@ -26,7 +27,8 @@ params, moments, buffers and steps keep their values, ``skipped`` is incremented
 1. partials: the new moments, ``a`` and ``q`` in registers (nothing written), per-chunk
    ``(sum a^2, sum q^2)``;
 2. per-tensor norms (``multi_tensor.launch_segment_norms``: two-level, fixed order, bit-reproducible);
-3. verdict (one program): ``ok`` = every norm finite; ``skipped += 1 - ok``; ``step += ok``;
+3. verdict (one program): ``ok`` = every norm finite and not ``found_inf``; ``skipped += 1 - ok``;
+   ``step += ok``;
 4. apply: recompute the moments and ``q`` from the old state (not yet written), store ``m``, ``v``,
    ``buf`` and ``w``.
 
@@ -154,9 +156,10 @@ def _graft_partials_kernel(
 
 @triton.jit
 def _graft_verdict_kernel(
-    norms_ptr, n_tensors, addr_ptr, ok_ptr, skipped_ptr, HAS_SKIPPED: tl.constexpr, RBLOCK: tl.constexpr,
+    norms_ptr, n_tensors, addr_ptr, ok_ptr, skipped_ptr, found_inf_ptr,
+    HAS_SKIPPED: tl.constexpr, HAS_FOUND_INF: tl.constexpr, RBLOCK: tl.constexpr,
 ):
-    """ok = every ||a||, ||q|| finite; skipped += 1 - ok; step_i += ok (one program)."""
+    """ok = every ||a||, ||q|| finite [and found_inf == 0]; skipped += 1 - ok; step_i += ok (one program)."""
     bad = tl.zeros([RBLOCK], tl.float32)
     for off in range(0, n_tensors, RBLOCK):
         idx = off + tl.arange(0, RBLOCK)
@@ -165,7 +168,10 @@ def _graft_verdict_kernel(
         nq = tl.load(norms_ptr + idx * 2 + 1, mask=mask, other=0.0)
         finite = (tl.abs(na) <= FP32_MAX) & (tl.abs(nq) <= FP32_MAX)  # False for NaN
         bad += tl.where(finite, 0.0, 1.0)
-    ok = (tl.sum(bad, axis=0) == 0).to(tl.float32)
+    ok = tl.sum(bad, axis=0) == 0
+    if HAS_FOUND_INF:
+        ok = ok & (tl.load(found_inf_ptr) == 0)
+    ok = ok.to(tl.float32)
     tl.store(ok_ptr, ok)
     if HAS_SKIPPED:
         tl.store(skipped_ptr, tl.load(skipped_ptr) + 1 - ok.to(tl.int32))
@@ -269,6 +275,7 @@ def graft_step(
     graft="adam",
     precondition=True,
     skipped: torch.Tensor | None = None,
+    found_inf: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One grafted step over all tensors, in place (module docstring for the math).
 
@@ -279,7 +286,8 @@ def graft_step(
     are updated through a contiguous copy), ``grads``/``directions`` fp32/bf16/fp16 of the params'
     shape; ``exp_avgs``, ``exp_avg_sqs``, ``momentum_buffers`` contiguous fp32 of the params' shape
     (float64 on the reference path); ``steps`` 0-d fp32 counts of completed steps; ``skipped`` an
-    optional 0-d int32 counter. Returns the step's 0-d fp32 ``ok`` flag (device tensor). ValueError
+    optional 0-d int32 counter; ``found_inf`` an optional 0-d device flag from the caller's own checks
+    (nonzero: skip the step, counted in ``skipped``, e.g. a GradScaler's or non-finite statistics). Returns the step's 0-d fp32 ``ok`` flag (device tensor). ValueError
     naming the argument for bad hyperparameters, shapes, or tensors the step writes sharing memory.
     """
     _check_shapes(params, grads, directions, exp_avgs, exp_avg_sqs, momentum_buffers, steps)
@@ -293,13 +301,16 @@ def graft_step(
                       ("exp_avg_sqs", exp_avg_sqs), ("momentum_buffers", [b for b in momentum_buffers if b is not None]),
                       ("steps", steps)):
         check_same_device(name, seq, device)
+    if found_inf is not None:
+        found_inf = found_inf.reshape(()).to(device=device, dtype=torch.float32, non_blocking=True)
     check_no_overlap([("params", params), ("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs),
                       ("momentum_buffers", momentum_buffers), ("steps", steps), ("skipped", [skipped])],
                      [("grads", grads), ("directions", directions)])
     if not use_triton(device):
         return graft_step_reference(params, grads, directions, exp_avgs, exp_avg_sqs, momentum_buffers, steps,
                                     lr=lr, beta1=beta1, beta2=beta2, graft_eps=graft_eps, weight_decay=weight_decay,
-                                    momentum=momentum, graft=graft, precondition=precondition, skipped=skipped)
+                                    momentum=momentum, graft=graft, precondition=precondition, skipped=skipped,
+                                    found_inf=found_inf)
     for i, (p, g, d, m, v, b, s) in enumerate(zip(params, grads, directions, exp_avgs, exp_avg_sqs,
                                                    momentum_buffers, steps)):
         check_kernel_dtype(f"params[{i}]", p)
@@ -341,7 +352,8 @@ def graft_step(
         for_each_launch(table, partials)
         norms = launch_segment_norms(table, partial, ok, step_col=None)
         _graft_verdict_kernel[(1,)](norms, table.n, table.addr, ok, skipped if skipped is not None else ok,
-                                    HAS_SKIPPED=skipped is not None, RBLOCK=REDUCE_BLOCK)
+                                    found_inf if found_inf is not None else ok, HAS_SKIPPED=skipped is not None,
+                                    HAS_FOUND_INF=found_inf is not None, RBLOCK=REDUCE_BLOCK)
         for_each_launch(table, apply)
         return ok
 
@@ -360,7 +372,7 @@ def graft_step(
 
 def graft_step_reference(params, grads, directions, exp_avgs, exp_avg_sqs, momentum_buffers, steps, *, lr,
                          beta1=0.9, beta2=0.999, graft_eps=1e-8, weight_decay=0.0, momentum=0.0, graft="adam",
-                         precondition=True, skipped=None) -> torch.Tensor:
+                         precondition=True, skipped=None, found_inf=None) -> torch.Tensor:
     """Plain PyTorch grafted step (same contract as :func:`graft_step`). Math in fp32, or float64 when
     the params are float64 (the tests' reference); the bias corrections ``1 - b^t`` in float64."""
     _check_shapes(params, grads, directions, exp_avgs, exp_avg_sqs, momentum_buffers, steps)
@@ -389,6 +401,8 @@ def graft_step_reference(params, grads, directions, exp_avgs, exp_avg_sqs, momen
         results.append((m_new, v_new, buf_new, a, q))
         norms.append((a.norm(), q.norm()))
     ok = torch.stack([torch.isfinite(x) for pair in norms for x in pair]).all()
+    if found_inf is not None:
+        ok = ok & (found_inf.reshape(()) == 0).to(ok.device)
     for p, m, v, b, s, h, (m_new, v_new, buf_new, a, q), (a_norm, q_norm) in zip(
             params, exp_avgs, exp_avg_sqs, momentum_buffers, steps, hyper, results, norms):
         dtype = torch.promote_types(p.dtype, torch.float32)

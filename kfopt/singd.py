@@ -50,6 +50,16 @@ weight decay. (The reference leaves them untrained.) ``params=None`` trains ever
 that requires grad; a layer's weight and bias must be in the same param group. Momentum buffers are fp32
 (float64 for float64 parameters); parameters are updated in fp32 and rounded to their dtype.
 
+Grafting (``graft="adam"``, ``"rmsprop"``, ``"sgd"``; ``kfopt.graft``): the parameter update above is
+replaced by, per preconditioned weight and bias (``N`` its part of the natural gradient, ``a`` the
+AdamW direction from the raw gradient's moments with ``graft_betas``, ``graft_eps``)::
+
+    buf <- momentum buf + N ;   w <- w - lr ((||a|| / ||buf||) buf + weight_decay w)
+
+(``buf = N`` with ``momentum=0``), and by AdamW's update ``w <- w - lr (a + weight_decay w)`` for the
+other parameters: weight decay is decoupled, and AdamW's ``lr``, schedule and ``weight_decay`` carry
+over. The graft's state (fp32 moments, step, ``graft_momentum_buffer``) replaces ``momentum_buffer``.
+
 Param groups carry every hyperparameter above (per group, so LR schedulers and per-group structures
 work). ``structures`` and ``preconditioner_dtype`` are read when the factors are built (construction);
 changing them in a group afterwards has no effect. Layers are selected at construction: parameters
@@ -124,6 +134,7 @@ from kfopt.kernels.dispatch import KERNEL_DTYPES, use_triton
 
 from . import collectives
 from .capture import CallInfo, CapturedLayer, LayerCapture, loss_term_count
+from .graft import check_graft_group, graft_defaults, graft_state_spec, grafted_step
 from .layer_state import LayerState
 from .optimizer import KfoptOptimizer
 from .structures import Structure, StructureSpec, parse_structure
@@ -198,6 +209,7 @@ class SINGD(KfoptOptimizer):
         preconditioner_dtype: storage dtypes of (K and m_K, C and m_C); None: the weight's dtype.
         normalize_lr_cov: normalized gradient descent on the factors.
         skip_layers: module names or types not to precondition (their parameters get the first-order rule).
+        graft, graft_betas, graft_eps: grafting (module docstring; "none": the update above).
         grad_scaler: the ``torch.amp.GradScaler`` in use, to unscale output gradients as they arrive
             (needed when ``scaler.unscale_`` is called before ``scaler.step``); keyword only.
 
@@ -208,20 +220,23 @@ class SINGD(KfoptOptimizer):
 
     _step_supports_amp_scaling = True
     _rescales_statistics = True
+    global_hyperparameters = ("graft",)
 
     def __init__(self, model: nn.Module, params: Iterable | None = None, lr: float = 1e-3, momentum: float = 0.9,
                  damping: float = 1e-3, alpha1: float = 0.5, weight_decay: float = 0.0, T: int = 10,
                  loss_average: str | None = "batch", lr_cov: float | Callable[[int], float] = 1e-2,
                  structures: tuple[str, str] = ("dense", "dense"), kfac_approx: str = "expand",
                  kfac_like: bool = False, preconditioner_dtype: tuple = (None, None), normalize_lr_cov: bool = False,
-                 skip_layers: Iterable[str | type] = (), *, grad_scaler: torch.amp.GradScaler | None = None):
+                 skip_layers: Iterable[str | type] = (), *, grad_scaler: torch.amp.GradScaler | None = None,
+                 graft: str = "none", graft_betas: tuple[float, float] = (0.9, 0.999), graft_eps: float = 1e-8):
         inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
         if params is None:
             params = [p for p in inner.parameters() if p.requires_grad]
         defaults = dict(lr=lr, momentum=momentum, damping=damping, alpha1=alpha1, weight_decay=weight_decay, T=T,
                         loss_average=loss_average, lr_cov=lr_cov, structures=structures, kfac_approx=kfac_approx,
                         kfac_like=kfac_like, preconditioner_dtype=preconditioner_dtype,
-                        normalize_lr_cov=normalize_lr_cov)
+                        normalize_lr_cov=normalize_lr_cov, **graft_defaults(graft, graft_betas, graft_eps))
+        check_graft_group(defaults)
         super().__init__(params, defaults)
         self.steps = 0
         self.capture = self._build_capture(model, tuple(skip_layers))
@@ -307,6 +322,7 @@ class SINGD(KfoptOptimizer):
             raise ValueError(f"kfac_approx: expected 'expand' or 'reduce', got {group['kfac_approx']!r}")
         check_bool("kfac_like", group["kfac_like"])
         check_bool("normalize_lr_cov", group["normalize_lr_cov"])
+        check_graft_group(group)
         dtypes = group["preconditioner_dtype"]
         if (not isinstance(dtypes, (tuple, list)) or len(dtypes) != 2
                 or any(d is not None and d not in _FACTOR_DTYPES for d in dtypes)):
@@ -402,13 +418,20 @@ class SINGD(KfoptOptimizer):
                 for layer in updated:
                     self._update_factors(layer, correction, finite)
                 preconditioned = set()
+                grafted = [] if self.defaults["graft"] != "none" else None
                 for layer in self._layers:
                     if layer.weight.grad is not None:
-                        self._update_layer(layer, finite)
+                        self._update_layer(layer, finite, grafted)
                         preconditioned.update(id(p) for p in (layer.weight, layer.bias) if p is not None)
                 for group, p in found:
                     if id(p) not in preconditioned:
-                        self._apply(p, group, p.grad, finite)
+                        if grafted is None:
+                            self._apply(p, group, p.grad, finite)
+                        else:
+                            grafted.append((group, p, p.grad, None, group["momentum"]))
+                if grafted:
+                    ok = grafted_step(self.state, grafted, None, found_inf=~finite)
+                    self._skip_counter(finite.device).add_((finite & (ok == 0)).to(torch.int32))
         self._finish_step()
         return loss
 
@@ -485,8 +508,9 @@ class SINGD(KfoptOptimizer):
         self._bind(layer)
         return getattr(layer, f"m_{key}")
 
-    def _update_layer(self, layer: _Layer, finite: torch.Tensor) -> None:
-        """``N = C C^T G K K^T`` and the parameter update of the layer's weight and bias (where ``finite``)."""
+    def _update_layer(self, layer: _Layer, finite: torch.Tensor, grafted: list | None) -> None:
+        """``N = C C^T G K K^T`` and the parameter update of the layer's weight and bias (where ``finite``);
+        grafting: ``(group, param, raw gradient, N part, momentum)`` appended to ``grafted`` instead."""
         weight, bias = layer.weight, layer.bias
         d_in = layer.captured.in_features
         g = weight.grad.reshape(layer.captured.out_features, d_in)
@@ -498,6 +522,11 @@ class SINGD(KfoptOptimizer):
         y = layer.C.matmul(y, transpose=True)
         natural = layer.C.matmul(y)
         group = self.param_groups[layer.group]
+        if grafted is not None:
+            grafted.append((group, weight, weight.grad, natural[:, :d_in].reshape(weight.shape), group["momentum"]))
+            if bias is not None and bias.grad is not None:
+                grafted.append((group, bias, bias.grad, natural[:, d_in], group["momentum"]))
+            return
         self._apply(weight, group, natural[:, :d_in].reshape(weight.shape), finite)
         if bias is not None:
             self._apply(bias, group, natural[:, d_in], finite)
@@ -546,7 +575,8 @@ class SINGD(KfoptOptimizer):
     def _state_spec(self, p: torch.Tensor, group: dict) -> dict:
         """``momentum_buffer`` (optional); a preconditioned layer's weight: its factors (required) and
         momenta (optional) by free-parameter tensor, of the shapes and dtypes of its structures."""
-        spec = {"momentum_buffer": (tuple(p.shape), (torch.promote_types(p.dtype, torch.float32),), False)}
+        spec = {"momentum_buffer": (tuple(p.shape), (torch.promote_types(p.dtype, torch.float32),), False),
+                **graft_state_spec(p)}
         layer = next((layer for layer in self._layers if layer.weight is p), None)
         if layer is not None:
             for key, structure_spec, side, dtype in self._factor_layout(layer, group):

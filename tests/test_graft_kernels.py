@@ -166,6 +166,18 @@ def test_non_finite_update_skips_every_tensor(where, medium_chunks, device):
         assert ref_skipped.item() == 1
 
 
+def test_found_inf_flag_skips_the_step(device):
+    """The caller's own verdict (``found_inf`` nonzero): nothing written, counted; zero: the step runs."""
+    gen = torch.Generator().manual_seed(11)
+    for flag, moved in ((1.0, False), (0.0, True)):
+        ts = make_tensors((3, 5), torch.float32, gen, device)
+        w = ts[0].clone()
+        skipped = torch.zeros((), dtype=torch.int32, device=device)
+        ok = graft_step(*columns([ts]), lr=0.1, skipped=skipped, found_inf=torch.tensor(flag, device=device))
+        assert ok.item() == float(moved) and skipped.item() == int(not moved)
+        assert torch.equal(ts[0], w) != moved
+
+
 def test_zero_direction_gives_zero_preconditioned_update(device):
     """||q|| = 0: d = 0 (only weight decay moves the param), the moments still advance."""
     gen = torch.Generator().manual_seed(5)

@@ -73,6 +73,13 @@ class OptimizerSpec:
         return {**self.defaults, **overrides}
 
 
+#: AdamW's peak lr per task (the baseline's, and the grafted variants': they run with AdamW's settings)
+ADAMW_LR = {"chars": 1.5e-3, "digits": 1e-2}
+#: AdamW's hyperparameters besides the lr (the baseline's; the grafted variants take its weight decay)
+ADAMW_DEFAULTS = {"betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.01}
+_GRAFTED = {"graft_betas": ADAMW_DEFAULTS["betas"], "graft_eps": ADAMW_DEFAULTS["eps"],
+            "weight_decay": ADAMW_DEFAULTS["weight_decay"]}
+
 #: compare's own data per optimizer of ``kfopt.registry.REGISTRY`` it runs: the peak lr per task, and
 #: hyperparameters on top of the registry's (``defaults``; per task: ``task_defaults``)
 _COMPARE: dict[str, dict] = {
@@ -88,6 +95,13 @@ _COMPARE: dict[str, dict] = {
     "mkorh": dict(lr={"chars": 3e-2, "digits": 2e-2}, task_defaults={"chars": {"loss_average": "batch+sequence"}}),
     "singd": dict(lr={"chars": 3e-3, "digits": 3e-3}, defaults={"T": 2, "lr_cov": 0.05, "damping": 1e-2},
                   task_defaults={"chars": {"loss_average": "batch+sequence"}}),
+    # the grafted variants: AdamW's lr and weight decay, each preconditioner's settings of its tuned entry
+    "kfac-graft": dict(lr=ADAMW_LR, defaults=_GRAFTED,
+                       task_defaults={"chars": {"loss_average": "batch+sequence"}, "digits": {"damping": 0.1}}),
+    "mkor-graft": dict(lr=ADAMW_LR, defaults=_GRAFTED, task_defaults={"chars": {"loss_average": "batch+sequence"}}),
+    "mkorh-graft": dict(lr=ADAMW_LR, defaults=_GRAFTED, task_defaults={"chars": {"loss_average": "batch+sequence"}}),
+    "singd-graft": dict(lr=ADAMW_LR, defaults={"T": 2, "lr_cov": 0.05, "damping": 1e-2, **_GRAFTED},
+                        task_defaults={"chars": {"loss_average": "batch+sequence"}}),
     "singd-toeplitz": dict(lr={"chars": 3e-3, "digits": 3e-3}, defaults={"T": 2, "lr_cov": 0.05, "damping": 1e-2},
                            task_defaults={"chars": {"loss_average": "batch+sequence"}}),
 }
@@ -95,15 +109,14 @@ _COMPARE: dict[str, dict] = {
 
 def _spec(entry: OptimizerEntry) -> OptimizerSpec:
     data = _COMPARE[entry.name]
-    defaults = {**entry.overrides, **data.get("defaults", {})}
+    defaults = {**{k: v for k, v in entry.overrides.items() if k != "lr"}, **data.get("defaults", {})}  # lr: per task
     return OptimizerSpec(entry.name, entry.module, entry.cls_name, lr=data["lr"], defaults=defaults,
                          task_defaults=data.get("task_defaults", {}), takes_model=entry.takes_model,
                          summary=entry.summary)
 
 
 REGISTRY: dict[str, OptimizerSpec] = {
-    "adamw": OptimizerSpec("adamw", "torch.optim", "AdamW", lr={"chars": 1.5e-3, "digits": 1e-2},
-                           defaults={"betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.01},
+    "adamw": OptimizerSpec("adamw", "torch.optim", "AdamW", lr=ADAMW_LR, defaults=ADAMW_DEFAULTS,
                            summary="torch.optim.AdamW, the baseline (always run)"),
     **{name: _spec(entry) for name, entry in OPTIMIZERS.items() if name in _COMPARE},
 }
