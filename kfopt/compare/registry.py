@@ -93,7 +93,9 @@ _COMPARE: dict[str, dict] = {
                  task_defaults={"chars": {"loss_average": "batch+sequence"}, "digits": {"damping": 0.1}}),
     "mkor": dict(lr={"chars": 3e-2, "digits": 2e-2}, task_defaults={"chars": {"loss_average": "batch+sequence"}}),
     "mkorh": dict(lr={"chars": 3e-2, "digits": 2e-2}, task_defaults={"chars": {"loss_average": "batch+sequence"}}),
-    "singd": dict(lr={"chars": 3e-3, "digits": 3e-3}, defaults={"T": 2, "lr_cov": 0.05, "damping": 1e-2},
+    # singd's own normalize_lr_cov=False: the sweeps that chose these values ran with it
+    "singd": dict(lr={"chars": 3e-3, "digits": 3e-3},
+                  defaults={"T": 2, "lr_cov": 0.05, "damping": 1e-2, "normalize_lr_cov": False},
                   task_defaults={"chars": {"loss_average": "batch+sequence"}}),
     # the grafted variants: AdamW's lr and weight decay, each preconditioner's settings of its tuned entry
     "kfac-graft": dict(lr=ADAMW_LR, defaults=_GRAFTED,
@@ -102,7 +104,8 @@ _COMPARE: dict[str, dict] = {
     "mkorh-graft": dict(lr=ADAMW_LR, defaults=_GRAFTED, task_defaults={"chars": {"loss_average": "batch+sequence"}}),
     "singd-graft": dict(lr=ADAMW_LR, defaults={"T": 2, "lr_cov": 0.05, "damping": 1e-2, **_GRAFTED},
                         task_defaults={"chars": {"loss_average": "batch+sequence"}}),
-    "singd-toeplitz": dict(lr={"chars": 3e-3, "digits": 3e-3}, defaults={"T": 2, "lr_cov": 0.05, "damping": 1e-2},
+    "singd-toeplitz": dict(lr={"chars": 3e-3, "digits": 3e-3},
+                           defaults={"T": 2, "lr_cov": 0.05, "damping": 1e-2, "normalize_lr_cov": False},
                            task_defaults={"chars": {"loss_average": "batch+sequence"}}),
 }
 
