@@ -725,11 +725,12 @@ def test_singd_defaults_on_an_ill_conditioned_problem_never_write_non_finite_val
 
 
 def test_a_blown_up_factor_update_keeps_the_last_finite_factors(torch_backend):
-    """The first step whose update overflows changes neither the factors, their momenta nor the weights."""
+    """The first step whose factor update overflows (the factors themselves or the natural gradient they
+    give) changes neither the factors, their momenta nor the weights."""
     x, y = ill_conditioned_least_squares()
     torch.manual_seed(0)
     model = nn.Linear(x.shape[1], y.shape[1])
-    opt = SINGD(model, normalize_lr_cov=False)
+    opt = SINGD(model, normalize_lr_cov=False, graft="adam")  # (grafted: the weights stay moderate)
 
     def everything():
         m_K, m_C = opt.momenta("")
@@ -745,9 +746,11 @@ def test_a_blown_up_factor_update_keeps_the_last_finite_factors(torch_backend):
             break
     assert opt._blowups.item() == 1, "no factor update blew up"
     after = everything()
-    assert len(after) == len(before) and len(after) > 4
+    assert len(before) >= 4
     for t, b in zip(after, before):
         assert torch.equal(t, b)
+    for m in after[len(before):]:  # factor momenta first needed in the skipped step: created as zeros
+        assert torch.equal(m, torch.zeros_like(m))
 
 
 def test_default_settings_train_the_ill_conditioned_problem(torch_backend):
