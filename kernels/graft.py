@@ -287,7 +287,8 @@ def graft_step(
     shape; ``exp_avgs``, ``exp_avg_sqs``, ``momentum_buffers`` contiguous fp32 of the params' shape
     (float64 on the reference path); ``steps`` 0-d fp32 counts of completed steps; ``skipped`` an
     optional 0-d int32 counter; ``found_inf`` an optional 0-d device flag from the caller's own checks
-    (nonzero: skip the step, counted in ``skipped``, e.g. a GradScaler's or non-finite statistics). Returns the step's 0-d fp32 ``ok`` flag (device tensor). ValueError
+    (nonzero: skip the step, counted in ``skipped``, e.g. a GradScaler's or non-finite statistics).
+    Returns the step's 0-d fp32 ``ok`` flag (device tensor). ValueError
     naming the argument for bad hyperparameters, shapes, or tensors the step writes sharing memory.
     """
     _check_shapes(params, grads, directions, exp_avgs, exp_avg_sqs, momentum_buffers, steps)
@@ -298,8 +299,8 @@ def graft_step(
         return torch.ones(())
     device = params[0].device
     for name, seq in (("params", params), ("grads", grads), ("directions", directions), ("exp_avgs", exp_avgs),
-                      ("exp_avg_sqs", exp_avg_sqs), ("momentum_buffers", [b for b in momentum_buffers if b is not None]),
-                      ("steps", steps)):
+                      ("exp_avg_sqs", exp_avg_sqs),
+                      ("momentum_buffers", [b for b in momentum_buffers if b is not None]), ("steps", steps)):
         check_same_device(name, seq, device)
     if found_inf is not None:
         found_inf = found_inf.reshape(()).to(device=device, dtype=torch.float32, non_blocking=True)
