@@ -43,7 +43,7 @@ import torch
 
 from kfopt.autotune import agree_on_configs
 
-from .graft import grafted_step, graft_state_spec
+from .graft import graft_state_spec, grafted_step
 from .lamb import LAMB
 from .optimizer import KfoptOptimizer
 from .validation import KIND_KEY, check_counter, check_keys, check_kind

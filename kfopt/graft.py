@@ -38,8 +38,8 @@ from .validation import TensorSpec, check_betas, check_positive
 
 #: the grafts (first-order methods whose step length the preconditioned direction takes), "none" first
 GRAFTS = ("none", *_KERNEL_GRAFTS)
-#: the graft hyperparameters and their defaults (AdamW's betas and eps)
-GRAFT_DEFAULTS = {"graft": "none", "graft_betas": (0.9, 0.999), "graft_eps": 1e-8}
+#: the defaults of ``graft_betas`` and ``graft_eps`` in every grafting optimizer (AdamW's)
+GRAFT_BETAS, GRAFT_EPS = (0.9, 0.999), 1e-8
 
 
 def graft_defaults(graft, graft_betas, graft_eps) -> dict:

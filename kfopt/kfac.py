@@ -138,7 +138,7 @@ from kfopt.kernels.multi_tensor import to_device
 from . import collectives
 from .capture import CallInfo, CapturedLayer, LayerCapture, LossAverage, loss_term_count
 from .composed import BaseOptimizer, ComposedOptimizer, check_base
-from .graft import check_graft_group, graft_defaults
+from .graft import GRAFT_BETAS, GRAFT_EPS, check_graft_group, graft_defaults
 from .kaisa import KAISAGroups, KAISAPlan, Strategy
 from .layer_state import LayerState, check_saved_factors, check_state_keys
 from .param_groups import param_groups
@@ -517,8 +517,9 @@ class KFAC(ComposedOptimizer):
     base optimizer is ``self.base`` (``kfopt.composed``).
 
     ``graft="adam"`` (``"rmsprop"``, ``"sgd"``; ``kfopt.graft``) replaces the base optimizer's step: each
-    preconditioned layer's weight and bias step along ``q`` with AdamW's step length, every other
-    parameter takes AdamW's update (moments of the raw gradient with ``graft_betas``, ``graft_eps``)::
+    preconditioned layer's weight and bias step along its preconditioned gradient (``momentum`` on it)
+    with AdamW's step length, every other parameter takes AdamW's update (moments of the raw gradient
+    with ``graft_betas``, ``graft_eps``)::
 
         buf <- momentum buf + P ;  w <- w - lr ((||a|| / ||buf||) buf + weight_decay w)
 
@@ -538,7 +539,7 @@ class KFAC(ComposedOptimizer):
                  skip_layers: Iterable[str | type] = (), symmetric_comm: bool = False, *,
                  assignment_strategy: Strategy = "compute", loss_average: LossAverage = "batch",
                  grad_scaler: torch.amp.GradScaler | None = None, graft: str = "none",
-                 graft_betas: tuple[float, float] = (0.9, 0.999), graft_eps: float = 1e-8):
+                 graft_betas: tuple[float, float] = GRAFT_BETAS, graft_eps: float = GRAFT_EPS):
         check_nonnegative("weight_decay", weight_decay)
         check_base(base)
         check_graft_group(graft_defaults(graft, graft_betas, graft_eps))

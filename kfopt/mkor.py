@@ -115,7 +115,7 @@ from kfopt.kernels.rank1_inverse import rank1_inverse_update
 from . import collectives
 from .capture import CallInfo, CapturedLayer, LayerCapture, LossAverage, loss_term_count
 from .composed import BaseOptimizer, ComposedOptimizer, check_base
-from .graft import check_graft_group, graft_defaults
+from .graft import GRAFT_BETAS, GRAFT_EPS, check_graft_group, graft_defaults
 from .layer_state import LayerState, check_saved_factors, check_state_keys
 from .param_groups import param_groups
 from .validation import KIND_KEY, check_int, check_keys, check_loss_average, check_nonnegative, check_positive, check_tensor
@@ -205,7 +205,7 @@ class MKOR(ComposedOptimizer):
                  stat_decay: float = 0.95, stabilizer_threshold: float = 10.0, stabilizer_blend: float = 0.9,
                  factor_dtype: torch.dtype = torch.float32, skip_layers: Iterable[str | type] = (), *,
                  loss_average: LossAverage = "batch", grad_scaler: torch.amp.GradScaler | None = None,
-                 graft: str = "none", graft_betas: tuple[float, float] = (0.9, 0.999), graft_eps: float = 1e-8,
+                 graft: str = "none", graft_betas: tuple[float, float] = GRAFT_BETAS, graft_eps: float = GRAFT_EPS,
                  **base_kwargs):
         check_nonnegative("lr", lr)
         check_graft_group(graft_defaults(graft, graft_betas, graft_eps))
@@ -481,7 +481,7 @@ class MKORH(MKOR):
                  factor_dtype: torch.dtype = torch.float32, skip_layers: Iterable[str | type] = (), *,
                  switch_window: int = 50, switch_fraction: float = 0.1, switch_patience: int = 2,
                  loss_average: LossAverage = "batch", grad_scaler: torch.amp.GradScaler | None = None,
-                 graft: str = "none", graft_betas: tuple[float, float] = (0.9, 0.999), graft_eps: float = 1e-8,
+                 graft: str = "none", graft_betas: tuple[float, float] = GRAFT_BETAS, graft_eps: float = GRAFT_EPS,
                  **base_kwargs):
         for name, value in (("switch_window", switch_window), ("switch_patience", switch_patience)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -155,7 +155,7 @@ from kfopt.kernels.dispatch import KERNEL_DTYPES, use_triton
 
 from . import collectives
 from .capture import CallInfo, CapturedLayer, LayerCapture, loss_term_count
-from .graft import check_graft_group, graft_defaults, graft_state_spec, grafted_step
+from .graft import GRAFT_BETAS, GRAFT_EPS, check_graft_group, graft_defaults, graft_state_spec, grafted_step
 from .layer_state import LayerState
 from .optimizer import KfoptOptimizer
 from .structures import Structure, StructureSpec, parse_structure
@@ -250,7 +250,7 @@ class SINGD(KfoptOptimizer):
                  structures: tuple[str, str] = ("dense", "dense"), kfac_approx: str = "expand",
                  kfac_like: bool = False, preconditioner_dtype: tuple = (None, None), normalize_lr_cov: bool = True,
                  skip_layers: Iterable[str | type] = (), *, grad_scaler: torch.amp.GradScaler | None = None,
-                 graft: str = "none", graft_betas: tuple[float, float] = (0.9, 0.999), graft_eps: float = 1e-8):
+                 graft: str = "none", graft_betas: tuple[float, float] = GRAFT_BETAS, graft_eps: float = GRAFT_EPS):
         inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
         if params is None:
             params = [p for p in inner.parameters() if p.requires_grad]
