@@ -7,10 +7,10 @@ Defaults
 ``normalize_lr_cov=True`` (``singd``: False). With the reference's defaults the factor step
 ``lr_cov * K m_K`` scales with ``avgtr(H_C) H_K``, i.e. with the square of the inputs' and output
 gradients' scale: on a least-squares problem whose inputs have a Hessian of condition number 1e4
-(largest eigenvalue ~1e4) the first factor update already overflows, and singd turns the weights into
-NaN within the first steps (kfopt skips those updates instead: below). Normalized factor steps
-(``lr_cov / max(1, max|m|)``) stay bounded whatever that scale and train the same problem to a loss
-1e-5 of its start in 200 steps with every other default unchanged (``tests/test_singd.py``); where
+(largest eigenvalue ~1e4) the factor updates overflow within the first steps and, unchecked, turn the
+weights into NaN (kfopt skips those updates instead: below). Normalized factor steps
+(``lr_cov / max(1, max|m|)``) stay bounded whatever that scale and train the same problem below 1e-4
+of its starting loss in 200 steps with every other default unchanged (``tests/test_singd.py``); where
 ``max|m| <= 1`` they only halve the step (``(1 - alpha1) / 2`` with ``alpha1 = 0.5``). Pass
 ``normalize_lr_cov=False`` for the reference's behaviour.
 
