@@ -361,12 +361,13 @@ def launch_chunks(kernel, table: TensorTable, config, args: Callable[[int, int],
     """Run a chunked kernel (one program per chunk) over every launch range ``[lo, hi)`` of ``table``::
 
         kernel[(hi - lo,)](addr, numel, chunk_tensor[lo:hi], chunk_start[lo:hi], hyper, *args(lo, hi),
-                           P_DT=, G_DT=, BLOCK=, CHUNK=, **constexprs, num_warps=)
+                           P_DT=, G_DT=, [D_DT=,] BLOCK=, CHUNK=, **constexprs, num_warps=)
 
-    ``P_DT``/``G_DT`` (the range's param and grad element types) only where the kernel takes them."""
+    ``P_DT``/``G_DT``/``D_DT`` (the element types of the range's dtype columns: params, grads, and a
+    third where the table has one, e.g. the graft's directions) only where the kernel takes them."""
     for lo, hi, dtypes in table.launches:
         if hi > lo:
-            dts = {name: tl_dtype(d) for name, d in zip(("P_DT", "G_DT"), dtypes) if name in kernel.arg_names}
+            dts = {name: tl_dtype(d) for name, d in zip(("P_DT", "G_DT", "D_DT"), dtypes) if name in kernel.arg_names}
             kernel[(hi - lo,)](table.addr, table.numel, table.chunk_tensor[lo:hi], table.chunk_start[lo:hi],
                                table.hyper, *args(lo, hi), **dts, BLOCK=config["BLOCK"], CHUNK=config["CHUNK"],
                                **constexprs, num_warps=config.num_warps)

@@ -9,7 +9,17 @@ torch.optim.Optimizer`` that must build its optimizer from the dicts it is given
 
     loss = closure()                                  (when given)
     GradScaler overflow (_grad_scaler_skips_step):    _discard_step(), nothing else changes
-    otherwise:                                        _second_order_step(); base.step()
+    otherwise, graft="none":                          _second_order_step(); base.step()
+    otherwise, graft="adam" ("rmsprop", "sgd"):       raw gradients kept, _second_order_step(), then the
+                                                      grafted update of ``kfopt.graft`` (the base
+                                                      optimizer does not step)
+
+Grafting (``kfopt.graft``): the weight and bias of every preconditioned layer take their preconditioned
+gradient's direction with the graft's step length, every other parameter the graft's update itself;
+``lr``, ``weight_decay`` (decoupled) and the subclass's momentum on the direction
+(``_graft_momentum``) come from the param group. The raw gradients of the preconditioned layers are
+copied before the preconditioner overwrites them (4 bytes per fp32 parameter of transient memory). The
+per-parameter state is then the graft's (the base optimizer keeps none).
 
 ``base.step()`` runs under ``kfopt.autotune.agree_on_configs()``: under ``torch.distributed`` every rank
 steps the same replicated weights, so the ranks use the same kernel configs (bit-identical replicas).
@@ -33,6 +43,7 @@ import torch
 
 from kfopt.autotune import agree_on_configs
 
+from .graft import graft_state_spec, grafted_step
 from .lamb import LAMB
 from .optimizer import KfoptOptimizer
 from .validation import KIND_KEY, check_counter, check_keys, check_kind
@@ -110,10 +121,34 @@ class ComposedOptimizer(KfoptOptimizer):
         if self._grad_scaler_skips_step(self.scaled_statistic):
             self._discard_step()
             return loss
-        self._second_order_step()
-        with agree_on_configs():  # every rank steps the same replicated weights
-            self.base.step()
+        if self.defaults["graft"] == "none":
+            self._second_order_step()
+            with agree_on_configs():  # every rank steps the same replicated weights
+                self.base.step()
+        else:
+            self._grafted_step()
         return loss
+
+    def _grafted_step(self) -> None:
+        """The raw gradients of the preconditioned parameters kept, ``_second_order_step()``, then one
+        grafted update of every parameter with a gradient (module docstring)."""
+        found = self._params_with_grads()
+        preconditioned = {id(p) for p in self._preconditioned_params()}
+        raw = [p.grad.clone() if id(p) in preconditioned else p.grad for _, p in found]
+        self._second_order_step()
+        if found:
+            entries = [(group, p, g, p.grad if id(p) in preconditioned else None, self._graft_momentum(group))
+                       for (group, p), g in zip(found, raw)]
+            with agree_on_configs():  # every rank steps the same replicated weights
+                grafted_step(self.state, entries, self._skip_counter(found[0][1].device))
+
+    def _preconditioned_params(self) -> list[torch.Tensor]:
+        """The weights and biases whose gradients ``_second_order_step`` replaces."""
+        raise NotImplementedError
+
+    def _graft_momentum(self, group: dict) -> float:
+        """The momentum of the grafted direction (``kfopt.graft``); 0: none."""
+        return 0.0
 
     def _check_hyperparameters(self) -> None:
         super()._check_hyperparameters()
@@ -126,7 +161,10 @@ class ComposedOptimizer(KfoptOptimizer):
             self.base._check_group(group)
 
     def _state_spec(self, p: torch.Tensor, group: dict) -> dict | None:
-        """The base optimizer's per-parameter state (kfopt bases, torch's SGD and AdamW; callables: None)."""
+        """The base optimizer's per-parameter state (kfopt bases, torch's SGD and AdamW; callables: None), or
+        the graft's when grafting."""
+        if self.defaults["graft"] != "none":
+            return graft_state_spec(p)
         base, shape = self.base, tuple(p.shape)
         if isinstance(base, KfoptOptimizer):
             return base._state_spec(p, group)
@@ -198,8 +236,17 @@ class ComposedOptimizer(KfoptOptimizer):
                                                                    KIND_KEY)}
         if isinstance(self.base, KfoptOptimizer):
             state[KIND_KEY] = type(self.base).__name__
-        self.base.load_state_dict({**state, "state": copy.deepcopy(state["state"])})  # torch's would alias
+        # the graft's state is loaded here: torch's bases would cast it to the param dtype, kfopt's reject it
+        base_state = {pid: {k: v for k, v in values.items() if not k.startswith("graft_")}
+                      for pid, values in state["state"].items()}
+        self.base.load_state_dict({**state, "state": copy.deepcopy(base_state)})  # torch's would alias
         self.param_groups = self.base.param_groups
         self.state = self.base.state
+        params = {pid: p for saved, group in zip(state_dict["param_groups"], self.param_groups)
+                  for pid, p in zip(saved["params"], group["params"])}
+        for pid, values in state_dict["state"].items():
+            for key, value in values.items():
+                if key.startswith("graft_"):
+                    self.state[params[pid]][key] = value.detach().clone().to(params[pid].device)
         self._skipped = state_dict[skipped_key].detach().clone()
         self._load_own_state(state_dict[self.state_key])

@@ -144,6 +144,7 @@ from kfopt.kernels.multi_tensor import to_device
 from . import collectives
 from .capture import CallInfo, CapturedLayer, LayerCapture, LossAverage, loss_term_count
 from .composed import BaseOptimizer, ComposedOptimizer, check_base
+from .graft import GRAFT_BETAS, GRAFT_EPS, check_graft_group, graft_defaults
 from .kaisa import KAISAGroups, KAISAPlan, Strategy
 from .layer_state import LayerState, check_saved_factors, check_state_keys
 from .param_groups import param_groups
@@ -566,9 +567,20 @@ class KFAC(ComposedOptimizer):
     decayed weights, and biases/normalisation weights with weight_decay 0); the other arguments are
     the preconditioner's (:class:`KFACPreconditioner`, available as ``self.preconditioner``); the
     base optimizer is ``self.base`` (``kfopt.composed``).
+
+    ``graft="adam"`` (``"rmsprop"``, ``"sgd"``; ``kfopt.graft``) replaces the base optimizer's step: each
+    preconditioned layer's weight and bias step along its preconditioned gradient (``momentum`` on it)
+    with AdamW's step length, every other parameter takes AdamW's update (moments of the raw gradient
+    with ``graft_betas``, ``graft_eps``)::
+
+        buf <- momentum buf + P ;  w <- w - lr ((||a|| / ||buf||) buf + weight_decay w)
+
+    (``P`` the preconditioned gradient, ``a`` the AdamW direction; no buffer with ``momentum=0``, then
+    ``buf = P``). With it, AdamW's ``lr``, schedule and ``weight_decay`` carry over unchanged.
     """
 
     _step_supports_amp_scaling = True
+    global_hyperparameters = ("graft",)
     state_key = "kfac"
     scaled_statistic = "G"
 
@@ -578,15 +590,18 @@ class KFAC(ComposedOptimizer):
                  compute_method: ComputeMethod = "eigen", base: BaseOptimizer = "sgd",
                  skip_layers: Iterable[str | type] = (), symmetric_comm: bool = False, *,
                  assignment_strategy: Strategy = "compute", loss_average: LossAverage = "batch",
-                 grad_scaler: torch.amp.GradScaler | None = None):
+                 grad_scaler: torch.amp.GradScaler | None = None, graft: str = "none",
+                 graft_betas: tuple[float, float] = GRAFT_BETAS, graft_eps: float = GRAFT_EPS):
         check_nonnegative("weight_decay", weight_decay)
         check_base(base)
+        check_graft_group(graft_defaults(graft, graft_betas, graft_eps))
         self.preconditioner = KFACPreconditioner(
             model, lr, damping, factor_decay, kl_clip, factor_update_steps, inv_update_steps,
             grad_worker_fraction, compute_method, skip_layers, symmetric_comm,
             assignment_strategy=assignment_strategy, loss_average=loss_average, grad_scaler=grad_scaler)
         self._grad_scaler = grad_scaler
-        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, damping=damping)
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, damping=damping,
+                        **graft_defaults(graft, graft_betas, graft_eps))
         try:  # a constructor that raises leaves the model without hooks
             super().__init__(param_groups(self.preconditioner.capture.model, weight_decay), defaults)
             self._build_base(base)
@@ -599,6 +614,13 @@ class KFAC(ComposedOptimizer):
         check_nonnegative("momentum", group["momentum"])
         check_nonnegative("weight_decay", group["weight_decay"])
         check_positive("damping", group["damping"])
+        check_graft_group(group)
+
+    def _preconditioned_params(self) -> list[torch.Tensor]:
+        return [p for layer in self.preconditioner._layers for p in (layer.weight, layer.bias) if p is not None]
+
+    def _graft_momentum(self, group: dict) -> float:
+        return group["momentum"]
 
     def _second_order_step(self) -> None:
         """``preconditioner.step()`` with each layer's group lr and damping."""

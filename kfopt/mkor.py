@@ -61,6 +61,13 @@ Base optimizer and param groups
     optimizer from the dicts it is given (then ``base_kwargs`` may only hold ``weight_decay``).
     ``weight_decay`` defaults to the base's default (LAMB, AdamW: 0.01; SGD and callables: 0).
 
+Grafting (``graft="adam"``, ``"rmsprop"``, ``"sgd"``; ``kfopt.graft``)
+    Replaces the base optimizer's step: ``w <- w - lr ((||a|| / ||V||) V + weight_decay w)`` for each
+    preconditioned layer's weight and bias (``V`` the preconditioned gradient above, ``a`` the AdamW
+    direction from the raw gradient's moments with ``graft_betas``, ``graft_eps``; MKOR has no
+    momentum of its own, so none on ``V``), AdamW's update for every other parameter, and for all of
+    them once MKOR-H has switched. AdamW's ``lr``, schedule and ``weight_decay`` carry over.
+
 Distributed (``torch.distributed`` initialised, model wrapped in ``DistributedDataParallel`` so that
 every rank starts ``step()`` with the same gradients)
     On factor-update steps, each rank's sums and counts are averaged over all ranks in two
@@ -110,6 +117,7 @@ from kfopt.kernels.rank1_inverse import rank1_inverse_update
 from . import collectives
 from .capture import CallInfo, CapturedLayer, LayerCapture, LossAverage, loss_term_count
 from .composed import BaseOptimizer, ComposedOptimizer, check_base
+from .graft import GRAFT_BETAS, GRAFT_EPS, check_graft_group, graft_defaults
 from .layer_state import LayerState, check_saved_factors, check_state_keys
 from .param_groups import param_groups
 from .validation import KIND_KEY, check_int, check_keys, check_loss_average, check_nonnegative, check_positive, check_tensor
@@ -182,6 +190,7 @@ class MKOR(ComposedOptimizer):
         skip_layers: module names or types not to precondition (as ``LayerCapture``).
         loss_average: how the backpropagated loss averages its terms (``kfopt.capture.loss_term_count``).
         grad_scaler: the ``torch.amp.GradScaler`` whose scale output gradients are divided by.
+        graft, graft_betas, graft_eps: grafting (module docstring; "none": the base optimizer's step).
         **base_kwargs: the base optimizer's other arguments (``weight_decay``, ``betas``, ``momentum``...).
 
     Attributes: ``base`` (the base optimizer), ``steps`` (completed steps), ``layers`` (names of the
@@ -190,6 +199,7 @@ class MKOR(ComposedOptimizer):
     """
 
     _step_supports_amp_scaling = True
+    global_hyperparameters = ("graft",)
     state_key = "mkor"
     scaled_statistic = "g"
 
@@ -197,8 +207,10 @@ class MKOR(ComposedOptimizer):
                  stat_decay: float = 0.95, stabilizer_threshold: float = 10.0, stabilizer_blend: float = 0.9,
                  factor_dtype: torch.dtype = torch.float32, skip_layers: Iterable[str | type] = (), *,
                  loss_average: LossAverage = "batch", grad_scaler: torch.amp.GradScaler | None = None,
+                 graft: str = "none", graft_betas: tuple[float, float] = GRAFT_BETAS, graft_eps: float = GRAFT_EPS,
                  **base_kwargs):
         check_nonnegative("lr", lr)
+        check_graft_group(graft_defaults(graft, graft_betas, graft_eps))
         if isinstance(inv_freq, bool) or not isinstance(inv_freq, int) or inv_freq < 1:
             raise ValueError(f"inv_freq: expected an int >= 1, got {inv_freq!r}")
         if not (isinstance(stat_decay, (int, float)) and not isinstance(stat_decay, bool) and 0 < stat_decay < 1):
@@ -239,7 +251,8 @@ class MKOR(ComposedOptimizer):
             self.steps = 0
             self.last_ratios: torch.Tensor | None = None
 
-            super().__init__(param_groups(self.capture.model, weight_decay), dict(lr=lr, weight_decay=weight_decay))
+            super().__init__(param_groups(self.capture.model, weight_decay),
+                             dict(lr=lr, weight_decay=weight_decay, **graft_defaults(graft, graft_betas, graft_eps)))
             self._build_base(base, **{k: v for k, v in base_kwargs.items() if k != "weight_decay"})
         except BaseException:
             self.capture.remove()
@@ -251,6 +264,10 @@ class MKOR(ComposedOptimizer):
     def _check_group(self, group: dict) -> None:
         check_nonnegative("lr", group["lr"])
         check_nonnegative("weight_decay", group["weight_decay"])
+        check_graft_group(group)
+
+    def _preconditioned_params(self) -> list[torch.Tensor]:
+        return [p for layer in self._layers for p in (layer.weight, layer.bias) if p is not None]
 
     def _second_order_step(self) -> None:
         """Factor update (when due) and preconditioning; then prepare the capture for the next step."""
@@ -475,6 +492,7 @@ class MKORH(MKOR):
                  factor_dtype: torch.dtype = torch.float32, skip_layers: Iterable[str | type] = (), *,
                  switch_window: int = 50, switch_fraction: float = 0.1, switch_patience: int = 2,
                  loss_average: LossAverage = "batch", grad_scaler: torch.amp.GradScaler | None = None,
+                 graft: str = "none", graft_betas: tuple[float, float] = GRAFT_BETAS, graft_eps: float = GRAFT_EPS,
                  **base_kwargs):
         for name, value in (("switch_window", switch_window), ("switch_patience", switch_patience)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -484,7 +502,7 @@ class MKORH(MKOR):
             raise ValueError(f"switch_fraction: expected a number in (0, 1), got {switch_fraction!r}")
         super().__init__(model, lr, base, inv_freq, stat_decay, stabilizer_threshold, stabilizer_blend,
                          factor_dtype, skip_layers, loss_average=loss_average, grad_scaler=grad_scaler,
-                         **base_kwargs)
+                         graft=graft, graft_betas=graft_betas, graft_eps=graft_eps, **base_kwargs)
         self.switch_window, self.switch_fraction, self.switch_patience = switch_window, switch_fraction, switch_patience
         self.switched_at: int | None = None
         self.window_means: list[float] = []

@@ -1,6 +1,18 @@
 r"""``kfopt.SINGD``: structured inverse-free natural gradient descent (Lin, Dangel, Eschenhagen et al., ICML
-2024), with the arguments, defaults and update of the reference package ``singd`` (0.0.5), on kfopt's
-layer capture and structured kernels. The math is in ``docs/singd.md``.
+2024), with the arguments, defaults (all but ``normalize_lr_cov``, below) and update of the reference package
+``singd`` (0.0.5), on kfopt's layer capture and structured kernels. The math is in ``docs/singd.md``.
+
+Defaults
+========
+``normalize_lr_cov=True`` (``singd``: False). With the reference's defaults the factor step
+``lr_cov * K m_K`` scales with ``avgtr(H_C) H_K``, i.e. with the square of the inputs' and output
+gradients' scale: on a least-squares problem whose inputs have a Hessian of condition number 1e4
+(largest eigenvalue ~1e4) the factor updates overflow within the first steps and, unchecked, turn the
+weights into NaN (kfopt skips those updates instead: below). Normalized factor steps
+(``lr_cov / max(1, max|m|)``) stay bounded whatever that scale and train the same problem below 1e-4
+of its starting loss in 200 steps with every other default unchanged (``tests/test_singd.py``); where
+``max|m| <= 1`` they only halve the step (``(1 - alpha1) / 2`` with ``alpha1 = 0.5``). Pass
+``normalize_lr_cov=False`` for the reference's behaviour.
 
 Per preconditioned layer (``nn.Linear``, ``nn.Conv2d`` with groups=1; ``G = [dW | db]``, d_out x d_K)
 ======================================================================================================
@@ -50,6 +62,16 @@ weight decay. (The reference leaves them untrained.) ``params=None`` trains ever
 that requires grad; a layer's weight and bias must be in the same param group. Momentum buffers are fp32
 (float64 for float64 parameters); parameters are updated in fp32 and rounded to their dtype.
 
+Grafting (``graft="adam"``, ``"rmsprop"``, ``"sgd"``; ``kfopt.graft``): the parameter update above is
+replaced by, per preconditioned weight and bias (``N`` its part of the natural gradient, ``a`` the
+AdamW direction from the raw gradient's moments with ``graft_betas``, ``graft_eps``)::
+
+    buf <- momentum buf + N ;   w <- w - lr ((||a|| / ||buf||) buf + weight_decay w)
+
+(``buf = N`` with ``momentum=0``), and by AdamW's update ``w <- w - lr (a + weight_decay w)`` for the
+other parameters: weight decay is decoupled, and AdamW's ``lr``, schedule and ``weight_decay`` carry
+over. The graft's state (fp32 moments, step, ``graft_momentum_buffer``) replaces ``momentum_buffer``.
+
 Param groups carry every hyperparameter above (per group, so LR schedulers and per-group structures
 work). ``lr`` may be a one-element floating tensor (as some schedulers and ``torch.compile`` users set
 it; ``device_lr``): its form is checked at every step on the host, its value on the device, without a
@@ -57,8 +79,8 @@ host synchronisation: a step with a NaN, infinite or negative tensor lr is skipp
 step with a non-finite gradient (below). The parameter update is then ``w - (lr * d)`` instead of
 ``w + (-lr) * d``, equal to the float lr's within rounding. ``structures`` and
 ``preconditioner_dtype`` are read when the factors are built (construction); changing them in a group
-afterwards has no effect. Layers are selected at construction: parameters
-added later with ``add_param_group`` get the first-order rule.
+afterwards has no effect. Layers are selected at construction: parameters added later with
+``add_param_group`` get the first-order rule.
 
 AMP
 ===
@@ -83,8 +105,8 @@ Calling ``scaler.unscale_(opt)`` before ``scaler.step`` (to clip gradients) requ
 ``grad_scaler=scaler`` (otherwise the statistics' scale is unknown: RuntimeError).
 The reference's ``init_grad_scale`` (an approximation of that unknown scale) is therefore not needed.
 
-Non-finite gradients and statistics
-===================================
+Non-finite gradients, statistics and updates
+============================================
 With or without a GradScaler, a step whose gradients (any parameter's) or due statistics (``H_K``,
 ``H_C`` after the rank average) hold NaN/inf is skipped on the device, without a host sync (as
 ``kfopt.LAMB``, ``LARS`` and ``SONew`` skip one): parameters, momentum buffers, factors and momenta keep
@@ -92,6 +114,15 @@ their values bit for bit, ``skipped_steps`` is incremented, the statistics are d
 incremented (as for a GradScaler skip). The update is computed and committed with ``torch.where`` on a device flag; the
 only state a skipped step can add is a momentum buffer or factor momentum first needed in it, created
 as zeros (the value it stands for while absent).
+
+The same holds when the inputs are finite but SINGD's own update is not (a factor step too large for the
+problem's scale overflows the new factors, their momenta, or the natural gradient computed with them):
+the new factors, momenta and the parameter update are formed first, checked on the device, and
+committed only when all are finite -- factors keep their last finite values, weights never receive a
+non-finite value. Such a step counts in ``skipped_steps``; reading ``skipped_steps`` warns once
+(``RuntimeWarning``) when any were skipped for this reason (the warning reads the count, a host
+synchronisation that ``step()`` never makes). With grafting the graft kernel makes the parameter-side
+check (``kfopt.kernels.graft``) and the factors commit only when it took the step.
 
 Distributed
 ===========
@@ -134,6 +165,7 @@ from kfopt.kernels.dispatch import KERNEL_DTYPES, use_triton
 
 from . import collectives
 from .capture import CallInfo, CapturedLayer, LayerCapture, loss_term_count
+from .graft import GRAFT_BETAS, GRAFT_EPS, check_graft_group, graft_defaults, graft_state_spec, grafted_step
 from .layer_state import LayerState
 from .optimizer import KfoptOptimizer
 from .structures import Structure, StructureSpec, parse_structure
@@ -213,8 +245,10 @@ class SINGD(KfoptOptimizer):
         kfac_approx: ``"expand"`` or ``"reduce"`` for layers with shared dimensions.
         kfac_like: the IKFAC update (forces alpha1 = 0).
         preconditioner_dtype: storage dtypes of (K and m_K, C and m_C); None: the weight's dtype.
-        normalize_lr_cov: normalized gradient descent on the factors.
+        normalize_lr_cov: normalized gradient descent on the factors. True by default, unlike ``singd``'s
+            False (module docstring, Defaults): the one default that differs from the reference.
         skip_layers: module names or types not to precondition (their parameters get the first-order rule).
+        graft, graft_betas, graft_eps: grafting (module docstring; "none": the update above).
         grad_scaler: the ``torch.amp.GradScaler`` in use, to unscale output gradients as they arrive
             (needed when ``scaler.unscale_`` is called before ``scaler.step``); keyword only.
 
@@ -226,22 +260,27 @@ class SINGD(KfoptOptimizer):
     _step_supports_amp_scaling = True
     _rescales_statistics = True
     device_lr = True
+    global_hyperparameters = ("graft",)
 
     def __init__(self, model: nn.Module, params: Iterable | None = None, lr: float = 1e-3, momentum: float = 0.9,
                  damping: float = 1e-3, alpha1: float = 0.5, weight_decay: float = 0.0, T: int = 10,
                  loss_average: str | None = "batch", lr_cov: float | Callable[[int], float] = 1e-2,
                  structures: tuple[str, str] = ("dense", "dense"), kfac_approx: str = "expand",
-                 kfac_like: bool = False, preconditioner_dtype: tuple = (None, None), normalize_lr_cov: bool = False,
-                 skip_layers: Iterable[str | type] = (), *, grad_scaler: torch.amp.GradScaler | None = None):
+                 kfac_like: bool = False, preconditioner_dtype: tuple = (None, None), normalize_lr_cov: bool = True,
+                 skip_layers: Iterable[str | type] = (), *, grad_scaler: torch.amp.GradScaler | None = None,
+                 graft: str = "none", graft_betas: tuple[float, float] = GRAFT_BETAS, graft_eps: float = GRAFT_EPS):
         inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
         if params is None:
             params = [p for p in inner.parameters() if p.requires_grad]
         defaults = dict(lr=lr, momentum=momentum, damping=damping, alpha1=alpha1, weight_decay=weight_decay, T=T,
                         loss_average=loss_average, lr_cov=lr_cov, structures=structures, kfac_approx=kfac_approx,
                         kfac_like=kfac_like, preconditioner_dtype=preconditioner_dtype,
-                        normalize_lr_cov=normalize_lr_cov)
+                        normalize_lr_cov=normalize_lr_cov, **graft_defaults(graft, graft_betas, graft_eps))
+        check_graft_group(defaults)
         super().__init__(params, defaults)
         self.steps = 0
+        self._blowups: torch.Tensor | None = None  # steps skipped because the update itself blew up
+        self._warned = False
         self.capture = self._build_capture(model, tuple(skip_layers))
         try:  # a constructor that raises leaves the model without hooks
             self.capture.set_grad_scale(grad_scaler)
@@ -326,6 +365,7 @@ class SINGD(KfoptOptimizer):
             raise ValueError(f"kfac_approx: expected 'expand' or 'reduce', got {group['kfac_approx']!r}")
         check_bool("kfac_like", group["kfac_like"])
         check_bool("normalize_lr_cov", group["normalize_lr_cov"])
+        check_graft_group(group)
         dtypes = group["preconditioner_dtype"]
         if (not isinstance(dtypes, (tuple, list)) or len(dtypes) != 2
                 or any(d is not None and d not in _FACTOR_DTYPES for d in dtypes)):
@@ -418,16 +458,33 @@ class SINGD(KfoptOptimizer):
         if inputs:
             with agree_on_configs():  # every rank updates the same factors and weights
                 finite = self._finite(inputs)
+                # new factors and momenta, the natural gradient computed with them; committed below only
+                # where everything is finite (the update's own blow-up keeps the last finite factors)
+                pending, new_factors = [], {}
                 for layer in updated:
-                    self._update_factors(layer, correction, finite)
-                preconditioned = set()
+                    commits, new_factors[layer.name] = self._update_factors(layer, correction)
+                    pending += commits
+                preconditioned, directions = set(), []
                 for layer in self._layers:
                     if layer.weight.grad is not None:
-                        self._update_layer(layer, finite)
+                        directions += self._natural_gradient(layer, *new_factors.get(layer.name, (layer.K, layer.C)))
                         preconditioned.update(id(p) for p in (layer.weight, layer.bias) if p is not None)
-                for group, p in found:
-                    if id(p) not in preconditioned:
-                        self._apply(p, group, p.grad, finite)
+                first_order = [(group, p) for group, p in found if id(p) not in preconditioned]
+                if self.defaults["graft"] != "none":
+                    finite = self._blew_up(finite, [t for _, new in pending for t in new])
+                    entries = [(group, p, p.grad, d, group["momentum"]) for group, p, d in directions
+                               if p.grad is not None] + [(group, p, p.grad, None, group["momentum"])
+                                                         for group, p in first_order]
+                    if entries:  # the graft kernel finds a non-finite update itself
+                        finite = self._blew_up(finite, [], grafted_step(self.state, entries, None,
+                                                                        found_inf=~finite) != 0)
+                else:
+                    finite = self._blew_up(finite, [t for _, new in pending for t in new]
+                                           + [d for _, _, d in directions])
+                    for group, p, d in directions + [(group, p, p.grad) for group, p in first_order]:
+                        self._apply(p, group, d, finite)
+                for targets, new in pending:
+                    _commit(finite, targets, new)
         self._finish_step()
         return loss
 
@@ -464,14 +521,45 @@ class SINGD(KfoptOptimizer):
         self._skip_counter(finite.device).add_((~finite).to(torch.int32))
         return finite
 
+    def _blew_up(self, finite: torch.Tensor, new: list[torch.Tensor], ok: torch.Tensor | None = None) -> torch.Tensor:
+        """``finite`` and every tensor of ``new`` (factors, momenta, updates computed from finite inputs) finite
+        [and ``ok``]: a 0-d bool on the device. Where ``finite`` holds but the result does not, this step's
+        own update blew up: it is skipped (counted in ``skipped_steps`` and in the blow-ups that
+        ``skipped_steps`` warns about once)."""
+        healthy = finite
+        if new:
+            healthy = healthy & torch.stack([torch.isfinite(t).all() for t in new]).all()
+        if ok is not None:
+            healthy = healthy & ok
+        blew_up = (finite & ~healthy).to(torch.int32)
+        self._skip_counter(finite.device).add_(blew_up)
+        if self._blowups is None:
+            self._blowups = torch.zeros((), dtype=torch.int32, device=finite.device)
+        self._blowups.add_(blew_up.to(self._blowups.device))
+        return healthy
+
+    @property
+    def skipped_steps(self) -> torch.Tensor:
+        """Every skipped step (a 0-d int32 count). Reading it warns once when steps were skipped because
+        SINGD's own update blew up (a host synchronisation, here only: never in ``step()``)."""
+        if not self._warned and self._blowups is not None and int(self._blowups):
+            self._warned = True
+            warnings.warn(f"SINGD skipped {int(self._blowups)} step(s) whose factor or parameter update was not "
+                          "finite (factors and weights kept their last finite values); the factor step is too large "
+                          "for this problem: use normalize_lr_cov=True, a smaller lr_cov or a larger damping",
+                          RuntimeWarning, stacklevel=2)
+        return super().skipped_steps
+
     def _finish_step(self) -> None:
         self._discard_statistics()
         self.steps += 1
         self._arm()
 
-    def _update_factors(self, layer: _Layer, correction: float | torch.Tensor, finite: torch.Tensor) -> None:
-        """The momentum and factor updates of the module docstring, in fp32 (float64); committed only where
-        ``finite``."""
+    def _update_factors(self, layer: _Layer, correction: float | torch.Tensor
+                        ) -> tuple[list[tuple[list[torch.Tensor], list[torch.Tensor]]], tuple[Structure, Structure]]:
+        """The momentum and factor updates of the module docstring, in fp32 (float64): ``(targets, new
+        values)`` pairs for the caller to commit (only where the step is finite), and the new (K, C)."""
+        pending, factors = [], []
         group = self.param_groups[layer.group]
         damping, alpha1 = group["damping"], group["alpha1"]
         scale = 0.5 * ((1.0 - alpha1) if group["normalize_lr_cov"] else 1.0)
@@ -491,14 +579,16 @@ class SINGD(KfoptOptimizer):
                 if m is None:
                     m = self._new_momentum(layer, key)
                 new_m.add_(m, alpha1)
-                _commit(finite, m.tensors, new_m.tensors)
+                pending.append((m.tensors, new_m.tensors))
             step_size = lr_cov
             if group["normalize_lr_cov"]:
                 step_size = lr_cov / new_m.abs_max().clamp(min=1.0)
             factor = getattr(layer, key)
             new = factor.clone().add_(factor.compose(new_m),
                                       -step_size if isinstance(step_size, torch.Tensor) else -float(step_size))
-            _commit(finite, factor.tensors, new.tensors)
+            pending.append((factor.tensors, new.tensors))
+            factors.append(new)
+        return pending, (factors[0], factors[1])
 
     def _new_momentum(self, layer: _Layer, key: str) -> Structure:
         factor = getattr(layer, key)
@@ -508,22 +598,22 @@ class SINGD(KfoptOptimizer):
         self._bind(layer)
         return getattr(layer, f"m_{key}")
 
-    def _update_layer(self, layer: _Layer, finite: torch.Tensor) -> None:
-        """``N = C C^T G K K^T`` and the parameter update of the layer's weight and bias (where ``finite``)."""
+    def _natural_gradient(self, layer: _Layer, K: Structure, C: Structure) -> list[tuple[dict, torch.Tensor,
+                                                                                          torch.Tensor]]:
+        """``N = C C^T G K K^T`` as ``(group, param, its part of N)`` for the layer's weight and bias."""
         weight, bias = layer.weight, layer.bias
         d_in = layer.captured.in_features
         g = weight.grad.reshape(layer.captured.out_features, d_in)
         if bias is not None:
             bias_grad = bias.grad if bias.grad is not None else torch.zeros_like(bias)
             g = torch.cat([g, bias_grad.reshape(-1, 1).to(g.dtype)], dim=1)
-        y = layer.K.matmul(g, right=True)
-        y = layer.K.matmul(y, transpose=True, right=True)
-        y = layer.C.matmul(y, transpose=True)
-        natural = layer.C.matmul(y)
+        y = K.matmul(g, right=True)
+        y = K.matmul(y, transpose=True, right=True)
+        y = C.matmul(y, transpose=True)
+        natural = C.matmul(y)
         group = self.param_groups[layer.group]
-        self._apply(weight, group, natural[:, :d_in].reshape(weight.shape), finite)
-        if bias is not None:
-            self._apply(bias, group, natural[:, d_in], finite)
+        parts = [(group, weight, natural[:, :d_in].reshape(weight.shape))]
+        return parts + ([(group, bias, natural[:, d_in])] if bias is not None else [])
 
     def _apply(self, p: torch.Tensor, group: dict, direction: torch.Tensor, finite: torch.Tensor) -> None:
         """``d = direction + weight_decay w``; heavy-ball ``buf = momentum buf + d``; ``w -= lr buf``; the
@@ -575,7 +665,8 @@ class SINGD(KfoptOptimizer):
     def _state_spec(self, p: torch.Tensor, group: dict) -> dict:
         """``momentum_buffer`` (optional); a preconditioned layer's weight: its factors (required) and
         momenta (optional) by free-parameter tensor, of the shapes and dtypes of its structures."""
-        spec = {"momentum_buffer": (tuple(p.shape), (torch.promote_types(p.dtype, torch.float32),), False)}
+        spec = {"momentum_buffer": (tuple(p.shape), (torch.promote_types(p.dtype, torch.float32),), False),
+                **graft_state_spec(p)}
         layer = next((layer for layer in self._layers if layer.weight is p), None)
         if layer is not None:
             for key, structure_spec, side, dtype in self._factor_layout(layer, group):

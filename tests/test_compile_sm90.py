@@ -210,6 +210,10 @@ def _optimizer_steps(dt):
         lambda m: kfopt.KFAC(m, inv_update_steps=1, base="lamb", compute_method="inverse"),
         lambda m: kfopt.MKOR(m, inv_freq=1), lambda m: kfopt.MKOR(m, inv_freq=1, factor_dtype=torch.bfloat16),
         lambda m: kfopt.MKORH(m, inv_freq=1),
+        # grafting (kernels/graft.py): with a momentum buffer and the optimizer's skip counter (K-FAC), and
+        # with the caller's found_inf flag and no counter (SINGD)
+        lambda m: kfopt.KFAC(m, inv_update_steps=1, graft="adam"),
+        lambda m: kfopt.SINGD(m, T=1, graft="adam", momentum=0.0),
     ] + [lambda m, s=s: kfopt.SINGD(m, T=1, structures=s) for s in (
         ("dense", "dense"), ("diagonal", "block4diagonal"), ("tril", "triu"), ("triltoeplitz", "triutoeplitz"),
         ("hierarchical3_2", "dense"))]

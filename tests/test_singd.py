@@ -57,7 +57,7 @@ class ReferenceSINGD:
     """Dense float64 SINGD (docs/singd.md) on a model; hooks of its own collect the rows."""
 
     def __init__(self, model, lr, momentum, damping, alpha1, weight_decay, T, loss_average, lr_cov, structures,
-                 kfac_approx="expand", kfac_like=False, normalize_lr_cov=False):
+                 kfac_approx="expand", kfac_like=False, normalize_lr_cov=True):
         self.hp = dict(lr=lr, momentum=momentum, damping=damping, alpha1=0.0 if kfac_like else alpha1,
                        weight_decay=weight_decay, T=T, loss_average=loss_average, lr_cov=lr_cov,
                        kfac_approx=kfac_approx, kfac_like=kfac_like, normalize=normalize_lr_cov)
@@ -225,7 +225,7 @@ def test_matches_float64_equations(structures, bias, T, kfac_like, torch_backend
     torch.manual_seed(0)
     model = MLP(bias=bias).double()
     hp = dict(lr=0.05, momentum=0.9, damping=5e-2, alpha1=0.5, weight_decay=1e-2, T=T, lr_cov=0.05,
-              structures=structures, kfac_like=kfac_like)
+              structures=structures, kfac_like=kfac_like, normalize_lr_cov=False)  # singd's factor step
     opt = run_both(model, batches(5, (8, 5), 3), hp)
     assert len(opt.layers) == 2
     K, _ = opt.factors("fc1")
@@ -597,3 +597,85 @@ def test_float64_factors_need_the_pytorch_path():
     """Under the interpreter the kernels run: they take fp32/bf16/fp16 factors only."""
     with pytest.raises(ValueError, match="preconditioner_dtype"):
         SINGD(MLP(), preconditioner_dtype=(torch.float64, None))
+
+
+# ----------------------------------------------------------------------------- robust defaults
+
+
+def ill_conditioned_least_squares(cond=1e4, d=20, k=5, n=256):
+    """Inputs whose Gram matrix ``x^T x / n`` has condition number ~``cond`` (singular values of x spread
+    geometrically over ``sqrt(cond)``, largest ~``sqrt(cond)``), exact linear targets."""
+    gen = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=gen))
+    x = torch.randn(n, d, generator=gen) @ torch.diag(torch.logspace(0, 0.5 * math.log10(cond), d)) @ q.T
+    return x, x @ torch.randn(d, k, generator=gen)
+
+
+def train_least_squares(steps, **hp):
+    x, y = ill_conditioned_least_squares()
+    torch.manual_seed(0)
+    model = nn.Linear(x.shape[1], y.shape[1])
+    opt = SINGD(model, **hp)
+    losses, weights_finite, factors_finite = [], [], []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = (model(x) - y).square().mean()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        weights_finite.append(all(bool(torch.isfinite(p).all()) for p in model.parameters()))
+        K, C = opt.factors("")
+        factors_finite.append(all(bool(torch.isfinite(t).all()) for t in K.tensors + C.tensors))
+    return opt, losses, weights_finite, factors_finite
+
+
+@pytest.mark.parametrize("graft", ["none", "adam"])
+def test_singd_defaults_on_an_ill_conditioned_problem_never_write_non_finite_values(graft, torch_backend):
+    """singd 0.0.5's defaults (normalize_lr_cov=False) on least squares with condition number 1e4: the first
+    factor update overflows (the reference turns the weights into NaN). Weights and factors stay finite at
+    every step, the blown-up steps are counted, and reading ``skipped_steps`` warns once."""
+    opt, losses, weights_finite, factors_finite = train_least_squares(30, normalize_lr_cov=False, graft=graft)
+    assert all(weights_finite) and all(factors_finite)
+    assert opt._blowups.item() > 0
+    with pytest.warns(RuntimeWarning, match="update was not finite"):
+        skipped = int(opt.skipped_steps)
+    assert skipped >= opt._blowups.item()  # (plus steps whose gradients overflowed: the inputs' skips)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        int(opt.skipped_steps)  # once only
+
+
+def test_a_blown_up_factor_update_keeps_the_last_finite_factors(torch_backend):
+    """The first step whose factor update overflows (the factors themselves or the natural gradient they
+    give) changes neither the factors, their momenta nor the weights."""
+    x, y = ill_conditioned_least_squares()
+    torch.manual_seed(0)
+    model = nn.Linear(x.shape[1], y.shape[1])
+    opt = SINGD(model, normalize_lr_cov=False, graft="adam")  # (grafted: the weights stay moderate)
+
+    def everything():
+        m_K, m_C = opt.momenta("")
+        return [*model.parameters(), *opt.factors("")[0].tensors, *opt.factors("")[1].tensors,
+                *(m_K.tensors if m_K is not None else []), *(m_C.tensors if m_C is not None else [])]
+
+    for step in range(30):
+        before = [t.clone() for t in everything()]
+        opt.zero_grad()
+        (model(x) - y).square().mean().backward()
+        opt.step()
+        if opt._blowups.item():
+            break
+    assert opt._blowups.item() == 1, "no factor update blew up"
+    after = everything()
+    assert len(before) >= 4
+    for t, b in zip(after, before):
+        assert torch.equal(t, b)
+    for m in after[len(before):]:  # factor momenta first needed in the skipped step: created as zeros
+        assert torch.equal(m, torch.zeros_like(m))
+
+
+def test_default_settings_train_the_ill_conditioned_problem(torch_backend):
+    """kfopt's defaults (normalize_lr_cov=True, everything else singd's) train it without tuning."""
+    opt, losses, weights_finite, _ = train_least_squares(200)
+    assert all(weights_finite) and int(opt.skipped_steps) == 0
+    assert losses[-1] < 1e-4 * losses[0], (losses[0], losses[-1])

@@ -33,7 +33,7 @@ from .helpers import (
 pytestmark = pytest.mark.usefixtures("torch_path")
 
 #: (checkpoint of, loaded into) pairs that are documented to load: an MKOR checkpoint continues as MKOR-H
-COMPATIBLE = {("mkor", "mkorh")}
+COMPATIBLE = {("mkor", "mkorh"), ("mkor-graft", "mkorh-graft")}
 
 
 def _trained(name: str, steps: int = 2):

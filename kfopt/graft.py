@@ -1,0 +1,96 @@
+r"""Grafting for the Kronecker-factored optimizers (K-FAC, MKOR/MKOR-H, SINGD): ``graft="adam"``.
+
+The preconditioner chooses each tensor's direction, a first-order method its step length (Distributed
+Shampoo's grafting; SONew does the same with its own statistics). With ``graft`` "adam" (or "rmsprop",
+"sgd") the optimizer's own update is replaced by, per parameter tensor (``kfopt.kernels.graft``)::
+
+    m <- b1 m + (1 - b1) g ;  v <- b2 v + (1 - b2) g^2        (g: the raw gradient; (b1, b2) = graft_betas)
+    a  = m^ / (sqrt(v^) + graft_eps)                            (the AdamW direction; "rmsprop":
+                                                                 g / (sqrt(v^) + graft_eps), "sgd": g)
+    buf <- mu buf + P,  q = buf  (mu = the method's momentum, when nonzero)   or   q = P
+    d  = (||a|| / ||q||) q       for the weight and bias of a preconditioned layer (P its
+                                 preconditioned gradient; d = 0 where ||q|| = 0)
+    d  = a                       for every other parameter (embeddings, norms, skipped layers)
+    w <- w - lr (d + weight_decay w)                            (decoupled weight decay)
+
+so ``||d|| = ||a||``: the step of AdamW with the same ``lr``, schedule and ``weight_decay`` in length, the
+preconditioner's in direction -- a user coming from AdamW keeps those settings. ``graft="none"`` (the
+default) is the method's own update. ``graft`` is global (every param group has the constructor's
+value); ``graft_betas`` and ``graft_eps`` are per group (schedulable).
+
+State per parameter (fp32 whatever the parameter dtype; checkpointed and checked on load):
+``graft_exp_avg``, ``graft_exp_avg_sq`` (shape of p), ``graft_step`` (0-d) and, while the method's
+momentum is nonzero, ``graft_momentum_buffer`` (shape of p; preconditioned tensors only).
+
+A step whose update is not finite anywhere (a NaN/inf gradient, a preconditioned gradient blown up by
+its factors) changes no parameter or graft state and counts in ``skipped_steps`` -- decided on the
+device, no host synchronisation.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kfopt.kernels.graft import GRAFTS as _KERNEL_GRAFTS
+from kfopt.kernels.graft import graft_step
+
+from .validation import TensorSpec, check_betas, check_positive
+
+#: the grafts (first-order methods whose step length the preconditioned direction takes), "none" first
+GRAFTS = ("none", *_KERNEL_GRAFTS)
+#: the defaults of ``graft_betas`` and ``graft_eps`` in every grafting optimizer (AdamW's)
+GRAFT_BETAS, GRAFT_EPS = (0.9, 0.999), 1e-8
+
+
+def graft_defaults(graft, graft_betas, graft_eps) -> dict:
+    """The graft entries of an optimizer's ``defaults`` (a betas list becomes a tuple)."""
+    return {"graft": graft, "graft_betas": tuple(graft_betas) if isinstance(graft_betas, list) else graft_betas,
+            "graft_eps": graft_eps}
+
+
+def check_graft_group(group: dict) -> None:
+    """ValueError naming a bad graft hyperparameter of ``group``."""
+    if not isinstance(group["graft"], str) or group["graft"] not in GRAFTS:
+        raise ValueError(f"graft: expected one of {', '.join(map(repr, GRAFTS))}, got {group['graft']!r}")
+    check_betas("graft_betas", group["graft_betas"])
+    check_positive("graft_eps", group["graft_eps"])
+
+
+def graft_state_spec(p: torch.Tensor) -> dict[str, TensorSpec]:
+    """The graft's per-parameter state (all optional: a parameter gets it at its first grafted step)."""
+    shape = tuple(p.shape)
+    return {"graft_exp_avg": (shape, (torch.float32,), False), "graft_exp_avg_sq": (shape, (torch.float32,), False),
+            "graft_step": ((), (torch.float32,), False),
+            "graft_momentum_buffer": (shape, (torch.float32,), False)}
+
+
+def grafted_step(state, entries: list[tuple[dict, torch.Tensor, torch.Tensor, torch.Tensor | None, float]],
+                 skipped: torch.Tensor | None, found_inf: torch.Tensor | None = None) -> torch.Tensor:
+    """One grafted update (module docstring) of ``entries``: ``(group, param, raw gradient, preconditioned
+    gradient or None for a first-order parameter, momentum)``; ``state`` the optimizer's per-parameter
+    state; ``found_inf`` the caller's own device verdict (nonzero: skip). Returns the device flag ``ok``
+    (0: the step was skipped and counted in ``skipped``)."""
+    if not entries:
+        return torch.ones(())
+    cols = {k: [] for k in ("p", "g", "d", "m", "v", "b", "s", "lr", "b1", "b2", "eps", "wd", "mu", "graft", "pre")}
+    for group, p, g, direction, momentum in entries:
+        s = state[p]
+        if "graft_exp_avg" not in s:
+            s["graft_exp_avg"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+            s["graft_exp_avg_sq"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+            s["graft_step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+        precondition = direction is not None
+        if precondition and momentum != 0 and "graft_momentum_buffer" not in s:
+            s["graft_momentum_buffer"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+        buffer = s.get("graft_momentum_buffer") if precondition else None
+        for key, value in (("p", p), ("g", g), ("d", direction if precondition else g), ("m", s["graft_exp_avg"]),
+                           ("v", s["graft_exp_avg_sq"]), ("b", buffer), ("s", s["graft_step"]), ("lr", group["lr"]),
+                           ("b1", group["graft_betas"][0]), ("b2", group["graft_betas"][1]),
+                           ("eps", group["graft_eps"]), ("wd", group["weight_decay"]),
+                           ("mu", momentum if buffer is not None else 0.0), ("graft", group["graft"]),
+                           ("pre", precondition)):
+            cols[key].append(value)
+    return graft_step(cols["p"], cols["g"], cols["d"], cols["m"], cols["v"], cols["b"], cols["s"], lr=cols["lr"],
+                      beta1=cols["b1"], beta2=cols["b2"], graft_eps=cols["eps"], weight_decay=cols["wd"],
+                      momentum=cols["mu"], graft=cols["graft"], precondition=cols["pre"], skipped=skipped,
+                      found_inf=found_inf)
