@@ -73,8 +73,8 @@ other parameters: weight decay is decoupled, and AdamW's ``lr``, schedule and ``
 over. The graft's state (fp32 moments, step, ``graft_momentum_buffer``) replaces ``momentum_buffer``.
 
 Param groups carry every hyperparameter above (per group, so LR schedulers and per-group structures
-work). ``lr`` may be a one-element floating tensor (as some schedulers and ``torch.compile`` users set
-it; ``device_lr``): its form is checked at every step on the host, its value on the device, without a
+work). Without grafting, ``lr`` may be a one-element floating tensor (as some schedulers and
+``torch.compile`` users set it; ``device_lr``): its form is checked at every step on the host, its value on the device, without a
 host synchronisation: a step with a NaN, infinite or negative tensor lr is skipped and counted like a
 step with a non-finite gradient (below). The parameter update is then ``w - (lr * d)`` instead of
 ``w + (-lr) * d``, equal to the float lr's within rounding. ``structures`` and
@@ -259,7 +259,6 @@ class SINGD(KfoptOptimizer):
 
     _step_supports_amp_scaling = True
     _rescales_statistics = True
-    device_lr = True
     global_hyperparameters = ("graft",)
 
     def __init__(self, model: nn.Module, params: Iterable | None = None, lr: float = 1e-3, momentum: float = 0.9,
@@ -349,8 +348,16 @@ class SINGD(KfoptOptimizer):
 
     # -- validation -----------------------------------------------------------------------------
 
+    @property
+    def device_lr(self) -> bool:
+        """A tensor ``lr`` is taken without grafting; the grafting kernel reads numbers."""
+        return self.defaults["graft"] == "none"
+
     def _check_group(self, group: dict) -> None:
-        check_device_lr("lr", group["lr"])  # a tensor's value is checked on the device (module docstring)
+        if self.device_lr:  # a tensor's value is checked on the device (module docstring)
+            check_device_lr("lr", group["lr"])
+        else:
+            check_nonnegative("lr", group["lr"])
         for name in ("momentum", "damping", "weight_decay"):
             check_nonnegative(name, group[name])
         check_unit_interval("alpha1", group["alpha1"])

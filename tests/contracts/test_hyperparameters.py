@@ -30,6 +30,13 @@ def _float_hyperparameters(optimizer) -> list[str]:
 
 @pytest.mark.parametrize("bad", [math.nan, -1.0, math.inf], ids=["nan", "negative", "inf"])
 def test_invalid_lr_set_after_construction_raises_at_step_before_anything_changes(entry, bad):
+    _check_rejected_at_step(entry, lambda good: bad)
+
+
+def _check_rejected_at_step(entry, bad_for) -> None:
+    """The lr ``bad_for(good lr)`` set after a step raises a ValueError naming ``lr`` at the next step,
+    before anything changes; with the good lr back, the step equals that of an optimizer that never saw
+    the bad one."""
     model, opt = build(entry)
     twin_model, twin = build(entry)
     train_step(model, opt, 0)
@@ -37,7 +44,7 @@ def test_invalid_lr_set_after_construction_raises_at_step_before_anything_change
     before_params = [p.detach().clone() for p in model.parameters()]
     before_state = clone_tree(opt.state_dict())
     good = opt.param_groups[0]["lr"]
-    opt.param_groups[0]["lr"] = bad
+    opt.param_groups[0]["lr"] = bad_for(good)
     opt.zero_grad()
     backward(model, 1)
     with pytest.raises(ValueError, match="lr"):
@@ -121,6 +128,9 @@ def test_a_tensor_lr_through_the_triton_kernels(name, monkeypatch):
 
 def _check_tensor_lr(entry):
     model, opt = build(entry)
+    if not opt.device_lr:
+        _check_rejected_at_step(entry, torch.tensor)
+        return
     twin_model, twin = build(entry)
     number_model, number_opt = build(entry)
     for m, o in ((model, opt), (twin_model, twin), (number_model, number_opt)):
@@ -128,15 +138,6 @@ def _check_tensor_lr(entry):
     good = opt.param_groups[0]["lr"]
     before_params = [p.detach().clone() for p in model.parameters()]
     before_state = clone_tree(opt.state_dict())
-    if not type(opt).device_lr:
-        _set_lr(opt, torch.tensor(good))
-        opt.zero_grad()
-        backward(model, 1)
-        with pytest.raises(ValueError, match="lr"):
-            opt.step()
-        for p, q in zip(model.parameters(), before_params):
-            assert torch.equal(p, q), "a rejected step changed a weight"
-        return
     for step, bad in enumerate([math.nan, -1.0, math.inf], start=1):
         _set_lr(opt, torch.tensor(bad))
         opt.zero_grad()
