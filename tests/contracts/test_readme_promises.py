@@ -8,9 +8,16 @@ optimizer of the registry.
   non-finite skips), which a checkpoint restores without counting twice.
 * Momentum-cycling LR schedulers (``OneCycleLR`` with its default ``cycle_momentum=True``) work: every
   optimizer's ``defaults`` names the ``momentum`` or ``betas`` its update uses.
+* The README's table of constructors states every optimizer's signature and defaults as the class has
+  them (the class is where a default is declared; the README is checked against it).
 """
 
 from __future__ import annotations
+
+import ast
+import inspect
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -115,3 +122,36 @@ def test_one_cycle_lr_cycles_the_momentum_the_update_uses(entry, seed):
         scheduler.step()
     assert (group[key][0] if key == "betas" else group[key]) < first
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def _readme_signatures() -> dict[str, str]:
+    """``{class name: parameter list}`` of the README's constructor table rows ``| `kfopt.Name(...)` |``."""
+    rows = re.findall(r"^\| `kfopt\.([A-Z]\w*)\((.*?)\)` \|", README.read_text(), flags=re.MULTILINE)
+    return dict(rows)
+
+
+def test_readme_constructor_table_matches_the_classes():
+    import kfopt
+
+    documented = _readme_signatures()
+    classes = sorted({e.cls_name for e in ENTRIES if e.cls_name != "MKORH"})
+    assert sorted(documented) == classes, f"README documents {sorted(documented)}, the registry has {classes}"
+    for name, text in documented.items():
+        written = ast.parse(f"def f({text}): pass").body[0].args
+        actual = inspect.signature(getattr(kfopt, name)).parameters
+        params = [*written.args, *written.kwonlyargs]
+        assert [a.arg for a in params] + ([written.kwarg.arg] if written.kwarg else []) == list(actual), name
+        defaults = dict(zip([a.arg for a in written.args][len(written.args) - len(written.defaults):],
+                            written.defaults))
+        defaults.update({a.arg: d for a, d in zip(written.kwonlyargs, written.kw_defaults) if d is not None})
+        for arg, param in actual.items():
+            if param.kind is inspect.Parameter.KEYWORD_ONLY:
+                assert arg in [a.arg for a in written.kwonlyargs], f"{name}: {arg} is keyword-only"
+            if param.default is inspect.Parameter.empty:
+                assert arg not in defaults, f"{name}: {arg} has no default"
+                continue
+            value = eval(compile(ast.Expression(defaults[arg]), "README", "eval"), {"torch": torch})
+            assert value == param.default, f"{name}: README says {arg}={value!r}, the class has {param.default!r}"

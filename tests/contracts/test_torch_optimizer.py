@@ -173,7 +173,8 @@ def test_a_non_finite_gradient_skips_the_whole_step_and_counts(name, backend, ba
         assert torch.equal(p, before), "a skipped step changed a weight"
     state_after = opt.state_dict()
     assert_same_tree(without_counters(state_after), without_counters(state_before))
-    assert int(state_after["skipped_steps"]) == 1
+    # one skip in the checkpoint's counters (a composed optimizer's base and own parts add up)
+    assert sum(int(v) for k, v in state_after.items() if k == "skipped_steps" or k.endswith("_skipped_steps")) == 1
     assert _steps_counters(state_after) == [steps + 1 for steps in _steps_counters(state_before)]
     # the next finite step is the step of an optimizer that never saw the bad gradient
     train_step(model, opt, 2)
