@@ -43,10 +43,15 @@ Tensors the step writes (params, exp_avgs, exp_avg_sqs, momentum_buffers, steps,
 share memory with each other or with a gradient or direction: ``aliasing.check_no_overlap`` raises a
 ValueError naming the two entries. ``grads`` and ``directions`` may share memory (a tensor that is not
 preconditioned passes its gradient as both).
+
+:data:`GRAFT` declares the op (``op_declaration``): :class:`GraftHyperparameters` is the kernels'
+hyperparameter table, its tensors and their checks, and :func:`graft_traffic`.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -55,37 +60,91 @@ import triton.language as tl
 
 from kfopt.autotune import Config, shape_bucket
 
-from .aliasing import check_no_overlap
-from .checks import check_contiguous, check_dtype, check_kernel_dtypes, check_same_device
-from .dispatch import use_triton
 from .multi_tensor import (
     FP32_MAX,
     REDUCE_BLOCK,
-    TensorTable,
     chunked_configs,
     inv_bias_correction,
     launch_chunks,
     launch_segment_norms,
-    per_tensor,
     program_chunk,
 )
-from .op_declaration import HyperparameterError, log_decay
+from .op_declaration import (
+    Call,
+    ElementwiseOp,
+    HyperparameterError,
+    Hyperparameters,
+    TensorArg,
+    Traffic,
+    like_param,
+    log_decay,
+    one_element,
+    within,
+)
 
 #: First-order methods whose step size a direction can take, by name ("none": no grafting, not a
 #: kernel mode: the optimizers keep their own step).
 GRAFTS = {"adam": 0, "rmsprop": 1, "sgd": 2}
 
-# addr table columns and hyper table columns (LN_Bk = ln(b_k), formed in float64 on the host)
-P, G, D, M, V, BUF, STEP = range(7)
-N_COLS = 7
-LR, B1, B2, EPS, WD, MOM, HAS_BUF, PRECONDITION, GRAFT, LN_B1, LN_B2 = range(11)
-N_HYPER = 11
 
-_P, _G, _D, _M, _V, _BUF, _STEP = (tl.constexpr(c) for c in (P, G, D, M, V, BUF, STEP))
-_N_COLS = tl.constexpr(N_COLS)
-_LR, _B1, _B2, _EPS, _WD, _MOM, _HAS_BUF, _PRECONDITION, _GRAFT, _LN_B1, _LN_B2 = (
-    tl.constexpr(c) for c in (LR, B1, B2, EPS, WD, MOM, HAS_BUF, PRECONDITION, GRAFT, LN_B1, LN_B2))
-_N_HYPER = tl.constexpr(N_HYPER)
+@dataclass(frozen=True)
+class GraftHyperparameters(Hyperparameters):
+    """One tensor's grafting hyperparameters; the fields in order are the columns of the kernels' table.
+    ``graft`` is stored as its number in :data:`GRAFTS`; ``has_buffer`` is whether the tensor's
+    ``momentum_buffers`` entry is a tensor (None: no buffer, ``momentum`` must be 0). Numbers outside
+    their ranges are a ValueError (tensor values skip the step, ``op_declaration``)."""
+
+    lr: float = field(metadata=within("[0, inf)"))
+    beta1: float = field(default=0.9, metadata=within("[0, 1)"))
+    beta2: float = field(default=0.999, metadata=within("[0, 1)"))
+    graft_eps: float = field(default=1e-8, metadata=within("(0, inf)"))
+    weight_decay: float = field(default=0.0, metadata=within("[0, inf)"))
+    momentum: float = field(default=0.0, metadata=within("[0, inf)"))
+    has_buffer: bool = field(default=True, metadata={"from_tensors": True})
+    precondition: bool = True
+    graft: str = field(default="adam", metadata={"choices": GRAFTS})
+    ln_beta1: float = field(init=False)
+    ln_beta2: float = field(init=False)
+
+    def derive(self) -> dict:
+        ln_beta1, ln_beta2 = log_decay("beta1", self.beta1), log_decay("beta2", self.beta2)
+        self.check_ranges()
+        if not self.has_buffer and (isinstance(self.momentum, torch.Tensor) or self.momentum != 0.0):
+            raise HyperparameterError("momentum_buffers", f"None (no buffer) but momentum = {self.momentum!r}: "
+                                                          "a momentum needs a buffer")
+        return dict(ln_beta1=ln_beta1, ln_beta2=ln_beta2)
+
+
+def graft_traffic(shapes: Sequence[tuple], dtype: torch.dtype, buffers: Sequence[bool] | None = None,
+                  grad_dtype: torch.dtype | None = None, direction_dtype: torch.dtype | None = None) -> Traffic:
+    """One call on fp32 state, every tensor preconditioned (``buffers[i]``: tensor i has a momentum
+    buffer; default none): pass 1 (g, P, m, v (+ buf) read) + pass 4 (w, g, P, m, v (+ buf) read; w, m, v
+    (+ buf) written) = 2 s_p + 2 s_g + 2 s_P + 24 (+ 12) bytes per parameter: 48 (60) fp32. About 40
+    flops per parameter (the moments, ``a`` and ``q`` twice, the norms and the update)."""
+    s_p = torch.finfo(dtype).bits // 8
+    s_g = torch.finfo(grad_dtype or dtype).bits // 8
+    s_d = torch.finfo(direction_dtype or dtype).bits // 8
+    buffers = [False] * len(shapes) if buffers is None else buffers
+    per_param = 2 * (s_p + s_g + s_d) + 24
+    total = sum(math.prod(s) * (per_param + (12 if b else 0)) for s, b in zip(shapes, buffers, strict=True))
+    return Traffic(bytes=total, flops=40 * sum(math.prod(s) for s in shapes))
+
+
+GRAFT = ElementwiseOp(
+    "graft_step", GraftHyperparameters,
+    (TensorArg("params", written=True),
+     TensorArg("grads", written=False, shape=like_param),
+     TensorArg("directions", written=False, shape=like_param),
+     TensorArg("exp_avgs", written=True, state=True, shape=like_param, layout="contiguous"),
+     TensorArg("exp_avg_sqs", written=True, state=True, shape=like_param, layout="contiguous"),
+     TensorArg("momentum_buffers", written=True, state=True, shape=like_param, layout="contiguous", optional=True),
+     TensorArg("steps", written=True, state=True, shape=one_element, layout="contiguous")),
+    graft_traffic,
+    dtype_columns=3,
+)
+A = GRAFT.addr
+H = GRAFT.hyper
+
 _ADAM, _RMSPROP = tl.constexpr(GRAFTS["adam"]), tl.constexpr(GRAFTS["rmsprop"])
 
 GRAFT_CONFIGS = chunked_configs("graft_step")
@@ -96,26 +155,26 @@ GRAFT_CONFIGS = chunked_configs("graft_step")
 
 @triton.jit
 def _pointers(addr_ptr, tid, G_DT: tl.constexpr, D_DT: tl.constexpr):
-    row = addr_ptr + tid * _N_COLS
-    g_ptr = tl.load(row + _G).to(tl.pointer_type(G_DT))
-    d_ptr = tl.load(row + _D).to(tl.pointer_type(D_DT))
-    m_ptr = tl.load(row + _M).to(tl.pointer_type(tl.float32))
-    v_ptr = tl.load(row + _V).to(tl.pointer_type(tl.float32))
-    buf_ptr = tl.load(row + _BUF).to(tl.pointer_type(tl.float32))
-    step_ptr = tl.load(row + _STEP).to(tl.pointer_type(tl.float32))
+    row = addr_ptr + tid * A.width
+    g_ptr = tl.load(row + A.grads).to(tl.pointer_type(G_DT))
+    d_ptr = tl.load(row + A.directions).to(tl.pointer_type(D_DT))
+    m_ptr = tl.load(row + A.exp_avgs).to(tl.pointer_type(tl.float32))
+    v_ptr = tl.load(row + A.exp_avg_sqs).to(tl.pointer_type(tl.float32))
+    buf_ptr = tl.load(row + A.momentum_buffers).to(tl.pointer_type(tl.float32))
+    step_ptr = tl.load(row + A.steps).to(tl.pointer_type(tl.float32))
     return g_ptr, d_ptr, m_ptr, v_ptr, buf_ptr, step_ptr
 
 
 @triton.jit
 def _vectors(g_ptr, d_ptr, m_ptr, v_ptr, buf_ptr, offs, n, h, inv_bc1, inv_bc2):
     """New ``m``, ``v``, ``buf`` and the graft vector ``a`` and direction ``q`` at ``offs`` (< ``n``)."""
-    b1 = tl.load(h + _B1)
-    b2 = tl.load(h + _B2)
-    eps = tl.load(h + _EPS)
-    mom = tl.load(h + _MOM)
-    has_buf = tl.load(h + _HAS_BUF) != 0
-    pre = tl.load(h + _PRECONDITION) != 0
-    graft = tl.load(h + _GRAFT).to(tl.int32)
+    b1 = tl.load(h + H.beta1)
+    b2 = tl.load(h + H.beta2)
+    eps = tl.load(h + H.graft_eps)
+    mom = tl.load(h + H.momentum)
+    has_buf = tl.load(h + H.has_buffer) != 0
+    pre = tl.load(h + H.precondition) != 0
+    graft = tl.load(h + H.graft).to(tl.int32)
     mask = offs < n
     n_pre = tl.where(pre, n, 0)
     n_buf = tl.where(has_buf, n_pre, 0)
@@ -139,10 +198,10 @@ def _graft_partials_kernel(
     """Pass 1: partial[k] = (sum a^2, sum q^2) over chunk k; writes nothing else."""
     pid, tid, start, n = program_chunk(chunk_tensor_ptr, chunk_start_ptr, numel_ptr)
     g_ptr, d_ptr, m_ptr, v_ptr, buf_ptr, step_ptr = _pointers(addr_ptr, tid, G_DT, D_DT)
-    h = hyper_ptr + tid * _N_HYPER
+    h = hyper_ptr + tid * H.width
     t = tl.load(step_ptr) + 1.0
-    inv_bc1 = inv_bias_correction(t, tl.load(h + _LN_B1))
-    inv_bc2 = inv_bias_correction(t, tl.load(h + _LN_B2))
+    inv_bc1 = inv_bias_correction(t, tl.load(h + H.ln_beta1))
+    inv_bc2 = inv_bias_correction(t, tl.load(h + H.ln_beta2))
     a_sq = tl.zeros([BLOCK], tl.float32)
     q_sq = tl.zeros([BLOCK], tl.float32)
     for off in range(0, tl.minimum(n - start, CHUNK), BLOCK):
@@ -179,7 +238,7 @@ def _graft_verdict_kernel(
     for off in range(0, n_tensors, RBLOCK):
         idx = off + tl.arange(0, RBLOCK)
         mask = idx < n_tensors
-        step_ptrs = tl.load(addr_ptr + idx * _N_COLS + _STEP, mask=mask, other=0).to(tl.pointer_type(tl.float32))
+        step_ptrs = tl.load(addr_ptr + idx * A.width + A.steps, mask=mask, other=0).to(tl.pointer_type(tl.float32))
         tl.store(step_ptrs, tl.load(step_ptrs, mask=mask, other=0.0) + ok, mask=mask)
 
 
@@ -190,16 +249,16 @@ def _graft_apply_kernel(
 ):
     """Pass 4: moments, buffer and ``w <- w - lr (d + wd w)``, d = (||a|| / ||q||) q or a."""
     pid, tid, start, n = program_chunk(chunk_tensor_ptr, chunk_start_ptr, numel_ptr)
-    p_ptr = tl.load(addr_ptr + tid * _N_COLS + _P).to(tl.pointer_type(P_DT))
+    p_ptr = tl.load(addr_ptr + tid * A.width + A.params).to(tl.pointer_type(P_DT))
     g_ptr, d_ptr, m_ptr, v_ptr, buf_ptr, step_ptr = _pointers(addr_ptr, tid, G_DT, D_DT)
-    h = hyper_ptr + tid * _N_HYPER
+    h = hyper_ptr + tid * H.width
     t = tl.load(step_ptr)  # already advanced by the verdict (read only when the step is taken)
-    inv_bc1 = inv_bias_correction(t, tl.load(h + _LN_B1))
-    inv_bc2 = inv_bias_correction(t, tl.load(h + _LN_B2))
-    lr = tl.load(h + _LR)
-    wd = tl.load(h + _WD)
-    pre = tl.load(h + _PRECONDITION) != 0
-    has_buf = tl.load(h + _HAS_BUF) != 0
+    inv_bc1 = inv_bias_correction(t, tl.load(h + H.ln_beta1))
+    inv_bc2 = inv_bias_correction(t, tl.load(h + H.ln_beta2))
+    lr = tl.load(h + H.lr)
+    wd = tl.load(h + H.weight_decay)
+    pre = tl.load(h + H.precondition) != 0
+    has_buf = tl.load(h + H.has_buffer) != 0
     a_norm = tl.load(norms_ptr + tid * 2)
     q_norm = tl.load(norms_ptr + tid * 2 + 1)
     scale = tl.where(q_norm > 0, tl.div_rn(a_norm, tl.where(q_norm > 0, q_norm, 1.0)), 0.0)
@@ -219,48 +278,6 @@ def _graft_apply_kernel(
 # ----------------------------------------------------------------------------- launcher
 
 
-def _graft_hyper(n, momentum_buffers, lr, beta1, beta2, graft_eps, weight_decay, momentum, graft,
-                 precondition) -> list[list[float]]:
-    cols = [per_tensor(name, value, n) for name, value in (
-        ("lr", lr), ("beta1", beta1), ("beta2", beta2), ("graft_eps", graft_eps), ("weight_decay", weight_decay),
-        ("momentum", momentum), ("graft", graft), ("precondition", precondition))]
-    rows = []
-    for i, ((lr_i, b1, b2, eps, wd, mom, gr, pre), buf) in enumerate(zip(zip(*cols), momentum_buffers)):
-        try:
-            ln_b1, ln_b2 = log_decay("beta1", float(b1)), log_decay("beta2", float(b2))
-        except HyperparameterError as e:
-            given = beta1 if e.field == "beta1" else beta2
-            raise ValueError(f"{e.field}[{i}]: {e.message}" if isinstance(given, (list, tuple)) else str(e)) from None
-        if gr not in GRAFTS:
-            raise ValueError(f"graft[{i}]: expected one of {sorted(GRAFTS)}, got {gr!r}")
-        for name, value in (("lr", lr_i), ("graft_eps", eps), ("weight_decay", wd), ("momentum", mom)):
-            if not float(value) >= 0.0:
-                raise ValueError(f"{name}[{i}]: expected a number >= 0, got {value!r}")
-        if not float(eps) > 0.0:
-            raise ValueError(f"graft_eps[{i}]: expected a number > 0, got {eps!r}")
-        if buf is None and float(mom) != 0.0:
-            raise ValueError(f"momentum_buffers[{i}] is None but momentum[{i}] = {mom!r}: a momentum needs a buffer")
-        rows.append([float(lr_i), float(b1), float(b2), float(eps), float(wd), float(mom), float(buf is not None),
-                     float(bool(pre)), float(GRAFTS[gr]), ln_b1, ln_b2])
-    return rows
-
-
-def _check_shapes(params, grads, directions, exp_avgs, exp_avg_sqs, momentum_buffers, steps) -> None:
-    n = len(params)
-    for name, seq in (("grads", grads), ("directions", directions), ("exp_avgs", exp_avgs),
-                      ("exp_avg_sqs", exp_avg_sqs), ("momentum_buffers", momentum_buffers), ("steps", steps)):
-        if len(seq) != n:
-            raise ValueError(f"{name}: expected {n} tensors, got {len(seq)}")
-    for i, (p, g, d, m, v, b, s) in enumerate(zip(params, grads, directions, exp_avgs, exp_avg_sqs,
-                                                   momentum_buffers, steps)):
-        for name, t in ((f"grads[{i}]", g), (f"directions[{i}]", d), (f"exp_avgs[{i}]", m),
-                        (f"exp_avg_sqs[{i}]", v), (f"momentum_buffers[{i}]", b)):
-            if t is not None and t.shape != p.shape:
-                raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {tuple(p.shape)}")
-        if s.numel() != 1:
-            raise ValueError(f"steps[{i}]: expected a one-element tensor, got shape {tuple(s.shape)}")
-
-
 def graft_step(
     params: Sequence[torch.Tensor],
     grads: Sequence[torch.Tensor],
@@ -270,67 +287,62 @@ def graft_step(
     momentum_buffers: Sequence[torch.Tensor | None],
     steps: Sequence[torch.Tensor],
     *,
-    lr,
-    beta1=0.9,
-    beta2=0.999,
-    graft_eps=1e-8,
-    weight_decay=0.0,
-    momentum=0.0,
-    graft="adam",
-    precondition=True,
     skipped: torch.Tensor | None = None,
     found_inf: torch.Tensor | None = None,
+    **hyperparameters,
 ) -> torch.Tensor:
     """One grafted step over all tensors, in place (module docstring for the math).
 
+    ``hyperparameters``: the fields of :class:`GraftHyperparameters` (``lr`` required; ``beta1``,
+    ``beta2``, ``graft_eps``, ``weight_decay``, ``momentum``, ``precondition``, ``graft`` with its
+    defaults), each a number or one per tensor; ``graft`` is "adam", "rmsprop" or "sgd".
     ``grads``: the raw gradients; ``directions``: the preconditioned gradients ``P`` (read only where
-    ``precondition`` is true; pass the gradient where it is not). Hyperparameters are scalars or one
-    value per tensor; ``graft`` is "adam", "rmsprop" or "sgd". ``momentum_buffers[i]`` None: no
+    ``precondition`` is true; pass the gradient where it is not). ``momentum_buffers[i]`` None: no
     buffer (``momentum[i]`` must be 0). ``params`` fp32/bf16/fp16 of any layout (non-contiguous ones
     are updated through a contiguous copy), ``grads``/``directions`` fp32/bf16/fp16 of the params'
     shape; ``exp_avgs``, ``exp_avg_sqs``, ``momentum_buffers`` contiguous fp32 of the params' shape
     (float64 on the reference path); ``steps`` 0-d fp32 counts of completed steps; ``skipped`` an
     optional 0-d int32 counter; ``found_inf`` an optional 0-d device flag from the caller's own checks
     (nonzero: skip the step, counted in ``skipped``, e.g. a GradScaler's or non-finite statistics).
-    Returns the step's 0-d fp32 ``ok`` flag (device tensor). ValueError
-    naming the argument for bad hyperparameters, shapes, or tensors the step writes sharing memory.
+    Returns the step's 0-d fp32 ``ok`` flag (device tensor). Argument checks: :data:`GRAFT`
+    (``kernels.checks``): ValueError naming the argument for bad hyperparameters, shapes, or tensors the
+    step writes sharing memory.
     """
-    _check_shapes(params, grads, directions, exp_avgs, exp_avg_sqs, momentum_buffers, steps)
-    n = len(params)
-    hyper = _graft_hyper(n, momentum_buffers, lr, beta1, beta2, graft_eps, weight_decay, momentum, graft,
-                         precondition)
-    if n == 0:
+    call = _bind(params, grads, directions, exp_avgs, exp_avg_sqs, momentum_buffers, steps, hyperparameters,
+                 skipped, found_inf)
+    return _run(call, _launch)
+
+
+def _bind(params, grads, directions, exp_avgs, exp_avg_sqs, momentum_buffers, steps, hyperparameters, skipped,
+          found_inf) -> Call:
+    """:meth:`GRAFT.bind` with each tensor's ``has_buffer`` read off its ``momentum_buffers`` entry; the
+    caller's ``found_inf`` flag (any dtype) as fp32."""
+    if isinstance(found_inf, torch.Tensor) and not found_inf.is_floating_point():
+        found_inf = found_inf.to(torch.float32)
+    return GRAFT.bind((params, grads, directions, exp_avgs, exp_avg_sqs, momentum_buffers, steps), hyperparameters,
+                      skipped=skipped, found_inf=found_inf,
+                      from_tensors=lambda t: {"has_buffer": [b is not None for b in t["momentum_buffers"]]})
+
+
+def _run(call: Call, launch) -> torch.Tensor:
+    """:meth:`GRAFT.run`, with the ``ok`` flag 1 for a call without tensors."""
+    if call.device is None:
         return torch.ones(())
-    device = params[0].device
-    check_same_device(device, params=params, grads=grads, directions=directions, exp_avgs=exp_avgs,
-                      exp_avg_sqs=exp_avg_sqs, momentum_buffers=momentum_buffers, steps=steps, skipped=skipped)
-    if found_inf is not None:
-        found_inf = found_inf.reshape(()).to(device=device, dtype=torch.float32, non_blocking=True)
-    check_no_overlap([("params", params), ("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs),
-                      ("momentum_buffers", momentum_buffers), ("steps", steps), ("skipped", [skipped])],
-                     [("grads", grads), ("directions", directions)])
-    if not use_triton(device):
-        return graft_step_reference(params, grads, directions, exp_avgs, exp_avg_sqs, momentum_buffers, steps,
-                                    lr=lr, beta1=beta1, beta2=beta2, graft_eps=graft_eps, weight_decay=weight_decay,
-                                    momentum=momentum, graft=graft, precondition=precondition, skipped=skipped,
-                                    found_inf=found_inf)
-    for i, (p, g, d, m, v, b, s) in enumerate(zip(params, grads, directions, exp_avgs, exp_avg_sqs,
-                                                   momentum_buffers, steps)):
-        check_kernel_dtypes(**{f"params[{i}]": p, f"grads[{i}]": g, f"directions[{i}]": d})
-        for name, t in ((f"exp_avgs[{i}]", m), (f"exp_avg_sqs[{i}]", v), (f"momentum_buffers[{i}]", b),
-                        (f"steps[{i}]", s)):
-            if t is not None:
-                check_dtype(name, t, (torch.float32,), "state")
-                check_contiguous(name, t)
+    return GRAFT.run(call, _graft_reference, launch)
+
+
+def _launch(call: Call) -> torch.Tensor:
+    """The Triton path of :func:`graft_step` (module docstring, Kernels)."""
+    params, device, skipped, found_inf = call.tensors["params"], call.device, call.skipped, call.found_inf
     work = [p if p.is_contiguous() else p.contiguous() for p in params]
-    grads = [g.contiguous() for g in grads]
-    directions = [d.contiguous() for d in directions]
-    buffers = [b if b is not None else m for b, m in zip(momentum_buffers, exp_avgs)]  # placeholder: never read
-    total = sum(p.numel() for p in params)
+    written = {**call.tensors, "params": work}
+    columns = {**written, "grads": [g.contiguous() for g in call.tensors["grads"]],
+               "directions": [d.contiguous() for d in call.tensors["directions"]],
+               "momentum_buffers": [b if b is not None else m  # placeholder: never read or written
+                                    for b, m in zip(call.tensors["momentum_buffers"], call.tensors["exp_avgs"])]}
 
     def run(config: Config) -> torch.Tensor:
-        table = TensorTable.build([work, grads, directions, exp_avgs, exp_avg_sqs, buffers, steps], hyper,
-                                  config["CHUNK"], device, dtype_columns=(P, G, D))
+        table = GRAFT.table(columns, call.records, config["CHUNK"], device)
         partial = torch.zeros((max(table.n_chunks, 1), 2), dtype=torch.float32, device=device)
         ok = torch.empty((), dtype=torch.float32, device=device)
 
@@ -342,10 +354,8 @@ def graft_step(
         launch_chunks(_graft_apply_kernel, table, config, lambda lo, hi: (norms, ok))
         return ok
 
-    restore = [*work, *exp_avgs, *exp_avg_sqs, *[b for b in momentum_buffers if b is not None], *steps] + (
-        [skipped] if skipped is not None else [])
-    ok = GRAFT_CONFIGS.launch(device=device, bucket=shape_bucket(total), dtype=params[0].dtype, run=run,
-                              restore=restore)
+    ok = GRAFT_CONFIGS.launch(device=device, bucket=shape_bucket(sum(p.numel() for p in params)),
+                              dtype=params[0].dtype, run=run, restore=GRAFT.restore(written, skipped))
     for p, w in zip(params, work):
         if w is not p:
             p.copy_(w)
@@ -355,54 +365,58 @@ def graft_step(
 # ----------------------------------------------------------------------------- reference
 
 
-def graft_step_reference(params, grads, directions, exp_avgs, exp_avg_sqs, momentum_buffers, steps, *, lr,
-                         beta1=0.9, beta2=0.999, graft_eps=1e-8, weight_decay=0.0, momentum=0.0, graft="adam",
-                         precondition=True, skipped=None, found_inf=None) -> torch.Tensor:
-    """Plain PyTorch grafted step (same contract as :func:`graft_step`). Math in fp32, or float64 when
-    the params are float64 (the tests' reference); the bias corrections ``1 - b^t`` in float64."""
-    _check_shapes(params, grads, directions, exp_avgs, exp_avg_sqs, momentum_buffers, steps)
-    n = len(params)
-    hyper = _graft_hyper(n, momentum_buffers, lr, beta1, beta2, graft_eps, weight_decay, momentum, graft,
-                         precondition)
-    if n == 0:
-        return torch.ones(())
+def graft_step_reference(params, grads, directions, exp_avgs, exp_avg_sqs, momentum_buffers, steps, *,
+                         skipped=None, found_inf=None, **hyperparameters) -> torch.Tensor:
+    """Plain PyTorch grafted step with :func:`graft_step`'s arguments and contract. Math in fp32, or
+    float64 when the params are float64 (the tests' reference); the bias corrections ``1 - b^t`` in
+    float64."""
+    call = _bind(params, grads, directions, exp_avgs, exp_avg_sqs, momentum_buffers, steps, hyperparameters,
+                 skipped, found_inf)
+    return _run(call, None)
+
+
+def _graft_reference(call: Call) -> torch.Tensor:
+    """The reference's math on a bound call."""
+    params, grads, directions, exp_avgs, exp_avg_sqs, momentum_buffers, steps = (
+        call.tensors[a.name] for a in GRAFT.tensors)
+    records = [r.on_host() for r in call.records]
     results, norms = [], []
     for p, g, d, m, v, b, s, h in zip(params, grads, directions, exp_avgs, exp_avg_sqs, momentum_buffers, steps,
-                                      hyper):
+                                      records):
         dtype = torch.promote_types(p.dtype, torch.float32)
         g = g.to(dtype)
         t = s.to(torch.float64) + 1
-        bc1, bc2 = (1 - h[B1] ** t).to(dtype), (1 - h[B2] ** t).to(dtype)
-        m_new = h[B1] * m.to(dtype) + (1 - h[B1]) * g
-        v_new = h[B2] * v.to(dtype) + (1 - h[B2]) * g * g
-        rms = (v_new / bc2).sqrt() + h[EPS]
-        a = {GRAFTS["adam"]: (m_new / bc1) / rms, GRAFTS["rmsprop"]: g / rms, GRAFTS["sgd"]: g}[int(h[GRAFT])]
-        pre = bool(h[PRECONDITION])
+        bc1, bc2 = (1 - h.beta1 ** t).to(dtype), (1 - h.beta2 ** t).to(dtype)
+        m_new = h.beta1 * m.to(dtype) + (1 - h.beta1) * g
+        v_new = h.beta2 * v.to(dtype) + (1 - h.beta2) * g * g
+        rms = (v_new / bc2).sqrt() + h.graft_eps
+        a = {GRAFTS["adam"]: (m_new / bc1) / rms, GRAFTS["rmsprop"]: g / rms, GRAFTS["sgd"]: g}[int(h.graft)]
+        pre = bool(h.precondition)
         q = d.to(dtype) if pre else torch.zeros_like(a)
         buf_new = None
         if b is not None and pre:
-            buf_new = h[MOM] * b.to(dtype) + q
+            buf_new = h.momentum * b.to(dtype) + q
             q = buf_new
         results.append((m_new, v_new, buf_new, a, q))
         norms.append((a.norm(), q.norm()))
     ok = torch.stack([torch.isfinite(x) for pair in norms for x in pair]).all()
-    if found_inf is not None:
-        ok = ok & (found_inf.reshape(()) == 0).to(ok.device)
+    if call.found_inf is not None:
+        ok = ok & (call.found_inf == 0).to(ok.device)
     for p, m, v, b, s, h, (m_new, v_new, buf_new, a, q), (a_norm, q_norm) in zip(
-            params, exp_avgs, exp_avg_sqs, momentum_buffers, steps, hyper, results, norms):
+            params, exp_avgs, exp_avg_sqs, momentum_buffers, steps, records, results, norms):
         dtype = torch.promote_types(p.dtype, torch.float32)
-        if h[PRECONDITION]:
+        if h.precondition:
             d = q * torch.where(q_norm > 0, a_norm / torch.where(q_norm > 0, q_norm, 1), 0)
         else:
             d = a
         w = p.to(dtype)
-        w_new = w - h[LR] * (d + h[WD] * w)
+        w_new = w - h.lr * (d + h.weight_decay * w)
         m.copy_(torch.where(ok, m_new, m.to(dtype)))
         v.copy_(torch.where(ok, v_new, v.to(dtype)))
         if buf_new is not None:
             b.copy_(torch.where(ok, buf_new, b.to(dtype)))
         p.copy_(torch.where(ok, w_new, w))
         s.add_(ok.to(s.dtype))
-    if skipped is not None:
-        skipped.add_((~ok).to(skipped.dtype))
+    if call.skipped is not None:
+        call.skipped.add_((~ok).to(call.skipped.dtype))
     return ok.to(torch.float32)

@@ -1,6 +1,6 @@
-"""Declarations of the multi-tensor element-wise ops (LAMB, LARS, SONew): one :class:`ElementwiseOp`
-per op, from which its launcher, its reference, its argument checks, its tables and its traffic
-model all derive.
+"""Declarations of the multi-tensor element-wise ops (LAMB, LARS, SONew, grafting): one
+:class:`ElementwiseOp` per op, from which its launcher, its reference, its argument checks, its tables
+and its traffic model all derive.
 
 An op declares
 
@@ -137,11 +137,25 @@ class Hyperparameters:
         for f in fields(self):
             value, interval = getattr(self, f.name), f.metadata.get("range")
             if isinstance(value, torch.Tensor) and interval is not None:
-                low, high = (float(x) for x in interval[1:-1].split(","))
-                above = value > low if interval[0] == "(" else value >= low
-                below = value < high if interval[-1] == ")" else value <= high
-                flags.append(~(above & below))
+                flags.append(~_inside(value, interval))
         return flags
+
+    def check_ranges(self) -> None:
+        """HyperparameterError for a number outside its field's ``range`` (NaN included); tensor values
+        are checked on the device (:meth:`out_of_range`). For records whose ranges hold on the host too."""
+        for f in fields(self):
+            interval = f.metadata.get("range")
+            value = getattr(self, f.name) if interval is not None else None
+            if interval is not None and not isinstance(value, torch.Tensor) and not _inside(value, interval):
+                raise HyperparameterError(f.name, f"expected a number in {interval}, got {value!r}")
+
+
+def _inside(value, interval: str):
+    """Whether ``value`` (a number, or a tensor: elementwise) lies in ``interval`` (False for NaN)."""
+    low, high = (float(x) for x in interval[1:-1].split(","))
+    above = value > low if interval[0] == "(" else value >= low
+    below = value < high if interval[-1] == ")" else value <= high
+    return above & below
 
 
 def within(interval: str) -> dict:
@@ -173,13 +187,15 @@ class TensorArg:
     fits); ``state``: fp32 on
     the Triton path (float64 also on the reference path); ``layout``: what the Triton kernels need --
     "any" (the launcher copies or reads through a dense copy), "dense", "param_strides" (the strides of
-    the param, so one offset addresses both), "contiguous"."""
+    the param, so one offset addresses both), "contiguous"; ``optional``: an entry may be None (no
+    tensor: the checks skip it, the launcher puts a placeholder in its table column)."""
 
     name: str
     written: bool
     state: bool = False
     shape: Callable[[torch.Tensor, torch.Tensor], str | None] | None = None
     layout: str = "any"
+    optional: bool = False
 
 
 def like_param(t: torch.Tensor, p: torch.Tensor) -> str | None:
@@ -228,6 +244,7 @@ class ElementwiseOp:
     tensors: tuple[TensorArg, ...]
     traffic: Callable[..., Traffic]
     scratch: tuple[str, ...] = ()
+    dtype_columns: int = 2  # the leading tensor arguments whose dtypes group the launches (params, grads, ...)
 
     @property
     def hyper(self) -> TableColumns:
@@ -254,7 +271,8 @@ class ElementwiseOp:
         """One hyperparameter record per tensor from the caller's ``values`` (a scalar, or one value per
         tensor; tensor values are moved to ``device``) and the launcher's ``from_tensors`` (one value per
         tensor). TypeError for an unknown or missing hyperparameter, ValueError naming the entry
-        (``name[i]`` for a list) for a bad value."""
+        (``name[i]`` for a list, or for an error a record names after something other than a public
+        hyperparameter, e.g. a tensor argument) for a bad value."""
         public = self.public_hyperparameters
         unknown = sorted(set(values) - set(public))
         if unknown:
@@ -271,7 +289,8 @@ class ElementwiseOp:
             try:
                 out.append(self.hyperparameters(**{name: col[i] for name, col in columns.items()}))
             except HyperparameterError as e:
-                label = f"{e.field}[{i}]" if isinstance(values.get(e.field), (list, tuple)) else e.field
+                per_tensor_value = isinstance(values.get(e.field), (list, tuple)) or e.field not in public
+                label = f"{e.field}[{i}]" if per_tensor_value else e.field
                 raise ValueError(f"{label}: {e.message}") from None
         return out
 
@@ -289,7 +308,9 @@ class ElementwiseOp:
             check_count(arg.name, args[arg.name], n)
             if arg.shape is not None:
                 for i, (t, p) in enumerate(zip(args[arg.name], params)):
-                    problem = arg.shape(t, p)
+                    if t is None and arg.optional:
+                        continue
+                    problem = "expected a tensor, got None" if t is None else arg.shape(t, p)
                     if problem:
                         raise ValueError(f"{arg.name}[{i}]: {problem}")
         device = params[0].device if n else None
@@ -323,6 +344,8 @@ class ElementwiseOp:
         first = self.tensors[0].name
         for arg in self.tensors:
             for i, (t, p) in enumerate(zip(call.tensors[arg.name], call.tensors[first])):
+                if t is None:  # an optional entry
+                    continue
                 label = f"{arg.name}[{i}]"
                 if arg.state:
                     check_dtype(label, t, (torch.float32,), "state")
@@ -338,7 +361,8 @@ class ElementwiseOp:
     def table(self, columns: dict[str, Sequence[torch.Tensor]], records: Sequence, chunk: int,
               device: torch.device) -> TensorTable:
         """The tables of a launch: addresses of ``columns`` (every tensor argument and scratch buffer, by
-        name) and one hyperparameter row per record; launches grouped by the dtypes of params and grads."""
+        name; no None entries) and one hyperparameter row per record; launches grouped by the dtypes of
+        the first ``dtype_columns`` tensor arguments (params and grads, and e.g. the graft's directions)."""
         addr = self.addr
         values = [[getattr(r, f.name) for f in fields(r)] for r in records]
         rows = [[0.0 if isinstance(v, torch.Tensor) else float(v) for v in row] for row in values]
@@ -350,9 +374,9 @@ class ElementwiseOp:
             index = to_device(torch.tensor([i, j], dtype=torch.int64), device)
             rows = hyper.index_put_((index[0], index[1]), torch.stack(v).to(torch.float32))
         return TensorTable.build([columns[name] for name in addr], rows, chunk, device,
-                                 dtype_columns=(int(addr.value[0]), int(addr.value[1])))
+                                 dtype_columns=tuple(int(addr.value[k]) for k in range(self.dtype_columns)))
 
     def restore(self, columns: dict[str, Sequence[torch.Tensor]], skipped: torch.Tensor | None) -> list:
         """The buffers a launch writes (snapshotted while autotuning times candidates)."""
-        written = [t for a in self.tensors if a.written for t in columns[a.name]]
+        written = [t for a in self.tensors if a.written for t in columns[a.name] if t is not None]
         return written + ([skipped] if skipped is not None else [])

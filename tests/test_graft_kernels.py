@@ -212,10 +212,15 @@ def test_non_contiguous_param(device):
 
 
 @pytest.mark.parametrize("bad,match", [
-    (dict(lr=-1.0), r"lr\[0\]"), (dict(graft="lion"), r"graft\[0\]"), (dict(graft_eps=0.0), r"graft_eps\[0\]"),
-    (dict(beta2=1.0), r"beta2"), (dict(momentum=0.9, buffers=False), r"momentum_buffers\[0\] is None"),
-    (dict(shape=(3, 4)), r"directions\[0\] has shape"),
-])
+    (dict(lr=-1.0), r"lr: expected a number in \[0, inf\), got -1.0"),
+    (dict(lr=[float("nan")]), r"lr\[0\]: expected a number in \[0, inf\)"),
+    (dict(graft="lion"), r"graft: expected one of \['adam', 'rmsprop', 'sgd'\]"),
+    (dict(graft_eps=0.0), r"graft_eps: expected a number in \(0, inf\)"),
+    (dict(momentum=-0.5), r"momentum: expected a number in \[0, inf\)"),
+    (dict(beta2=1.0), r"beta2: bias correction needs a decay rate in \[0, 1\)"),
+    (dict(momentum=0.9, buffers=False), r"momentum_buffers\[0\]: None \(no buffer\) but momentum = 0.9"),
+    (dict(shape=(3, 4)), r"directions\[0\]: expected shape \(4, 3\), got \(3, 4\)"),
+], ids=str)
 def test_bad_inputs_raise_before_any_write(bad, match, device):
     gen = torch.Generator().manual_seed(8)
     ts = make_tensors((4, 3), torch.float32, gen, device, buffer=bad.pop("buffers", True))

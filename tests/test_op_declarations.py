@@ -18,12 +18,13 @@ from kfopt.kernels import (
     sonew_step,
     sonew_step_reference,
 )
+from kfopt.kernels.graft import GRAFT, graft_step, graft_step_reference
 from kfopt.kernels.lamb import LAMB, LambHyperparameters
 from kfopt.kernels.lars import LARS
 from kfopt.kernels.sonew import SONEW
 
 OPS = {"lamb": (LAMB, lamb_step, lamb_step_reference), "lars": (LARS, lars_step, lars_step_reference),
-       "sonew": (SONEW, sonew_step, sonew_step_reference)}
+       "sonew": (SONEW, sonew_step, sonew_step_reference), "graft": (GRAFT, graft_step, graft_step_reference)}
 
 
 @pytest.mark.parametrize("name", OPS)
@@ -65,7 +66,9 @@ def test_unknown_missing_and_non_numeric_hyperparameters(name, device):
                       [torch.zeros((), device=device)]],
              "lars": [[torch.zeros(2, 3, device=device)]],
              "sonew": [[torch.zeros(2, 3, device=device)], [torch.zeros(6, device=device)],
-                       [torch.zeros(1, 6, device=device)], [torch.zeros((), device=device)]]}[name]
+                       [torch.zeros(1, 6, device=device)], [torch.zeros((), device=device)]],
+             "graft": [[torch.randn(2, 3, device=device)], [torch.zeros(2, 3, device=device)],
+                       [torch.zeros(2, 3, device=device)], [None], [torch.zeros((), device=device)]]}[name]
     args = ([p], [torch.randn(2, 3, device=device)], *state)
     before = p.clone()
     with pytest.raises(TypeError, match="unexpected hyperparameter 'betas'"):
@@ -79,6 +82,9 @@ def test_unknown_missing_and_non_numeric_hyperparameters(name, device):
     if name == "sonew":
         with pytest.raises(TypeError, match="unexpected hyperparameter 'band'"):  # read off offdiags
             kernel(*args, lr=0.1, band=2)
+    if name == "graft":
+        with pytest.raises(TypeError, match="unexpected hyperparameter 'has_buffer'"):  # read off momentum_buffers
+            kernel(*args, lr=0.1, has_buffer=True)
     assert torch.equal(p, before)
 
 
@@ -91,6 +97,9 @@ def test_traffic_models_beside_the_launchers():
     assert SONEW.traffic(shapes, torch.float32, [1, 1]).bytes == 1300 * 48
     assert SONEW.traffic(shapes, torch.float32, [0, 4]).bytes == 1000 * 40 + 300 * 72
     assert SONEW.traffic(shapes, torch.float32, [1, 1], relative_eps=True).bytes == 1300 * (48 + 12)
+    assert GRAFT.traffic(shapes, torch.float32).bytes == 1300 * 48
+    assert GRAFT.traffic(shapes, torch.float32, [True, False]).bytes == 1000 * 60 + 300 * 48
+    assert GRAFT.traffic(shapes, torch.bfloat16, grad_dtype=torch.float32).bytes == 1300 * (4 + 8 + 4 + 24)
     assert LAMB.traffic(shapes, torch.float32).flops > 0
 
 
@@ -106,6 +115,7 @@ def _state_of_another_dtype(device):
         "lars": lambda: lars_step([p], [g], [z(6, dtype=torch.float64)], lr=0.1),
         "sonew": lambda: sonew_step([p.reshape(2, 3)], [g.reshape(2, 3)], [z(2, 3)], [z(6, dtype=torch.float64)],
                                     [z(1, 6)], [z(())], lr=0.1),
+        "graft": lambda: graft_step([p], [g], [g], [z(6)], [z(6)], [z(6, dtype=torch.float64)], [z(())], lr=0.1),
         "rank1_inverse": lambda: rank1_inverse_update([torch.eye(3, device=device)], [torch.ones(3, device=device)],
                                                       z(1, dtype=torch.float64), decay=0.9),
     }
@@ -118,18 +128,19 @@ def _state_of_another_shape(device):
         "lamb": lambda: lamb_step([p], [g], [z(5)], [z(6)], [z(())], lr=0.1),
         "lars": lambda: lars_step([p], [g], [z(7)], lr=0.1),
         "sonew": lambda: sonew_step([p.reshape(2, 3)], [g.reshape(2, 3)], [z(2, 3)], [z(5)], [z(1, 6)], [z(())], lr=0.1),
+        "graft": lambda: graft_step([p], [g], [g], [z(6)], [z(6)], [z(7)], [z(())], lr=0.1),
         "rank1_inverse": lambda: rank1_inverse_update([torch.eye(3, device=device)], [torch.ones(3, device=device)],
                                                       z(2), decay=0.9),
     }
 
 
-@pytest.mark.parametrize("launcher", ["lamb", "lars", "sonew", "rank1_inverse"])
+@pytest.mark.parametrize("launcher", ["lamb", "lars", "sonew", "graft", "rank1_inverse"])
 def test_a_state_tensor_of_another_dtype_is_a_type_error(launcher, device):
     with pytest.raises(TypeError, match=r"expected dtype float32"):
         _state_of_another_dtype(device)[launcher]()
 
 
-@pytest.mark.parametrize("launcher", ["lamb", "lars", "sonew", "rank1_inverse"])
+@pytest.mark.parametrize("launcher", ["lamb", "lars", "sonew", "graft", "rank1_inverse"])
 def test_a_state_tensor_of_another_shape_is_a_value_error(launcher, device):
     with pytest.raises(ValueError, match=r"shape"):
         _state_of_another_shape(device)[launcher]()
@@ -141,7 +152,9 @@ def test_a_tensor_on_another_device_is_a_value_error(name):
     p = torch.randn(2, 3)
     state = {"lamb": [[torch.zeros(2, 3)], [torch.zeros(2, 3)], [torch.zeros((), device="meta")]],
              "lars": [[torch.zeros(2, 3, device="meta")]],
-             "sonew": [[torch.zeros(2, 3)], [torch.zeros(6)], [torch.zeros(1, 6)], [torch.zeros((), device="meta")]]}[name]
+             "sonew": [[torch.zeros(2, 3)], [torch.zeros(6)], [torch.zeros(1, 6)], [torch.zeros((), device="meta")]],
+             "graft": [[torch.randn(2, 3)], [torch.zeros(2, 3)], [torch.zeros(2, 3)], [None],
+                       [torch.zeros((), device="meta")]]}[name]
     with pytest.raises(ValueError, match=r"\[0\] is on meta, expected cpu"):
         kernel([p], [torch.randn(2, 3)], *state, lr=0.1)
 
