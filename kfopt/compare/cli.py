@@ -241,13 +241,8 @@ class Plan:
         return self.distribution is None or self.distribution.is_main
 
     def agree(self, value):
-        """Rank 0's ``value`` on every rank of a distributed comparison (what decides the runs: every
-        rank must make the same ones); ``value`` itself in one process."""
-        if self.distribution is None or self.distribution.world == 1:
-            return value
-        shared = [value]
-        torch.distributed.broadcast_object_list(shared, src=0)
-        return shared[0]
+        """Rank 0's ``value`` on every rank of a distributed comparison (``distributed.agree``)."""
+        return distributed.agree(self.distribution, value)
 
     def __post_init__(self):
         self._models = {self.seeds[0]: self.initial_model}
@@ -306,10 +301,7 @@ def _plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Plan:
         except (TypeError, ValueError) as exc:
             parser.error(f"optimizer {name!r} rejects its hyperparameters: {exc}")
     out = args.out or os.path.join("kfopt_runs", datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
-    if distribution is not None and distribution.world > 1:  # rank 0's folder (the clocks may differ by a second)
-        shared = [out]
-        torch.distributed.broadcast_object_list(shared, src=0)
-        out = shared[0]
+    out = distributed.agree(distribution, out)  # rank 0's folder (the clocks may differ by a second)
     try:
         if distribution is None or distribution.is_main:
             os.makedirs(out, exist_ok=True)

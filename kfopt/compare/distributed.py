@@ -23,7 +23,6 @@ analysis).
 from __future__ import annotations
 
 import gc
-import importlib
 import os
 import sys
 from dataclasses import dataclass
@@ -33,7 +32,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .registry import BASELINE, REGISTRY
+from kfopt.registry import REGISTRY as OPTIMIZERS
+
+from .registry import BASELINE
 from .tasks import Task
 
 MODES = ("ddp", "fsdp")
@@ -80,10 +81,17 @@ def finish(status: int) -> NoReturn:
 
 def supports(mode: str, name: str) -> bool:
     """Whether optimizer ``name`` of the comparison can train under ``mode``."""
-    if mode != "fsdp" or name == BASELINE:
-        return True
-    spec = REGISTRY[name]
-    return getattr(getattr(importlib.import_module(spec.module), spec.cls), "_shardable", None) is True
+    return mode != "fsdp" or name == BASELINE or OPTIMIZERS[name].cls._shardable is True
+
+
+def agree(distribution: Distribution | None, value):
+    """Rank 0's ``value`` on every rank (what decides the runs: every rank must make the same ones);
+    ``value`` itself in one process."""
+    if distribution is None or distribution.world == 1:
+        return value
+    shared = [value]
+    dist.broadcast_object_list(shared, src=0)
+    return shared[0]
 
 
 class DistributedTask:

@@ -7,7 +7,6 @@ one-element tensor (optimizers with ``device_lr``) is checked on the device inst
 invalid one is skipped and counted; the others reject a tensor lr with that ValueError.
 """
 
-import importlib
 import math
 import numbers
 
@@ -91,8 +90,7 @@ def test_non_number_lr_is_rejected_at_step(entry):
 
 
 def _device_lr(name: str) -> bool:
-    entry = REGISTRY[name]
-    return getattr(importlib.import_module(entry.module), entry.cls_name).device_lr
+    return REGISTRY[name].cls.device_lr
 
 
 def _set_lr(optimizer, lr) -> None:
