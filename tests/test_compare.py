@@ -3,6 +3,7 @@ divergence and failure handling, Ctrl-C; the lr sweep, seeds, verdicts, the run 
 budget on a synthetic quadratic task whose best learning rate is known. Kernels take the PyTorch
 path (they are tested elsewhere)."""
 
+import argparse
 import json
 import os
 import subprocess
@@ -168,6 +169,18 @@ def test_own_text(tmp_path):
     assert doc["config"]["data"]["source"] == "file" and doc["config"]["data"]["path"] == str(text)
     assert doc["config"]["data"]["bytes"] == text.stat().st_size
     assert [r["optimizer"] for r in doc["runs"]] == ["adamw"] and doc["runs"][0]["status"] == "ok"
+
+
+def test_default_run_leaves_out_the_variants_and_all_runs_them():
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    every = list(registry.available_optimizers())
+    default = cli._select_optimizers(parser.parse_args([]), parser)
+    assert default[0] == "adamw" and set(default) == {n for n in every if REGISTRY[n].in_default_run}
+    assert {"mkorh", "mkorh-graft", "sonew4", "singd-toeplitz"}.isdisjoint(default)
+    assert {"kfac", "mkor", "singd", "sonew", "kfac-graft"} <= set(default)
+    assert cli._select_optimizers(parser.parse_args(["--optimizers", "all"]), parser) == every
+    assert cli._select_optimizers(parser.parse_args(["--optimizers", "mkorh"]), parser) == ["adamw", "mkorh"]
 
 
 def test_unavailable_optimizer(monkeypatch, capsys):

@@ -40,12 +40,14 @@ Writes a table (terminal and results.txt), results.json (also the cache of finis
 
 
 def _optimizer_help() -> str:
-    lines = ["optimizers (default: every available one; AdamW, the baseline, always runs):"]
+    lines = ["optimizers (default: every available one not marked [variant]; --optimizers all: every available "
+             "one; AdamW, the baseline, always runs):"]
     for name, spec in REGISTRY.items():
         reason = spec.unavailable_reason()
         lrs = ", ".join(f"{task} {lr:g}" for task, lr in spec.lr.items())
         hyper = ", ".join(f"{k}={v}" for k, v in spec.defaults.items())
-        lines.append(f"  {name:<8} {spec.summary}{'' if reason is None else ' [unavailable: ' + reason + ']'}")
+        marks = ("" if spec.in_default_run else " [variant]") + ("" if reason is None else f" [unavailable: {reason}]")
+        lines.append(f"  {name:<8} {spec.summary}{marks}")
         lines.append(f"  {'':<8} lr: {lrs}; {hyper}")
     lines += ["", "examples:", "  kfopt compare", "  kfopt compare --optimizers lamb --lr lamb=5e-3 --steps 500",
               "  kfopt compare --thorough --out runs/thorough   (rerun the same line to continue after Ctrl-C)",
@@ -135,7 +137,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text", metavar="FILE", help="train the chars task on this text file instead of the "
                         "embedded slice of the Python standard library's source")
     parser.add_argument("--optimizers", type=_names, metavar="LIST",
-                        help=f"comma-separated, e.g. lamb,lars (default: all available; {BASELINE} is always added)")
+                        help=f"comma-separated, e.g. lamb,lars, or all (default: every available one but the variants "
+                        f"marked in the list below; {BASELINE} is always added)")
     parser.add_argument("--steps", type=_int_at_least(1),
                         help="training steps per optimizer (default: per task and size)")
     parser.add_argument("--size", choices=SIZES, help="model and budget size (default: small on CPU, medium on CUDA)")
@@ -171,7 +174,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _select_optimizers(args, parser) -> list[str]:
     available = available_optimizers()
-    requested = args.optimizers or list(available)
+    if args.optimizers == ["all"]:
+        requested = list(available)
+    else:
+        requested = args.optimizers or [name for name, spec in available.items() if spec.in_default_run]
     for name in requested:
         if name not in REGISTRY:
             parser.error(f"argument --optimizers: unknown optimizer {name!r}; available: {', '.join(available)}")
