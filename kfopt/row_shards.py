@@ -35,8 +35,8 @@ Volume per step (per rank ``r`` of the shard group; ``e`` bytes per element, ``o
     C_l e_l``, about ``2 (W - 1) / W`` of the gradients. FSDP2's own reduce-scatter of the same
     gradients pads each to ``W ceil(R_l / W)`` rows and sends, per rank, ``(W - 1) ceil(R_l / W) C_l
     e_l`` summed over the layers (the ring algorithm's count, the lower bound of any reduce-scatter),
-    about ``(W - 1) / W`` of the gradients per rank: with balanced owners the exchange costs about
-    ``2 / W`` of it.
+    about ``(W - 1) / W`` of the gradients per rank: averaged over the ranks the exchange is about
+    ``2 / W`` of it, while an owner sends (and receives) about its owned matrices whatever ``W``.
 """
 
 from __future__ import annotations

@@ -13,6 +13,8 @@ K-FAC's preconditioning sharded (the blueprint of the sharded engine) against on
 import itertools
 import math
 import random
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -103,6 +105,20 @@ def test_volume_by_hand():
     assert [plan.volume(r).gather_received for r in range(4)] == [0, 0, 0, 30]
     assert plan.volume(2).reduce_scatter == 3 * (2 * 3 * 2 + 1 * 4 * 4)
     assert plan.gather_splits(0) == ([16, 0, 0, 12], [16, 0, 0, 0])  # its own layer 1: a local copy
+
+
+def test_the_volume_table_of_the_docs():
+    """docs/sharding.md's table (one BERT-base encoder block in fp32) is what ``volume`` gives."""
+    page = (Path(__file__).resolve().parent.parent / "docs" / "sharding.md").read_text()
+    rows = re.findall(r"^\| (\d+) \| ([\d.]+) MiB \| ([\d.]+) MiB \| ([\d.]+) MiB \|$", page, re.M)
+    assert [int(w) for w, *_ in rows] == [2, 4, 8, 16]
+    shapes = [(768, 769)] * 4 + [(3072, 769), (768, 3073)]
+    for ranks, mean, busiest, reduce_scatter in rows:
+        volumes = [RowShardPlan.balanced(shapes, F32, int(ranks)).volume(r) for r in range(int(ranks))]
+        mib = [v.exchange / 2 ** 20 for v in volumes]
+        assert (f"{sum(mib) / len(mib):.1f}", f"{max(mib):.1f}", f"{volumes[0].reduce_scatter / 2 ** 20:.1f}") == (
+            mean, busiest, reduce_scatter), ranks
+        assert len({v.reduce_scatter for v in volumes}) == 1
 
 
 def test_bad_arguments_raise_before_any_communication():
