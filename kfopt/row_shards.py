@@ -42,6 +42,7 @@ Volume per step (per rank ``r`` of the shard group; ``e`` bytes per element, ``o
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Callable
@@ -142,19 +143,27 @@ class RowShardPlan:
     def _row_bytes(self, layer: int) -> int:
         return self.shapes[layer][1] * self.dtypes[layer].itemsize
 
-    def _held_bytes(self, layer: int, rank: int) -> int:
-        return len(self.rows(layer, rank)) * self._row_bytes(layer)
+    @functools.cached_property
+    def _held_bytes(self) -> tuple[tuple[int, ...], ...]:
+        """``[layer][rank]``: the bytes of ``layer``'s rows that ``rank`` holds (computed once: the
+        exchanges of every step read it)."""
+        return tuple(tuple(len(self.rows(layer, rank)) * self._row_bytes(layer) for rank in range(self.ranks))
+                     for layer in range(len(self.shapes)))
+
+    @functools.cached_property
+    def _owned(self) -> tuple[tuple[int, ...], ...]:
+        """``[rank]``: the layers ``rank`` owns, in layer order."""
+        return tuple(tuple(layer for layer, owner in enumerate(self.owners) if owner == rank)
+                     for rank in range(self.ranks))
 
     def gather_splits(self, rank: int) -> tuple[list[int], list[int]]:
         """``(sent, received)``: the bytes group rank ``rank`` sends to and receives from each group rank
         in the gather (its own entry: the local copy). The scatter's are ``(received, sent)``."""
         sent = [0] * self.ranks
-        received = [0] * self.ranks
         for layer, owner in enumerate(self.owners):
-            sent[owner] += self._held_bytes(layer, rank)
-            if owner == rank:
-                for source in range(self.ranks):
-                    received[source] += self._held_bytes(layer, source)
+            sent[owner] += self._held_bytes[layer][rank]
+        received = [sum(self._held_bytes[layer][source] for layer in self._owned[rank])
+                    for source in range(self.ranks)]
         return sent, received
 
     def volume(self, rank: int) -> StepVolume:
@@ -167,7 +176,7 @@ class RowShardPlan:
 
 class PendingExchange:
     """An exchange in flight (``async_op=True``): ``wait()`` returns its result (the list the blocking
-    call returns); until then the tensors passed in must not be modified."""
+    call returns). The call copied its inputs into the send buffer, so they may be reused at once."""
 
     def __init__(self, work, finish: Callable[[], list]):
         self._work, self._finish, self._result = work, finish, None
@@ -234,12 +243,12 @@ def gather_to_owners(plan: RowShardPlan, blocks: Sequence[torch.Tensor], group: 
     recv, work = _all_to_all(plan, send, sent, received, group, async_op)
 
     def assemble() -> list[torch.Tensor | None]:
-        mine = [layer for layer, owner in enumerate(plan.owners) if owner == me]
+        mine = plan._owned[me]
         pieces = {layer: [] for layer in mine}
         offset = 0
         for source in range(plan.ranks):  # the receive buffer is source-major, layers in order
             for layer in mine:
-                n = plan._held_bytes(layer, source)
+                n = plan._held_bytes[layer][source]
                 pieces[layer].append(recv[offset:offset + n])
                 offset += n
         out: list[torch.Tensor | None] = [None] * len(blocks)
@@ -262,7 +271,7 @@ def scatter_from_owners(plan: RowShardPlan, results: Sequence[torch.Tensor | Non
     results = list(results)
     if len(results) != len(plan.shapes):
         raise ValueError(f"results: expected one per layer ({len(plan.shapes)}), got {len(results)}")
-    mine = [layer for layer, owner in enumerate(plan.owners) if owner == me]
+    mine = plan._owned[me]
     for layer, (result, owner) in enumerate(zip(results, plan.owners)):
         if owner == me:
             _check_tensor(f"results[{layer}]", result, plan.shapes[layer], plan, layer)
@@ -283,8 +292,8 @@ def scatter_from_owners(plan: RowShardPlan, results: Sequence[torch.Tensor | Non
         out: list[torch.Tensor] = [None] * len(results)
         offset = 0
         for source in range(plan.ranks):  # source-major, the source's layers in order
-            for layer in (layer for layer, owner in enumerate(plan.owners) if owner == source):
-                n = plan._held_bytes(layer, me)
+            for layer in plan._owned[source]:
+                n = plan._held_bytes[layer][me]
                 shape = (len(plan.rows(layer, me)), plan.shapes[layer][1])
                 out[layer] = recv[offset:offset + n].clone().view(plan.dtypes[layer]).view(shape)
                 offset += n
