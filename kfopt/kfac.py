@@ -142,7 +142,7 @@ from kfopt.kernels import eigen_precondition, symmetric_covariance
 from kfopt.kernels.multi_tensor import to_device
 
 from . import collectives
-from .capture import CallInfo, CapturedLayer, LayerCapture, LossAverage, loss_term_count
+from .capture import CallInfo, CapturedLayer, LayerCapture, LossAverage
 from .composed import BaseOptimizer, ComposedOptimizer, check_base
 from .graft import GRAFT_BETAS, GRAFT_EPS, check_graft_group, graft_defaults
 from .kaisa import KAISAGroups, KAISAPlan, Strategy
@@ -223,20 +223,6 @@ class _Layer(LayerState):
         return [torch.eye(len(self.A), dtype=self.A.dtype, device=self.A.device),
                 torch.eye(len(self.G), dtype=self.G.dtype, device=self.G.device)]
 
-    def grad_matrix(self) -> torch.Tensor:
-        """``V = [dW | db]``, (d_out, d_in [+ 1]): a view of the weight gradient without bias, a copy with."""
-        gw = self.weight.grad.reshape(self.captured.out_features, -1)
-        if self.bias is None:
-            return gw
-        return torch.cat([gw, self.bias.grad.reshape(-1, 1)], dim=1)
-
-    def write_grad(self, p: torch.Tensor) -> None:
-        """Store the preconditioned ``P = [dW | db]`` into the parameters' ``.grad``."""
-        n = self.captured.in_features
-        self.weight.grad.copy_(p[:, :n].reshape(self.weight.grad.shape))
-        if self.bias is not None:
-            self.bias.grad.copy_(p[:, n])
-
 
 def _per_layer(name: str, value: float | Mapping[str, float], layers: list[_Layer]) -> list[float]:
     if isinstance(value, Mapping):
@@ -288,7 +274,7 @@ class KFACPreconditioner:
         self.compute_method, self.symmetric_comm, self.loss_average = compute_method, symmetric_comm, loss_average
 
         self.capture = LayerCapture.trainable(model, skip_layers, input_fn=self._input_stat,
-                                              grad_output_fn=self._grad_output_stat)
+                                              grad_output_fn=self._grad_output_stat, loss_average=loss_average)
         try:  # a constructor that raises leaves the model without hooks
             self.capture.set_grad_scale(grad_scaler)
             self._layers = [_Layer(layer) for layer in self.capture.layers.values()]
@@ -304,7 +290,6 @@ class KFACPreconditioner:
                 layer.second = layer.identity_second_order(compute_method)
             else:
                 layer.elsewhere = ("second_order", [t.cpu() for t in layer.identity_second_order(compute_method)])
-        self._terms: dict[str, int] = {}
         self.steps = 0
         self.decomposition_failures = 0
         self.capture.arm()
@@ -318,9 +303,7 @@ class KFACPreconditioner:
         return symmetric_covariance(a, ones_column=layer.has_bias).mul_(a.shape[0])
 
     def _grad_output_stat(self, layer: CapturedLayer, call: CallInfo, g: torch.Tensor) -> torch.Tensor | None:
-        """``sum_rows g g^T``; also adds the call's loss-term count to N."""
-        if self.loss_average is not None:
-            self._terms[layer.name] = self._terms.get(layer.name, 0) + loss_term_count(call, self.loss_average)
+        """``sum_rows g g^T`` (the capture counts the call's loss terms into ``layer.loss_terms``)."""
         if g.shape[0] == 0:
             return None
         return symmetric_covariance(g).mul_(g.shape[0])
@@ -340,7 +323,6 @@ class KFACPreconditioner:
     def discard_step(self) -> None:
         """Drop what was captured since the last step (a step the GradScaler skipped)."""
         self.capture.clear()
-        self._terms.clear()
 
     def _arm(self) -> None:
         """Capture the passes of the next step if it updates the factors (module docstring, Hooks)."""
@@ -471,7 +453,7 @@ class KFACPreconditioner:
         numerators, counts, factors = [], [], []
         for layer in self._layers:
             captured = layer.captured
-            terms = self._terms.get(layer.name, 0) if self.loss_average is not None else int(captured.grad_calls > 0)
+            terms = captured.loss_terms
             a_sum, g_sum = captured.input_stat, captured.grad_output_stat
             numerators += [a_sum if a_sum is not None else torch.zeros_like(layer.A),
                            g_sum * terms ** 2 if g_sum is not None else torch.zeros_like(layer.G)]
@@ -525,7 +507,7 @@ class KFACPreconditioner:
         """Preconditioned gradients of the layers that have a gradient (on every rank), KL clip, write back."""
         plan = self.plan
         active = [i for i, layer in enumerate(self._layers) if layer.weight.grad is not None]
-        grads = {i: self._layers[i].grad_matrix() for i in active}
+        grads = {i: self._layers[i].captured.grad_matrix() for i in active}
         mine = [i for i in active if plan.is_grad_worker(i)]
         if self.compute_method == "eigen":
             second = [self._layers[i].second for i in mine]
@@ -557,7 +539,7 @@ class KFACPreconditioner:
             vg = torch.stack([(precond[i] * grads[i]).sum().float() * lrs[i] ** 2 for i in active]).sum()
             torch._foreach_mul_(results, (self.kl_clip / vg.abs()).sqrt().clamp(max=1.0))
         for i, p in zip(active, results):
-            self._layers[i].write_grad(p)
+            self._layers[i].captured.write_grad(p)
 
 
 class KFAC(ComposedOptimizer):

@@ -115,7 +115,7 @@ from kfopt.kernels.multi_tensor import to_device
 from kfopt.kernels.rank1_inverse import rank1_inverse_update
 
 from . import collectives
-from .capture import CallInfo, CapturedLayer, LayerCapture, LossAverage, loss_term_count
+from .capture import CallInfo, CapturedLayer, LayerCapture, LossAverage
 from .composed import BaseOptimizer, ComposedOptimizer, check_base
 from .graft import GRAFT_BETAS, GRAFT_EPS, check_graft_group, graft_defaults
 from .layer_state import LayerState, check_saved_factors, check_state_keys
@@ -155,21 +155,6 @@ class _Layer(LayerState):
 
     def has_gradient(self) -> bool:
         return self.weight.grad is not None and (self.bias is None or self.bias.grad is not None)
-
-    def grad_matrix(self) -> torch.Tensor:
-        """The weight gradient as a (d_out, d_in) matrix sharing its memory, or a copy when its layout
-        cannot be viewed so (e.g. a channels-last Conv2d gradient; :meth:`write_back` copies it back)."""
-        grad = self.weight.grad
-        try:
-            return grad.view(self.captured.out_features, -1)
-        except RuntimeError:
-            return grad.reshape(self.captured.out_features, -1)
-
-    def write_back(self, matrix: torch.Tensor) -> None:
-        """Copy ``matrix`` (from :meth:`grad_matrix`) into the weight gradient if it is a copy."""
-        grad = self.weight.grad
-        if matrix.data_ptr() != grad.data_ptr():
-            grad.copy_(matrix.reshape(grad.shape))
 
 
 class MKOR(ComposedOptimizer):
@@ -231,7 +216,7 @@ class MKOR(ComposedOptimizer):
         self.factor_dtype, self.loss_average = factor_dtype, loss_average
 
         self.capture = LayerCapture.trainable(model, skip_layers, input_fn=self._input_stat,
-                                              grad_output_fn=self._grad_output_stat)
+                                              grad_output_fn=self._grad_output_stat, loss_average=loss_average)
         try:  # a constructor that raises leaves the model without hooks
             self.capture.set_grad_scale(grad_scaler)
             self._grad_scaler = grad_scaler
@@ -244,7 +229,6 @@ class MKOR(ComposedOptimizer):
             self._g_index, self._g_count_index = self._vector_layout([layer.JL.shape[0] for layer in self._layers],
                                                                      device)
             self._overlap = collectives.world_size() > 1
-            self._terms: dict[str, int] = {}
             self._a_buffer: torch.Tensor | None = None
             self._a_handle: collectives.CollectiveHandle | None = None
             self._a_current = False
@@ -310,12 +294,11 @@ class MKOR(ComposedOptimizer):
         return a.sum(0, dtype=torch.float32)
 
     def _grad_output_stat(self, layer: CapturedLayer, call: CallInfo, g: torch.Tensor) -> torch.Tensor:
-        """``sum_rows g`` in fp32; adds the call's loss-term count to N. The first one of a backward
-        after captured forwards starts the asynchronous ``a`` all-reduce (distributed only)."""
+        """``sum_rows g`` in fp32 (the capture counts the call's loss terms into ``layer.loss_terms``).
+        The first one of a backward after captured forwards starts the asynchronous ``a`` all-reduce
+        (distributed only)."""
         if self._overlap and not self._a_current:
             self._start_a_reduce()
-        if self.loss_average is not None:
-            self._terms[layer.name] = self._terms.get(layer.name, 0) + loss_term_count(call, self.loss_average)
         return g.sum(0, dtype=torch.float32)
 
     # -- factor update -----------------------------------------------------------------------------
@@ -357,7 +340,7 @@ class MKOR(ComposedOptimizer):
         sums = []
         for layer in self._layers:
             captured = layer.captured
-            terms = self._terms.get(layer.name, 0) if self.loss_average is not None else int(captured.grad_calls > 0)
+            terms = captured.loss_terms
             sums.append(captured.grad_output_stat * terms if captured.grad_output_stat is not None else None)
         layers = [layer.captured for layer in self._layers]
         return self._numerators(sums, [c.out_features for c in layers],
@@ -404,7 +387,6 @@ class MKOR(ComposedOptimizer):
             self._a_handle.wait()
         self._a_handle, self._a_buffer, self._a_current = None, None, False
         self.capture.clear()
-        self._terms.clear()
 
     def _arm(self) -> None:
         """Capture the passes of the next step if it updates the factors."""
@@ -417,12 +399,12 @@ class MKOR(ComposedOptimizer):
         active = [layer for layer in self._layers if layer.has_gradient()]
         if not active:
             return
-        matrices = [layer.grad_matrix() for layer in active]
+        matrices = [layer.captured.grad_matrix(with_bias=False) for layer in active]
         self.last_ratios = kronecker_precondition(
             [layer.JL for layer in active], matrices, [layer.JR for layer in active],
             [layer.bias.grad if layer.bias is not None else None for layer in active])
         for layer, matrix in zip(active, matrices):
-            layer.write_back(matrix)
+            layer.captured.write_grad(matrix)
 
     # -- checkpoints -------------------------------------------------------------------------------
 

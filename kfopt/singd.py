@@ -610,11 +610,7 @@ class SINGD(KfoptOptimizer):
         """``N = C C^T G K K^T`` as ``(group, param, its part of N)`` for the layer's weight and bias."""
         weight, bias = layer.weight, layer.bias
         d_in = layer.captured.in_features
-        g = weight.grad.reshape(layer.captured.out_features, d_in)
-        if bias is not None:
-            bias_grad = bias.grad if bias.grad is not None else torch.zeros_like(bias)
-            g = torch.cat([g, bias_grad.reshape(-1, 1).to(g.dtype)], dim=1)
-        y = K.matmul(g, right=True)
+        y = K.matmul(layer.captured.grad_matrix(), right=True)
         y = K.matmul(y, transpose=True, right=True)
         y = C.matmul(y, transpose=True)
         natural = C.matmul(y)
