@@ -4,7 +4,7 @@ The math is in ``docs/kfac.md``; the distribution is in :mod:`kfopt.kaisa`.
 
 Two objects
     :class:`KFACPreconditioner` owns everything K-FAC: the layer capture, the factors, the eigen (or
-    inverse) data, KAISA's plan and groups. ``precond.step()`` replaces the ``.grad`` of every
+    inverse) data, and its distributor (``kfopt.distribution``: KAISA's plan and groups). ``precond.step()`` replaces the ``.grad`` of every
     preconditioned layer (``nn.Linear``/``nn.Conv2d`` with groups=1, minus ``skip_layers`` and layers
     whose weight is frozen) by its preconditioned gradient, so it can sit in front of any optimizer::
 
@@ -82,7 +82,8 @@ Hooks
     ``step()`` adds its inputs to ``A``.
 
 KAISA (``grad_worker_fraction``; see :mod:`kfopt.kaisa` for the grid and the greedy LPT assignment)
-    Factors are averaged on all ranks (every rank holds all factors). At an inverse update each layer's
+    Every exchange between ranks below goes through the preconditioner's ``distributor``
+    (``kfopt.distribution.Replicated`` with KAISA's plan). Factors are averaged on all ranks (every rank holds all factors). At an inverse update each layer's
     inverse worker decomposes its two factors and broadcasts the data inside its grad-worker group;
     the layer's grad workers precondition its gradient; if ``grad_worker_fraction < 1`` they broadcast
     ``P`` to their receiver groups. Only grad workers store a layer's second-order data. KL clipping
@@ -137,15 +138,14 @@ from typing import Literal
 import torch
 from torch import nn
 
-from kfopt.autotune import agree_on_configs, configs_per_rank
 from kfopt.kernels import eigen_precondition, symmetric_covariance
 from kfopt.kernels.multi_tensor import to_device
 
-from . import collectives
 from .capture import CallInfo, CapturedLayer, LayerCapture, LossAverage
 from .composed import BaseOptimizer, ComposedOptimizer, check_base
 from .graft import GRAFT_BETAS, GRAFT_EPS, check_graft_group, graft_defaults
-from .kaisa import KAISAGroups, KAISAPlan, Strategy
+from .distribution import Replicated
+from .kaisa import Strategy
 from .layer_state import LayerState, check_saved_factors, check_state_keys
 from .param_groups import param_groups
 from .validation import (
@@ -278,15 +278,13 @@ class KFACPreconditioner:
         try:  # a constructor that raises leaves the model without hooks
             self.capture.set_grad_scale(grad_scaler)
             self._layers = [_Layer(layer) for layer in self.capture.layers.values()]
-            self.plan = KAISAPlan.build([(len(layer.A), len(layer.G)) for layer in self._layers],
-                                        collectives.world_size(), collectives.rank(), grad_worker_fraction,
-                                        assignment_strategy)
-            self._groups = KAISAGroups.create(self.plan)
+            self.distributor = Replicated.kaisa([(len(layer.A), len(layer.G)) for layer in self._layers],
+                                                grad_worker_fraction, assignment_strategy)
         except BaseException:
             self.capture.remove()
             raise
         for i, layer in enumerate(self._layers):
-            if self.plan.is_grad_worker(i):
+            if self.distributor.holds(i):
                 layer.second = layer.identity_second_order(compute_method)
             else:
                 layer.elsewhere = ("second_order", [t.cpu() for t in layer.identity_second_order(compute_method)])
@@ -367,7 +365,7 @@ class KFACPreconditioner:
             else:
                 decomposed[layer.name] = dict(data)
         return {"steps": self.steps, "decomposition_failures": self.decomposition_failures,
-                "world_size": collectives.world_size(), "compute_method": self.compute_method,
+                "world_size": self.distributor.world, "compute_method": self.compute_method,
                 "factors": {layer.name: {"A": layer.A, "G": layer.G} for layer in self._layers},
                 "second_order": second, "decomposed": decomposed}
 
@@ -460,9 +458,8 @@ class KFACPreconditioner:
             counts += [captured.input_row_count, terms]
             factors += [layer.A, layer.G]
         count = to_device(torch.tensor(counts, dtype=torch.float64), self._layers[0].A.device)
-        average = (collectives.all_reduce_symmetric_average_async if self.symmetric_comm
-                   else collectives.all_reduce_average_async)
-        handles = [average(numerators), collectives.all_reduce_average_async([count])]
+        handles = [self.distributor.average(numerators, symmetric=self.symmetric_comm),
+                   self.distributor.average([count])]
         for handle in handles:
             handle.wait()
         finite = torch.stack([torch.isfinite(numerator).all() for numerator in numerators]).all()
@@ -480,12 +477,11 @@ class KFACPreconditioner:
         return None if any(part is None for part in parts) else [t for part in parts for t in part]
 
     def _update_second_order(self, dampings: list[float]) -> None:
-        """Decompose the factors of the layers this rank is inverse worker of; share inside the
-        grad-worker group. Ranks that are not a layer's grad workers copy the factors to the host
-        (what reproduces the data in their checkpoints)."""
-        plan = self.plan
+        """Decompose the factors of the layers this rank is inverse worker of; share them with the
+        layers' other grad workers (the distributor). Ranks that are not a layer's grad workers copy the
+        factors to the host (what reproduces the data in their checkpoints)."""
         for i, layer in enumerate(self._layers):
-            if plan.inverse_workers[i] == plan.rank:
+            if self.distributor.decomposes(i):
                 result = self._decomposition(layer.A, layer.G, dampings[i])
                 if result is None:
                     self.decomposition_failures += 1
@@ -495,25 +491,18 @@ class KFACPreconditioner:
                 layer.elsewhere = ("decomposed", {"A": layer.A.to("cpu", non_blocking=True, copy=True),
                                                   "G": layer.G.to("cpu", non_blocking=True, copy=True),
                                                   "damping": float(dampings[i])})
-        if plan.grad_workers > 1:
-            group_ranks = plan.worker_groups[plan.rank % plan.groups]
-            handles = [collectives.broadcast_async(
-                [t for i, layer in enumerate(self._layers) if plan.inverse_workers[i] == src for t in layer.second],
-                src, self._groups.worker) for src in group_ranks]
-            for handle in handles:
-                handle.wait()
+        self.distributor.share_second_order([layer.second for layer in self._layers])
 
     def _precondition(self, lrs: list[float], dampings: list[float]) -> None:
         """Preconditioned gradients of the layers that have a gradient (on every rank), KL clip, write back."""
-        plan = self.plan
+        distributor, captured = self.distributor, [layer.captured for layer in self._layers]
         active = [i for i, layer in enumerate(self._layers) if layer.weight.grad is not None]
-        grads = {i: self._layers[i].captured.grad_matrix() for i in active}
-        mine = [i for i in active if plan.is_grad_worker(i)]
+        grads = distributor.gradients(captured, active)
+        mine = [i for i in active if distributor.preconditions(i)]
         if self.compute_method == "eigen":
             second = [self._layers[i].second for i in mine]
             # grad workers of a layer compute its result redundantly: they agree on the kernel configs
-            agreement = configs_per_rank() if plan.grad_workers == 1 else agree_on_configs(self._groups.worker)
-            with agreement:
+            with distributor.agreement(preconditioning=True):
                 out = eigen_precondition([grads[i] for i in mine], [s[0] for s in second], [s[1] for s in second],
                                          [s[2] for s in second], [s[3] for s in second],
                                          [dampings[i] for i in mine],
@@ -522,24 +511,15 @@ class KFACPreconditioner:
         else:
             out = [self._layers[i].second[1] @ grads[i].to(self._layers[i].G.dtype) @ self._layers[i].second[0]
                    for i in mine]
-        precond = dict(zip(mine, out))
-        if plan.grad_workers < plan.world:
-            for i in active:
-                if i not in precond:
-                    precond[i] = torch.empty(grads[i].shape, dtype=self._layers[i].A.dtype, device=grads[i].device)
-            sources = sorted({plan.gradient_source(i) for i in active})
-            handles = [collectives.broadcast_async([precond[i] for i in active if plan.gradient_source(i) == src],
-                                                   src, self._groups.receiver) for src in sources]
-            for handle in handles:
-                handle.wait()
+        precond = distributor.share_preconditioned(dict(zip(mine, out)), active, grads,
+                                                   [layer.A.dtype for layer in self._layers])
         if not active:
             return
         results = [precond[i] for i in active]
         if self.kl_clip is not None:
             vg = torch.stack([(precond[i] * grads[i]).sum().float() * lrs[i] ** 2 for i in active]).sum()
             torch._foreach_mul_(results, (self.kl_clip / vg.abs()).sqrt().clamp(max=1.0))
-        for i, p in zip(active, results):
-            self._layers[i].captured.write_grad(p)
+        distributor.write_gradients(captured, dict(zip(active, results)))
 
 
 class KFAC(ComposedOptimizer):

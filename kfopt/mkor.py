@@ -69,7 +69,8 @@ Grafting (``graft="adam"``, ``"rmsprop"``, ``"sgd"``; ``kfopt.graft``)
     them once MKOR-H has switched. AdamW's ``lr``, schedule and ``weight_decay`` carry over.
 
 Distributed (``torch.distributed`` initialised, model wrapped in ``DistributedDataParallel`` so that
-every rank starts ``step()`` with the same gradients)
+every rank starts ``step()`` with the same gradients; every exchange goes through ``self.distributor``,
+``kfopt.distribution.Replicated``)
     On factor-update steps, each rank's sums and counts are averaged over all ranks in two
     all-reduces, so that the quotients are the vectors of the concatenated global batch (world-size
     invariant, also for unequal local batches): all layers' ``[sum a | R]`` in one buffer, all
@@ -109,7 +110,6 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from kfopt.autotune import agree_on_configs
 from kfopt.kernels.kronecker import kronecker_precondition
 from kfopt.kernels.multi_tensor import to_device
 from kfopt.kernels.rank1_inverse import rank1_inverse_update
@@ -117,6 +117,7 @@ from kfopt.kernels.rank1_inverse import rank1_inverse_update
 from . import collectives
 from .capture import CallInfo, CapturedLayer, LayerCapture, LossAverage
 from .composed import BaseOptimizer, ComposedOptimizer, check_base
+from .distribution import Replicated
 from .graft import GRAFT_BETAS, GRAFT_EPS, check_graft_group, graft_defaults
 from .layer_state import LayerState, check_saved_factors, check_state_keys
 from .param_groups import param_groups
@@ -228,7 +229,8 @@ class MKOR(ComposedOptimizer):
                                                                      device)
             self._g_index, self._g_count_index = self._vector_layout([layer.JL.shape[0] for layer in self._layers],
                                                                      device)
-            self._overlap = collectives.world_size() > 1
+            self.distributor = Replicated()
+            self._overlap = self.distributor.world > 1
             self._a_buffer: torch.Tensor | None = None
             self._a_handle: collectives.CollectiveHandle | None = None
             self._a_current = False
@@ -256,7 +258,7 @@ class MKOR(ComposedOptimizer):
     def _second_order_step(self) -> None:
         """Factor update (when due) and preconditioning; then prepare the capture for the next step."""
         if self._layers:
-            with agree_on_configs():  # every rank updates the same factors and preconditions every layer
+            with self.distributor.agreement():  # every rank updates the same factors and preconditions every layer
                 if self.steps % self.inv_freq == 0:
                     self._update_factors()
                 self._precondition()
@@ -351,7 +353,7 @@ class MKOR(ComposedOptimizer):
         if self._a_handle is not None:
             self._a_handle.wait()
         self._a_buffer = self._a_numerators()
-        self._a_handle = collectives.all_reduce_average_async([self._a_buffer])
+        self._a_handle = self.distributor.average([self._a_buffer])
         self._a_current = True
 
     def _update_factors(self) -> None:
@@ -359,7 +361,7 @@ class MKOR(ComposedOptimizer):
         if not self._a_current:
             self._start_a_reduce()
         g_buffer = self._g_numerators()
-        g_handle = collectives.all_reduce_average_async([g_buffer])
+        g_handle = self.distributor.average([g_buffer])
         self._a_handle.wait()
         g_handle.wait()
         a = self._a_buffer[self._a_index] / self._a_buffer[self._a_count_index]
@@ -396,15 +398,15 @@ class MKOR(ComposedOptimizer):
 
     def _precondition(self) -> None:
         """Replace the gradients of the layers that have one by their preconditioned gradients."""
-        active = [layer for layer in self._layers if layer.has_gradient()]
-        if not active:
+        indices = [i for i, layer in enumerate(self._layers) if layer.has_gradient()]
+        if not indices:
             return
-        matrices = [layer.captured.grad_matrix(with_bias=False) for layer in active]
+        captured, active = [layer.captured for layer in self._layers], [self._layers[i] for i in indices]
+        matrices = self.distributor.gradients(captured, indices, with_bias=False)  # written in place
         self.last_ratios = kronecker_precondition(
-            [layer.JL for layer in active], matrices, [layer.JR for layer in active],
+            [layer.JL for layer in active], list(matrices.values()), [layer.JR for layer in active],
             [layer.bias.grad if layer.bias is not None else None for layer in active])
-        for layer, matrix in zip(active, matrices):
-            layer.captured.write_grad(matrix)
+        self.distributor.write_gradients(captured, matrices)
 
     # -- checkpoints -------------------------------------------------------------------------------
 
@@ -510,7 +512,7 @@ class MKORH(MKOR):
         if self._window_count < self.switch_window:
             return
         total = self._window_sum.reshape(1)
-        collectives.all_reduce_average_async([total]).wait()
+        self.distributor.average([total]).wait()
         mean = total.item() / self._window_count
         self._window_sum, self._window_count = None, 0
         if not math.isfinite(mean):

@@ -126,7 +126,8 @@ check (``kfopt.kernels.graft``) and the factors commit only when it took the ste
 
 Distributed
 ===========
-Wrap the model in ``DistributedDataParallel`` (gradients averaged by DDP). At a due step each rank's
+Wrap the model in ``DistributedDataParallel`` (gradients averaged by DDP; every exchange goes through
+``self.distributor``, ``kfopt.distribution.Replicated``). At a due step each rank's
 ``H_K`` and ``H_C`` are averaged over the ranks in structured form (their free parameters, one bucketed
 all-reduce); with ``loss_average=None`` ``H_C`` is summed instead (a summed loss's per-term gradients are
 the same on every world size). With a mean loss, a layer's rows divided by the local rows and output
@@ -160,11 +161,11 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from kfopt.autotune import agree_on_configs
 from kfopt.kernels.dispatch import KERNEL_DTYPES, use_triton
 
-from . import collectives
+from . import collectives  # noqa: F401  (kfopt.singd.collectives: what the distributor calls; tests spy on it)
 from .capture import CallInfo, CapturedLayer, LayerCapture, loss_term_count
+from .distribution import Replicated
 from .graft import GRAFT_BETAS, GRAFT_EPS, check_graft_group, graft_defaults, graft_state_spec, grafted_step
 from .layer_state import LayerState
 from .optimizer import KfoptOptimizer
@@ -278,6 +279,7 @@ class SINGD(KfoptOptimizer):
         check_graft_group(defaults)
         super().__init__(params, defaults)
         self.steps = 0
+        self.distributor = Replicated()
         self._blowups: torch.Tensor | None = None  # steps skipped because the update itself blew up
         self._warned = False
         self.capture = self._build_capture(model, tuple(skip_layers))
@@ -438,8 +440,8 @@ class SINGD(KfoptOptimizer):
             if layer.H_C is None:
                 layer.H_C = layer.C.spec.zeros(d_c, torch.promote_types(layer.C.dtype, torch.float32), device)
             tensors += layer.H_K.tensors + layer.H_C.tensors
-        collectives.all_reduce_average_async(tensors).wait()
-        world = collectives.world_size()
+        self.distributor.average(tensors).wait()
+        world = self.distributor.world
         for layer in layers:
             if self.param_groups[layer.group]["loss_average"] is None:
                 layer.H_C.mul_(float(world))
@@ -458,12 +460,12 @@ class SINGD(KfoptOptimizer):
             return loss
         found = self._params_with_grads()
         due = [layer for layer in self._layers if self._due(layer)]
-        if due and collectives.is_distributed():
+        if due and self.distributor.distributed:
             self._average_statistics(due)
         updated = [layer for layer in due if layer.H_K is not None and layer.H_C is not None]
         inputs = [p.grad for _, p in found] + [t for layer in updated for t in layer.H_K.tensors + layer.H_C.tensors]
         if inputs:
-            with agree_on_configs():  # every rank updates the same factors and weights
+            with self.distributor.agreement():  # every rank updates the same factors and weights
                 finite = self._finite(inputs)
                 # new factors and momenta, the natural gradient computed with them; committed below only
                 # where everything is finite (the update's own blow-up keeps the last finite factors)
