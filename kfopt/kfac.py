@@ -147,7 +147,6 @@ from .graft import GRAFT_BETAS, GRAFT_EPS, check_graft_group, graft_defaults
 from .distribution import Replicated
 from .kaisa import Strategy
 from .layer_state import LayerState, check_saved_factors, check_state_keys
-from .param_groups import param_groups
 from .validation import (
     check_bool,
     check_int,
@@ -317,6 +316,10 @@ class KFACPreconditioner:
         """``(A, G)`` of layer ``name`` (the live tensors)."""
         layer = self._layers[list(self.capture.layers).index(name)]
         return layer.A, layer.G
+
+    def preconditioned_params(self) -> list[torch.Tensor]:
+        """The weights and biases whose gradients ``step()`` replaces."""
+        return [p for layer in self._layers for p in (layer.weight, layer.bias) if p is not None]
 
     def discard_step(self) -> None:
         """Drop what was captured since the last step (a step the GradScaler skipped)."""
@@ -557,19 +560,13 @@ class KFAC(ComposedOptimizer):
         check_nonnegative("weight_decay", weight_decay)
         check_base(base)
         check_graft_group(graft_defaults(graft, graft_betas, graft_eps))
-        self.preconditioner = KFACPreconditioner(
+        preconditioner = KFACPreconditioner(
             model, lr, damping, factor_decay, kl_clip, factor_update_steps, inv_update_steps,
             grad_worker_fraction, compute_method, skip_layers, symmetric_comm,
             assignment_strategy=assignment_strategy, loss_average=loss_average, grad_scaler=grad_scaler)
         self._grad_scaler = grad_scaler
-        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, damping=damping,
-                        **graft_defaults(graft, graft_betas, graft_eps))
-        try:  # a constructor that raises leaves the model without hooks
-            super().__init__(param_groups(self.preconditioner.capture.model, weight_decay), defaults)
-            self._build_base(base)
-        except BaseException:
-            self.preconditioner.capture.remove()
-            raise
+        self._compose(preconditioner, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, damping=damping,
+                                           **graft_defaults(graft, graft_betas, graft_eps)), base)
 
     def _check_group(self, group: dict) -> None:
         check_nonnegative("lr", group["lr"])
@@ -577,9 +574,6 @@ class KFAC(ComposedOptimizer):
         check_nonnegative("weight_decay", group["weight_decay"])
         check_positive("damping", group["damping"])
         check_graft_group(group)
-
-    def _preconditioned_params(self) -> list[torch.Tensor]:
-        return [p for layer in self.preconditioner._layers for p in (layer.weight, layer.bias) if p is not None]
 
     def _graft_momentum(self, group: dict) -> float:
         return group["momentum"]
@@ -591,15 +585,3 @@ class KFAC(ComposedOptimizer):
         self.preconditioner.step(lr={name: owner[id(layer.module.weight)]["lr"] for name, layer in layers.items()},
                                  damping={name: owner[id(layer.module.weight)]["damping"]
                                           for name, layer in layers.items()})
-
-    def _discard_step(self) -> None:
-        self.preconditioner.discard_step()
-
-    def _own_state(self) -> dict:
-        return self.preconditioner.state_dict()
-
-    def _check_own_state(self, saved: dict) -> None:
-        self.preconditioner.check_state_dict(saved)
-
-    def _load_own_state(self, saved: dict) -> None:
-        self.preconditioner.load_state_dict(saved)

@@ -1,6 +1,11 @@
 r"""MKOR and MKOR-H (Mozaffari et al., NeurIPS 2023): Kronecker-factored inverses kept up to date by
 rank-1 Sherman-Morrison updates; the math is in ``docs/mkor.md``.
 
+Two objects, as in ``kfopt.kfac``: :class:`MKORPreconditioner` (the capture, the factors, the steps below
+up to the preconditioned gradient; ``kfopt.preconditioner.Preconditioner``: ``precond.step()`` in
+front of any optimizer) and :class:`MKOR`, a ``kfopt.composed.ComposedOptimizer`` composing one with a
+base optimizer (``MKOR.step()`` = ``precond.step()`` then ``base.step()``).
+
 Per preconditioned layer (``nn.Linear``/``nn.Conv2d`` with groups=1, minus ``skip_layers`` and layers
 whose weight is frozen; ``kfopt.capture``; grouped/depthwise Conv2d layers and the projections inside
 ``nn.MultiheadAttention``, its ``out_proj`` included, are never preconditioned: their parameters get the
@@ -120,7 +125,6 @@ from .composed import BaseOptimizer, ComposedOptimizer, check_base
 from .distribution import Replicated
 from .graft import GRAFT_BETAS, GRAFT_EPS, check_graft_group, graft_defaults
 from .layer_state import LayerState, check_saved_factors, check_state_keys
-from .param_groups import param_groups
 from .validation import KIND_KEY, check_int, check_keys, check_loss_average, check_nonnegative, check_positive, check_tensor
 
 logger = logging.getLogger(__name__)
@@ -158,13 +162,13 @@ class _Layer(LayerState):
         return self.weight.grad is not None and (self.bias is None or self.bias.grad is not None)
 
 
-class MKOR(ComposedOptimizer):
-    """MKOR: rank-1-updated Kronecker-factored inverses in front of a base optimizer (module docstring).
+class MKORPreconditioner:
+    """MKOR's preconditioning of a model's Linear/Conv2d gradients (module docstring): rank-1-updated
+    Kronecker-factored inverses; ``kfopt.preconditioner.Preconditioner``, so it sits in front of any
+    optimizer (``precond.step(); optimizer.step()``; the optimizer owns the parameter update).
 
     Args:
         model: the model (or a ``DistributedDataParallel`` wrapping it).
-        lr: learning rate of the base optimizer (per group in ``param_groups``).
-        base: ``"lamb"``, ``"sgd"``, ``"adamw"`` or a callable (module docstring).
         inv_freq: factor-update interval in steps (updates at steps 0, inv_freq, 2 inv_freq, ...).
         stat_decay: ``gamma`` of the running averages, in (0, 1).
         stabilizer_threshold: blend a factor when its largest entry exceeds this (> 0; inf: never). The
@@ -176,27 +180,16 @@ class MKOR(ComposedOptimizer):
         skip_layers: module names or types not to precondition (as ``LayerCapture``).
         loss_average: how the backpropagated loss averages its terms (``kfopt.capture.loss_term_count``).
         grad_scaler: the ``torch.amp.GradScaler`` whose scale output gradients are divided by.
-        graft, graft_betas, graft_eps: grafting (module docstring; "none": the base optimizer's step).
-        **base_kwargs: the base optimizer's other arguments (``weight_decay``, ``betas``, ``momentum``...).
 
-    Attributes: ``base`` (the base optimizer), ``steps`` (completed steps), ``layers`` (names of the
-    preconditioned layers), ``factor_events``, ``last_ratios`` (the ``||V|| / ||D||`` of each layer
-    that had a gradient at the last step, a device tensor, NaN where the raw gradient was kept).
+    Attributes: ``steps`` (completed steps), ``layers`` (names of the preconditioned layers),
+    ``factor_events``, ``last_ratios`` (the ``||V|| / ||D||`` of each layer that had a gradient at the
+    last step, a device tensor, NaN where the raw gradient was kept), ``capture``, ``distributor``.
     """
 
-    _step_supports_amp_scaling = True
-    global_hyperparameters = ("graft",)
-    state_key = "mkor"
-    scaled_statistic = "g"
-
-    def __init__(self, model: nn.Module, lr: float = 1e-3, base: BaseOptimizer = "lamb", inv_freq: int = 10,
-                 stat_decay: float = 0.95, stabilizer_threshold: float = 10.0, stabilizer_blend: float = 0.9,
+    def __init__(self, model: nn.Module, inv_freq: int = 10, stat_decay: float = 0.95,
+                 stabilizer_threshold: float = 10.0, stabilizer_blend: float = 0.9,
                  factor_dtype: torch.dtype = torch.float32, skip_layers: Iterable[str | type] = (), *,
-                 loss_average: LossAverage = "batch", grad_scaler: torch.amp.GradScaler | None = None,
-                 graft: str = "none", graft_betas: tuple[float, float] = GRAFT_BETAS, graft_eps: float = GRAFT_EPS,
-                 **base_kwargs):
-        check_nonnegative("lr", lr)
-        check_graft_group(graft_defaults(graft, graft_betas, graft_eps))
+                 loss_average: LossAverage = "batch", grad_scaler: torch.amp.GradScaler | None = None):
         if isinstance(inv_freq, bool) or not isinstance(inv_freq, int) or inv_freq < 1:
             raise ValueError(f"inv_freq: expected an int >= 1, got {inv_freq!r}")
         if not (isinstance(stat_decay, (int, float)) and not isinstance(stat_decay, bool) and 0 < stat_decay < 1):
@@ -211,7 +204,6 @@ class MKOR(ComposedOptimizer):
         if factor_dtype not in FACTOR_DTYPES:
             raise ValueError(f"factor_dtype: expected one of {FACTOR_DTYPES}, got {factor_dtype!r}")
         check_loss_average("loss_average", loss_average)
-        weight_decay = _check_base(base, base_kwargs)
         self.inv_freq, self.stat_decay = inv_freq, float(stat_decay)
         self.stabilizer_threshold, self.stabilizer_blend = float(stabilizer_threshold), float(stabilizer_blend)
         self.factor_dtype, self.loss_average = factor_dtype, loss_average
@@ -220,7 +212,6 @@ class MKOR(ComposedOptimizer):
                                               grad_output_fn=self._grad_output_stat, loss_average=loss_average)
         try:  # a constructor that raises leaves the model without hooks
             self.capture.set_grad_scale(grad_scaler)
-            self._grad_scaler = grad_scaler
             self._layers = [_Layer(layer, factor_dtype) for layer in self.capture.layers.values()]
             device = self._layers[0].weight.device if self._layers else torch.device("cpu")
             self._scales = torch.ones(2 * len(self._layers), dtype=torch.float32, device=device)
@@ -230,41 +221,42 @@ class MKOR(ComposedOptimizer):
             self._g_index, self._g_count_index = self._vector_layout([layer.JL.shape[0] for layer in self._layers],
                                                                      device)
             self.distributor = Replicated()
-            self._overlap = self.distributor.world > 1
-            self._a_buffer: torch.Tensor | None = None
-            self._a_handle: collectives.CollectiveHandle | None = None
-            self._a_current = False
-            self.steps = 0
-            self.last_ratios: torch.Tensor | None = None
-
-            super().__init__(param_groups(self.capture.model, weight_decay),
-                             dict(lr=lr, weight_decay=weight_decay, **graft_defaults(graft, graft_betas, graft_eps)))
-            self._build_base(base, **{k: v for k, v in base_kwargs.items() if k != "weight_decay"})
         except BaseException:
             self.capture.remove()
             raise
+        self._overlap = self.distributor.world > 1
+        self._a_buffer: torch.Tensor | None = None
+        self._a_handle: collectives.CollectiveHandle | None = None
+        self._a_current = False
+        self.steps = 0
+        self.last_ratios: torch.Tensor | None = None
         self.capture.arm()
 
-    # -- torch.optim.Optimizer ------------------------------------------------------------------
-
-    def _check_group(self, group: dict) -> None:
-        check_nonnegative("lr", group["lr"])
-        check_nonnegative("weight_decay", group["weight_decay"])
-        check_graft_group(group)
-
-    def _preconditioned_params(self) -> list[torch.Tensor]:
+    def preconditioned_params(self) -> list[torch.Tensor]:
+        """The weights and biases whose gradients ``step()`` replaces."""
         return [p for layer in self._layers for p in (layer.weight, layer.bias) if p is not None]
 
-    def _second_order_step(self) -> None:
-        """Factor update (when due) and preconditioning; then prepare the capture for the next step."""
+    @torch.no_grad()
+    def step(self) -> None:
+        """Factor update (when due) and preconditioning; then prepare the capture for the next step.
+        Every rank must call it (collectives)."""
         if self._layers:
             with self.distributor.agreement():  # every rank updates the same factors and preconditions every layer
                 if self.steps % self.inv_freq == 0:
                     self._update_factors()
                 self._precondition()
-        self._discard_step()
+        self.discard_step()
         self.steps += 1
         self._arm()
+
+    def free(self) -> None:
+        """Remove the capture's hooks and drop the factors, their scales and counters (MKOR-H's switch):
+        no layer is preconditioned afterwards."""
+        self.discard_step()
+        self.capture.remove()
+        self._layers = []
+        self._scales = self._scales.new_empty(0)
+        self._events = self._events.new_empty((0, 3))
 
     # -- public helpers ----------------------------------------------------------------------------
 
@@ -368,7 +360,7 @@ class MKOR(ComposedOptimizer):
         g = g_buffer[self._g_index] / g_buffer[self._g_count_index]
         # a step whose gradients are not all finite changes no factor (the base skips it): non-finite
         # vectors leave the factors and scales unchanged, and the skips they count are taken back
-        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        grads = [p.grad for p in self.capture.model.parameters() if p.grad is not None]
         finite = torch.stack([torch.isfinite(grad).all() for grad in grads]).all() if grads else None
         if finite is not None:
             a, g = a.masked_fill(~finite, math.nan), g.masked_fill(~finite, math.nan)
@@ -382,7 +374,7 @@ class MKOR(ComposedOptimizer):
         if finite is not None:
             self._events.copy_(torch.where(finite, self._events, events))
 
-    def _discard_step(self) -> None:
+    def discard_step(self) -> None:
         """Drop what was captured since the last step (after using it, or for a step the GradScaler
         skipped); an ``a`` all-reduce in flight is completed first (every rank started it)."""
         if self._a_handle is not None:
@@ -410,15 +402,18 @@ class MKOR(ComposedOptimizer):
 
     # -- checkpoints -------------------------------------------------------------------------------
 
-    def _own_state(self) -> dict:
+    def state_dict(self) -> dict:
+        """``{"steps", "factors": {name: {"JL", "JR", "JL_scale", "JR_scale", "events"}}}`` (module
+        docstring, Checkpoints)."""
         return {"steps": self.steps, "factors": {
             layer.name: {"JL": layer.JL, "JR": layer.JR, "JL_scale": self._scales[2 * i],
                          "JR_scale": self._scales[2 * i + 1], "events": self.factor_events[i]}
             for i, layer in enumerate(self._layers)}}
 
-    def _check_own_state(self, saved: dict, layers: list[_Layer] | None = None) -> None:
-        """Keys, ``steps``, and every layer's factors (shape, ``factor_dtype``), scales (0-d fp32) and
-        event counts of ``layers`` (default: this optimizer's)."""
+    def check_state_dict(self, saved: dict, layers: list[_Layer] | None = None) -> None:
+        """ValueError unless ``saved`` (a ``state_dict()``) fits: keys, ``steps``, and every layer's
+        factors (shape, ``factor_dtype``), scales (0-d fp32) and event counts of ``layers`` (default:
+        this preconditioner's); changes nothing."""
         layers = self._layers if layers is None else layers
         check_state_keys(saved, ("steps", "factors"), "optimizer")
         check_int("state_dict: mkor steps", saved["steps"])
@@ -432,7 +427,10 @@ class MKOR(ComposedOptimizer):
                 check_tensor(f"{where} {key}_scale", layer_state[f"{key}_scale"], (), torch.float32)
             check_tensor(f"{where} events", layer_state["events"], self.factor_events[i].shape, torch.int32)
 
-    def _load_own_state(self, mkor: dict) -> None:
+    def load_state_dict(self, mkor: dict) -> None:
+        """Load a ``state_dict()``, checked first (``check_state_dict``: a state that does not fit raises
+        ValueError and changes nothing); statistics captured since the last step are dropped."""
+        self.check_state_dict(mkor)
         for i, layer in enumerate(self._layers):
             saved = mkor["factors"][layer.name]
             layer.JL.copy_(saved["JL"])
@@ -441,8 +439,77 @@ class MKOR(ComposedOptimizer):
             self._scales[2 * i + 1] = saved["JR_scale"]
             self.factor_events[i].copy_(saved["events"])
         self.steps = int(mkor["steps"])
-        self._discard_step()
+        self.discard_step()
         self._arm()
+
+
+class MKOR(ComposedOptimizer):
+    """MKOR: an :class:`MKORPreconditioner` in front of a base optimizer (module docstring).
+
+    Args:
+        model: the model (or a ``DistributedDataParallel`` wrapping it).
+        lr: learning rate of the base optimizer (per group in ``param_groups``).
+        base: ``"lamb"``, ``"sgd"``, ``"adamw"`` or a callable (module docstring).
+        inv_freq, stat_decay, stabilizer_threshold, stabilizer_blend, factor_dtype, skip_layers,
+            loss_average, grad_scaler: the preconditioner's (:class:`MKORPreconditioner`).
+        graft, graft_betas, graft_eps: grafting (module docstring; "none": the base optimizer's step).
+        **base_kwargs: the base optimizer's other arguments (``weight_decay``, ``betas``, ``momentum``...).
+
+    Attributes: ``base`` (the base optimizer), ``preconditioner``, and the preconditioner's ``steps``,
+    ``layers``, ``factor_events``, ``last_ratios``, ``capture``.
+    """
+
+    _step_supports_amp_scaling = True
+    global_hyperparameters = ("graft",)
+    state_key = "mkor"
+    scaled_statistic = "g"
+
+    def __init__(self, model: nn.Module, lr: float = 1e-3, base: BaseOptimizer = "lamb", inv_freq: int = 10,
+                 stat_decay: float = 0.95, stabilizer_threshold: float = 10.0, stabilizer_blend: float = 0.9,
+                 factor_dtype: torch.dtype = torch.float32, skip_layers: Iterable[str | type] = (), *,
+                 loss_average: LossAverage = "batch", grad_scaler: torch.amp.GradScaler | None = None,
+                 graft: str = "none", graft_betas: tuple[float, float] = GRAFT_BETAS, graft_eps: float = GRAFT_EPS,
+                 **base_kwargs):
+        check_nonnegative("lr", lr)
+        check_graft_group(graft_defaults(graft, graft_betas, graft_eps))
+        weight_decay = _check_base(base, base_kwargs)
+        preconditioner = MKORPreconditioner(model, inv_freq, stat_decay, stabilizer_threshold, stabilizer_blend,
+                                            factor_dtype, skip_layers, loss_average=loss_average,
+                                            grad_scaler=grad_scaler)
+        self._grad_scaler = grad_scaler
+        self._compose(preconditioner, dict(lr=lr, weight_decay=weight_decay,
+                                           **graft_defaults(graft, graft_betas, graft_eps)),
+                      base, **{k: v for k, v in base_kwargs.items() if k != "weight_decay"})
+
+    def _check_group(self, group: dict) -> None:
+        check_nonnegative("lr", group["lr"])
+        check_nonnegative("weight_decay", group["weight_decay"])
+        check_graft_group(group)
+
+    # -- the preconditioner's, for convenience -----------------------------------------------------
+
+    @property
+    def capture(self) -> LayerCapture:
+        return self.preconditioner.capture
+
+    @property
+    def steps(self) -> int:
+        return self.preconditioner.steps
+
+    @property
+    def layers(self) -> list[str]:
+        return self.preconditioner.layers
+
+    def inverse_factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.preconditioner.inverse_factors(name)
+
+    @property
+    def factor_events(self) -> torch.Tensor:
+        return self.preconditioner.factor_events
+
+    @property
+    def last_ratios(self) -> torch.Tensor | None:
+        return self.preconditioner.last_ratios
 
 
 class MKORH(MKOR):
@@ -512,7 +579,7 @@ class MKORH(MKOR):
         if self._window_count < self.switch_window:
             return
         total = self._window_sum.reshape(1)
-        self.distributor.average([total]).wait()
+        self.preconditioner.distributor.average([total]).wait()
         mean = total.item() / self._window_count
         self._window_sum, self._window_count = None, 0
         if not math.isfinite(mean):
@@ -532,7 +599,7 @@ class MKORH(MKOR):
         """Hand over to the base optimizer now (class docstring); no-op when already switched."""
         if self.switched:
             return
-        self._free_factors()
+        self.preconditioner.free()
         self.switched_at = self.steps
         logger.info("MKOR-H switched to its base optimizer (%s) after %d steps", type(self.base).__name__,
                     self.steps)
@@ -543,14 +610,6 @@ class MKORH(MKOR):
         if loss is not None:
             self.observe(loss)
         return loss
-
-    def _free_factors(self) -> None:
-        """Remove the capture's hooks and drop the factors, their scales and counters."""
-        self._discard_step()
-        self.capture.remove()
-        self._layers = []
-        self._scales = self._scales.new_empty(0)
-        self._events = self._events.new_empty((0, 3))
 
     def _own_state(self) -> dict:
         state = super()._own_state()
@@ -563,7 +622,7 @@ class MKORH(MKOR):
     _loads_checkpoints_of = ("MKOR",)
     _SWITCH_KEYS = ("switched_at", "window_means", "best_rate", "flat_windows", "window_sum", "window_count")
 
-    def _check_own_state(self, saved: dict, layers: list | None = None) -> None:
+    def _check_own_state(self, saved: dict) -> None:
         """As MKOR's, plus the switch criterion's state (MKOR-H checkpoints); a switched state holds no
         factors."""
         check_state_keys(saved, ("steps", "factors"), "optimizer")
@@ -573,7 +632,7 @@ class MKORH(MKOR):
         if self.switched and switched_at is None:
             raise ValueError("state_dict: MKOR-H has switched to its base optimizer and freed its factors; it "
                              "cannot load a state that has not switched (build a new MKORH)")
-        super()._check_own_state(saved, [] if switched_at is not None else layers)
+        self.preconditioner.check_state_dict(saved, [] if switched_at is not None else None)
         if not any(key in saved for key in self._SWITCH_KEYS):
             return
         check_keys(saved, self._SWITCH_KEYS, "state_dict['mkor']")
@@ -599,7 +658,7 @@ class MKORH(MKOR):
         mkor = {"switched_at": None, "window_means": [], "best_rate": -math.inf, "flat_windows": 0,
                 "window_sum": torch.zeros((), dtype=torch.float64), "window_count": 0, **state_dict["mkor"]}
         if mkor["switched_at"] is not None:
-            self._free_factors()
+            self.preconditioner.free()
         super().load_state_dict(state_dict)
         self.switched_at = mkor["switched_at"]
         self.window_means = list(mkor["window_means"])
