@@ -1,5 +1,6 @@
 """``Preconditioner``: the protocol of kfopt's Kronecker-factored preconditioners (K-FAC's
-``kfopt.kfac.KFACPreconditioner``, MKOR's ``kfopt.mkor.MKORPreconditioner``).
+``kfopt.kfac.KFACPreconditioner``, MKOR's ``kfopt.mkor.MKORPreconditioner``, SINGD's
+``kfopt.singd.SINGDPreconditioner``).
 
 A preconditioner takes the model, selects and captures its layers (``kfopt.capture``) and exchanges
 everything between ranks through its ``distributor`` (``kfopt.distribution``). Its life per step:
