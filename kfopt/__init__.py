@@ -10,4 +10,5 @@ from .sonew import SONew
 
 __version__ = "0.1.0"
 
-__all__ = ["KFAC", "KFACPreconditioner", "LAMB", "LARS", "MKOR", "MKORH", "MKORPreconditioner", "SINGD", "SINGDPreconditioner", "SONew", "param_groups"]
+__all__ = ["KFAC", "KFACPreconditioner", "LAMB", "LARS", "MKOR", "MKORH", "MKORPreconditioner", "SINGD",
+           "SINGDPreconditioner", "SONew", "param_groups"]

@@ -85,7 +85,8 @@ class Distributor(Protocol):
 class Replicated:
     """The distributor of replicated parameters (module docstring): a single process or
     ``DistributedDataParallel``. ``plan``: KAISA's assignment of layers to ranks (None: every rank does
-    everything on every layer); ``symmetric`` averages of it send packed upper triangles."""
+    everything on every layer). ``distributed``: whether ``torch.distributed`` was initialised at
+    construction."""
 
     def __init__(self, plan: KAISAPlan | None = None):
         self.world, self.distributed = collectives.world_size(), collectives.is_distributed()

@@ -4,9 +4,10 @@ The math is in ``docs/kfac.md``; the distribution is in :mod:`kfopt.kaisa`.
 
 Two objects
     :class:`KFACPreconditioner` owns everything K-FAC: the layer capture, the factors, the eigen (or
-    inverse) data, and its distributor (``kfopt.distribution``: KAISA's plan and groups). ``precond.step()`` replaces the ``.grad`` of every
-    preconditioned layer (``nn.Linear``/``nn.Conv2d`` with groups=1, minus ``skip_layers`` and layers
-    whose weight is frozen) by its preconditioned gradient, so it can sit in front of any optimizer::
+    inverse) data, its distributor (``kfopt.distribution``: KAISA's plan and groups).
+    ``precond.step()`` replaces the ``.grad`` of every preconditioned layer (``nn.Linear``/``nn.Conv2d``
+    with groups=1, minus ``skip_layers`` and layers whose weight is frozen) by its preconditioned
+    gradient, so it can sit in front of any optimizer (``kfopt.preconditioner.Preconditioner``)::
 
         loss.backward(); precond.step(); optimizer.step()
 
@@ -83,9 +84,10 @@ Hooks
 
 KAISA (``grad_worker_fraction``; see :mod:`kfopt.kaisa` for the grid and the greedy LPT assignment)
     Every exchange between ranks below goes through the preconditioner's ``distributor``
-    (``kfopt.distribution.Replicated`` with KAISA's plan). Factors are averaged on all ranks (every rank holds all factors). At an inverse update each layer's
-    inverse worker decomposes its two factors and broadcasts the data inside its grad-worker group;
-    the layer's grad workers precondition its gradient; if ``grad_worker_fraction < 1`` they broadcast
+    (``kfopt.distribution.Replicated`` with KAISA's plan). Factors are averaged on all ranks (every
+    rank holds all factors). At an inverse update each layer's inverse worker decomposes its two
+    factors and broadcasts the data inside its grad-worker group; the layer's grad workers
+    precondition its gradient; if ``grad_worker_fraction < 1`` they broadcast
     ``P`` to their receiver groups. Only grad workers store a layer's second-order data. KL clipping
     then runs identically on every rank on all layers. KFAC does not average gradients: wrap the model
     in ``DistributedDataParallel`` so that every rank starts ``step()`` with the same gradients; every
@@ -143,8 +145,8 @@ from kfopt.kernels.multi_tensor import to_device
 
 from .capture import CallInfo, CapturedLayer, LayerCapture, LossAverage
 from .composed import BaseOptimizer, ComposedOptimizer, check_base
-from .graft import GRAFT_BETAS, GRAFT_EPS, check_graft_group, graft_defaults
 from .distribution import Replicated
+from .graft import GRAFT_BETAS, GRAFT_EPS, check_graft_group, graft_defaults
 from .kaisa import Strategy
 from .layer_state import LayerState, check_saved_factors, check_state_keys
 from .validation import (

@@ -74,8 +74,8 @@ Grafting (``graft="adam"``, ``"rmsprop"``, ``"sgd"``; ``kfopt.graft``)
     them once MKOR-H has switched. AdamW's ``lr``, schedule and ``weight_decay`` carry over.
 
 Distributed (``torch.distributed`` initialised, model wrapped in ``DistributedDataParallel`` so that
-every rank starts ``step()`` with the same gradients; every exchange goes through ``self.distributor``,
-``kfopt.distribution.Replicated``)
+every rank starts ``step()`` with the same gradients; every exchange goes through the preconditioner's
+``distributor``, ``kfopt.distribution.Replicated``)
     On factor-update steps, each rank's sums and counts are averaged over all ranks in two
     all-reduces, so that the quotients are the vectors of the concatenated global batch (world-size
     invariant, also for unequal local batches): all layers' ``[sum a | R]`` in one buffer, all

@@ -340,17 +340,16 @@ class SINGDPreconditioner:
             self.average_statistics(due)
         updated = [layer for layer in due if layer.H_K is not None and layer.H_C is not None]
         active = [layer for layer in self._layers if layer.weight.grad is not None]
-        inputs = ([p.grad for layer in active for p in (layer.weight, layer.bias) if p is not None and p.grad is not None]
-                  + [t for layer in updated for t in layer.H_K.tensors + layer.H_C.tensors])
+        grads = [p.grad for layer in active for p in (layer.weight, layer.bias) if p is not None and p.grad is not None]
+        inputs = grads + [t for layer in updated for t in layer.H_K.tensors + layer.H_C.tensors]
         if inputs:
             with self.distributor.agreement():  # every rank updates the same factors
                 pending, new_factors = [], {}
                 for layer in updated:
                     commits, new_factors[layer.name] = self.update_factors(layer, 1.0)
                     pending += commits
-                directions = [(p, d) for layer in active
-                              for _, p, d in self.natural_gradient(layer, *new_factors.get(layer.name, (layer.K, layer.C)))
-                              if p.grad is not None]
+                directions = [(p, d) for layer in active for _, p, d in self.natural_gradient(
+                    layer, *new_factors.get(layer.name, (layer.K, layer.C))) if p.grad is not None]
                 targets = [p.grad for p, _ in directions] + [t for old, _ in pending for t in old]
                 values = [d for _, d in directions] + [t for _, new in pending for t in new]
                 finite = torch.stack([torch.isfinite(t).all() for t in inputs + values]).all()
