@@ -126,6 +126,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from kfopt.autotune import configs_per_rank
 
+from .validation import check_loss_average
+
 #: how the backpropagated loss averaged its terms (see :func:`loss_term_count`)
 LossAverage = Literal["batch", "batch+sequence"] | None
 
@@ -166,7 +168,10 @@ class CapturedLayer:
     rows handed over (Conv2d: ``C_in * kh * kw`` and ``out_channels``), so the weight gradient viewed
     as a matrix is ``(out_features, in_features)``; a Conv2d's geometry (kernel_size, stride, padding,
     dilation, padding_mode) is read from ``module``. The per-step fields are described in the module
-    docstring; ``input_stat``/``grad_output_stat`` are None until a function returned a tensor.
+    docstring; ``input_stat``/``grad_output_stat`` are None until a function returned a tensor, and
+    ``loss_terms`` is ``N`` of the received output gradients (``loss_average``, module docstring,
+    Scaling). The layer's gradient codec (:meth:`grad_matrix`, :meth:`write_grad`) reads and writes
+    its ``[dW | db]`` matrix, whatever the gradient's memory format.
     """
 
     name: str
@@ -175,16 +180,59 @@ class CapturedLayer:
     has_bias: bool
     in_features: int
     out_features: int
+    loss_average: LossAverage = "batch"
     calls: int = 0
     grad_calls: int = 0
     input_row_count: int = 0
     grad_output_row_count: int = 0
+    loss_term_sum: int = 0
     input_stat: torch.Tensor | None = field(default=None, repr=False)
     grad_output_stat: torch.Tensor | None = field(default=None, repr=False)
 
     def _reset(self) -> None:
-        self.calls = self.grad_calls = self.input_row_count = self.grad_output_row_count = 0
+        self.calls = self.grad_calls = self.input_row_count = self.grad_output_row_count = self.loss_term_sum = 0
         self.input_stat = self.grad_output_stat = None
+
+    @property
+    def weight(self) -> nn.Parameter:
+        return self.module.weight
+
+    @property
+    def bias(self) -> nn.Parameter | None:
+        return self.module.bias
+
+    @property
+    def loss_terms(self) -> int:
+        """``N``, the loss terms behind the output gradients received since ``clear()``: the sum of
+        :func:`loss_term_count` over those calls, or for a summed loss (``loss_average=None``) 1 once
+        any gradient arrived (0 before)."""
+        return self.loss_term_sum if self.loss_average is not None else int(self.grad_calls > 0)
+
+    # -- the gradient codec: [dW | db] as one matrix -------------------------------------------------
+
+    def grad_matrix(self, with_bias: bool = True) -> torch.Tensor:
+        """The layer's gradient as the matrix ``V = [dW | db]``, (out_features, in_features [+ 1]): the
+        weight gradient viewed as (out_features, in_features) (Conv2d: columns (C_in, kh, kw)), and with
+        ``with_bias`` and a bias, the bias gradient as the last column (zeros when it has none). Without
+        a bias column it is a view of the weight gradient where the gradient's layout allows one (a
+        contiguous gradient), else a copy (e.g. a channels-last Conv2d gradient); with one, a copy.
+        :meth:`write_grad` stores a matrix of this shape back."""
+        weight_part = self.weight.grad.reshape(self.out_features, -1)
+        if not (with_bias and self.has_bias):
+            return weight_part
+        bias_grad = self.bias.grad if self.bias.grad is not None else torch.zeros_like(self.bias)
+        return torch.cat([weight_part, bias_grad.reshape(-1, 1).to(weight_part.dtype)], dim=1)
+
+    def write_grad(self, matrix: torch.Tensor) -> None:
+        """Store ``matrix`` (shaped as :meth:`grad_matrix`'s, with or without the bias column) into the
+        weight's (and bias's) ``.grad``, in their dtypes; a weight part that is the view
+        :meth:`grad_matrix` returned is already in place and not copied."""
+        grad = self.weight.grad
+        weight_part = matrix[:, :self.in_features]
+        if weight_part.data_ptr() != grad.data_ptr():
+            grad.copy_(weight_part.reshape(grad.shape))
+        if matrix.shape[1] > self.in_features:
+            self.bias.grad.copy_(matrix[:, self.in_features])
 
 
 def _sum_into(total: torch.Tensor | None, value: torch.Tensor | None) -> torch.Tensor | None:
@@ -285,13 +333,17 @@ class LayerCapture:
             summed into ``layer.input_stat``. None: inputs are not looked at (no unfold).
         grad_output_fn: called with ``(layer, call, g)`` for each output gradient of a captured call; a
             returned tensor is summed into ``layer.grad_output_stat``.
+        loss_average: how the backpropagated loss averages its terms (:func:`loss_term_count`): each
+            layer's ``loss_terms`` counts the terms behind the output gradients it received.
 
     ``layers`` maps names to :class:`CapturedLayer` in module order. The capture starts disarmed.
     """
 
     def __init__(self, model: nn.Module, skip_layers: Iterable[str | type] = (),
                  layer_types: tuple[type, ...] = (nn.Linear, nn.Conv2d), *,
-                 input_fn: RowsFn | None = None, grad_output_fn: RowsFn | None = None):
+                 input_fn: RowsFn | None = None, grad_output_fn: RowsFn | None = None,
+                 loss_average: LossAverage = "batch"):
+        check_loss_average("loss_average", loss_average)
         inner = _unwrap(model)
         _check_not_sharded(inner)
         for t in layer_types:
@@ -312,7 +364,7 @@ class LayerCapture:
                     and not (isinstance(module, nn.Conv2d) and module.groups != 1)
                     and not _has_empty_weight(module)
                     and not any(name == s or name.startswith(s + ".") or s == "" for s in skip_names)):
-                self.layers[name] = self._describe(name, module)
+                self.layers[name] = self._describe(name, module, loss_average)
         self._check_not_shared(inner)
         self._handles = [layer.module.register_forward_hook(self._forward_hook(layer), with_kwargs=True)
                          for layer in self.layers.values()]
@@ -340,7 +392,7 @@ class LayerCapture:
         return skip_names, tuple(skip_types)
 
     @staticmethod
-    def _describe(name: str, module: nn.Module) -> CapturedLayer:
+    def _describe(name: str, module: nn.Module, loss_average: LossAverage) -> CapturedLayer:
         if isinstance(module.weight, nn.parameter.UninitializedParameter):
             raise ValueError(f"layer {name!r} is a lazy module not initialized yet: run one forward pass "
                              "before building the optimizer")
@@ -348,8 +400,8 @@ class LayerCapture:
         if isinstance(module, nn.Conv2d):
             kh, kw = module.kernel_size
             return CapturedLayer(name, module, "conv2d", has_bias, module.in_channels * kh * kw,
-                                 module.out_channels)
-        return CapturedLayer(name, module, "linear", has_bias, module.in_features, module.out_features)
+                                 module.out_channels, loss_average)
+        return CapturedLayer(name, module, "linear", has_bias, module.in_features, module.out_features, loss_average)
 
     def _check_not_shared(self, inner: nn.Module) -> None:
         owners: dict[int, set[int]] = {}
@@ -473,6 +525,8 @@ class LayerCapture:
                 return
             layer.grad_calls += 1
             layer.grad_output_row_count += call.batch_size * call.positions
+            if layer.loss_average is not None:
+                layer.loss_term_sum += loss_term_count(call, layer.loss_average)
             if self.grad_output_fn is None:
                 return
             with torch.no_grad(), torch.autocast(grad.device.type, enabled=False), configs_per_rank():

@@ -1,4 +1,5 @@
-"""``ComposedOptimizer``: a second-order preconditioner in front of a base optimizer (K-FAC, MKOR).
+"""``ComposedOptimizer``: a second-order preconditioner (``kfopt.preconditioner.Preconditioner``: K-FAC's,
+MKOR's) in front of a base optimizer (``KFAC``, ``MKOR``).
 
 The param groups come from the model (``kfopt.param_groups``; ``add_param_group`` after construction
 raises) and the base optimizer is built from *the same group dicts*: ``self.base.param_groups is
@@ -9,8 +10,8 @@ torch.optim.Optimizer`` that must build its optimizer from the dicts it is given
 
     loss = closure()                                  (when given)
     GradScaler overflow (_grad_scaler_skips_step):    _discard_step(), nothing else changes
-    otherwise, graft="none":                          _second_order_step(); base.step()
-    otherwise, graft="adam" ("rmsprop", "sgd"):       raw gradients kept, _second_order_step(), then the
+    otherwise, graft="none":                          preconditioner step; base.step()
+    otherwise, graft="adam" ("rmsprop", "sgd"):       raw gradients kept, preconditioner step, then the
                                                       grafted update of ``kfopt.graft`` (the base
                                                       optimizer does not step)
 
@@ -24,7 +25,7 @@ per-parameter state is then the graft's (the base optimizer keeps none).
 ``base.step()`` runs under ``kfopt.autotune.agree_on_configs()``: under ``torch.distributed`` every rank
 steps the same replicated weights, so the ranks use the same kernel configs (bit-identical replicas).
 
-``state_dict()`` is the base optimizer's plus ``state_key`` (the subclass's own state),
+``state_dict()`` is the base optimizer's plus ``state_key`` (the preconditioner's state),
 ``"kfopt_optimizer"`` (this class's name), ``"base_optimizer"`` (the base's class name) and
 ``"<state_key>_skipped_steps"``; ``load_state_dict`` checks all of it (the base's per-parameter state for
 kfopt bases and torch's SGD and AdamW) before it changes anything (the GradScaler skips). ``skipped_steps`` is one count of every skipped
@@ -46,6 +47,8 @@ from kfopt.autotune import agree_on_configs
 from .graft import graft_state_spec, grafted_step
 from .lamb import LAMB
 from .optimizer import KfoptOptimizer
+from .param_groups import param_groups
+from .preconditioner import Preconditioner
 from .validation import KIND_KEY, check_counter, check_keys, check_kind
 
 BaseOptimizer = Literal["sgd", "adamw", "lamb"] | Callable[[list[dict]], torch.optim.Optimizer]
@@ -63,13 +66,27 @@ def check_base(base) -> None:
 
 
 class ComposedOptimizer(KfoptOptimizer):
-    """The shared machinery of K-FAC and MKOR (module docstring); subclasses set ``state_key`` and
-    ``scaled_statistic`` and implement the hooks below."""
+    """The shared machinery of K-FAC and MKOR (module docstring): ``self.preconditioner`` in front of
+    ``self.base``. Subclasses set ``state_key`` and ``scaled_statistic``, validate their arguments and
+    call :meth:`_compose`."""
 
-    #: the key of the subclass's own state in ``state_dict()``
+    #: the key of the preconditioner's state in ``state_dict()``
     state_key: str
     #: the statistic built from output gradients (named when a GradScaler finds them scaled)
     scaled_statistic: str
+    preconditioner: Preconditioner
+
+    def _compose(self, preconditioner: Preconditioner, defaults: dict, base: BaseOptimizer, **base_kwargs) -> None:
+        """``self.preconditioner``, the param groups ``kfopt.param_groups(model, defaults["weight_decay"])``
+        with ``defaults``, and the base optimizer (:meth:`_build_base`); if that raises, the
+        preconditioner's hooks are removed from the model."""
+        self.preconditioner = preconditioner
+        try:
+            super().__init__(param_groups(preconditioner.capture.model, defaults["weight_decay"]), defaults)
+            self._build_base(base, **base_kwargs)
+        except BaseException:
+            preconditioner.capture.remove()
+            raise
 
     def _build_base(self, base: BaseOptimizer, **kwargs) -> None:
         """``self.base`` from ``self.param_groups`` (the same dicts): ``BASE_OPTIMIZERS[base](groups,
@@ -144,7 +161,7 @@ class ComposedOptimizer(KfoptOptimizer):
 
     def _preconditioned_params(self) -> list[torch.Tensor]:
         """The weights and biases whose gradients ``_second_order_step`` replaces."""
-        raise NotImplementedError
+        return self.preconditioner.preconditioned_params()
 
     def _graft_momentum(self, group: dict) -> float:
         """The momentum of the grafted direction (``kfopt.graft``); 0: none."""
@@ -177,25 +194,25 @@ class ComposedOptimizer(KfoptOptimizer):
 
     def _second_order_step(self) -> None:
         """Update the factors when due and replace the layers' gradients by preconditioned ones."""
-        raise NotImplementedError
+        self.preconditioner.step()
 
     def _discard_step(self) -> None:
         """Drop what was captured for a step the GradScaler skipped."""
-        raise NotImplementedError
+        self.preconditioner.discard_step()
 
     # -- checkpoints ----------------------------------------------------------------------------
 
     def _own_state(self) -> dict:
-        """The subclass's state (plain tensors and numbers), saved under ``state_key``."""
-        raise NotImplementedError
+        """The state saved under ``state_key``: the preconditioner's (plain tensors and numbers)."""
+        return self.preconditioner.state_dict()
 
     def _check_own_state(self, saved: dict) -> None:
         """Raise ValueError if ``saved`` (an ``_own_state()``) cannot be loaded, before anything changes."""
-        raise NotImplementedError
+        self.preconditioner.check_state_dict(saved)
 
     def _load_own_state(self, saved: dict) -> None:
         """Load an ``_own_state()``."""
-        raise NotImplementedError
+        self.preconditioner.load_state_dict(saved)
 
     def state_dict(self) -> dict:
         """The base optimizer's state dict plus ``state_key`` and ``"<state_key>_skipped_steps"``."""

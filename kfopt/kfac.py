@@ -4,9 +4,10 @@ The math is in ``docs/kfac.md``; the distribution is in :mod:`kfopt.kaisa`.
 
 Two objects
     :class:`KFACPreconditioner` owns everything K-FAC: the layer capture, the factors, the eigen (or
-    inverse) data, KAISA's plan and groups. ``precond.step()`` replaces the ``.grad`` of every
-    preconditioned layer (``nn.Linear``/``nn.Conv2d`` with groups=1, minus ``skip_layers`` and layers
-    whose weight is frozen) by its preconditioned gradient, so it can sit in front of any optimizer::
+    inverse) data, its distributor (``kfopt.distribution``: KAISA's plan and groups).
+    ``precond.step()`` replaces the ``.grad`` of every preconditioned layer (``nn.Linear``/``nn.Conv2d``
+    with groups=1, minus ``skip_layers`` and layers whose weight is frozen) by its preconditioned
+    gradient, so it can sit in front of any optimizer (``kfopt.preconditioner.Preconditioner``)::
 
         loss.backward(); precond.step(); optimizer.step()
 
@@ -82,9 +83,11 @@ Hooks
     ``step()`` adds its inputs to ``A``.
 
 KAISA (``grad_worker_fraction``; see :mod:`kfopt.kaisa` for the grid and the greedy LPT assignment)
-    Factors are averaged on all ranks (every rank holds all factors). At an inverse update each layer's
-    inverse worker decomposes its two factors and broadcasts the data inside its grad-worker group;
-    the layer's grad workers precondition its gradient; if ``grad_worker_fraction < 1`` they broadcast
+    Every exchange between ranks below goes through the preconditioner's ``distributor``
+    (``kfopt.distribution.Replicated`` with KAISA's plan). Factors are averaged on all ranks (every
+    rank holds all factors). At an inverse update each layer's inverse worker decomposes its two
+    factors and broadcasts the data inside its grad-worker group; the layer's grad workers
+    precondition its gradient; if ``grad_worker_fraction < 1`` they broadcast
     ``P`` to their receiver groups. Only grad workers store a layer's second-order data. KL clipping
     then runs identically on every rank on all layers. KFAC does not average gradients: wrap the model
     in ``DistributedDataParallel`` so that every rank starts ``step()`` with the same gradients; every
@@ -137,17 +140,15 @@ from typing import Literal
 import torch
 from torch import nn
 
-from kfopt.autotune import agree_on_configs, configs_per_rank
 from kfopt.kernels import eigen_precondition, symmetric_covariance
 from kfopt.kernels.multi_tensor import to_device
 
-from . import collectives
-from .capture import CallInfo, CapturedLayer, LayerCapture, LossAverage, loss_term_count
+from .capture import CallInfo, CapturedLayer, LayerCapture, LossAverage
 from .composed import BaseOptimizer, ComposedOptimizer, check_base
+from .distribution import Replicated
 from .graft import GRAFT_BETAS, GRAFT_EPS, check_graft_group, graft_defaults
-from .kaisa import KAISAGroups, KAISAPlan, Strategy
+from .kaisa import Strategy
 from .layer_state import LayerState, check_saved_factors, check_state_keys
-from .param_groups import param_groups
 from .validation import (
     check_bool,
     check_int,
@@ -223,20 +224,6 @@ class _Layer(LayerState):
         return [torch.eye(len(self.A), dtype=self.A.dtype, device=self.A.device),
                 torch.eye(len(self.G), dtype=self.G.dtype, device=self.G.device)]
 
-    def grad_matrix(self) -> torch.Tensor:
-        """``V = [dW | db]``, (d_out, d_in [+ 1]): a view of the weight gradient without bias, a copy with."""
-        gw = self.weight.grad.reshape(self.captured.out_features, -1)
-        if self.bias is None:
-            return gw
-        return torch.cat([gw, self.bias.grad.reshape(-1, 1)], dim=1)
-
-    def write_grad(self, p: torch.Tensor) -> None:
-        """Store the preconditioned ``P = [dW | db]`` into the parameters' ``.grad``."""
-        n = self.captured.in_features
-        self.weight.grad.copy_(p[:, :n].reshape(self.weight.grad.shape))
-        if self.bias is not None:
-            self.bias.grad.copy_(p[:, n])
-
 
 def _per_layer(name: str, value: float | Mapping[str, float], layers: list[_Layer]) -> list[float]:
     if isinstance(value, Mapping):
@@ -288,23 +275,20 @@ class KFACPreconditioner:
         self.compute_method, self.symmetric_comm, self.loss_average = compute_method, symmetric_comm, loss_average
 
         self.capture = LayerCapture.trainable(model, skip_layers, input_fn=self._input_stat,
-                                              grad_output_fn=self._grad_output_stat)
+                                              grad_output_fn=self._grad_output_stat, loss_average=loss_average)
         try:  # a constructor that raises leaves the model without hooks
             self.capture.set_grad_scale(grad_scaler)
             self._layers = [_Layer(layer) for layer in self.capture.layers.values()]
-            self.plan = KAISAPlan.build([(len(layer.A), len(layer.G)) for layer in self._layers],
-                                        collectives.world_size(), collectives.rank(), grad_worker_fraction,
-                                        assignment_strategy)
-            self._groups = KAISAGroups.create(self.plan)
+            self.distributor = Replicated.kaisa([(len(layer.A), len(layer.G)) for layer in self._layers],
+                                                grad_worker_fraction, assignment_strategy)
         except BaseException:
             self.capture.remove()
             raise
         for i, layer in enumerate(self._layers):
-            if self.plan.is_grad_worker(i):
+            if self.distributor.holds(i):
                 layer.second = layer.identity_second_order(compute_method)
             else:
                 layer.elsewhere = ("second_order", [t.cpu() for t in layer.identity_second_order(compute_method)])
-        self._terms: dict[str, int] = {}
         self.steps = 0
         self.decomposition_failures = 0
         self.capture.arm()
@@ -318,9 +302,7 @@ class KFACPreconditioner:
         return symmetric_covariance(a, ones_column=layer.has_bias).mul_(a.shape[0])
 
     def _grad_output_stat(self, layer: CapturedLayer, call: CallInfo, g: torch.Tensor) -> torch.Tensor | None:
-        """``sum_rows g g^T``; also adds the call's loss-term count to N."""
-        if self.loss_average is not None:
-            self._terms[layer.name] = self._terms.get(layer.name, 0) + loss_term_count(call, self.loss_average)
+        """``sum_rows g g^T`` (the capture counts the call's loss terms into ``layer.loss_terms``)."""
         if g.shape[0] == 0:
             return None
         return symmetric_covariance(g).mul_(g.shape[0])
@@ -337,10 +319,13 @@ class KFACPreconditioner:
         layer = self._layers[list(self.capture.layers).index(name)]
         return layer.A, layer.G
 
+    def preconditioned_params(self) -> list[torch.Tensor]:
+        """The weights and biases whose gradients ``step()`` replaces."""
+        return [p for layer in self._layers for p in (layer.weight, layer.bias) if p is not None]
+
     def discard_step(self) -> None:
         """Drop what was captured since the last step (a step the GradScaler skipped)."""
         self.capture.clear()
-        self._terms.clear()
 
     def _arm(self) -> None:
         """Capture the passes of the next step if it updates the factors (module docstring, Hooks)."""
@@ -385,7 +370,7 @@ class KFACPreconditioner:
             else:
                 decomposed[layer.name] = dict(data)
         return {"steps": self.steps, "decomposition_failures": self.decomposition_failures,
-                "world_size": collectives.world_size(), "compute_method": self.compute_method,
+                "world_size": self.distributor.world, "compute_method": self.compute_method,
                 "factors": {layer.name: {"A": layer.A, "G": layer.G} for layer in self._layers},
                 "second_order": second, "decomposed": decomposed}
 
@@ -471,16 +456,15 @@ class KFACPreconditioner:
         numerators, counts, factors = [], [], []
         for layer in self._layers:
             captured = layer.captured
-            terms = self._terms.get(layer.name, 0) if self.loss_average is not None else int(captured.grad_calls > 0)
+            terms = captured.loss_terms
             a_sum, g_sum = captured.input_stat, captured.grad_output_stat
             numerators += [a_sum if a_sum is not None else torch.zeros_like(layer.A),
                            g_sum * terms ** 2 if g_sum is not None else torch.zeros_like(layer.G)]
             counts += [captured.input_row_count, terms]
             factors += [layer.A, layer.G]
         count = to_device(torch.tensor(counts, dtype=torch.float64), self._layers[0].A.device)
-        average = (collectives.all_reduce_symmetric_average_async if self.symmetric_comm
-                   else collectives.all_reduce_average_async)
-        handles = [average(numerators), collectives.all_reduce_average_async([count])]
+        handles = [self.distributor.average(numerators, symmetric=self.symmetric_comm),
+                   self.distributor.average([count])]
         for handle in handles:
             handle.wait()
         finite = torch.stack([torch.isfinite(numerator).all() for numerator in numerators]).all()
@@ -498,12 +482,11 @@ class KFACPreconditioner:
         return None if any(part is None for part in parts) else [t for part in parts for t in part]
 
     def _update_second_order(self, dampings: list[float]) -> None:
-        """Decompose the factors of the layers this rank is inverse worker of; share inside the
-        grad-worker group. Ranks that are not a layer's grad workers copy the factors to the host
-        (what reproduces the data in their checkpoints)."""
-        plan = self.plan
+        """Decompose the factors of the layers this rank is inverse worker of; share them with the
+        layers' other grad workers (the distributor). Ranks that are not a layer's grad workers copy the
+        factors to the host (what reproduces the data in their checkpoints)."""
         for i, layer in enumerate(self._layers):
-            if plan.inverse_workers[i] == plan.rank:
+            if self.distributor.decomposes(i):
                 result = self._decomposition(layer.A, layer.G, dampings[i])
                 if result is None:
                     self.decomposition_failures += 1
@@ -513,25 +496,18 @@ class KFACPreconditioner:
                 layer.elsewhere = ("decomposed", {"A": layer.A.to("cpu", non_blocking=True, copy=True),
                                                   "G": layer.G.to("cpu", non_blocking=True, copy=True),
                                                   "damping": float(dampings[i])})
-        if plan.grad_workers > 1:
-            group_ranks = plan.worker_groups[plan.rank % plan.groups]
-            handles = [collectives.broadcast_async(
-                [t for i, layer in enumerate(self._layers) if plan.inverse_workers[i] == src for t in layer.second],
-                src, self._groups.worker) for src in group_ranks]
-            for handle in handles:
-                handle.wait()
+        self.distributor.share_second_order([layer.second for layer in self._layers])
 
     def _precondition(self, lrs: list[float], dampings: list[float]) -> None:
         """Preconditioned gradients of the layers that have a gradient (on every rank), KL clip, write back."""
-        plan = self.plan
+        distributor, captured = self.distributor, [layer.captured for layer in self._layers]
         active = [i for i, layer in enumerate(self._layers) if layer.weight.grad is not None]
-        grads = {i: self._layers[i].grad_matrix() for i in active}
-        mine = [i for i in active if plan.is_grad_worker(i)]
+        grads = distributor.gradients(captured, active)
+        mine = [i for i in active if distributor.preconditions(i)]
         if self.compute_method == "eigen":
             second = [self._layers[i].second for i in mine]
             # grad workers of a layer compute its result redundantly: they agree on the kernel configs
-            agreement = configs_per_rank() if plan.grad_workers == 1 else agree_on_configs(self._groups.worker)
-            with agreement:
+            with distributor.agreement(preconditioning=True):
                 out = eigen_precondition([grads[i] for i in mine], [s[0] for s in second], [s[1] for s in second],
                                          [s[2] for s in second], [s[3] for s in second],
                                          [dampings[i] for i in mine],
@@ -540,24 +516,15 @@ class KFACPreconditioner:
         else:
             out = [self._layers[i].second[1] @ grads[i].to(self._layers[i].G.dtype) @ self._layers[i].second[0]
                    for i in mine]
-        precond = dict(zip(mine, out))
-        if plan.grad_workers < plan.world:
-            for i in active:
-                if i not in precond:
-                    precond[i] = torch.empty(grads[i].shape, dtype=self._layers[i].A.dtype, device=grads[i].device)
-            sources = sorted({plan.gradient_source(i) for i in active})
-            handles = [collectives.broadcast_async([precond[i] for i in active if plan.gradient_source(i) == src],
-                                                   src, self._groups.receiver) for src in sources]
-            for handle in handles:
-                handle.wait()
+        precond = distributor.share_preconditioned(dict(zip(mine, out)), active, grads,
+                                                   [layer.A.dtype for layer in self._layers])
         if not active:
             return
         results = [precond[i] for i in active]
         if self.kl_clip is not None:
             vg = torch.stack([(precond[i] * grads[i]).sum().float() * lrs[i] ** 2 for i in active]).sum()
             torch._foreach_mul_(results, (self.kl_clip / vg.abs()).sqrt().clamp(max=1.0))
-        for i, p in zip(active, results):
-            self._layers[i].write_grad(p)
+        distributor.write_gradients(captured, dict(zip(active, results)))
 
 
 class KFAC(ComposedOptimizer):
@@ -595,19 +562,13 @@ class KFAC(ComposedOptimizer):
         check_nonnegative("weight_decay", weight_decay)
         check_base(base)
         check_graft_group(graft_defaults(graft, graft_betas, graft_eps))
-        self.preconditioner = KFACPreconditioner(
+        preconditioner = KFACPreconditioner(
             model, lr, damping, factor_decay, kl_clip, factor_update_steps, inv_update_steps,
             grad_worker_fraction, compute_method, skip_layers, symmetric_comm,
             assignment_strategy=assignment_strategy, loss_average=loss_average, grad_scaler=grad_scaler)
         self._grad_scaler = grad_scaler
-        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, damping=damping,
-                        **graft_defaults(graft, graft_betas, graft_eps))
-        try:  # a constructor that raises leaves the model without hooks
-            super().__init__(param_groups(self.preconditioner.capture.model, weight_decay), defaults)
-            self._build_base(base)
-        except BaseException:
-            self.preconditioner.capture.remove()
-            raise
+        self._compose(preconditioner, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, damping=damping,
+                                           **graft_defaults(graft, graft_betas, graft_eps)), base)
 
     def _check_group(self, group: dict) -> None:
         check_nonnegative("lr", group["lr"])
@@ -615,9 +576,6 @@ class KFAC(ComposedOptimizer):
         check_nonnegative("weight_decay", group["weight_decay"])
         check_positive("damping", group["damping"])
         check_graft_group(group)
-
-    def _preconditioned_params(self) -> list[torch.Tensor]:
-        return [p for layer in self.preconditioner._layers for p in (layer.weight, layer.bias) if p is not None]
 
     def _graft_momentum(self, group: dict) -> float:
         return group["momentum"]
@@ -629,15 +587,3 @@ class KFAC(ComposedOptimizer):
         self.preconditioner.step(lr={name: owner[id(layer.module.weight)]["lr"] for name, layer in layers.items()},
                                  damping={name: owner[id(layer.module.weight)]["damping"]
                                           for name, layer in layers.items()})
-
-    def _discard_step(self) -> None:
-        self.preconditioner.discard_step()
-
-    def _own_state(self) -> dict:
-        return self.preconditioner.state_dict()
-
-    def _check_own_state(self, saved: dict) -> None:
-        self.preconditioner.check_state_dict(saved)
-
-    def _load_own_state(self, saved: dict) -> None:
-        self.preconditioner.load_state_dict(saved)

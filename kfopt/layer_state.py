@@ -19,11 +19,11 @@ class LayerState:
 
     @property
     def weight(self) -> nn.Parameter:
-        return self.captured.module.weight
+        return self.captured.weight
 
     @property
     def bias(self) -> nn.Parameter | None:
-        return self.captured.module.bias
+        return self.captured.bias
 
 
 def check_state_keys(saved: dict, keys: tuple[str, ...], owner: str) -> None:

@@ -1,6 +1,11 @@
 r"""MKOR and MKOR-H (Mozaffari et al., NeurIPS 2023): Kronecker-factored inverses kept up to date by
 rank-1 Sherman-Morrison updates; the math is in ``docs/mkor.md``.
 
+Two objects, as in ``kfopt.kfac``: :class:`MKORPreconditioner` (the capture, the factors, the steps below
+up to the preconditioned gradient; ``kfopt.preconditioner.Preconditioner``: ``precond.step()`` in
+front of any optimizer) and :class:`MKOR`, a ``kfopt.composed.ComposedOptimizer`` composing one with a
+base optimizer (``MKOR.step()`` = ``precond.step()`` then ``base.step()``).
+
 Per preconditioned layer (``nn.Linear``/``nn.Conv2d`` with groups=1, minus ``skip_layers`` and layers
 whose weight is frozen; ``kfopt.capture``; grouped/depthwise Conv2d layers and the projections inside
 ``nn.MultiheadAttention``, its ``out_proj`` included, are never preconditioned: their parameters get the
@@ -69,7 +74,8 @@ Grafting (``graft="adam"``, ``"rmsprop"``, ``"sgd"``; ``kfopt.graft``)
     them once MKOR-H has switched. AdamW's ``lr``, schedule and ``weight_decay`` carry over.
 
 Distributed (``torch.distributed`` initialised, model wrapped in ``DistributedDataParallel`` so that
-every rank starts ``step()`` with the same gradients)
+every rank starts ``step()`` with the same gradients; every exchange goes through the preconditioner's
+``distributor``, ``kfopt.distribution.Replicated``)
     On factor-update steps, each rank's sums and counts are averaged over all ranks in two
     all-reduces, so that the quotients are the vectors of the concatenated global batch (world-size
     invariant, also for unequal local batches): all layers' ``[sum a | R]`` in one buffer, all
@@ -109,17 +115,16 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from kfopt.autotune import agree_on_configs
 from kfopt.kernels.kronecker import kronecker_precondition
 from kfopt.kernels.multi_tensor import to_device
 from kfopt.kernels.rank1_inverse import rank1_inverse_update
 
 from . import collectives
-from .capture import CallInfo, CapturedLayer, LayerCapture, LossAverage, loss_term_count
+from .capture import CallInfo, CapturedLayer, LayerCapture, LossAverage
 from .composed import BaseOptimizer, ComposedOptimizer, check_base
+from .distribution import Replicated
 from .graft import GRAFT_BETAS, GRAFT_EPS, check_graft_group, graft_defaults
 from .layer_state import LayerState, check_saved_factors, check_state_keys
-from .param_groups import param_groups
 from .validation import KIND_KEY, check_int, check_keys, check_loss_average, check_nonnegative, check_positive, check_tensor
 
 logger = logging.getLogger(__name__)
@@ -156,29 +161,14 @@ class _Layer(LayerState):
     def has_gradient(self) -> bool:
         return self.weight.grad is not None and (self.bias is None or self.bias.grad is not None)
 
-    def grad_matrix(self) -> torch.Tensor:
-        """The weight gradient as a (d_out, d_in) matrix sharing its memory, or a copy when its layout
-        cannot be viewed so (e.g. a channels-last Conv2d gradient; :meth:`write_back` copies it back)."""
-        grad = self.weight.grad
-        try:
-            return grad.view(self.captured.out_features, -1)
-        except RuntimeError:
-            return grad.reshape(self.captured.out_features, -1)
 
-    def write_back(self, matrix: torch.Tensor) -> None:
-        """Copy ``matrix`` (from :meth:`grad_matrix`) into the weight gradient if it is a copy."""
-        grad = self.weight.grad
-        if matrix.data_ptr() != grad.data_ptr():
-            grad.copy_(matrix.reshape(grad.shape))
-
-
-class MKOR(ComposedOptimizer):
-    """MKOR: rank-1-updated Kronecker-factored inverses in front of a base optimizer (module docstring).
+class MKORPreconditioner:
+    """MKOR's preconditioning of a model's Linear/Conv2d gradients (module docstring): rank-1-updated
+    Kronecker-factored inverses; ``kfopt.preconditioner.Preconditioner``, so it sits in front of any
+    optimizer (``precond.step(); optimizer.step()``; the optimizer owns the parameter update).
 
     Args:
         model: the model (or a ``DistributedDataParallel`` wrapping it).
-        lr: learning rate of the base optimizer (per group in ``param_groups``).
-        base: ``"lamb"``, ``"sgd"``, ``"adamw"`` or a callable (module docstring).
         inv_freq: factor-update interval in steps (updates at steps 0, inv_freq, 2 inv_freq, ...).
         stat_decay: ``gamma`` of the running averages, in (0, 1).
         stabilizer_threshold: blend a factor when its largest entry exceeds this (> 0; inf: never). The
@@ -190,27 +180,16 @@ class MKOR(ComposedOptimizer):
         skip_layers: module names or types not to precondition (as ``LayerCapture``).
         loss_average: how the backpropagated loss averages its terms (``kfopt.capture.loss_term_count``).
         grad_scaler: the ``torch.amp.GradScaler`` whose scale output gradients are divided by.
-        graft, graft_betas, graft_eps: grafting (module docstring; "none": the base optimizer's step).
-        **base_kwargs: the base optimizer's other arguments (``weight_decay``, ``betas``, ``momentum``...).
 
-    Attributes: ``base`` (the base optimizer), ``steps`` (completed steps), ``layers`` (names of the
-    preconditioned layers), ``factor_events``, ``last_ratios`` (the ``||V|| / ||D||`` of each layer
-    that had a gradient at the last step, a device tensor, NaN where the raw gradient was kept).
+    Attributes: ``steps`` (completed steps), ``layers`` (names of the preconditioned layers),
+    ``factor_events``, ``last_ratios`` (the ``||V|| / ||D||`` of each layer that had a gradient at the
+    last step, a device tensor, NaN where the raw gradient was kept), ``capture``, ``distributor``.
     """
 
-    _step_supports_amp_scaling = True
-    global_hyperparameters = ("graft",)
-    state_key = "mkor"
-    scaled_statistic = "g"
-
-    def __init__(self, model: nn.Module, lr: float = 1e-3, base: BaseOptimizer = "lamb", inv_freq: int = 10,
-                 stat_decay: float = 0.95, stabilizer_threshold: float = 10.0, stabilizer_blend: float = 0.9,
+    def __init__(self, model: nn.Module, inv_freq: int = 10, stat_decay: float = 0.95,
+                 stabilizer_threshold: float = 10.0, stabilizer_blend: float = 0.9,
                  factor_dtype: torch.dtype = torch.float32, skip_layers: Iterable[str | type] = (), *,
-                 loss_average: LossAverage = "batch", grad_scaler: torch.amp.GradScaler | None = None,
-                 graft: str = "none", graft_betas: tuple[float, float] = GRAFT_BETAS, graft_eps: float = GRAFT_EPS,
-                 **base_kwargs):
-        check_nonnegative("lr", lr)
-        check_graft_group(graft_defaults(graft, graft_betas, graft_eps))
+                 loss_average: LossAverage = "batch", grad_scaler: torch.amp.GradScaler | None = None):
         if isinstance(inv_freq, bool) or not isinstance(inv_freq, int) or inv_freq < 1:
             raise ValueError(f"inv_freq: expected an int >= 1, got {inv_freq!r}")
         if not (isinstance(stat_decay, (int, float)) and not isinstance(stat_decay, bool) and 0 < stat_decay < 1):
@@ -225,16 +204,14 @@ class MKOR(ComposedOptimizer):
         if factor_dtype not in FACTOR_DTYPES:
             raise ValueError(f"factor_dtype: expected one of {FACTOR_DTYPES}, got {factor_dtype!r}")
         check_loss_average("loss_average", loss_average)
-        weight_decay = _check_base(base, base_kwargs)
         self.inv_freq, self.stat_decay = inv_freq, float(stat_decay)
         self.stabilizer_threshold, self.stabilizer_blend = float(stabilizer_threshold), float(stabilizer_blend)
         self.factor_dtype, self.loss_average = factor_dtype, loss_average
 
         self.capture = LayerCapture.trainable(model, skip_layers, input_fn=self._input_stat,
-                                              grad_output_fn=self._grad_output_stat)
+                                              grad_output_fn=self._grad_output_stat, loss_average=loss_average)
         try:  # a constructor that raises leaves the model without hooks
             self.capture.set_grad_scale(grad_scaler)
-            self._grad_scaler = grad_scaler
             self._layers = [_Layer(layer, factor_dtype) for layer in self.capture.layers.values()]
             device = self._layers[0].weight.device if self._layers else torch.device("cpu")
             self._scales = torch.ones(2 * len(self._layers), dtype=torch.float32, device=device)
@@ -243,42 +220,43 @@ class MKOR(ComposedOptimizer):
                                                                      device)
             self._g_index, self._g_count_index = self._vector_layout([layer.JL.shape[0] for layer in self._layers],
                                                                      device)
-            self._overlap = collectives.world_size() > 1
-            self._terms: dict[str, int] = {}
-            self._a_buffer: torch.Tensor | None = None
-            self._a_handle: collectives.CollectiveHandle | None = None
-            self._a_current = False
-            self.steps = 0
-            self.last_ratios: torch.Tensor | None = None
-
-            super().__init__(param_groups(self.capture.model, weight_decay),
-                             dict(lr=lr, weight_decay=weight_decay, **graft_defaults(graft, graft_betas, graft_eps)))
-            self._build_base(base, **{k: v for k, v in base_kwargs.items() if k != "weight_decay"})
+            self.distributor = Replicated()
         except BaseException:
             self.capture.remove()
             raise
+        self._overlap = self.distributor.world > 1
+        self._a_buffer: torch.Tensor | None = None
+        self._a_handle: collectives.CollectiveHandle | None = None
+        self._a_current = False
+        self.steps = 0
+        self.last_ratios: torch.Tensor | None = None
         self.capture.arm()
 
-    # -- torch.optim.Optimizer ------------------------------------------------------------------
-
-    def _check_group(self, group: dict) -> None:
-        check_nonnegative("lr", group["lr"])
-        check_nonnegative("weight_decay", group["weight_decay"])
-        check_graft_group(group)
-
-    def _preconditioned_params(self) -> list[torch.Tensor]:
+    def preconditioned_params(self) -> list[torch.Tensor]:
+        """The weights and biases whose gradients ``step()`` replaces."""
         return [p for layer in self._layers for p in (layer.weight, layer.bias) if p is not None]
 
-    def _second_order_step(self) -> None:
-        """Factor update (when due) and preconditioning; then prepare the capture for the next step."""
+    @torch.no_grad()
+    def step(self) -> None:
+        """Factor update (when due) and preconditioning; then prepare the capture for the next step.
+        Every rank must call it (collectives)."""
         if self._layers:
-            with agree_on_configs():  # every rank updates the same factors and preconditions every layer
+            with self.distributor.agreement():  # every rank updates the same factors and preconditions every layer
                 if self.steps % self.inv_freq == 0:
                     self._update_factors()
                 self._precondition()
-        self._discard_step()
+        self.discard_step()
         self.steps += 1
         self._arm()
+
+    def free(self) -> None:
+        """Remove the capture's hooks and drop the factors, their scales and counters (MKOR-H's switch):
+        no layer is preconditioned afterwards."""
+        self.discard_step()
+        self.capture.remove()
+        self._layers = []
+        self._scales = self._scales.new_empty(0)
+        self._events = self._events.new_empty((0, 3))
 
     # -- public helpers ----------------------------------------------------------------------------
 
@@ -310,12 +288,11 @@ class MKOR(ComposedOptimizer):
         return a.sum(0, dtype=torch.float32)
 
     def _grad_output_stat(self, layer: CapturedLayer, call: CallInfo, g: torch.Tensor) -> torch.Tensor:
-        """``sum_rows g`` in fp32; adds the call's loss-term count to N. The first one of a backward
-        after captured forwards starts the asynchronous ``a`` all-reduce (distributed only)."""
+        """``sum_rows g`` in fp32 (the capture counts the call's loss terms into ``layer.loss_terms``).
+        The first one of a backward after captured forwards starts the asynchronous ``a`` all-reduce
+        (distributed only)."""
         if self._overlap and not self._a_current:
             self._start_a_reduce()
-        if self.loss_average is not None:
-            self._terms[layer.name] = self._terms.get(layer.name, 0) + loss_term_count(call, self.loss_average)
         return g.sum(0, dtype=torch.float32)
 
     # -- factor update -----------------------------------------------------------------------------
@@ -357,7 +334,7 @@ class MKOR(ComposedOptimizer):
         sums = []
         for layer in self._layers:
             captured = layer.captured
-            terms = self._terms.get(layer.name, 0) if self.loss_average is not None else int(captured.grad_calls > 0)
+            terms = captured.loss_terms
             sums.append(captured.grad_output_stat * terms if captured.grad_output_stat is not None else None)
         layers = [layer.captured for layer in self._layers]
         return self._numerators(sums, [c.out_features for c in layers],
@@ -368,7 +345,7 @@ class MKOR(ComposedOptimizer):
         if self._a_handle is not None:
             self._a_handle.wait()
         self._a_buffer = self._a_numerators()
-        self._a_handle = collectives.all_reduce_average_async([self._a_buffer])
+        self._a_handle = self.distributor.average([self._a_buffer])
         self._a_current = True
 
     def _update_factors(self) -> None:
@@ -376,14 +353,14 @@ class MKOR(ComposedOptimizer):
         if not self._a_current:
             self._start_a_reduce()
         g_buffer = self._g_numerators()
-        g_handle = collectives.all_reduce_average_async([g_buffer])
+        g_handle = self.distributor.average([g_buffer])
         self._a_handle.wait()
         g_handle.wait()
         a = self._a_buffer[self._a_index] / self._a_buffer[self._a_count_index]
         g = g_buffer[self._g_index] / g_buffer[self._g_count_index]
         # a step whose gradients are not all finite changes no factor (the base skips it): non-finite
         # vectors leave the factors and scales unchanged, and the skips they count are taken back
-        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        grads = [p.grad for p in self.capture.model.parameters() if p.grad is not None]
         finite = torch.stack([torch.isfinite(grad).all() for grad in grads]).all() if grads else None
         if finite is not None:
             a, g = a.masked_fill(~finite, math.nan), g.masked_fill(~finite, math.nan)
@@ -397,14 +374,13 @@ class MKOR(ComposedOptimizer):
         if finite is not None:
             self._events.copy_(torch.where(finite, self._events, events))
 
-    def _discard_step(self) -> None:
+    def discard_step(self) -> None:
         """Drop what was captured since the last step (after using it, or for a step the GradScaler
         skipped); an ``a`` all-reduce in flight is completed first (every rank started it)."""
         if self._a_handle is not None:
             self._a_handle.wait()
         self._a_handle, self._a_buffer, self._a_current = None, None, False
         self.capture.clear()
-        self._terms.clear()
 
     def _arm(self) -> None:
         """Capture the passes of the next step if it updates the factors."""
@@ -414,27 +390,30 @@ class MKOR(ComposedOptimizer):
 
     def _precondition(self) -> None:
         """Replace the gradients of the layers that have one by their preconditioned gradients."""
-        active = [layer for layer in self._layers if layer.has_gradient()]
-        if not active:
+        indices = [i for i, layer in enumerate(self._layers) if layer.has_gradient()]
+        if not indices:
             return
-        matrices = [layer.grad_matrix() for layer in active]
+        captured, active = [layer.captured for layer in self._layers], [self._layers[i] for i in indices]
+        matrices = self.distributor.gradients(captured, indices, with_bias=False)  # written in place
         self.last_ratios = kronecker_precondition(
-            [layer.JL for layer in active], matrices, [layer.JR for layer in active],
+            [layer.JL for layer in active], list(matrices.values()), [layer.JR for layer in active],
             [layer.bias.grad if layer.bias is not None else None for layer in active])
-        for layer, matrix in zip(active, matrices):
-            layer.write_back(matrix)
+        self.distributor.write_gradients(captured, matrices)
 
     # -- checkpoints -------------------------------------------------------------------------------
 
-    def _own_state(self) -> dict:
+    def state_dict(self) -> dict:
+        """``{"steps", "factors": {name: {"JL", "JR", "JL_scale", "JR_scale", "events"}}}`` (module
+        docstring, Checkpoints)."""
         return {"steps": self.steps, "factors": {
             layer.name: {"JL": layer.JL, "JR": layer.JR, "JL_scale": self._scales[2 * i],
                          "JR_scale": self._scales[2 * i + 1], "events": self.factor_events[i]}
             for i, layer in enumerate(self._layers)}}
 
-    def _check_own_state(self, saved: dict, layers: list[_Layer] | None = None) -> None:
-        """Keys, ``steps``, and every layer's factors (shape, ``factor_dtype``), scales (0-d fp32) and
-        event counts of ``layers`` (default: this optimizer's)."""
+    def check_state_dict(self, saved: dict, layers: list[_Layer] | None = None) -> None:
+        """ValueError unless ``saved`` (a ``state_dict()``) fits: keys, ``steps``, and every layer's
+        factors (shape, ``factor_dtype``), scales (0-d fp32) and event counts of ``layers`` (default:
+        this preconditioner's); changes nothing."""
         layers = self._layers if layers is None else layers
         check_state_keys(saved, ("steps", "factors"), "optimizer")
         check_int("state_dict: mkor steps", saved["steps"])
@@ -448,7 +427,10 @@ class MKOR(ComposedOptimizer):
                 check_tensor(f"{where} {key}_scale", layer_state[f"{key}_scale"], (), torch.float32)
             check_tensor(f"{where} events", layer_state["events"], self.factor_events[i].shape, torch.int32)
 
-    def _load_own_state(self, mkor: dict) -> None:
+    def load_state_dict(self, mkor: dict) -> None:
+        """Load a ``state_dict()``, checked first (``check_state_dict``: a state that does not fit raises
+        ValueError and changes nothing); statistics captured since the last step are dropped."""
+        self.check_state_dict(mkor)
         for i, layer in enumerate(self._layers):
             saved = mkor["factors"][layer.name]
             layer.JL.copy_(saved["JL"])
@@ -457,8 +439,77 @@ class MKOR(ComposedOptimizer):
             self._scales[2 * i + 1] = saved["JR_scale"]
             self.factor_events[i].copy_(saved["events"])
         self.steps = int(mkor["steps"])
-        self._discard_step()
+        self.discard_step()
         self._arm()
+
+
+class MKOR(ComposedOptimizer):
+    """MKOR: an :class:`MKORPreconditioner` in front of a base optimizer (module docstring).
+
+    Args:
+        model: the model (or a ``DistributedDataParallel`` wrapping it).
+        lr: learning rate of the base optimizer (per group in ``param_groups``).
+        base: ``"lamb"``, ``"sgd"``, ``"adamw"`` or a callable (module docstring).
+        inv_freq, stat_decay, stabilizer_threshold, stabilizer_blend, factor_dtype, skip_layers,
+            loss_average, grad_scaler: the preconditioner's (:class:`MKORPreconditioner`).
+        graft, graft_betas, graft_eps: grafting (module docstring; "none": the base optimizer's step).
+        **base_kwargs: the base optimizer's other arguments (``weight_decay``, ``betas``, ``momentum``...).
+
+    Attributes: ``base`` (the base optimizer), ``preconditioner``, and the preconditioner's ``steps``,
+    ``layers``, ``factor_events``, ``last_ratios``, ``capture``.
+    """
+
+    _step_supports_amp_scaling = True
+    global_hyperparameters = ("graft",)
+    state_key = "mkor"
+    scaled_statistic = "g"
+
+    def __init__(self, model: nn.Module, lr: float = 1e-3, base: BaseOptimizer = "lamb", inv_freq: int = 10,
+                 stat_decay: float = 0.95, stabilizer_threshold: float = 10.0, stabilizer_blend: float = 0.9,
+                 factor_dtype: torch.dtype = torch.float32, skip_layers: Iterable[str | type] = (), *,
+                 loss_average: LossAverage = "batch", grad_scaler: torch.amp.GradScaler | None = None,
+                 graft: str = "none", graft_betas: tuple[float, float] = GRAFT_BETAS, graft_eps: float = GRAFT_EPS,
+                 **base_kwargs):
+        check_nonnegative("lr", lr)
+        check_graft_group(graft_defaults(graft, graft_betas, graft_eps))
+        weight_decay = _check_base(base, base_kwargs)
+        preconditioner = MKORPreconditioner(model, inv_freq, stat_decay, stabilizer_threshold, stabilizer_blend,
+                                            factor_dtype, skip_layers, loss_average=loss_average,
+                                            grad_scaler=grad_scaler)
+        self._grad_scaler = grad_scaler
+        self._compose(preconditioner, dict(lr=lr, weight_decay=weight_decay,
+                                           **graft_defaults(graft, graft_betas, graft_eps)),
+                      base, **{k: v for k, v in base_kwargs.items() if k != "weight_decay"})
+
+    def _check_group(self, group: dict) -> None:
+        check_nonnegative("lr", group["lr"])
+        check_nonnegative("weight_decay", group["weight_decay"])
+        check_graft_group(group)
+
+    # -- the preconditioner's, for convenience -----------------------------------------------------
+
+    @property
+    def capture(self) -> LayerCapture:
+        return self.preconditioner.capture
+
+    @property
+    def steps(self) -> int:
+        return self.preconditioner.steps
+
+    @property
+    def layers(self) -> list[str]:
+        return self.preconditioner.layers
+
+    def inverse_factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.preconditioner.inverse_factors(name)
+
+    @property
+    def factor_events(self) -> torch.Tensor:
+        return self.preconditioner.factor_events
+
+    @property
+    def last_ratios(self) -> torch.Tensor | None:
+        return self.preconditioner.last_ratios
 
 
 class MKORH(MKOR):
@@ -528,7 +579,7 @@ class MKORH(MKOR):
         if self._window_count < self.switch_window:
             return
         total = self._window_sum.reshape(1)
-        collectives.all_reduce_average_async([total]).wait()
+        self.preconditioner.distributor.average([total]).wait()
         mean = total.item() / self._window_count
         self._window_sum, self._window_count = None, 0
         if not math.isfinite(mean):
@@ -548,7 +599,7 @@ class MKORH(MKOR):
         """Hand over to the base optimizer now (class docstring); no-op when already switched."""
         if self.switched:
             return
-        self._free_factors()
+        self.preconditioner.free()
         self.switched_at = self.steps
         logger.info("MKOR-H switched to its base optimizer (%s) after %d steps", type(self.base).__name__,
                     self.steps)
@@ -559,14 +610,6 @@ class MKORH(MKOR):
         if loss is not None:
             self.observe(loss)
         return loss
-
-    def _free_factors(self) -> None:
-        """Remove the capture's hooks and drop the factors, their scales and counters."""
-        self._discard_step()
-        self.capture.remove()
-        self._layers = []
-        self._scales = self._scales.new_empty(0)
-        self._events = self._events.new_empty((0, 3))
 
     def _own_state(self) -> dict:
         state = super()._own_state()
@@ -579,7 +622,7 @@ class MKORH(MKOR):
     _loads_checkpoints_of = ("MKOR",)
     _SWITCH_KEYS = ("switched_at", "window_means", "best_rate", "flat_windows", "window_sum", "window_count")
 
-    def _check_own_state(self, saved: dict, layers: list | None = None) -> None:
+    def _check_own_state(self, saved: dict) -> None:
         """As MKOR's, plus the switch criterion's state (MKOR-H checkpoints); a switched state holds no
         factors."""
         check_state_keys(saved, ("steps", "factors"), "optimizer")
@@ -589,7 +632,7 @@ class MKORH(MKOR):
         if self.switched and switched_at is None:
             raise ValueError("state_dict: MKOR-H has switched to its base optimizer and freed its factors; it "
                              "cannot load a state that has not switched (build a new MKORH)")
-        super()._check_own_state(saved, [] if switched_at is not None else layers)
+        self.preconditioner.check_state_dict(saved, [] if switched_at is not None else None)
         if not any(key in saved for key in self._SWITCH_KEYS):
             return
         check_keys(saved, self._SWITCH_KEYS, "state_dict['mkor']")
@@ -615,7 +658,7 @@ class MKORH(MKOR):
         mkor = {"switched_at": None, "window_means": [], "best_rate": -math.inf, "flat_windows": 0,
                 "window_sum": torch.zeros((), dtype=torch.float64), "window_count": 0, **state_dict["mkor"]}
         if mkor["switched_at"] is not None:
-            self._free_factors()
+            self.preconditioner.free()
         super().load_state_dict(state_dict)
         self.switched_at = mkor["switched_at"]
         self.window_means = list(mkor["window_means"])

@@ -2,6 +2,13 @@ r"""``kfopt.SINGD``: structured inverse-free natural gradient descent (Lin, Dang
 2024), with the arguments, defaults (all but ``normalize_lr_cov``, below) and update of the reference package
 ``singd`` (0.0.5), on kfopt's layer capture and structured kernels. The math is in ``docs/singd.md``.
 
+Two objects
+===========
+:class:`SINGDPreconditioner` holds the capture, the factors and momenta and computes the statistics,
+the factor update and the natural gradient (``kfopt.preconditioner.Preconditioner``: alone, in front of
+any optimizer, ``precond.step()`` writes ``N`` into ``.grad``). :class:`SINGD` builds one over its param
+groups and per-parameter state and takes the step below with its pieces.
+
 Defaults
 ========
 ``normalize_lr_cov=True`` (``singd``: False). With the reference's defaults the factor step
@@ -126,7 +133,8 @@ check (``kfopt.kernels.graft``) and the factors commit only when it took the ste
 
 Distributed
 ===========
-Wrap the model in ``DistributedDataParallel`` (gradients averaged by DDP). At a due step each rank's
+Wrap the model in ``DistributedDataParallel`` (gradients averaged by DDP; every exchange goes through
+the preconditioner's ``distributor``, ``kfopt.distribution.Replicated``). At a due step each rank's
 ``H_K`` and ``H_C`` are averaged over the ranks in structured form (their free parameters, one bucketed
 all-reduce); with ``loss_average=None`` ``H_C`` is summed instead (a summed loss's per-term gradients are
 the same on every world size). With a mean loss, a layer's rows divided by the local rows and output
@@ -160,11 +168,11 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from kfopt.autotune import agree_on_configs
 from kfopt.kernels.dispatch import KERNEL_DTYPES, use_triton
 
-from . import collectives
+from . import collectives  # noqa: F401  (kfopt.singd.collectives: what the distributor calls; tests spy on it)
 from .capture import CallInfo, CapturedLayer, LayerCapture, loss_term_count
+from .distribution import Replicated
 from .graft import GRAFT_BETAS, GRAFT_EPS, check_graft_group, graft_defaults, graft_state_spec, grafted_step
 from .layer_state import LayerState
 from .optimizer import KfoptOptimizer
@@ -225,6 +233,364 @@ def _structure_specs(structures) -> tuple[StructureSpec, StructureSpec]:
         raise ValueError(f"structures: {exc}") from None
 
 
+def _check_factor_group(group: dict, stacklevel: int = 3) -> None:
+    """ValueError naming the first bad hyperparameter of the factors in ``group`` (damping, alpha1, T,
+    loss_average, lr_cov, structures, kfac_approx, kfac_like, normalize_lr_cov, preconditioner_dtype);
+    normalises ``structures`` and ``preconditioner_dtype`` to tuples, and ``kfac_like`` forces
+    ``alpha1 = 0`` (with a warning ``stacklevel`` frames up)."""
+    check_nonnegative("damping", group["damping"])
+    check_unit_interval("alpha1", group["alpha1"])
+    _check_int("T", group["T"], 1)
+    if group["loss_average"] not in _LOSS_AVERAGES:
+        raise ValueError(f"loss_average: expected None, 'batch' or 'batch+sequence', got {group['loss_average']!r}")
+    if not callable(group["lr_cov"]):
+        check_nonnegative("lr_cov", group["lr_cov"])
+    _structure_specs(group["structures"])
+    group["structures"] = tuple(group["structures"])
+    if group["kfac_approx"] not in ("expand", "reduce"):
+        raise ValueError(f"kfac_approx: expected 'expand' or 'reduce', got {group['kfac_approx']!r}")
+    check_bool("kfac_like", group["kfac_like"])
+    check_bool("normalize_lr_cov", group["normalize_lr_cov"])
+    dtypes = group["preconditioner_dtype"]
+    if (not isinstance(dtypes, (tuple, list)) or len(dtypes) != 2
+            or any(d is not None and d not in _FACTOR_DTYPES for d in dtypes)):
+        raise ValueError("preconditioner_dtype: expected a pair of None or floating dtypes (float16, bfloat16, "
+                         f"float32, float64) for (K, C), got {dtypes!r}")
+    group["preconditioner_dtype"] = tuple(dtypes)
+    if group["kfac_like"] and group["alpha1"] != 0:
+        warnings.warn(f"kfac_like=True ignores alpha1={group['alpha1']}: setting alpha1=0 in its param group",
+                      stacklevel=stacklevel)
+        group["alpha1"] = 0.0
+
+
+class SINGDPreconditioner:
+    """SINGD's structured Kronecker factors and natural gradient (module docstring: Statistics, Update,
+    ``N = C C^T G K K^T``) for a model's Linear/Conv2d layers; ``kfopt.preconditioner.Preconditioner``.
+
+    Alone, in front of any optimizer (``precond.step(); optimizer.step()``), with one set of the
+    hyperparameters below: ``step()`` updates the factors of a due step and replaces each layer's
+    ``.grad`` by its ``N``; where anything of the step is not finite (a gradient, a statistic, a new
+    factor or momentum, ``N``) it changes nothing (factors and raw gradients kept). With
+    ``torch.optim.SGD(momentum=m, weight_decay=wd)`` behind it, that is :class:`SINGD`'s update.
+    :class:`SINGD` builds one over its own param groups and state (``_over``): there the factors and
+    momenta live in its per-parameter state and its step commits them.
+
+    Args: ``model`` (or a ``DistributedDataParallel`` wrapping it), ``damping``, ``alpha1``, ``T``,
+    ``loss_average``, ``lr_cov``, ``structures``, ``kfac_approx``, ``kfac_like``,
+    ``preconditioner_dtype``, ``normalize_lr_cov``, ``skip_layers``, ``grad_scaler``: as :class:`SINGD`'s.
+    The layers whose weight requires grad are preconditioned.
+    """
+
+    def __init__(self, model: nn.Module, damping: float = 1e-3, alpha1: float = 0.5, T: int = 10,
+                 loss_average: str | None = "batch", lr_cov: float | Callable[[int], float] = 1e-2,
+                 structures: tuple[str, str] = ("dense", "dense"), kfac_approx: str = "expand",
+                 kfac_like: bool = False, preconditioner_dtype: tuple = (None, None), normalize_lr_cov: bool = True,
+                 skip_layers: Iterable[str | type] = (), *, grad_scaler: torch.amp.GradScaler | None = None):
+        group = dict(damping=damping, alpha1=alpha1, T=T, loss_average=loss_average, lr_cov=lr_cov,
+                     structures=structures, kfac_approx=kfac_approx, kfac_like=kfac_like,
+                     preconditioner_dtype=preconditioner_dtype, normalize_lr_cov=normalize_lr_cov)
+        _check_factor_group(group)
+        inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+        group["params"] = [p for p in inner.parameters() if p.requires_grad]
+        state: dict[torch.Tensor, dict] = {}
+        self._attach(model, lambda: [group], lambda p: state.setdefault(p, {}), tuple(skip_layers), grad_scaler)
+
+    @classmethod
+    def _over(cls, model: nn.Module, groups: Callable[[], list[dict]], state_of: Callable[[torch.Tensor], dict],
+              skip_layers: tuple, grad_scaler: torch.amp.GradScaler | None) -> "SINGDPreconditioner":
+        """A preconditioner whose hyperparameters are those of the param group of each layer's weight in
+        ``groups()`` and whose factors and momenta live in ``state_of(weight)`` (:class:`SINGD`'s)."""
+        preconditioner = cls.__new__(cls)
+        preconditioner._attach(model, groups, state_of, skip_layers, grad_scaler)
+        return preconditioner
+
+    def _attach(self, model: nn.Module, groups: Callable[[], list[dict]], state_of: Callable[[torch.Tensor], dict],
+                skip_layers: tuple, grad_scaler: torch.amp.GradScaler | None) -> None:
+        self._groups, self._state_of = groups, state_of
+        self.steps = 0
+        self.distributor = Replicated()
+        self.capture = self._build_capture(model, skip_layers)
+        try:  # a constructor that raises leaves the model without hooks
+            self.capture.set_grad_scale(grad_scaler)
+            group_of = {id(p): i for i, group in enumerate(groups()) for p in group["params"]}
+            self._layers = [_Layer(captured, group_of[id(captured.module.weight)])
+                            for captured in self.capture.layers.values()]
+            self._by_name = {layer.name: layer for layer in self._layers}
+            for layer in self._layers:
+                self._init_factors(layer)
+        except BaseException:
+            self.capture.remove()
+            raise
+        self._arm()
+
+    def _group(self, layer: _Layer) -> dict:
+        """The hyperparameters of ``layer`` (its weight's param group)."""
+        return self._groups()[layer.group]
+
+    def preconditioned_params(self) -> list[torch.Tensor]:
+        """The weights and biases whose gradients ``step()`` replaces."""
+        return [p for layer in self._layers for p in (layer.weight, layer.bias) if p is not None]
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """The preconditioner alone (class docstring): factor update of the due layers, ``N`` into
+        ``.grad``, both only where everything is finite (decided on the device). Every rank must call it."""
+        due = [layer for layer in self._layers if self._due(layer)]
+        if due and self.distributor.distributed:
+            self.average_statistics(due)
+        updated = [layer for layer in due if layer.H_K is not None and layer.H_C is not None]
+        active = [layer for layer in self._layers if layer.weight.grad is not None]
+        grads = [p.grad for layer in active for p in (layer.weight, layer.bias) if p is not None and p.grad is not None]
+        inputs = grads + [t for layer in updated for t in layer.H_K.tensors + layer.H_C.tensors]
+        if inputs:
+            with self.distributor.agreement():  # every rank updates the same factors
+                pending, new_factors = [], {}
+                for layer in updated:
+                    commits, new_factors[layer.name] = self.update_factors(layer, 1.0)
+                    pending += commits
+                directions = [(p, d) for layer in active for _, p, d in self.natural_gradient(
+                    layer, *new_factors.get(layer.name, (layer.K, layer.C))) if p.grad is not None]
+                targets = [p.grad for p, _ in directions] + [t for old, _ in pending for t in old]
+                values = [d for _, d in directions] + [t for _, new in pending for t in new]
+                finite = torch.stack([torch.isfinite(t).all() for t in inputs + values]).all()
+                _commit(finite, targets, values)
+        self.finish_step()
+
+    # -- checkpoints of the preconditioner alone ------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """``{"steps", "factors": {layer name: {"K.<name>", "C.<name>", "m_K.<name>", "m_C.<name>"}}}``:
+        factors and momenta (where present) by free-parameter tensor (``kfopt.structures``)."""
+        return {"steps": self.steps,
+                "factors": {layer.name: dict(self._state_of(layer.weight)) for layer in self._layers}}
+
+    def check_state_dict(self, state_dict: dict) -> None:
+        """ValueError unless ``state_dict`` fits these layers, structures and dtypes; changes nothing."""
+        check_keys(state_dict, ("steps", "factors"), "state_dict")
+        steps = state_dict["steps"]
+        if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
+            raise ValueError(f"state_dict: expected 'steps' an int >= 0, got {steps!r}")
+        saved = state_dict["factors"]
+        if not isinstance(saved, dict) or set(saved) != set(self._by_name):
+            raise ValueError(f"state_dict has factors for layers {sorted(map(str, saved))}, the preconditioner has "
+                             f"layers {sorted(self._by_name)}")
+        for layer in self._layers:
+            expected = {}
+            for key, spec, side, dtype in self._factor_layout(layer, self._group(layer)):
+                for name, t in spec.zeros(side, dtype, torch.device("meta")).named_tensors().items():
+                    expected[f"{key}.{name}"] = expected[f"m_{key}.{name}"] = (tuple(t.shape), dtype)
+            entries = saved[layer.name]
+            momenta = [key for key in expected if key.startswith("m_")]
+            required = [key for key in expected if not key.startswith("m_")]
+            if not isinstance(entries, dict) or set(entries) not in (set(required), set(expected)):
+                raise ValueError(f"state_dict: layer {layer.name!r} must hold {required} and all or none of "
+                                 f"{momenta}")
+            for key, value in entries.items():
+                check_tensor(f"state_dict: {key} of layer {layer.name!r}", value, *expected[key])
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a ``state_dict()``, checked first; statistics captured since the last step are dropped."""
+        self.check_state_dict(state_dict)
+        for layer in self._layers:
+            state = self._state_of(layer.weight)
+            state.clear()
+            for key, value in state_dict["factors"][layer.name].items():
+                state[key] = value.detach().to(layer.weight.device, copy=True)
+            self._bind(layer)
+        self.steps = int(state_dict["steps"])
+        self.discard_step()
+        self._arm()
+
+    # -- construction ---------------------------------------------------------------------------
+
+    def _build_capture(self, model: nn.Module, skip_layers: tuple) -> LayerCapture:
+        """The capture of the layers whose weight is trained here (module docstring)."""
+        capture = LayerCapture(model, skip_layers, input_fn=self._input_stat, grad_output_fn=self._grad_output_stat)
+        group_of = {id(p): i for i, group in enumerate(self._groups()) for p in group["params"]}
+        untrained = []
+        for name, layer in capture.layers.items():
+            weight, bias = layer.module.weight, layer.module.bias
+            if id(weight) not in group_of:
+                untrained.append(name)
+            elif bias is not None and group_of.get(id(bias)) != group_of[id(weight)]:
+                capture.remove()
+                raise ValueError(f"layer {name!r}: its weight and bias must be in the same param group (the "
+                                 "factor K spans both); add the bias to the weight's group or skip the layer")
+        if untrained:
+            capture.remove()
+            capture = LayerCapture(model, skip_layers + tuple(untrained), input_fn=self._input_stat,
+                                   grad_output_fn=self._grad_output_stat)
+        return capture
+
+    def _init_factors(self, layer: _Layer) -> None:
+        """K = C = I (and zero momenta) in the layer's weight state, then bind the structures."""
+        group = self._group(layer)
+        state = self._state_of(layer.weight)
+        for key, spec, side, dtype in self._factor_layout(layer, group):
+            if dtype not in KERNEL_DTYPES and use_triton(layer.weight.device):
+                raise ValueError(f"preconditioner_dtype: layer {layer.name!r} would keep {key} in {dtype}, but on "
+                                 f"{layer.weight.device} the kernels take float32, bfloat16 or float16 (float64 "
+                                 "runs on the PyTorch path only)")
+            for name, t in spec.eye(side, dtype, layer.weight.device).named_tensors().items():
+                state[f"{key}.{name}"] = t
+        self._bind(layer)
+
+    def _factor_layout(self, layer: _Layer, group: dict) -> list[tuple[str, StructureSpec, int, torch.dtype]]:
+        specs = _structure_specs(group["structures"])
+        dtypes = [d if d is not None else layer.weight.dtype for d in group["preconditioner_dtype"]]
+        return [("K", specs[0], layer.sides[0], dtypes[0]), ("C", specs[1], layer.sides[1], dtypes[1])]
+
+    def _bind(self, layer: _Layer) -> None:
+        """Structures over the tensors in the weight's state (momenta only where present)."""
+        state = self._state_of(layer.weight)
+        for key, spec, side, _ in self._factor_layout(layer, self._group(layer)):
+            names = spec.cls.names
+            setattr(layer, key, spec.from_tensors(side, [state[f"{key}.{n}"] for n in names]))
+            momentum_keys = [f"m_{key}.{n}" for n in names]
+            setattr(layer, f"m_{key}", spec.from_tensors(side, [state[k] for k in momentum_keys])
+                    if all(k in state for k in momentum_keys) else None)
+
+    # -- statistics -----------------------------------------------------------------------------
+
+    def _due(self, layer: _Layer) -> bool:
+        return self.steps % self._group(layer)["T"] == 0
+
+    def _arm(self) -> None:
+        self.capture.armed = any(self._due(layer) for layer in self._layers)
+
+    def _reduced(self, layer: _Layer, call: CallInfo, rows: torch.Tensor, mean: bool) -> torch.Tensor:
+        """``rows`` as the statistic needs them: as they are ("expand"), or one row per example ("reduce":
+        the mean (inputs) or sum (output gradients) over the call's positions)."""
+        if self._group(layer)["kfac_approx"] == "expand":
+            return rows
+        per_example = rows.to(torch.promote_types(rows.dtype, torch.float32)).reshape(
+            call.batch_size, call.positions, rows.shape[1])
+        return per_example.mean(1) if mean else per_example.sum(1)
+
+    def _input_stat(self, captured: CapturedLayer, call: CallInfo, a: torch.Tensor) -> None:
+        """Adds ``Proj(K^T a^T a K) / R`` of this call to the layer's pending ``H_K``."""
+        layer = self._by_name[captured.name]
+        if not self._due(layer) or a.shape[0] == 0:
+            return None
+        a = self._reduced(layer, call, a, mean=True)
+        stat = layer.K.from_inner(a, ones_column=captured.has_bias, scale=1.0 / a.shape[0])
+        layer.H_K = stat if layer.H_K is None else layer.H_K.add_(stat)
+        return None
+
+    def _grad_output_stat(self, captured: CapturedLayer, call: CallInfo, g: torch.Tensor) -> None:
+        """Adds ``n Proj(C^T g^T g C)`` of this call to the layer's pending ``H_C``."""
+        layer = self._by_name[captured.name]
+        if not self._due(layer) or g.shape[0] == 0:
+            return None
+        g = self._reduced(layer, call, g, mean=False)
+        terms = loss_term_count(call, self._group(layer)["loss_average"])
+        stat = layer.C.from_inner(g, scale=float(terms))
+        layer.H_C = stat if layer.H_C is None else layer.H_C.add_(stat)
+        return None
+
+    def discard_step(self) -> None:
+        """Drop the statistics captured since the last step."""
+        self.capture.clear()
+        for layer in self._layers:
+            layer.clear_statistics()
+
+    def average_statistics(self, layers: list[_Layer]) -> None:
+        """Average (H_K, H_C) over the ranks in structured form; H_C summed for a summed loss."""
+        tensors = []
+        for layer in layers:
+            d_k, d_c = layer.sides
+            device = layer.weight.device
+            if layer.H_K is None:
+                layer.H_K = layer.K.spec.zeros(d_k, torch.promote_types(layer.K.dtype, torch.float32), device)
+            if layer.H_C is None:
+                layer.H_C = layer.C.spec.zeros(d_c, torch.promote_types(layer.C.dtype, torch.float32), device)
+            tensors += layer.H_K.tensors + layer.H_C.tensors
+        self.distributor.average(tensors).wait()
+        world = self.distributor.world
+        for layer in layers:
+            if self._group(layer)["loss_average"] is None:
+                layer.H_C.mul_(float(world))
+
+    def finish_step(self) -> None:
+        """Drop the statistics, count the step and arm the capture for the next one."""
+        self.discard_step()
+        self.steps += 1
+        self._arm()
+
+    def update_factors(self, layer: _Layer, correction: float | torch.Tensor
+                        ) -> tuple[list[tuple[list[torch.Tensor], list[torch.Tensor]]], tuple[Structure, Structure]]:
+        """The momentum and factor updates of the module docstring, in fp32 (float64): ``(targets, new
+        values)`` pairs for the caller to commit (only where the step is finite), and the new (K, C)."""
+        pending, factors = [], []
+        group = self._group(layer)
+        damping, alpha1 = group["damping"], group["alpha1"]
+        scale = 0.5 * ((1.0 - alpha1) if group["normalize_lr_cov"] else 1.0)
+        lr_cov = group["lr_cov"](self.steps) if callable(group["lr_cov"]) else group["lr_cov"]
+        h_k, h_c = layer.H_K, layer.H_C
+        k_tk, c_tc = layer.K.from_inner(), layer.C.from_inner()
+        if group["kfac_like"]:
+            coefficients = ((1.0, damping), (correction, damping))
+        else:
+            coefficients = ((correction * h_c.average_trace(), damping * c_tc.average_trace()),
+                            (correction * h_k.average_trace(), damping * k_tk.average_trace()))
+        for key, h, inner, (coef_h, coef_inner) in (("K", h_k, k_tk, coefficients[0]),
+                                                    ("C", h_c, c_tc, coefficients[1])):
+            new_m = h.mul_(coef_h).add_(inner, coef_inner).diag_add_(-1.0).mul_(scale)
+            if alpha1 != 0:
+                m = getattr(layer, f"m_{key}")
+                if m is None:
+                    m = self._new_momentum(layer, key)
+                new_m.add_(m, alpha1)
+                pending.append((m.tensors, new_m.tensors))
+            step_size = lr_cov
+            if group["normalize_lr_cov"]:
+                step_size = lr_cov / new_m.abs_max().clamp(min=1.0)
+            factor = getattr(layer, key)
+            new = factor.clone().add_(factor.compose(new_m),
+                                      -step_size if isinstance(step_size, torch.Tensor) else -float(step_size))
+            pending.append((factor.tensors, new.tensors))
+            factors.append(new)
+        return pending, (factors[0], factors[1])
+
+    def _new_momentum(self, layer: _Layer, key: str) -> Structure:
+        factor = getattr(layer, key)
+        state = self._state_of(layer.weight)
+        for name, t in factor.spec.zeros(factor.dim, factor.dtype, factor.device).named_tensors().items():
+            state[f"m_{key}.{name}"] = t
+        self._bind(layer)
+        return getattr(layer, f"m_{key}")
+
+    def natural_gradient(self, layer: _Layer, K: Structure, C: Structure) -> list[tuple[dict, torch.Tensor,
+                                                                                          torch.Tensor]]:
+        """``N = C C^T G K K^T`` as ``(group, param, its part of N)`` for the layer's weight and bias."""
+        weight, bias = layer.weight, layer.bias
+        d_in = layer.captured.in_features
+        y = K.matmul(layer.captured.grad_matrix(), right=True)
+        y = K.matmul(y, transpose=True, right=True)
+        y = C.matmul(y, transpose=True)
+        natural = C.matmul(y)
+        group = self._group(layer)
+        parts = [(group, weight, natural[:, :d_in].reshape(weight.shape))]
+        return parts + ([(group, bias, natural[:, d_in])] if bias is not None else [])
+
+    # -- inspection -----------------------------------------------------------------------------
+
+    @property
+    def layers(self) -> list[str]:
+        """Names of the preconditioned layers (as in ``model.named_modules()``, no DDP prefix)."""
+        return [layer.name for layer in self._layers]
+
+    def factors(self, name: str) -> tuple[Structure, Structure]:
+        """``(K, C)`` of layer ``name``: live structures over the state tensors."""
+        layer = self._by_name[name]
+        return layer.K, layer.C
+
+    def momenta(self, name: str) -> tuple[Structure | None, Structure | None]:
+        """``(m_K, m_C)`` of layer ``name`` (None where alpha1 was always 0)."""
+        layer = self._by_name[name]
+        return layer.m_K, layer.m_C
+
+
 class SINGD(KfoptOptimizer):
     """Structured inverse-free natural gradient descent (module docstring for the math and contracts).
 
@@ -277,74 +643,38 @@ class SINGD(KfoptOptimizer):
                         normalize_lr_cov=normalize_lr_cov, **graft_defaults(graft, graft_betas, graft_eps))
         check_graft_group(defaults)
         super().__init__(params, defaults)
-        self.steps = 0
         self._blowups: torch.Tensor | None = None  # steps skipped because the update itself blew up
         self._warned = False
-        self.capture = self._build_capture(model, tuple(skip_layers))
-        try:  # a constructor that raises leaves the model without hooks
-            self.capture.set_grad_scale(grad_scaler)
-            self._grad_scaler = grad_scaler
-            #: without grad_scaler=: the grad scale of the last scaler.step, which the capture divides by
-            self._last_grad_scale: torch.Tensor | None = None
-            group_of = {id(p): i for i, group in enumerate(self.param_groups) for p in group["params"]}
-            self._layers = [_Layer(captured, group_of[id(captured.module.weight)])
-                            for captured in self.capture.layers.values()]
-            self._by_name = {layer.name: layer for layer in self._layers}
-            for layer in self._layers:
-                self._init_factors(layer)
-        except BaseException:
-            self.capture.remove()
-            raise
-        self._arm()
+        self._grad_scaler = grad_scaler
+        #: without grad_scaler=: the grad scale of the last scaler.step, which the capture divides by
+        self._last_grad_scale: torch.Tensor | None = None
+        self.preconditioner = SINGDPreconditioner._over(model, lambda: self.param_groups, lambda p: self.state[p],
+                                                        tuple(skip_layers), grad_scaler)
+
+    # -- the preconditioner's, for convenience -----------------------------------------------------
+
+    @property
+    def capture(self) -> LayerCapture:
+        return self.preconditioner.capture
+
+    @property
+    def steps(self) -> int:
+        return self.preconditioner.steps
+
+    @property
+    def layers(self) -> list[str]:
+        """Names of the preconditioned layers (as in ``model.named_modules()``, no DDP prefix)."""
+        return self.preconditioner.layers
+
+    def factors(self, name: str) -> tuple[Structure, Structure]:
+        """``(K, C)`` of layer ``name``: live structures over the optimizer's state tensors."""
+        return self.preconditioner.factors(name)
+
+    def momenta(self, name: str) -> tuple[Structure | None, Structure | None]:
+        """``(m_K, m_C)`` of layer ``name`` (None where alpha1 was always 0)."""
+        return self.preconditioner.momenta(name)
 
     # -- construction ---------------------------------------------------------------------------
-
-    def _build_capture(self, model: nn.Module, skip_layers: tuple) -> LayerCapture:
-        """The capture of the layers whose weight is trained here (module docstring)."""
-        capture = LayerCapture(model, skip_layers, input_fn=self._input_stat, grad_output_fn=self._grad_output_stat)
-        group_of = {id(p): i for i, group in enumerate(self.param_groups) for p in group["params"]}
-        untrained = []
-        for name, layer in capture.layers.items():
-            weight, bias = layer.module.weight, layer.module.bias
-            if id(weight) not in group_of:
-                untrained.append(name)
-            elif bias is not None and group_of.get(id(bias)) != group_of[id(weight)]:
-                capture.remove()
-                raise ValueError(f"layer {name!r}: its weight and bias must be in the same param group (the "
-                                 "factor K spans both); add the bias to the weight's group or skip the layer")
-        if untrained:
-            capture.remove()
-            capture = LayerCapture(model, skip_layers + tuple(untrained), input_fn=self._input_stat,
-                                   grad_output_fn=self._grad_output_stat)
-        return capture
-
-    def _init_factors(self, layer: _Layer) -> None:
-        """K = C = I (and zero momenta) in the layer's weight state, then bind the structures."""
-        group = self.param_groups[layer.group]
-        state = self.state[layer.weight]
-        for key, spec, side, dtype in self._factor_layout(layer, group):
-            if dtype not in KERNEL_DTYPES and use_triton(layer.weight.device):
-                raise ValueError(f"preconditioner_dtype: layer {layer.name!r} would keep {key} in {dtype}, but on "
-                                 f"{layer.weight.device} the kernels take float32, bfloat16 or float16 (float64 "
-                                 "runs on the PyTorch path only)")
-            for name, t in spec.eye(side, dtype, layer.weight.device).named_tensors().items():
-                state[f"{key}.{name}"] = t
-        self._bind(layer)
-
-    def _factor_layout(self, layer: _Layer, group: dict) -> list[tuple[str, StructureSpec, int, torch.dtype]]:
-        specs = _structure_specs(group["structures"])
-        dtypes = [d if d is not None else layer.weight.dtype for d in group["preconditioner_dtype"]]
-        return [("K", specs[0], layer.sides[0], dtypes[0]), ("C", specs[1], layer.sides[1], dtypes[1])]
-
-    def _bind(self, layer: _Layer) -> None:
-        """Structures over the tensors in the weight's state (momenta only where present)."""
-        state = self.state[layer.weight]
-        for key, spec, side, _ in self._factor_layout(layer, self.param_groups[layer.group]):
-            names = spec.cls.names
-            setattr(layer, key, spec.from_tensors(side, [state[f"{key}.{n}"] for n in names]))
-            momentum_keys = [f"m_{key}.{n}" for n in names]
-            setattr(layer, f"m_{key}", spec.from_tensors(side, [state[k] for k in momentum_keys])
-                    if all(k in state for k in momentum_keys) else None)
 
     # -- validation -----------------------------------------------------------------------------
 
@@ -358,91 +688,10 @@ class SINGD(KfoptOptimizer):
             check_device_lr("lr", group["lr"])
         else:
             check_nonnegative("lr", group["lr"])
-        for name in ("momentum", "damping", "weight_decay"):
+        for name in ("momentum", "weight_decay"):
             check_nonnegative(name, group[name])
-        check_unit_interval("alpha1", group["alpha1"])
-        _check_int("T", group["T"], 1)
-        if group["loss_average"] not in _LOSS_AVERAGES:
-            raise ValueError(f"loss_average: expected None, 'batch' or 'batch+sequence', got {group['loss_average']!r}")
-        if not callable(group["lr_cov"]):
-            check_nonnegative("lr_cov", group["lr_cov"])
-        _structure_specs(group["structures"])
-        group["structures"] = tuple(group["structures"])
-        if group["kfac_approx"] not in ("expand", "reduce"):
-            raise ValueError(f"kfac_approx: expected 'expand' or 'reduce', got {group['kfac_approx']!r}")
-        check_bool("kfac_like", group["kfac_like"])
-        check_bool("normalize_lr_cov", group["normalize_lr_cov"])
+        _check_factor_group(group, stacklevel=4)
         check_graft_group(group)
-        dtypes = group["preconditioner_dtype"]
-        if (not isinstance(dtypes, (tuple, list)) or len(dtypes) != 2
-                or any(d is not None and d not in _FACTOR_DTYPES for d in dtypes)):
-            raise ValueError("preconditioner_dtype: expected a pair of None or floating dtypes (float16, bfloat16, "
-                             f"float32, float64) for (K, C), got {dtypes!r}")
-        group["preconditioner_dtype"] = tuple(dtypes)
-        if group["kfac_like"] and group["alpha1"] != 0:
-            warnings.warn(f"kfac_like=True ignores alpha1={group['alpha1']}: setting alpha1=0 in its param group",
-                          stacklevel=3)
-            group["alpha1"] = 0.0
-
-    # -- statistics -----------------------------------------------------------------------------
-
-    def _due(self, layer: _Layer) -> bool:
-        return self.steps % self.param_groups[layer.group]["T"] == 0
-
-    def _arm(self) -> None:
-        self.capture.armed = any(self._due(layer) for layer in self._layers)
-
-    def _reduced(self, layer: _Layer, call: CallInfo, rows: torch.Tensor, mean: bool) -> torch.Tensor:
-        """``rows`` as the statistic needs them: as they are ("expand"), or one row per example ("reduce":
-        the mean (inputs) or sum (output gradients) over the call's positions)."""
-        if self.param_groups[layer.group]["kfac_approx"] == "expand":
-            return rows
-        per_example = rows.to(torch.promote_types(rows.dtype, torch.float32)).reshape(
-            call.batch_size, call.positions, rows.shape[1])
-        return per_example.mean(1) if mean else per_example.sum(1)
-
-    def _input_stat(self, captured: CapturedLayer, call: CallInfo, a: torch.Tensor) -> None:
-        """Adds ``Proj(K^T a^T a K) / R`` of this call to the layer's pending ``H_K``."""
-        layer = self._by_name[captured.name]
-        if not self._due(layer) or a.shape[0] == 0:
-            return None
-        a = self._reduced(layer, call, a, mean=True)
-        stat = layer.K.from_inner(a, ones_column=captured.has_bias, scale=1.0 / a.shape[0])
-        layer.H_K = stat if layer.H_K is None else layer.H_K.add_(stat)
-        return None
-
-    def _grad_output_stat(self, captured: CapturedLayer, call: CallInfo, g: torch.Tensor) -> None:
-        """Adds ``n Proj(C^T g^T g C)`` of this call to the layer's pending ``H_C``."""
-        layer = self._by_name[captured.name]
-        if not self._due(layer) or g.shape[0] == 0:
-            return None
-        g = self._reduced(layer, call, g, mean=False)
-        terms = loss_term_count(call, self.param_groups[layer.group]["loss_average"])
-        stat = layer.C.from_inner(g, scale=float(terms))
-        layer.H_C = stat if layer.H_C is None else layer.H_C.add_(stat)
-        return None
-
-    def _discard_statistics(self) -> None:
-        self.capture.clear()
-        for layer in self._layers:
-            layer.clear_statistics()
-
-    def _average_statistics(self, layers: list[_Layer]) -> None:
-        """Average (H_K, H_C) over the ranks in structured form; H_C summed for a summed loss."""
-        tensors = []
-        for layer in layers:
-            d_k, d_c = layer.sides
-            device = layer.weight.device
-            if layer.H_K is None:
-                layer.H_K = layer.K.spec.zeros(d_k, torch.promote_types(layer.K.dtype, torch.float32), device)
-            if layer.H_C is None:
-                layer.H_C = layer.C.spec.zeros(d_c, torch.promote_types(layer.C.dtype, torch.float32), device)
-            tensors += layer.H_K.tensors + layer.H_C.tensors
-        collectives.all_reduce_average_async(tensors).wait()
-        world = collectives.world_size()
-        for layer in layers:
-            if self.param_groups[layer.group]["loss_average"] is None:
-                layer.H_C.mul_(float(world))
 
     # -- the step -------------------------------------------------------------------------------
 
@@ -453,28 +702,29 @@ class SINGD(KfoptOptimizer):
         self._check_hyperparameters()
         loss = self._evaluate(closure)
         correction = self._statistics_correction()
+        pre = self.preconditioner
         if self._grad_scaler_skips_step("H_C"):  # the scaler found inf/NaN (module docstring, AMP)
-            self._finish_step()
+            pre.finish_step()
             return loss
         found = self._params_with_grads()
-        due = [layer for layer in self._layers if self._due(layer)]
-        if due and collectives.is_distributed():
-            self._average_statistics(due)
+        due = [layer for layer in pre._layers if pre._due(layer)]
+        if due and pre.distributor.distributed:
+            pre.average_statistics(due)
         updated = [layer for layer in due if layer.H_K is not None and layer.H_C is not None]
         inputs = [p.grad for _, p in found] + [t for layer in updated for t in layer.H_K.tensors + layer.H_C.tensors]
         if inputs:
-            with agree_on_configs():  # every rank updates the same factors and weights
+            with pre.distributor.agreement():  # every rank updates the same factors and weights
                 finite = self._finite(inputs)
                 # new factors and momenta, the natural gradient computed with them; committed below only
                 # where everything is finite (the update's own blow-up keeps the last finite factors)
                 pending, new_factors = [], {}
                 for layer in updated:
-                    commits, new_factors[layer.name] = self._update_factors(layer, correction)
+                    commits, new_factors[layer.name] = pre.update_factors(layer, correction)
                     pending += commits
                 preconditioned, directions = set(), []
-                for layer in self._layers:
+                for layer in pre._layers:
                     if layer.weight.grad is not None:
-                        directions += self._natural_gradient(layer, *new_factors.get(layer.name, (layer.K, layer.C)))
+                        directions += pre.natural_gradient(layer, *new_factors.get(layer.name, (layer.K, layer.C)))
                         preconditioned.update(id(p) for p in (layer.weight, layer.bias) if p is not None)
                 first_order = [(group, p) for group, p in found if id(p) not in preconditioned]
                 if self.defaults["graft"] != "none":
@@ -492,11 +742,11 @@ class SINGD(KfoptOptimizer):
                         self._apply(p, group, d, finite)
                 for targets, new in pending:
                     _commit(finite, targets, new)
-        self._finish_step()
+        pre.finish_step()
         return loss
 
     def _holds_scaled_statistics(self) -> bool:
-        return any(layer.H_C is not None for layer in self._layers)
+        return any(layer.H_C is not None for layer in self.preconditioner._layers)
 
     def _statistics_correction(self) -> float | torch.Tensor:
         """``u`` for this step's H_C (module docstring, AMP): 1, or under a GradScaler without
@@ -557,71 +807,6 @@ class SINGD(KfoptOptimizer):
                           RuntimeWarning, stacklevel=2)
         return super().skipped_steps
 
-    def _finish_step(self) -> None:
-        self._discard_statistics()
-        self.steps += 1
-        self._arm()
-
-    def _update_factors(self, layer: _Layer, correction: float | torch.Tensor
-                        ) -> tuple[list[tuple[list[torch.Tensor], list[torch.Tensor]]], tuple[Structure, Structure]]:
-        """The momentum and factor updates of the module docstring, in fp32 (float64): ``(targets, new
-        values)`` pairs for the caller to commit (only where the step is finite), and the new (K, C)."""
-        pending, factors = [], []
-        group = self.param_groups[layer.group]
-        damping, alpha1 = group["damping"], group["alpha1"]
-        scale = 0.5 * ((1.0 - alpha1) if group["normalize_lr_cov"] else 1.0)
-        lr_cov = group["lr_cov"](self.steps) if callable(group["lr_cov"]) else group["lr_cov"]
-        h_k, h_c = layer.H_K, layer.H_C
-        k_tk, c_tc = layer.K.from_inner(), layer.C.from_inner()
-        if group["kfac_like"]:
-            coefficients = ((1.0, damping), (correction, damping))
-        else:
-            coefficients = ((correction * h_c.average_trace(), damping * c_tc.average_trace()),
-                            (correction * h_k.average_trace(), damping * k_tk.average_trace()))
-        for key, h, inner, (coef_h, coef_inner) in (("K", h_k, k_tk, coefficients[0]),
-                                                    ("C", h_c, c_tc, coefficients[1])):
-            new_m = h.mul_(coef_h).add_(inner, coef_inner).diag_add_(-1.0).mul_(scale)
-            if alpha1 != 0:
-                m = getattr(layer, f"m_{key}")
-                if m is None:
-                    m = self._new_momentum(layer, key)
-                new_m.add_(m, alpha1)
-                pending.append((m.tensors, new_m.tensors))
-            step_size = lr_cov
-            if group["normalize_lr_cov"]:
-                step_size = lr_cov / new_m.abs_max().clamp(min=1.0)
-            factor = getattr(layer, key)
-            new = factor.clone().add_(factor.compose(new_m),
-                                      -step_size if isinstance(step_size, torch.Tensor) else -float(step_size))
-            pending.append((factor.tensors, new.tensors))
-            factors.append(new)
-        return pending, (factors[0], factors[1])
-
-    def _new_momentum(self, layer: _Layer, key: str) -> Structure:
-        factor = getattr(layer, key)
-        state = self.state[layer.weight]
-        for name, t in factor.spec.zeros(factor.dim, factor.dtype, factor.device).named_tensors().items():
-            state[f"m_{key}.{name}"] = t
-        self._bind(layer)
-        return getattr(layer, f"m_{key}")
-
-    def _natural_gradient(self, layer: _Layer, K: Structure, C: Structure) -> list[tuple[dict, torch.Tensor,
-                                                                                          torch.Tensor]]:
-        """``N = C C^T G K K^T`` as ``(group, param, its part of N)`` for the layer's weight and bias."""
-        weight, bias = layer.weight, layer.bias
-        d_in = layer.captured.in_features
-        g = weight.grad.reshape(layer.captured.out_features, d_in)
-        if bias is not None:
-            bias_grad = bias.grad if bias.grad is not None else torch.zeros_like(bias)
-            g = torch.cat([g, bias_grad.reshape(-1, 1).to(g.dtype)], dim=1)
-        y = K.matmul(g, right=True)
-        y = K.matmul(y, transpose=True, right=True)
-        y = C.matmul(y, transpose=True)
-        natural = C.matmul(y)
-        group = self.param_groups[layer.group]
-        parts = [(group, weight, natural[:, :d_in].reshape(weight.shape))]
-        return parts + ([(group, bias, natural[:, d_in])] if bias is not None else [])
-
     def _apply(self, p: torch.Tensor, group: dict, direction: torch.Tensor, finite: torch.Tensor) -> None:
         """``d = direction + weight_decay w``; heavy-ball ``buf = momentum buf + d``; ``w -= lr buf``; the
         buffer and ``w`` change only where ``finite``."""
@@ -644,21 +829,6 @@ class SINGD(KfoptOptimizer):
 
     # -- inspection and checkpoints -------------------------------------------------------------
 
-    @property
-    def layers(self) -> list[str]:
-        """Names of the preconditioned layers (as in ``model.named_modules()``, no DDP prefix)."""
-        return [layer.name for layer in self._layers]
-
-    def factors(self, name: str) -> tuple[Structure, Structure]:
-        """``(K, C)`` of layer ``name``: live structures over the optimizer's state tensors."""
-        layer = self._by_name[name]
-        return layer.K, layer.C
-
-    def momenta(self, name: str) -> tuple[Structure | None, Structure | None]:
-        """``(m_K, m_C)`` of layer ``name`` (None where alpha1 was always 0)."""
-        layer = self._by_name[name]
-        return layer.m_K, layer.m_C
-
     def state_dict(self) -> dict:
         state = super().state_dict()
         for group in state["param_groups"]:
@@ -674,9 +844,9 @@ class SINGD(KfoptOptimizer):
         momenta (optional) by free-parameter tensor, of the shapes and dtypes of its structures."""
         spec = {"momentum_buffer": (tuple(p.shape), (torch.promote_types(p.dtype, torch.float32),), False),
                 **graft_state_spec(p)}
-        layer = next((layer for layer in self._layers if layer.weight is p), None)
+        layer = next((layer for layer in self.preconditioner._layers if layer.weight is p), None)
         if layer is not None:
-            for key, structure_spec, side, dtype in self._factor_layout(layer, group):
+            for key, structure_spec, side, dtype in self.preconditioner._factor_layout(layer, group):
                 for name, t in structure_spec.zeros(side, dtype, torch.device("meta")).named_tensors().items():
                     spec[f"{key}.{name}"] = (tuple(t.shape), (dtype,), True)
                     spec[f"m_{key}.{name}"] = (tuple(t.shape), (dtype,), False)
@@ -712,7 +882,7 @@ class SINGD(KfoptOptimizer):
         super().check_state_dict({**state_dict, "param_groups": self._loadable_groups(groups)})
         ids = {id(p): pid for saved, group in zip(groups, self.param_groups)
                for pid, p in zip(saved["params"], group["params"])}
-        for layer in self._layers:
+        for layer in self.preconditioner._layers:
             saved = state_dict["state"].get(ids.get(id(layer.weight)), {})
             momenta = [key for key in self._state_spec(layer.weight, self.param_groups[layer.group])
                        if key.startswith("m_")]
@@ -728,12 +898,13 @@ class SINGD(KfoptOptimizer):
         groups = self._loadable_groups(state_dict["param_groups"])
         steps, last = state_dict["steps"], state_dict["last_grad_scale"]
         super().load_state_dict({**state_dict, "param_groups": groups})
-        for layer in self._layers:
-            self._bind(layer)
-        self.steps = int(steps)
+        pre = self.preconditioner
+        for layer in pre._layers:
+            pre._bind(layer)
+        pre.steps = int(steps)
         if self._grad_scaler is None:
             device = next(p.device for group in self.param_groups for p in group["params"])
             self._last_grad_scale = None if last is None else last.detach().to(device, copy=True)
             self.capture.set_grad_scale(self._last_grad_scale)
-        self._discard_statistics()
-        self._arm()
+        pre.discard_step()
+        pre._arm()

@@ -187,6 +187,60 @@ def test_gradient_accumulation_equals_the_big_batch(per_example):
         close(layer.module.weight.grad, ref.module.weight.grad)
 
 
+@pytest.mark.parametrize("loss_average", [None, "batch", "batch+sequence"])
+def test_loss_terms_add_up_over_the_calls_that_got_gradients(loss_average):
+    """``loss_terms``: the calls' loss-term counts summed (None: 1 once any gradient arrived); a call
+    whose output gets no gradient is not counted, ``clear()`` resets."""
+    model = Twice().double()
+    capture = LayerCapture(model, loss_average=loss_average)
+    capture.arm()
+    assert capture.layers["lin"].loss_terms == 0
+    x = torch.randn(3, 5, 4, dtype=torch.float64)
+    sum_loss(model(x)).backward()
+    model.lin(x[:2])  # captured, never backpropagated
+    expected = {None: 1, "batch": 2 * 3, "batch+sequence": 2 * 15}[loss_average]
+    assert capture.layers["lin"].loss_terms == expected and capture.layers["lin"].calls == 3
+    assert capture.layers["out"].loss_terms == (expected // 2 if loss_average else 1)
+    capture.clear()
+    assert capture.layers["lin"].loss_terms == 0
+    with pytest.raises(ValueError, match="loss_average"):
+        LayerCapture(Twice(), loss_average="mean")
+
+
+@pytest.mark.parametrize("layer_kind", ["linear", "linear-no-bias", "conv", "conv-channels-last"])
+def test_grad_matrix_reads_and_writes_dw_db(layer_kind):
+    """``grad_matrix()`` is ``[dW | db]`` (Conv2d columns (C_in, kh, kw)); without the bias column a view of
+    a contiguous weight gradient and a copy of a channels-last one; ``write_grad`` stores a matrix back
+    into both gradients (the bias column optional), in the gradients' memory format."""
+    torch.manual_seed(0)
+    module = (nn.Conv2d(2, 3, 2) if layer_kind.startswith("conv") else
+              nn.Linear(4, 3, bias=layer_kind != "linear-no-bias")).double()
+    if layer_kind == "conv-channels-last":
+        module.to(memory_format=torch.channels_last)
+    capture = LayerCapture(module)
+    layer = capture.layers[""]
+    for p in module.parameters():
+        p.grad = torch.randn_like(p)
+    weight_matrix = module.weight.grad.reshape(3, -1)  # Conv2d: (C_out, C_in kh kw), whatever the memory format
+    expected = weight_matrix if module.bias is None else torch.cat([weight_matrix, module.bias.grad[:, None]], 1)
+    assert torch.equal(layer.grad_matrix(), expected)
+    view = layer.grad_matrix(with_bias=False)
+    assert torch.equal(view, weight_matrix)
+    assert (view.data_ptr() == module.weight.grad.data_ptr()) == (layer_kind != "conv-channels-last")
+    new = torch.randn_like(expected)
+    layer.write_grad(new)
+    assert torch.equal(module.weight.grad.reshape(3, -1), new[:, :layer.in_features])
+    if module.bias is not None:
+        assert torch.equal(module.bias.grad, new[:, -1])
+    if layer_kind == "conv-channels-last":
+        assert module.weight.grad.is_contiguous(memory_format=torch.channels_last)
+    in_place = layer.grad_matrix(with_bias=False)
+    in_place.mul_(2)
+    layer.write_grad(in_place)
+    assert torch.equal(module.weight.grad.reshape(3, -1), 2 * new[:, :layer.in_features])
+    capture.remove()
+
+
 def test_nothing_captured_without_grad_or_in_eval():
     model = small_cnn()
     rec = Recorder()

@@ -21,7 +21,7 @@ from checks import assert_rel_close, digits_final_loss
 from torch import nn
 
 import kfopt
-from kfopt.mkor import MKOR, MKORH
+from kfopt.mkor import MKOR, MKORH, MKORPreconditioner
 
 TOL = 1e-4  # fp32 MKOR vs float64: the inverses amplify fp32 rounding
 
@@ -203,7 +203,7 @@ def test_nan_in_a_factor_is_reset_and_counted(torch_backend):
     model, data, loss_average = make_case("linear", 3)
     opt = MKOR(model, lr=0.05, base="sgd", inv_freq=1)
     train(opt, model, data[:1])
-    opt._layers[1].JR[0, 0] = math.nan
+    opt.preconditioner._layers[1].JR[0, 0] = math.nan
     train(opt, model, data[1:])
     assert opt.factor_events[1, 1].tolist() == [0, 1, 0]  # JR of layer "2": one reset
     assert opt.factor_events[:, :, 1].sum().item() == 1
@@ -220,7 +220,7 @@ def test_16_bit_factors_follow_the_fp32_run(factor_dtype, torch_backend):
     train(opt, model, data)
     train(opt32, model32, data)
     for name in opt.layers:
-        assert opt._layers[opt.layers.index(name)].JL.dtype == factor_dtype
+        assert opt.preconditioner._layers[opt.layers.index(name)].JL.dtype == factor_dtype
         for f, f32 in zip(opt.inverse_factors(name), opt32.inverse_factors(name)):
             assert_rel_close(f, f32, tol=3e-2, name=name)
     assert_models_close(model, model32, 3e-2)
@@ -333,6 +333,33 @@ def test_bases_and_their_param_groups(torch_backend):
     train(custom, custom.capture.model, data)
     with pytest.raises(ValueError, match="base"):
         MKOR(copy.deepcopy(model), base=lambda groups: torch.optim.Adam(groups), betas=(0.9, 0.9))
+
+
+@pytest.mark.parametrize("base", ["sgd", "lamb"])
+def test_the_standalone_preconditioner_in_front_of_any_optimizer(base, torch_backend):
+    """MKOR(base=...) equals MKORPreconditioner in front of the same optimizer built by hand, bit for bit
+    (factor updates at steps 0 and 2, a channels-last Conv2d whose gradient is preconditioned as a copy)."""
+    model, data, loss_average = make_case("conv", 4)
+    model[0].to(memory_format=torch.channels_last)
+    hand = copy.deepcopy(model)
+    make = {"sgd": lambda groups: torch.optim.SGD(groups, lr=0.05, momentum=0.9),
+            "lamb": lambda groups: kfopt.LAMB(groups, lr=0.05)}[base]
+    opt = MKOR(model, lr=0.05, base=base, inv_freq=2, **({"momentum": 0.9} if base == "sgd" else {}))
+    precond = MKORPreconditioner(hand, inv_freq=2)
+    user_opt = make(kfopt.param_groups(hand, opt.param_groups[0]["weight_decay"]))
+    for x, t in data:
+        for o, m, pre in ((opt, model, None), (user_opt, hand, precond)):
+            o.zero_grad()
+            mse(m(x), t).backward()
+            if pre is not None:
+                pre.step()
+            o.step()
+    assert precond.steps == opt.steps == 4 and not torch.equal(model[0].weight, make_case("conv", 0)[0][0].weight)
+    for p, q in zip(model.parameters(), hand.parameters()):
+        assert torch.equal(p, q)
+    for name in opt.layers:
+        for ours, theirs in zip(opt.inverse_factors(name), precond.inverse_factors(name)):
+            assert torch.equal(ours, theirs)
 
 
 def test_closure_skipped_layers_and_other_parameters(torch_backend):

@@ -80,7 +80,7 @@ def mkor_ranks(rank, world):
                 (loss_fn(ddp(x[1:]), t[1:]) * 3 / 4).backward()
             else:
                 loss_fn(ddp(x), t).backward()
-            in_flight.append(opt._a_handle is not None and opt._a_current)
+            in_flight.append(opt.preconditioner._a_handle is not None and opt.preconditioner._a_current)
             opt.step()
         out[name] = {**results(opt, model), "in_flight": in_flight, "steps": opt.steps}
     return out
@@ -127,5 +127,5 @@ def test_a_single_process_starts_no_collective():
     opt = MKOR(model, lr=0.1)
     x, t = batches()[0]
     loss_fn(opt.capture.model(x), t).backward()
-    assert opt._a_handle is None
+    assert opt.preconditioner._a_handle is None
     opt.step()

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from test_structures import project
 from torch import nn
 
-from kfopt.singd import SINGD
+from kfopt.singd import SINGD, SINGDPreconditioner
 
 STRUCTURE_PAIRS = [
     ("dense", "dense"),
@@ -320,6 +320,61 @@ def test_rank_average_of_statistics_equals_the_global_batch(loss_average, torch_
             assert torch.allclose(ours, want, rtol=1e-10, atol=1e-12), f"{name}: factors"
     for p, q in zip(model.parameters(), single.parameters()):
         assert torch.allclose(p, q, rtol=1e-10, atol=1e-12), "parameters differ from the global batch run"
+
+
+@pytest.mark.parametrize("structures", [("dense", "dense"), ("block2diagonal", "triltoeplitz")])
+def test_the_standalone_preconditioner_with_torch_sgd_is_singd(structures, torch_backend):
+    """SINGDPreconditioner in front of torch.optim.SGD (momentum, weight decay) takes SINGD's steps bit for
+    bit (factor updates at steps 0 and 2; LayerNorm's parameters raw SGD in both); its state_dict round
+    trip continues bit-identically."""
+    torch.manual_seed(3)
+    model = MLP()
+    hand, resumed = copy.deepcopy(model), copy.deepcopy(model)
+    hp = dict(damping=1e-2, alpha1=0.5, T=2, lr_cov=0.05, structures=structures)
+    opt = SINGD(model, lr=0.05, momentum=0.9, weight_decay=1e-3, **hp)
+    precond = SINGDPreconditioner(hand, **hp)
+    sgd = torch.optim.SGD(hand.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
+    data = [(x.float(), y.float()) for x, y in batches(5, (6, 5), 3, seed=8)]
+    for step, (x, y) in enumerate(data):
+        if step == 3:  # resume from a checkpoint of the standalone pair
+            resumed.load_state_dict(hand.state_dict())
+            other = SINGDPreconditioner(resumed, **hp)
+            other.load_state_dict(precond.state_dict())
+            other_sgd = torch.optim.SGD(resumed.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
+            other_sgd.load_state_dict(copy.deepcopy(sgd.state_dict()))  # torch's load aliases the buffers
+        pairs = [(opt, model, None), (sgd, hand, precond)] + ([(other_sgd, resumed, other)] if step >= 3 else [])
+        for o, m, pre in pairs:
+            o.zero_grad()
+            loss_fn(m(x), y, "batch").backward()
+            if pre is not None:
+                pre.step()
+            o.step()
+    assert precond.steps == opt.steps == 5
+    for name in opt.layers:
+        ours, theirs = opt.factors(name), precond.factors(name)
+        assert not torch.equal(theirs[0].to_dense(), torch.eye(len(theirs[0].to_dense())))
+        for a, b in zip(ours, theirs):
+            assert torch.equal(a.to_dense(), b.to_dense())
+    for p, q, r in zip(model.parameters(), hand.parameters(), resumed.parameters()):
+        assert torch.equal(p, q) and torch.equal(q, r)
+
+
+def test_the_standalone_preconditioner_changes_nothing_on_a_non_finite_step(torch_backend):
+    """A NaN gradient: factors and the raw gradients stay as they were (a step counted all the same)."""
+    torch.manual_seed(3)
+    model = MLP()
+    precond = SINGDPreconditioner(model, T=1)
+    x, y = batches(1, (6, 5), 3)[0]
+    loss_fn(model(x.float()), y.float(), "batch").backward()
+    model.fc1.weight.grad[0, 0] = math.nan
+    grads = [p.grad.clone() for p in model.parameters()]
+    factors = [f.to_dense().clone() for name in precond.layers for f in precond.factors(name)]
+    precond.step()
+    assert precond.steps == 1
+    for p, g in zip(model.parameters(), grads):
+        assert torch.equal(p.grad.isnan(), g.isnan()) and torch.equal(p.grad.nan_to_num(), g.nan_to_num())
+    for f, before in zip([f.to_dense() for name in precond.layers for f in precond.factors(name)], factors):
+        assert torch.equal(f, before)
 
 
 def test_micro_batches_and_repeated_calls_sum_statistics(torch_backend):
