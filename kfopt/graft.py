@@ -23,8 +23,11 @@ State per parameter (fp32 whatever the parameter dtype; checkpointed and checked
 momentum is nonzero, ``graft_momentum_buffer`` (shape of p; preconditioned tensors only).
 
 A step whose update is not finite anywhere (a NaN/inf gradient, a preconditioned gradient blown up by
-its factors) changes no parameter or graft state and counts in ``skipped_steps`` -- decided on the
-device, no host synchronisation.
+its factors) or whose tensor ``lr`` is NaN, negative or infinite changes no parameter or graft state and
+counts in ``skipped_steps`` -- decided on the device, no host synchronisation; the optimizers then keep
+their factors too (``kfopt.composed``, ``kfopt.singd``) and count a blow-up from finite gradients in
+``blown_up_steps`` (``kfopt.optimizer``). ``lr`` may be a one-element tensor: the kernel reads it from its
+device table.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from __future__ import annotations
 import torch
 
 from kfopt.kernels.graft import GRAFTS as _KERNEL_GRAFTS
-from kfopt.kernels.graft import graft_step
+from kfopt.kernels import graft_step
 
 from .validation import TensorSpec, check_betas, check_positive
 
