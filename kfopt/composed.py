@@ -10,7 +10,9 @@ torch.optim.Optimizer`` that must build its optimizer from the dicts it is given
     loss = closure()                                  (when given)
     GradScaler overflow (_grad_scaler_skips_step):    _discard_step(), nothing else changes
     otherwise, graft="none":                          _second_order_step(); base.step()
-    otherwise, graft="adam" ("rmsprop", "sgd"):       raw gradients kept, _second_order_step(), then the
+    otherwise, graft="adam" ("rmsprop", "sgd"):       raw gradients kept (the preconditioned layers'
+                                                      gradients replaced by Adam's new first moment
+                                                      for "adam"), _second_order_step(), then the
                                                       grafted update of ``kfopt.graft`` (the base
                                                       optimizer does not step); a step the graft skips
                                                       (a non-finite gradient or update, a bad tensor
@@ -52,7 +54,7 @@ import torch
 
 from kfopt.autotune import agree_on_configs
 
-from .graft import graft_state_spec, grafted_step
+from .graft import first_moments, graft_state_spec, grafted_step
 from .lamb import LAMB
 from .optimizer import KfoptOptimizer
 from .validation import KIND_KEY, check_counter, check_device_lr, check_keys, check_kind, check_nonnegative
@@ -161,6 +163,9 @@ class ComposedOptimizer(KfoptOptimizer):
         preconditioned = {id(p) for p in self._preconditioned_params()}
         raw = [p.grad.clone() if id(p) in preconditioned else p.grad for _, p in found]
         finite = self._finite_inputs(raw)
+        if self.defaults["graft"] == "adam":  # the preconditioner gets Adam's first moment (kfopt.graft)
+            entries = [(group, p, p.grad) for group, p in found if id(p) in preconditioned]
+            torch._foreach_copy_([g for _, _, g in entries], first_moments(self.state, entries))
         snapshot = self._snapshot()
         self._second_order_step()
         entries = [(group, p, g, p.grad if id(p) in preconditioned else None, self._graft_momentum(group))

@@ -579,8 +579,9 @@ class KFAC(ComposedOptimizer):
 
         buf <- momentum buf + P ;  w <- w - lr ((||a|| / ||buf||) buf + weight_decay w)
 
-    (``P`` the preconditioned gradient, ``a`` the AdamW direction; no buffer with ``momentum=0``, then
-    ``buf = P``). With it, AdamW's ``lr``, schedule and ``weight_decay`` carry over unchanged.
+    (``P`` the preconditioned gradient -- for "adam" of Adam's new first moment in place of the gradient,
+    ``kfopt.graft`` says why --, ``a`` the AdamW direction; no buffer with ``momentum=0``, then
+    ``buf = P``). ``lr`` may be a one-element tensor. With it, AdamW's ``lr``, schedule and ``weight_decay`` carry over unchanged.
     """
 
     _step_supports_amp_scaling = True

@@ -63,7 +63,8 @@ Base optimizer and param groups
 
 Grafting (``graft="adam"``, ``"rmsprop"``, ``"sgd"``; ``kfopt.graft``)
     Replaces the base optimizer's step: ``w <- w - lr ((||a|| / ||V||) V + weight_decay w)`` for each
-    preconditioned layer's weight and bias (``V`` the preconditioned gradient above, ``a`` the AdamW
+    preconditioned layer's weight and bias (``V`` the preconditioned gradient above -- for "adam" of
+    Adam's new first moment in place of the gradient, ``kfopt.graft`` says why --, ``a`` the AdamW
     direction from the raw gradient's moments with ``graft_betas``, ``graft_eps``; MKOR has no
     momentum of its own, so none on ``V``), AdamW's update for every other parameter, and for all of
     them once MKOR-H has switched. AdamW's ``lr``, schedule and ``weight_decay`` carry over. A step the

@@ -63,8 +63,9 @@ that requires grad; a layer's weight and bias must be in the same param group. M
 (float64 for float64 parameters); parameters are updated in fp32 and rounded to their dtype.
 
 Grafting (``graft="adam"``, ``"rmsprop"``, ``"sgd"``; ``kfopt.graft``): the parameter update above is
-replaced by, per preconditioned weight and bias (``N`` its part of the natural gradient, ``a`` the
-AdamW direction from the raw gradient's moments with ``graft_betas``, ``graft_eps``)::
+replaced by, per preconditioned weight and bias (``N`` its part of the natural gradient -- for "adam" of
+Adam's new first moment in place of the gradient ``G``, ``kfopt.graft`` says why --, ``a`` the AdamW
+direction from the raw gradient's moments with ``graft_betas``, ``graft_eps``)::
 
     buf <- momentum buf + N ;   w <- w - lr ((||a|| / ||buf||) buf + weight_decay w)
 
@@ -168,7 +169,15 @@ from kfopt.kernels.dispatch import KERNEL_DTYPES, use_triton
 
 from . import collectives
 from .capture import CallInfo, CapturedLayer, LayerCapture, loss_term_count
-from .graft import GRAFT_BETAS, GRAFT_EPS, check_graft_group, graft_defaults, graft_state_spec, grafted_step
+from .graft import (
+    GRAFT_BETAS,
+    GRAFT_EPS,
+    check_graft_group,
+    first_moments,
+    graft_defaults,
+    graft_state_spec,
+    grafted_step,
+)
 from .layer_state import LayerState
 from .optimizer import KfoptOptimizer
 from .structures import Structure, StructureSpec, parse_structure
@@ -470,9 +479,11 @@ class SINGD(KfoptOptimizer):
                     commits, new_factors[layer.name] = self._update_factors(layer, correction)
                     pending += commits
                 preconditioned, directions = set(), []
+                moments = self._first_moments(found)
                 for layer in self._layers:
                     if layer.weight.grad is not None:
-                        directions += self._natural_gradient(layer, *new_factors.get(layer.name, (layer.K, layer.C)))
+                        directions += self._natural_gradient(layer, *new_factors.get(layer.name, (layer.K, layer.C)),
+                                                             moments)
                         preconditioned.update(id(p) for p in (layer.weight, layer.bias) if p is not None)
                 first_order = [(group, p) for group, p in found if id(p) not in preconditioned]
                 if self.defaults["graft"] != "none":
@@ -583,14 +594,24 @@ class SINGD(KfoptOptimizer):
         self._bind(layer)
         return getattr(layer, f"m_{key}")
 
-    def _natural_gradient(self, layer: _Layer, K: Structure, C: Structure) -> list[tuple[dict, torch.Tensor,
-                                                                                          torch.Tensor]]:
-        """``N = C C^T G K K^T`` as ``(group, param, its part of N)`` for the layer's weight and bias."""
+    def _first_moments(self, found: list[tuple[dict, torch.Tensor]]) -> dict[int, torch.Tensor]:
+        """With ``graft="adam"``: Adam's new first moment of each preconditioned weight and bias, by ``id``
+        (what ``_natural_gradient`` preconditions, ``kfopt.graft``); otherwise none."""
+        if self.defaults["graft"] != "adam":
+            return {}
+        preconditioned = {id(p) for layer in self._layers for p in (layer.weight, layer.bias) if p is not None}
+        entries = [(group, p, p.grad) for group, p in found if id(p) in preconditioned]
+        return {id(p): m.to(g.dtype) for (_, p, g), m in zip(entries, first_moments(self.state, entries))}
+
+    def _natural_gradient(self, layer: _Layer, K: Structure, C: Structure, moments: dict[int, torch.Tensor]
+                          ) -> list[tuple[dict, torch.Tensor, torch.Tensor]]:
+        """``N = C C^T G K K^T`` as ``(group, param, its part of N)`` for the layer's weight and bias; ``G``
+        from their gradients, or their ``moments`` (by ``id``) where given."""
         weight, bias = layer.weight, layer.bias
         d_in = layer.captured.in_features
-        g = weight.grad.reshape(layer.captured.out_features, d_in)
+        g = moments.get(id(weight), weight.grad).reshape(layer.captured.out_features, d_in)
         if bias is not None:
-            bias_grad = bias.grad if bias.grad is not None else torch.zeros_like(bias)
+            bias_grad = moments.get(id(bias), bias.grad) if bias.grad is not None else torch.zeros_like(bias)
             g = torch.cat([g, bias_grad.reshape(-1, 1).to(g.dtype)], dim=1)
         y = K.matmul(g, right=True)
         y = K.matmul(y, transpose=True, right=True)
