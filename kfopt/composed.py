@@ -163,9 +163,9 @@ class ComposedOptimizer(KfoptOptimizer):
         preconditioned = {id(p) for p in self._preconditioned_params()}
         raw = [p.grad.clone() if id(p) in preconditioned else p.grad for _, p in found]
         finite = self._finite_inputs(raw)
-        if self.defaults["graft"] == "adam":  # the preconditioner gets Adam's first moment (kfopt.graft)
-            entries = [(group, p, p.grad) for group, p in found if id(p) in preconditioned]
-            torch._foreach_copy_([g for _, _, g in entries], first_moments(self.state, entries))
+        moments = [(group, p, p.grad) for group, p in found if id(p) in preconditioned]
+        if self.defaults["graft"] == "adam" and moments:  # the preconditioner gets Adam's first moment
+            torch._foreach_copy_([g for _, _, g in moments], first_moments(self.state, moments))  # (kfopt.graft)
         snapshot = self._snapshot()
         self._second_order_step()
         entries = [(group, p, g, p.grad if id(p) in preconditioned else None, self._graft_momentum(group))

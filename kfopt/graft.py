@@ -22,10 +22,10 @@ the gradient: Adam's step length ``||m^ / sqrt(v^)||`` is that of an averaged di
 training, where the gradient is mostly noise, it is several times shorter than ``||g / sqrt(v^)||``
 (pure noise: about ``sqrt((1 - b1) / (1 + b1))``, 0.23 at b1 = 0.9), while the part of it that makes
 progress is the mean gradient's. Given to the preconditioned *raw* gradient, that length shrinks the
-progress by the same factor: on ``kfopt compare``'s chars task K-FAC so grafted ended at 2.446 against
-AdamW's 2.323 at the same lr, and needed twice AdamW's lr to match it. Preconditioning ``m``, direction and
-length come from the same average: 2.271 at AdamW's lr (``kfopt/compare/registry.py``). The rmsprop and
-sgd lengths are those of the raw gradient, which they precondition. The method's momentum ``mu`` then
+progress by the same factor (on ``kfopt compare``'s chars task K-FAC so grafted ended well above AdamW
+at AdamW's lr). Preconditioning ``m``, direction and length come from the same average, and K-FAC ends
+below AdamW (the numbers: ``kfopt/compare/registry.py``). The rmsprop and sgd lengths are those of the
+raw gradient, which they precondition. The method's momentum ``mu`` then
 averages a second time: the recipes use ``mu = 0``. ``graft="none"`` (the
 default) is the method's own update. ``graft`` is global (every param group has the constructor's
 value); ``graft_betas`` and ``graft_eps`` are per group (schedulable).

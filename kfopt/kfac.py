@@ -581,7 +581,8 @@ class KFAC(ComposedOptimizer):
 
     (``P`` the preconditioned gradient -- for "adam" of Adam's new first moment in place of the gradient,
     ``kfopt.graft`` says why --, ``a`` the AdamW direction; no buffer with ``momentum=0``, then
-    ``buf = P``). ``lr`` may be a one-element tensor. With it, AdamW's ``lr``, schedule and ``weight_decay`` carry over unchanged.
+    ``buf = P``). ``lr`` may be a one-element tensor. With it, AdamW's ``lr``, schedule and
+    ``weight_decay`` carry over unchanged.
     """
 
     _step_supports_amp_scaling = True

@@ -148,3 +148,18 @@ def test_adam_grafting_preconditions_the_first_moment(method, graft, torch_backe
         cosine = float((d * want).sum() / (d.norm() * want.norm()))
         assert cosine > 1 - 1e-10, f"{method} {graft} {name}: the step is not along P of the expected input " \
                                    f"(cosine {cosine:.8f})"
+
+
+@pytest.mark.parametrize("method", ["kfac", "mkor"])
+def test_without_preconditioned_layers_the_grafted_step_is_adamw(method, torch_backend):
+    """Every layer skipped: each parameter takes AdamW's step (torch.optim.AdamW on a twin)."""
+    build = {"kfac": kfopt.KFAC, "mkor": kfopt.MKOR}[method]
+    grafted, twin = Net().double(), Net().double()
+    opt = build(grafted, lr=0.01, weight_decay=0.0, skip_layers=(nn.Linear,), graft="adam")
+    adamw = torch.optim.AdamW(twin.parameters(), lr=0.01, weight_decay=0.0)
+    x, y = torch.randn(16, 5, dtype=torch.float64), torch.randn(16, 3, dtype=torch.float64)
+    for _ in range(2):
+        one_step(grafted, opt, x, y)
+        one_step(twin, adamw, x, y)
+    for p, q in zip(grafted.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-9)  # (the graft moments are fp32)
