@@ -15,6 +15,7 @@ from .diagonal_scaling import (
 )
 from .dispatch import INTERPRETER, KERNEL_DTYPES, backend_override, use_triton
 from .eigen_basis import eigen_precondition, eigen_precondition_reference
+from .graft import graft_step, graft_step_reference
 from .hierarchical_products import hierarchical_matmul, hierarchical_matmul_reference
 from .kronecker import kronecker_precondition, kronecker_precondition_reference
 from .lamb import lamb_step, lamb_step_reference
@@ -44,6 +45,8 @@ __all__ = [
     "diagonal_matmul_reference",
     "eigen_precondition",
     "eigen_precondition_reference",
+    "graft_step",
+    "graft_step_reference",
     "hierarchical_matmul",
     "hierarchical_matmul_reference",
     "kronecker_precondition",

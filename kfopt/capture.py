@@ -217,11 +217,18 @@ class CapturedLayer:
         a bias column it is a view of the weight gradient where the gradient's layout allows one (a
         contiguous gradient), else a copy (e.g. a channels-last Conv2d gradient); with one, a copy.
         :meth:`write_grad` stores a matrix of this shape back."""
-        weight_part = self.weight.grad.reshape(self.out_features, -1)
+        return self.as_matrix(self.weight.grad, self.bias.grad if with_bias and self.has_bias else None,
+                              with_bias=with_bias)
+
+    def as_matrix(self, weight_grad: torch.Tensor, bias_grad: torch.Tensor | None,
+                  with_bias: bool = True) -> torch.Tensor:
+        """:meth:`grad_matrix` of the weight gradient ``weight_grad`` and bias gradient ``bias_grad`` (None:
+        zeros) instead of the ``.grad``s (e.g. Adam's first moments, ``kfopt.graft``)."""
+        weight_part = weight_grad.reshape(self.out_features, -1)
         if not (with_bias and self.has_bias):
             return weight_part
-        bias_grad = self.bias.grad if self.bias.grad is not None else torch.zeros_like(self.bias)
-        return torch.cat([weight_part, bias_grad.reshape(-1, 1).to(weight_part.dtype)], dim=1)
+        bias_part = bias_grad if bias_grad is not None else torch.zeros_like(self.bias)
+        return torch.cat([weight_part, bias_part.reshape(-1, 1).to(weight_part.dtype)], dim=1)
 
     def write_grad(self, matrix: torch.Tensor) -> None:
         """Store ``matrix`` (shaped as :meth:`grad_matrix`'s, with or without the bias column) into the

@@ -10,25 +10,36 @@ torch.optim.Optimizer`` that must build its optimizer from the dicts it is given
 
     loss = closure()                                  (when given)
     GradScaler overflow (_grad_scaler_skips_step):    _discard_step(), nothing else changes
-    otherwise, graft="none":                          preconditioner step; base.step()
-    otherwise, graft="adam" ("rmsprop", "sgd"):       raw gradients kept, preconditioner step, then the
+    otherwise, graft="none":                          _second_order_step(); base.step()
+    otherwise, graft="adam" ("rmsprop", "sgd"):       raw gradients kept (the preconditioned layers'
+                                                      gradients replaced by Adam's new first moment
+                                                      for "adam"), _second_order_step(), then the
                                                       grafted update of ``kfopt.graft`` (the base
-                                                      optimizer does not step)
+                                                      optimizer does not step); a step the graft skips
+                                                      (a non-finite gradient or update, a bad tensor
+                                                      lr) also leaves the factors and second-order
+                                                      data as they were
 
 Grafting (``kfopt.graft``): the weight and bias of every preconditioned layer take their preconditioned
 gradient's direction with the graft's step length, every other parameter the graft's update itself;
-``lr``, ``weight_decay`` (decoupled) and the subclass's momentum on the direction
-(``_graft_momentum``) come from the param group. The raw gradients of the preconditioned layers are
-copied before the preconditioner overwrites them (4 bytes per fp32 parameter of transient memory). The
-per-parameter state is then the graft's (the base optimizer keeps none).
+``lr`` (also a one-element tensor, read on the device: ``device_lr``), ``weight_decay`` (decoupled) and
+the subclass's momentum on the direction (``_graft_momentum``) come from the param group. The raw
+gradients of the preconditioned layers are copied before the preconditioner overwrites them (4 bytes per
+fp32 parameter of transient memory). The per-parameter state is then the graft's (the base optimizer
+keeps none). The graft kernel decides on the device whether the step is taken (``kfopt.graft``); the
+subclass snapshots what its second-order step changes (``_snapshot``; e.g. K-FAC's factors: transient
+memory the size of the factors, on factor-update steps) and puts it back where the step was skipped
+(``_keep_or_restore``). A skipped step whose gradients (and tensor lrs) were finite is a blow-up of the
+optimizer's own update: counted in ``blown_up_steps`` too, with a once-only warning
+(``kfopt.optimizer``).
 
 ``base.step()`` runs under ``kfopt.autotune.agree_on_configs()``: under ``torch.distributed`` every rank
 steps the same replicated weights, so the ranks use the same kernel configs (bit-identical replicas).
 
 ``state_dict()`` is the base optimizer's plus ``state_key`` (the preconditioner's state),
-``"kfopt_optimizer"`` (this class's name), ``"base_optimizer"`` (the base's class name) and
-``"<state_key>_skipped_steps"``; ``load_state_dict`` checks all of it (the base's per-parameter state for
-kfopt bases and torch's SGD and AdamW) before it changes anything (the GradScaler skips). ``skipped_steps`` is one count of every skipped
+``"kfopt_optimizer"`` (this class's name), ``"base_optimizer"`` (the base's class name),
+``"<state_key>_skipped_steps"`` and ``"blown_up_steps"``; ``load_state_dict`` checks all of it (the base's
+per-parameter state for kfopt bases and torch's SGD and AdamW) before it changes anything (the GradScaler skips). ``skipped_steps`` is one count of every skipped
 step: those plus the base optimizer's own (``base="lamb"`` skips non-finite steps). ``defaults`` names
 the base optimizer's ``betas`` or ``momentum``, so momentum-cycling LR schedulers (``OneCycleLR``'s
 default ``cycle_momentum=True``, ``CyclicLR``) drive the base's.
@@ -44,12 +55,12 @@ import torch
 
 from kfopt.autotune import agree_on_configs
 
-from .graft import graft_state_spec, grafted_step
+from .graft import first_moments, graft_state_spec, grafted_step
 from .lamb import LAMB
 from .optimizer import KfoptOptimizer
 from .param_groups import param_groups
 from .preconditioner import Preconditioner
-from .validation import KIND_KEY, check_counter, check_keys, check_kind
+from .validation import KIND_KEY, check_counter, check_device_lr, check_keys, check_kind, check_nonnegative
 
 BaseOptimizer = Literal["sgd", "adamw", "lamb"] | Callable[[list[dict]], torch.optim.Optimizer]
 
@@ -69,6 +80,8 @@ class ComposedOptimizer(KfoptOptimizer):
     """The shared machinery of K-FAC and MKOR (module docstring): ``self.preconditioner`` in front of
     ``self.base``. Subclasses set ``state_key`` and ``scaled_statistic``, validate their arguments and
     call :meth:`_compose`."""
+
+    _counts_blowups = True  # grafted steps only: the base optimizer's are its own business
 
     #: the key of the preconditioner's state in ``state_dict()``
     state_key: str
@@ -113,6 +126,16 @@ class ComposedOptimizer(KfoptOptimizer):
                 self.defaults.setdefault(key, optimizer.defaults[key])
 
     @property
+    def device_lr(self) -> bool:
+        """A tensor ``lr`` is taken when grafting (the grafting kernel reads it on the device; a NaN,
+        negative or infinite one skips the step and counts it); the base optimizers take numbers."""
+        return self.defaults["graft"] != "none"
+
+    def _check_lr(self, group: dict) -> None:
+        """ValueError naming ``lr`` unless it is a number >= 0, or (``device_lr``) a one-element tensor."""
+        (check_device_lr if self.device_lr else check_nonnegative)("lr", group["lr"])
+
+    @property
     def skipped_steps(self) -> torch.Tensor:
         """Every skipped step, one 0-d int32 count: the GradScaler skips (here) plus the base optimizer's
         own (``base="lamb"`` skips a step with a non-finite gradient on the device)."""
@@ -148,16 +171,36 @@ class ComposedOptimizer(KfoptOptimizer):
 
     def _grafted_step(self) -> None:
         """The raw gradients of the preconditioned parameters kept, ``_second_order_step()``, then one
-        grafted update of every parameter with a gradient (module docstring)."""
+        grafted update of every parameter with a gradient (module docstring); a skipped step leaves the
+        second-order state as it was (``_snapshot``, ``_keep_or_restore``)."""
         found = self._params_with_grads()
+        if not found:
+            self._second_order_step()
+            return
         preconditioned = {id(p) for p in self._preconditioned_params()}
         raw = [p.grad.clone() if id(p) in preconditioned else p.grad for _, p in found]
+        finite = self._finite_inputs(raw)
+        moments = [(group, p, p.grad) for group, p in found if id(p) in preconditioned]
+        if self.defaults["graft"] == "adam" and moments:  # the preconditioner gets Adam's first moment
+            torch._foreach_copy_([g for _, _, g in moments], first_moments(self.state, moments))  # (kfopt.graft)
+        snapshot = self._snapshot()
         self._second_order_step()
-        if found:
-            entries = [(group, p, g, p.grad if id(p) in preconditioned else None, self._graft_momentum(group))
-                       for (group, p), g in zip(found, raw)]
-            with agree_on_configs():  # every rank steps the same replicated weights
-                grafted_step(self.state, entries, self._skip_counter(found[0][1].device))
+        entries = [(group, p, g, p.grad if id(p) in preconditioned else None, self._graft_momentum(group))
+                   for (group, p), g in zip(found, raw)]
+        with agree_on_configs():  # every rank steps the same replicated weights
+            ok = grafted_step(self.state, entries, self._skip_counter(found[0][1].device)) != 0
+        self._count_blowup(finite, ok)
+        self._keep_or_restore(ok, snapshot)
+
+    def _snapshot(self):
+        """What ``_second_order_step`` is about to change (factors, second-order data), for
+        ``_keep_or_restore``."""
+        raise NotImplementedError
+
+    def _keep_or_restore(self, ok: torch.Tensor, snapshot) -> None:
+        """Keep this step's second-order state where the grafted step was taken (``ok``, a 0-d device bool),
+        else put the ``_snapshot()`` back."""
+        raise NotImplementedError
 
     def _preconditioned_params(self) -> list[torch.Tensor]:
         """The weights and biases whose gradients ``_second_order_step`` replaces."""
@@ -221,7 +264,8 @@ class ComposedOptimizer(KfoptOptimizer):
         state[KIND_KEY] = type(self).__name__
         state["base_optimizer"] = type(self.base).__name__
         state[self.state_key] = self._own_state()
-        state[f"{self.state_key}_skipped_steps"] = super().skipped_steps.detach().clone()  # the base's: in its part
+        state[f"{self.state_key}_skipped_steps"] = self._skip_count().detach().clone()  # the base's: in its part
+        state.update(self._blowup_state())
         return state
 
     def check_state_dict(self, state_dict: dict) -> None:
@@ -242,6 +286,7 @@ class ComposedOptimizer(KfoptOptimizer):
             check_keys(state_dict, ("skipped_steps",), "state_dict")
             check_counter("state_dict['skipped_steps']", state_dict["skipped_steps"])
         check_counter(f"state_dict[{skipped_key!r}]", state_dict[skipped_key])
+        self._check_blowup_state(state_dict)
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a ``state_dict()``: the base optimizer's part (with these param groups), the skip count and
@@ -250,7 +295,7 @@ class ComposedOptimizer(KfoptOptimizer):
         skipped_key = f"{self.state_key}_skipped_steps"
         self.check_state_dict(state_dict)
         state = {k: v for k, v in state_dict.items() if k not in (self.state_key, skipped_key, "base_optimizer",
-                                                                   KIND_KEY)}
+                                                                   "blown_up_steps", KIND_KEY)}
         if isinstance(self.base, KfoptOptimizer):
             state[KIND_KEY] = type(self.base).__name__
         # the graft's state is loaded here: torch's bases would cast it to the param dtype, kfopt's reject it
@@ -266,4 +311,5 @@ class ComposedOptimizer(KfoptOptimizer):
                 if key.startswith("graft_"):
                     self.state[params[pid]][key] = value.detach().clone().to(params[pid].device)
         self._skipped = state_dict[skipped_key].detach().clone()
+        self._load_blowup_state(state_dict)
         self._load_own_state(state_dict[self.state_key])

@@ -8,13 +8,25 @@ Shampoo's grafting; SONew does the same with its own statistics). With ``graft``
     a  = m^ / (sqrt(v^) + graft_eps)                            (the AdamW direction; "rmsprop":
                                                                  g / (sqrt(v^) + graft_eps), "sgd": g)
     buf <- mu buf + P,  q = buf  (mu = the method's momentum, when nonzero)   or   q = P
-    d  = (||a|| / ||q||) q       for the weight and bias of a preconditioned layer (P its
-                                 preconditioned gradient; d = 0 where ||q|| = 0)
+    d  = (||a|| / ||q||) q       for the weight and bias of a preconditioned layer (P: the
+                                 preconditioner applied to the new m for "adam", to g for
+                                 "rmsprop" and "sgd"; d = 0 where ||q|| = 0)
     d  = a                       for every other parameter (embeddings, norms, skipped layers)
     w <- w - lr (d + weight_decay w)                            (decoupled weight decay)
 
 so ``||d|| = ||a||``: the step of AdamW with the same ``lr``, schedule and ``weight_decay`` in length, the
-preconditioner's in direction -- a user coming from AdamW keeps those settings. ``graft="none"`` (the
+preconditioner's in direction -- a user coming from AdamW keeps those settings.
+
+Why "adam" preconditions the first moment ``m`` (Distributed Shampoo's "filtered gradient") rather than
+the gradient: Adam's step length ``||m^ / sqrt(v^)||`` is that of an averaged direction. Late in
+training, where the gradient is mostly noise, it is several times shorter than ``||g / sqrt(v^)||``
+(pure noise: about ``sqrt((1 - b1) / (1 + b1))``, 0.23 at b1 = 0.9), while the part of it that makes
+progress is the mean gradient's. Given to the preconditioned *raw* gradient, that length shrinks the
+progress by the same factor (on ``kfopt compare``'s chars task K-FAC so grafted ended well above AdamW
+at AdamW's lr). Preconditioning ``m``, direction and length come from the same average, and K-FAC ends
+below AdamW (the numbers: ``kfopt/compare/registry.py``). The rmsprop and sgd lengths are those of the
+raw gradient, which they precondition. The method's momentum ``mu`` then
+averages a second time: the recipes use ``mu = 0``. ``graft="none"`` (the
 default) is the method's own update. ``graft`` is global (every param group has the constructor's
 value); ``graft_betas`` and ``graft_eps`` are per group (schedulable).
 
@@ -23,8 +35,11 @@ State per parameter (fp32 whatever the parameter dtype; checkpointed and checked
 momentum is nonzero, ``graft_momentum_buffer`` (shape of p; preconditioned tensors only).
 
 A step whose update is not finite anywhere (a NaN/inf gradient, a preconditioned gradient blown up by
-its factors) changes no parameter or graft state and counts in ``skipped_steps`` -- decided on the
-device, no host synchronisation.
+its factors) or whose tensor ``lr`` is NaN, negative or infinite changes no parameter or graft state and
+counts in ``skipped_steps`` -- decided on the device, no host synchronisation; the optimizers then keep
+their factors too (``kfopt.composed``, ``kfopt.singd``) and count a blow-up from finite gradients in
+``blown_up_steps`` (``kfopt.optimizer``). ``lr`` may be a one-element tensor: the kernel reads it from its
+device table.
 """
 
 from __future__ import annotations
@@ -32,7 +47,7 @@ from __future__ import annotations
 import torch
 
 from kfopt.kernels.graft import GRAFTS as _KERNEL_GRAFTS
-from kfopt.kernels.graft import graft_step
+from kfopt.kernels import graft_step
 
 from .validation import TensorSpec, check_betas, check_positive
 
@@ -62,6 +77,24 @@ def graft_state_spec(p: torch.Tensor) -> dict[str, TensorSpec]:
     return {"graft_exp_avg": (shape, (torch.float32,), False), "graft_exp_avg_sq": (shape, (torch.float32,), False),
             "graft_step": ((), (torch.float32,), False),
             "graft_momentum_buffer": (shape, (torch.float32,), False)}
+
+
+def first_moments(state, entries: list[tuple[dict, torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+    """The new first moments ``m + (1 - b1) (g - m)`` (fp32, float64 for float64 gradients; ``m = 0``
+    before a parameter's first grafted step; ``b1 = graft_betas[0]`` of its group) of ``entries``:
+    ``(group, param, raw gradient)``. Not stored: the grafting kernel updates the moments when the step
+    is taken."""
+    out: list[torch.Tensor | None] = [None] * len(entries)
+    by_beta: dict[float, list[int]] = {}
+    for i, (group, _, _) in enumerate(entries):
+        by_beta.setdefault(group["graft_betas"][0], []).append(i)
+    for beta1, index in by_beta.items():
+        grads = [entries[i][2].to(torch.promote_types(entries[i][2].dtype, torch.float32)) for i in index]
+        moments = [state[entries[i][1]].get("graft_exp_avg") for i in index]
+        moments = [torch.zeros_like(g) if m is None else m.to(g.dtype) for m, g in zip(moments, grads)]
+        for i, m in zip(index, torch._foreach_lerp(moments, grads, 1.0 - beta1)):
+            out[i] = m
+    return out
 
 
 def grafted_step(state, entries: list[tuple[dict, torch.Tensor, torch.Tensor, torch.Tensor | None, float]],

@@ -128,8 +128,12 @@ AMP
     optimizer) and, on an overflow, skips the whole step (factors, counters and parameters unchanged;
     ``skipped_steps`` counts it). With a standalone preconditioner, call ``scaler.unscale_(optimizer)``
     before ``precond.step()``; on an overflow its non-finite statistics leave the factors unchanged.
-    KFAC itself does not skip steps with non-finite gradients outside a GradScaler (the base optimizer
-    decides: kfopt.LAMB skips them).
+    Without grafting, KFAC itself does not skip steps with non-finite gradients outside a GradScaler (the
+    base optimizer decides: kfopt.LAMB skips them). With grafting (``graft="adam"``...) a step whose
+    gradients, tensor lr or grafted update are not finite is skipped on the device (``kfopt.graft``):
+    weights, graft moments, factors and second-order data unchanged (``kfopt.composed``), the
+    preconditioner's ``steps`` advanced, ``skipped_steps`` counted, and where the gradients were finite
+    ``blown_up_steps`` too (a RuntimeWarning once).
 """
 
 from __future__ import annotations
@@ -542,13 +546,16 @@ class KFAC(ComposedOptimizer):
 
         buf <- momentum buf + P ;  w <- w - lr ((||a|| / ||buf||) buf + weight_decay w)
 
-    (``P`` the preconditioned gradient, ``a`` the AdamW direction; no buffer with ``momentum=0``, then
-    ``buf = P``). With it, AdamW's ``lr``, schedule and ``weight_decay`` carry over unchanged.
+    (``P`` the preconditioned gradient -- for "adam" of Adam's new first moment in place of the gradient,
+    ``kfopt.graft`` says why --, ``a`` the AdamW direction; no buffer with ``momentum=0``, then
+    ``buf = P``). ``lr`` may be a one-element tensor. With it, AdamW's ``lr``, schedule and
+    ``weight_decay`` carry over unchanged.
     """
 
     _step_supports_amp_scaling = True
     global_hyperparameters = ("graft",)
     state_key = "kfac"
+    _blowup_advice = "a larger damping or a smaller lr"
     scaled_statistic = "G"
 
     def __init__(self, model: nn.Module, lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 0.0,
@@ -571,7 +578,7 @@ class KFAC(ComposedOptimizer):
                                            **graft_defaults(graft, graft_betas, graft_eps)), base)
 
     def _check_group(self, group: dict) -> None:
-        check_nonnegative("lr", group["lr"])
+        self._check_lr(group)
         check_nonnegative("momentum", group["momentum"])
         check_nonnegative("weight_decay", group["weight_decay"])
         check_positive("damping", group["damping"])
@@ -587,3 +594,25 @@ class KFAC(ComposedOptimizer):
         self.preconditioner.step(lr={name: owner[id(layer.module.weight)]["lr"] for name, layer in layers.items()},
                                  damping={name: owner[id(layer.module.weight)]["damping"]
                                           for name, layer in layers.items()})
+
+    def _snapshot(self) -> tuple:
+        """Copies of the factors on a factor-update step; the layers' second-order data (the lists the
+        inverse update replaces, not copies) and the failure count on an inverse-update step."""
+        pre = self.preconditioner
+        factors = [f for layer in pre._layers for f in (layer.A, layer.G)] \
+            if pre.steps % pre.factor_update_steps == 0 else []
+        second = [(layer.second, layer.elsewhere) for layer in pre._layers] \
+            if pre.steps % pre.inv_update_steps == 0 else None
+        return factors, [f.clone() for f in factors], second, pre.decomposition_failures
+
+    def _keep_or_restore(self, ok: torch.Tensor, snapshot: tuple) -> None:
+        """Factors back on the device (``torch.where``); second-order data back on the host: an
+        inverse-update step synchronises already (its decompositions are checked), and every rank gets the
+        same ``ok`` (same gradients and preconditioned gradients)."""
+        factors, saved, second, failures = snapshot
+        for factor, old in zip(factors, saved):
+            factor.copy_(torch.where(ok, factor, old))
+        if second is not None and not bool(ok):
+            for layer, (data, elsewhere) in zip(self.preconditioner._layers, second):
+                layer.second, layer.elsewhere = data, elsewhere
+            self.preconditioner.decomposition_failures = failures

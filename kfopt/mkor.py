@@ -68,10 +68,14 @@ Base optimizer and param groups
 
 Grafting (``graft="adam"``, ``"rmsprop"``, ``"sgd"``; ``kfopt.graft``)
     Replaces the base optimizer's step: ``w <- w - lr ((||a|| / ||V||) V + weight_decay w)`` for each
-    preconditioned layer's weight and bias (``V`` the preconditioned gradient above, ``a`` the AdamW
+    preconditioned layer's weight and bias (``V`` the preconditioned gradient above -- for "adam" of
+    Adam's new first moment in place of the gradient, ``kfopt.graft`` says why --, ``a`` the AdamW
     direction from the raw gradient's moments with ``graft_betas``, ``graft_eps``; MKOR has no
     momentum of its own, so none on ``V``), AdamW's update for every other parameter, and for all of
-    them once MKOR-H has switched. AdamW's ``lr``, schedule and ``weight_decay`` carry over.
+    them once MKOR-H has switched. AdamW's ``lr``, schedule and ``weight_decay`` carry over. A step the
+    graft skips (non-finite gradients or update, a bad tensor lr) also leaves the factors, scales and
+    counts of a factor-update step unchanged (``kfopt.composed``); one whose gradients were finite counts
+    in ``blown_up_steps`` too (a RuntimeWarning once).
 
 Distributed (``torch.distributed`` initialised, model wrapped in ``DistributedDataParallel`` so that
 every rank starts ``step()`` with the same gradients; every exchange goes through the preconditioner's
@@ -463,6 +467,7 @@ class MKOR(ComposedOptimizer):
     global_hyperparameters = ("graft",)
     state_key = "mkor"
     scaled_statistic = "g"
+    _blowup_advice = "a smaller lr or stabilizer_threshold"
 
     def __init__(self, model: nn.Module, lr: float = 1e-3, base: BaseOptimizer = "lamb", inv_freq: int = 10,
                  stat_decay: float = 0.95, stabilizer_threshold: float = 10.0, stabilizer_blend: float = 0.9,
@@ -482,9 +487,20 @@ class MKOR(ComposedOptimizer):
                       base, **{k: v for k, v in base_kwargs.items() if k != "weight_decay"})
 
     def _check_group(self, group: dict) -> None:
-        check_nonnegative("lr", group["lr"])
+        self._check_lr(group)
         check_nonnegative("weight_decay", group["weight_decay"])
         check_graft_group(group)
+
+    def _snapshot(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Copies of the preconditioner's inverse factors, scales and event counts on a factor-update step."""
+        pre = self.preconditioner
+        state = [f for layer in pre._layers for f in (layer.JL, layer.JR)] + [pre._scales, pre._events] \
+            if pre._layers and pre.steps % pre.inv_freq == 0 else []
+        return state, [t.clone() for t in state]
+
+    def _keep_or_restore(self, ok: torch.Tensor, snapshot: tuple[list[torch.Tensor], list[torch.Tensor]]) -> None:
+        for t, old in zip(*snapshot):
+            t.copy_(torch.where(ok, t, old))
 
     # -- the preconditioner's, for convenience -----------------------------------------------------
 

@@ -8,6 +8,11 @@
   raised before any state changes.
 * Non-finite gradients: the step is skipped for every parameter on the device (no host sync); the
   count of skipped steps is ``optimizer.skipped_steps`` (a device tensor) and is checkpointed.
+* Blow-ups (optimizers with ``_counts_blowups``: K-FAC, MKOR, SINGD): a step whose inputs are finite
+  but whose own update is not (factors, preconditioned gradient) is skipped the same way and also
+  counted in ``blown_up_steps`` (checkpointed; a checkpoint without it loads as 0); reading
+  ``skipped_steps`` warns once per optimizer (``RuntimeWarning`` naming the optimizer and the count: the
+  only host synchronisation of the count, never in ``step()``).
 * Under ``GradScaler.step`` every kfopt optimizer has ``_step_supports_amp_scaling``: the scaler hands
   it ``grad_scale`` and ``found_inf`` instead of unscaling the gradients itself (which torch refuses
   for fp16 gradients). The fused element-wise optimizers (LAMB, LARS, SONew) pass them to their kernels
@@ -27,6 +32,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from collections import defaultdict
 from typing import Callable, Iterable
 
@@ -55,9 +61,15 @@ class KfoptOptimizer(torch.optim.Optimizer):
     #: DTensor parameters (FSDP2/HSDP): True steps on local shards with whole-tensor quantities reduced
     #: over the shard group (``kfopt.sharding``), False rejects them at construction, None: not checked
     _shardable: bool | None = None
+    #: counts (and checkpoints) the steps skipped because its own update blew up (module docstring)
+    _counts_blowups: bool = False
+    #: what the once-only blow-up warning advises
+    _blowup_advice: str = ""
 
     def __init__(self, params: Iterable, defaults: dict):
         self._skipped: torch.Tensor | None = None
+        self._blowups: torch.Tensor | None = None
+        self._blowups_warned = False
         self._layout = ShardLayout(None)
         super().__init__(params, defaults)
 
@@ -209,8 +221,60 @@ class KfoptOptimizer(torch.optim.Optimizer):
 
     @property
     def skipped_steps(self) -> torch.Tensor:
-        """How many steps were skipped for a non-finite gradient (a 0-d int32 tensor)."""
+        """How many steps were skipped for a non-finite gradient (a 0-d int32 tensor). Reading it warns once
+        when steps were skipped because the optimizer's own update blew up (module docstring)."""
+        self._warn_blowups_once()
+        return self._skip_count()
+
+    def _skip_count(self) -> torch.Tensor:
+        """``skipped_steps`` without the warning (checkpoints)."""
         return self._skipped if self._skipped is not None else torch.zeros((), dtype=torch.int32)
+
+    def _finite_inputs(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """Whether every tensor of ``tensors`` (gradients, statistics) is finite and every tensor ``lr`` of
+        the param groups finite and >= 0: a 0-d bool on the device, without a host synchronisation."""
+        checks = [torch.isfinite(t).all() for t in tensors]
+        checks += [(torch.isfinite(group["lr"]) & (group["lr"] >= 0)).reshape(()).to(checks[0].device)
+                   for group in self.param_groups if isinstance(group["lr"], torch.Tensor)]
+        return torch.stack(checks).all()
+
+    def _count_blowup(self, finite: torch.Tensor, healthy: torch.Tensor) -> None:
+        """Count a blow-up where the step's inputs were ``finite`` but its update was not ``healthy`` (0-d
+        device bools; the caller skips and counts the step itself)."""
+        blew_up = (finite & ~healthy).to(torch.int32)
+        if self._blowups is None:
+            self._blowups = torch.zeros((), dtype=torch.int32, device=finite.device)
+        self._blowups.add_(blew_up.to(self._blowups.device))
+
+    @property
+    def blown_up_steps(self) -> torch.Tensor:
+        """How many steps were skipped because the optimizer's own update blew up (a 0-d int32 tensor;
+        also counted in ``skipped_steps``)."""
+        return self._blowups if self._blowups is not None else torch.zeros((), dtype=torch.int32)
+
+    def _warn_blowups_once(self) -> None:
+        """The once-per-optimizer RuntimeWarning about blown-up steps (reads the count: a host sync)."""
+        if self._blowups_warned or self._blowups is None:
+            return
+        count = int(self._blowups)
+        if count:
+            self._blowups_warned = True
+            warnings.warn(f"{type(self).__name__} skipped {count} step(s) whose own update was not finite from "
+                          "finite gradients (factors and weights kept their last finite values); "
+                          f"{self._blowup_advice}", RuntimeWarning, stacklevel=3)
+
+    def _blowup_state(self) -> dict:
+        """``{"blown_up_steps": count}`` for a ``state_dict()`` of an optimizer that counts blow-ups."""
+        return {"blown_up_steps": self.blown_up_steps.detach().clone()} if self._counts_blowups else {}
+
+    def _check_blowup_state(self, state_dict: dict) -> None:
+        if self._counts_blowups and "blown_up_steps" in state_dict:  # absent in older checkpoints: 0
+            check_counter("state_dict['blown_up_steps']", state_dict["blown_up_steps"])
+
+    def _load_blowup_state(self, state_dict: dict) -> None:
+        if self._counts_blowups:
+            saved = state_dict.get("blown_up_steps")
+            self._blowups = None if saved is None else saved.detach().clone()
 
     # -- checkpoints --------------------------------------------------------------------------
 
@@ -219,7 +283,8 @@ class KfoptOptimizer(torch.optim.Optimizer):
 
     def state_dict(self) -> dict:
         state = super().state_dict()
-        state["skipped_steps"] = self.skipped_steps.detach().clone()
+        state["skipped_steps"] = self._skip_count().detach().clone()
+        state.update(self._blowup_state())
         state[KIND_KEY] = type(self).__name__
         return state
 
@@ -276,6 +341,7 @@ class KfoptOptimizer(torch.optim.Optimizer):
         check_kind(state_dict, (mine, *self._loads_checkpoints_of), mine)
         self._check_groups_and_state(state_dict, self._state_spec)
         check_counter("state_dict['skipped_steps']", state_dict["skipped_steps"])
+        self._check_blowup_state(state_dict)
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a ``state_dict()``; state tensors keep their saved dtype (see module docstring).
@@ -301,6 +367,7 @@ class KfoptOptimizer(torch.optim.Optimizer):
         if not _from_distributed_checkpoint(state_dict):
             skipped = state_dict.get("skipped_steps")
             self._skipped = None if skipped is None else skipped.detach().clone()
+            self._load_blowup_state(state_dict)
 
 
 def _from_distributed_checkpoint(state_dict) -> bool:

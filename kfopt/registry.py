@@ -10,6 +10,8 @@ hyperparameters the registry builds it with (its *defaults*: the class's own def
   ``nn.Linear``/``nn.Conv2d`` layers, captured by forward/backward hooks; built on the model).
 * ``skips_non_finite``: a step with a NaN/inf gradient changes no parameter and counts in
   ``skipped_steps`` (without a GradScaler). False where the base optimizer decides (K-FAC's SGD).
+  The grafted entries (``graft != "none"``) also skip a step whose own update is not finite, leaving
+  factors and weights as they were, and count it in ``blown_up_steps`` (``kfopt.optimizer``).
 * ``composed``: a second-order preconditioner in front of a base optimizer (``optimizer.base``,
   ``kfopt.composed``).
 * ``intervals``: the hyperparameters that set how often cached second-order data is refreshed,
@@ -120,8 +122,8 @@ REGISTRY: dict[str, OptimizerEntry] = {entry.name: entry for entry in (
     # grafted variants (kfopt.graft): the preconditioner's direction with AdamW's step length, at AdamW's
     # default lr and weight decay -- the settings a user coming from AdamW keeps
     OptimizerEntry("kfac-graft", "kfopt.kfac", "KFAC", "kronecker",
-                   overrides={"graft": "adam", "lr": 1e-3, "weight_decay": 1e-2}, skips_non_finite=False,
-                   composed=True, intervals={"factor_update_steps": 1, "inv_update_steps": 10},
+                   overrides={"graft": "adam", "lr": 1e-3, "weight_decay": 1e-2}, composed=True,
+                   intervals={"factor_update_steps": 1, "inv_update_steps": 10},
                    summary="kfopt.KFAC, grafted: its direction, a first-order step length (AdamW's lr, weight decay)"),
     OptimizerEntry("mkor-graft", "kfopt.mkor", "MKOR", "kronecker", overrides={"graft": "adam"}, composed=True,
                    intervals={"inv_freq": 10},

@@ -70,8 +70,9 @@ that requires grad; a layer's weight and bias must be in the same param group. M
 (float64 for float64 parameters); parameters are updated in fp32 and rounded to their dtype.
 
 Grafting (``graft="adam"``, ``"rmsprop"``, ``"sgd"``; ``kfopt.graft``): the parameter update above is
-replaced by, per preconditioned weight and bias (``N`` its part of the natural gradient, ``a`` the
-AdamW direction from the raw gradient's moments with ``graft_betas``, ``graft_eps``)::
+replaced by, per preconditioned weight and bias (``N`` its part of the natural gradient -- for "adam" of
+Adam's new first moment in place of the gradient ``G``, ``kfopt.graft`` says why --, ``a`` the AdamW
+direction from the raw gradient's moments with ``graft_betas``, ``graft_eps``)::
 
     buf <- momentum buf + N ;   w <- w - lr ((||a|| / ||buf||) buf + weight_decay w)
 
@@ -80,11 +81,12 @@ other parameters: weight decay is decoupled, and AdamW's ``lr``, schedule and ``
 over. The graft's state (fp32 moments, step, ``graft_momentum_buffer``) replaces ``momentum_buffer``.
 
 Param groups carry every hyperparameter above (per group, so LR schedulers and per-group structures
-work). Without grafting, ``lr`` may be a one-element floating tensor (as some schedulers and
-``torch.compile`` users set it; ``device_lr``): its form is checked at every step on the host, its value on the device, without a
-host synchronisation: a step with a NaN, infinite or negative tensor lr is skipped and counted like a
-step with a non-finite gradient (below). The parameter update is then ``w - (lr * d)`` instead of
-``w + (-lr) * d``, equal to the float lr's within rounding. ``structures`` and
+work). ``lr`` may be a one-element floating tensor (as some schedulers and ``torch.compile`` users set
+it; ``device_lr``), with or without grafting: its form is checked at every step on the host, its value
+on the device, without a host synchronisation: a step with a NaN, infinite or negative tensor lr is
+skipped and counted like a step with a non-finite gradient (below). Without grafting the parameter
+update is then ``w - (lr * d)`` instead of ``w + (-lr) * d``, equal to the float lr's within rounding;
+the grafting kernel reads it from its device table. ``structures`` and
 ``preconditioner_dtype`` are read when the factors are built (construction); changing them in a group
 afterwards has no effect. Layers are selected at construction: parameters added later with
 ``add_param_group`` get the first-order rule.
@@ -126,10 +128,11 @@ The same holds when the inputs are finite but SINGD's own update is not (a facto
 problem's scale overflows the new factors, their momenta, or the natural gradient computed with them):
 the new factors, momenta and the parameter update are formed first, checked on the device, and
 committed only when all are finite -- factors keep their last finite values, weights never receive a
-non-finite value. Such a step counts in ``skipped_steps``; reading ``skipped_steps`` warns once
-(``RuntimeWarning``) when any were skipped for this reason (the warning reads the count, a host
-synchronisation that ``step()`` never makes). With grafting the graft kernel makes the parameter-side
-check (``kfopt.kernels.graft``) and the factors commit only when it took the step.
+non-finite value. Such a step counts in ``skipped_steps`` and in ``blown_up_steps`` (checkpointed);
+reading ``skipped_steps`` warns once (``RuntimeWarning`` naming the count; ``kfopt.optimizer``: the
+warning reads the count, a host synchronisation that ``step()`` never makes). With grafting the graft
+kernel makes the parameter-side check (``kfopt.kernels.graft``) and the factors commit only when it took
+the step.
 
 Distributed
 ===========
@@ -150,7 +153,8 @@ Checkpoints
 groups (a callable ``lr_cov`` is saved as None and ``load_state_dict`` keeps the optimizer's own), per
 parameter ``momentum_buffer``, and in each preconditioned layer's weight state its factors and momenta
 by free-parameter tensor (``"K.<name>"``, ``"C.<name>"``, ``"m_K.<name>"``, ``"m_C.<name>"``, see
-``kfopt.structures``), plus ``"steps"``, ``"skipped_steps"`` and ``"last_grad_scale"`` (the scale of the
+``kfopt.structures``), plus ``"steps"``, ``"skipped_steps"``, ``"blown_up_steps"`` (a checkpoint without it
+loads as 0) and ``"last_grad_scale"`` (the scale of the
 last ``scaler.step`` that the capture divides output gradients by, without ``grad_scaler=``: a 0-d fp32
 tensor, or None before the first scaler step and with ``grad_scaler=``, whose optimizer ignores it), so a
 checkpoint taken under a GradScaler continues bit-identically. Checkpoints of earlier versions (no
@@ -173,7 +177,15 @@ from kfopt.kernels.dispatch import KERNEL_DTYPES, use_triton
 from . import collectives  # noqa: F401  (kfopt.singd.collectives: what the distributor calls; tests spy on it)
 from .capture import CallInfo, CapturedLayer, LayerCapture, loss_term_count
 from .distribution import Replicated
-from .graft import GRAFT_BETAS, GRAFT_EPS, check_graft_group, graft_defaults, graft_state_spec, grafted_step
+from .graft import (
+    GRAFT_BETAS,
+    GRAFT_EPS,
+    check_graft_group,
+    first_moments,
+    graft_defaults,
+    graft_state_spec,
+    grafted_step,
+)
 from .layer_state import LayerState
 from .optimizer import KfoptOptimizer
 from .structures import Structure, StructureSpec, parse_structure
@@ -560,12 +572,17 @@ class SINGDPreconditioner:
         self._bind(layer)
         return getattr(layer, f"m_{key}")
 
-    def natural_gradient(self, layer: _Layer, K: Structure, C: Structure) -> list[tuple[dict, torch.Tensor,
-                                                                                          torch.Tensor]]:
-        """``N = C C^T G K K^T`` as ``(group, param, its part of N)`` for the layer's weight and bias."""
+    def natural_gradient(self, layer: _Layer, K: Structure, C: Structure,
+                         moments: dict[int, torch.Tensor] | None = None) -> list[tuple[dict, torch.Tensor, torch.Tensor]]:
+        """``N = C C^T G K K^T`` as ``(group, param, its part of N)`` for the layer's weight and bias; ``G``
+        the ``[dW | db]`` matrix of their gradients, or of their ``moments`` (by ``id``) where given."""
         weight, bias = layer.weight, layer.bias
         d_in = layer.captured.in_features
-        y = K.matmul(layer.captured.grad_matrix(), right=True)
+        if moments and id(weight) in moments:
+            g = layer.captured.as_matrix(moments[id(weight)], moments.get(id(bias)) if bias is not None else None)
+        else:
+            g = layer.captured.grad_matrix()
+        y = K.matmul(g, right=True)
         y = K.matmul(y, transpose=True, right=True)
         y = C.matmul(y, transpose=True)
         natural = C.matmul(y)
@@ -624,6 +641,9 @@ class SINGD(KfoptOptimizer):
     """
 
     _step_supports_amp_scaling = True
+    _counts_blowups = True
+    _blowup_advice = ("the factor step is too large for this problem: use normalize_lr_cov=True, a smaller lr_cov "
+                      "or a larger damping")
     _rescales_statistics = True
     global_hyperparameters = ("graft",)
 
@@ -643,8 +663,6 @@ class SINGD(KfoptOptimizer):
                         normalize_lr_cov=normalize_lr_cov, **graft_defaults(graft, graft_betas, graft_eps))
         check_graft_group(defaults)
         super().__init__(params, defaults)
-        self._blowups: torch.Tensor | None = None  # steps skipped because the update itself blew up
-        self._warned = False
         self._grad_scaler = grad_scaler
         #: without grad_scaler=: the grad scale of the last scaler.step, which the capture divides by
         self._last_grad_scale: torch.Tensor | None = None
@@ -678,16 +696,10 @@ class SINGD(KfoptOptimizer):
 
     # -- validation -----------------------------------------------------------------------------
 
-    @property
-    def device_lr(self) -> bool:
-        """A tensor ``lr`` is taken without grafting; the grafting kernel reads numbers."""
-        return self.defaults["graft"] == "none"
+    device_lr = True
 
     def _check_group(self, group: dict) -> None:
-        if self.device_lr:  # a tensor's value is checked on the device (module docstring)
-            check_device_lr("lr", group["lr"])
-        else:
-            check_nonnegative("lr", group["lr"])
+        check_device_lr("lr", group["lr"])  # a tensor's value is checked on the device (module docstring)
         for name in ("momentum", "weight_decay"):
             check_nonnegative(name, group[name])
         _check_factor_group(group, stacklevel=4)
@@ -722,9 +734,11 @@ class SINGD(KfoptOptimizer):
                     commits, new_factors[layer.name] = pre.update_factors(layer, correction)
                     pending += commits
                 preconditioned, directions = set(), []
+                moments = self._first_moments(found)
                 for layer in pre._layers:
                     if layer.weight.grad is not None:
-                        directions += pre.natural_gradient(layer, *new_factors.get(layer.name, (layer.K, layer.C)))
+                        directions += pre.natural_gradient(layer, *new_factors.get(layer.name, (layer.K, layer.C)),
+                                                           moments)
                         preconditioned.update(id(p) for p in (layer.weight, layer.bias) if p is not None)
                 first_order = [(group, p) for group, p in found if id(p) not in preconditioned]
                 if self.defaults["graft"] != "none":
@@ -769,43 +783,32 @@ class SINGD(KfoptOptimizer):
 
     def _finite(self, inputs: list[torch.Tensor]) -> torch.Tensor:
         """Whether every gradient and statistic of the step is finite and every tensor lr is finite and
-        >= 0: a 0-d bool on the device, decided without a host sync; a step where it is False counts in
-        ``skipped_steps`` and changes no state."""
-        checks = [torch.isfinite(t).all() for t in inputs]
-        checks += [(torch.isfinite(group["lr"]) & (group["lr"] >= 0)).reshape(()).to(checks[0].device)
-                   for group in self.param_groups if isinstance(group["lr"], torch.Tensor)]
-        finite = torch.stack(checks).all()
+        >= 0 (``_finite_inputs``); a step where it is False counts in ``skipped_steps`` and changes no state."""
+        finite = self._finite_inputs(inputs)
         self._skip_counter(finite.device).add_((~finite).to(torch.int32))
         return finite
 
     def _blew_up(self, finite: torch.Tensor, new: list[torch.Tensor], ok: torch.Tensor | None = None) -> torch.Tensor:
         """``finite`` and every tensor of ``new`` (factors, momenta, updates computed from finite inputs) finite
         [and ``ok``]: a 0-d bool on the device. Where ``finite`` holds but the result does not, this step's
-        own update blew up: it is skipped (counted in ``skipped_steps`` and in the blow-ups that
-        ``skipped_steps`` warns about once)."""
+        own update blew up: it is skipped (counted in ``skipped_steps`` and ``blown_up_steps``)."""
         healthy = finite
         if new:
             healthy = healthy & torch.stack([torch.isfinite(t).all() for t in new]).all()
         if ok is not None:
             healthy = healthy & ok
-        blew_up = (finite & ~healthy).to(torch.int32)
-        self._skip_counter(finite.device).add_(blew_up)
-        if self._blowups is None:
-            self._blowups = torch.zeros((), dtype=torch.int32, device=finite.device)
-        self._blowups.add_(blew_up.to(self._blowups.device))
+        self._skip_counter(finite.device).add_((finite & ~healthy).to(torch.int32))
+        self._count_blowup(finite, healthy)
         return healthy
 
-    @property
-    def skipped_steps(self) -> torch.Tensor:
-        """Every skipped step (a 0-d int32 count). Reading it warns once when steps were skipped because
-        SINGD's own update blew up (a host synchronisation, here only: never in ``step()``)."""
-        if not self._warned and self._blowups is not None and int(self._blowups):
-            self._warned = True
-            warnings.warn(f"SINGD skipped {int(self._blowups)} step(s) whose factor or parameter update was not "
-                          "finite (factors and weights kept their last finite values); the factor step is too large "
-                          "for this problem: use normalize_lr_cov=True, a smaller lr_cov or a larger damping",
-                          RuntimeWarning, stacklevel=2)
-        return super().skipped_steps
+    def _first_moments(self, found: list[tuple[dict, torch.Tensor]]) -> dict[int, torch.Tensor]:
+        """With ``graft="adam"``: Adam's new first moment of each preconditioned weight and bias, by ``id``
+        (what the natural gradient preconditions, ``kfopt.graft``); otherwise none."""
+        if self.defaults["graft"] != "adam":
+            return {}
+        preconditioned = {id(p) for p in self.preconditioner.preconditioned_params()}
+        entries = [(group, p, p.grad) for group, p in found if id(p) in preconditioned]
+        return {id(p): m.to(g.dtype) for (_, p, g), m in zip(entries, first_moments(self.state, entries))}
 
     def _apply(self, p: torch.Tensor, group: dict, direction: torch.Tensor, finite: torch.Tensor) -> None:
         """``d = direction + weight_decay w``; heavy-ball ``buf = momentum buf + d``; ``w -= lr buf``; the

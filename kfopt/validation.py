@@ -21,7 +21,7 @@ def check_nonnegative(name: str, value) -> None:
 
 def check_device_lr(name: str, value) -> None:
     """``value`` is a finite number >= 0, or a one-element floating tensor: its value is checked on the
-    device by the fused kernels (LAMB, LARS, SONew), without a host synchronisation, and an invalid one
+    device by the fused kernels (LAMB, LARS, SONew, grafting), without a host synchronisation, and an invalid one
     (NaN, negative, infinite) skips the step and counts it in ``skipped_steps``."""
     if isinstance(value, torch.Tensor):
         if value.numel() != 1 or not value.is_floating_point() or value.requires_grad:

@@ -9,6 +9,8 @@ step on non-finite gradients (that needs a ``torch.where`` over every tensor, wh
 * ``lamb_foreach_update`` / ``ForeachLAMB``: LAMB (docs/lamb-lars.md) with global clipping.
 * ``lars_foreach_update`` / ``ForeachLARS``: LARS with momentum.
 * ``sonew_tridiagonal_foreach_update``: SONew with band 1 (tridiagonal), Adam grafting.
+* ``graft_foreach_update``: Adam grafting of preconditioned directions (K-FAC's, MKOR's, SINGD's
+  ``graft="adam"``; kfopt.kernels.graft), with a momentum buffer on each direction.
 * the LAMB and SONew steps above compiled by ``torch.compile`` (inductor generates Triton kernels
   too): ``perf.cases.LambCompiledRunner`` / ``SonewCompiledRunner``, timed after their compilation.
 * ``rank1_inverse_update_torch``: MKOR's Sherman-Morrison update of an inverse factor in two big
@@ -89,6 +91,36 @@ def lars_foreach_update(params, grads, momentum_buffers, *, lr: float, momentum:
     torch._foreach_mul_(momentum_buffers, momentum)
     torch._foreach_add_(momentum_buffers, d)
     torch._foreach_sub_(w32, momentum_buffers)
+    if w32[0] is not params[0]:
+        torch._foreach_copy_(params, w32)
+
+
+def graft_foreach_update(params, grads, directions, exp_avgs, exp_avg_sqs, momentum_buffers, *,
+                         step: int | torch.Tensor, lr: float, beta1: float, beta2: float, graft_eps: float,
+                         weight_decay: float, momentum: float) -> None:
+    """One Adam-grafted step (kfopt.kernels.graft's docstring) with ``torch._foreach_*`` ops, every tensor
+    preconditioned with a momentum buffer: AdamW's moments and direction ``a`` from the raw gradient,
+    ``buf <- momentum buf + P``, ``w <- w - lr ((||a|| / ||buf||) buf + weight_decay w)``; t = ``step``
+    (counting from 1). State fp32; params/grads/directions fp32, bf16 or fp16."""
+    w32, g, d = as_fp32(params), as_fp32(grads), as_fp32(directions)
+    torch._foreach_lerp_(exp_avgs, g, 1.0 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, g, g, value=1.0 - beta2)
+    bc1, bc2 = 1.0 - beta1 ** step, 1.0 - beta2 ** step
+    denom = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_div_(denom, bc2 ** 0.5)
+    torch._foreach_add_(denom, graft_eps)
+    a = torch._foreach_div(exp_avgs, denom)
+    torch._foreach_mul_(a, 1.0 / bc1)
+    torch._foreach_mul_(momentum_buffers, momentum)
+    torch._foreach_add_(momentum_buffers, d)
+    a_norm = torch.stack(torch._foreach_norm(a))
+    q_norm = torch.stack(torch._foreach_norm(momentum_buffers))
+    scale = torch.where(q_norm > 0, a_norm / torch.where(q_norm > 0, q_norm, 1.0), 0.0)
+    update = torch._foreach_mul(momentum_buffers, list((scale * -lr).unbind()))
+    if weight_decay:
+        torch._foreach_add_(update, w32, alpha=-lr * weight_decay)
+    torch._foreach_add_(w32, update)
     if w32[0] is not params[0]:
         torch._foreach_copy_(params, w32)
 

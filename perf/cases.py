@@ -35,6 +35,7 @@ from kfopt.kernels import (
     block_diagonal_matmul,
     eigen_precondition,
     eigen_precondition_reference,
+    graft_step,
     lamb_step,
     lars_step,
     rank1_inverse_update,
@@ -45,6 +46,7 @@ from kfopt.kernels import (
     toeplitz_matmul,
     triangular_matmul,
 )
+from kfopt.kernels.graft import GRAFT
 from kfopt.kernels.lamb import LAMB
 from kfopt.kernels.lars import LARS
 from kfopt.kernels.sonew import DROP_TOL as SONEW_DROP_TOL
@@ -127,6 +129,8 @@ LAMB_HP = dict(lr=LR, beta1=0.9, beta2=0.999, eps=1e-6, weight_decay=0.01, max_g
 LARS_HP = dict(lr=1.0, momentum=0.9, weight_decay=1e-4, eta=0.001)
 SONEW_HP = dict(lr=LR, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.0, graft="adam", graft_eps=1e-8)
 ADAMW_HP = dict(lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+# Adam grafting as K-FAC's graft="adam" takes it (its momentum 0.9 on the direction), AdamW's settings
+GRAFT_HP = dict(lr=LR, beta1=0.9, beta2=0.999, graft_eps=1e-8, weight_decay=0.01, momentum=0.9)
 
 
 class LambRunner:
@@ -180,6 +184,43 @@ class LarsForeachRunner:
     def step(self):
         baselines.lars_foreach_update(self.ps.params, self.ps.grads, self.state["momentum_buffer"], adapt=True,
                                       clip_coef=None, **LARS_HP)
+
+
+class GraftRunner:
+    """kfopt's ``graft_step`` (``backend="torch"``: its PyTorch reference through the same call), every
+    tensor preconditioned with a momentum buffer: the step of K-FAC's ``graft="adam"`` after its
+    preconditioner. The preconditioned gradients are fixed random tensors of the gradients' scale
+    (seeded: the same in every runner of a ParamSet)."""
+
+    def __init__(self, ps: ParamSet, backend: str | None = None):
+        self.ps, self.backend = ps, backend
+        gen = torch.Generator(device=ps.device).manual_seed(7)
+        scale = 2.0 / math.sqrt(ps.mix.total)
+        self.directions = [(torch.randn(p.shape, generator=gen, device=ps.device) * scale).to(ps.dtype)
+                           for p in ps.params]
+        self.state = {key: [torch.zeros_like(p, dtype=torch.float32) for p in ps.params]
+                      for key in ("exp_avg", "exp_avg_sq", "momentum_buffer")}
+        self.steps = [torch.zeros((), device=ps.device) for _ in ps.params]
+
+    def step(self):
+        with torch_backend() if self.backend == "torch" else contextlib.nullcontext():
+            graft_step(self.ps.params, self.ps.grads, self.directions, self.state["exp_avg"],
+                       self.state["exp_avg_sq"], self.state["momentum_buffer"], self.steps, graft="adam",
+                       **GRAFT_HP)
+
+
+class GraftForeachRunner(GraftRunner):
+    """BASELINE ``perf.baselines.graft_foreach_update`` from GraftRunner's state and directions."""
+
+    def __init__(self, ps: ParamSet):
+        super().__init__(ps, backend="torch")
+        self.t = 0
+
+    def step(self):
+        self.t += 1
+        baselines.graft_foreach_update(self.ps.params, self.ps.grads, self.directions, self.state["exp_avg"],
+                                       self.state["exp_avg_sq"], self.state["momentum_buffer"], step=self.t,
+                                       **GRAFT_HP)
 
 
 def sonew_tensor_band(shape, band: int) -> int:
@@ -375,6 +416,17 @@ def sonew_bytes(band: int):
     return model
 
 
+def graft_bytes(shapes, dtype):
+    """The traffic model declared beside the grafting launcher (``kernels.graft.graft_traffic``), every
+    tensor preconditioned with a momentum buffer: 60 B per fp32 parameter."""
+    return GRAFT.traffic(shapes, dtype, [True] * len(shapes)).bytes
+
+
+def graft_compulsory_bytes(shapes, dtype):
+    """One pass: w, g, P read, w written (4 s) + m, v, buf read and written (24)."""
+    return _n(shapes) * (4 * size_of(dtype) + 24)
+
+
 def adamw_fused_bytes(shapes, dtype):
     """torch AdamW(fused): one pass, p, g, m, v read and p, m, v written, state in the param dtype:
     2 s_p + s_g + 4 s_p (28 fp32, 14 bf16)."""
@@ -427,6 +479,12 @@ ELEMENTWISE: list[ElementwiseMethod] = [
         smoke_tensors=3 if band > 1 else None)
     for band in (1, 4)
 ]
+ELEMENTWISE.append(ElementwiseMethod(
+    "graft", graft_bytes, graft_compulsory_bytes,
+    [Impl("kfopt", "kernel", lambda ps: GraftRunner(ps)),
+     Impl("foreach", "baseline", GraftForeachRunner),
+     Impl("reference", "baseline", lambda ps: GraftRunner(ps, backend="torch"))],
+    reference="reference"))
 # SONew's foreach baseline covers band 1 (closed-form tridiagonal inverse); band 4's per-row 4 x 4
 # eliminations have no foreach form worth writing: its baselines are AdamW(fused) and the reference.
 

@@ -64,8 +64,8 @@ STAGES = {
     2: ("correctness", "every public kernel in each dtype at an awkward and a large shape against its float64 "
                        "reference; two steps of every optimizer against its PyTorch reference path (parallel "
                        "worker processes: the kernels compile here)"),
-    3: ("elementwise", "LAMB, LARS, SONew band 1 and 4 on GPT-2 small's parameter shapes (124M; fp32, bf16) "
-                       "against AdamW(fused) and their foreach baselines; floor fraction"),
+    3: ("elementwise", "LAMB, LARS, Adam grafting, SONew band 1 and 4 on GPT-2 small's parameter shapes (124M; "
+                       "fp32, bf16) against AdamW(fused) and their foreach baselines; floor fraction"),
     4: ("steps", "whole steps on the GPT-2-small-shaped model: K-FAC, MKOR, MKOR-H, SINGD (dense, "
                  "block-diagonal, Toeplitz/diagonal) against AdamW(fused): every update due, amortised, state"),
     5: ("factor", "factor kernels at d = 1024 and 4096 (bf16, fp32): covariance vs torch.matmul(x.T, x), "
@@ -83,6 +83,7 @@ KERNEL_LAUNCHES = {
                   "_lars_apply_kernel"),
     "sonew_step": ("_grad_sumsq_kernel", "_clip_coef_kernel", "_segment_norms_kernel", "_sonew_halo_kernel",
                    "_sonew_row_sum_kernel", "_segment_max_kernel", "_sonew_direction_kernel", "_sonew_apply_kernel"),
+    "graft_step": ("_graft_partials_kernel", "_segment_norms_kernel", "_graft_verdict_kernel", "_graft_apply_kernel"),
     "symmetric_covariance": ("_symmetric_covariance_kernel",),
     "eigen_precondition": ("_grouped_gemm_kernel[rotate]", "_grouped_gemm_kernel[scale]",
                            "_grouped_gemm_kernel[back]"),
@@ -107,14 +108,19 @@ OPTIMIZER_KERNELS = {
     "kfac-inverse-lamb": ("symmetric_covariance", "kronecker_precondition", "lamb_step"),
     "mkor": ("rank1_inverse_update", "kronecker_precondition", "lamb_step"),
     "mkorh": ("rank1_inverse_update", "kronecker_precondition", "lamb_step"),
+    "kfac-graft": ("symmetric_covariance", "eigen_precondition", "graft_step"),
     "singd-dense": ("symmetric_covariance",),
+    "singd-graft": ("symmetric_covariance", "graft_step"),
     "singd-block32": ("block_diagonal_matmul", "block_covariance"),
     "singd-toeplitz": ("toeplitz_matmul", "lag_sums", "diagonal_matmul", "diagonal_from_inner"),
     "singd-tril": ("triangular_matmul",),
     "singd-hierarchical": ("hierarchical_matmul",),
 }
 KRONECKER_STEP_CASES = ("kfac", "mkor", "mkorh", "singd-dense", "singd-block32", "singd-toeplitz")
-ELEMENTWISE_METHODS = ("adamw", "lamb", "sonew-band1", "lars", "sonew-band4")  # stage 3, in this order
+ELEMENTWISE_METHODS = ("adamw", "lamb", "sonew-band1", "lars", "graft", "sonew-band4")  # stage 3, in this order
+#: the public kernel of each element-wise method of stage 3 (perf.cases.ELEMENTWISE)
+ELEMENTWISE_KERNELS = {"lamb": "lamb_step", "lars": "lars_step", "graft": "graft_step", "sonew-band1": "sonew_step",
+                       "sonew-band4": "sonew_step"}
 GPT2_SMALL_PARAMS = 124_439_808
 
 
@@ -153,7 +159,7 @@ def build_plan(smoke: bool) -> list[Item]:
                     variants = [1, 4]  # the two bands of stage 3
                 for band in variants:
                     suffix = f" band {band}" if band else ""
-                    big = shape == "large" and fn in ("lamb_step", "lars_step", "sonew_step")
+                    big = shape == "large" and fn in ELEMENTWISE_KERNELS.values()
                     items.append(Item(2, f"kernel {fn} {dtype} {shape}{suffix}", "kernel-check",
                                       dict(kernel=fn, dtype=dtype, shape=shape, band=band),
                                       est_s=(6.0 if big else 0.8), compiles=_launch_keys([fn], dtype, shape),
@@ -173,8 +179,7 @@ def build_plan(smoke: bool) -> list[Item]:
             if method == "sonew-band4":
                 impls = ("kfopt",)
             for impl in impls:
-                fn = {"lamb": "lamb_step", "lars": "lars_step"}.get(method, "sonew_step")
-                keys = _launch_keys([fn], dtype, "large") if impl == "kfopt" else ()
+                keys = _launch_keys([ELEMENTWISE_KERNELS[method]], dtype, "large") if impl == "kfopt" else ()
                 items.append(Item(3, f"elementwise {method} {impl} gpt2-small {dtype}", "elementwise",
                                   dict(method=method, impl=impl, dtype=dtype, mix="gpt2-small",
                                        total=GPT2_SMALL_PARAMS),
@@ -378,6 +383,16 @@ def kernel_problem(name: str, dtype, shape: str, device, band=None, large: int =
         off = [f32((cases.sonew_tensor_band(s, b), k), 1e-10) for s, k in zip(shapes, n)]
         kw = dict(cases.SONEW_HP, precondition=[len(s) > 1 for s in shapes])
         return (params, grads, mu, diag, off, steps), kw, lambda ret, a: (a[0], a[2], a[3], a[4]), True
+    if name == "graft_step":  # vectors not preconditioned (no buffer), as K-FAC's biases-free layers' norms
+        pre = [len(s) > 1 for s in shapes]
+        directions = [rn(*s) * (2.0 / math.sqrt(sum(p.numel() for p in params))) for s in shapes]
+        m = [f32(s, 1e-4) for s in shapes]
+        v = [f32(s, 1e-4).square() + 1e-9 for s in shapes]
+        bufs = [f32(s, 1e-4) if p else None for s, p in zip(shapes, pre)]
+        kw = dict(cases.GRAFT_HP, graft="adam", precondition=pre,
+                  momentum=[cases.GRAFT_HP["momentum"] * p for p in pre])
+        return ((params, grads, directions, m, v, bufs, steps), kw,
+                lambda ret, a: (a[0], a[3], a[4], [b for b in a[5] if b is not None]), True)
     raise KeyError(f"no check for kernel {name!r}")
 
 
@@ -436,6 +451,7 @@ def _optimizer_builder(name: str):
     if name.startswith("sonew-band"):
         return cases._sonew(int(name[len("sonew-band"):]))
     variants = {"kfac-inverse-lamb": ("kfac", dict(compute_method="inverse", base="lamb")),
+                "kfac-graft": ("kfac-graft", {}), "singd-graft": ("singd-graft", {}),
                 "singd-tril": ("singd", dict(structures=("tril", "triu"))),
                 "singd-hierarchical": ("singd", dict(structures=("hierarchical3_2", "dense")))}
     if name in variants:

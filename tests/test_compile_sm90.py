@@ -190,6 +190,11 @@ def _elementwise_kernels(dt):
             kernels.sonew_step(params, grads, zeros32(), [torch.rand(k) for k in n],
                                [torch.zeros(band, k) for k in n], steps(), lr=1e-3, graft=graft,
                                relative_eps=graft == "none", precondition=[True, False])
+    for graft in ("adam", "rmsprop", "sgd"):  # a buffer, a first-order tensor, a skip counter and found_inf
+        kernels.graft_step(params, grads, [torch.randn_like(p) for p in params], zeros32(), zeros32(),
+                           [torch.zeros(params[0].shape), None], steps(), lr=1e-3, momentum=[0.9, 0.0],
+                           precondition=[True, False], graft=graft, skipped=torch.zeros((), dtype=torch.int32),
+                           found_inf=torch.zeros(()))
 
 
 class _Net(nn.Module):

@@ -104,3 +104,62 @@ def test_graft_is_global_and_checked(build):
     opt.param_groups[0]["graft_betas"] = (0.9, 1.5)
     with pytest.raises(ValueError, match="graft_betas"):
         opt.step()
+
+
+#: per method: (build with grafting, build of the plain twin whose step with lr=1 is w - P), the
+#: preconditioner refreshed at step 0 only within the three steps of the test
+FIXED = {
+    "kfac": (lambda m, **kw: kfopt.KFAC(m, momentum=0.0, kl_clip=None, inv_update_steps=10, **kw),
+             lambda m: kfopt.KFAC(m, lr=1.0, momentum=0.0, kl_clip=None, inv_update_steps=10)),
+    "mkor": (lambda m, **kw: kfopt.MKOR(m, inv_freq=10, **kw),
+             lambda m: kfopt.MKOR(m, lr=1.0, inv_freq=10, base="sgd", weight_decay=0.0)),
+    "singd": (lambda m, **kw: kfopt.SINGD(m, momentum=0.0, T=10, **kw),
+              lambda m: kfopt.SINGD(m, lr=1.0, momentum=0.0, T=10)),
+}
+
+
+@pytest.mark.parametrize("graft", ["adam", "rmsprop"])
+@pytest.mark.parametrize("method", list(FIXED))
+def test_adam_grafting_preconditions_the_first_moment(method, graft, torch_backend):
+    """With the preconditioner P fixed after step 0, the second step's direction is that of P applied to
+    Adam's new first moment ``m = b1 (1 - b1) g1 + (1 - b1) g2`` for "adam", to the gradient ``g2`` for
+    "rmsprop" (P from a plain twin stepped with that input and lr 1)."""
+    build, build_plain = FIXED[method]
+    b1 = 0.9
+    grafted, plain = Net().double(), Net().double()
+    opt = build(grafted, lr=0.05, weight_decay=0.0, graft=graft, graft_betas=(b1, 0.999))
+    twin = build_plain(plain)
+    xs = [torch.randn(16, 5, dtype=torch.float64) for _ in range(2)]
+    y = torch.randn(16, 3, dtype=torch.float64)
+    g1 = one_step(grafted, opt, xs[0], y)
+    one_step(plain, twin, xs[0], y)  # the same step-0 factors: the same P until step 10
+    before = {name: p.detach().clone() for name, p in grafted.named_parameters()}
+    g2 = one_step(grafted, opt, xs[1], y)
+    fed = {name: b1 * (1 - b1) * g1[name] + (1 - b1) * g2[name] if graft == "adam" else g2[name] for name in g2}
+    twin.zero_grad()
+    for name, p in plain.named_parameters():
+        p.grad = fed[name].clone()
+    start = {name: p.detach().clone() for name, p in plain.named_parameters()}
+    twin.step()
+    for name, p in grafted.named_parameters():
+        if name.startswith("norm"):
+            continue
+        d, want = before[name] - p.detach(), start[name] - plain.get_parameter(name).detach()
+        cosine = float((d * want).sum() / (d.norm() * want.norm()))
+        assert cosine > 1 - 1e-10, f"{method} {graft} {name}: the step is not along P of the expected input " \
+                                   f"(cosine {cosine:.8f})"
+
+
+@pytest.mark.parametrize("method", ["kfac", "mkor"])
+def test_without_preconditioned_layers_the_grafted_step_is_adamw(method, torch_backend):
+    """Every layer skipped: each parameter takes AdamW's step (torch.optim.AdamW on a twin)."""
+    build = {"kfac": kfopt.KFAC, "mkor": kfopt.MKOR}[method]
+    grafted, twin = Net().double(), Net().double()
+    opt = build(grafted, lr=0.01, weight_decay=0.0, skip_layers=(nn.Linear,), graft="adam")
+    adamw = torch.optim.AdamW(twin.parameters(), lr=0.01, weight_decay=0.0)
+    x, y = torch.randn(16, 5, dtype=torch.float64), torch.randn(16, 3, dtype=torch.float64)
+    for _ in range(2):
+        one_step(grafted, opt, x, y)
+        one_step(twin, adamw, x, y)
+    for p, q in zip(grafted.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-9)  # (the graft moments are fp32)

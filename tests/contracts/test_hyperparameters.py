@@ -99,11 +99,17 @@ def _set_lr(optimizer, lr) -> None:
 
 
 def _without_counters(tree):
-    """A state dict without its step counters (SINGD's ``steps`` counts skipped steps too) and param
-    groups (the lr set in them)."""
+    """A state dict without its step counters (the skip counts; the preconditioners' ``steps`` count
+    skipped steps too) and param groups (the lr set in them)."""
     if isinstance(tree, dict):
-        return {k: _without_counters(v) for k, v in tree.items() if k not in ("skipped_steps", "steps", "param_groups")}
+        return {k: _without_counters(v) for k, v in tree.items()
+                if not (isinstance(k, str) and (k.endswith("skipped_steps") or k in ("steps", "param_groups")))}
     return tree
+
+
+def _skips(state_dict: dict) -> int:
+    """The skipped steps a state dict counts (a composed optimizer's own and its base's add up)."""
+    return sum(int(v) for k, v in state_dict.items() if k.endswith("skipped_steps"))
 
 
 def test_a_tensor_lr_is_checked_on_the_device_or_rejected(entry):
@@ -144,7 +150,8 @@ def _check_tensor_lr(entry):
         for p, q in zip(model.parameters(), before_params):
             assert torch.equal(p, q), f"lr={bad}: a skipped step changed a weight"
         after = clone_tree(opt.state_dict())
-        assert after["skipped_steps"] == before_state["skipped_steps"] + step
+        assert _skips(after) == _skips(before_state) + step
+        assert int(after.get("blown_up_steps", 0)) == 0, "an invalid lr counted as a blow-up"
         assert_same_tree(_without_counters(after), _without_counters(before_state), f"lr={bad}: state_dict")
     for bad in (torch.tensor([0.1, 0.2]), torch.tensor(1), torch.tensor(0.1, requires_grad=True)):
         _set_lr(opt, bad)

@@ -8,16 +8,27 @@ interpreter (slow) runs each optimizer module once, on one Linear layer, for a p
 (through the second update of every interval and one step past it), every step taken by a fresh
 optimizer that loaded the checkpoint of the step before: a resume at every phase, each compared with
 the uninterrupted run (weights and state dict) after its step.
+
+A step skipped because the optimizer's own update blew up (grafted entries) is counted in
+``blown_up_steps``, which a checkpoint carries (and a checkpoint without it loads as 0).
 """
+
+import io
+import math
+import warnings
 
 import pytest
 import torch
 
+import kfopt.graft
 from kfopt.registry import REGISTRY
 
 from .conftest import use_backend
 from .helpers import (assert_same_params, assert_same_tree, batch, clone_tree, one_layer_model, one_per_module,
                       tiny_model, train_step)
+
+#: the entries that graft (``kfopt.graft``): their own blow-ups are skipped, counted and checkpointed
+GRAFTED = [name for name, entry in REGISTRY.items() if entry.hyperparameters().get("graft", "none") != "none"]
 
 
 def _fresh(entry, model_state, optimizer_state, make_model=tiny_model):
@@ -119,3 +130,70 @@ def test_resume_under_a_grad_scaler_after_every_step_is_bit_identical(name, grad
         assert_same_tree(resumed["model"], reference[index + 1]["model"], f"resumed after step {index}: weights")
         assert_same_tree(resumed["optimizer"], reference[index + 1]["optimizer"],
                          f"resumed after step {index}: state_dict")
+
+
+def _without_counters(tree):
+    """A state dict without its skip counters, blow-up count and preconditioner ``steps`` (which count
+    skipped steps too)."""
+    if isinstance(tree, dict):
+        return {k: _without_counters(v) for k, v in tree.items()
+                if not (isinstance(k, str) and (k.endswith("skipped_steps") or k in ("steps", "blown_up_steps")))}
+    return tree
+
+
+def _infinite_direction(graft_step):
+    """``graft_step`` handed an infinite preconditioned gradient for the first preconditioned tensor, from
+    finite gradients: what a preconditioner blowing up gives the graft."""
+    def blown_up(params, grads, directions, *args, precondition, **kwargs):
+        directions = list(directions)
+        i = precondition.index(True)
+        directions[i] = torch.full_like(directions[i], math.inf)
+        return graft_step(params, grads, directions, *args, precondition=precondition, **kwargs)
+    return blown_up
+
+
+@pytest.mark.parametrize("name", GRAFTED)
+def test_a_blown_up_step_is_skipped_counted_warned_once_and_checkpointed(name, monkeypatch):
+    """A step whose gradients are finite but whose preconditioned gradient is not (factor and
+    second-order updates due: intervals of 1) changes no weight, factor or moment; it counts once in the
+    skip counters and in ``blown_up_steps``; reading ``skipped_steps`` warns once naming the optimizer and
+    the count; a checkpoint (``torch.load(weights_only=True)``) carries the count into a fresh optimizer,
+    which continues as one that never saw the step, and a checkpoint without it loads as 0."""
+    use_backend(monkeypatch, "torch")
+    entry = REGISTRY[name]
+    every_step = {key: 1 for key in entry.intervals}
+    model, twin_model = tiny_model(), tiny_model()
+    opt, twin = entry.build(model, **every_step), entry.build(twin_model, **every_step)
+    train_step(model, opt, 0)
+    train_step(twin_model, twin, 0)
+    params_before, state_before = [p.detach().clone() for p in model.parameters()], clone_tree(opt.state_dict())
+    with monkeypatch.context() as patch:
+        patch.setattr(kfopt.graft, "graft_step", _infinite_direction(kfopt.graft.graft_step))
+        train_step(model, opt, 1)
+    for p, before in zip(model.parameters(), params_before):
+        assert torch.equal(p, before), "a blown-up step changed a weight"
+    state = opt.state_dict()
+    assert_same_tree(_without_counters(state), _without_counters(state_before))
+    assert int(opt.blown_up_steps) == 1 and int(state["blown_up_steps"]) == 1
+    assert sum(int(v) for k, v in state.items() if k.endswith("skipped_steps")) == 1
+    with pytest.warns(RuntimeWarning, match=f"{entry.cls_name} skipped 1 step"):
+        assert int(opt.skipped_steps) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        int(opt.skipped_steps)  # once only
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    resumed_model = tiny_model(seed=1)
+    resumed_model.load_state_dict(model.state_dict())
+    resumed = entry.build(resumed_model, **every_step)
+    resumed.load_state_dict(saved)
+    assert int(resumed.blown_up_steps) == 1
+    for m, o in ((resumed_model, resumed), (twin_model, twin)):
+        train_step(m, o, 2)
+    assert_same_params(resumed_model, twin_model)
+    assert_same_tree(_without_counters(resumed.state_dict()), _without_counters(twin.state_dict()))
+    older = entry.build(tiny_model(seed=1), **every_step)
+    older.load_state_dict({k: v for k, v in clone_tree(saved).items() if k != "blown_up_steps"})
+    assert int(older.blown_up_steps) == 0 and "blown_up_steps" in older.state_dict()

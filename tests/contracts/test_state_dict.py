@@ -150,10 +150,15 @@ def _optional_state(opt, checkpoint: dict) -> set[tuple]:
     return optional
 
 
+#: top-level entries a checkpoint may lack: ``blown_up_steps`` came after the first checkpoints (loads as 0;
+#: ``test_resume.py`` checks it)
+OPTIONAL_KEYS = {("blown_up_steps",)}
+
+
 def _mutations(checkpoint: dict, optional: set = frozenset()):
     """(what, bad checkpoint): every key dropped (except whole per-parameter states, the only entry of
-    one, and entries documented as optional: they may be absent for parameters that never had a
-    gradient), every tensor with one more element and in another
+    one, entries documented as optional: they may be absent for parameters that never had a
+    gradient, and ``OPTIONAL_KEYS``), every tensor with one more element and in another
     dtype, every integer as a string, a param group too few and too many, a param id too few."""
     yield "param group dropped", {**clone_tree(checkpoint), "param_groups": clone_tree(checkpoint["param_groups"][:-1])}
     yield "param group added", {**clone_tree(checkpoint),
@@ -167,7 +172,8 @@ def _mutations(checkpoint: dict, optional: set = frozenset()):
             continue
         emptied = path[0] == "state" and len(path) == 3 and (
             len(checkpoint["state"][path[1]]) == 1 or (path[1], path[2]) in optional)
-        if not (path[0] == "state" and len(path) == 2) and not isinstance(path[-1], int) and not emptied:
+        if not (path[0] == "state" and len(path) == 2) and not isinstance(path[-1], int) and not emptied \
+                and path not in OPTIONAL_KEYS:
             yield f"{where} dropped", _replace(checkpoint, path, delete=True)
         if isinstance(value, torch.Tensor):
             bigger = torch.cat([value.reshape(-1), value.reshape(-1)[:1]]) if value.numel() else value.new_zeros(1)
