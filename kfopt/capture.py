@@ -307,9 +307,9 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 def _check_sharding(model: nn.Module) -> None:
     """FSDP2 (``fully_shard``, HSDP included) is accepted when every DTensor parameter is row-sharded
-    (placements ``(Shard(0),)``, or HSDP's ``(Replicate(), Shard(0))``): ValueError naming the layer otherwise (e.g. tensor parallelism's
-    ``Shard(1)`` inside a fully_shard model). FSDP1 and DTensor parameters without ``fully_shard``
-    (tensor parallelism alone) raise NotImplementedError."""
+    (placements ``(Shard(0),)``, or HSDP's ``(Replicate(), Shard(0))``): ValueError naming the layer
+    otherwise (e.g. tensor parallelism's ``Shard(1)`` inside a fully_shard model). FSDP1 and DTensor
+    parameters without ``fully_shard`` (tensor parallelism alone) raise NotImplementedError."""
     if not dist.is_available():
         return
     from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel

@@ -35,7 +35,7 @@ from kfopt.autotune import agree_on_configs, configs_per_rank
 
 from . import collectives
 from .capture import CapturedLayer
-from .kaisa import Strategy
+from .kaisa import Strategy, grad_worker_count
 from .row_shards import RowShardPlan, gather_to_owners, scatter_from_owners
 
 
@@ -55,20 +55,22 @@ class Sharded:
     """The distributor of FSDP2/HSDP row-sharded layers (module docstring). ``layers``: the captured
     layers in the preconditioner's order; ``strategy``: what the owners balance (``kfopt.kaisa``)."""
 
-    distributed = True
+    distributed = True  # as Replicated's: torch.distributed is initialised
 
     def __init__(self, layers: Sequence[CapturedLayer], strategy: Strategy = "compute"):
-        meshes = {layer.weight.device_mesh for layer in layers}
-        if len(meshes) != 1:
-            raise ValueError(f"model: the preconditioned layers are sharded over {len(meshes)} device meshes; "
-                             "expected one")
+        meshes = {getattr(layer.weight, "device_mesh", None) for layer in layers}
+        if len(meshes) != 1 or None in meshes:
+            raise ValueError("model: the preconditioned layers must all be sharded (fully_shard) over one "
+                             f"device mesh; got {len(meshes - {None})} meshes"
+                             + (" and unsharded layers" if None in meshes else ""))
         mesh = meshes.pop()
         self.group = mesh.get_group(mesh.ndim - 1)  # the shard dimension (HSDP: the last one)
+        # HSDP: the replicas of this rank's shard precondition the same layers on the same data
+        self.replicas = mesh.get_group(0) if mesh.ndim == 2 and mesh.size(0) > 1 else None
         self.ranks, self.me = collectives.world_size(self.group), collectives.rank(self.group)
         self.world = collectives.world_size()
-        shapes = [(layer.out_features, layer.in_features + 1) for layer in layers]  # owners: K-FAC's sides
+        shapes = [(layer.out_features, layer.in_features + layer.has_bias) for layer in layers]  # K-FAC's sides
         self.owners = RowShardPlan.balanced(shapes, torch.float32, self.ranks, strategy).owners
-        self._layers = list(layers)
         self._exchange: tuple[RowShardPlan, list[int]] | None = None
 
     @classmethod
@@ -77,10 +79,11 @@ class Sharded:
         worker per replicate group (module docstring)."""
         distributor = cls(layers, strategy)
         replicas = distributor.world // distributor.ranks
-        if max(1, round(distributor.world * grad_worker_fraction)) != replicas:
-            raise ValueError(f"grad_worker_fraction: under FSDP2 each layer is preconditioned by one owner in its "
-                             f"shard group of {distributor.ranks} ranks ({replicas} grad workers of {distributor.world} "
-                             f"ranks): expected 1/{distributor.ranks}, got {grad_worker_fraction!r}")
+        if grad_worker_count(distributor.world, grad_worker_fraction) != replicas:
+            raise ValueError(f"grad_worker_fraction: under FSDP2 each layer is preconditioned by one owner in "
+                             f"its shard group of {distributor.ranks} ranks ({replicas} grad workers of "
+                             f"{distributor.world} ranks): expected 1/{distributor.ranks}, "
+                             f"got {grad_worker_fraction!r}")
         return distributor
 
     @property
@@ -152,5 +155,8 @@ class Sharded:
             layers[i].write_grad(rows)
 
     def agreement(self, *, preconditioning: bool = False) -> AbstractContextManager:
-        """Every rank for a replicated update; each owner for itself when preconditioning."""
-        return configs_per_rank() if preconditioning else agree_on_configs()
+        """Every rank for a replicated update; when preconditioning, each owner for itself, or under HSDP
+        with the replicas of its shard (they compute the same layers' ``P``, bit for bit)."""
+        if not preconditioning:
+            return agree_on_configs()
+        return configs_per_rank() if self.replicas is None else agree_on_configs(self.replicas)

@@ -55,12 +55,9 @@ def train(model, opt, part):
 
 
 def single_process(case):
-    os.environ["KFOPT_BACKEND"] = "torch"
-    try:
-        model = build_model()
-        train(model, make_kfac(model, case, 1.0), slice(None))
-    finally:
-        os.environ.pop("KFOPT_BACKEND")
+    """The reference: one process on the global batch (the caller sets the torch backend)."""
+    model = build_model()
+    train(model, make_kfac(model, case, 1.0), slice(None))
     return [p.detach().clone() for p in model.parameters()]
 
 
@@ -108,6 +105,8 @@ def ranks_program(rank, world):
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
+    from kfopt import MKOR, MKORH, SINGD
+
     out = {}
     if world == 2:
         mesh = init_device_mesh("cpu", (2,))
@@ -117,8 +116,6 @@ def ranks_program(rank, world):
             make_kfac(build_model_sharded(mesh), "eigen", 1.0)
         except ValueError as err:
             out["fraction"] = str(err)
-        from kfopt import MKOR, MKORH, SINGD
-
         for name, cls in (("MKOR", MKOR), ("MKORH", MKORH), ("SINGD", SINGD)):
             try:
                 cls(build_model_sharded(mesh), lr=0.1)
@@ -161,7 +158,8 @@ CONFIGS = [("w4", 4), ("hsdp22", 4), ("w1", 4), ("w2", 2)]
 @pytest.mark.distributed
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("config,world", CONFIGS)
-def test_sharded_kfac_equals_one_process(config, world, case):
+def test_sharded_kfac_equals_one_process(config, world, case, monkeypatch):
+    monkeypatch.setenv("KFOPT_BACKEND", "torch")
     expected = single_process(case)
     ranks = runs(world)
     for rank, out in enumerate(ranks):
