@@ -106,14 +106,17 @@ Distributed
     ``model`` may be wrapped in ``DistributedDataParallel`` (any launcher, ``torchrun`` included): layer
     and parameter names are those of the wrapped module (no ``module.`` prefix) and ``skip_layers``
     accepts names with or without the prefix. Each rank captures its local micro-batches; averaging
-    statistics over ranks is the optimizer's job (kfopt.collectives). FSDP is not supported: a model
-    sharded with ``fully_shard`` (FSDP2; DTensor parameters, tensor parallelism included) or wrapped in
-    ``FullyShardedDataParallel`` raises ``NotImplementedError`` at construction, because the optimizers
-    precondition whole (d_out x d_in) weight gradients that FSDP shards across ranks.
+    statistics over ranks is the optimizer's job (kfopt.collectives). A model sharded with FSDP2's
+    ``fully_shard`` (HSDP included) is accepted when its DTensor parameters are row shards; the codec
+    then reads and writes this rank's rows of ``[dW | db]`` and the optimizer gathers whole matrices
+    (``kfopt.sharded_distribution``). Other placements (tensor parallelism's ``Shard(1)``) raise
+    ValueError naming the layer; ``FullyShardedDataParallel`` (FSDP1) and DTensor parameters without
+    ``fully_shard`` raise ``NotImplementedError`` at construction.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Literal, NamedTuple
@@ -216,30 +219,39 @@ class CapturedLayer:
         ``with_bias`` and a bias, the bias gradient as the last column (zeros when it has none). Without
         a bias column it is a view of the weight gradient where the gradient's layout allows one (a
         contiguous gradient), else a copy (e.g. a channels-last Conv2d gradient); with one, a copy.
-        :meth:`write_grad` stores a matrix of this shape back."""
+        Under FSDP2 (a row-sharded DTensor gradient) it is this rank's block of whole rows of ``V``
+        (possibly none). :meth:`write_grad` stores a matrix of this shape back."""
         return self.as_matrix(self.weight.grad, self.bias.grad if with_bias and self.has_bias else None,
                               with_bias=with_bias)
 
     def as_matrix(self, weight_grad: torch.Tensor, bias_grad: torch.Tensor | None,
                   with_bias: bool = True) -> torch.Tensor:
         """:meth:`grad_matrix` of the weight gradient ``weight_grad`` and bias gradient ``bias_grad`` (None:
-        zeros) instead of the ``.grad``s (e.g. Adam's first moments, ``kfopt.graft``)."""
-        weight_part = weight_grad.reshape(self.out_features, -1)
+        zeros) instead of the ``.grad``s (e.g. Adam's first moments, ``kfopt.graft``); DTensors: their
+        local rows."""
+        grad = _local(weight_grad)
+        weight_part = grad.reshape(grad.shape[0], math.prod(grad.shape[1:]))  # rows may be 0
         if not (with_bias and self.has_bias):
             return weight_part
-        bias_part = bias_grad if bias_grad is not None else torch.zeros_like(self.bias)
+        bias_part = _local(bias_grad) if bias_grad is not None else torch.zeros_like(_local(self.bias))
         return torch.cat([weight_part, bias_part.reshape(-1, 1).to(weight_part.dtype)], dim=1)
 
     def write_grad(self, matrix: torch.Tensor) -> None:
         """Store ``matrix`` (shaped as :meth:`grad_matrix`'s, with or without the bias column) into the
-        weight's (and bias's) ``.grad``, in their dtypes; a weight part that is the view
-        :meth:`grad_matrix` returned is already in place and not copied."""
-        grad = self.weight.grad
+        weight's (and bias's) ``.grad`` (their local rows under FSDP2), in their dtypes; a weight part
+        that is the view :meth:`grad_matrix` returned is already in place and not copied."""
+        grad = _local(self.weight.grad)
         weight_part = matrix[:, :self.in_features]
         if weight_part.data_ptr() != grad.data_ptr():
             grad.copy_(weight_part.reshape(grad.shape))
         if matrix.shape[1] > self.in_features:
-            self.bias.grad.copy_(matrix[:, self.in_features])
+            _local(self.bias.grad).copy_(matrix[:, self.in_features])
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (``to_local()``, a view sharing its storage), any other tensor itself."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if to_local is not None else t
 
 
 def _sum_into(total: torch.Tensor | None, value: torch.Tensor | None) -> torch.Tensor | None:
@@ -301,24 +313,38 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
-def _check_not_sharded(model: nn.Module) -> None:
+def _check_sharding(model: nn.Module) -> None:
+    """FSDP2 (``fully_shard``, HSDP included) is accepted when every DTensor parameter is row-sharded
+    (placements ``(Shard(0),)``, or HSDP's ``(Replicate(), Shard(0))``): ValueError naming the layer
+    otherwise (e.g. tensor parallelism's ``Shard(1)`` inside a fully_shard model). FSDP1 and DTensor
+    parameters without ``fully_shard`` (tensor parallelism alone) raise NotImplementedError."""
     if not dist.is_available():
         return
     from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
-    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor import DTensor, Replicate, Shard
 
+    fsdp2 = False
     for name, module in model.named_modules():
-        if isinstance(module, (FSDPModule, FullyShardedDataParallel)):
+        if isinstance(module, FullyShardedDataParallel):
             raise NotImplementedError(
                 f"module {name or '<root>'!r} is sharded by FSDP ({type(module).__name__}): kfopt's "
-                "Kronecker-factored optimizers precondition whole weight gradients and do not support "
-                "FSDP; use DistributedDataParallel")
+                "Kronecker-factored optimizers support FSDP2 (fully_shard) and DistributedDataParallel, "
+                "not FSDP1")
+        fsdp2 = fsdp2 or isinstance(module, FSDPModule)
     for name, p in model.named_parameters():
-        if isinstance(p, DTensor):
+        if not isinstance(p, DTensor):
+            continue
+        if not fsdp2:
             raise NotImplementedError(
-                f"parameter {name!r} is a DTensor (FSDP2 fully_shard or tensor parallelism): kfopt's "
-                "Kronecker-factored optimizers precondition whole weight gradients and do not support "
-                "sharded parameters; use DistributedDataParallel")
+                f"parameter {name!r} is a DTensor (tensor parallelism) in a model without fully_shard: "
+                "kfopt's Kronecker-factored optimizers precondition whole weight gradients and support "
+                "FSDP2 (fully_shard) or DistributedDataParallel")
+        if tuple(p.placements) not in ((Shard(0),), (Replicate(), Shard(0))):
+            layer = name.rpartition(".")[0] or "<root>"
+            raise ValueError(
+                f"layer {layer!r}: parameter {name!r} has placements {tuple(p.placements)}; kfopt's "
+                "Kronecker-factored optimizers accept FSDP2 row shards only, (Shard(0),) or HSDP's "
+                "(Replicate(), Shard(0))")
 
 
 def _has_empty_weight(module: nn.Module) -> bool:
@@ -352,7 +378,7 @@ class LayerCapture:
                  loss_average: LossAverage = "batch"):
         check_loss_average("loss_average", loss_average)
         inner = _unwrap(model)
-        _check_not_sharded(inner)
+        _check_sharding(inner)
         for t in layer_types:
             if not (isinstance(t, type) and issubclass(t, (nn.Linear, nn.Conv2d))):
                 raise ValueError(f"layer_types: {t!r} is not a subclass of nn.Linear or nn.Conv2d")

@@ -73,6 +73,10 @@ class Distributor(Protocol):
         """Every active layer's ``P`` on this rank, from the ``P`` this rank computed
         (``preconditioned``); ``like[l]``/``dtypes[l]``: the shape and dtype of layer l's ``P``."""
 
+    def sum_over_preconditioners(self, value: torch.Tensor) -> torch.Tensor:
+        """The sum over the ranks of ``value``, a term over the layers whose ``P`` this rank has after
+        ``share_preconditioned`` (replicated: every active layer, so ``value`` itself)."""
+
     def write_gradients(self, layers: Sequence[CapturedLayer], results: dict[int, torch.Tensor]) -> None:
         """Store each layer's ``results[l]`` (a matrix shaped as its ``gradients`` entry) into its ``.grad``."""
 
@@ -158,6 +162,9 @@ class Replicated:
         for handle in handles:
             handle.wait()
         return preconditioned
+
+    def sum_over_preconditioners(self, value: torch.Tensor) -> torch.Tensor:
+        return value
 
     def write_gradients(self, layers: Sequence[CapturedLayer], results: dict[int, torch.Tensor]) -> None:
         for i, matrix in results.items():

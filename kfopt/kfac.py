@@ -153,6 +153,7 @@ from .distribution import Replicated
 from .graft import GRAFT_BETAS, GRAFT_EPS, check_graft_group, graft_defaults
 from .kaisa import Strategy
 from .layer_state import LayerState, check_saved_factors, check_state_keys
+from .sharded_distribution import Sharded, is_sharded
 from .validation import (
     check_bool,
     check_int,
@@ -283,8 +284,11 @@ class KFACPreconditioner:
         try:  # a constructor that raises leaves the model without hooks
             self.capture.set_grad_scale(grad_scaler)
             self._layers = [_Layer(layer) for layer in self.capture.layers.values()]
-            self.distributor = Replicated.kaisa([(len(layer.A), len(layer.G)) for layer in self._layers],
-                                                grad_worker_fraction, assignment_strategy)
+            captured = [layer.captured for layer in self._layers]
+            self.distributor = (Sharded.kaisa(captured, grad_worker_fraction, assignment_strategy)
+                                if is_sharded(captured) else
+                                Replicated.kaisa([(len(layer.A), len(layer.G)) for layer in self._layers],
+                                                 grad_worker_fraction, assignment_strategy))
         except BaseException:
             self.capture.remove()
             raise
@@ -522,13 +526,15 @@ class KFACPreconditioner:
                    for i in mine]
         precond = distributor.share_preconditioned(dict(zip(mine, out)), active, grads,
                                                    [layer.A.dtype for layer in self._layers])
-        if not active:
-            return
-        results = [precond[i] for i in active]
-        if self.kl_clip is not None:
-            vg = torch.stack([(precond[i] * grads[i]).sum().float() * lrs[i] ** 2 for i in active]).sum()
-            torch._foreach_mul_(results, (self.kl_clip / vg.abs()).sqrt().clamp(max=1.0))
-        distributor.write_gradients(captured, dict(zip(active, results)))
+        written = [i for i in active if i in precond]  # sharded: the layers this rank owns
+        results = [precond[i] for i in written]
+        if self.kl_clip is not None and active:
+            terms = [(precond[i] * grads[i]).sum().float() * lrs[i] ** 2 for i in written]
+            vg = distributor.sum_over_preconditioners(
+                torch.stack(terms).sum() if terms else torch.zeros((), device=self._layers[active[0]].A.device))
+            if results:
+                torch._foreach_mul_(results, (self.kl_clip / vg.abs()).sqrt().clamp(max=1.0))
+        distributor.write_gradients(captured, dict(zip(written, results)))
 
 
 class KFAC(ComposedOptimizer):

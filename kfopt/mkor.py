@@ -129,6 +129,7 @@ from .composed import BaseOptimizer, ComposedOptimizer, check_base
 from .distribution import Replicated
 from .graft import GRAFT_BETAS, GRAFT_EPS, check_graft_group, graft_defaults
 from .layer_state import LayerState, check_saved_factors, check_state_keys
+from .sharded_distribution import check_not_sharded
 from .validation import KIND_KEY, check_int, check_keys, check_loss_average, check_nonnegative, check_positive, check_tensor
 
 logger = logging.getLogger(__name__)
@@ -224,6 +225,7 @@ class MKORPreconditioner:
                                                                      device)
             self._g_index, self._g_count_index = self._vector_layout([layer.JL.shape[0] for layer in self._layers],
                                                                      device)
+            check_not_sharded(list(self.capture.layers.values()), "MKOR")
             self.distributor = Replicated()
         except BaseException:
             self.capture.remove()

@@ -188,6 +188,7 @@ from .graft import (
 )
 from .layer_state import LayerState
 from .optimizer import KfoptOptimizer
+from .sharded_distribution import check_not_sharded
 from .structures import Structure, StructureSpec, parse_structure
 from .validation import (
     check_bool,
@@ -324,6 +325,7 @@ class SINGDPreconditioner:
         self.capture = self._build_capture(model, skip_layers)
         try:  # a constructor that raises leaves the model without hooks
             self.capture.set_grad_scale(grad_scaler)
+            check_not_sharded(list(self.capture.layers.values()), "SINGD")
             group_of = {id(p): i for i, group in enumerate(groups()) for p in group["params"]}
             self._layers = [_Layer(captured, group_of[id(captured.module.weight)])
                             for captured in self.capture.layers.values()]

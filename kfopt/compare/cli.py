@@ -296,6 +296,9 @@ def _plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Plan:
         task = make_task(args.task, size, device, args.text)
         if distribution is not None:
             task = distributed.DistributedTask(task, distribution)
+            for name in names:
+                overrides[name] = {**distributed.required_overrides(args.distributed, name, distribution.world),
+                                   **overrides[name]}
     except (ValueError, RuntimeError) as exc:
         parser.error(str(exc))
     torch.manual_seed(args.seed)

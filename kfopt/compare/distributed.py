@@ -11,7 +11,8 @@ computes on the global batch (up to the order of floating-point sums). The loss 
 validation runs on every rank on the whole validation set. Rank 0 prints and writes the reports;
 step times and optimizer-state memory are rank 0's (under FSDP2: its shard).
 
-Under ``fsdp`` only optimizers that step sharded parameters run (AdamW, LAMB, LARS); the others are
+Under ``fsdp`` only optimizers that step sharded parameters run (AdamW, LAMB, LARS, and K-FAC with
+``grad_worker_fraction = 1 / world``: one owner per layer); the others are
 left out of the default list with a note, and naming one is a usage error.
 
 A rank ends through :func:`finish`: a barrier, the process group destroyed, then ``os._exit``: torch
@@ -79,9 +80,21 @@ def finish(status: int) -> NoReturn:
     os._exit(status)
 
 
+#: The Kronecker-factored optimizers of the comparison that train FSDP2-sharded models
+#: (``kfopt.sharded_distribution``), with what sharding needs of their hyperparameters on ``world`` ranks.
+SHARDED_KRONECKER = {"kfac": lambda world: {"grad_worker_fraction": 1 / world}}
+
+
 def supports(mode: str, name: str) -> bool:
     """Whether optimizer ``name`` of the comparison can train under ``mode``."""
-    return mode != "fsdp" or name == BASELINE or OPTIMIZERS[name].cls._shardable is True
+    return (mode != "fsdp" or name == BASELINE or name in SHARDED_KRONECKER
+            or OPTIMIZERS[name].cls._shardable is True)
+
+
+def required_overrides(mode: str, name: str, world: int) -> dict:
+    """The hyperparameters optimizer ``name`` must take under ``mode`` on ``world`` ranks (fsdp: K-FAC's
+    one owner per layer)."""
+    return SHARDED_KRONECKER[name](world) if mode == "fsdp" and name in SHARDED_KRONECKER else {}
 
 
 def agree(distribution: Distribution | None, value):
