@@ -50,6 +50,16 @@ edges of row k are dropped (X is diag(1 / S_kk) where all are).
     d = a_adam, no grafting, for tensors with ``precondition=False`` (the plain Adam update)
     w <- w - lr (d + wd w)
 
+**Shards** (FSDP2/HSDP: ``kfopt.halos`` gathers the halos, ``kfopt.sharding`` the reductions): a tensor
+may be the rows ``[o, o + n)`` of a longer flattened one. Rows ``k`` of its window (``k + p``, ``i - p``,
+``|p| <= b``) outside ``[0, n)`` but inside ``[-halo_left, n + halo_right)`` read their gradient and old
+statistics from the tensor's halo table, rows outside that range do not exist (as past the ends of a
+whole tensor); the EMAs of the halo rows are recomputed (the owner computes the same bits) and never
+stored. The lag-``j`` statistic of a row exists while ``row + j < n + halo_right``. With the norms and
+the gradient's sum of squares and non-finite count all-reduced (``reduce``, a SUM) and the relative
+damping's per-tensor row maxima too (``reduce_max``, a MAX), every row of the shard gets the value of a
+call on the whole tensor.
+
 **Kernels** (one launch each over every tensor of a dtype group; no host synchronisation):
 
 0. gradient norm + finiteness (``multi_tensor.launch_global_norm``, no clipping): if any gradient is
@@ -92,7 +102,9 @@ mu, nu_d, nu_1..b and d written) + 12 (pass 2: w, d read, w written) = ``40 + 8b
 tridiagonal case); ``relative_eps`` adds one read of g, nu_d, nu_1..b (8 + 4b). The direction scratch
 is 4 bytes per parameter of transient memory. The state (the parameter order is the flattened
 row-major order of ``p``): ``exp_avg`` (shape of p), ``diag`` (n,), ``offdiag`` (b, n) with
-``offdiag[j-1, i]`` the lag-j statistic of rows i, i+j (entries ``i >= n - j`` stay zero), all fp32.
+``offdiag[j-1, i]`` the lag-j statistic of rows i, i+j (entries ``i >= n + halo_right - j`` stay zero),
+all fp32 (``kfopt.SONew`` keeps ``diag`` shaped like p and ``offdiag`` as ``(b, *p.shape)`` and passes
+flat views).
 """
 
 from __future__ import annotations
@@ -577,8 +589,8 @@ def sonew_step(
     diags: Sequence[torch.Tensor],
     offdiags: Sequence[torch.Tensor],
     steps: Sequence[torch.Tensor],
-    *,
     halos: Sequence[torch.Tensor | None] | None = None,
+    *,
     skipped: torch.Tensor | None = None,
     grad_scale: torch.Tensor | None = None,
     found_inf: torch.Tensor | None = None,
@@ -768,7 +780,7 @@ def apply_sparse_inverse_reference(psi: torch.Tensor, dinv: torch.Tensor, v: tor
     return x
 
 
-def sonew_step_reference(params, grads, exp_avgs, diags, offdiags, steps, *, halos=None, skipped=None,
+def sonew_step_reference(params, grads, exp_avgs, diags, offdiags, steps, halos=None, *, skipped=None,
                          grad_scale=None, found_inf=None, reduce=None, reduce_max=None,
                          **hyperparameters) -> torch.Tensor:
     """Plain PyTorch SONew with :func:`sonew_step`'s arguments and contract (shards and halos included).

@@ -90,7 +90,7 @@ def exchange_halos(requests: list[HaloRequest], group) -> list[torch.Tensor]:
     mine = torch.cat([_contribution(r) for r in requests])
     world = dist.get_world_size(group)
     gathered = torch.empty(world * mine.numel(), dtype=mine.dtype, device=mine.device)
-    dist.all_gather_into_tensor(gathered, mine, group=group)
+    dist.all_gather_single(gathered, mine, group=group)
     gathered = gathered.view(world, -1)
     halos, at = [], 0
     for req in requests:

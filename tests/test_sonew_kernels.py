@@ -518,11 +518,16 @@ def shard_call(whole, cuts, k, band, halo_dtype):
     return tensors, halos, lefts, rights
 
 
+class _Recorded(Exception):
+    """Ends a shard's step at its first collective whose result is not known yet."""
+
+
 def step_shards(step, whole, band, halo_dtype, **hyper):
     """Every shard stepped on its own with its halo, the collectives simulated: each round steps copies of
     the shards, giving every ``reduce``/``reduce_max`` call whose result is known that result and
-    recording what each shard hands to the first unknown one; the reduction over the shards (sum, max)
-    of that call is then known. The round without an unknown call is the result: each shard's tensors."""
+    recording what each shard hands to the first unknown one (the step ends there); the reduction over
+    the shards (sum, max) of that call is then known. The round without an unknown call is the result:
+    each shard's tensors."""
     n_shards = len(SHARDED[0][1]) - 1
     cuts = [c for _, c in SHARDED]
     known = []  # (kind, reduced value) of the calls, in the order each shard makes them
@@ -537,12 +542,16 @@ def step_shards(step, whole, band, halo_dtype, **hyper):
                 if i < len(known):
                     assert known[i][0] == kind, "the shards make the same collectives in the same order"
                     t.copy_(known[i][1])
-                elif i == len(known):
+                else:
                     seen.append((kind, t.clone()))
+                    raise _Recorded
             return reduce
 
-        step(*[list(c) for c in zip(*tensors)], halos=halos, halo_left=lefts, halo_right=rights,
-             reduce=reducer("sum"), reduce_max=reducer("max"), **hyper)
+        try:
+            step(*[list(c) for c in zip(*tensors)], halos=halos, halo_left=lefts, halo_right=rights,
+                 reduce=reducer("sum"), reduce_max=reducer("max"), **hyper)
+        except _Recorded:
+            pass
         return tensors
 
     while True:
