@@ -1,18 +1,19 @@
 """Parameters sharded by FSDP2 / HSDP (``torch.distributed.fsdp.fully_shard``): placement checks and the
 shard-group reduction the element-wise optimizers use.
 
-A parameter is either a plain tensor or a ``DTensor``. The element-wise optimizers (LAMB, LARS, SONew) accept
-DTensors whose placements are ``Replicate()`` on every mesh dimension except at most one ``Shard(0)``:
-FSDP2 gives ``(Shard(0),)``, HSDP on a (replicate, shard) mesh ``(Replicate(), Shard(0))``. They step on
-the local shards (``to_local()``) and keep their state as DTensors with the parameter's placements (so
-``torch.distributed.checkpoint`` saves and reshards it; SONew's ``offdiag``, ``(b, *p.shape)``, is
-sharded on dim 1). Every quantity defined over a whole tensor (the per-tensor norms of the trust and
-graft ratios, the global gradient norm and its non-finite verdict) is the sum of the ranks' partial sums,
-all-reduced over the process group of the ``Shard(0)`` mesh dimension only (replicas of HSDP hold the same
-shards); SONew's relative damping takes the maximum of the ranks' row maxima, and its band reads the rows
-next to the shard from the neighbouring shards (``kfopt.halos``). Other placements (``Shard(d)`` with d != 0, ``Partial``, two
-sharded dimensions) and optimizers mixing sharded parameters with plain ones or with another shard group
-raise ValueError at construction, naming the parameter and its placement.
+A parameter is either a plain tensor or a ``DTensor``. The element-wise optimizers (LAMB, LARS, SONew)
+accept DTensors whose placements are ``Replicate()`` on every mesh dimension except at most one
+``Shard(0)``: FSDP2 gives ``(Shard(0),)``, HSDP on a (replicate, shard) mesh ``(Replicate(), Shard(0))``.
+They step on the local shards (``to_local()``) and keep their state as DTensors with the parameter's
+placements (so ``torch.distributed.checkpoint`` saves and reshards it; SONew's ``offdiag``, ``(b,
+*p.shape)``, is sharded on dim 1). Every quantity defined over a whole tensor (the per-tensor norms of the
+trust and graft ratios, the global gradient norm and its non-finite verdict) is the sum of the ranks'
+partial sums, all-reduced over the process group of the ``Shard(0)`` mesh dimension only (replicas of HSDP
+hold the same shards); SONew's relative damping takes the maximum of the ranks' row maxima, and its band
+reads the rows next to the shard from the neighbouring shards (``kfopt.halos``). Other placements
+(``Shard(d)`` with d != 0, ``Partial``, two sharded dimensions) and optimizers mixing sharded parameters
+with plain ones or with another shard group raise ValueError at construction, naming the parameter and its
+placement.
 
 Tuned kernel configs (``kfopt.autotune``) change the order of the partial sums, not their all-reduced
 total: ranks of the shard group may tune for themselves (``configs_per_rank``), while HSDP's replicas,

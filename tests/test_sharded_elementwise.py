@@ -1,10 +1,10 @@
-"""LAMB, LARS and SONew (band 1; band 2 with relative damping) under FSDP2 (``fully_shard`` on each layer and on the root) and HSDP on gloo processes:
-after 5 steps the full parameters equal one process on the same global batch, whatever the world size
-and mesh, with identical replicated state on every rank; a NaN in one rank's shard makes every rank
-skip; unsupported placements raise at construction; torch.distributed.checkpoint saves reshard across
-world sizes 4, 2 and 1, and plain and sharded state dicts load into each other, the resumed runs
-continuing as the uninterrupted one; with tuning on, FSDP2 ranks tune per rank, HSDP replicas agree, and
-timing makes no collective.
+"""LAMB, LARS and SONew (band 1; band 2 with relative damping) under FSDP2 (``fully_shard`` on each layer
+and on the root) and HSDP on gloo processes: after 5 steps the full parameters equal one process on the same
+global batch, whatever the world size and mesh, with identical replicated state on every rank; a NaN in one
+rank's shard makes every rank skip; unsupported placements raise at construction;
+torch.distributed.checkpoint saves reshard across world sizes 4, 2 and 1, and plain and sharded state dicts
+load into each other, the resumed runs continuing as the uninterrupted one; with tuning on, FSDP2 ranks tune
+per rank, HSDP replicas agree, and timing makes no collective.
 
 One spawn of 4 processes runs every configuration per backend (process start-up dominates the cost):
 world 4 on a 1-D mesh, world 2 on the "shard" dimension of a (2, 2) mesh (two independent jobs), world
@@ -235,8 +235,8 @@ SAVE_AFTER = 3
 
 
 def checkpoint_runs(rank, world, directory):
-    """Checkpoints of every optimizer on 4 ranks (PyTorch path): DCP saved at world 4 resumed at world 2 and 1,
-    saved at world 2 resumed at world 4, a plain single-process state_dict() loaded into a sharded run
+    """Checkpoints of every optimizer on 4 ranks (PyTorch path): DCP saved at world 4 resumed at world 2 and
+    1, saved at world 2 resumed at world 4, a plain single-process state_dict() loaded into a sharded run
     and a full state dict of a sharded run loaded into a plain optimizer. Returns the full final
     parameters of each resumed run and of the uninterrupted one, per optimizer."""
     os.environ["KFOPT_BACKEND"] = "torch"
@@ -347,8 +347,8 @@ def test_checkpoints_reshard_and_resume(tmp_path):
 
 
 def tuned_runs(rank, world, cache_dir):
-    """Every optimizer on 4 ranks (Triton interpreter) under FSDP2 and HSDP with tuning switched on (as on a
-    GPU) and a fake timer that makes every rank prefer a different candidate and *run* a rank-dependent
+    """The ``TUNED`` optimizers on 4 ranks (Triton interpreter) under FSDP2 and HSDP with tuning switched on
+    (as on a GPU) and a fake timer that makes every rank prefer a different candidate and *run* a rank-dependent
     number of them (1 to 3 launches per candidate): a collective made while timing would pair up wrongly
     across ranks or hang. Returns each run's selections, local shards and full parameters."""
     import kfopt.autotune.space as space
@@ -382,7 +382,8 @@ def tuned_runs(rank, world, cache_dir):
     from kfopt.kernels.lars import LARS_CONFIGS
     from kfopt.kernels.sonew import SONEW_CONFIGS
 
-    for cs in (LAMB_CONFIGS, LARS_CONFIGS, SONEW_CONFIGS):  # five candidates each: the interpreter runs every timed one
+    # five candidates each: the interpreter runs every timed one
+    for cs in (LAMB_CONFIGS, LARS_CONFIGS, SONEW_CONFIGS):
         cs.configs = (cs.default, *[c for c in cs.configs if c != cs.default][:world])
     os.environ["KFOPT_AUTOTUNE_CACHE"] = os.path.join(cache_dir, f"rank{rank}.json")
     space.can_benchmark = lambda device: True
