@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from kfopt.kernels.multi_tensor import to_device
+
 
 @dataclass(frozen=True)
 class HaloRequest:
@@ -47,16 +49,15 @@ class HaloRequest:
         return max(0, min(self.band, self.total - self.offset - n))
 
 
-def _contribution(req: HaloRequest) -> torch.Tensor:
-    """``[o, n, first (3 + b, b), last (3 + b, b)]`` flat, float64: the first ``min(b, n)`` entries
-    left-aligned, the last ``min(b, n)`` right-aligned, zeros elsewhere."""
+def _contribution(req: HaloRequest, head: torch.Tensor) -> torch.Tensor:
+    """``[o, n, first (3 + b, b), last (3 + b, b)]`` flat, float64 (``head``: ``[o, n]`` on the device):
+    the first ``min(b, n)`` entries left-aligned, the last ``min(b, n)`` right-aligned, zeros elsewhere."""
     b, rows = req.band, torch.stack([r.reshape(-1).to(torch.float64) for r in req.rows])
     n, k = rows.shape[1], min(req.band, rows.shape[1])
     first = rows.new_zeros((rows.shape[0], b))
     last = rows.new_zeros((rows.shape[0], b))
     first[:, :k] = rows[:, :k]
     last[:, b - k:] = rows[:, n - k:]
-    head = torch.tensor([req.offset, n], dtype=torch.float64, device=rows.device)
     return torch.cat([head, first.reshape(-1), last.reshape(-1)])
 
 
@@ -74,8 +75,9 @@ def _pick(segment: torch.Tensor, req: HaloRequest) -> torch.Tensor:
     # every index once: the first block's entries that exist, then the last block's not already in it
     valid = torch.cat([s < lengths, lengths - b + s >= b], dim=1)
     n = req.rows[0].numel()
-    targets = torch.cat([torch.arange(req.offset - b, req.offset), torch.arange(req.offset + n, req.offset + n + b)])
-    match = valid[None] & (keys[None] == targets.to(segment)[:, None, None])  # (2b, world, 2b)
+    h = torch.arange(2 * b, dtype=torch.float64, device=segment.device)
+    targets = torch.where(h < b, req.offset - b + h, req.offset + n - b + h)  # the halo's global indices
+    match = valid[None] & (keys[None] == targets[:, None, None])  # (2b, world, 2b)
     match = match.reshape(2 * b, -1)
     source = match.to(torch.uint8).argmax(dim=1)
     halo = values.permute(1, 0, 2).reshape(q, -1)[:, source]
@@ -87,7 +89,9 @@ def exchange_halos(requests: list[HaloRequest], group) -> list[torch.Tensor]:
     ``group`` (every rank of it must make the same requests, in the same order, with its own rows)."""
     if not requests:
         return []
-    mine = torch.cat([_contribution(r) for r in requests])
+    heads = torch.tensor([[r.offset, r.rows[0].numel()] for r in requests], dtype=torch.float64)
+    heads = to_device(heads, requests[0].rows[0].device)  # no host synchronisation
+    mine = torch.cat([_contribution(r, head) for r, head in zip(requests, heads)])
     world = dist.get_world_size(group)
     gathered = torch.empty(world * mine.numel(), dtype=mine.dtype, device=mine.device)
     dist.all_gather_single(gathered, mine, group=group)
