@@ -160,7 +160,8 @@ def like_param(state: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     """A loaded state tensor laid out like parameter ``p``: a full (plain) tensor of ``p``'s shape, or of
     ``(k, *p.shape)``, is cut into ``p``'s local shard when ``p`` is a DTensor (no communication), a
     DTensor is gathered when ``p`` is plain."""
-    if is_dtensor(p) and not is_dtensor(state) and state.dim() > 0 and tuple(state.shape[-p.dim():]) == tuple(p.shape):
+    fits = state.dim() > 0 and tuple(state.shape[state.dim() - p.dim():]) == tuple(p.shape)
+    if is_dtensor(p) and not is_dtensor(state) and fits:
         from torch.distributed.tensor import distribute_tensor
 
         lead = state.dim() - p.dim()

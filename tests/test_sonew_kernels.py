@@ -508,7 +508,7 @@ def shard_call(whole, cuts, k, band, halo_dtype):
         n_all, b = p.numel(), o.shape[0]
         tensors.append([p.reshape(-1)[lo:hi].clone(), g.reshape(-1)[lo:hi].clone(), m.reshape(-1)[lo:hi].clone(),
                         v[lo:hi].clone(), o[:, lo:hi].clone(), s.clone()])
-        rows = torch.cat([torch.arange(lo - b, lo), torch.arange(hi, hi + b)])
+        rows = torch.cat([torch.arange(lo - b, lo), torch.arange(hi, hi + b)]).to(p.device)
         exists = (rows >= 0) & (rows < n_all)
         quantities = torch.stack([g.reshape(-1).to(halo_dtype), m.reshape(-1).to(halo_dtype),
                                   v.to(halo_dtype), *o.to(halo_dtype)])
@@ -591,6 +591,7 @@ def test_shards_with_their_halos_equal_the_whole_tensor(band, dtype, small_tiles
 
 
 def test_halo_arguments_are_checked(device):
+    """A halo of another band, or halo rows beyond the halo (or without one), raise before any write."""
     gen = torch.Generator().manual_seed(0)
     p, g, m, v, o, s = make_tensors((3, 4), 2, torch.float32, gen, device)
     halo = torch.zeros(5, 4, device=device)
