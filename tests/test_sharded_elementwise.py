@@ -176,7 +176,7 @@ def results_for(backend):
         if backend == "torch":
             os.environ["KFOPT_BACKEND"] = "torch"
         try:
-            ranks = run_distributed(sharded_runs, 4, backend, timeout=240)
+            ranks = run_distributed(sharded_runs, 4, backend, timeout=480)
             reference = {name: single_process(name, batches()) for name in BACKEND_OPTIMIZERS[backend]}
         finally:
             os.environ.pop("KFOPT_BACKEND", None)
