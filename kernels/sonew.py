@@ -50,6 +50,16 @@ edges of row k are dropped (X is diag(1 / S_kk) where all are).
     d = a_adam, no grafting, for tensors with ``precondition=False`` (the plain Adam update)
     w <- w - lr (d + wd w)
 
+**Shards** (FSDP2/HSDP: ``kfopt.halos`` gathers the halos, ``kfopt.sharding`` the reductions): a tensor
+may be the rows ``[o, o + n)`` of a longer flattened one. Rows ``k`` of its window (``k + p``, ``i - p``,
+``|p| <= b``) outside ``[0, n)`` but inside ``[-halo_left, n + halo_right)`` read their gradient and old
+statistics from the tensor's halo table, rows outside that range do not exist (as past the ends of a
+whole tensor); the EMAs of the halo rows are recomputed (the owner computes the same bits) and never
+stored. The lag-``j`` statistic of a row exists while ``row + j < n + halo_right``. With the norms and
+the gradient's sum of squares and non-finite count all-reduced (``reduce``, a SUM) and the relative
+damping's per-tensor row maxima too (``reduce_max``, a MAX), every row of the shard gets the value of a
+call on the whole tensor.
+
 **Kernels** (one launch each over every tensor of a dtype group; no host synchronisation):
 
 0. gradient norm + finiteness (``multi_tensor.launch_global_norm``, no clipping): if any gradient is
@@ -92,14 +102,16 @@ mu, nu_d, nu_1..b and d written) + 12 (pass 2: w, d read, w written) = ``40 + 8b
 tridiagonal case); ``relative_eps`` adds one read of g, nu_d, nu_1..b (8 + 4b). The direction scratch
 is 4 bytes per parameter of transient memory. The state (the parameter order is the flattened
 row-major order of ``p``): ``exp_avg`` (shape of p), ``diag`` (n,), ``offdiag`` (b, n) with
-``offdiag[j-1, i]`` the lag-j statistic of rows i, i+j (entries ``i >= n - j`` stay zero), all fp32.
+``offdiag[j-1, i]`` the lag-j statistic of rows i, i+j (entries ``i >= n + halo_right - j`` stay zero),
+all fp32 (``kfopt.SONew`` keeps ``diag`` shaped like p and ``offdiag`` as ``(b, *p.shape)`` and passes
+flat views).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import triton
@@ -115,6 +127,7 @@ from .multi_tensor import (
     launch_global_norm,
     launch_segment_norms,
     program_chunk,
+    tensor_norms_reference,
 )
 from .op_declaration import (
     Call,
@@ -146,7 +159,9 @@ GRAFTS = {"none": 0, "adam": 1, "rmsprop": 2, "sgd": 3}
 class SonewHyperparameters(Hyperparameters):
     """One tensor's SONew hyperparameters; the fields in order are the columns of the kernels' table.
     ``graft`` is stored as its number in :data:`GRAFTS` ("none" for a tensor with ``precondition=False``,
-    which takes the plain Adam update); ``band`` is the tensor's band, ``offdiags[i].shape[0]``."""
+    which takes the plain Adam update); ``band`` is the tensor's band, ``offdiags[i].shape[0]``;
+    ``halo_left``/``halo_right`` how many rows of the tensor's halo exist before and after it (0 without a
+    halo)."""
 
     lr: float = field(metadata=within("[0, inf)"))
     beta1: float = field(default=0.9, metadata=within("[0, 1)"))
@@ -157,6 +172,8 @@ class SonewHyperparameters(Hyperparameters):
     graft_eps: float = field(default=1e-8, metadata=within("(0, inf)"))
     relative_eps: bool = False
     precondition: bool = True
+    halo_left: int = 0
+    halo_right: int = 0
     band: int = field(default=0, metadata={"from_tensors": True})
     ln_beta1: float = field(init=False)
     ln_beta2: float = field(init=False)
@@ -171,6 +188,14 @@ def _band_of_params(t: torch.Tensor, p: torch.Tensor) -> str | None:
     if t.dim() == 2 and t.shape[1] == p.numel() and t.shape[0] <= MAX_BAND:
         return None
     return f"expected shape (band, {p.numel()}) with 0 <= band <= {MAX_BAND}, got {tuple(t.shape)}"
+
+
+def _halo_shape(t: torch.Tensor, p: torch.Tensor) -> str | None:
+    """Shape rule of ``halos``: ``(3 + b, 2 b)`` with ``1 <= b <= MAX_BAND`` (b: the tensor's band)."""
+    b = t.shape[0] - 3 if t.dim() == 2 else -1
+    if 1 <= b <= MAX_BAND and t.shape[1] == 2 * b:
+        return None
+    return f"expected shape (3 + band, 2 band) with 1 <= band <= {MAX_BAND}, got {tuple(t.shape)}"
 
 
 def sonew_traffic(shapes: Sequence[tuple], dtype: torch.dtype, bands: Sequence[int],
@@ -196,7 +221,8 @@ SONEW = ElementwiseOp(
      TensorArg("exp_avgs", written=True, state=True, shape=like_param, layout="contiguous"),
      TensorArg("diags", written=True, state=True, shape=flat_like_param, layout="contiguous"),
      TensorArg("offdiags", written=True, state=True, shape=_band_of_params, layout="contiguous"),
-     TensorArg("steps", written=True, state=True, shape=one_element, layout="contiguous")),
+     TensorArg("steps", written=True, state=True, shape=one_element, layout="contiguous"),
+     TensorArg("halos", written=False, state=True, shape=_halo_shape, layout="contiguous", optional=True)),
     sonew_traffic,
     scratch=("directions",),
 )
@@ -237,48 +263,71 @@ def _tensor_pointers(addr_ptr, tid):
 
 
 @triton.jit
-def _old_state(base, r, inside, own, slot, Q: tl.constexpr, BAND: tl.constexpr):
-    """Old value of state quantity ``Q`` (0 mu, 1 nu_d, 1 + j lag j) at rows ``r`` (0 where not
-    ``inside``): from memory in this tile (``own``), else from the tile-boundary snapshot (``slot``)."""
-    return (tl.load(base + r, mask=own & inside, other=0.0)
-            + tl.load(slot + Q * 2 * BAND, mask=(~own) & inside, other=0.0))
+def _halo_of(addr_ptr, hyper_ptr, tid):
+    """Tensor ``tid``'s halo: its address (fp32) and how many rows exist before (``left``) and after
+    (``right``) the tensor's own."""
+    halo_ptr = tl.load(addr_ptr + tid * A.width + A.halos).to(tl.pointer_type(tl.float32))
+    left = tl.load(hyper_ptr + tid * H.width + H.halo_left).to(tl.int32)
+    right = tl.load(hyper_ptr + tid * H.width + H.halo_right).to(tl.int32)
+    return halo_ptr, left, right
 
 
 @triton.jit
-def _new_statistics(g_ptr, m_ptr, nu_ptr, off_ptr, slot_ptr, rows, r0, n, bt, b1, b2, coef,
+def _old_state(base, r, inside, local, own, slot, halo, hstride, Q: tl.constexpr, BAND: tl.constexpr):
+    """Old value of state quantity ``Q`` (0 mu, 1 nu_d, 1 + j lag j) at rows ``r`` (0 where not
+    ``inside``): from memory in this tile (``own``), from the tile-boundary snapshot (``slot``) for the
+    tensor's other rows (``local``), from the halo (``halo``: the row's column of the tensor's halo, whose
+    rows are ``hstride`` apart; quantity Q is in row ``1 + Q``) for rows outside the tensor."""
+    return (tl.load(base + r, mask=own & inside, other=0.0)
+            + tl.load(slot + Q * 2 * BAND, mask=local & (~own) & inside, other=0.0)
+            + tl.load(halo + (1 + Q) * hstride, mask=(~local) & inside, other=0.0))
+
+
+@triton.jit
+def _new_statistics(g_ptr, m_ptr, nu_ptr, off_ptr, slot_ptr, halo_ptr, rows, r0, n, left, right, bt, b1, b2, coef,
                     G_DT: tl.constexpr, BAND: tl.constexpr, BLOCK: tl.constexpr):
     """This step's EMAs around ``rows``, as tuples indexed by shift ``s + BAND`` for s in -BAND..BAND:
     ``gs`` (g: the stored gradient times ``coef``, 1 or 1 / grad_scale), ``mus`` (mu), ``nus`` (nu_d),
-    ``offs[j-1]`` (lag j, shifts -BAND..BAND-j). Zero for rows outside the tensor and for lags beyond
-    the tensor's band ``bt``. Old state of rows outside the tile ``[r0, r0 + BLOCK)`` comes from the
+    ``offs[j-1]`` (lag j, shifts -BAND..BAND-j). Zero for rows outside ``[-left, n + right)`` (the
+    tensor and the halo rows that exist) and for lags beyond the tensor's band ``bt`` or reaching past
+    ``n + right``. Old state of the tensor's rows outside the tile ``[r0, r0 + BLOCK)`` comes from the
     snapshot: ``slot_ptr`` is this tile's boundary record (rows r0 - BAND .. r0 + BAND - 1), the next
-    tile's record follows it."""
+    tile's record follows it; gradient and old state of rows outside the tensor come from the halo
+    (``halo_ptr``, a ``(3 + bt, 2 bt)`` table with the rows -bt..-1 and n..n+bt-1 in its columns)."""
     REC: tl.constexpr = (2 + BAND) * 2 * BAND
     gs = ()
+    locals_ = ()
     owns = ()
     slots = ()
+    halos = ()
     mus = ()
     nus = ()
     for s in tl.static_range(2 * BAND + 1):
         r = rows + (s - BAND)
-        inside = (r >= 0) & (r < n)
+        inside = (r >= -left) & (r < n + right)
+        local = (r >= 0) & (r < n)
         after = r >= r0 + BLOCK
-        own = (r >= r0) & (r < r0 + BLOCK)
+        own = (r >= r0) & (r < r0 + BLOCK) & local
         slot = slot_ptr + (tl.where(after, r - (r0 + BLOCK) + REC, r - r0) + BAND)
-        g = tl.load(g_ptr + r, mask=inside, other=0.0).to(tl.float32) * coef
-        mus = mus + (b1 * _old_state(m_ptr, r, inside, own, slot, 0, BAND) + (1.0 - b1) * g,)
-        nus = nus + (b2 * _old_state(nu_ptr, r, inside, own, slot, 1, BAND) + (1.0 - b2) * g * g,)
+        halo = halo_ptr + tl.where(r < 0, r + bt, r - n + bt)
+        g = (tl.load(g_ptr + r, mask=local, other=0.0).to(tl.float32)
+             + tl.load(halo, mask=(~local) & inside, other=0.0)) * coef
+        mus = mus + (b1 * _old_state(m_ptr, r, inside, local, own, slot, halo, 2 * bt, 0, BAND) + (1.0 - b1) * g,)
+        nus = nus + (b2 * _old_state(nu_ptr, r, inside, local, own, slot, halo, 2 * bt, 1, BAND) + (1.0 - b2) * g * g,)
         gs = gs + (g,)
+        locals_ = locals_ + (local,)
         owns = owns + (own,)
         slots = slots + (slot,)
+        halos = halos + (halo,)
     offs = ()
     for j in tl.static_range(1, BAND + 1):
-        n_lag = tl.where(j <= bt, n - j, 0)
+        hi_lag = tl.where(j <= bt, n + right - j, -left)
         lag = ()
         for s in tl.static_range(2 * BAND + 1 - j):
             r = rows + (s - BAND)
-            inside = (r >= 0) & (r < n_lag)
-            old = _old_state(off_ptr + (j - 1) * n, r, inside, owns[s], slots[s], 1 + j, BAND)
+            inside = (r >= -left) & (r < hi_lag)
+            old = _old_state(off_ptr + (j - 1) * n, r, inside, locals_[s], owns[s], slots[s], halos[s], 2 * bt,
+                             1 + j, BAND)
             lag = lag + (tl.where(inside, b2 * old + (1.0 - b2) * gs[s] * gs[s + j], 0.0),)
         offs = offs + (lag,)
     return gs, mus, nus, offs
@@ -339,16 +388,17 @@ def _conditional_regression(c0, U, s, BAND: tl.constexpr):
 
 
 @triton.jit
-def _sparse_inverse_apply(mus, nus, offs, rows, n, bt, inv_bc1, inv_bc2, damp, BAND: tl.constexpr):
+def _sparse_inverse_apply(mus, nus, offs, rows, lo, hi, bt, inv_bc1, inv_bc2, damp, BAND: tl.constexpr):
     """``x = X mu^`` at ``rows``: ``x_i = z_i - sum_p psi_{i-p}[p-1] z_{i-p}``,
     ``z_k = D_k (mu^_k - sum_p psi_k[p-1] mu^_{k+p})``, with the factors of rows i-BAND..i;
-    ``inv_bc1``, ``inv_bc2`` the reciprocal bias corrections (mu^ = mu inv_bc1, S = nu inv_bc2 + damp)."""
+    ``inv_bc1``, ``inv_bc2`` the reciprocal bias corrections (mu^ = mu inv_bc1, S = nu inv_bc2 + damp);
+    rows ``[lo, hi)`` exist (the tensor, ``[0, n)``, and the halo rows around it)."""
     x = nus[BAND] * 0.0
     for back in tl.static_range(BAND + 1):
         k = rows - back
-        exists = ()  # neighbour p of row k is in the tensor and within its band
+        exists = ()  # neighbour p of row k exists and is within the tensor's band
         for p in tl.static_range(1, BAND + 1):
-            exists = exists + (k + p < tl.where(p <= bt, n, 0),)
+            exists = exists + (k + p < tl.where(p <= bt, hi, lo),)
         U = ()  # upper triangle of the window of neighbours 1..BAND
         svec = ()
         for p in tl.static_range(1, BAND + 1):
@@ -361,7 +411,7 @@ def _sparse_inverse_apply(mus, nus, offs, rows, n, bt, inv_bc1, inv_bc2, damp, B
         z = mus[BAND - back]
         for p in tl.static_range(1, BAND + 1):
             z -= psi[p - 1] * mus[BAND - back + p]
-        z = tl.where(k >= 0, dinv * z * inv_bc1, 0.0)
+        z = tl.where(k >= lo, dinv * z * inv_bc1, 0.0)
         if back == 0:
             x += z
         else:
@@ -377,11 +427,13 @@ def _sonew_halo_kernel(
     addr_ptr, numel_ptr, chunk_tensor_ptr, chunk_start_ptr, hyper_ptr, snap_ptr,
     BAND: tl.constexpr, HALO: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
 ):
-    """snap[tile, q, h] = old quantity q (mu, nu_d, lags 1..BAND) of row tile_start - BAND + h, h < 2 BAND."""
+    """snap[tile, q, h] = old quantity q (mu, nu_d, lags 1..BAND) of row tile_start - BAND + h, h < 2 BAND
+    (the tensor's own rows only)."""
     REC: tl.constexpr = (2 + BAND) * 2 * BAND
     TILES: tl.constexpr = CHUNK // BLOCK
     pid, tid, start, n = program_chunk(chunk_tensor_ptr, chunk_start_ptr, numel_ptr)
     bt = tl.load(hyper_ptr + tid * H.width + H.band).to(tl.int32)
+    right = tl.load(hyper_ptr + tid * H.width + H.halo_right).to(tl.int32)
     m_ptr, nu_ptr, off_ptr, dir_ptr, step_ptr = _tensor_pointers(addr_ptr, tid)
     tiles = tl.arange(0, TILES)[:, None]
     h = tl.arange(0, HALO)[None, :]
@@ -391,7 +443,7 @@ def _sonew_halo_kernel(
     tl.store(dst, tl.load(m_ptr + rows, mask=inside & (rows < n), other=0.0), mask=inside & (rows < n))
     tl.store(dst + 2 * BAND, tl.load(nu_ptr + rows, mask=inside & (rows < n), other=0.0), mask=inside & (rows < n))
     for j in tl.static_range(1, BAND + 1):
-        valid = inside & (rows < tl.where(j <= bt, n - j, 0))
+        valid = inside & (rows < n) & (rows < tl.where(j <= bt, n + right - j, 0))
         tl.store(dst + (1 + j) * 2 * BAND, tl.load(off_ptr + (j - 1) * n + rows, mask=valid, other=0.0), mask=valid)
 
 
@@ -401,11 +453,12 @@ def _sonew_row_sum_kernel(
     G_DT: tl.constexpr, BAND: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
 ):
     """partial[k] = max over chunk k's rows of the new band statistics' abs row sum (before bias
-    correction); tensors without relative damping read nothing and give 0."""
+    correction) of the tensor's own rows; tensors without relative damping read nothing and give 0."""
     REC: tl.constexpr = (2 + BAND) * 2 * BAND
     pid, tid, start, n = program_chunk(chunk_tensor_ptr, chunk_start_ptr, numel_ptr)
     g_ptr = tl.load(addr_ptr + tid * A.width + A.grads).to(tl.pointer_type(G_DT))
     m_ptr, nu_ptr, off_ptr, dir_ptr, step_ptr = _tensor_pointers(addr_ptr, tid)
+    halo_ptr, left, right = _halo_of(addr_ptr, hyper_ptr, tid)
     h = hyper_ptr + tid * H.width
     b1 = tl.load(h + H.beta1)
     b2 = tl.load(h + H.beta2)
@@ -417,8 +470,8 @@ def _sonew_row_sum_kernel(
         r0 = start + off
         rows = r0 + tl.arange(0, BLOCK)
         slot_ptr = snap_ptr + (pid * (CHUNK // BLOCK) + off // BLOCK) * REC
-        gs, mus, nus, offs = _new_statistics(g_ptr, m_ptr, nu_ptr, off_ptr, slot_ptr, rows, r0, n, bt, b1, b2,
-                                             coef, G_DT, BAND, BLOCK)
+        gs, mus, nus, offs = _new_statistics(g_ptr, m_ptr, nu_ptr, off_ptr, slot_ptr, halo_ptr, rows, r0, n, left,
+                                             right, bt, b1, b2, coef, G_DT, BAND, BLOCK)
         total = nus[BAND]
         for j in tl.static_range(1, BAND + 1):
             total += tl.abs(offs[j - 1][BAND]) + tl.abs(offs[j - 1][BAND - j])
@@ -451,6 +504,7 @@ def _sonew_direction_kernel(
     pid, tid, start, n = program_chunk(chunk_tensor_ptr, chunk_start_ptr, numel_ptr)
     g_ptr = tl.load(addr_ptr + tid * A.width + A.grads).to(tl.pointer_type(G_DT))
     m_ptr, nu_ptr, off_ptr, dir_ptr, step_ptr = _tensor_pointers(addr_ptr, tid)
+    halo_ptr, left, right = _halo_of(addr_ptr, hyper_ptr, tid)
     t = tl.load(step_ptr) + 1.0
     h = hyper_ptr + tid * H.width
     b1 = tl.load(h + H.beta1)
@@ -475,9 +529,9 @@ def _sonew_direction_kernel(
         rows = r0 + tl.arange(0, BLOCK)
         mask = rows < n
         slot_ptr = snap_ptr + (pid * (CHUNK // BLOCK) + off // BLOCK) * REC
-        gs, mus, nus, offs = _new_statistics(g_ptr, m_ptr, nu_ptr, off_ptr, slot_ptr, rows, r0, n, bt, b1, b2,
-                                             coef, G_DT, BAND, BLOCK)
-        x = _sparse_inverse_apply(mus, nus, offs, rows, n, bt, inv_bc1, inv_bc2, damp, BAND)
+        gs, mus, nus, offs = _new_statistics(g_ptr, m_ptr, nu_ptr, off_ptr, slot_ptr, halo_ptr, rows, r0, n, left,
+                                             right, bt, b1, b2, coef, G_DT, BAND, BLOCK)
+        x = _sparse_inverse_apply(mus, nus, offs, rows, -left, n + right, bt, inv_bc1, inv_bc2, damp, BAND)
         g = gs[BAND]
         rms = tl.sqrt_rn(nus[BAND] * inv_bc2) + graft_eps
         # mu^ / rms (adam) or g / rms (rmsprop) with one division: an rmsprop tensor is preconditioned,
@@ -493,7 +547,8 @@ def _sonew_direction_kernel(
         tl.store(m_ptr + rows, mus[BAND], mask=mask)
         tl.store(nu_ptr + rows, nus[BAND], mask=mask)
         for j in tl.static_range(1, BAND + 1):
-            tl.store(off_ptr + (j - 1) * n + rows, offs[j - 1][BAND], mask=rows < tl.where(j <= bt, n - j, 0))
+            tl.store(off_ptr + (j - 1) * n + rows, offs[j - 1][BAND],
+                     mask=mask & (rows < tl.where(j <= bt, n + right - j, 0)))
         tl.store(dir_ptr + rows, d, mask=mask)
     tl.store(partial_ptr + pid * 2, tl.sum(d_sq, axis=0))
     tl.store(partial_ptr + pid * 2 + 1, tl.sum(a_sq, axis=0))
@@ -534,10 +589,13 @@ def sonew_step(
     diags: Sequence[torch.Tensor],
     offdiags: Sequence[torch.Tensor],
     steps: Sequence[torch.Tensor],
+    halos: Sequence[torch.Tensor | None] | None = None,
     *,
     skipped: torch.Tensor | None = None,
     grad_scale: torch.Tensor | None = None,
     found_inf: torch.Tensor | None = None,
+    reduce: Callable[[torch.Tensor], None] | None = None,
+    reduce_max: Callable[[torch.Tensor], None] | None = None,
     **hyperparameters,
 ) -> torch.Tensor:
     """One SONew step over all tensors, in place (see the module docstring for the math).
@@ -555,16 +613,30 @@ def sonew_step(
     are multiplied by: 1, or ``1 / grad_scale``). Betas must be in [0, 1). ``grad_scale``/``found_inf``:
     a GradScaler's tensors, as for :func:`kfopt.kernels.lamb_step`. Argument checks: :data:`SONEW`
     (``kernels.checks``).
+
+    **Shards** (module docstring): the tensors may be the rows ``[o, o + n)`` of longer flattened tensors of
+    ``N`` entries. ``halos[i]`` (None: no halo) is then a ``(3 + b, 2 b)`` table (b: the tensor's band) of
+    the rows ``o - b .. o - 1`` (columns ``0..b-1``) and ``o + n .. o + n + b - 1`` (columns ``b..2b-1``):
+    row 0 the stored gradient (in fp32), row 1 the old ``mu``, row 2 the old ``nu_d``, row ``2 + j`` the
+    old lag-``j`` statistic; ``halo_left = min(b, o)`` and ``halo_right = min(b, N - o - n)`` say how
+    many of them exist (the others are not read). ``reduce`` (an in-place SUM all-reduce over the
+    shards, as for :func:`kfopt.kernels.lamb_step`) makes the gradient norm, its finiteness and the graft
+    norms those of the whole tensors; ``reduce_max`` (an in-place MAX all-reduce) the relative damping's
+    row maximum. The rows ``[o, o + n)`` then come out as in a call on the whole tensors.
     """
-    call = _bind(params, grads, exp_avgs, diags, offdiags, steps, hyperparameters, skipped, grad_scale, found_inf)
-    return SONEW.run(call, _sonew_reference, _launch)
+    call = _bind(params, grads, exp_avgs, diags, offdiags, steps, halos, hyperparameters, skipped, grad_scale,
+                 found_inf)
+    return SONEW.run(call, lambda c: _sonew_reference(c, reduce, reduce_max),
+                     lambda c: _launch(c, reduce, reduce_max))
 
 
-def _launch(call: Call) -> torch.Tensor:
+def _launch(call: Call, reduce, reduce_max) -> torch.Tensor:
     """The Triton path of :func:`sonew_step` (module docstring, Kernels)."""
     params = call.tensors["params"]
     work = [p if p.is_contiguous() else p.contiguous() for p in params]
-    columns = {**call.tensors, "params": work, "grads": [g.contiguous() for g in call.tensors["grads"]]}
+    columns = {**call.tensors, "params": work, "grads": [g.contiguous() for g in call.tensors["grads"]],
+               "halos": [h if h is not None else d  # placeholder: no halo row exists, none is read
+                         for h, d in zip(call.tensors["halos"], call.tensors["diags"])]}
     band = max([1] + [o.shape[0] for o in call.tensors["offdiags"]])
     has_relative = any(r.relative_eps for r in call.records)
     sizes = [p.numel() for p in params]
@@ -577,9 +649,11 @@ def _launch(call: Call) -> torch.Tensor:
         directions = torch.empty(total, dtype=torch.float32, device=device).split(sizes)
         table = SONEW.table({**columns, "directions": directions}, call.records, chunk, device)
         clip = launch_global_norm(table, A.grads, 1, None, call.skipped, config, device, call.grad_scale,
-                                  call.found_inf)
-        if table.n_chunks == 0:
-            launch_segment_norms(table, torch.zeros((1, 2), device=device), clip, step_col=A.steps)
+                                  call.found_inf, reduce)
+        if table.n_chunks == 0:  # this shard is empty: it still takes part in the collectives
+            if has_relative and reduce_max is not None:
+                reduce_max(torch.zeros(table.n, dtype=torch.float32, device=device))
+            launch_segment_norms(table, torch.zeros((1, 2), device=device), clip, step_col=A.steps, reduce=reduce)
             return clip
         rec = (2 + band) * 2 * band
         snap = torch.empty((table.n_chunks * tiles + 1) * rec, dtype=torch.float32, device=device)
@@ -596,11 +670,13 @@ def _launch(call: Call) -> torch.Tensor:
                           BAND=band)
             row_max = torch.empty(table.n, dtype=torch.float32, device=device)
             _segment_max_kernel[(table.n,)](row_sums, table.bounds, row_max, RBLOCK=REDUCE_BLOCK)
+            if reduce_max is not None:
+                reduce_max(row_max)
         partial = torch.empty((table.n_chunks, 2), dtype=torch.float32, device=device)
         launch_chunks(_sonew_direction_kernel, table, config,
                       lambda lo, hi: (clip, snapshots(lo), row_max, partial[lo:hi]), BAND=band,
                       HAS_RELATIVE=has_relative)
-        norms = launch_segment_norms(table, partial, clip, step_col=A.steps)
+        norms = launch_segment_norms(table, partial, clip, step_col=A.steps, reduce=reduce)
         launch_chunks(_sonew_apply_kernel, table, config, lambda lo, hi: (clip, norms))
         return clip
 
@@ -612,11 +688,26 @@ def _launch(call: Call) -> torch.Tensor:
     return clip
 
 
-def _bind(params, grads, exp_avgs, diags, offdiags, steps, hyperparameters, skipped, grad_scale, found_inf) -> Call:
-    """:meth:`SONEW.bind` with each tensor's band read off its ``offdiags``."""
-    return SONEW.bind((params, grads, exp_avgs, diags, offdiags, steps), hyperparameters, skipped=skipped,
+def _bind(params, grads, exp_avgs, diags, offdiags, steps, halos, hyperparameters, skipped, grad_scale,
+          found_inf) -> Call:
+    """:meth:`SONEW.bind` with each tensor's band read off its ``offdiags``; ValueError for a halo whose
+    band is not the tensor's, or halo rows beyond the band or without a halo."""
+    halos = [None] * len(params) if halos is None else list(halos)
+    call = SONEW.bind((params, grads, exp_avgs, diags, offdiags, steps, halos), hyperparameters, skipped=skipped,
                       grad_scale=grad_scale, found_inf=found_inf,
                       from_tensors=lambda t: {"band": [o.shape[0] for o in t["offdiags"]]})
+    for i, (h, r) in enumerate(zip(call.tensors["halos"], call.records)):
+        b = 0 if h is None else h.shape[0] - 3
+        if h is not None and b != r.band:
+            raise ValueError(f"halos[{i}]: expected shape {(3 + int(r.band), 2 * int(r.band))} for band "
+                             f"{int(r.band)} (offdiags[{i}]), got {tuple(h.shape)}")
+        for name in ("halo_left", "halo_right"):
+            value = getattr(r, name)
+            if value != int(value) or not 0 <= value <= b:
+                raise ValueError(f"{name}: expected an integer in [0, {b}] for tensor {i} "
+                                 f"({'its halo has ' + str(b) + ' rows per side' if h is not None else 'no halo'}), "
+                                 f"got {value!r}")
+    return call
 
 
 # ----------------------------------------------------------------------------- reference
@@ -689,57 +780,84 @@ def apply_sparse_inverse_reference(psi: torch.Tensor, dinv: torch.Tensor, v: tor
     return x
 
 
-def sonew_step_reference(params, grads, exp_avgs, diags, offdiags, steps, *, skipped=None, grad_scale=None,
-                         found_inf=None, **hyperparameters) -> torch.Tensor:
-    """Plain PyTorch SONew with :func:`sonew_step`'s arguments and contract.
+def sonew_step_reference(params, grads, exp_avgs, diags, offdiags, steps, halos=None, *, skipped=None,
+                         grad_scale=None, found_inf=None, reduce=None, reduce_max=None,
+                         **hyperparameters) -> torch.Tensor:
+    """Plain PyTorch SONew with :func:`sonew_step`'s arguments and contract (shards and halos included).
 
     Math in fp32, or float64 when the params are float64 (the tests' reference); the bias corrections
     ``1 - b^t`` always in float64 (they cancel: fp32 ``b^t`` would cost up to ~3e-8 / (1 - b) relative).
     """
-    call = _bind(params, grads, exp_avgs, diags, offdiags, steps, hyperparameters, skipped, grad_scale, found_inf)
-    return SONEW.run(call, _sonew_reference, None)
+    call = _bind(params, grads, exp_avgs, diags, offdiags, steps, halos, hyperparameters, skipped, grad_scale,
+                 found_inf)
+    return SONEW.run(call, lambda c: _sonew_reference(c, reduce, reduce_max), None)
 
 
-def _sonew_reference(call: Call) -> torch.Tensor:
-    """The reference's math on a bound call."""
-    params, grads, exp_avgs, diags, offdiags, steps = (call.tensors[a.name] for a in SONEW.tensors)
-    clip = global_norm_reference(grads, None, call.skipped, call.grad_scale, call.found_inf)
+def _with_halo(own: torch.Tensor, halo_row: torch.Tensor | None, left: int, right: int) -> torch.Tensor:
+    """``own`` (flat) extended by the ``left`` halo rows before it and the ``right`` ones after it."""
+    if halo_row is None:
+        return own
+    b = halo_row.shape[0] // 2
+    return torch.cat([halo_row[b - left:b].to(own.dtype), own, halo_row[b:b + right].to(own.dtype)])
+
+
+def _sonew_reference(call: Call, reduce, reduce_max) -> torch.Tensor:
+    """The reference's math on a bound call: per tensor the statistics of its rows and of its existing
+    halo rows (an extended tensor whose ends are those of the whole tensor or of the halo), the direction
+    of its own rows, then the (reduced) norms and the update."""
+    params, grads, exp_avgs, diags, offdiags, steps, halos = (call.tensors[a.name] for a in SONEW.tensors)
+    clip = global_norm_reference(grads, None, call.skipped, call.grad_scale, call.found_inf, reduce)
     ok = clip[2] != 0
     records = [r.on_host() for r in call.records]
-    for p, g, m, v, o, s, h in zip(params, grads, exp_avgs, diags, offdiags, steps, records):
+    stats = []
+    for p, g, m, v, o, s, halo, h in zip(params, grads, exp_avgs, diags, offdiags, steps, halos, records):
         dtype = torch.promote_types(p.dtype, torch.float32)
-        n, b = p.numel(), o.shape[0]
-        w = p.reshape(-1).to(dtype)
-        g = g.reshape(-1).to(dtype) * clip[1].to(dtype)  # 1, or 1 / grad_scale
+        n, b, left, right = p.numel(), o.shape[0], int(h.halo_left), int(h.halo_right)
+        rows = slice(left, left + n)  # the tensor's own rows in the extended one
+        ext = (lambda q, own: _with_halo(own, None if halo is None else halo[q], left, right))
+        g = ext(0, g.reshape(-1).to(dtype)) * clip[1].to(dtype)  # 1, or 1 / grad_scale
         t = s.to(torch.float64) + 1
         bc1, bc2 = (1 - h.beta1 ** t).to(dtype), (1 - h.beta2 ** t).to(dtype)
-        mu = h.beta1 * m.reshape(-1).to(dtype) + (1 - h.beta1) * g
-        nu = h.beta2 * v.to(dtype) + (1 - h.beta2) * g * g
-        off = o.to(dtype).clone()
-        for j in range(1, min(b, n - 1) + 1):
+        mu = h.beta1 * ext(1, m.reshape(-1).to(dtype)) + (1 - h.beta1) * g
+        nu = h.beta2 * ext(2, v.to(dtype)) + (1 - h.beta2) * g * g
+        n_ext = mu.shape[0]
+        off = torch.stack([ext(2 + j, o[j - 1].to(dtype)) for j in range(1, b + 1)]) if b else \
+            torch.zeros((0, n_ext), dtype=dtype, device=mu.device)
+        for j in range(1, min(b, n_ext - 1) + 1):
             off[j - 1, :-j] = h.beta2 * off[j - 1, :-j] + (1 - h.beta2) * g[:-j] * g[j:]
+        row_max = torch.zeros((), dtype=dtype, device=mu.device)
+        if h.relative_eps and n:
+            row_sum = nu / bc2
+            for j in range(1, min(b, n_ext - 1) + 1):
+                row_sum[:-j] += (off[j - 1, :-j] / bc2).abs()
+                row_sum[j:] += (off[j - 1, :-j] / bc2).abs()
+            row_max = row_sum[rows].max()
+        stats.append((dtype, rows, g, mu, nu, off, bc1, bc2, row_max))
+    row_maxes = torch.stack([st[-1].to(torch.float64) for st in stats])
+    if reduce_max is not None and any(h.relative_eps for h in records):
+        reduce_max(row_maxes)
+    steps_taken = []
+    for (dtype, rows, g, mu, nu, off, bc1, bc2, _), row_max, h in zip(stats, row_maxes, records):
         nu_hat, off_hat, mu_hat = nu / bc2, off / bc2, mu / bc1
-        damp = h.eps
-        if h.relative_eps:
-            row_sum = nu_hat.clone()
-            for j in range(1, min(b, n - 1) + 1):
-                row_sum[:-j] += off_hat[j - 1, :-j].abs()
-                row_sum[j:] += off_hat[j - 1, :-j].abs()
-            damp = torch.clamp(h.eps * row_sum.max(), min=MIN_RELATIVE_DAMPING)
-        adam = mu_hat / (nu_hat.sqrt() + h.graft_eps)
+        damp = torch.clamp(h.eps * row_max.to(dtype), min=MIN_RELATIVE_DAMPING) if h.relative_eps else h.eps
+        adam = mu_hat[rows] / (nu_hat[rows].sqrt() + h.graft_eps)
         if h.precondition:
-            d = apply_sparse_inverse_reference(*sparse_inverse_factors_reference(nu_hat, off_hat, damp), mu_hat)
+            d = apply_sparse_inverse_reference(*sparse_inverse_factors_reference(nu_hat, off_hat, damp), mu_hat)[rows]
         else:
             d = adam
-        graft = {GRAFTS["adam"]: adam, GRAFTS["rmsprop"]: g / (nu_hat.sqrt() + h.graft_eps), GRAFTS["sgd"]: g,
-                 GRAFTS["none"]: None}[int(h.graft)]
+        graft = {GRAFTS["adam"]: adam, GRAFTS["rmsprop"]: g[rows] / (nu_hat[rows].sqrt() + h.graft_eps),
+                 GRAFTS["sgd"]: g[rows], GRAFTS["none"]: None}[int(h.graft)]
+        steps_taken.append((d, graft))
+    norms = tensor_norms_reference([(d, torch.zeros_like(d) if a is None else a) for d, a in steps_taken], reduce)
+    for p, m, v, o, s, h, (dtype, rows, _, mu, nu, off, *_), (d, graft), (d_norm, a_norm) in zip(
+            params, exp_avgs, diags, offdiags, steps, records, stats, steps_taken, norms):
+        w = p.reshape(-1).to(dtype)
         if graft is not None:
-            d_norm = d.norm()
-            d = d * torch.where(d_norm > 0, graft.norm() / torch.where(d_norm > 0, d_norm, 1), 0)
+            d = d * torch.where(d_norm > 0, a_norm / torch.where(d_norm > 0, d_norm, 1), 0)
         w_new = w - h.lr * (d + h.weight_decay * w)
-        m.copy_(torch.where(ok, mu, m.reshape(-1).to(dtype)).view_as(m))
-        v.copy_(torch.where(ok, nu, v.to(dtype)))
-        o.copy_(torch.where(ok, off, o.to(dtype)))
+        m.copy_(torch.where(ok, mu[rows], m.reshape(-1).to(dtype)).view_as(m))
+        v.copy_(torch.where(ok, nu[rows], v.to(dtype)))
+        o.copy_(torch.where(ok, off[:, rows], o.to(dtype)))
         p.copy_(torch.where(ok, w_new, w).view_as(p))
         s.add_(ok.to(s.dtype))
     return clip

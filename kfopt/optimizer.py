@@ -41,7 +41,7 @@ import torch
 from kfopt.kernels.checks import check_kernel_dtype
 from kfopt.kernels.dispatch import use_triton
 
-from .sharding import ShardLayout, like_param, reject_sharded, shard_layout
+from .sharding import ShardLayout, like_param, shard_layout
 from .validation import KIND_KEY, TensorSpec, check_counter, check_keys, check_kind, check_param_state
 
 
@@ -59,7 +59,7 @@ class KfoptOptimizer(torch.optim.Optimizer):
     #: ``lr`` may be a one-element tensor, checked on the device (``validation.check_device_lr``)
     device_lr: bool = False
     #: DTensor parameters (FSDP2/HSDP): True steps on local shards with whole-tensor quantities reduced
-    #: over the shard group (``kfopt.sharding``), False rejects them at construction, None: not checked
+    #: over the shard group (``kfopt.sharding``), None: not checked here (the optimizer rejects them itself)
     _shardable: bool | None = None
     #: counts (and checkpoints) the steps skipped because its own update blew up (module docstring)
     _counts_blowups: bool = False
@@ -106,11 +106,9 @@ class KfoptOptimizer(torch.optim.Optimizer):
                 for g, group in enumerate(self.param_groups) for i, p in enumerate(group["params"])]
 
     def _check_sharding(self) -> None:
-        """DTensor parameters: ValueError naming one this optimizer cannot step (``_shardable``);
-        records the shard group whole-tensor reductions sum over (``kfopt.sharding``)."""
-        if self._shardable is False:
-            reject_sharded(type(self).__name__, self._named_params())
-        elif self._shardable:
+        """DTensor parameters (``_shardable``): ValueError naming one this optimizer cannot step; records the
+        shard group whole-tensor reductions sum over (``kfopt.sharding``)."""
+        if self._shardable:
             self._layout = shard_layout(self._named_params())
 
     def _check_hyperparameters(self) -> None:

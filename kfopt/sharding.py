@@ -1,16 +1,19 @@
 """Parameters sharded by FSDP2 / HSDP (``torch.distributed.fsdp.fully_shard``): placement checks and the
 shard-group reduction the element-wise optimizers use.
 
-A parameter is either a plain tensor or a ``DTensor``. The element-wise optimizers (LAMB, LARS) accept
-DTensors whose placements are ``Replicate()`` on every mesh dimension except at most one ``Shard(0)``:
-FSDP2 gives ``(Shard(0),)``, HSDP on a (replicate, shard) mesh ``(Replicate(), Shard(0))``. They step on
-the local shards (``to_local()``) and keep their state as DTensors with the parameter's placements (so
-``torch.distributed.checkpoint`` saves and reshards it). Every quantity defined over a whole tensor (the
-per-tensor norms of the trust ratios, the global gradient norm and its non-finite verdict) is the sum of
-the ranks' partial sums, all-reduced over the process group of the ``Shard(0)`` mesh dimension only
-(replicas of HSDP hold the same shards). Other placements (``Shard(d)`` with d != 0, ``Partial``, two
-sharded dimensions) and optimizers mixing sharded parameters with plain ones or with another shard group
-raise ValueError at construction, naming the parameter and its placement.
+A parameter is either a plain tensor or a ``DTensor``. The element-wise optimizers (LAMB, LARS, SONew)
+accept DTensors whose placements are ``Replicate()`` on every mesh dimension except at most one
+``Shard(0)``: FSDP2 gives ``(Shard(0),)``, HSDP on a (replicate, shard) mesh ``(Replicate(), Shard(0))``.
+They step on the local shards (``to_local()``) and keep their state as DTensors with the parameter's
+placements (so ``torch.distributed.checkpoint`` saves and reshards it; SONew's ``offdiag``, ``(b,
+*p.shape)``, is sharded on dim 1). Every quantity defined over a whole tensor (the per-tensor norms of the
+trust and graft ratios, the global gradient norm and its non-finite verdict) is the sum of the ranks'
+partial sums, all-reduced over the process group of the ``Shard(0)`` mesh dimension only (replicas of HSDP
+hold the same shards); SONew's relative damping takes the maximum of the ranks' row maxima, and its band
+reads the rows next to the shard from the neighbouring shards (``kfopt.halos``). Other placements
+(``Shard(d)`` with d != 0, ``Partial``, two sharded dimensions) and optimizers mixing sharded parameters
+with plain ones or with another shard group raise ValueError at construction, naming the parameter and its
+placement.
 
 Tuned kernel configs (``kfopt.autotune``) change the order of the partial sums, not their all-reduced
 total: ranks of the shard group may tune for themselves (``configs_per_rank``), while HSDP's replicas,
@@ -73,6 +76,19 @@ class ShardLayout:
 
         return all_reduce_sum
 
+    @property
+    def reduce_max(self) -> Callable[[torch.Tensor], None] | None:
+        """In-place MAX all-reduce over the shard group, like :attr:`reduce` (SONew's relative damping)."""
+        if self.group is None:
+            return None
+        group = self.group
+
+        def all_reduce_max(t: torch.Tensor) -> None:
+            if not timing_candidates():
+                dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+
+        return all_reduce_max
+
     def tuning(self) -> ContextManager[None]:
         """The ``kfopt.autotune`` context of a step's launches (module docstring); unsharded: none (the
         enclosing one applies)."""
@@ -134,22 +150,24 @@ def shard_layout(named_params) -> ShardLayout:
     return ShardLayout(group, replicas if group is not None else None)
 
 
-def reject_sharded(owner: str, named_params) -> None:
-    """ValueError naming the first parameter that is a DTensor (``owner`` does not step on DTensors)."""
-    for name, p in named_params:
-        if is_dtensor(p):
-            raise ValueError(f"{name}: a DTensor with placements {tuple(p.placements)}; {owner} does not support "
-                             "sharded (FSDP2/HSDP) or other DTensor parameters yet (its band couples "
-                             "neighbouring rows across shard boundaries); LAMB and LARS do")
+def state_placements(p, lead: int = 0) -> list:
+    """The placements of a state tensor of DTensor ``p`` with ``lead`` leading dimensions before ``p``'s
+    (``Shard(d)`` becomes ``Shard(d + lead)``; SONew's ``offdiag``, ``(b, *p.shape)``, has one)."""
+    return [Shard(pl.dim + lead) if isinstance(pl, Shard) else pl for pl in p.placements]
 
 
 def like_param(state: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """A loaded state tensor laid out like parameter ``p``: a full (plain) tensor is cut into ``p``'s
-    local shard when ``p`` is a DTensor (no communication), a DTensor is gathered when ``p`` is plain."""
-    if is_dtensor(p) and not is_dtensor(state) and state.dim() > 0 and tuple(state.shape) == tuple(p.shape):
+    """A loaded state tensor laid out like parameter ``p``: a full (plain) tensor of ``p``'s shape, or of
+    ``(k, *p.shape)``, is cut into ``p``'s local shard when ``p`` is a DTensor (no communication), a
+    DTensor is gathered when ``p`` is plain."""
+    fits = state.dim() > 0 and tuple(state.shape[state.dim() - p.dim():]) == tuple(p.shape)
+    if is_dtensor(p) and not is_dtensor(state) and fits:
         from torch.distributed.tensor import distribute_tensor
 
-        return distribute_tensor(state.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
+        lead = state.dim() - p.dim()
+        if lead in (0, 1):
+            return distribute_tensor(state.to(p.device), p.device_mesh, state_placements(p, lead),
+                                     src_data_rank=None)
     if is_dtensor(state) and not is_dtensor(p):
         return state.full_tensor()
     return state

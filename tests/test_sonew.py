@@ -130,7 +130,7 @@ def test_truncated_band_state_shapes(device):
         p.grad = g
     opt.step()
     bands = [opt.state[p]["offdiag"].shape for p in params]
-    assert bands == [(4, 15), (1, 2), (0, 2), (0, 1), (0, 1)]
+    assert bands == [(4, 3, 5), (1, 1, 2), (0, 2), (0, 1, 1), (0,)]
 
 
 def test_band_cannot_change_once_state_exists(device):
@@ -144,6 +144,23 @@ def test_band_cannot_change_once_state_exists(device):
     with pytest.raises(ValueError, match="band"):
         opt.step()
     assert torch.equal(params[0], before)
+    assert all(torch.equal(v, opt.state[params[0]][k]) for k, v in state.items())
+
+
+@pytest.mark.parametrize("key", ["diag", "offdiag"])
+def test_checkpoint_with_the_flat_state_layout_is_rejected_naming_the_key(key, device):
+    """``diag`` and ``offdiag`` are shaped like the parameter (``(b, *p.shape)``); a checkpoint of the
+    former flat layout (``(n,)``, ``(b, n)``) raises naming the key and changes nothing."""
+    params = make_params([(3, 4)], device=device)
+    opt = SONew(params, band=2)
+    params[0].grad = gradients(params, 0)[0]
+    opt.step()
+    sd = opt.state_dict()
+    state = {k: v.clone() for k, v in opt.state[params[0]].items()}
+    flat = sd["state"][0][key].reshape(-1) if key == "diag" else sd["state"][0][key].reshape(2, -1)
+    sd["state"][0] = {**sd["state"][0], key: flat}  # state_dict() shares the state's dicts
+    with pytest.raises(ValueError, match=rf"\['{key}'\]: shape"):
+        opt.load_state_dict(sd)
     assert all(torch.equal(v, opt.state[params[0]][k]) for k, v in state.items())
 
 

@@ -488,3 +488,117 @@ def test_interleaved_params_and_one_shared_gradient_are_accepted(medium_tiles, d
     _, _, ref = run_both(tensors, lr=0.1, graft="adam")
     for k in range(2):
         assert_rel_close(W[:, k::2], ref[k][0], torch.float32, name=f"param {k}")
+
+
+# ----------------------------------------------------------------------------- shards with halos
+
+
+#: two tensors cut into five shards each (offsets into the flattened tensor): uneven, empty, and
+#: shorter than the band
+SHARDED = (((7, 3), (0, 1, 1, 9, 10, 21)), ((3, 4), (0, 4, 4, 8, 12, 12)))
+
+
+def shard_call(whole, cuts, k, band, halo_dtype):
+    """Shard ``k`` of each tensor (``whole[i]``: [param, grad, exp_avg, diag, offdiag, step]) cut at
+    ``cuts[i]``: the local tensors, the halo tables (rows that do not exist are NaN: never read) and the
+    existing halo rows per side."""
+    tensors, halos, lefts, rights = [], [], [], []
+    for (p, g, m, v, o, s), cut in zip(whole, cuts):
+        lo, hi = cut[k], cut[k + 1]
+        n_all, b = p.numel(), o.shape[0]
+        tensors.append([p.reshape(-1)[lo:hi].clone(), g.reshape(-1)[lo:hi].clone(), m.reshape(-1)[lo:hi].clone(),
+                        v[lo:hi].clone(), o[:, lo:hi].clone(), s.clone()])
+        rows = torch.cat([torch.arange(lo - b, lo), torch.arange(hi, hi + b)]).to(p.device)
+        exists = (rows >= 0) & (rows < n_all)
+        quantities = torch.stack([g.reshape(-1).to(halo_dtype), m.reshape(-1).to(halo_dtype),
+                                  v.to(halo_dtype), *o.to(halo_dtype)])
+        halos.append(torch.where(exists, quantities[:, rows.clamp(0, n_all - 1)], float("nan")))
+        lefts.append(min(b, lo))
+        rights.append(min(b, n_all - hi))
+    return tensors, halos, lefts, rights
+
+
+class _Recorded(Exception):
+    """Ends a shard's step at its first collective whose result is not known yet."""
+
+
+def step_shards(step, whole, band, halo_dtype, **hyper):
+    """Every shard stepped on its own with its halo, the collectives simulated: each round steps copies of
+    the shards, giving every ``reduce``/``reduce_max`` call whose result is known that result and
+    recording what each shard hands to the first unknown one (the step ends there); the reduction over
+    the shards (sum, max) of that call is then known. The round without an unknown call is the result:
+    each shard's tensors."""
+    n_shards = len(SHARDED[0][1]) - 1
+    cuts = [c for _, c in SHARDED]
+    known = []  # (kind, reduced value) of the calls, in the order each shard makes them
+
+    def run(k, seen):
+        tensors, halos, lefts, rights = shard_call(whole, cuts, k, band, halo_dtype)
+        calls = [0]
+
+        def reducer(kind):
+            def reduce(t):
+                i, calls[0] = calls[0], calls[0] + 1
+                if i < len(known):
+                    assert known[i][0] == kind, "the shards make the same collectives in the same order"
+                    t.copy_(known[i][1])
+                else:
+                    seen.append((kind, t.clone()))
+                    raise _Recorded
+            return reduce
+
+        try:
+            step(*[list(c) for c in zip(*tensors)], halos=halos, halo_left=lefts, halo_right=rights,
+                 reduce=reducer("sum"), reduce_max=reducer("max"), **hyper)
+        except _Recorded:
+            pass
+        return tensors
+
+    while True:
+        seen = []
+        shards = [run(k, seen) for k in range(n_shards)]
+        if not seen:
+            return shards
+        assert len(seen) == n_shards and len({kind for kind, _ in seen}) == 1
+        parts = torch.stack([t for _, t in seen])
+        known.append((seen[0][0], parts.sum(0) if seen[0][0] == "sum" else parts.amax(0)))
+
+
+@pytest.mark.parametrize("band,dtype", [(1, torch.float32), (4, torch.float32), (2, torch.bfloat16),
+                                        (3, torch.float16)])
+def test_shards_with_their_halos_equal_the_whole_tensor(band, dtype, small_tiles, poison_empty, device):
+    """A tensor cut into shards (uneven, empty, shorter than the band), each stepped alone with its halo
+    and the shards' norms and row maxima reduced: every shard's outputs equal its rows of the float64
+    reference on the whole tensor -- the Triton kernel at the dtype's tolerance, the PyTorch reference
+    (float64, same halo arguments) to 1e-12. Relative damping and the Adam graft (whole-tensor norms)."""
+    gen = torch.Generator().manual_seed(100 + band)
+    whole = [make_tensors(shape, band, dtype, gen, device) for shape, _ in SHARDED]
+    hyper = dict(lr=0.1, weight_decay=0.05, eps=1e-3, graft="adam", relative_eps=True, beta1=0.8, beta2=0.95)
+    truth = [[t.to(F64) if i < 5 else t.clone() for i, t in enumerate(ts)] for ts in whole]
+    sonew_step_reference(*[list(c) for c in zip(*truth)], **hyper)
+    as_f64 = [[t.to(F64) if i < 5 else t.clone() for i, t in enumerate(ts)] for ts in whole]
+    for step, inputs, halo_dtype, tol in ((sonew_step, whole, torch.float32, None),
+                                          (sonew_step_reference, as_f64, F64, 1e-12)):
+        shards = step_shards(step, inputs, band, halo_dtype, **hyper)
+        for i, want in enumerate(truth):  # the shards' rows put together
+            for col, name in ((0, "param"), (2, "exp_avg"), (3, "diag"), (4, "offdiag")):
+                out = torch.cat([tensors[i][col].reshape(tensors[i][col].shape[0], -1) if col == 4
+                                 else tensors[i][col].reshape(-1) for tensors in shards], dim=-1)
+                w = want[col] if col == 4 else want[col].reshape(-1)
+                assert_rel_close(out, w, dtype if col == 0 else torch.float32, tol=tol,
+                                 name=f"{step.__name__} {name}[{i}]")
+            assert all(tensors[i][5] == 6.0 for tensors in shards)
+
+
+def test_halo_arguments_are_checked(device):
+    """A halo of another band, or halo rows beyond the halo (or without one), raise before any write."""
+    gen = torch.Generator().manual_seed(0)
+    p, g, m, v, o, s = make_tensors((3, 4), 2, torch.float32, gen, device)
+    halo = torch.zeros(5, 4, device=device)
+    with pytest.raises(ValueError, match=r"halos\[0\]: expected shape \(5, 4\) for band 2"):
+        sonew_step([p], [g], [m], [v], [o], [s], halos=[torch.zeros(4, 2, device=device)], lr=0.1)
+    with pytest.raises(ValueError, match="halo_left: expected an integer in \\[0, 2\\]"):
+        sonew_step([p], [g], [m], [v], [o], [s], halos=[halo], halo_left=3, lr=0.1)
+    with pytest.raises(ValueError, match="halo_right: expected an integer in \\[0, 0\\] for tensor 0 \\(no halo"):
+        sonew_step([p], [g], [m], [v], [o], [s], halo_right=1, lr=0.1)
+    assert s == 5.0

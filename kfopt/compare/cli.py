@@ -188,7 +188,7 @@ def _select_optimizers(args, parser) -> list[str]:
         unsupported = [name for name in requested if not distributed.supports(args.distributed, name)]
         if unsupported and args.optimizers:
             parser.error(f"argument --optimizers: {', '.join(unsupported)} cannot train under --distributed "
-                         f"{args.distributed} (sharded parameters: only AdamW, LAMB and LARS so far)")
+                         f"{args.distributed} (sharded parameters: only AdamW, LAMB, LARS, SONew and K-FAC so far)")
         if unsupported and os.environ.get("RANK", "0") == "0":
             print(f"--distributed {args.distributed}: leaving out {', '.join(unsupported)} (they do not step "
                   "sharded parameters yet)", file=sys.stderr)

@@ -11,7 +11,7 @@ computes on the global batch (up to the order of floating-point sums). The loss 
 validation runs on every rank on the whole validation set. Rank 0 prints and writes the reports;
 step times and optimizer-state memory are rank 0's (under FSDP2: its shard).
 
-Under ``fsdp`` only optimizers that step sharded parameters run (AdamW, LAMB, LARS, and K-FAC with
+Under ``fsdp`` only optimizers that step sharded parameters run (AdamW, LAMB, LARS, SONew, and K-FAC with
 ``grad_worker_fraction = 1 / world``: one owner per layer); the others are
 left out of the default list with a note, and naming one is a usage error.
 
