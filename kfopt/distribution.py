@@ -39,6 +39,15 @@ from .capture import CapturedLayer
 from .kaisa import KAISAGroups, KAISAPlan
 
 
+def average_over_every_rank(tensors: Sequence[torch.Tensor], *, symmetric: bool = False
+                            ) -> collectives.CollectiveHandle:
+    """``Distributor.average`` over every rank of the default process group (DDP's ranks; FSDP2's and
+    HSDP's data-parallel ranks alike): ``symmetric`` sends the upper triangles of symmetric matrices."""
+    average = (collectives.all_reduce_symmetric_average_async if symmetric
+               else collectives.all_reduce_average_async)
+    return average(tensors)
+
+
 class Distributor(Protocol):
     """What a preconditioner asks of the ranks (module docstring); ``world``/``rank`` as in
     ``kfopt.collectives``."""
@@ -109,11 +118,7 @@ class Replicated:
 
     # -- statistics ---------------------------------------------------------------------------------
 
-    def average(self, tensors: Sequence[torch.Tensor], *, symmetric: bool = False
-                ) -> collectives.CollectiveHandle:
-        average = (collectives.all_reduce_symmetric_average_async if symmetric
-                   else collectives.all_reduce_average_async)
-        return average(tensors)
+    average = staticmethod(average_over_every_rank)
 
     # -- second-order data --------------------------------------------------------------------------
 

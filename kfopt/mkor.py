@@ -129,6 +129,7 @@ from .composed import BaseOptimizer, ComposedOptimizer, check_base
 from .distribution import Replicated
 from .graft import GRAFT_BETAS, GRAFT_EPS, check_graft_group, graft_defaults
 from .layer_state import LayerState, check_saved_factors, check_state_keys
+from .preconditioner import PreconditionerAttributes
 from .sharded_distribution import check_not_sharded
 from .validation import KIND_KEY, check_int, check_keys, check_loss_average, check_nonnegative, check_positive, check_tensor
 
@@ -449,7 +450,7 @@ class MKORPreconditioner:
         self._arm()
 
 
-class MKOR(ComposedOptimizer):
+class MKOR(PreconditionerAttributes, ComposedOptimizer):
     """MKOR: an :class:`MKORPreconditioner` in front of a base optimizer (module docstring).
 
     Args:
@@ -505,18 +506,6 @@ class MKOR(ComposedOptimizer):
             t.copy_(torch.where(ok, t, old))
 
     # -- the preconditioner's, for convenience -----------------------------------------------------
-
-    @property
-    def capture(self) -> LayerCapture:
-        return self.preconditioner.capture
-
-    @property
-    def steps(self) -> int:
-        return self.preconditioner.steps
-
-    @property
-    def layers(self) -> list[str]:
-        return self.preconditioner.layers
 
     def inverse_factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         return self.preconditioner.inverse_factors(name)

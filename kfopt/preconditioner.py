@@ -54,3 +54,22 @@ class Preconditioner(Protocol):
     def check_state_dict(self, state_dict: dict) -> None: ...
 
     def load_state_dict(self, state_dict: dict) -> None: ...
+
+
+class PreconditionerAttributes:
+    """An optimizer's shortcuts to its ``self.preconditioner``'s ``capture``, ``steps`` (completed steps)
+    and ``layers`` (names of the preconditioned layers, as in ``model.named_modules()``, no DDP prefix)."""
+
+    preconditioner: Preconditioner
+
+    @property
+    def capture(self) -> LayerCapture:
+        return self.preconditioner.capture
+
+    @property
+    def steps(self) -> int:
+        return self.preconditioner.steps
+
+    @property
+    def layers(self) -> list[str]:
+        return self.preconditioner.layers

@@ -35,6 +35,7 @@ from kfopt.autotune import agree_on_configs, configs_per_rank
 
 from . import collectives
 from .capture import CapturedLayer
+from .distribution import average_over_every_rank
 from .kaisa import Strategy, grad_worker_count
 from .row_shards import RowShardPlan, gather_to_owners, scatter_from_owners
 
@@ -92,11 +93,7 @@ class Sharded:
 
     # -- statistics: over every data-parallel rank ---------------------------------------------------
 
-    def average(self, tensors: Sequence[torch.Tensor], *, symmetric: bool = False
-                ) -> collectives.CollectiveHandle:
-        average = (collectives.all_reduce_symmetric_average_async if symmetric
-                   else collectives.all_reduce_average_async)
-        return average(tensors)
+    average = staticmethod(average_over_every_rank)
 
     # -- second-order data: the owner's alone ---------------------------------------------------------
 

@@ -188,6 +188,7 @@ from .graft import (
 )
 from .layer_state import LayerState
 from .optimizer import KfoptOptimizer
+from .preconditioner import PreconditionerAttributes
 from .sharded_distribution import check_not_sharded
 from .structures import Structure, StructureSpec, parse_structure
 from .validation import (
@@ -610,7 +611,7 @@ class SINGDPreconditioner:
         return layer.m_K, layer.m_C
 
 
-class SINGD(KfoptOptimizer):
+class SINGD(PreconditionerAttributes, KfoptOptimizer):
     """Structured inverse-free natural gradient descent (module docstring for the math and contracts).
 
     Args:
@@ -672,19 +673,6 @@ class SINGD(KfoptOptimizer):
                                                         tuple(skip_layers), grad_scaler)
 
     # -- the preconditioner's, for convenience -----------------------------------------------------
-
-    @property
-    def capture(self) -> LayerCapture:
-        return self.preconditioner.capture
-
-    @property
-    def steps(self) -> int:
-        return self.preconditioner.steps
-
-    @property
-    def layers(self) -> list[str]:
-        """Names of the preconditioned layers (as in ``model.named_modules()``, no DDP prefix)."""
-        return self.preconditioner.layers
 
     def factors(self, name: str) -> tuple[Structure, Structure]:
         """``(K, C)`` of layer ``name``: live structures over the optimizer's state tensors."""
