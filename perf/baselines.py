@@ -28,6 +28,21 @@ import torch
 # ----------------------------------------------------------------------------- element-wise methods
 
 
+def _adam_direction(g, exp_avgs, exp_avg_sqs, beta1, beta2, eps, step):
+    """Adam's moments updated in place from ``g`` and its direction ``m^ / (sqrt(v^) + eps)`` (t = ``step``),
+    with torch's foreach ops."""
+    torch._foreach_lerp_(exp_avgs, g, 1.0 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, g, g, value=1.0 - beta2)
+    bc1, bc2 = 1.0 - beta1 ** step, 1.0 - beta2 ** step
+    denom = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_div_(denom, bc2 ** 0.5)
+    torch._foreach_add_(denom, eps)
+    u = torch._foreach_div(exp_avgs, denom)
+    torch._foreach_mul_(u, 1.0 / bc1)
+    return u
+
+
 def as_fp32(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """The tensors themselves when fp32, else fp32 copies."""
     return [t if t.dtype == torch.float32 else t.float() for t in tensors]
@@ -51,15 +66,7 @@ def lamb_foreach_update(params, grads, exp_avgs, exp_avg_sqs, *, step: int | tor
     """
     w32, g = as_fp32(params), as_fp32(grads)
     g = torch._foreach_mul(g, clip_coef) if clip_coef is not None else g
-    torch._foreach_lerp_(exp_avgs, g, 1.0 - beta1)
-    torch._foreach_mul_(exp_avg_sqs, beta2)
-    torch._foreach_addcmul_(exp_avg_sqs, g, g, value=1.0 - beta2)
-    bc1, bc2 = 1.0 - beta1 ** step, 1.0 - beta2 ** step
-    denom = torch._foreach_sqrt(exp_avg_sqs)
-    torch._foreach_div_(denom, bc2 ** 0.5)
-    torch._foreach_add_(denom, eps)
-    u = torch._foreach_div(exp_avgs, denom)
-    torch._foreach_mul_(u, 1.0 / bc1)
+    u = _adam_direction(g, exp_avgs, exp_avg_sqs, beta1, beta2, eps, step)
     if weight_decay:
         torch._foreach_add_(u, w32, alpha=weight_decay)
     if adapt:
@@ -103,15 +110,7 @@ def graft_foreach_update(params, grads, directions, exp_avgs, exp_avg_sqs, momen
     ``buf <- momentum buf + P``, ``w <- w - lr ((||a|| / ||buf||) buf + weight_decay w)``; t = ``step``
     (counting from 1). State fp32; params/grads/directions fp32, bf16 or fp16."""
     w32, g, d = as_fp32(params), as_fp32(grads), as_fp32(directions)
-    torch._foreach_lerp_(exp_avgs, g, 1.0 - beta1)
-    torch._foreach_mul_(exp_avg_sqs, beta2)
-    torch._foreach_addcmul_(exp_avg_sqs, g, g, value=1.0 - beta2)
-    bc1, bc2 = 1.0 - beta1 ** step, 1.0 - beta2 ** step
-    denom = torch._foreach_sqrt(exp_avg_sqs)
-    torch._foreach_div_(denom, bc2 ** 0.5)
-    torch._foreach_add_(denom, graft_eps)
-    a = torch._foreach_div(exp_avgs, denom)
-    torch._foreach_mul_(a, 1.0 / bc1)
+    a = _adam_direction(g, exp_avgs, exp_avg_sqs, beta1, beta2, graft_eps, step)
     torch._foreach_mul_(momentum_buffers, momentum)
     torch._foreach_add_(momentum_buffers, d)
     a_norm = torch.stack(torch._foreach_norm(a))
