@@ -65,7 +65,6 @@ KRONECKER_CONFIGS = ConfigSpace(
     default=Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=3),
 )
 
-NAN = tl.constexpr(float("nan"))
 # columns of a class's layer table (int64)
 L_PTR, W_PTR, B_PTR, R_PTR, SW0, SW1, SB, OUT_INDEX, N_COLS = (tl.constexpr(i) for i in range(9))
 
@@ -171,7 +170,9 @@ def _norms_kernel(table_ptr, pv_ptr, pd_ptr, ratio_ptr, n_pv, n_pd, RBLOCK: tl.c
     d2 = tl.sum(sd, axis=0)
     ratio = tl.div_rn(tl.sqrt_rn(v2), tl.sqrt_rn(d2))  # correctly rounded, no flush to zero on the GPU
     ok = (v2 <= FP32_MAX) & (d2 <= FP32_MAX) & (d2 > 0) & (ratio > 0) & (ratio <= FP32_MAX)
-    tl.store(ratio_ptr + tl.load(table_ptr + layer * N_COLS + OUT_INDEX), tl.where(ok, ratio, NAN))
+    # NaN from its bits: a NaN-valued global constexpr fails triton >= 3.6's "global changed" check (nan != nan)
+    nan = tl.full([], 0x7FC00000, tl.int32).to(tl.float32, bitcast=True)
+    tl.store(ratio_ptr + tl.load(table_ptr + layer * N_COLS + OUT_INDEX), tl.where(ok, ratio, nan))
 
 
 @triton.jit

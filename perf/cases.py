@@ -450,7 +450,9 @@ ELEMENTWISE: list[ElementwiseMethod] = [
         [Impl("torch-fused", "baseline", lambda ps: AdamWRunner(ps, fused=True)),
          Impl("torch-foreach", "baseline", lambda ps: AdamWRunner(ps, fused=False), bench=False)],
         reference="torch-foreach", shared_baseline=True,
-        tol={"fp32": (1e-4, 1e-5), "bf16": (3e-2, 2e-2), "fp16": (1e-2, 1e-2)}),
+        # fp32 state 1e-4: on CUDA the fused kernel takes 1 - beta2 in fp32 (1 - fp32(0.999) is 1.29e-5
+        # off 0.001), the foreach path in double; exp_avg_sq differed by 1.29e-5 relative on an H200
+        tol={"fp32": (1e-4, 1e-4), "bf16": (3e-2, 2e-2), "fp16": (1e-2, 1e-2)}),
     ElementwiseMethod(
         "lamb", lamb_bytes, _one_pass(lambda sh: 2 * math.prod(sh)),
         [Impl("kfopt", "kernel", lambda ps: LambRunner(ps)),

@@ -57,17 +57,17 @@ def rel_error_beyond_ulp(out: torch.Tensor, ref: torch.Tensor, base: torch.Tenso
 
 
 def max_ulp_difference(out: Sequence[torch.Tensor], ref: Sequence[torch.Tensor],
-                       start: Sequence[torch.Tensor] | None = None) -> float:
+                       peak: Sequence[torch.Tensor] | None = None) -> float:
     """Largest |out - ref| in units of the last place (of the larger magnitude) of the tensors' dtype.
-    With ``start`` (the values several steps ago), the ulp is that of the largest of the three
-    magnitudes: a one-ulp difference left by an earlier step stays the same size when a later step
-    brings the value closer to 0."""
+    With ``peak`` (each element's largest magnitude along the steps that led here), the ulp is that of
+    the largest of the three: a one-ulp rounding made while a value was large stays the same size when
+    later steps bring the value closer to 0."""
     worst = 0.0
     for k, (o, r) in enumerate(zip(out, ref)):
         r32, o32 = r.detach().float(), o.detach().float()
         big = torch.maximum(r32.abs(), o32.abs())
-        if start is not None:
-            big = torch.maximum(big, start[k].detach().float().abs())
+        if peak is not None:
+            big = torch.maximum(big, peak[k].detach().float().abs())
         diff = (o32 - r32).abs() / _ulp(big, r.dtype)
         if diff.numel():
             worst = max(worst, float(diff.max()))

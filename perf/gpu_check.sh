@@ -40,6 +40,9 @@ done
 ln -s "$REPO/kernels" "$SHIM/kfopt/kernels"
 ln -s "$REPO/autotune" "$SHIM/kfopt/autotune"
 export PYTHONPATH="$SHIM:$REPO${PYTHONPATH:+:$PYTHONPATH}"
+# `python -m` would put the working directory (the checkout, whose kfopt/ has no kernels/) ahead of
+# the shim: keep it off sys.path
+export PYTHONSAFEPATH=1
 
 cd "$REPO" || exit 2
 case " $* " in

@@ -319,3 +319,23 @@ def test_every_launch_compiles_for_sm90(gpu_launches, tmp_path):
         elif out["shared"] > SM90_MAX_SHARED:
             failures.append(f"{where}: {out['shared']} B of shared memory > {SM90_MAX_SHARED}")
     assert not failures, f"{len(failures)} of {len(gpu_launches)} launches fail on sm_90:\n" + "\n".join(failures)
+
+
+def test_no_kernel_module_global_is_nan():
+    """A NaN-valued module global used in a kernel (``NAN = tl.constexpr(float("nan"))``) compiles, but
+    triton >= 3.6 compares the globals a kernel used with their values at every later launch, and
+    ``nan != nan``: the second launch raises "Global variable NAN has changed since we compiled this
+    kernel" on a GPU (seen on an H200). The interpreter never makes that check."""
+    import importlib
+    import math
+    import pkgutil
+
+    import triton.language as tl
+    nan_globals = []
+    for info in pkgutil.iter_modules(kernels.__path__):
+        module = importlib.import_module(f"{kernels.__name__}.{info.name}")
+        for name, value in vars(module).items():
+            value = value.value if isinstance(value, tl.constexpr) else value
+            if isinstance(value, float) and math.isnan(value):
+                nan_globals.append(f"{info.name}.{name}")
+    assert not nan_globals, f"NaN-valued globals in kernel modules: {nan_globals}"
