@@ -620,6 +620,14 @@ def _worker_run(item: Item, smoke: bool) -> dict:
 # ============================================================================ the driver
 
 
+def _in_repo(path) -> str:
+    """``path`` relative to the checkout when inside it (a summary is committed beside the results)."""
+    try:
+        return str(Path(path).resolve().relative_to(REPO))
+    except ValueError:
+        return str(path)
+
+
 def count_cubins(cache_dir: str | None) -> int:
     if not cache_dir or not os.path.isdir(cache_dir):
         return 0
@@ -915,7 +923,7 @@ class Driver:
         skipped = [o for o in self.outcomes if o.get("skipped")]
         lines += ["", f"## Skipped ({len(skipped)})", ""]
         lines += [f"- stage {o['stage']} {o['item']}: {o['skipped']}" for o in skipped] or ["none"]
-        lines += ["", f"results: {report['jsonl']}", f"plot: {report['png']}", ""]
+        lines += ["", f"results: {_in_repo(report['jsonl'])}", f"plot: {_in_repo(report['png'])}", ""]
         return "\n".join(lines)
 
 
