@@ -624,7 +624,7 @@ def _in_repo(path) -> str:
     """``path`` relative to the checkout when inside it (a summary is committed beside the results)."""
     try:
         return str(Path(path).resolve().relative_to(REPO))
-    except ValueError:
+    except (TypeError, ValueError):  # None (nothing written) or outside the checkout
         return str(path)
 
 
