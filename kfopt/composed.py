@@ -38,7 +38,11 @@ steps the same replicated weights, so the ranks use the same kernel configs (bit
 
 ``state_dict()`` is the base optimizer's plus ``state_key`` (the preconditioner's state),
 ``"kfopt_optimizer"`` (this class's name), ``"base_optimizer"`` (the base's class name),
-``"<state_key>_skipped_steps"`` and ``"blown_up_steps"``; ``load_state_dict`` checks all of it (the base's
+``"<state_key>_skipped_steps"`` and ``"blown_up_steps"``; ``distributed_state_dict()`` is the same for
+``torch.distributed.checkpoint`` (its ``get_optimizer_state_dict`` keeps param groups and per-parameter
+state only: the preconditioner's part goes beside it; DCP's step with zero gradients and lr 0 that
+creates a missing per-parameter state steps the base optimizer alone; not yet with grafting);
+``load_state_dict`` checks all of it (the base's
 per-parameter state for kfopt bases and torch's SGD and AdamW) before it changes anything (the GradScaler skips). ``skipped_steps`` is one count of every skipped
 step: those plus the base optimizer's own (``base="lamb"`` skips non-finite steps). ``defaults`` names
 the base optimizer's ``betas`` or ``momentum``, so momentum-cycling LR schedulers (``OneCycleLR``'s
@@ -162,8 +166,9 @@ class ComposedOptimizer(KfoptOptimizer):
         if self._grad_scaler_skips_step(self.scaled_statistic):
             self._discard_step()
             return loss
-        if self._distributed_checkpoint:  # DCP's step with zero gradients and lr 0 that creates the state
-            self._state_creating_step()
+        if self._distributed_checkpoint:  # DCP's step with zero gradients and lr 0 that creates the state:
+            with agree_on_configs():  # the base optimizer's alone
+                self.base.step()
             return loss
         if self.defaults["graft"] == "none":
             self._second_order_step()
@@ -172,18 +177,6 @@ class ComposedOptimizer(KfoptOptimizer):
         else:
             self._grafted_step()
         return loss
-
-    def _state_creating_step(self) -> None:
-        """The step ``torch.distributed.checkpoint.state_dict`` takes (zero gradients, lr 0) on an optimizer
-        without state, to create the per-parameter state it saves or loads into: the base's (or the
-        graft's) alone; the preconditioner does not step."""
-        if self.defaults["graft"] == "none":
-            with agree_on_configs():
-                self.base.step()
-            return
-        preconditioned = {id(p) for p in self._preconditioned_params()}
-        grafted_step(self.state, [(group, p, p.grad, p.grad if id(p) in preconditioned else None,
-                                   self._graft_momentum(group)) for group, p in self._params_with_grads()], None)
 
     def _grafted_step(self) -> None:
         """The raw gradients of the preconditioned parameters kept, ``_second_order_step()``, then one
@@ -276,6 +269,8 @@ class ComposedOptimizer(KfoptOptimizer):
     def state_dict(self) -> dict:
         """The base optimizer's state dict plus ``state_key`` and ``"<state_key>_skipped_steps"``."""
         state = self.base.state_dict()
+        if self._distributed_checkpoint:  # get_optimizer_state_dict keeps param groups and per-parameter state
+            return state
         state.pop(KIND_KEY, None)
         state[KIND_KEY] = type(self).__name__
         state["base_optimizer"] = type(self.base).__name__
@@ -370,6 +365,9 @@ class ComposedOptimizer(KfoptOptimizer):
         counts. A collective: every rank calls it. Load with :meth:`load_distributed_state_dict`."""
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
+        if not hasattr(self.preconditioner, "distributed_state_dict") or self.defaults["graft"] != "none":
+            raise NotImplementedError(f"{type(self).__name__}{' with grafting' * (self.defaults['graft'] != 'none')} "
+                                      "has no torch.distributed.checkpoint state yet: save state_dict()")
         with self._in_distributed_checkpoint():  # first: the state it creates is what the load fills
             base = get_optimizer_state_dict(self.preconditioner.capture.model, self)
         return {"optimizer": base, self.state_key: self.preconditioner.distributed_state_dict(),

@@ -115,6 +115,10 @@ Checkpoints
     layer kept older data). Checkpoints of earlier kfopt versions (no ``decomposed``) are rejected.
     ``load_state_dict`` checks everything (keys, counters, ``world_size``, ``compute_method``, every
     factor's and second-order tensor's shape and dtype, the dampings) before it changes anything.
+    ``torch.distributed.checkpoint`` (FSDP2, any world size): ``KFAC.distributed_state_dict()`` /
+    ``load_distributed_state_dict`` (``kfopt.composed``) carry ``KFACPreconditioner.distributed_state_dict()``,
+    the same entries but with each layer's second-order data saved by the ranks that hold it and loaded
+    by those that hold it after the load (docs/sharding.md).
     ``KFAC.state_dict()`` is the base optimizer's state dict (``param_groups`` hold all
     hyperparameters; ``state`` is the base optimizer's state, ``KFAC.state`` is that same object) plus
     ``"kfac"`` (the preconditioner's) and ``"kfac_skipped_steps"``. Constructor-only settings
@@ -628,6 +632,10 @@ class KFAC(ComposedOptimizer):
             model, lr, damping, factor_decay, kl_clip, factor_update_steps, inv_update_steps,
             grad_worker_fraction, compute_method, skip_layers, symmetric_comm,
             assignment_strategy=assignment_strategy, loss_average=loss_average, grad_scaler=grad_scaler)
+        if graft != "none" and isinstance(preconditioner.distributor, Sharded):
+            preconditioner.capture.remove()
+            raise ValueError(f"graft: grafting ({graft!r}) does not support FSDP2-sharded (fully_shard) layers yet; "
+                             "use graft='none', or DistributedDataParallel")
         self._grad_scaler = grad_scaler
         self._compose(preconditioner, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, damping=damping,
                                            **graft_defaults(graft, graft_betas, graft_eps)), base)
