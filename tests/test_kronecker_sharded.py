@@ -163,15 +163,17 @@ def load_checkpoint(model, opt, directory):
     opt.load_distributed_state_dict(state["optim"])
 
 
-def resumed(mesh, dp_rank, dp_size, directory):
+def resumed(mesh, dp_rank, dp_size, directory, save_to=None):
     """Eigen K-FAC on ``mesh`` resumed from the checkpoint in ``directory`` for the steps after
-    ``SAVE_AFTER``: the full parameters, and ``state_dict()``'s RuntimeError right after the load (a layer
-    whose data only its holders loaded) or None."""
+    ``SAVE_AFTER`` (saved again right after the load into ``save_to`` if given): the full parameters, and
+    ``state_dict()``'s RuntimeError right after the load (a layer whose data only its holders loaded) or
+    None."""
     os.environ["KFOPT_BACKEND"] = "torch"
     model = sharded_model(mesh)
     opt = make_kfac(model, "eigen")
     load_checkpoint(model, opt, directory)
-    opt.distributed_state_dict()  # a distributed checkpoint can be taken right away
+    if save_to is not None:  # a distributed checkpoint can be taken right away
+        save_checkpoint(model, opt, save_to)
     error = None
     try:
         opt.state_dict()
@@ -250,8 +252,9 @@ def ranks_program(rank, world, directory):
     opt = make_kfac(model, "eigen")
     train(model, opt, rows(rank, 4), range(SAVE_AFTER))
     save_checkpoint(model, opt, directory)  # resumed here on other meshes, and on 2 ranks (world == 2)
-    out["w4->hsdp22"] = resumed(mesh22, rank, 4, directory)
+    out["w4->hsdp22"] = resumed(mesh22, rank, 4, directory, save_to=os.path.join(directory, "hsdp22"))
     out["w4->w1"] = resumed(mesh41, rank, 4, directory)
+    out["w4->hsdp22->w4"] = resumed(mesh4, rank, 4, os.path.join(directory, "hsdp22"))
     dist.barrier()
     return out
 
@@ -349,11 +352,12 @@ def test_a_non_finite_gradient_shard_skips_the_step_on_every_rank(config, monkey
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("label,world", [("w4->hsdp22", 4), ("w4->w1", 4), ("w4->w2", 2)])
+@pytest.mark.parametrize("label,world", [("w4->hsdp22", 4), ("w4->w1", 4), ("w4->w2", 2), ("w4->hsdp22->w4", 4)])
 def test_distributed_checkpoints_resume_on_other_shard_groups(label, world, monkeypatch, checkpoints):
     """A checkpoint written by 4 ranks (shard group 4) resumed by shard groups of 2 (HSDP (2, 2), and 2
-    processes) and 1 ((4, 1)): each owner loads its layers' second-order data, and the run ends as one
-    process's uninterrupted run."""
+    processes) and 1 ((4, 1)), and the HSDP run's checkpoint (saved right after its load: replicas hold
+    the same data) resumed by 4 ranks: each owner loads its layers' second-order data, and the run ends
+    as one process's uninterrupted run."""
     monkeypatch.setenv("KFOPT_BACKEND", "torch")
     expected = single_process("eigen")
     for rank, out in enumerate(runs(world, checkpoints)):
