@@ -42,9 +42,9 @@ steps the same replicated weights, so the ranks use the same kernel configs (bit
 ``torch.distributed.checkpoint`` (its ``get_optimizer_state_dict`` keeps param groups and per-parameter
 state only: the preconditioner's part goes beside it; DCP's step with zero gradients and lr 0 that
 creates a missing per-parameter state steps the base optimizer alone; not yet with grafting);
-``load_state_dict`` checks all of it (the base's
-per-parameter state for kfopt bases and torch's SGD and AdamW) before it changes anything (the GradScaler skips). ``skipped_steps`` is one count of every skipped
-step: those plus the base optimizer's own (``base="lamb"`` skips non-finite steps). ``defaults`` names
+``load_state_dict`` checks all of it (the base's per-parameter state for kfopt bases and torch's SGD
+and AdamW) before it changes anything (the GradScaler skips). ``skipped_steps`` is one count of every
+skipped step: those plus the base optimizer's own (``base="lamb"`` skips non-finite steps). ``defaults`` names
 the base optimizer's ``betas`` or ``momentum``, so momentum-cycling LR schedulers (``OneCycleLR``'s
 default ``cycle_momentum=True``, ``CyclicLR``) drive the base's.
 """

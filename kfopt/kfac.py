@@ -84,7 +84,8 @@ Hooks
 
 KAISA (``grad_worker_fraction``; see :mod:`kfopt.kaisa` for the grid and the greedy LPT assignment)
     The default ``grad_worker_fraction=None`` is the distribution's natural fraction: 1 (COMM-OPT) for
-    replicated parameters, ``1 / shard size`` under FSDP2 (``kfopt.sharded_distribution``). Every exchange between ranks below goes through the preconditioner's ``distributor``
+    replicated parameters, ``1 / shard size`` under FSDP2 (``kfopt.sharded_distribution``). Every
+    exchange between ranks below goes through the preconditioner's ``distributor``
     (``kfopt.distribution.Replicated`` with KAISA's plan). Factors are averaged on all ranks (every
     rank holds all factors). At an inverse update each layer's inverse worker decomposes its two
     factors and broadcasts the data inside its grad-worker group; the layer's grad workers
@@ -115,10 +116,11 @@ Checkpoints
     layer kept older data). Checkpoints of earlier kfopt versions (no ``decomposed``) are rejected.
     ``load_state_dict`` checks everything (keys, counters, ``world_size``, ``compute_method``, every
     factor's and second-order tensor's shape and dtype, the dampings) before it changes anything.
-    ``torch.distributed.checkpoint`` (FSDP2, any world size): ``KFAC.distributed_state_dict()`` /
-    ``load_distributed_state_dict`` (``kfopt.composed``) carry ``KFACPreconditioner.distributed_state_dict()``,
-    the same entries but with each layer's second-order data saved by the ranks that hold it and loaded
-    by those that hold it after the load (docs/sharding.md).
+    ``torch.distributed.checkpoint`` (FSDP2, any world size): ``KFAC.distributed_state_dict()`` and
+    ``load_distributed_state_dict`` (``kfopt.composed``) carry
+    ``KFACPreconditioner.distributed_state_dict()``: the same entries less ``decomposition_failures``, each
+    layer's second-order data saved by the ranks that hold it and loaded by those that hold it after
+    the load (docs/sharding.md).
     ``KFAC.state_dict()`` is the base optimizer's state dict (``param_groups`` hold all
     hyperparameters; ``state`` is the base optimizer's state, ``KFAC.state`` is that same object) plus
     ``"kfac"`` (the preconditioner's) and ``"kfac_skipped_steps"``. Constructor-only settings

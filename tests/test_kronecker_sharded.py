@@ -396,6 +396,11 @@ def test_distributed_checkpoint_of_an_optimizer_without_per_parameter_state(tmp_
     resumed_opt = make_kfac(resumed_model, "eigen", momentum=0.0)
     state = resumed_opt.distributed_state_dict()
     dcp.load(state, checkpoint_id=str(tmp_path))
+    for key, bad, match in (("compute_method", "inverse", "compute_method"),
+                            ("decomposed", {"0": {}}, "'second_order' and 'decomposed'")):
+        with pytest.raises(ValueError, match=match):  # checked before anything changes
+            resumed_opt.load_distributed_state_dict({**state, "kfac": {**state["kfac"], key: bad}})
+        assert resumed_opt.preconditioner.steps == 0
     resumed_opt.load_distributed_state_dict(state)
     assert resumed_opt.preconditioner.steps == SAVE_AFTER
     train(resumed_model, resumed_opt, slice(None), range(SAVE_AFTER, STEPS))
