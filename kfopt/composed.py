@@ -38,15 +38,20 @@ steps the same replicated weights, so the ranks use the same kernel configs (bit
 
 ``state_dict()`` is the base optimizer's plus ``state_key`` (the preconditioner's state),
 ``"kfopt_optimizer"`` (this class's name), ``"base_optimizer"`` (the base's class name),
-``"<state_key>_skipped_steps"`` and ``"blown_up_steps"``; ``load_state_dict`` checks all of it (the base's
-per-parameter state for kfopt bases and torch's SGD and AdamW) before it changes anything (the GradScaler skips). ``skipped_steps`` is one count of every skipped
-step: those plus the base optimizer's own (``base="lamb"`` skips non-finite steps). ``defaults`` names
+``"<state_key>_skipped_steps"`` and ``"blown_up_steps"``; ``distributed_state_dict()`` is the same for
+``torch.distributed.checkpoint`` (its ``get_optimizer_state_dict`` keeps param groups and per-parameter
+state only: the preconditioner's part goes beside it; DCP's step with zero gradients and lr 0 that
+creates a missing per-parameter state steps the base optimizer alone; not yet with grafting);
+``load_state_dict`` checks all of it (the base's per-parameter state for kfopt bases and torch's SGD
+and AdamW) before it changes anything (the GradScaler skips). ``skipped_steps`` is one count of every
+skipped step: those plus the base optimizer's own (``base="lamb"`` skips non-finite steps). ``defaults`` names
 the base optimizer's ``betas`` or ``momentum``, so momentum-cycling LR schedulers (``OneCycleLR``'s
 default ``cycle_momentum=True``, ``CyclicLR``) drive the base's.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Callable
 from typing import Literal
@@ -161,6 +166,10 @@ class ComposedOptimizer(KfoptOptimizer):
         if self._grad_scaler_skips_step(self.scaled_statistic):
             self._discard_step()
             return loss
+        if self._distributed_checkpoint:  # DCP's step with zero gradients and lr 0 that creates the state:
+            with agree_on_configs():  # the base optimizer's alone
+                self.base.step()
+            return loss
         if self.defaults["graft"] == "none":
             self._second_order_step()
             with agree_on_configs():  # every rank steps the same replicated weights
@@ -260,6 +269,8 @@ class ComposedOptimizer(KfoptOptimizer):
     def state_dict(self) -> dict:
         """The base optimizer's state dict plus ``state_key`` and ``"<state_key>_skipped_steps"``."""
         state = self.base.state_dict()
+        if self._distributed_checkpoint:  # get_optimizer_state_dict keeps param groups and per-parameter state
+            return state
         state.pop(KIND_KEY, None)
         state[KIND_KEY] = type(self).__name__
         state["base_optimizer"] = type(self.base).__name__
@@ -271,7 +282,18 @@ class ComposedOptimizer(KfoptOptimizer):
     def check_state_dict(self, state_dict: dict) -> None:
         """ValueError saying what does not fit unless ``state_dict`` is a checkpoint of this optimizer
         (kind, base optimizer, keys, param groups, the base's state tensors, counters, the subclass's
-        state); changes nothing."""
+        state); changes nothing. A dict of ``state`` and ``param_groups`` alone (``set_optimizer_state_dict``
+        of ``torch.distributed.checkpoint``) is the base's part of a :meth:`distributed_state_dict`, loaded
+        by :meth:`load_distributed_state_dict` only: elsewhere ValueError (the preconditioner's state would
+        be missing)."""
+        if _base_part(state_dict):
+            if not self._distributed_checkpoint:
+                raise ValueError(
+                    f"state_dict: it holds only param_groups and per-parameter state (torch.distributed.checkpoint's "
+                    f"get_optimizer_state_dict leaves out {type(self).__name__}'s {self.state_key!r} state): save and "
+                    "load with distributed_state_dict() and load_distributed_state_dict()")
+            self._check_groups_and_state(state_dict, self._state_spec)
+            return
         skipped_key = f"{self.state_key}_skipped_steps"
         check_keys(state_dict, ("state", "param_groups", KIND_KEY, "base_optimizer", self.state_key, skipped_key),
                    "state_dict")
@@ -294,22 +316,83 @@ class ComposedOptimizer(KfoptOptimizer):
         ValueError and changes nothing."""
         skipped_key = f"{self.state_key}_skipped_steps"
         self.check_state_dict(state_dict)
+        if _base_part(state_dict):
+            self._load_base_part(state_dict)
+            return
         state = {k: v for k, v in state_dict.items() if k not in (self.state_key, skipped_key, "base_optimizer",
                                                                    "blown_up_steps", KIND_KEY)}
         if isinstance(self.base, KfoptOptimizer):
             state[KIND_KEY] = type(self.base).__name__
+        self._load_base_part(state)
+        self._skipped = state_dict[skipped_key].detach().clone()
+        self._load_blowup_state(state_dict)
+        self._load_own_state(state_dict[self.state_key])
+
+    def _load_base_part(self, state: dict) -> None:
+        """Load the base optimizer's part of a checked checkpoint (``state``, ``param_groups``, and what the
+        base's own ``load_state_dict`` takes besides) and the graft's per-parameter state."""
         # the graft's state is loaded here: torch's bases would cast it to the param dtype, kfopt's reject it
         base_state = {pid: {k: v for k, v in values.items() if not k.startswith("graft_")}
                       for pid, values in state["state"].items()}
         self.base.load_state_dict({**state, "state": copy.deepcopy(base_state)})  # torch's would alias
         self.param_groups = self.base.param_groups
         self.state = self.base.state
-        params = {pid: p for saved, group in zip(state_dict["param_groups"], self.param_groups)
+        params = {pid: p for saved, group in zip(state["param_groups"], self.param_groups)
                   for pid, p in zip(saved["params"], group["params"])}
-        for pid, values in state_dict["state"].items():
+        for pid, values in state["state"].items():
             for key, value in values.items():
                 if key.startswith("graft_"):
                     self.state[params[pid]][key] = value.detach().clone().to(params[pid].device)
+
+    # -- torch.distributed.checkpoint -------------------------------------------------------------
+
+    #: set while torch.distributed.checkpoint's state_dict functions run on this optimizer (module docstring)
+    _distributed_checkpoint = False
+
+    @contextlib.contextmanager
+    def _in_distributed_checkpoint(self):
+        self._distributed_checkpoint = True
+        try:
+            yield
+        finally:
+            self._distributed_checkpoint = False
+
+    def distributed_state_dict(self) -> dict:
+        """This optimizer's checkpoint for ``torch.distributed.checkpoint`` (``dcp.save``, and ``dcp.load``
+        into it, in place, at any world size): ``"optimizer"``, ``get_optimizer_state_dict(model, self)``
+        (param groups and the base optimizer's per-parameter state keyed by parameter name, DTensors
+        resharded on load), ``state_key``, the preconditioner's ``distributed_state_dict()``, and the skip
+        counts. A collective: every rank calls it. Load with :meth:`load_distributed_state_dict`."""
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        if not hasattr(self.preconditioner, "distributed_state_dict") or self.defaults["graft"] != "none":
+            raise NotImplementedError(f"{type(self).__name__}{' with grafting' * (self.defaults['graft'] != 'none')} "
+                                      "has no torch.distributed.checkpoint state yet: save state_dict()")
+        with self._in_distributed_checkpoint():  # first: the state it creates is what the load fills
+            base = get_optimizer_state_dict(self.preconditioner.capture.model, self)
+        return {"optimizer": base, self.state_key: self.preconditioner.distributed_state_dict(),
+                f"{self.state_key}_skipped_steps": self._skip_count().detach().clone(),
+                "blown_up_steps": self.blown_up_steps.detach().clone()}
+
+    def load_distributed_state_dict(self, state_dict: dict) -> None:
+        """Load a :meth:`distributed_state_dict` that ``dcp.load`` filled (``set_optimizer_state_dict`` for
+        the base's part, the preconditioner's ``load_distributed_state_dict``, the skip counts), each part
+        checked before anything changes. A collective: every rank calls it."""
+        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+        skipped_key = f"{self.state_key}_skipped_steps"
+        check_keys(state_dict, ("optimizer", self.state_key, skipped_key, "blown_up_steps"), "state_dict")
+        self.preconditioner.check_distributed_state_dict(state_dict[self.state_key])
+        check_counter(f"state_dict[{skipped_key!r}]", state_dict[skipped_key])
+        check_counter("state_dict['blown_up_steps']", state_dict["blown_up_steps"])
+        with self._in_distributed_checkpoint():
+            set_optimizer_state_dict(self.preconditioner.capture.model, self, state_dict["optimizer"])
+        self.preconditioner.load_distributed_state_dict(state_dict[self.state_key])
         self._skipped = state_dict[skipped_key].detach().clone()
         self._load_blowup_state(state_dict)
-        self._load_own_state(state_dict[self.state_key])
+
+
+def _base_part(state_dict) -> bool:
+    """Whether ``state_dict`` holds ``state`` and ``param_groups`` alone (``torch.distributed.checkpoint``'s
+    ``set_optimizer_state_dict``: the base optimizer's part of a checkpoint)."""
+    return isinstance(state_dict, dict) and set(state_dict) == {"state", "param_groups"}

@@ -83,7 +83,9 @@ Hooks
     ``step()`` adds its inputs to ``A``.
 
 KAISA (``grad_worker_fraction``; see :mod:`kfopt.kaisa` for the grid and the greedy LPT assignment)
-    Every exchange between ranks below goes through the preconditioner's ``distributor``
+    The default ``grad_worker_fraction=None`` is the distribution's natural fraction: 1 (COMM-OPT) for
+    replicated parameters, ``1 / shard size`` under FSDP2 (``kfopt.sharded_distribution``). Every
+    exchange between ranks below goes through the preconditioner's ``distributor``
     (``kfopt.distribution.Replicated`` with KAISA's plan). Factors are averaged on all ranks (every
     rank holds all factors). At an inverse update each layer's inverse worker decomposes its two
     factors and broadcasts the data inside its grad-worker group; the layer's grad workers
@@ -114,6 +116,11 @@ Checkpoints
     layer kept older data). Checkpoints of earlier kfopt versions (no ``decomposed``) are rejected.
     ``load_state_dict`` checks everything (keys, counters, ``world_size``, ``compute_method``, every
     factor's and second-order tensor's shape and dtype, the dampings) before it changes anything.
+    ``torch.distributed.checkpoint`` (FSDP2, any world size): ``KFAC.distributed_state_dict()`` and
+    ``load_distributed_state_dict`` (``kfopt.composed``) carry
+    ``KFACPreconditioner.distributed_state_dict()``: the same entries less ``decomposition_failures``, each
+    layer's second-order data saved by the ranks that hold it and loaded by those that hold it after
+    the load (docs/sharding.md).
     ``KFAC.state_dict()`` is the base optimizer's state dict (``param_groups`` hold all
     hyperparameters; ``state`` is the base optimizer's state, ``KFAC.state`` is that same object) plus
     ``"kfac"`` (the preconditioner's) and ``"kfac_skipped_steps"``. Constructor-only settings
@@ -249,7 +256,9 @@ class KFACPreconditioner:
         factor_decay: f of the running averages, in [0, 1).
         kl_clip: the KL-clip bound (> 0), or None for no clipping.
         factor_update_steps, inv_update_steps: the factor and second-order update intervals (steps).
-        grad_worker_fraction: KAISA's fraction of ranks that precondition each layer, in (0, 1].
+        grad_worker_fraction: KAISA's fraction of ranks that precondition each layer, in (0, 1]; None: the
+            natural one of the distribution (1 under DDP, COMM-OPT; ``1 / shard size`` under FSDP2: one owner
+            per layer in each shard group, the only fraction FSDP2 takes).
         compute_method: "eigen" or "inverse".
         skip_layers: module names or types not to precondition (as ``LayerCapture``).
         symmetric_comm: all-reduce only the upper triangles of the factors.
@@ -260,7 +269,7 @@ class KFACPreconditioner:
 
     def __init__(self, model: nn.Module, lr: float = 0.1, damping: float = 1e-3, factor_decay: float = 0.95,
                  kl_clip: float | None = 1e-3, factor_update_steps: int = 1, inv_update_steps: int = 10,
-                 grad_worker_fraction: float = 1.0, compute_method: ComputeMethod = "eigen",
+                 grad_worker_fraction: float | None = None, compute_method: ComputeMethod = "eigen",
                  skip_layers: Iterable[str | type] = (), symmetric_comm: bool = False, *,
                  assignment_strategy: Strategy = "compute", loss_average: LossAverage = "batch",
                  grad_scaler: torch.amp.GradScaler | None = None):
@@ -288,7 +297,8 @@ class KFACPreconditioner:
             self.distributor = (Sharded.kaisa(captured, grad_worker_fraction, assignment_strategy)
                                 if is_sharded(captured) else
                                 Replicated.kaisa([(len(layer.A), len(layer.G)) for layer in self._layers],
-                                                 grad_worker_fraction, assignment_strategy))
+                                                 1.0 if grad_worker_fraction is None else grad_worker_fraction,
+                                                 assignment_strategy))
         except BaseException:
             self.capture.remove()
             raise
@@ -372,6 +382,10 @@ class KFACPreconditioner:
             torch.cuda.synchronize(self._layers[0].A.device)
         second, decomposed = {}, {}
         for layer in self._layers:
+            if layer.second is None and layer.elsewhere is None:
+                raise RuntimeError(f"layer {layer.name!r}: its second-order data is on the ranks that hold it since "
+                                   "a distributed checkpoint was loaded; save with distributed_state_dict(), or "
+                                   "state_dict() after the next inverse update")
             kind, data = ("second_order", layer.second) if layer.second is not None else layer.elsewhere
             if kind == "second_order":
                 second[layer.name] = list(data)
@@ -382,12 +396,42 @@ class KFACPreconditioner:
                 "factors": {layer.name: {"A": layer.A, "G": layer.G} for layer in self._layers},
                 "second_order": second, "decomposed": decomposed}
 
+    def distributed_state_dict(self) -> dict:
+        """The state ``torch.distributed.checkpoint`` saves from every rank and loads into, in place
+        (module docstring, Checkpoints): ``state_dict()`` without ``decomposition_failures`` (a count of
+        this rank's own decompositions, which keeps its value), with ``second_order`` holding the live data
+        of the layers this rank holds and ``decomposed`` empty. Each layer is held somewhere, so the
+        saved checkpoint has every layer's data; a rank of another world size or owner assignment loads
+        the layers it holds (:meth:`load_distributed_state_dict`)."""
+        return {"steps": self.steps, "world_size": self.distributor.world, "compute_method": self.compute_method,
+                "factors": {layer.name: {"A": layer.A, "G": layer.G} for layer in self._layers},
+                "second_order": {layer.name: layer.second for layer in self._layers if layer.second is not None},
+                "decomposed": {}}
+
+    def load_distributed_state_dict(self, state_dict: dict) -> None:
+        """Load a :meth:`distributed_state_dict` (filled by ``torch.distributed.checkpoint.load``): factors,
+        ``steps`` and the second-order data of the layers this rank holds, checked first. The other layers
+        have nothing on this rank until their next inverse update: ``state_dict()`` raises RuntimeError
+        until then."""
+        self.check_distributed_state_dict(state_dict)
+        self._load(state_dict)
+
+    def check_distributed_state_dict(self, state_dict: dict) -> None:
+        """ValueError unless ``state_dict`` (a :meth:`distributed_state_dict`) fits; changes nothing."""
+        self._check_state(state_dict, held_only=True)
+
     def check_state_dict(self, state_dict: dict) -> None:
         """ValueError unless ``state_dict`` (a ``state_dict()``) fits these layers; changes nothing."""
-        check_state_keys(state_dict, ("steps", "decomposition_failures", "world_size", "compute_method", "factors",
-                                      "second_order", "decomposed"), "preconditioner")
+        self._check_state(state_dict)
+
+    def _check_state(self, state_dict: dict, held_only: bool = False) -> None:
+        """``check_state_dict``; ``held_only``: of a ``distributed_state_dict()``, whose ``second_order``
+        holds exactly the layers this rank holds."""
+        keys = ("steps", "world_size", "compute_method", "factors", "second_order", "decomposed")
+        check_state_keys(state_dict, keys if held_only else ("decomposition_failures", *keys), "preconditioner")
         check_int("steps", state_dict["steps"])
-        check_int("decomposition_failures", state_dict["decomposition_failures"])
+        if not held_only:
+            check_int("decomposition_failures", state_dict["decomposition_failures"])
         check_int("world_size", state_dict["world_size"], 1)
         if state_dict["compute_method"] != self.compute_method:
             raise ValueError(f"state_dict: the checkpoint's compute_method is {state_dict['compute_method']!r}, "
@@ -398,12 +442,15 @@ class KFACPreconditioner:
                 check_tensor(f"state_dict: factor {key} of layer {layer.name!r}", state_dict["factors"][layer.name][key],
                              getattr(layer, key).shape, getattr(layer, key).dtype)
         second, decomposed = state_dict["second_order"], state_dict["decomposed"]
-        names = [layer.name for layer in self._layers]
+        names = [layer.name for layer in self._layers if not held_only or layer.second is not None]
         if not isinstance(second, dict) or not isinstance(decomposed, dict) or set(second) & set(decomposed) \
-                or set(second) | set(decomposed) != set(names):
-            raise ValueError(f"state_dict: 'second_order' and 'decomposed' must hold each of the layers {names} "
-                             f"once, got {sorted(map(str, second))} and {sorted(map(str, decomposed))}")
+                or set(second) | set(decomposed) != set(names) or (held_only and decomposed):
+            which = "this rank holds, in 'second_order'" if held_only else f"{names} once"
+            raise ValueError(f"state_dict: 'second_order' and 'decomposed' must hold each of the layers {which}, "
+                             f"got {sorted(map(str, second))} and {sorted(map(str, decomposed))}")
         for layer in self._layers:
+            if layer.name not in second and layer.name not in decomposed:  # held_only: held elsewhere
+                continue
             if layer.name in second:
                 data, shapes = second[layer.name], self._second_order_shapes(layer)
                 if not isinstance(data, (list, tuple)) or len(data) != len(shapes):
@@ -426,10 +473,17 @@ class KFACPreconditioner:
         ``decomposed`` factors as its inverse worker did; other ranks keep the layer's entry on the host
         for their own checkpoints."""
         self.check_state_dict(state_dict)
+        self._load(state_dict)
+
+    def _load(self, state_dict: dict) -> None:
+        """Load a checked ``state_dict()`` or ``distributed_state_dict()`` (without
+        ``decomposition_failures``: the count keeps its value)."""
         second, decomposed = state_dict["second_order"], state_dict["decomposed"]
         failures, data = 0, {}
         for layer in self._layers:  # everything computed before anything changes
-            if layer.second is None:
+            if layer.second is None and layer.name not in second and layer.name not in decomposed:
+                data[layer.name] = None  # a distributed checkpoint: the data is on the ranks that hold the layer
+            elif layer.second is None:
                 data[layer.name] = (("second_order", [t.detach().to("cpu", copy=True) for t in second[layer.name]])
                                     if layer.name in second else
                                     ("decomposed", {key: value.detach().to("cpu", copy=True)
@@ -453,7 +507,8 @@ class KFACPreconditioner:
             else:
                 layer.second = data[layer.name]
         self.steps = int(state_dict["steps"])
-        self.decomposition_failures = int(state_dict["decomposition_failures"]) + failures
+        self.decomposition_failures = int(state_dict.get("decomposition_failures", self.decomposition_failures)) \
+            + failures
         self.discard_step()
         self._arm()
 
@@ -566,7 +621,7 @@ class KFAC(ComposedOptimizer):
 
     def __init__(self, model: nn.Module, lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 0.0,
                  damping: float = 1e-3, factor_decay: float = 0.95, kl_clip: float | None = 1e-3,
-                 factor_update_steps: int = 1, inv_update_steps: int = 10, grad_worker_fraction: float = 1.0,
+                 factor_update_steps: int = 1, inv_update_steps: int = 10, grad_worker_fraction: float | None = None,
                  compute_method: ComputeMethod = "eigen", base: BaseOptimizer = "sgd",
                  skip_layers: Iterable[str | type] = (), symmetric_comm: bool = False, *,
                  assignment_strategy: Strategy = "compute", loss_average: LossAverage = "batch",
@@ -579,6 +634,10 @@ class KFAC(ComposedOptimizer):
             model, lr, damping, factor_decay, kl_clip, factor_update_steps, inv_update_steps,
             grad_worker_fraction, compute_method, skip_layers, symmetric_comm,
             assignment_strategy=assignment_strategy, loss_average=loss_average, grad_scaler=grad_scaler)
+        if graft != "none" and isinstance(preconditioner.distributor, Sharded):
+            preconditioner.capture.remove()
+            raise ValueError(f"graft: grafting ({graft!r}) does not support FSDP2-sharded (fully_shard) layers yet; "
+                             "use graft='none', or DistributedDataParallel")
         self._grad_scaler = grad_scaler
         self._compose(preconditioner, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, damping=damping,
                                            **graft_defaults(graft, graft_betas, graft_eps)), base)

@@ -20,7 +20,8 @@ group (docs/sharding.md), besides the statistic averages that DDP sends as well.
 
 KAISA's ``grad_worker_fraction`` under FSDP2: a layer has one owner per shard group, i.e.
 ``world / shard_size`` grad workers (one per replicate group); the only accepted fraction is the one
-that gives that count (``1 / shard_size``), any other raises ValueError.
+that gives that count (``1 / shard_size``, K-FAC's default ``grad_worker_fraction=None``), any other raises
+ValueError.
 """
 
 from __future__ import annotations
@@ -75,10 +76,13 @@ class Sharded:
         self._exchange: tuple[RowShardPlan, list[int]] | None = None
 
     @classmethod
-    def kaisa(cls, layers: Sequence[CapturedLayer], grad_worker_fraction: float, strategy: Strategy) -> "Sharded":
+    def kaisa(cls, layers: Sequence[CapturedLayer], grad_worker_fraction: float | None,
+              strategy: Strategy) -> "Sharded":
         """With the owners of K-FAC's layers; ValueError unless ``grad_worker_fraction`` gives one grad
-        worker per replicate group (module docstring)."""
+        worker per replicate group (module docstring; None: that fraction)."""
         distributor = cls(layers, strategy)
+        if grad_worker_fraction is None:
+            return distributor
         replicas = distributor.world // distributor.ranks
         if grad_worker_count(distributor.world, grad_worker_fraction) != replicas:
             raise ValueError(f"grad_worker_fraction: under FSDP2 each layer is preconditioned by one owner in "

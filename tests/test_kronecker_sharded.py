@@ -37,51 +37,151 @@ def data(step):
     return torch.randn(GLOBAL_BATCH, 2, 4, 4, generator=g), torch.randn(GLOBAL_BATCH, 3, generator=g)
 
 
-def make_kfac(model, case, fraction):
+def make_kfac(model, case, fraction=None, **kwargs):
+    """K-FAC of ``CASES[case]``; ``fraction`` None: the default ``grad_worker_fraction`` (under FSDP2
+    ``1 / shard size``)."""
     from kfopt import KFAC
 
     method, kl_clip, inv_steps = CASES[case]
-    return KFAC(model, lr=0.1, momentum=0.9, damping=1e-2, kl_clip=kl_clip, compute_method=method,
-                inv_update_steps=inv_steps, grad_worker_fraction=fraction)
+    if fraction is not None:
+        kwargs["grad_worker_fraction"] = fraction
+    return KFAC(model, **{"lr": 0.1, "momentum": 0.9, "damping": 1e-2, "kl_clip": kl_clip, "compute_method": method,
+                          "inv_update_steps": inv_steps, **kwargs})
 
 
-def train(model, opt, part):
-    """5 steps; ``part``: the rows of the global batch this rank feeds (a mean loss over them)."""
-    for step in range(STEPS):
+def train(model, opt, part, steps=range(STEPS), scaler=None, bad_grad=None):
+    """``steps`` of the global batches; ``part``: the rows of the global batch this rank feeds (a mean loss
+    over them); ``scaler``: a GradScaler steps; ``bad_grad``: ``(step, value)`` written into the first
+    element of this rank's (local) gradient of the Linear ``model[3]``'s weight after that step's
+    backward."""
+    for step in steps:
         x, t = data(step)
         opt.zero_grad()
-        ((model(x[part]) - t[part]) ** 2).sum(1).mean().backward()
-        opt.step()
+        loss = ((model(x[part]) - t[part]) ** 2).sum(1).mean()
+        (loss if scaler is None else scaler.scale(loss)).backward()
+        if bad_grad is not None and step == bad_grad[0]:
+            grad = model[3].weight.grad
+            (grad.to_local() if hasattr(grad, "to_local") else grad).view(-1)[0] = bad_grad[1]
+        if scaler is None:
+            opt.step()
+        else:
+            scaler.step(opt)
+            scaler.update()
 
 
-def single_process(case):
+def single_process(case, **kwargs):
     """The reference: one process on the global batch (the caller sets the torch backend)."""
     model = build_model()
-    train(model, make_kfac(model, case, 1.0), slice(None))
+    train(model, make_kfac(model, case), slice(None), **kwargs)
     return [p.detach().clone() for p in model.parameters()]
 
 
-def sharded_run(mesh, dp_rank, dp_size, case, backend="torch"):
+def sharded_model(mesh):
+    """``build_model()`` with ``fully_shard`` on each Linear/Conv2d and the root."""
     from torch.distributed.fsdp import fully_shard
-
-    os.environ.pop("KFOPT_BACKEND", None)
-    if backend == "torch":
-        os.environ["KFOPT_BACKEND"] = "torch"
 
     model = build_model()
     for layer in model:
         if isinstance(layer, (nn.Linear, nn.Conv2d)):
             fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
-    shard = mesh.size(mesh.ndim - 1)
-    opt = make_kfac(model, case, 1 / shard)
+    return model
+
+
+def rows(dp_rank, dp_size):
     per = GLOBAL_BATCH // dp_size
-    train(model, opt, slice(dp_rank * per, (dp_rank + 1) * per))
+    return slice(dp_rank * per, (dp_rank + 1) * per)
+
+
+def sharded_run(mesh, dp_rank, dp_size, case, backend="torch", fraction=None):
+    os.environ.pop("KFOPT_BACKEND", None)
+    if backend == "torch":
+        os.environ["KFOPT_BACKEND"] = "torch"
+
+    model = sharded_model(mesh)
+    opt = make_kfac(model, case, fraction)
+    train(model, opt, rows(dp_rank, dp_size))
     pre = opt.preconditioner
     return {"params": [p.detach().full_tensor() for p in model.parameters()],
             "factors": [(layer.A.clone(), layer.G.clone()) for layer in pre._layers],
             "held": [layer.second is not None for layer in pre._layers],
             "owners": pre.distributor.owners}
+
+
+#: the step whose gradient has a non-finite element on one rank (an inverse update in the eigen case)
+BAD_STEP = 2
+
+
+def snapshot(model, opt):
+    pre = opt.preconditioner
+    return {"params": [p.detach().full_tensor().clone() for p in model.parameters()],
+            "factors": [t.clone() for layer in pre._layers for t in (layer.A, layer.G)],
+            "second": [None if layer.second is None else [t.clone() for t in layer.second] for layer in pre._layers],
+            "skipped": int(opt.skipped_steps), "steps": pre.steps}
+
+
+def non_finite_runs(mesh, shard_rank, dp_rank, dp_size):
+    """Eigen K-FAC with an inf (under a GradScaler) or a NaN (base LAMB) in shard rank 1's gradient
+    shard of ``model[3].weight`` at ``BAD_STEP`` (on every replica: HSDP's replicas hold the same
+    gradients): snapshots before and after that step and after the last, and the scaler's scales."""
+    os.environ["KFOPT_BACKEND"] = "torch"
+    out = {}
+    for kind in ("scaler", "lamb"):
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 4) if kind == "scaler" else None
+        model = sharded_model(mesh)
+        opt = make_kfac(model, "eigen", grad_scaler=scaler) if scaler else make_kfac(model, "eigen", base="lamb")
+        part = rows(dp_rank, dp_size)
+        train(model, opt, part, range(BAD_STEP), scaler)
+        before, scale = snapshot(model, opt), scaler.get_scale() if scaler else None
+        bad = (BAD_STEP, float("inf") if scaler else float("nan")) if shard_rank == 1 else None
+        train(model, opt, part, range(BAD_STEP, BAD_STEP + 1), scaler, bad)
+        after = snapshot(model, opt)
+        train(model, opt, part, range(BAD_STEP + 1, STEPS), scaler)
+        out[kind] = (before, after, snapshot(model, opt), (scale, scaler.get_scale()) if scaler else None)
+    return out
+
+
+#: steps before the checkpoint: the eigen case's next inverse update is at step 4, so step 3 preconditions
+#: with the second-order data the checkpoint carried
+SAVE_AFTER = 3
+
+
+def save_checkpoint(model, opt, directory):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    dcp.save({"model": get_model_state_dict(model), "optim": opt.distributed_state_dict()}, checkpoint_id=directory)
+
+
+def load_checkpoint(model, opt, directory):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    state = {"model": get_model_state_dict(model), "optim": opt.distributed_state_dict()}
+    dcp.load(state, checkpoint_id=directory)
+    set_model_state_dict(model, state["model"])
+    opt.load_distributed_state_dict(state["optim"])
+
+
+def resumed(mesh, dp_rank, dp_size, directory, save_to=None):
+    """Eigen K-FAC on ``mesh`` resumed from the checkpoint in ``directory`` for the steps after
+    ``SAVE_AFTER`` (saved again right after the load into ``save_to`` if given): the full parameters, and
+    ``state_dict()``'s RuntimeError right after the load (a layer whose data only its holders loaded) or
+    None."""
+    os.environ["KFOPT_BACKEND"] = "torch"
+    model = sharded_model(mesh)
+    opt = make_kfac(model, "eigen")
+    load_checkpoint(model, opt, directory)
+    if save_to is not None:  # a distributed checkpoint can be taken right away
+        save_checkpoint(model, opt, save_to)
+    error = None
+    try:
+        opt.state_dict()
+    except RuntimeError as err:
+        error = str(err)
+    train(model, opt, rows(dp_rank, dp_size), range(SAVE_AFTER, STEPS))
+    opt.state_dict()  # after an inverse update every rank has what its plain checkpoint needs
+    return [p.detach().full_tensor() for p in model.parameters()], error
 
 
 def placement_errors(mesh):
@@ -101,8 +201,9 @@ def placement_errors(mesh):
     return None
 
 
-def ranks_program(rank, world):
+def ranks_program(rank, world, directory):
     import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
     from torch.distributed.device_mesh import init_device_mesh
 
     from kfopt import MKOR, MKORH, SINGD
@@ -110,12 +211,26 @@ def ranks_program(rank, world):
     out = {}
     if world == 2:
         mesh = init_device_mesh("cpu", (2,))
-        out = {f"w2 {case}": sharded_run(mesh, rank, 2, case) for case in CASES}
-        out["fraction"] = None
+        # the explicit fraction 1/2 (FSDP2's) and the default
+        out = {f"w2 {case}": sharded_run(mesh, rank, 2, case, fraction=0.5 if case == "eigen" else None)
+               for case in CASES}
+        out["w4->w2"] = resumed(mesh, rank, 2, directory)
+        out["fraction"] = out["base part"] = None
         try:
             make_kfac(build_model_sharded(mesh), "eigen", 1.0)
         except ValueError as err:
             out["fraction"] = str(err)
+        out["graft"] = None
+        try:  # not yet supported: refused, not silently wrong
+            make_kfac(build_model_sharded(mesh), "eigen", graft="adam")
+        except ValueError as err:
+            out["graft"] = str(err)
+        model = build_model_sharded(mesh)
+        opt = make_kfac(model, "eigen")
+        try:  # the base's part alone would resume without the preconditioner
+            set_optimizer_state_dict(model, opt, get_optimizer_state_dict(model, opt))
+        except ValueError as err:
+            out["base part"] = str(err)
         for name, cls in (("MKOR", MKOR), ("MKORH", MKORH), ("SINGD", SINGD)):
             try:
                 cls(build_model_sharded(mesh), lr=0.1)
@@ -131,6 +246,15 @@ def ranks_program(rank, world):
         out[f"hsdp22 {case}"] = sharded_run(mesh22, rank, 4, case)
         out[f"w1 {case}"] = sharded_run(mesh41, rank, 4, case)
     out["shard1"] = placement_errors(mesh4)
+    out["non-finite w4"] = non_finite_runs(mesh4, rank, rank, 4)
+    out["non-finite hsdp22"] = non_finite_runs(mesh22, mesh22.get_local_rank("shard"), rank, 4)
+    model = sharded_model(mesh4)
+    opt = make_kfac(model, "eigen")
+    train(model, opt, rows(rank, 4), range(SAVE_AFTER))
+    save_checkpoint(model, opt, directory)  # resumed here on other meshes, and on 2 ranks (world == 2)
+    out["w4->hsdp22"] = resumed(mesh22, rank, 4, directory, save_to=os.path.join(directory, "hsdp22"))
+    out["w4->w1"] = resumed(mesh41, rank, 4, directory)
+    out["w4->hsdp22->w4"] = resumed(mesh4, rank, 4, os.path.join(directory, "hsdp22"))
     dist.barrier()
     return out
 
@@ -146,9 +270,19 @@ def build_model_sharded(mesh):
 _RUNS = {}
 
 
-def runs(world):
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """The folder of the distributed checkpoint the 4 ranks write and the 2 ranks resume."""
+    return str(tmp_path_factory.mktemp("kronecker-dcp"))
+
+
+def runs(world, directory):
+    """Every rank's results of ``ranks_program`` on ``world`` ranks (the 2 ranks after the 4: they resume
+    the 4 ranks' checkpoint)."""
+    if world == 2:
+        runs(4, directory)
     if world not in _RUNS:
-        _RUNS[world] = run_distributed(ranks_program, world, timeout=300)
+        _RUNS[world] = run_distributed(ranks_program, world, directory, timeout=300)
     return _RUNS[world]
 
 
@@ -158,10 +292,10 @@ CONFIGS = [("w4", 4), ("hsdp22", 4), ("w1", 4), ("w2", 2)]
 @pytest.mark.distributed
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("config,world", CONFIGS)
-def test_sharded_kfac_equals_one_process(config, world, case, monkeypatch):
+def test_sharded_kfac_equals_one_process(config, world, case, monkeypatch, checkpoints):
     monkeypatch.setenv("KFOPT_BACKEND", "torch")
     expected = single_process(case)
-    ranks = runs(world)
+    ranks = runs(world, checkpoints)
     for rank, out in enumerate(ranks):
         run = out[f"{config} {case}"]
         for i, (p, e) in enumerate(zip(run["params"], expected)):
@@ -176,10 +310,98 @@ def test_sharded_kfac_equals_one_process(config, world, case, monkeypatch):
 
 
 @pytest.mark.distributed
-def test_placements_and_fraction_errors():
-    for out in runs(4):
+def test_placements_and_fraction_errors(checkpoints):
+    for out in runs(4, checkpoints):
         assert out["shard1"] is not None and "layer '3'" in out["shard1"] and "Shard(dim=1)" in out["shard1"]
-    for out in runs(2):
+    for out in runs(2, checkpoints):
         assert out["fraction"] is not None and "grad_worker_fraction" in out["fraction"]
         for name in ("MKOR", "MKORH", "SINGD"):  # not yet supported: refused, not silently wrong
             assert out[name] is not None and "FSDP2" in out[name], (name, out[name])
+        assert out["base part"] is not None and "distributed_state_dict()" in out["base part"]
+        assert out["graft"] is not None and out["graft"].startswith("graft:") and "FSDP2" in out["graft"]
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("config", ["w4", "hsdp22"])
+def test_a_non_finite_gradient_shard_skips_the_step_on_every_rank(config, monkeypatch, checkpoints):
+    """Only shard rank 1 has the bad value; every rank skips: under a GradScaler nothing changes but the
+    skip count and the scale (factors, second-order data and steps too, on an inverse-update step), and
+    the run goes on as one process's with the same skip; with base LAMB the weights stay."""
+    monkeypatch.setenv("KFOPT_BACKEND", "torch")
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 4)
+    model = build_model()
+    train(model, make_kfac(model, "eigen", grad_scaler=scaler), slice(None), scaler=scaler,
+          bad_grad=(BAD_STEP, float("inf")))
+    ranks = runs(4, checkpoints)
+    for rank, out in enumerate(ranks):
+        for kind in ("scaler", "lamb"):
+            before, after, end, scales = out[f"non-finite {config}"][kind]
+            assert (before["skipped"], after["skipped"], end["skipped"]) == (0, 1, 1), (rank, kind)
+            assert all(torch.equal(p, q) for p, q in zip(before["params"], after["params"])), (rank, kind)
+            assert not any(torch.equal(p, q) for p, q in zip(after["params"], end["params"])), (rank, kind)
+            for p, q in zip(end["params"], ranks[0][f"non-finite {config}"][kind][2]["params"]):
+                assert torch.equal(p, q), (rank, kind)
+        before, after, end, scales = out[f"non-finite {config}"]["scaler"]
+        assert after["steps"] == before["steps"] == BAD_STEP and scales == (16.0, 8.0)
+        assert all(torch.equal(f, g) for f, g in zip(before["factors"], after["factors"]))
+        assert [s is None for s in before["second"]] == [s is None for s in after["second"]]
+        assert all(torch.equal(t, u) for s, r in zip(before["second"], after["second"]) if s for t, u in zip(s, r))
+        for i, (p, e) in enumerate(zip(end["params"], model.parameters())):
+            err = float((p - e.detach()).abs().max() / e.detach().abs().max())
+            assert err < 1e-5, f"rank {rank}: parameter {i}: relative error {err}"
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("label,world", [("w4->hsdp22", 4), ("w4->w1", 4), ("w4->w2", 2), ("w4->hsdp22->w4", 4)])
+def test_distributed_checkpoints_resume_on_other_shard_groups(label, world, monkeypatch, checkpoints):
+    """A checkpoint written by 4 ranks (shard group 4) resumed by shard groups of 2 (HSDP (2, 2), and 2
+    processes) and 1 ((4, 1)), and the HSDP run's checkpoint (saved right after its load: replicas hold
+    the same data) resumed by 4 ranks: each owner loads its layers' second-order data, and the run ends
+    as one process's uninterrupted run."""
+    monkeypatch.setenv("KFOPT_BACKEND", "torch")
+    expected = single_process("eigen")
+    for rank, out in enumerate(runs(world, checkpoints)):
+        params, error = out[label]
+        for i, (p, e) in enumerate(zip(params, expected)):
+            err = float((p - e).abs().max() / e.abs().max())
+            assert err < 1e-5, f"rank {rank}: parameter {i}: relative error {err}"
+        if label == "w4->w1":  # every rank holds every layer
+            assert error is None
+        else:
+            assert error is not None and "distributed_state_dict()" in error
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_distributed_checkpoint_of_an_optimizer_without_per_parameter_state(tmp_path, monkeypatch):
+    """One process, SGD without momentum (no per-parameter state): DCP's state-creating zero step leaves
+    K-FAC alone (steps, factors, weights), and the checkpoint resumes the run bit for bit."""
+    import torch.distributed.checkpoint as dcp
+
+    monkeypatch.setenv("KFOPT_BACKEND", "torch")
+    model = build_model()
+    opt = make_kfac(model, "eigen", momentum=0.0)
+    train(model, opt, slice(None), range(SAVE_AFTER))
+    weights = [p.detach().clone() for p in model.parameters()]
+    factors = [f.clone() for f in opt.preconditioner.factors("3")]
+    opt.zero_grad()  # no gradients and no state: DCP steps with zero gradients
+    state = opt.distributed_state_dict()
+    assert opt.preconditioner.steps == SAVE_AFTER and not opt.state
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), weights))
+    assert all(torch.equal(f, g) for f, g in zip(opt.preconditioner.factors("3"), factors))
+    dcp.save(state, checkpoint_id=str(tmp_path))
+    train(model, opt, slice(None), range(SAVE_AFTER, STEPS))
+
+    resumed_model = build_model()
+    resumed_model.load_state_dict(dict(zip([n for n, _ in build_model().named_parameters()], weights)))
+    resumed_opt = make_kfac(resumed_model, "eigen", momentum=0.0)
+    state = resumed_opt.distributed_state_dict()
+    dcp.load(state, checkpoint_id=str(tmp_path))
+    for key, bad, match in (("compute_method", "inverse", "compute_method"),
+                            ("decomposed", {"0": {}}, "'second_order' and 'decomposed'")):
+        with pytest.raises(ValueError, match=match):  # checked before anything changes
+            resumed_opt.load_distributed_state_dict({**state, "kfac": {**state["kfac"], key: bad}})
+        assert resumed_opt.preconditioner.steps == 0
+    resumed_opt.load_distributed_state_dict(state)
+    assert resumed_opt.preconditioner.steps == SAVE_AFTER
+    train(resumed_model, resumed_opt, slice(None), range(SAVE_AFTER, STEPS))
+    assert all(torch.equal(p, q) for p, q in zip(resumed_model.parameters(), model.parameters()))
