@@ -82,8 +82,10 @@ def make(model, case, shard):
 
 def factors(opt):
     """K-FAC's (A, G) per layer; SINGD's free parameters of (K, C), by name."""
+    from kfopt import KFAC
+
     pre = opt.preconditioner
-    if isinstance(opt, __import__("kfopt").KFAC):
+    if isinstance(opt, KFAC):
         return [(layer.A.clone(), layer.G.clone()) for layer in pre._layers]
     return [{f"{key}.{name}": t.clone() for key in "KC" for name, t in getattr(layer, key).named_tensors().items()}
             for layer in pre._layers]
