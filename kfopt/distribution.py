@@ -86,8 +86,16 @@ class Distributor(Protocol):
         """The sum over the ranks of ``value``, a term over the layers whose ``P`` this rank has after
         ``share_preconditioned`` (replicated: every active layer, so ``value`` itself)."""
 
+    def local_rows(self, results: dict[int, torch.Tensor], dtypes: dict[int, torch.dtype]) -> dict[int, torch.Tensor]:
+        """Instead of ``write_gradients``: this rank's rows (replicated: all) of each active layer's
+        ``results[l]`` (shaped as its ``gradients`` entry), in ``dtypes[l]`` (known on every rank)."""
+
     def write_gradients(self, layers: Sequence[CapturedLayer], results: dict[int, torch.Tensor]) -> None:
         """Store each layer's ``results[l]`` (a matrix shaped as its ``gradients`` entry) into its ``.grad``."""
+
+    def all_finite(self, finite: torch.Tensor) -> torch.Tensor:
+        """Whether the 0-d bool ``finite``, a rank's verdict on the gradients and results it holds, holds on
+        every rank (replicated: every rank holds the same, so ``finite`` itself)."""
 
     def agreement(self, *, preconditioning: bool = False) -> AbstractContextManager:
         """The kernel-config agreement (``kfopt.autotune``) of computations that ranks repeat on the same
@@ -171,9 +179,15 @@ class Replicated:
     def sum_over_preconditioners(self, value: torch.Tensor) -> torch.Tensor:
         return value
 
+    def local_rows(self, results: dict[int, torch.Tensor], dtypes: dict[int, torch.dtype]) -> dict[int, torch.Tensor]:
+        return {i: matrix.to(dtypes[i]) for i, matrix in results.items()}
+
     def write_gradients(self, layers: Sequence[CapturedLayer], results: dict[int, torch.Tensor]) -> None:
         for i, matrix in results.items():
             layers[i].write_grad(matrix)
+
+    def all_finite(self, finite: torch.Tensor) -> torch.Tensor:
+        return finite
 
     def agreement(self, *, preconditioning: bool = False) -> AbstractContextManager:
         """Every rank for a replicated update; for preconditioning, the grad-worker group (each rank for

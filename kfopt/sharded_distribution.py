@@ -11,9 +11,14 @@ Each rank holds a block of whole rows of every layer's gradient matrix ``V = [dW
    memory point of FSDP). Under HSDP every replicate group has the same owners and computes the same.
 3. ``gradients`` gathers each active layer's rows to its owner (one ``all_to_all_single`` over the
    shard group, ``kfopt.row_shards.gather_to_owners``), the owner computes ``P``, and
-   ``write_gradients`` scatters ``P``'s rows back into the local ``.grad`` shards (one more). A rank sees
-   ``P`` of its own layers only: a scalar of all layers (K-FAC's KL clip) is summed over the shard group
-   (``sum_over_preconditioners``).
+   ``write_gradients`` scatters ``P``'s rows back into the local ``.grad`` shards (one more;
+   ``local_rows`` returns them instead: SINGD's natural gradient). A rank sees ``P`` of its own layers
+   only: a scalar of all layers (K-FAC's KL clip) is summed over the shard group
+   (``sum_over_preconditioners``), and a non-finite verdict on a rank's shards is agreed over every
+   rank (``all_finite``).
+
+SINGD keeps its factors on every rank (``decomposes``/``holds`` are K-FAC's) and uses the owners for
+step 3 alone.
 
 Per step each rank sends and receives ``RowShardPlan.volume(rank).exchange`` bytes over the shard
 group (docs/sharding.md), besides the statistic averages that DDP sends as well.
@@ -26,6 +31,7 @@ ValueError.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
 
@@ -143,17 +149,33 @@ class Sharded:
         dist.all_reduce(value, group=self.group)
         return value
 
-    def write_gradients(self, layers: Sequence[CapturedLayer], results: dict[int, torch.Tensor]) -> None:
-        """Scatter each owned layer's ``results[l]`` (the last :meth:`gradients`' layers, in their
-        gradient dtype) to the shards and write every rank's rows into its ``.grad``."""
+    def local_rows(self, results: dict[int, torch.Tensor],
+                   dtypes: dict[int, torch.dtype] | None = None) -> dict[int, torch.Tensor]:
+        """This rank's rows of each owned layer's ``results[l]`` (the last :meth:`gradients`' layers),
+        scattered from the owners, in ``dtypes[l]`` (every rank passes the same; None: the gradients'
+        dtypes)."""
         if self._exchange is None:
-            return
+            return {}
         plan, active = self._exchange
         self._exchange = None
+        if dtypes is not None:
+            plan = dataclasses.replace(plan, dtypes=tuple(dtypes[i] for i in active))
         owned = [results[i].to(dtype) if plan.owners[k] == self.me else None
                  for k, (i, dtype) in enumerate(zip(active, plan.dtypes))]
-        for i, rows in zip(active, scatter_from_owners(plan, owned, self.group)):
+        return dict(zip(active, scatter_from_owners(plan, owned, self.group)))
+
+    def write_gradients(self, layers: Sequence[CapturedLayer], results: dict[int, torch.Tensor]) -> None:
+        """Scatter each owned layer's ``results[l]`` (:meth:`local_rows`, in the gradient dtype) and write
+        every rank's rows into its ``.grad``."""
+        for i, rows in self.local_rows(results).items():
             layers[i].write_grad(rows)
+
+    def all_finite(self, finite: torch.Tensor) -> torch.Tensor:
+        """Whether ``finite`` (a 0-d bool, this rank's verdict on its shards) holds on every rank: one
+        all-reduce of one element over every rank, on the device (no host synchronisation)."""
+        flag = finite.to(torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return flag.bool()
 
     def agreement(self, *, preconditioning: bool = False) -> AbstractContextManager:
         """Every rank for a replicated update; when preconditioning, each owner for itself, or under HSDP

@@ -147,6 +147,15 @@ global-batch run. Every rank must capture every due layer (as DDP requires); a l
 contributes zeros there. The step runs under ``kfopt.autotune.agree_on_configs()`` (every rank launches
 the same kernels), so tuned kernel configs, and with them the replicas' bits, agree across ranks.
 
+FSDP2 and HSDP (``fully_shard`` models whose Linear/Conv2d weights and biases are row shards; the
+distributor is ``kfopt.sharded_distribution.Sharded``, docs/sharding.md): the statistics are averaged
+over every rank as above and every rank keeps and updates all factors and momenta (its statistics need
+them); each layer's ``N`` is computed by its owner rank from the whole ``G`` gathered from the row
+shards (under the owner's own kernel configs, or its HSDP replicas'), each rank receives its rows of
+``N`` and updates its shards; whether the step is finite is agreed over every rank (one all-reduce of
+each verdict), so a NaN in one rank's shard skips the step on every rank. Grafting is not supported
+there (ValueError naming ``graft`` at construction).
+
 Checkpoints
 ===========
 ``state_dict()`` holds plain tensors and numbers (``torch.load(weights_only=True)`` works): the param
@@ -173,6 +182,7 @@ import torch
 from torch import nn
 
 from kfopt.kernels.dispatch import KERNEL_DTYPES, use_triton
+from kfopt.kernels.structured import result_dtype
 
 from . import collectives  # noqa: F401  (kfopt.singd.collectives: what the distributor calls; tests spy on it)
 from .capture import CallInfo, CapturedLayer, LayerCapture, loss_term_count
@@ -189,7 +199,8 @@ from .graft import (
 from .layer_state import LayerState
 from .optimizer import KfoptOptimizer
 from .preconditioner import PreconditionerAttributes
-from .sharded_distribution import check_not_sharded
+from .sharded_distribution import Sharded, is_sharded
+from .sharding import local
 from .structures import Structure, StructureSpec, parse_structure
 from .validation import (
     check_bool,
@@ -322,11 +333,11 @@ class SINGDPreconditioner:
                 skip_layers: tuple, grad_scaler: torch.amp.GradScaler | None) -> None:
         self._groups, self._state_of = groups, state_of
         self.steps = 0
-        self.distributor = Replicated()
         self.capture = self._build_capture(model, skip_layers)
         try:  # a constructor that raises leaves the model without hooks
             self.capture.set_grad_scale(grad_scaler)
-            check_not_sharded(list(self.capture.layers.values()), "SINGD")
+            layers = list(self.capture.layers.values())
+            self.distributor = Sharded(layers) if is_sharded(layers) else Replicated()
             group_of = {id(p): i for i, group in enumerate(groups()) for p in group["params"]}
             self._layers = [_Layer(captured, group_of[id(captured.module.weight)])
                             for captured in self.capture.layers.values()]
@@ -355,7 +366,8 @@ class SINGDPreconditioner:
             self.average_statistics(due)
         updated = [layer for layer in due if layer.H_K is not None and layer.H_C is not None]
         active = [layer for layer in self._layers if layer.weight.grad is not None]
-        grads = [p.grad for layer in active for p in (layer.weight, layer.bias) if p is not None and p.grad is not None]
+        grads = [local(p.grad) for layer in active for p in (layer.weight, layer.bias)
+                 if p is not None and p.grad is not None]
         inputs = grads + [t for layer in updated for t in layer.H_K.tensors + layer.H_C.tensors]
         if inputs:
             with self.distributor.agreement():  # every rank updates the same factors
@@ -363,11 +375,11 @@ class SINGDPreconditioner:
                 for layer in updated:
                     commits, new_factors[layer.name] = self.update_factors(layer, 1.0)
                     pending += commits
-                directions = [(p, d) for layer in active for _, p, d in self.natural_gradient(
-                    layer, *new_factors.get(layer.name, (layer.K, layer.C))) if p.grad is not None]
-                targets = [p.grad for p, _ in directions] + [t for old, _ in pending for t in old]
+                directions = [(p, d) for _, p, d in self.natural_gradients(new_factors) if p.grad is not None]
+                targets = [local(p.grad) for p, _ in directions] + [t for old, _ in pending for t in old]
                 values = [d for _, d in directions] + [t for _, new in pending for t in new]
-                finite = torch.stack([torch.isfinite(t).all() for t in inputs + values]).all()
+                finite = self.distributor.all_finite(
+                    torch.stack([torch.isfinite(t).all() for t in inputs + values]).all())
                 _commit(finite, targets, values)
         self.finish_step()
 
@@ -575,23 +587,42 @@ class SINGDPreconditioner:
         self._bind(layer)
         return getattr(layer, f"m_{key}")
 
-    def natural_gradient(self, layer: _Layer, K: Structure, C: Structure,
-                         moments: dict[int, torch.Tensor] | None = None) -> list[tuple[dict, torch.Tensor, torch.Tensor]]:
-        """``N = C C^T G K K^T`` as ``(group, param, its part of N)`` for the layer's weight and bias; ``G``
-        the ``[dW | db]`` matrix of their gradients, or of their ``moments`` (by ``id``) where given."""
-        weight, bias = layer.weight, layer.bias
-        d_in = layer.captured.in_features
-        if moments and id(weight) in moments:
-            g = layer.captured.as_matrix(moments[id(weight)], moments.get(id(bias)) if bias is not None else None)
+    def natural_gradients(self, factors: dict[str, tuple[Structure, Structure]],
+                          moments: dict[int, torch.Tensor] | None = None
+                          ) -> list[tuple[dict, torch.Tensor, torch.Tensor]]:
+        """``N = C C^T G K K^T`` of every layer whose weight has a gradient, as ``(group, param, this rank's
+        part of N)`` for its weight and bias, with ``(K, C) = factors[name]`` (default: the layer's own);
+        ``G`` the ``[dW | db]`` matrix of their gradients, or of their ``moments`` (by ``id``; replicated
+        layers only) where given. Through the distributor: the rank that computes a layer's ``N`` gets its
+        whole ``G`` (FSDP2: gathered from the row shards to the layer's owner), and every rank gets its
+        rows of ``N`` (fp32; float64 for float64 factors or gradients)."""
+        distributor = self.distributor
+        captured = [layer.captured for layer in self._layers]
+        active = [i for i, layer in enumerate(self._layers) if layer.weight.grad is not None]
+        if moments:  # grafting: replicated layers only (SINGD rejects it under FSDP2)
+            matrices = {i: captured[i].as_matrix(moments[id(captured[i].weight)], moments.get(id(captured[i].bias)))
+                        if id(captured[i].weight) in moments else captured[i].grad_matrix() for i in active}
         else:
-            g = layer.captured.grad_matrix()
-        y = K.matmul(g, right=True)
-        y = K.matmul(y, transpose=True, right=True)
-        y = C.matmul(y, transpose=True)
-        natural = C.matmul(y)
-        group = self._group(layer)
-        parts = [(group, weight, natural[:, :d_in].reshape(weight.shape))]
-        return parts + ([(group, bias, natural[:, d_in])] if bias is not None else [])
+            matrices = distributor.gradients(captured, active)
+        pairs = {i: factors.get(self._layers[i].name, (self._layers[i].K, self._layers[i].C)) for i in active}
+        with distributor.agreement(preconditioning=True):  # each layer's N on the ranks that compute it
+            natural = {}
+            for i in active:
+                if distributor.preconditions(i):
+                    K, C = pairs[i]
+                    y = K.matmul(matrices[i], right=True)
+                    y = K.matmul(y, transpose=True, right=True)
+                    natural[i] = C.matmul(C.matmul(y, transpose=True))
+        rows = distributor.local_rows(natural, {i: result_dtype(pairs[i][0].tensors[0], pairs[i][1].tensors[0],
+                                                                self._layers[i].weight.grad) for i in active})
+        parts = []
+        for i in active:
+            layer, n = self._layers[i], rows[i]
+            d_in, group = layer.captured.in_features, self._group(layer)
+            parts.append((group, layer.weight, n[:, :d_in].reshape(local(layer.weight).shape)))
+            if layer.bias is not None:
+                parts.append((group, layer.bias, n[:, d_in]))
+        return parts
 
     # -- inspection -----------------------------------------------------------------------------
 
@@ -671,6 +702,10 @@ class SINGD(PreconditionerAttributes, KfoptOptimizer):
         self._last_grad_scale: torch.Tensor | None = None
         self.preconditioner = SINGDPreconditioner._over(model, lambda: self.param_groups, lambda p: self.state[p],
                                                         tuple(skip_layers), grad_scaler)
+        if graft != "none" and isinstance(self.preconditioner.distributor, Sharded):
+            self.preconditioner.capture.remove()
+            raise ValueError(f"graft: SINGD with graft={graft!r} does not support FSDP2-sharded (fully_shard) "
+                             "layers yet (the graft's norms span whole tensors); use graft='none'")
 
     # -- the preconditioner's, for convenience -----------------------------------------------------
 
@@ -713,7 +748,8 @@ class SINGD(PreconditionerAttributes, KfoptOptimizer):
         if due and pre.distributor.distributed:
             pre.average_statistics(due)
         updated = [layer for layer in due if layer.H_K is not None and layer.H_C is not None]
-        inputs = [p.grad for _, p in found] + [t for layer in updated for t in layer.H_K.tensors + layer.H_C.tensors]
+        inputs = [local(p.grad) for _, p in found] + [t for layer in updated
+                                                      for t in layer.H_K.tensors + layer.H_C.tensors]
         if inputs:
             with pre.distributor.agreement():  # every rank updates the same factors and weights
                 finite = self._finite(inputs)
@@ -723,13 +759,8 @@ class SINGD(PreconditionerAttributes, KfoptOptimizer):
                 for layer in updated:
                     commits, new_factors[layer.name] = pre.update_factors(layer, correction)
                     pending += commits
-                preconditioned, directions = set(), []
-                moments = self._first_moments(found)
-                for layer in pre._layers:
-                    if layer.weight.grad is not None:
-                        directions += pre.natural_gradient(layer, *new_factors.get(layer.name, (layer.K, layer.C)),
-                                                           moments)
-                        preconditioned.update(id(p) for p in (layer.weight, layer.bias) if p is not None)
+                directions = pre.natural_gradients(new_factors, self._first_moments(found))
+                preconditioned = {id(p) for _, p, _ in directions}
                 first_order = [(group, p) for group, p in found if id(p) not in preconditioned]
                 if self.defaults["graft"] != "none":
                     finite = self._blew_up(finite, [t for _, new in pending for t in new])
@@ -742,7 +773,7 @@ class SINGD(PreconditionerAttributes, KfoptOptimizer):
                 else:
                     finite = self._blew_up(finite, [t for _, new in pending for t in new]
                                            + [d for _, _, d in directions])
-                    for group, p, d in directions + [(group, p, p.grad) for group, p in first_order]:
+                    for group, p, d in directions + [(group, p, local(p.grad)) for group, p in first_order]:
                         self._apply(p, group, d, finite)
                 for targets, new in pending:
                     _commit(finite, targets, new)
@@ -774,7 +805,7 @@ class SINGD(PreconditionerAttributes, KfoptOptimizer):
     def _finite(self, inputs: list[torch.Tensor]) -> torch.Tensor:
         """Whether every gradient and statistic of the step is finite and every tensor lr is finite and
         >= 0 (``_finite_inputs``); a step where it is False counts in ``skipped_steps`` and changes no state."""
-        finite = self._finite_inputs(inputs)
+        finite = self.preconditioner.distributor.all_finite(self._finite_inputs(inputs))
         self._skip_counter(finite.device).add_((~finite).to(torch.int32))
         return finite
 
@@ -783,8 +814,9 @@ class SINGD(PreconditionerAttributes, KfoptOptimizer):
         [and ``ok``]: a 0-d bool on the device. Where ``finite`` holds but the result does not, this step's
         own update blew up: it is skipped (counted in ``skipped_steps`` and ``blown_up_steps``)."""
         healthy = finite
-        if new:
-            healthy = healthy & torch.stack([torch.isfinite(t).all() for t in new]).all()
+        if new:  # a rank's own shards of the update (FSDP2): agreed over the ranks
+            healthy = healthy & self.preconditioner.distributor.all_finite(
+                torch.stack([torch.isfinite(t).all() for t in new]).all())
         if ok is not None:
             healthy = healthy & ok
         self._skip_counter(finite.device).add_((finite & ~healthy).to(torch.int32))
@@ -802,23 +834,25 @@ class SINGD(PreconditionerAttributes, KfoptOptimizer):
 
     def _apply(self, p: torch.Tensor, group: dict, direction: torch.Tensor, finite: torch.Tensor) -> None:
         """``d = direction + weight_decay w``; heavy-ball ``buf = momentum buf + d``; ``w -= lr buf``; the
-        buffer and ``w`` change only where ``finite``."""
+        buffer and ``w`` change only where ``finite``. On this rank's shard (FSDP2: ``direction`` holds
+        its rows, the buffer is a DTensor like ``p``)."""
         dtype = torch.promote_types(p.dtype, torch.float32)
+        w = local(p)
         d = direction.to(dtype)
         if group["weight_decay"] != 0:
-            d = d + group["weight_decay"] * p.to(dtype)
+            d = d + group["weight_decay"] * w.to(dtype)
         if group["momentum"] != 0:
             state = self.state[p]
             if "momentum_buffer" not in state:
                 state["momentum_buffer"] = torch.zeros_like(p, dtype=dtype)
-            buf = state["momentum_buffer"]
+            buf = local(state["momentum_buffer"])
             d = buf * group["momentum"] + d
             _commit(finite, [buf], [d])
         lr = group["lr"]
         if isinstance(lr, torch.Tensor):  # where picks 0 where not finite: a NaN lr cannot leak into p
-            p.sub_(torch.where(finite, d * lr.to(d.device).reshape(()), 0.0))
+            w.sub_(torch.where(finite, d * lr.to(d.device).reshape(()), 0.0))
         else:
-            p.add_(torch.where(finite, d, 0.0), alpha=-lr)  # adding 0 leaves p as it was, bit for bit
+            w.add_(torch.where(finite, d, 0.0), alpha=-lr)  # adding 0 leaves p as it was, bit for bit
 
     # -- inspection and checkpoints -------------------------------------------------------------
 

@@ -14,8 +14,8 @@ from distributed import free_port
 from kfopt.__main__ import main
 
 TOL = 1e-5
-#: fsdp: optimizers that step sharded parameters (K-FAC among them); ddp: a Kronecker-factored one as well
-OPTIMIZERS = {"fsdp": "lamb,lars,kfac", "ddp": "lamb,kfac"}
+#: fsdp: optimizers that step sharded parameters (K-FAC and SINGD among them); ddp: a Kronecker-factored one as well
+OPTIMIZERS = {"fsdp": "lamb,lars,kfac,singd", "ddp": "lamb,kfac"}
 ARGS = ["--task", "digits", "--steps", "4", "--no-plot"]
 
 

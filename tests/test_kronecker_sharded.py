@@ -1,13 +1,14 @@
-"""K-FAC under FSDP2 (``fully_shard`` per layer and at the root) and HSDP on gloo ranks
+"""K-FAC and SINGD under FSDP2 (``fully_shard`` per layer and at the root) and HSDP on gloo ranks
 (``kfopt.sharded_distribution.Sharded``): after 5 steps on the same global batch the full parameters
-equal one process's, every rank holds the same factors, each layer's second-order data lives on its
-owner alone, and placements other than row shards raise at construction naming the layer.
+equal one process's, every rank holds the same factors (SINGD's in their structure's free parameters),
+each K-FAC layer's second-order data lives on its owner alone, a NaN in one rank's shard skips SINGD's
+step on every rank, and placements other than row shards raise at construction naming the layer.
 
 One launch of 4 ranks runs the shard groups of 4 (mesh (4,)), of 2 (HSDP on a (2, 2) mesh: each
 replicate group exchanges on its own) and of 1 (a (4, 1) mesh); one launch of 2 ranks a mesh (2,).
 The model has a Conv2d, a Linear with an odd row count (33) and one with fewer rows than ranks (3).
 Kernels run on the torch backend (``KFOPT_BACKEND=torch``) except in the shard group of 4 with eigen
-K-FAC, which runs them through Triton (its interpreter on CPU).
+K-FAC and with Toeplitz SINGD, which run them through Triton (its interpreter on CPU).
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ STEPS = 5
 GLOBAL_BATCH = 8
 #: (compute_method, kl_clip, inv_update_steps)
 CASES = {"eigen": ("eigen", 1e-3, 2), "inverse": ("inverse", None, 1)}
+#: SINGD's structures of (K, C): K is 19 x 19 (Conv2d), 49 x 49, 34 x 34; C is 3 x 3, 33 x 33, 3 x 3
+SINGD_CASES = {"singd-dense": ("dense", "dense"), "singd-block": ("block4diagonal", "block5diagonal"),
+               "singd-toeplitz": ("triltoeplitz", "triutoeplitz")}
 
 
 def build_model():
@@ -49,6 +53,48 @@ def make_kfac(model, case, fraction=None, **kwargs):
                           "inv_update_steps": inv_steps, **kwargs})
 
 
+SINGD_FACTORS = dict(T=2, lr_cov=0.1, damping=1e-2)
+
+
+class PreconditionerThenSGD:
+    """``precond.step(); sgd.step()``: SINGD's preconditioner alone in front of torch's SGD."""
+
+    def __init__(self, model):
+        from kfopt.singd import SINGDPreconditioner
+
+        self.preconditioner = SINGDPreconditioner(model, **SINGD_FACTORS)
+        self.sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-2)
+        self.zero_grad = self.sgd.zero_grad
+
+    def step(self):
+        self.preconditioner.step()
+        self.sgd.step()
+
+
+def make_singd(model, case):
+    from kfopt import SINGD
+
+    if case == "singd-preconditioner":
+        return PreconditionerThenSGD(model)
+    return SINGD(model, lr=0.1, momentum=0.9, weight_decay=1e-2, structures=SINGD_CASES[case], **SINGD_FACTORS)
+
+
+def make(model, case, fraction=None):
+    """K-FAC (``grad_worker_fraction``: its default, or ``fraction``) or SINGD."""
+    return make_kfac(model, case, fraction) if case in CASES else make_singd(model, case)
+
+
+def factors(opt):
+    """K-FAC's (A, G) per layer; SINGD's free parameters of (K, C), by name."""
+    from kfopt import KFAC
+
+    pre = opt.preconditioner
+    if isinstance(opt, KFAC):
+        return [(layer.A.clone(), layer.G.clone()) for layer in pre._layers]
+    return [{f"{key}.{name}": t.clone() for key in "KC" for name, t in getattr(layer, key).named_tensors().items()}
+            for layer in pre._layers]
+
+
 def train(model, opt, part, steps=range(STEPS), scaler=None, bad_grad=None):
     """``steps`` of the global batches; ``part``: the rows of the global batch this rank feeds (a mean loss
     over them); ``scaler``: a GradScaler steps; ``bad_grad``: ``(step, value)`` written into the first
@@ -72,8 +118,9 @@ def train(model, opt, part, steps=range(STEPS), scaler=None, bad_grad=None):
 def single_process(case, **kwargs):
     """The reference: one process on the global batch (the caller sets the torch backend)."""
     model = build_model()
-    train(model, make_kfac(model, case), slice(None), **kwargs)
-    return [p.detach().clone() for p in model.parameters()]
+    opt = make(model, case)
+    train(model, opt, slice(None), **kwargs)
+    return [p.detach().clone() for p in model.parameters()], factors(opt)
 
 
 def sharded_model(mesh):
@@ -99,13 +146,27 @@ def sharded_run(mesh, dp_rank, dp_size, case, backend="torch", fraction=None):
         os.environ["KFOPT_BACKEND"] = "torch"
 
     model = sharded_model(mesh)
-    opt = make_kfac(model, case, fraction)
-    train(model, opt, rows(dp_rank, dp_size))
+    opt = make(model, case, fraction)
+    part = rows(dp_rank, dp_size)
+    train(model, opt, part)
     pre = opt.preconditioner
-    return {"params": [p.detach().full_tensor() for p in model.parameters()],
-            "factors": [(layer.A.clone(), layer.G.clone()) for layer in pre._layers],
-            "held": [layer.second is not None for layer in pre._layers],
-            "owners": pre.distributor.owners}
+    out = {"params": [p.detach().full_tensor() for p in model.parameters()], "factors": factors(opt),
+           "held": [getattr(layer, "second", None) is not None for layer in pre._layers],
+           "owners": pre.distributor.owners}
+    if case == "singd-block" and dp_size == 2:  # a NaN in one rank's shard: the step skipped on every rank
+        from kfopt.sharding import local
+
+        before = [p.detach().full_tensor() for p in model.parameters()]
+        x, t = data(STEPS)
+        opt.zero_grad()
+        ((model(x[part]) - t[part]) ** 2).sum(1).mean().backward()
+        if dp_rank == 1:  # rank 1 holds rows 17..32 of 33; block-diagonal K and C keep the NaN in them
+            local(model[3].weight.grad)[-1, 0] = float("nan")
+        opt.step()
+        out["nan"] = {"unchanged": all(torch.equal(p.detach().full_tensor(), b)
+                                       for p, b in zip(model.parameters(), before)),
+                      "skipped": int(opt.skipped_steps)}
+    return out
 
 
 #: the step whose gradient has a non-finite element on one rank (an inverse update in the eigen case)
@@ -189,16 +250,19 @@ def placement_errors(mesh):
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import Shard, distribute_tensor
 
-    from kfopt import KFAC
+    from kfopt import KFAC, SINGD
 
     model = build_model()
     fully_shard(model, mesh=mesh)
     model[3].weight = nn.Parameter(distribute_tensor(model[3].weight.full_tensor().detach(), mesh, [Shard(1)]))
-    try:
-        KFAC(model, lr=0.1, grad_worker_fraction=1 / mesh.size())
-    except ValueError as err:
-        return str(err)
-    return None
+    errors = []
+    for cls in (KFAC, SINGD):
+        try:
+            cls(model, lr=0.1, **({"grad_worker_fraction": 1 / mesh.size()} if cls is KFAC else {}))
+            errors.append(None)
+        except ValueError as err:
+            errors.append(str(err))
+    return errors
 
 
 def ranks_program(rank, world, directory):
@@ -213,7 +277,7 @@ def ranks_program(rank, world, directory):
         mesh = init_device_mesh("cpu", (2,))
         # the explicit fraction 1/2 (FSDP2's) and the default
         out = {f"w2 {case}": sharded_run(mesh, rank, 2, case, fraction=0.5 if case == "eigen" else None)
-               for case in CASES}
+               for case in [*CASES, *SINGD_CASES, "singd-preconditioner"]}
         out["w4->w2"] = resumed(mesh, rank, 2, directory)
         out["fraction"] = out["base part"] = None
         try:
@@ -231,9 +295,9 @@ def ranks_program(rank, world, directory):
             set_optimizer_state_dict(model, opt, get_optimizer_state_dict(model, opt))
         except ValueError as err:
             out["base part"] = str(err)
-        for name, cls in (("MKOR", MKOR), ("MKORH", MKORH), ("SINGD", SINGD)):
+        for name, cls, kwargs in (("MKOR", MKOR, {}), ("MKORH", MKORH, {}), ("singd-graft", SINGD, {"graft": "adam"})):
             try:
-                cls(build_model_sharded(mesh), lr=0.1)
+                cls(build_model_sharded(mesh), lr=0.1, **kwargs)
                 out[name] = None
             except ValueError as err:
                 out[name] = str(err)
@@ -241,8 +305,9 @@ def ranks_program(rank, world, directory):
     mesh4 = init_device_mesh("cpu", (4,))
     mesh22 = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
     mesh41 = init_device_mesh("cpu", (4, 1), mesh_dim_names=("replicate", "shard"))
-    for case in CASES:
-        out[f"w4 {case}"] = sharded_run(mesh4, rank, 4, case, "triton" if case == "eigen" else "torch")
+    for case in [*CASES, *SINGD_CASES]:
+        triton = case in ("eigen", "singd-toeplitz")
+        out[f"w4 {case}"] = sharded_run(mesh4, rank, 4, case, "triton" if triton else "torch")
         out[f"hsdp22 {case}"] = sharded_run(mesh22, rank, 4, case)
         out[f"w1 {case}"] = sharded_run(mesh41, rank, 4, case)
     out["shard1"] = placement_errors(mesh4)
@@ -294,7 +359,7 @@ CONFIGS = [("w4", 4), ("hsdp22", 4), ("w1", 4), ("w2", 2)]
 @pytest.mark.parametrize("config,world", CONFIGS)
 def test_sharded_kfac_equals_one_process(config, world, case, monkeypatch, checkpoints):
     monkeypatch.setenv("KFOPT_BACKEND", "torch")
-    expected = single_process(case)
+    expected, _ = single_process(case)
     ranks = runs(world, checkpoints)
     for rank, out in enumerate(ranks):
         run = out[f"{config} {case}"]
@@ -309,16 +374,54 @@ def test_sharded_kfac_equals_one_process(config, world, case, monkeypatch, check
         assert run["held"] == [owner == me for owner in run["owners"]]
 
 
+_SINGLE = {}
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("config,world,case", [(config, world, case) for config, world in CONFIGS
+                                               for case in SINGD_CASES] + [("w2", 2, "singd-preconditioner")])
+def test_sharded_singd_equals_one_process(config, world, case, monkeypatch, checkpoints):
+    """Parameters within 1e-5 of one process's, factors (free parameters, the structure's own shapes)
+    bit-identical on every rank and within 1e-5 of one process's; ``singd-preconditioner``: dense SINGD's
+    preconditioner alone in front of torch's SGD."""
+    monkeypatch.setenv("KFOPT_BACKEND", "torch")
+    if case not in _SINGLE:
+        _SINGLE[case] = single_process(case)
+    params, expected_factors = _SINGLE[case]
+    ranks = runs(world, checkpoints)
+    for rank, out in enumerate(ranks):
+        run = out[f"{config} {case}"]
+        for i, (p, e) in enumerate(zip(run["params"], params)):
+            err = float((p - e).abs().max() / e.abs().max())
+            assert err < 1e-5, f"rank {rank}: parameter {i}: relative error {err}"
+        assert not torch.equal(run["params"][0], build_model()[0].weight.detach())  # it trained
+        for layer, (mine, first, single) in enumerate(zip(run["factors"], ranks[0][f"{config} {case}"]["factors"],
+                                                          expected_factors)):
+            assert mine.keys() == single.keys()
+            for key, t in mine.items():
+                assert torch.equal(t, first[key]), f"rank {rank}: layer {layer} {key} differs from rank 0's"
+                assert t.shape == single[key].shape
+                if t.numel():  # a block-diagonal factor with no full block (C of side 3, blocks of 5)
+                    err = float((t - single[key]).abs().max() / single[key].abs().max())
+                    assert err < 1e-5, f"rank {rank}: layer {layer} {key}: relative error {err}"
+        if case == "singd-toeplitz":  # O(d): one coefficient per diagonal
+            assert [t.shape for f in run["factors"] for t in f.values()] == [(19,), (3,), (49,), (33,), (34,), (3,)]
+        if config == "w2" and case == "singd-block":
+            assert run["nan"] == {"unchanged": True, "skipped": 1}, f"rank {rank}: {run['nan']}"
+
+
 @pytest.mark.distributed
 def test_placements_and_fraction_errors(checkpoints):
     for out in runs(4, checkpoints):
-        assert out["shard1"] is not None and "layer '3'" in out["shard1"] and "Shard(dim=1)" in out["shard1"]
+        for error in out["shard1"]:  # K-FAC's and SINGD's
+            assert error is not None and "layer '3'" in error and "Shard(dim=1)" in error
     for out in runs(2, checkpoints):
         assert out["fraction"] is not None and "grad_worker_fraction" in out["fraction"]
-        for name in ("MKOR", "MKORH", "SINGD"):  # not yet supported: refused, not silently wrong
+        for name in ("MKOR", "MKORH"):  # not yet supported: refused, not silently wrong
             assert out[name] is not None and "FSDP2" in out[name], (name, out[name])
         assert out["base part"] is not None and "distributed_state_dict()" in out["base part"]
         assert out["graft"] is not None and out["graft"].startswith("graft:") and "FSDP2" in out["graft"]
+        assert out["singd-graft"] is not None and out["singd-graft"].startswith("graft:"), out["singd-graft"]
 
 
 @pytest.mark.distributed
@@ -359,7 +462,7 @@ def test_distributed_checkpoints_resume_on_other_shard_groups(label, world, monk
     the same data) resumed by 4 ranks: each owner loads its layers' second-order data, and the run ends
     as one process's uninterrupted run."""
     monkeypatch.setenv("KFOPT_BACKEND", "torch")
-    expected = single_process("eigen")
+    expected, _ = single_process("eigen")
     for rank, out in enumerate(runs(world, checkpoints)):
         params, error = out[label]
         for i, (p, e) in enumerate(zip(params, expected)):
