@@ -96,8 +96,8 @@ FSDP2 and HSDP (``fully_shard`` on the layers and the root; placements ``(Shard(
 ``(Replicate(), Shard(0))``, any other raises ValueError at construction naming the layer; the
 distributor is ``kfopt.sharded_distribution.Sharded``; volumes per step in ``docs/sharding.md``)
     The vectors are averaged over every data-parallel rank as above, and every rank keeps and updates
-    every layer's factors (identical on all ranks; the same memory as K-FAC's factors, which it also
-    keeps everywhere; checkpoints load at any world size). Whether a factor-update step's gradients are
+    every layer's factors (identical on all ranks, as plain tensors; the same memory as K-FAC's factors,
+    which it also keeps everywhere). Whether a factor-update step's gradients are
     all finite is decided over the whole model: each rank's verdict on its shards, summed over the shard
     group (``kfopt.sharding``), so every rank skips the same updates. Each step, each layer's rows of
     ``[dW | db]`` go to the layer's owner in the shard group, the owner preconditions the whole matrix
