@@ -92,6 +92,20 @@ every rank starts ``step()`` with the same gradients; every exchange goes throug
     same factors (deterministic kernels, their tuned configs agreed across the ranks:
     ``kfopt.autotune.agree_on_configs``), so factors and parameters stay bit-identical on all ranks.
 
+FSDP2 and HSDP (``fully_shard`` on the layers and the root; placements ``(Shard(0),)`` or
+``(Replicate(), Shard(0))``, any other raises ValueError at construction naming the layer; the
+distributor is ``kfopt.sharded_distribution.Sharded``; volumes per step in ``docs/sharding.md``)
+    The vectors are averaged over every data-parallel rank as above, and every rank keeps and updates
+    every layer's factors (identical on all ranks, as plain tensors; the same memory as K-FAC's factors,
+    which it also keeps everywhere). Whether a factor-update step's gradients are
+    all finite is decided over the whole model: each rank's verdict on its shards, summed over the shard
+    group (``kfopt.sharding``), so every rank skips the same updates. Each step, each layer's rows of
+    ``[dW | db]`` go to the layer's owner in the shard group, the owner preconditions the whole matrix
+    (its joint norm is the whole layer's) and sends the rows back (``last_ratios`` then holds the
+    ratios of the layers this rank owns). The base optimizer steps on the local shards and reduces its
+    own whole-tensor norms (LAMB's trust ratios: ``kfopt.sharding``). Grafting is not supported on
+    sharded layers yet (ValueError naming ``graft``).
+
 AMP
     Under ``torch.autocast`` the rows are summed in fp32. With ``torch.amp.GradScaler`` pass
     ``grad_scaler=scaler`` (output gradients entering ``g`` are unscaled) and call
@@ -130,7 +144,8 @@ from .distribution import Replicated
 from .graft import GRAFT_BETAS, GRAFT_EPS, check_graft_group, graft_defaults
 from .layer_state import LayerState, check_saved_factors, check_state_keys
 from .preconditioner import PreconditionerAttributes
-from .sharded_distribution import check_not_sharded
+from .sharded_distribution import Sharded, is_sharded
+from .sharding import ShardLayout, local, shard_layout
 from .validation import KIND_KEY, check_int, check_keys, check_loss_average, check_nonnegative, check_positive, check_tensor
 
 logger = logging.getLogger(__name__)
@@ -189,7 +204,8 @@ class MKORPreconditioner:
 
     Attributes: ``steps`` (completed steps), ``layers`` (names of the preconditioned layers),
     ``factor_events``, ``last_ratios`` (the ``||V|| / ||D||`` of each layer that had a gradient at the
-    last step, a device tensor, NaN where the raw gradient was kept), ``capture``, ``distributor``.
+    last step, a device tensor, NaN where the raw gradient was kept; under FSDP2 of the layers this rank
+    owns), ``capture``, ``distributor``.
     """
 
     def __init__(self, model: nn.Module, inv_freq: int = 10, stat_decay: float = 0.95,
@@ -226,8 +242,12 @@ class MKORPreconditioner:
                                                                      device)
             self._g_index, self._g_count_index = self._vector_layout([layer.JL.shape[0] for layer in self._layers],
                                                                      device)
-            check_not_sharded(list(self.capture.layers.values()), "MKOR")
-            self.distributor = Replicated()
+            captured = list(self.capture.layers.values())
+            self._sharded = is_sharded(captured)
+            # FSDP2/HSDP: whole-tensor verdicts (the finite check) are reduced over the shard group
+            self._shards = (shard_layout(self.capture.model.named_parameters()) if self._sharded
+                            else ShardLayout(None))
+            self.distributor = Sharded(captured) if self._sharded else Replicated()
         except BaseException:
             self.capture.remove()
             raise
@@ -248,9 +268,11 @@ class MKORPreconditioner:
         """Factor update (when due) and preconditioning; then prepare the capture for the next step.
         Every rank must call it (collectives)."""
         if self._layers:
-            with self.distributor.agreement():  # every rank updates the same factors and preconditions every layer
-                if self.steps % self.inv_freq == 0:
+            if self.steps % self.inv_freq == 0:
+                with self.distributor.agreement():  # every rank updates the same factors
                     self._update_factors()
+            # replicated: every rank preconditions every layer; sharded: each owner its own layers
+            with self.distributor.agreement(preconditioning=True):
                 self._precondition()
         self.discard_step()
         self.steps += 1
@@ -367,8 +389,12 @@ class MKORPreconditioner:
         g = g_buffer[self._g_index] / g_buffer[self._g_count_index]
         # a step whose gradients are not all finite changes no factor (the base skips it): non-finite
         # vectors leave the factors and scales unchanged, and the skips they count are taken back
-        grads = [p.grad for p in self.capture.model.parameters() if p.grad is not None]
+        grads = [local(p.grad) for p in self.capture.model.parameters() if p.grad is not None]
         finite = torch.stack([torch.isfinite(grad).all() for grad in grads]).all() if grads else None
+        if finite is not None and self._shards.reduce is not None:  # sharded: every shard of the group
+            bad = (~finite).to(torch.float32).reshape(1)
+            self._shards.reduce(bad)
+            finite = bad[0] == 0
         if finite is not None:
             a, g = a.masked_fill(~finite, math.nan), g.masked_fill(~finite, math.nan)
             events = self._events.clone()
@@ -400,11 +426,19 @@ class MKORPreconditioner:
         indices = [i for i, layer in enumerate(self._layers) if layer.has_gradient()]
         if not indices:
             return
-        captured, active = [layer.captured for layer in self._layers], [self._layers[i] for i in indices]
-        matrices = self.distributor.gradients(captured, indices, with_bias=False)  # written in place
-        self.last_ratios = kronecker_precondition(
-            [layer.JL for layer in active], list(matrices.values()), [layer.JR for layer in active],
-            [layer.bias.grad if layer.bias is not None else None for layer in active])
+        captured = [layer.captured for layer in self._layers]
+        # replicated: views of the local weight gradients, the bias gradients beside them; sharded: the
+        # owner's whole [dW | db] gathered from the shards. Either way written in place.
+        matrices = self.distributor.gradients(captured, indices, with_bias=self._sharded)
+        active = [self._layers[i] for i in matrices]
+        if self._sharded:
+            grads = [m[:, :layer.captured.in_features] for m, layer in zip(matrices.values(), active)]
+            biases = [m[:, -1] if layer.bias is not None else None for m, layer in zip(matrices.values(), active)]
+        else:
+            grads = list(matrices.values())
+            biases = [layer.bias.grad if layer.bias is not None else None for layer in active]
+        self.last_ratios = kronecker_precondition([layer.JL for layer in active], grads,
+                                                  [layer.JR for layer in active], biases)
         self.distributor.write_gradients(captured, matrices)
 
     # -- checkpoints -------------------------------------------------------------------------------
@@ -484,6 +518,10 @@ class MKOR(PreconditionerAttributes, ComposedOptimizer):
         preconditioner = MKORPreconditioner(model, inv_freq, stat_decay, stabilizer_threshold, stabilizer_blend,
                                             factor_dtype, skip_layers, loss_average=loss_average,
                                             grad_scaler=grad_scaler)
+        if graft != "none" and isinstance(preconditioner.distributor, Sharded):
+            preconditioner.capture.remove()
+            raise ValueError(f"graft: {graft!r} is not supported on FSDP2-sharded (fully_shard) layers yet; use "
+                             "graft='none'")
         self._grad_scaler = grad_scaler
         self._compose(preconditioner, dict(lr=lr, weight_decay=weight_decay,
                                            **graft_defaults(graft, graft_betas, graft_eps)),

@@ -14,8 +14,8 @@ from distributed import free_port
 from kfopt.__main__ import main
 
 TOL = 1e-5
-#: fsdp: optimizers that step sharded parameters (K-FAC and SINGD among them); ddp: a Kronecker-factored one as well
-OPTIMIZERS = {"fsdp": "lamb,lars,kfac,singd", "ddp": "lamb,kfac"}
+#: fsdp: optimizers that step sharded parameters (K-FAC, MKOR and SINGD among them); ddp: a Kronecker-factored one as well
+OPTIMIZERS = {"fsdp": "lamb,lars,kfac,mkor,singd", "ddp": "lamb,kfac"}
 ARGS = ["--task", "digits", "--steps", "4", "--no-plot"]
 
 
@@ -52,9 +52,9 @@ def test_distributed_compare_equals_one_process(mode, tmp_path, monkeypatch):
 def test_fsdp_leaves_out_or_rejects_unsupported_optimizers(capsys, monkeypatch):
     monkeypatch.delenv("RANK", raising=False)
     with pytest.raises(SystemExit) as exit_info:
-        main(["compare", "--distributed", "fsdp", "--optimizers", "lamb,mkor", *ARGS])
+        main(["compare", "--distributed", "fsdp", "--optimizers", "lamb,mkor-graft", *ARGS])
     assert exit_info.value.code == 2
-    assert "mkor cannot train under --distributed fsdp" in capsys.readouterr().err
+    assert "mkor-graft cannot train under --distributed fsdp" in capsys.readouterr().err
 
 
 def test_distributed_without_torchrun_is_a_usage_error(capsys, monkeypatch):

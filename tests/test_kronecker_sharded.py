@@ -1,14 +1,16 @@
-"""K-FAC and SINGD under FSDP2 (``fully_shard`` per layer and at the root) and HSDP on gloo ranks
-(``kfopt.sharded_distribution.Sharded``): after 5 steps on the same global batch the full parameters
-equal one process's, every rank holds the same factors (SINGD's in their structure's free parameters),
-each K-FAC layer's second-order data lives on its owner alone, a NaN in one rank's shard skips SINGD's
-step on every rank, and placements other than row shards raise at construction naming the layer.
+"""K-FAC, MKOR, MKOR-H and SINGD under FSDP2 (``fully_shard`` per layer and at the root) and HSDP on gloo
+ranks (``kfopt.sharded_distribution.Sharded``): after 5 steps on the same global batch the full parameters
+and the factors equal one process's, every rank holds the same factors (SINGD's in their structure's free
+parameters), K-FAC's second-order data lives on each layer's owner alone and MKOR's owners precondition
+their own layers, a NaN in one rank's shard skips MKOR's and SINGD's step on every rank (K-FAC's under a
+GradScaler or base LAMB), K-FAC's distributed checkpoints resume on other meshes, and placements other
+than row shards raise at construction naming the layer.
 
 One launch of 4 ranks runs the shard groups of 4 (mesh (4,)), of 2 (HSDP on a (2, 2) mesh: each
 replicate group exchanges on its own) and of 1 (a (4, 1) mesh); one launch of 2 ranks a mesh (2,).
 The model has a Conv2d, a Linear with an odd row count (33) and one with fewer rows than ranks (3).
 Kernels run on the torch backend (``KFOPT_BACKEND=torch``) except in the shard group of 4 with eigen
-K-FAC and with Toeplitz SINGD, which run them through Triton (its interpreter on CPU).
+K-FAC and with Toeplitz SINGD, and of 2 with MKOR, which run them through Triton (its interpreter on CPU).
 """
 
 from __future__ import annotations
@@ -39,6 +41,10 @@ def build_model():
 def data(step):
     g = torch.Generator().manual_seed(100 + step)
     return torch.randn(GLOBAL_BATCH, 2, 4, 4, generator=g), torch.randn(GLOBAL_BATCH, 3, generator=g)
+
+
+#: MKOR (LAMB base) and MKOR-H (which hands over to LAMB within the 5 steps): factor updates at steps 0, 2, 4
+MKOR_CASES = {"mkor": {}, "mkorh": dict(switch_window=1, switch_patience=1, switch_fraction=0.99)}
 
 
 def make_kfac(model, case, fraction=None, **kwargs):
@@ -79,18 +85,30 @@ def make_singd(model, case):
     return SINGD(model, lr=0.1, momentum=0.9, weight_decay=1e-2, structures=SINGD_CASES[case], **SINGD_FACTORS)
 
 
+def make_mkor(model, case):
+    """MKOR or MKOR-H of ``MKOR_CASES[case]`` (one owner per layer and shard group)."""
+    from kfopt import MKOR, MKORH
+
+    return (MKORH if case == "mkorh" else MKOR)(model, lr=0.02, inv_freq=2, **MKOR_CASES[case])
+
+
 def make(model, case, fraction=None):
-    """K-FAC (``grad_worker_fraction``: its default, or ``fraction``) or SINGD."""
-    return make_kfac(model, case, fraction) if case in CASES else make_singd(model, case)
+    """K-FAC (``grad_worker_fraction``: its default, or ``fraction``), MKOR or SINGD."""
+    if case in CASES:
+        return make_kfac(model, case, fraction)
+    return make_mkor(model, case) if case in MKOR_CASES else make_singd(model, case)
 
 
 def factors(opt):
-    """K-FAC's (A, G) per layer; SINGD's free parameters of (K, C), by name."""
-    from kfopt import KFAC
+    """K-FAC's (A, G) per layer; MKOR's inverse factors (JL, JR) as ``scale * F`` (MKOR-H: none once
+    switched); SINGD's free parameters of (K, C), by name."""
+    from kfopt import KFAC, MKOR
 
     pre = opt.preconditioner
     if isinstance(opt, KFAC):
         return [(layer.A.clone(), layer.G.clone()) for layer in pre._layers]
+    if isinstance(opt, MKOR):
+        return [pre.inverse_factors(name) for name in pre.layers]
     return [{f"{key}.{name}": t.clone() for key in "KC" for name, t in getattr(layer, key).named_tensors().items()}
             for layer in pre._layers]
 
@@ -113,6 +131,8 @@ def train(model, opt, part, steps=range(STEPS), scaler=None, bad_grad=None):
         else:
             scaler.step(opt)
             scaler.update()
+        if hasattr(opt, "observe"):  # MKOR-H: each step's loss (averaged over the ranks)
+            opt.observe(loss.detach())
 
 
 def single_process(case, **kwargs):
@@ -120,7 +140,7 @@ def single_process(case, **kwargs):
     model = build_model()
     opt = make(model, case)
     train(model, opt, slice(None), **kwargs)
-    return [p.detach().clone() for p in model.parameters()], factors(opt)
+    return [p.detach().clone() for p in model.parameters()], factors(opt), getattr(opt, "switched_at", None)
 
 
 def sharded_model(mesh):
@@ -151,8 +171,11 @@ def sharded_run(mesh, dp_rank, dp_size, case, backend="torch", fraction=None):
     train(model, opt, part)
     pre = opt.preconditioner
     out = {"params": [p.detach().full_tensor() for p in model.parameters()], "factors": factors(opt),
-           "held": [getattr(layer, "second", None) is not None for layer in pre._layers],
-           "owners": pre.distributor.owners}
+           "owners": pre.distributor.owners, "switched_at": getattr(opt, "switched_at", None)}
+    if case in CASES:  # K-FAC: the second-order data of the layers this rank holds
+        out["held"] = [layer.second is not None for layer in pre._layers]
+    elif case == "mkor":  # the layers this rank preconditioned at the last step: those it owns
+        out["preconditioned"] = len(pre.last_ratios)
     if case == "singd-block" and dp_size == 2:  # a NaN in one rank's shard: the step skipped on every rank
         from kfopt.sharding import local
 
@@ -167,6 +190,31 @@ def sharded_run(mesh, dp_rank, dp_size, case, backend="torch", fraction=None):
                                        for p, b in zip(model.parameters(), before)),
                       "skipped": int(opt.skipped_steps)}
     return out
+
+
+def mkor_nan_in_one_shard(mesh, rank):
+    """One factor-update step of MKOR whose gradient is NaN in rank 0's shard of layer 3 only: every rank
+    skips it (the finite verdict is reduced over the shard group): parameters, factors and event counts
+    unchanged."""
+    from torch.distributed.fsdp import fully_shard
+
+    from kfopt import MKOR
+
+    model = build_model()
+    for layer in model:
+        if isinstance(layer, (nn.Linear, nn.Conv2d)):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    opt = MKOR(model, lr=0.1, inv_freq=1)
+    x, t = data(0)
+    per = GLOBAL_BATCH // mesh.size()
+    ((model(x[rank * per:(rank + 1) * per]) - t[rank * per:(rank + 1) * per]) ** 2).sum(1).mean().backward()
+    if rank == 0:
+        model[3].weight.grad.to_local()[0, 0] = float("nan")
+    opt.step()
+    return {"params": [p.detach().full_tensor() for p in model.parameters()],
+            "factors": factors(opt), "events": opt.factor_events.clone(),
+            "skipped": int(opt.skipped_steps)}
 
 
 #: the step whose gradient has a non-finite element on one rank (an inverse update in the eigen case)
@@ -246,19 +294,20 @@ def resumed(mesh, dp_rank, dp_size, directory, save_to=None):
 
 
 def placement_errors(mesh):
-    """Constructing K-FAC on a fully_shard model whose Linear weight is column-sharded (Shard(1))."""
+    """Constructing K-FAC, SINGD and MKOR on a fully_shard model whose Linear weight is column-sharded
+    (Shard(1)): their errors."""
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import Shard, distribute_tensor
 
-    from kfopt import KFAC, SINGD
+    from kfopt import KFAC, MKOR, SINGD
 
     model = build_model()
     fully_shard(model, mesh=mesh)
     model[3].weight = nn.Parameter(distribute_tensor(model[3].weight.full_tensor().detach(), mesh, [Shard(1)]))
     errors = []
-    for cls in (KFAC, SINGD):
+    for cls in (KFAC, SINGD, MKOR):
         try:
-            cls(model, lr=0.1, **({"grad_worker_fraction": 1 / mesh.size()} if cls is KFAC else {}))
+            cls(model, lr=0.1)
             errors.append(None)
         except ValueError as err:
             errors.append(str(err))
@@ -270,14 +319,15 @@ def ranks_program(rank, world, directory):
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
     from torch.distributed.device_mesh import init_device_mesh
 
-    from kfopt import MKOR, MKORH, SINGD
+    from kfopt import KFAC, MKOR, SINGD
 
     out = {}
     if world == 2:
         mesh = init_device_mesh("cpu", (2,))
         # the explicit fraction 1/2 (FSDP2's) and the default
-        out = {f"w2 {case}": sharded_run(mesh, rank, 2, case, fraction=0.5 if case == "eigen" else None)
-               for case in [*CASES, *SINGD_CASES, "singd-preconditioner"]}
+        out = {f"w2 {case}": sharded_run(mesh, rank, 2, case, "triton" if case == "mkor" else "torch",
+                                         fraction=0.5 if case == "eigen" else None)
+               for case in [*CASES, *MKOR_CASES, *SINGD_CASES, "singd-preconditioner"]}
         out["w4->w2"] = resumed(mesh, rank, 2, directory)
         out["fraction"] = out["base part"] = None
         try:
@@ -295,7 +345,7 @@ def ranks_program(rank, world, directory):
             set_optimizer_state_dict(model, opt, get_optimizer_state_dict(model, opt))
         except ValueError as err:
             out["base part"] = str(err)
-        for name, cls, kwargs in (("MKOR", MKOR, {}), ("MKORH", MKORH, {}), ("singd-graft", SINGD, {"graft": "adam"})):
+        for name, cls, kwargs in (("mkor-graft", MKOR, {"graft": "adam"}), ("singd-graft", SINGD, {"graft": "adam"})):
             try:
                 cls(build_model_sharded(mesh), lr=0.1, **kwargs)
                 out[name] = None
@@ -305,12 +355,13 @@ def ranks_program(rank, world, directory):
     mesh4 = init_device_mesh("cpu", (4,))
     mesh22 = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
     mesh41 = init_device_mesh("cpu", (4, 1), mesh_dim_names=("replicate", "shard"))
-    for case in [*CASES, *SINGD_CASES]:
+    for case in [*CASES, *MKOR_CASES, *SINGD_CASES]:
         triton = case in ("eigen", "singd-toeplitz")
         out[f"w4 {case}"] = sharded_run(mesh4, rank, 4, case, "triton" if triton else "torch")
         out[f"hsdp22 {case}"] = sharded_run(mesh22, rank, 4, case)
         out[f"w1 {case}"] = sharded_run(mesh41, rank, 4, case)
     out["shard1"] = placement_errors(mesh4)
+    out["nan mkor"] = mkor_nan_in_one_shard(mesh4, rank)
     out["non-finite w4"] = non_finite_runs(mesh4, rank, rank, 4)
     out["non-finite hsdp22"] = non_finite_runs(mesh22, mesh22.get_local_rank("shard"), rank, 4)
     model = sharded_model(mesh4)
@@ -352,26 +403,53 @@ def runs(world, directory):
 
 
 CONFIGS = [("w4", 4), ("hsdp22", 4), ("w1", 4), ("w2", 2)]
+ALL_CASES = [*CASES, *MKOR_CASES]
+
+
+def relative_error(p, e):
+    return float((p - e).abs().max() / e.abs().max())
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", ALL_CASES)
 @pytest.mark.parametrize("config,world", CONFIGS)
-def test_sharded_kfac_equals_one_process(config, world, case, monkeypatch, checkpoints):
+def test_sharded_kronecker_equals_one_process(config, world, case, monkeypatch, checkpoints):
     monkeypatch.setenv("KFOPT_BACKEND", "torch")
-    expected, _ = single_process(case)
+    expected, expected_factors, switched_at = single_process(case)
     ranks = runs(world, checkpoints)
+    if case == "mkorh":
+        assert switched_at is not None and 0 < switched_at < STEPS  # the hand-over happens within the run
     for rank, out in enumerate(ranks):
         run = out[f"{config} {case}"]
         for i, (p, e) in enumerate(zip(run["params"], expected)):
-            err = float((p - e).abs().max() / e.abs().max())
+            err = relative_error(p, e)
             assert err < 1e-5, f"rank {rank}: parameter {i}: relative error {err}"
         assert not torch.equal(run["params"][0], build_model()[0].weight.detach())  # it trained
-        for (a, g), (a0, g0) in zip(run["factors"], ranks[0][f"{config} {case}"]["factors"]):
+        assert run["switched_at"] == switched_at
+        assert len(run["factors"]) == len(expected_factors)
+        for (a, g), (a0, g0), (ea, eg) in zip(run["factors"], ranks[0][f"{config} {case}"]["factors"],
+                                              expected_factors):
             assert torch.equal(a, a0) and torch.equal(g, g0), f"rank {rank}: factors differ from rank 0's"
+            assert max(relative_error(a, ea), relative_error(g, eg)) < 1e-5, f"rank {rank}: factors"
         shard = {"w4": 4, "hsdp22": 2, "w1": 1, "w2": 2}[config]
         me = rank % shard if config != "hsdp22" else rank % 2
-        assert run["held"] == [owner == me for owner in run["owners"]]
+        if "held" in run:  # K-FAC: the second-order data lives on the owners alone
+            assert run["held"] == [owner == me for owner in run["owners"]]
+        if "preconditioned" in run:  # MKOR: each owner preconditions its own layers
+            assert run["preconditioned"] == sum(owner == me for owner in run["owners"])
+
+
+@pytest.mark.distributed
+def test_sharded_mkor_skips_a_nan_in_one_shard_on_every_rank(checkpoints):
+    initial = [p.detach() for p in build_model().parameters()]
+    for rank, out in enumerate(runs(4, checkpoints)):
+        run = out["nan mkor"]
+        assert run["skipped"] == 1, f"rank {rank}"
+        for p, p0 in zip(run["params"], initial):
+            assert torch.equal(p, p0), f"rank {rank}: a parameter changed"
+        for jl, jr in run["factors"]:
+            assert torch.equal(jl, torch.eye(len(jl))) and torch.equal(jr, torch.eye(len(jr))), f"rank {rank}"
+        assert not run["events"].any(), f"rank {rank}: {run['events']}"
 
 
 _SINGLE = {}
@@ -387,7 +465,7 @@ def test_sharded_singd_equals_one_process(config, world, case, monkeypatch, chec
     monkeypatch.setenv("KFOPT_BACKEND", "torch")
     if case not in _SINGLE:
         _SINGLE[case] = single_process(case)
-    params, expected_factors = _SINGLE[case]
+    params, expected_factors, _ = _SINGLE[case]
     ranks = runs(world, checkpoints)
     for rank, out in enumerate(ranks):
         run = out[f"{config} {case}"]
@@ -413,15 +491,14 @@ def test_sharded_singd_equals_one_process(config, world, case, monkeypatch, chec
 @pytest.mark.distributed
 def test_placements_and_fraction_errors(checkpoints):
     for out in runs(4, checkpoints):
-        for error in out["shard1"]:  # K-FAC's and SINGD's
+        for error in out["shard1"]:  # K-FAC's, SINGD's and MKOR's
             assert error is not None and "layer '3'" in error and "Shard(dim=1)" in error
     for out in runs(2, checkpoints):
         assert out["fraction"] is not None and "grad_worker_fraction" in out["fraction"]
-        for name in ("MKOR", "MKORH"):  # not yet supported: refused, not silently wrong
-            assert out[name] is not None and "FSDP2" in out[name], (name, out[name])
         assert out["base part"] is not None and "distributed_state_dict()" in out["base part"]
         assert out["graft"] is not None and out["graft"].startswith("graft:") and "FSDP2" in out["graft"]
-        assert out["singd-graft"] is not None and out["singd-graft"].startswith("graft:"), out["singd-graft"]
+        for name in ("singd-graft", "mkor-graft"):  # not yet supported: refused, not silently wrong
+            assert out[name] is not None and out[name].startswith("graft:"), (name, out[name])
 
 
 @pytest.mark.distributed
@@ -462,7 +539,7 @@ def test_distributed_checkpoints_resume_on_other_shard_groups(label, world, monk
     the same data) resumed by 4 ranks: each owner loads its layers' second-order data, and the run ends
     as one process's uninterrupted run."""
     monkeypatch.setenv("KFOPT_BACKEND", "torch")
-    expected, _ = single_process("eigen")
+    expected = single_process("eigen")[0]
     for rank, out in enumerate(runs(world, checkpoints)):
         params, error = out[label]
         for i, (p, e) in enumerate(zip(params, expected)):
@@ -508,3 +585,19 @@ def test_distributed_checkpoint_of_an_optimizer_without_per_parameter_state(tmp_
     assert resumed_opt.preconditioner.steps == SAVE_AFTER
     train(resumed_model, resumed_opt, slice(None), range(SAVE_AFTER, STEPS))
     assert all(torch.equal(p, q) for p, q in zip(resumed_model.parameters(), model.parameters()))
+
+
+def test_the_mkor_vector_volume_of_the_docs():
+    """docs/sharding.md's count of MKOR's all-reduced ``a`` and ``g`` values for a BERT-base block (four
+    768 x 768 projections and the 768 -> 3072 -> 768 feed-forward, with biases) is MKOR's buffers'."""
+    import re
+    from pathlib import Path
+
+    from kfopt.mkor import MKORPreconditioner
+
+    page = (Path(__file__).resolve().parent.parent / "docs" / "sharding.md").read_text()
+    (count,) = re.findall(r"the `a` and `g` vectors are ([\d,]+)\s+fp32 values \((\d+) KiB", page)
+    block = nn.Sequential(*[nn.Linear(768, 768) for _ in range(4)], nn.Linear(768, 3072), nn.Linear(3072, 768))
+    pre = MKORPreconditioner(block)
+    values = pre._a_numerators().numel() + pre._g_numerators().numel()
+    assert (f"{values:,}", str(round(values * 4 / 1024))) == count

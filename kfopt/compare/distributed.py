@@ -11,8 +11,8 @@ computes on the global batch (up to the order of floating-point sums). The loss 
 validation runs on every rank on the whole validation set. Rank 0 prints and writes the reports;
 step times and optimizer-state memory are rank 0's (under FSDP2: its shard).
 
-Under ``fsdp`` only optimizers that step sharded parameters run (AdamW, LAMB, LARS, SONew, SINGD without
-grafting, and K-FAC with ``grad_worker_fraction = 1 / world``: one owner per layer); the others are
+Under ``fsdp`` only optimizers that step sharded parameters run (AdamW, LAMB, LARS, SONew, MKOR, MKOR-H,
+SINGD without grafting, and K-FAC with ``grad_worker_fraction = 1 / world``: one owner per layer); the others are
 left out of the default list with a note, and naming one is a usage error.
 
 A rank ends through :func:`finish`: a barrier, the process group destroyed, then ``os._exit``: torch
@@ -83,7 +83,8 @@ def finish(status: int) -> NoReturn:
 #: The Kronecker-factored optimizers of the comparison that train FSDP2-sharded models
 #: (``kfopt.sharded_distribution``), with what sharding needs of their hyperparameters on ``world`` ranks.
 SHARDED_KRONECKER = {"kfac": lambda world: {"grad_worker_fraction": 1 / world},
-                     "singd": lambda world: {}, "singd-toeplitz": lambda world: {}}
+                     "singd": lambda world: {}, "singd-toeplitz": lambda world: {},
+                     "mkor": lambda world: {}, "mkorh": lambda world: {}}
 
 
 def supports(mode: str, name: str) -> bool:
