@@ -968,3 +968,48 @@ TARGETS = [
     Target("rank1-byte-floor", "rank-1 inverse update >= 80% of its byte floor",
            lambda r: _is(r, "factor", "rank1_inverse_update"), lambda r: r.get("floor_fraction"), ">=", 0.80),
 ]
+
+
+# ============================================================================ sharded training's collectives
+
+SHARD_MODEL = {
+    "full": GPT2_SMALL,
+    "quick": GPT2_SMALL,
+    "smoke": GPTConfig(n_layer=1, n_head=2, d=32, vocab=64, ctx=16),
+}  # parameter shapes of the FSDP2 model (perf/test_sharded_collectives.py)
+
+
+def lamb_collectives(bands: list[int]) -> list[tuple[str, str | None, int]]:
+    """LAMB and LARS under FSDP2 (README "Sharded training"): two SUM all-reduces of fp32 partial sums
+    per step, ``8 + 8 T`` bytes in all for ``T`` tensors."""
+    t = len(bands)
+    return [("all_reduce", "SUM", 8), ("all_reduce", "SUM", 8 * t)]
+
+
+def sonew_collectives(bands: list[int]) -> list[tuple[str, str | None, int]]:
+    """SONew under FSDP2 (README "Sharded training"): one all-gather of ``2 + 2 (3 + b) b`` float64 values
+    per tensor with a band ``b > 0``, then its graft norms' SUM all-reduces like LAMB's."""
+    halo = sum(8 * (2 + 2 * (3 + b) * b) for b in bands if b)
+    return [("all_gather_single", None, halo), *lamb_collectives(bands)]
+
+
+@dataclass(frozen=True)
+class ShardedCase:
+    """One optimizer's step under ``fully_shard`` (perf/sharded_collectives.py): ``registry`` its
+    ``kfopt.registry`` entry (built with learning rate ``lr``, the step cases' defaults otherwise),
+    ``collectives(bands)`` the documented collectives of one step (name, reduce op, bytes per rank), from
+    the per-tensor bands (0 for LAMB and LARS)."""
+
+    method: str
+    registry: str
+    lr: float
+    collectives: Callable[[list[int]], list[tuple[str, str | None, int]]]
+
+
+SHARDED = [
+    ShardedCase("lamb", "lamb", 1e-3, lamb_collectives),
+    ShardedCase("lars", "lars", 0.1, lamb_collectives),
+    ShardedCase("sonew-band1", "sonew", 1e-3, sonew_collectives),
+]
+SHARD_WORLD = int(os.environ.get("KFOPT_PERF_SHARD_WORLD") or 2)  # ranks of the shard group
+SHARD_STEPS = {"full": 20, "quick": 5, "smoke": 0}  # timed steps per rank (smoke: none)

@@ -3,14 +3,15 @@
 One record per (case, implementation); fields (JSON lines, one object per line, appended to
 ``perf/results/<device-kind>.jsonl``):
 
-  run_id, timestamp, mode, family (elementwise | factor | step | autotune | ceiling), method, impl,
+  run_id, timestamp, mode, family (elementwise | factor | step | sharded | autotune | ceiling), method, impl,
   role (kernel | baseline), case ("family/method"), group (records compared with each other),
   shape (label), params, dtype, device_name, device_kind, torch, triton, python, cuda, commit,
   commit_dirty, timer, median_s, min_s, max_s, iqr_s, rounds, host_s, latency_s, host_bound, bytes,
   compulsory_bytes, flops, floor_s, floor_fraction, bytes_per_s, flops_per_s, ratios
   ({"method/impl": baseline time / this time}), per_byte_ratios, check ({"max_rel_err", "against"}),
   targets ([{"target", "value", "threshold", "met", "note"}]), extra (per family: e.g. the step
-  cases' state_bytes, state_bytes_vs_adamw_fused, iteration_latency_s, amortised_step_s).
+  cases' state_bytes, state_bytes_vs_adamw_fused, iteration_latency_s, amortised_step_s; the sharded
+  cases' collectives, collective_bytes, calls, collective_s, collective_share).
 
 Timings are ``null`` in the smoke run (which writes to a temporary folder, never to perf/results/).
 """
@@ -184,7 +185,7 @@ class Recorder:
             import matplotlib.pyplot as plt
         except ImportError:
             return "matplotlib is not installed: no plot"
-        kernels = [r for r in self.records if r["role"] == "kernel" and r["family"] != "autotune"]
+        kernels = [r for r in self.records if r["role"] == "kernel" and r["family"] not in ("autotune", "sharded")]
         if not kernels:
             return "no kfopt cases ran: no plot"
         labels = [f"{r['family']}: {r['method']} {r['shape']} {r['dtype']}" for r in kernels]
@@ -246,7 +247,7 @@ class Recorder:
                  "state/AdamW", "speed-up vs baselines")]
         order = lambda r: (r["family"], r["method"], r["shape"], r["dtype"], r["role"] != "kernel")  # noqa: E731
         for r in sorted(self.records, key=order):
-            if r["family"] == "autotune":
+            if r["family"] in ("autotune", "sharded"):
                 continue
             ratios = " ".join(f"{k}:{v:.3g}x" for k, v in r["ratios"].items())
             rows.append((r["case"], r["impl"], r["shape"], r["dtype"], _ms(r.get("median_s")), _ms(r.get("host_s")),
@@ -265,6 +266,16 @@ class Recorder:
                               _num(e.get("second_process_first_call_s"), 1), _ms(e.get("cached_call_s")),
                               str(e.get("n_configs", "-"))))
             lines += _format(arows)
+        sharded = [r for r in self.records if r["family"] == "sharded"]
+        if sharded:
+            lines.append("")
+            srows = [("sharded step", "shape", "backend", "collectives", "bytes/rank", "step ms", "in collectives ms",
+                      "share")]
+            for r in sharded:
+                e = r["extra"]
+                srows.append((r["method"], r["shape"], e["backend"], str(e["collectives"]), str(e["collective_bytes"]),
+                              _ms(r.get("median_s")), _ms(e.get("collective_s")), _pct(e.get("collective_share"))))
+            lines += _format(srows)
         return lines
 
     def target_lines(self) -> list[str]:
