@@ -85,11 +85,11 @@ def make_singd(model, case):
     return SINGD(model, lr=0.1, momentum=0.9, weight_decay=1e-2, structures=SINGD_CASES[case], **SINGD_FACTORS)
 
 
-def make_mkor(model, case):
+def make_mkor(model, case, **kwargs):
     """MKOR or MKOR-H of ``MKOR_CASES[case]`` (one owner per layer and shard group)."""
     from kfopt import MKOR, MKORH
 
-    return (MKORH if case == "mkorh" else MKOR)(model, lr=0.02, inv_freq=2, **MKOR_CASES[case])
+    return (MKORH if case == "mkorh" else MKOR)(model, lr=0.02, inv_freq=2, **MKOR_CASES[case], **kwargs)
 
 
 def make(model, case, fraction=None):
@@ -100,15 +100,15 @@ def make(model, case, fraction=None):
 
 
 def factors(opt):
-    """K-FAC's (A, G) per layer; MKOR's inverse factors (JL, JR) as ``scale * F`` (MKOR-H: none once
-    switched); SINGD's free parameters of (K, C), by name."""
+    """K-FAC's (A, G) per layer; MKOR's inverse factors (JL, JR) as ``scale * F`` by name, of the layers
+    this rank holds (MKOR-H: none once switched); SINGD's free parameters of (K, C), by name."""
     from kfopt import KFAC, MKOR
 
     pre = opt.preconditioner
     if isinstance(opt, KFAC):
         return [(layer.A.clone(), layer.G.clone()) for layer in pre._layers]
     if isinstance(opt, MKOR):
-        return [pre.inverse_factors(name) for name in pre.layers]
+        return {name: pre.inverse_factors(name) for name in pre.held_layers}
     return [{f"{key}.{name}": t.clone() for key in "KC" for name, t in getattr(layer, key).named_tensors().items()}
             for layer in pre._layers]
 
@@ -250,8 +250,31 @@ def non_finite_runs(mesh, shard_rank, dp_rank, dp_size):
     return out
 
 
+def mkor_snapshot(model, opt):
+    return {"params": [p.detach().full_tensor().clone() for p in model.parameters()], "factors": factors(opt),
+            "events": opt.factor_events.clone(), "skipped": int(opt.skipped_steps), "steps": opt.preconditioner.steps}
+
+
+def mkor_scaler_run(mesh, rank):
+    """MKOR under a GradScaler with an inf in rank 1's gradient shard of ``model[3].weight`` at
+    ``BAD_STEP`` (a factor-update step): snapshots before and after that step and after the last, and the
+    scaler's scales."""
+    os.environ["KFOPT_BACKEND"] = "torch"
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 4)
+    model = sharded_model(mesh)
+    opt = make_mkor(model, "mkor", grad_scaler=scaler)
+    part = rows(rank, mesh.size())
+    train(model, opt, part, range(BAD_STEP), scaler)
+    before, scale = mkor_snapshot(model, opt), scaler.get_scale()
+    train(model, opt, part, range(BAD_STEP, BAD_STEP + 1), scaler, (BAD_STEP, float("inf")) if rank == 1 else None)
+    after = mkor_snapshot(model, opt)
+    train(model, opt, part, range(BAD_STEP + 1, STEPS), scaler)
+    return before, after, mkor_snapshot(model, opt), (scale, scaler.get_scale())
+
+
 #: steps before the checkpoint: the eigen case's next inverse update is at step 4, so step 3 preconditions
-#: with the second-order data the checkpoint carried
+#: with the second-order data the checkpoint carried (MKOR's factors likewise; MKOR-H switches at step 4,
+#: after the load)
 SAVE_AFTER = 3
 
 
@@ -272,14 +295,14 @@ def load_checkpoint(model, opt, directory):
     opt.load_distributed_state_dict(state["optim"])
 
 
-def resumed(mesh, dp_rank, dp_size, directory, save_to=None):
-    """Eigen K-FAC on ``mesh`` resumed from the checkpoint in ``directory`` for the steps after
-    ``SAVE_AFTER`` (saved again right after the load into ``save_to`` if given): the full parameters, and
-    ``state_dict()``'s RuntimeError right after the load (a layer whose data only its holders loaded) or
-    None."""
+def resumed(mesh, dp_rank, dp_size, directory, save_to=None, case="eigen"):
+    """Eigen K-FAC (or MKOR, MKOR-H: ``case``) on ``mesh`` resumed from the checkpoint in ``directory`` for
+    the steps after ``SAVE_AFTER`` (saved again right after the load into ``save_to`` if given): the full
+    parameters, ``state_dict()``'s RuntimeError right after the load (a layer whose data only its holders
+    loaded) or None, and MKOR-H's ``switched_at``."""
     os.environ["KFOPT_BACKEND"] = "torch"
     model = sharded_model(mesh)
-    opt = make_kfac(model, "eigen")
+    opt = make(model, case)
     load_checkpoint(model, opt, directory)
     if save_to is not None:  # a distributed checkpoint can be taken right away
         save_checkpoint(model, opt, save_to)
@@ -289,8 +312,9 @@ def resumed(mesh, dp_rank, dp_size, directory, save_to=None):
     except RuntimeError as err:
         error = str(err)
     train(model, opt, rows(dp_rank, dp_size), range(SAVE_AFTER, STEPS))
-    opt.state_dict()  # after an inverse update every rank has what its plain checkpoint needs
-    return [p.detach().full_tensor() for p in model.parameters()], error
+    if case in CASES:
+        opt.state_dict()  # after an inverse update every rank has what its plain checkpoint needs
+    return [p.detach().full_tensor() for p in model.parameters()], error, getattr(opt, "switched_at", None)
 
 
 def placement_errors(mesh):
@@ -329,6 +353,8 @@ def ranks_program(rank, world, directory):
                                          fraction=0.5 if case == "eigen" else None)
                for case in [*CASES, *MKOR_CASES, *SINGD_CASES, "singd-preconditioner"]}
         out["w4->w2"] = resumed(mesh, rank, 2, directory)
+        for case in MKOR_CASES:
+            out[f"{case} w4->w2"] = resumed(mesh, rank, 2, os.path.join(directory, case), case=case)
         out["fraction"] = out["base part"] = None
         try:
             make_kfac(build_model_sharded(mesh), "eigen", 1.0)
@@ -371,6 +397,13 @@ def ranks_program(rank, world, directory):
     out["w4->hsdp22"] = resumed(mesh22, rank, 4, directory, save_to=os.path.join(directory, "hsdp22"))
     out["w4->w1"] = resumed(mesh41, rank, 4, directory)
     out["w4->hsdp22->w4"] = resumed(mesh4, rank, 4, os.path.join(directory, "hsdp22"))
+    out["scaler mkor"] = mkor_scaler_run(mesh4, rank)
+    for case in MKOR_CASES:  # MKOR's and MKOR-H's checkpoints, resumed here and on 2 ranks
+        model = sharded_model(mesh4)
+        opt = make_mkor(model, case)
+        train(model, opt, rows(rank, 4), range(SAVE_AFTER))
+        save_checkpoint(model, opt, os.path.join(directory, case))
+        out[f"{case} w4->hsdp22"] = resumed(mesh22, rank, 4, os.path.join(directory, case), case=case)
     dist.barrier()
     return out
 
@@ -426,13 +459,23 @@ def test_sharded_kronecker_equals_one_process(config, world, case, monkeypatch, 
             assert err < 1e-5, f"rank {rank}: parameter {i}: relative error {err}"
         assert not torch.equal(run["params"][0], build_model()[0].weight.detach())  # it trained
         assert run["switched_at"] == switched_at
-        assert len(run["factors"]) == len(expected_factors)
-        for (a, g), (a0, g0), (ea, eg) in zip(run["factors"], ranks[0][f"{config} {case}"]["factors"],
-                                              expected_factors):
-            assert torch.equal(a, a0) and torch.equal(g, g0), f"rank {rank}: factors differ from rank 0's"
-            assert max(relative_error(a, ea), relative_error(g, eg)) < 1e-5, f"rank {rank}: factors"
         shard = {"w4": 4, "hsdp22": 2, "w1": 1, "w2": 2}[config]
         me = rank % shard if config != "hsdp22" else rank % 2
+        if case in MKOR_CASES:  # each layer's factors on its owners alone (none once MKOR-H has switched)
+            assert list(run["factors"]) == [name for name, owner in zip(expected_factors, run["owners"])
+                                            if owner == me], f"rank {rank}"
+            for name, (jl, jr) in run["factors"].items():
+                ea, eg = expected_factors[name]
+                assert max(relative_error(jl, ea), relative_error(jr, eg)) < 1e-5, f"rank {rank}: layer {name}"
+                for other in ranks:  # HSDP: the other replicate group's owner holds the same bits
+                    if name in other[f"{config} {case}"]["factors"]:
+                        assert all(map(torch.equal, (jl, jr), other[f"{config} {case}"]["factors"][name]))
+        else:
+            assert len(run["factors"]) == len(expected_factors)
+            for (a, g), (a0, g0), (ea, eg) in zip(run["factors"], ranks[0][f"{config} {case}"]["factors"],
+                                                  expected_factors):
+                assert torch.equal(a, a0) and torch.equal(g, g0), f"rank {rank}: factors differ from rank 0's"
+                assert max(relative_error(a, ea), relative_error(g, eg)) < 1e-5, f"rank {rank}: factors"
         if "held" in run:  # K-FAC: the second-order data lives on the owners alone
             assert run["held"] == [owner == me for owner in run["owners"]]
         if "preconditioned" in run:  # MKOR: each owner preconditions its own layers
@@ -447,9 +490,37 @@ def test_sharded_mkor_skips_a_nan_in_one_shard_on_every_rank(checkpoints):
         assert run["skipped"] == 1, f"rank {rank}"
         for p, p0 in zip(run["params"], initial):
             assert torch.equal(p, p0), f"rank {rank}: a parameter changed"
-        for jl, jr in run["factors"]:
+        for jl, jr in run["factors"].values():
             assert torch.equal(jl, torch.eye(len(jl))) and torch.equal(jr, torch.eye(len(jr))), f"rank {rank}"
         assert not run["events"].any(), f"rank {rank}: {run['events']}"
+    assert sum(len(out["nan mkor"]["factors"]) for out in runs(4, checkpoints)) == 3  # one owner per layer
+
+
+@pytest.mark.distributed
+def test_sharded_mkor_under_a_grad_scaler_skips_an_inf_in_one_shard_on_every_rank(monkeypatch, checkpoints):
+    """The inf is in rank 1's shard alone, on a factor-update step: every rank skips it (parameters, the
+    owners' factors and event counts, steps unchanged), the scale halves, and the run goes on as one
+    process's with the same skip."""
+    monkeypatch.setenv("KFOPT_BACKEND", "torch")
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 4)
+    model = build_model()
+    train(model, make_mkor(model, "mkor", grad_scaler=scaler), slice(None), scaler=scaler,
+          bad_grad=(BAD_STEP, float("inf")))
+    ranks = runs(4, checkpoints)
+    assert sum(len(out["scaler mkor"][0]["factors"]) for out in ranks) == 3  # each layer's on its owner
+    for rank, out in enumerate(ranks):
+        before, after, end, scales = out["scaler mkor"]
+        assert (before["skipped"], after["skipped"], end["skipped"]) == (0, 1, 1), f"rank {rank}"
+        assert after["steps"] == before["steps"] == BAD_STEP and scales == (16.0, 8.0), f"rank {rank}"
+        assert all(torch.equal(p, q) for p, q in zip(before["params"], after["params"])), f"rank {rank}"
+        assert before["factors"].keys() == after["factors"].keys() and torch.equal(before["events"], after["events"])
+        assert all(torch.equal(f, g) for name in before["factors"]
+                   for f, g in zip(before["factors"][name], after["factors"][name])), f"rank {rank}"
+        assert not all(torch.equal(f, g) for name in end["factors"]  # the factors go on updating after it
+                       for f, g in zip(end["factors"][name], after["factors"][name])) or not end["factors"]
+        for i, (p, e) in enumerate(zip(end["params"], model.parameters())):
+            err = relative_error(p, e.detach())
+            assert err < 1e-5, f"rank {rank}: parameter {i}: relative error {err}"
 
 
 _SINGLE = {}
@@ -532,16 +603,21 @@ def test_a_non_finite_gradient_shard_skips_the_step_on_every_rank(config, monkey
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("label,world", [("w4->hsdp22", 4), ("w4->w1", 4), ("w4->w2", 2), ("w4->hsdp22->w4", 4)])
+@pytest.mark.parametrize("label,world", [("w4->hsdp22", 4), ("w4->w1", 4), ("w4->w2", 2), ("w4->hsdp22->w4", 4),
+                                         *[(f"{case} w4->{to}", world) for case in MKOR_CASES
+                                           for to, world in (("hsdp22", 4), ("w2", 2))]])
 def test_distributed_checkpoints_resume_on_other_shard_groups(label, world, monkeypatch, checkpoints):
     """A checkpoint written by 4 ranks (shard group 4) resumed by shard groups of 2 (HSDP (2, 2), and 2
     processes) and 1 ((4, 1)), and the HSDP run's checkpoint (saved right after its load: replicas hold
-    the same data) resumed by 4 ranks: each owner loads its layers' second-order data, and the run ends
-    as one process's uninterrupted run."""
+    the same data) resumed by 4 ranks: each owner loads its layers' second-order data (eigen K-FAC;
+    MKOR's and MKOR-H's inverse factors, and MKOR-H's switch criterion, which switches after the load),
+    and the run ends as one process's uninterrupted run."""
     monkeypatch.setenv("KFOPT_BACKEND", "torch")
-    expected = single_process("eigen")[0]
+    case = label.split()[0] if " " in label else "eigen"
+    expected, _, switched_at = single_process(case)
     for rank, out in enumerate(runs(world, checkpoints)):
-        params, error = out[label]
+        params, error, resumed_switched_at = out[label]
+        assert resumed_switched_at == switched_at, f"rank {rank}"
         for i, (p, e) in enumerate(zip(params, expected)):
             err = float((p - e).abs().max() / e.abs().max())
             assert err < 1e-5, f"rank {rank}: parameter {i}: relative error {err}"
