@@ -95,14 +95,15 @@ every rank starts ``step()`` with the same gradients; every exchange goes throug
 FSDP2 and HSDP (``fully_shard`` on the layers and the root; placements ``(Shard(0),)`` or
 ``(Replicate(), Shard(0))``, any other raises ValueError at construction naming the layer; the
 distributor is ``kfopt.sharded_distribution.Sharded``; volumes per step in ``docs/sharding.md``)
-    The vectors are averaged over every data-parallel rank as above, and every rank keeps and updates
-    every layer's factors (identical on all ranks, as plain tensors; the same memory as K-FAC's factors,
-    which it also keeps everywhere). Whether a factor-update step's gradients are
-    all finite is decided over the whole model: each rank's verdict on its shards, summed over the shard
-    group (``kfopt.sharding``), so every rank skips the same updates. Each step, each layer's rows of
-    ``[dW | db]`` go to the layer's owner in the shard group, the owner preconditions the whole matrix
-    (its joint norm is the whole layer's) and sends the rows back (``last_ratios`` then holds the
-    ratios of the layers this rank owns). The base optimizer steps on the local shards and reduces its
+    The vectors are averaged over every data-parallel rank as above (every rank takes part), and only
+    each layer's owner in the shard group (HSDP: in each replicate group, computing the same bits) holds
+    and updates its factors, scales and event counts: ``held_layers`` names a rank's layers,
+    ``factor_events`` and ``inverse_factors`` cover those alone. Whether a factor-update step's gradients
+    are all finite is decided over the whole model: each rank's verdict on its shards, summed over the
+    shard group (``kfopt.sharding``), so every owner skips the same updates. Each step, each layer's rows
+    of ``[dW | db]`` go to the layer's owner, the owner preconditions the whole matrix (its joint norm is
+    the whole layer's) and sends the rows back (``last_ratios`` then holds the ratios of the layers this
+    rank owns). The base optimizer steps on the local shards and reduces its
     own whole-tensor norms (LAMB's trust ratios: ``kfopt.sharding``). Grafting is not supported on
     sharded layers yet (ValueError naming ``graft``).
 
@@ -113,6 +114,8 @@ AMP
     the host (the synchronisation ``GradScaler.step`` does for every torch optimizer) and on an
     overflow skips the whole step: factors, scales, counters and parameters unchanged,
     ``skipped_steps`` incremented, and the step is redone as a factor-update step if it was one.
+    Under FSDP2 ``found_inf`` is torch's, reduced over the mesh when it unscales the DTensor gradients,
+    so every rank skips together.
 
 Checkpoints
     ``state_dict()`` is the base optimizer's state dict plus ``"mkor"``: ``steps`` (MKOR-H adds
@@ -121,7 +124,14 @@ Checkpoints
     per factor the counts of blends, resets and skips), plus ``"mkor_skipped_steps"``. Factors are
     identical on all ranks, so a checkpoint loads at any world size; a round trip continues
     bit-identically. Constructor-only settings (inv_freq, stat_decay, stabiliser, factor_dtype) are not
-    saved.
+    saved. Under FSDP2 a rank holds only its layers' factors, so ``state_dict()`` raises RuntimeError
+    there (unless the rank holds every layer: a shard group of 1); ``load_state_dict`` of a whole state
+    loads each rank's layers. ``torch.distributed.checkpoint`` (FSDP2, any world size or mesh):
+    ``MKOR.distributed_state_dict()`` and ``load_distributed_state_dict`` (``kfopt.composed``) carry the
+    preconditioner's ``distributed_state_dict()``, the entries above for the layers this rank holds:
+    each owner saves its layers' (HSDP's replicas the same, once) and the new owners load theirs
+    (MKOR-H adds its switch criterion; a switched MKOR-H's holds no factors and loads into an MKORH
+    that has switched).
 """
 
 from __future__ import annotations

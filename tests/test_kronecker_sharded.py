@@ -1,10 +1,11 @@
 """K-FAC, MKOR, MKOR-H and SINGD under FSDP2 (``fully_shard`` per layer and at the root) and HSDP on gloo
 ranks (``kfopt.sharded_distribution.Sharded``): after 5 steps on the same global batch the full parameters
 and the factors equal one process's, every rank holds the same factors (SINGD's in their structure's free
-parameters), K-FAC's second-order data lives on each layer's owner alone and MKOR's owners precondition
-their own layers, a NaN in one rank's shard skips MKOR's and SINGD's step on every rank (K-FAC's under a
-GradScaler or base LAMB), K-FAC's distributed checkpoints resume on other meshes, and placements other
-than row shards raise at construction naming the layer.
+parameters), K-FAC's second-order data and MKOR's inverse factors live on each layer's owner alone, MKOR's
+owners precondition their own layers, a NaN in one rank's shard skips MKOR's and SINGD's step on every
+rank (K-FAC's under a GradScaler or base LAMB; MKOR's under a GradScaler too), K-FAC's, MKOR's and
+MKOR-H's distributed checkpoints resume on other meshes, and placements other than row shards raise at
+construction naming the layer.
 
 One launch of 4 ranks runs the shard groups of 4 (mesh (4,)), of 2 (HSDP on a (2, 2) mesh: each
 replicate group exchanges on its own) and of 1 (a (4, 1) mesh); one launch of 2 ranks a mesh (2,).
@@ -355,7 +356,7 @@ def ranks_program(rank, world, directory):
         out["w4->w2"] = resumed(mesh, rank, 2, directory)
         for case in MKOR_CASES:
             out[f"{case} w4->w2"] = resumed(mesh, rank, 2, os.path.join(directory, case), case=case)
-        out["fraction"] = out["base part"] = None
+        out["fraction"] = None
         try:
             make_kfac(build_model_sharded(mesh), "eigen", 1.0)
         except ValueError as err:
@@ -365,12 +366,22 @@ def ranks_program(rank, world, directory):
             make_kfac(build_model_sharded(mesh), "eigen", graft="adam")
         except ValueError as err:
             out["graft"] = str(err)
-        model = build_model_sharded(mesh)
-        opt = make_kfac(model, "eigen")
-        try:  # the base's part alone would resume without the preconditioner
-            set_optimizer_state_dict(model, opt, get_optimizer_state_dict(model, opt))
-        except ValueError as err:
-            out["base part"] = str(err)
+        for name, build in (("base part", lambda model: make_kfac(model, "eigen")),
+                            ("mkorh base part", lambda model: make_mkor(model, "mkorh"))):
+            model = build_model_sharded(mesh)
+            opt = build(model)
+            out[name] = None
+            try:  # the base's part alone would resume without the preconditioner
+                part = get_optimizer_state_dict(model, opt) if name == "base part" else \
+                    opt.distributed_state_dict()["optimizer"]
+                set_optimizer_state_dict(model, opt, part)
+            except ValueError as err:
+                out[name] = str(err)
+        out["mkorh get"] = None
+        try:  # MKOR's plain state_dict(), which it calls, needs every layer's factors on this rank
+            get_optimizer_state_dict(model, opt)
+        except RuntimeError as err:
+            out["mkorh get"] = str(err)
         for name, cls, kwargs in (("mkor-graft", MKOR, {"graft": "adam"}), ("singd-graft", SINGD, {"graft": "adam"})):
             try:
                 cls(build_model_sharded(mesh), lr=0.1, **kwargs)
@@ -566,7 +577,8 @@ def test_placements_and_fraction_errors(checkpoints):
             assert error is not None and "layer '3'" in error and "Shard(dim=1)" in error
     for out in runs(2, checkpoints):
         assert out["fraction"] is not None and "grad_worker_fraction" in out["fraction"]
-        assert out["base part"] is not None and "distributed_state_dict()" in out["base part"]
+        for name in ("base part", "mkorh base part", "mkorh get"):
+            assert out[name] is not None and "distributed_state_dict()" in out[name], name
         assert out["graft"] is not None and out["graft"].startswith("graft:") and "FSDP2" in out["graft"]
         for name in ("singd-graft", "mkor-graft"):  # not yet supported: refused, not silently wrong
             assert out[name] is not None and out[name].startswith("graft:"), (name, out[name])
@@ -660,6 +672,42 @@ def test_distributed_checkpoint_of_an_optimizer_without_per_parameter_state(tmp_
     resumed_opt.load_distributed_state_dict(state)
     assert resumed_opt.preconditioner.steps == SAVE_AFTER
     train(resumed_model, resumed_opt, slice(None), range(SAVE_AFTER, STEPS))
+    assert all(torch.equal(p, q) for p, q in zip(resumed_model.parameters(), model.parameters()))
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+@pytest.mark.parametrize("save_after", [SAVE_AFTER, STEPS])
+def test_mkorh_distributed_checkpoint_in_one_process(save_after, tmp_path, monkeypatch):
+    """One process: MKOR-H's DCP checkpoint taken before its switch (at step 4) or after it (loaded into
+    an MKORH switched by hand) resumes the run bit for bit, switching at the same step; a bad entry
+    raises ValueError naming it before anything changes."""
+    import torch.distributed.checkpoint as dcp
+
+    monkeypatch.setenv("KFOPT_BACKEND", "torch")
+    model = build_model()
+    opt = make_mkor(model, "mkorh")
+    train(model, opt, slice(None), range(save_after))
+    assert opt.switched == (save_after == STEPS)
+    weights = [p.detach().clone() for p in model.parameters()]
+    dcp.save(opt.distributed_state_dict(), checkpoint_id=str(tmp_path))
+    train(model, opt, slice(None), range(save_after, STEPS + 2))
+
+    resumed_model = build_model()
+    with torch.no_grad():
+        for p, w in zip(resumed_model.parameters(), weights):
+            p.copy_(w)
+    resumed_opt = make_mkor(resumed_model, "mkorh")
+    if opt.switched_at < save_after:
+        resumed_opt.switch()
+    state = resumed_opt.distributed_state_dict()
+    dcp.load(state, checkpoint_id=str(tmp_path))
+    with pytest.raises(ValueError, match="window_count"):
+        resumed_opt.load_distributed_state_dict({**state, "mkor": {**state["mkor"], "window_count": 1.5}})
+    assert resumed_opt.preconditioner.steps == 0 and resumed_opt.window_means == []
+    resumed_opt.load_distributed_state_dict(state)
+    assert resumed_opt.preconditioner.steps == save_after
+    train(resumed_model, resumed_opt, slice(None), range(save_after, STEPS + 2))
+    assert resumed_opt.switched_at == opt.switched_at == 4
     assert all(torch.equal(p, q) for p, q in zip(resumed_model.parameters(), model.parameters()))
 
 
