@@ -95,14 +95,15 @@ every rank starts ``step()`` with the same gradients; every exchange goes throug
 FSDP2 and HSDP (``fully_shard`` on the layers and the root; placements ``(Shard(0),)`` or
 ``(Replicate(), Shard(0))``, any other raises ValueError at construction naming the layer; the
 distributor is ``kfopt.sharded_distribution.Sharded``; volumes per step in ``docs/sharding.md``)
-    The vectors are averaged over every data-parallel rank as above, and every rank keeps and updates
-    every layer's factors (identical on all ranks, as plain tensors; the same memory as K-FAC's factors,
-    which it also keeps everywhere). Whether a factor-update step's gradients are
-    all finite is decided over the whole model: each rank's verdict on its shards, summed over the shard
-    group (``kfopt.sharding``), so every rank skips the same updates. Each step, each layer's rows of
-    ``[dW | db]`` go to the layer's owner in the shard group, the owner preconditions the whole matrix
-    (its joint norm is the whole layer's) and sends the rows back (``last_ratios`` then holds the
-    ratios of the layers this rank owns). The base optimizer steps on the local shards and reduces its
+    The vectors are averaged over every data-parallel rank as above (every rank takes part), and only
+    each layer's owner in the shard group (HSDP: in each replicate group, computing the same bits) holds
+    and updates its factors, scales and event counts: ``held_layers`` names a rank's layers,
+    ``factor_events`` and ``inverse_factors`` cover those alone. Whether a factor-update step's gradients
+    are all finite is decided over the whole model: each rank's verdict on its shards, summed over the
+    shard group (``kfopt.sharding``), so every owner skips the same updates. Each step, each layer's rows
+    of ``[dW | db]`` go to the layer's owner, the owner preconditions the whole matrix (its joint norm is
+    the whole layer's) and sends the rows back (``last_ratios`` then holds the ratios of the layers this
+    rank owns). The base optimizer steps on the local shards and reduces its
     own whole-tensor norms (LAMB's trust ratios: ``kfopt.sharding``). Grafting is not supported on
     sharded layers yet (ValueError naming ``graft``).
 
@@ -113,6 +114,8 @@ AMP
     the host (the synchronisation ``GradScaler.step`` does for every torch optimizer) and on an
     overflow skips the whole step: factors, scales, counters and parameters unchanged,
     ``skipped_steps`` incremented, and the step is redone as a factor-update step if it was one.
+    Under FSDP2 ``found_inf`` is torch's, reduced over the mesh when it unscales the DTensor gradients,
+    so every rank skips together.
 
 Checkpoints
     ``state_dict()`` is the base optimizer's state dict plus ``"mkor"``: ``steps`` (MKOR-H adds
@@ -121,7 +124,14 @@ Checkpoints
     per factor the counts of blends, resets and skips), plus ``"mkor_skipped_steps"``. Factors are
     identical on all ranks, so a checkpoint loads at any world size; a round trip continues
     bit-identically. Constructor-only settings (inv_freq, stat_decay, stabiliser, factor_dtype) are not
-    saved.
+    saved. Under FSDP2 a rank holds only its layers' factors, so ``state_dict()`` raises RuntimeError
+    there (unless the rank holds every layer: a shard group of 1); ``load_state_dict`` of a whole state
+    loads each rank's layers. ``torch.distributed.checkpoint`` (FSDP2, any world size or mesh):
+    ``MKOR.distributed_state_dict()`` and ``load_distributed_state_dict`` (``kfopt.composed``) carry the
+    preconditioner's ``distributed_state_dict()``, the entries above for the layers this rank holds:
+    each owner saves its layers' (HSDP's replicas the same, once) and the new owners load theirs
+    (MKOR-H adds its switch criterion; a switched MKOR-H's holds no factors and loads into an MKORH
+    that has switched).
 """
 
 from __future__ import annotations
@@ -171,13 +181,15 @@ def _check_base(base, base_kwargs: dict) -> float:
 
 
 class _Layer(LayerState):
-    """A preconditioned layer: its capture entry and its stored inverse factors ``F`` (JL, JR)."""
+    """A preconditioned layer: its capture entry and its stored inverse factors ``F`` (JL, JR), None on a
+    rank that does not hold them (FSDP2: the layer's owner holds them)."""
 
-    def __init__(self, captured: CapturedLayer, factor_dtype: torch.dtype):
+    def __init__(self, captured: CapturedLayer, factor_dtype: torch.dtype, held: bool):
         super().__init__(captured)
         device = captured.module.weight.device
-        self.JL = torch.eye(captured.out_features, dtype=factor_dtype, device=device)
-        self.JR = torch.eye(captured.in_features + captured.has_bias, dtype=factor_dtype, device=device)
+        self.sides = (captured.out_features, captured.in_features + captured.has_bias)  # of JL, JR
+        self.JL, self.JR = ((torch.eye(side, dtype=factor_dtype, device=device) for side in self.sides) if held
+                            else (None, None))
 
     def has_gradient(self) -> bool:
         return self.weight.grad is not None and (self.bias is None or self.bias.grad is not None)
@@ -234,20 +246,24 @@ class MKORPreconditioner:
                                               grad_output_fn=self._grad_output_stat, loss_average=loss_average)
         try:  # a constructor that raises leaves the model without hooks
             self.capture.set_grad_scale(grad_scaler)
-            self._layers = [_Layer(layer, factor_dtype) for layer in self.capture.layers.values()]
-            device = self._layers[0].weight.device if self._layers else torch.device("cpu")
-            self._scales = torch.ones(2 * len(self._layers), dtype=torch.float32, device=device)
-            self._events = torch.zeros((2 * len(self._layers), 3), dtype=torch.int32, device=device)
-            self._a_index, self._a_count_index = self._vector_layout([layer.JR.shape[0] for layer in self._layers],
-                                                                     device)
-            self._g_index, self._g_count_index = self._vector_layout([layer.JL.shape[0] for layer in self._layers],
-                                                                     device)
             captured = list(self.capture.layers.values())
             self._sharded = is_sharded(captured)
             # FSDP2/HSDP: whole-tensor verdicts (the finite check) are reduced over the shard group
             self._shards = (shard_layout(self.capture.model.named_parameters()) if self._sharded
                             else ShardLayout(None))
             self.distributor = Sharded(captured) if self._sharded else Replicated()
+            self._layers = [_Layer(layer, factor_dtype, self.distributor.holds(i)) for i, layer in enumerate(captured)]
+            # the layers whose factors this rank holds (all but under FSDP2: the owner's), and each one's
+            # position in the scales and event counts, which are theirs alone
+            self._held = [i for i, layer in enumerate(self._layers) if layer.JL is not None]
+            self._slot = {i: k for k, i in enumerate(self._held)}
+            device = self._layers[0].weight.device if self._layers else torch.device("cpu")
+            self._scales = torch.ones(2 * len(self._held), dtype=torch.float32, device=device)
+            self._events = torch.zeros((2 * len(self._held), 3), dtype=torch.int32, device=device)
+            self._a_index, self._a_count_index = self._vector_layout([layer.sides[1] for layer in self._layers],
+                                                                     device)
+            self._g_index, self._g_count_index = self._vector_layout([layer.sides[0] for layer in self._layers],
+                                                                     device)
         except BaseException:
             self.capture.remove()
             raise
@@ -269,7 +285,8 @@ class MKORPreconditioner:
         Every rank must call it (collectives)."""
         if self._layers:
             if self.steps % self.inv_freq == 0:
-                with self.distributor.agreement():  # every rank updates the same factors
+                # the ranks that hold the same factors update them alike (replicated: every rank)
+                with self.distributor.agreement(preconditioning=True):
                     self._update_factors()
             # replicated: every rank preconditions every layer; sharded: each owner its own layers
             with self.distributor.agreement(preconditioning=True):
@@ -283,7 +300,7 @@ class MKORPreconditioner:
         no layer is preconditioned afterwards."""
         self.discard_step()
         self.capture.remove()
-        self._layers = []
+        self._layers, self._held, self._slot = [], [], {}
         self._scales = self._scales.new_empty(0)
         self._events = self._events.new_empty((0, 3))
 
@@ -294,20 +311,30 @@ class MKORPreconditioner:
         """Names of the preconditioned layers, in module order."""
         return [layer.name for layer in self._layers]
 
+    @property
+    def held_layers(self) -> list[str]:
+        """Names of the layers whose factors this rank holds: all of them, but under FSDP2 the layers it
+        owns (module docstring)."""
+        return [self._layers[i].name for i in self._held]
+
     def inverse_factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``(JL, JR)`` of layer ``name`` as the true inverses ``scale * F`` (new fp32 tensors, or float64
-        for float64 factors)."""
+        for float64 factors); ValueError for a layer whose factors another rank holds (FSDP2)."""
         i = self.layers.index(name)
         layer = self._layers[i]
+        if layer.JL is None:
+            raise ValueError(f"name: the factors of layer {name!r} are held by its owner, rank "
+                             f"{self.distributor.owners[i]} of the shard group")
+        k = self._slot[i]
         dtype = torch.promote_types(self.factor_dtype, torch.float32)
-        return (self._scales[2 * i].to(dtype) * layer.JL.to(dtype),
-                self._scales[2 * i + 1].to(dtype) * layer.JR.to(dtype))
+        return (self._scales[2 * k].to(dtype) * layer.JL.to(dtype),
+                self._scales[2 * k + 1].to(dtype) * layer.JR.to(dtype))
 
     @property
     def factor_events(self) -> torch.Tensor:
-        """Counts per layer and factor (JL, JR) of [stabiliser blends, resets, skipped updates] since
-        the start: a (layers, 2, 3) int32 device tensor."""
-        return self._events.view(len(self._layers), 2, 3)
+        """Counts per held layer (``held_layers``: all but under FSDP2) and factor (JL, JR) of [stabiliser
+        blends, resets, skipped updates] since the start: a (layers, 2, 3) int32 device tensor."""
+        return self._events.view(len(self._held), 2, 3)
 
     # -- statistics handed over by the capture -----------------------------------------------------
 
@@ -398,13 +425,16 @@ class MKORPreconditioner:
         if finite is not None:
             a, g = a.masked_fill(~finite, math.nan), g.masked_fill(~finite, math.nan)
             events = self._events.clone()
-        a_vectors = a.split([layer.JR.shape[0] for layer in self._layers])
-        g_vectors = g.split([layer.JL.shape[0] for layer in self._layers])
-        factors = [f for layer in self._layers for f in (layer.JL, layer.JR)]
-        vectors = [v for pair in zip(g_vectors, a_vectors) for v in pair]
-        rank1_inverse_update(factors, vectors, self._scales, decay=self.stat_decay,
-                             threshold=self.stabilizer_threshold, blend=self.stabilizer_blend, counts=self._events)
-        if finite is not None:
+        a_vectors = a.split([layer.sides[1] for layer in self._layers])
+        g_vectors = g.split([layer.sides[0] for layer in self._layers])
+        # FSDP2: the owner's layers only (every rank took part in the averages and the verdict above)
+        factors = [f for i in self._held for f in (self._layers[i].JL, self._layers[i].JR)]
+        vectors = [v for i in self._held for v in (g_vectors[i], a_vectors[i])]
+        if factors:
+            rank1_inverse_update(factors, vectors, self._scales, decay=self.stat_decay,
+                                 threshold=self.stabilizer_threshold, blend=self.stabilizer_blend,
+                                 counts=self._events)
+        if finite is not None and factors:
             self._events.copy_(torch.where(finite, self._events, events))
 
     def discard_step(self) -> None:
@@ -445,40 +475,69 @@ class MKORPreconditioner:
 
     def state_dict(self) -> dict:
         """``{"steps", "factors": {name: {"JL", "JR", "JL_scale", "JR_scale", "events"}}}`` (module
-        docstring, Checkpoints)."""
+        docstring, Checkpoints); RuntimeError where another rank holds a layer's factors (FSDP2: save
+        :meth:`distributed_state_dict`)."""
+        elsewhere = [layer.name for layer in self._layers if layer.JL is None]
+        if elsewhere:
+            raise RuntimeError(f"layers {elsewhere}: their factors are held by their owners in the shard group; "
+                               "save with distributed_state_dict()")
+        return self.distributed_state_dict()
+
+    def distributed_state_dict(self) -> dict:
+        """The state ``torch.distributed.checkpoint`` saves from every rank and loads into, in place:
+        ``state_dict()`` with the factors of the layers this rank holds (``held_layers``; FSDP2: the
+        owners', so the checkpoint has every layer's once); :meth:`load_distributed_state_dict` of another
+        world size or mesh loads the new owners' layers."""
         return {"steps": self.steps, "factors": {
-            layer.name: {"JL": layer.JL, "JR": layer.JR, "JL_scale": self._scales[2 * i],
-                         "JR_scale": self._scales[2 * i + 1], "events": self.factor_events[i]}
-            for i, layer in enumerate(self._layers)}}
+            self._layers[i].name: {"JL": self._layers[i].JL, "JR": self._layers[i].JR, "JL_scale": self._scales[2 * k],
+                                   "JR_scale": self._scales[2 * k + 1], "events": self.factor_events[k]}
+            for k, i in enumerate(self._held)}}
 
     def check_state_dict(self, saved: dict, layers: list[_Layer] | None = None) -> None:
         """ValueError unless ``saved`` (a ``state_dict()``) fits: keys, ``steps``, and every layer's
         factors (shape, ``factor_dtype``), scales (0-d fp32) and event counts of ``layers`` (default:
-        this preconditioner's); changes nothing."""
+        this preconditioner's, also those another rank holds); changes nothing."""
         layers = self._layers if layers is None else layers
         check_state_keys(saved, ("steps", "factors"), "optimizer")
         check_int("state_dict: mkor steps", saved["steps"])
-        check_saved_factors(saved["factors"], layers, ("JL", "JR"), "optimizer")
-        for i, layer in enumerate(layers):
+        check_saved_factors(saved["factors"], layers, (), "optimizer")
+        for layer in layers:
             layer_state = saved["factors"][layer.name]
-            check_state_keys(layer_state, ("JL_scale", "JR_scale", "events"), f"layer {layer.name!r}")
+            check_state_keys(layer_state, ("JL", "JR", "JL_scale", "JR_scale", "events"), f"layer {layer.name!r}")
             where = f"state_dict: layer {layer.name!r}"
-            for key in ("JL", "JR"):
-                check_tensor(f"{where} {key}", layer_state[key], getattr(layer, key).shape, self.factor_dtype)
+            for key, side in zip(("JL", "JR"), layer.sides):
+                check_tensor(f"{where} {key}", layer_state[key], (side, side), self.factor_dtype)
                 check_tensor(f"{where} {key}_scale", layer_state[f"{key}_scale"], (), torch.float32)
-            check_tensor(f"{where} events", layer_state["events"], self.factor_events[i].shape, torch.int32)
+            check_tensor(f"{where} events", layer_state["events"], (2, 3), torch.int32)
+
+    def check_distributed_state_dict(self, saved: dict) -> None:
+        """ValueError unless ``saved`` (a :meth:`distributed_state_dict`) holds the factors of exactly the
+        layers this rank holds, fitting; changes nothing."""
+        self.check_state_dict(saved, [self._layers[i] for i in self._held])
 
     def load_state_dict(self, mkor: dict) -> None:
-        """Load a ``state_dict()``, checked first (``check_state_dict``: a state that does not fit raises
-        ValueError and changes nothing); statistics captured since the last step are dropped."""
+        """Load a ``state_dict()`` (each rank the layers it holds), checked first (``check_state_dict``: a
+        state that does not fit raises ValueError and changes nothing); statistics captured since the
+        last step are dropped."""
         self.check_state_dict(mkor)
-        for i, layer in enumerate(self._layers):
+        self._load(mkor)
+
+    def load_distributed_state_dict(self, mkor: dict) -> None:
+        """Load a :meth:`distributed_state_dict` (filled by ``torch.distributed.checkpoint.load``: the
+        factors of the layers this rank holds), checked first."""
+        self.check_distributed_state_dict(mkor)
+        self._load(mkor)
+
+    def _load(self, mkor: dict) -> None:
+        """Load the held layers' factors and ``steps`` of a checked state."""
+        for k, i in enumerate(self._held):
+            layer = self._layers[i]
             saved = mkor["factors"][layer.name]
             layer.JL.copy_(saved["JL"])
             layer.JR.copy_(saved["JR"])
-            self._scales[2 * i] = saved["JL_scale"]
-            self._scales[2 * i + 1] = saved["JR_scale"]
-            self.factor_events[i].copy_(saved["events"])
+            self._scales[2 * k] = saved["JL_scale"]
+            self._scales[2 * k + 1] = saved["JR_scale"]
+            self.factor_events[k].copy_(saved["events"])
         self.steps = int(mkor["steps"])
         self.discard_step()
         self._arm()
@@ -535,8 +594,8 @@ class MKOR(PreconditionerAttributes, ComposedOptimizer):
     def _snapshot(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Copies of the preconditioner's inverse factors, scales and event counts on a factor-update step."""
         pre = self.preconditioner
-        state = [f for layer in pre._layers for f in (layer.JL, layer.JR)] + [pre._scales, pre._events] \
-            if pre._layers and pre.steps % pre.inv_freq == 0 else []
+        state = [f for i in pre._held for f in (pre._layers[i].JL, pre._layers[i].JR)] + [pre._scales, pre._events] \
+            if pre._held and pre.steps % pre.inv_freq == 0 else []
         return state, [t.clone() for t in state]
 
     def _keep_or_restore(self, ok: torch.Tensor, snapshot: tuple[list[torch.Tensor], list[torch.Tensor]]) -> None:
@@ -657,19 +716,22 @@ class MKORH(MKOR):
         return loss
 
     def _own_state(self) -> dict:
-        state = super()._own_state()
+        return {**super()._own_state(), **self._switch_state()}
+
+    def _switch_state(self) -> dict:
+        """The switch criterion's state (``_SWITCH_KEYS``), saved beside the preconditioner's."""
         window_sum = self._window_sum if self._window_sum is not None else torch.zeros((), dtype=torch.float64)
-        state.update(switched_at=self.switched_at, window_means=list(self.window_means), best_rate=self._best_rate,
-                     flat_windows=self._flat_windows, window_sum=window_sum.detach().clone(),
-                     window_count=self._window_count)
-        return state
+        return dict(switched_at=self.switched_at, window_means=list(self.window_means), best_rate=self._best_rate,
+                    flat_windows=self._flat_windows, window_sum=window_sum.detach().clone(),
+                    window_count=self._window_count)
 
     _loads_checkpoints_of = ("MKOR",)
     _SWITCH_KEYS = ("switched_at", "window_means", "best_rate", "flat_windows", "window_sum", "window_count")
 
-    def _check_own_state(self, saved: dict) -> None:
+    def _check_own_state(self, saved: dict, distributed: bool = False) -> None:
         """As MKOR's, plus the switch criterion's state (MKOR-H checkpoints); a switched state holds no
-        factors."""
+        factors. ``distributed``: of a ``distributed_state_dict()`` (the factors of the layers this rank
+        holds)."""
         check_state_keys(saved, ("steps", "factors"), "optimizer")
         switched_at = saved.get("switched_at")
         if switched_at is not None:
@@ -677,7 +739,9 @@ class MKORH(MKOR):
         if self.switched and switched_at is None:
             raise ValueError("state_dict: MKOR-H has switched to its base optimizer and freed its factors; it "
                              "cannot load a state that has not switched (build a new MKORH)")
-        self.preconditioner.check_state_dict(saved, [] if switched_at is not None else None)
+        pre = self.preconditioner
+        pre.check_state_dict(saved, [] if switched_at is not None else
+                             [pre._layers[i] for i in pre._held] if distributed else None)
         if not any(key in saved for key in self._SWITCH_KEYS):
             return
         check_keys(saved, self._SWITCH_KEYS, "state_dict['mkor']")
@@ -699,12 +763,38 @@ class MKORH(MKOR):
         """As :meth:`MKOR.load_state_dict`, with the switch criterion's state (an MKOR state starts it
         afresh); a switched state switches this optimizer (one that has switched cannot load a state
         that has not). Everything is checked before anything changes."""
+        if not isinstance(state_dict, dict) or self.state_key not in state_dict:  # DCP's base part, or refused
+            super().load_state_dict(state_dict)
+            return
         self.check_state_dict(state_dict)
         mkor = {"switched_at": None, "window_means": [], "best_rate": -math.inf, "flat_windows": 0,
                 "window_sum": torch.zeros((), dtype=torch.float64), "window_count": 0, **state_dict["mkor"]}
         if mkor["switched_at"] is not None:
             self.preconditioner.free()
         super().load_state_dict(state_dict)
+        self._load_switch_state(mkor)
+
+    def distributed_state_dict(self) -> dict:
+        """As :meth:`MKOR.distributed_state_dict`, with the switch criterion's state under ``"mkor"``. A
+        switched MKOR-H's holds no factors: load it into an MKORH that has switched too (``switch()``
+        before taking the template; ``dcp.load`` names the factors it misses otherwise)."""
+        state = super().distributed_state_dict()
+        state[self.state_key].update(self._switch_state())
+        return state
+
+    def load_distributed_state_dict(self, state_dict: dict) -> None:
+        """As :meth:`MKOR.load_distributed_state_dict`, with the switch criterion's state (checked first, as
+        :meth:`load_state_dict` checks it)."""
+        check_keys(state_dict, (self.state_key,), "state_dict")
+        mkor = state_dict[self.state_key]
+        check_keys(mkor, self._SWITCH_KEYS, "state_dict['mkor']")
+        self._check_own_state(mkor, distributed=True)
+        if mkor["switched_at"] is not None:
+            self.preconditioner.free()
+        super().load_distributed_state_dict(state_dict)
+        self._load_switch_state(mkor)
+
+    def _load_switch_state(self, mkor: dict) -> None:
         self.switched_at = mkor["switched_at"]
         self.window_means = list(mkor["window_means"])
         self._best_rate, self._flat_windows = float(mkor["best_rate"]), int(mkor["flat_windows"])

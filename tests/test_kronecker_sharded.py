@@ -1,10 +1,11 @@
 """K-FAC, MKOR, MKOR-H and SINGD under FSDP2 (``fully_shard`` per layer and at the root) and HSDP on gloo
 ranks (``kfopt.sharded_distribution.Sharded``): after 5 steps on the same global batch the full parameters
 and the factors equal one process's, every rank holds the same factors (SINGD's in their structure's free
-parameters), K-FAC's second-order data lives on each layer's owner alone and MKOR's owners precondition
-their own layers, a NaN in one rank's shard skips MKOR's and SINGD's step on every rank (K-FAC's under a
-GradScaler or base LAMB), K-FAC's distributed checkpoints resume on other meshes, and placements other
-than row shards raise at construction naming the layer.
+parameters), K-FAC's second-order data and MKOR's inverse factors live on each layer's owner alone, MKOR's
+owners precondition their own layers, a NaN in one rank's shard skips MKOR's and SINGD's step on every
+rank (K-FAC's under a GradScaler or base LAMB; MKOR's under a GradScaler too), K-FAC's, MKOR's and
+MKOR-H's distributed checkpoints resume on other meshes, and placements other than row shards raise at
+construction naming the layer.
 
 One launch of 4 ranks runs the shard groups of 4 (mesh (4,)), of 2 (HSDP on a (2, 2) mesh: each
 replicate group exchanges on its own) and of 1 (a (4, 1) mesh); one launch of 2 ranks a mesh (2,).
@@ -85,11 +86,11 @@ def make_singd(model, case):
     return SINGD(model, lr=0.1, momentum=0.9, weight_decay=1e-2, structures=SINGD_CASES[case], **SINGD_FACTORS)
 
 
-def make_mkor(model, case):
+def make_mkor(model, case, **kwargs):
     """MKOR or MKOR-H of ``MKOR_CASES[case]`` (one owner per layer and shard group)."""
     from kfopt import MKOR, MKORH
 
-    return (MKORH if case == "mkorh" else MKOR)(model, lr=0.02, inv_freq=2, **MKOR_CASES[case])
+    return (MKORH if case == "mkorh" else MKOR)(model, lr=0.02, inv_freq=2, **MKOR_CASES[case], **kwargs)
 
 
 def make(model, case, fraction=None):
@@ -100,15 +101,15 @@ def make(model, case, fraction=None):
 
 
 def factors(opt):
-    """K-FAC's (A, G) per layer; MKOR's inverse factors (JL, JR) as ``scale * F`` (MKOR-H: none once
-    switched); SINGD's free parameters of (K, C), by name."""
+    """K-FAC's (A, G) per layer; MKOR's inverse factors (JL, JR) as ``scale * F`` by name, of the layers
+    this rank holds (MKOR-H: none once switched); SINGD's free parameters of (K, C), by name."""
     from kfopt import KFAC, MKOR
 
     pre = opt.preconditioner
     if isinstance(opt, KFAC):
         return [(layer.A.clone(), layer.G.clone()) for layer in pre._layers]
     if isinstance(opt, MKOR):
-        return [pre.inverse_factors(name) for name in pre.layers]
+        return {name: pre.inverse_factors(name) for name in pre.held_layers}
     return [{f"{key}.{name}": t.clone() for key in "KC" for name, t in getattr(layer, key).named_tensors().items()}
             for layer in pre._layers]
 
@@ -250,8 +251,31 @@ def non_finite_runs(mesh, shard_rank, dp_rank, dp_size):
     return out
 
 
+def mkor_snapshot(model, opt):
+    return {"params": [p.detach().full_tensor().clone() for p in model.parameters()], "factors": factors(opt),
+            "events": opt.factor_events.clone(), "skipped": int(opt.skipped_steps), "steps": opt.preconditioner.steps}
+
+
+def mkor_scaler_run(mesh, rank):
+    """MKOR under a GradScaler with an inf in rank 1's gradient shard of ``model[3].weight`` at
+    ``BAD_STEP`` (a factor-update step): snapshots before and after that step and after the last, and the
+    scaler's scales."""
+    os.environ["KFOPT_BACKEND"] = "torch"
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 4)
+    model = sharded_model(mesh)
+    opt = make_mkor(model, "mkor", grad_scaler=scaler)
+    part = rows(rank, mesh.size())
+    train(model, opt, part, range(BAD_STEP), scaler)
+    before, scale = mkor_snapshot(model, opt), scaler.get_scale()
+    train(model, opt, part, range(BAD_STEP, BAD_STEP + 1), scaler, (BAD_STEP, float("inf")) if rank == 1 else None)
+    after = mkor_snapshot(model, opt)
+    train(model, opt, part, range(BAD_STEP + 1, STEPS), scaler)
+    return before, after, mkor_snapshot(model, opt), (scale, scaler.get_scale())
+
+
 #: steps before the checkpoint: the eigen case's next inverse update is at step 4, so step 3 preconditions
-#: with the second-order data the checkpoint carried
+#: with the second-order data the checkpoint carried (MKOR's factors likewise; MKOR-H switches at step 4,
+#: after the load)
 SAVE_AFTER = 3
 
 
@@ -272,14 +296,14 @@ def load_checkpoint(model, opt, directory):
     opt.load_distributed_state_dict(state["optim"])
 
 
-def resumed(mesh, dp_rank, dp_size, directory, save_to=None):
-    """Eigen K-FAC on ``mesh`` resumed from the checkpoint in ``directory`` for the steps after
-    ``SAVE_AFTER`` (saved again right after the load into ``save_to`` if given): the full parameters, and
-    ``state_dict()``'s RuntimeError right after the load (a layer whose data only its holders loaded) or
-    None."""
+def resumed(mesh, dp_rank, dp_size, directory, save_to=None, case="eigen"):
+    """Eigen K-FAC (or MKOR, MKOR-H: ``case``) on ``mesh`` resumed from the checkpoint in ``directory`` for
+    the steps after ``SAVE_AFTER`` (saved again right after the load into ``save_to`` if given): the full
+    parameters, ``state_dict()``'s RuntimeError right after the load (a layer whose data only its holders
+    loaded) or None, and MKOR-H's ``switched_at``."""
     os.environ["KFOPT_BACKEND"] = "torch"
     model = sharded_model(mesh)
-    opt = make_kfac(model, "eigen")
+    opt = make(model, case)
     load_checkpoint(model, opt, directory)
     if save_to is not None:  # a distributed checkpoint can be taken right away
         save_checkpoint(model, opt, save_to)
@@ -289,8 +313,9 @@ def resumed(mesh, dp_rank, dp_size, directory, save_to=None):
     except RuntimeError as err:
         error = str(err)
     train(model, opt, rows(dp_rank, dp_size), range(SAVE_AFTER, STEPS))
-    opt.state_dict()  # after an inverse update every rank has what its plain checkpoint needs
-    return [p.detach().full_tensor() for p in model.parameters()], error
+    if case in CASES:
+        opt.state_dict()  # after an inverse update every rank has what its plain checkpoint needs
+    return [p.detach().full_tensor() for p in model.parameters()], error, getattr(opt, "switched_at", None)
 
 
 def placement_errors(mesh):
@@ -329,7 +354,9 @@ def ranks_program(rank, world, directory):
                                          fraction=0.5 if case == "eigen" else None)
                for case in [*CASES, *MKOR_CASES, *SINGD_CASES, "singd-preconditioner"]}
         out["w4->w2"] = resumed(mesh, rank, 2, directory)
-        out["fraction"] = out["base part"] = None
+        for case in MKOR_CASES:
+            out[f"{case} w4->w2"] = resumed(mesh, rank, 2, os.path.join(directory, case), case=case)
+        out["fraction"] = None
         try:
             make_kfac(build_model_sharded(mesh), "eigen", 1.0)
         except ValueError as err:
@@ -339,12 +366,22 @@ def ranks_program(rank, world, directory):
             make_kfac(build_model_sharded(mesh), "eigen", graft="adam")
         except ValueError as err:
             out["graft"] = str(err)
-        model = build_model_sharded(mesh)
-        opt = make_kfac(model, "eigen")
-        try:  # the base's part alone would resume without the preconditioner
-            set_optimizer_state_dict(model, opt, get_optimizer_state_dict(model, opt))
-        except ValueError as err:
-            out["base part"] = str(err)
+        for name, build in (("base part", lambda model: make_kfac(model, "eigen")),
+                            ("mkorh base part", lambda model: make_mkor(model, "mkorh"))):
+            model = build_model_sharded(mesh)
+            opt = build(model)
+            out[name] = None
+            try:  # the base's part alone would resume without the preconditioner
+                part = get_optimizer_state_dict(model, opt) if name == "base part" else \
+                    opt.distributed_state_dict()["optimizer"]
+                set_optimizer_state_dict(model, opt, part)
+            except ValueError as err:
+                out[name] = str(err)
+        out["mkorh get"] = None
+        try:  # MKOR's plain state_dict(), which it calls, needs every layer's factors on this rank
+            get_optimizer_state_dict(model, opt)
+        except RuntimeError as err:
+            out["mkorh get"] = str(err)
         for name, cls, kwargs in (("mkor-graft", MKOR, {"graft": "adam"}), ("singd-graft", SINGD, {"graft": "adam"})):
             try:
                 cls(build_model_sharded(mesh), lr=0.1, **kwargs)
@@ -371,6 +408,13 @@ def ranks_program(rank, world, directory):
     out["w4->hsdp22"] = resumed(mesh22, rank, 4, directory, save_to=os.path.join(directory, "hsdp22"))
     out["w4->w1"] = resumed(mesh41, rank, 4, directory)
     out["w4->hsdp22->w4"] = resumed(mesh4, rank, 4, os.path.join(directory, "hsdp22"))
+    out["scaler mkor"] = mkor_scaler_run(mesh4, rank)
+    for case in MKOR_CASES:  # MKOR's and MKOR-H's checkpoints, resumed here and on 2 ranks
+        model = sharded_model(mesh4)
+        opt = make_mkor(model, case)
+        train(model, opt, rows(rank, 4), range(SAVE_AFTER))
+        save_checkpoint(model, opt, os.path.join(directory, case))
+        out[f"{case} w4->hsdp22"] = resumed(mesh22, rank, 4, os.path.join(directory, case), case=case)
     dist.barrier()
     return out
 
@@ -426,13 +470,23 @@ def test_sharded_kronecker_equals_one_process(config, world, case, monkeypatch, 
             assert err < 1e-5, f"rank {rank}: parameter {i}: relative error {err}"
         assert not torch.equal(run["params"][0], build_model()[0].weight.detach())  # it trained
         assert run["switched_at"] == switched_at
-        assert len(run["factors"]) == len(expected_factors)
-        for (a, g), (a0, g0), (ea, eg) in zip(run["factors"], ranks[0][f"{config} {case}"]["factors"],
-                                              expected_factors):
-            assert torch.equal(a, a0) and torch.equal(g, g0), f"rank {rank}: factors differ from rank 0's"
-            assert max(relative_error(a, ea), relative_error(g, eg)) < 1e-5, f"rank {rank}: factors"
         shard = {"w4": 4, "hsdp22": 2, "w1": 1, "w2": 2}[config]
         me = rank % shard if config != "hsdp22" else rank % 2
+        if case in MKOR_CASES:  # each layer's factors on its owners alone (none once MKOR-H has switched)
+            assert list(run["factors"]) == [name for name, owner in zip(expected_factors, run["owners"])
+                                            if owner == me], f"rank {rank}"
+            for name, (jl, jr) in run["factors"].items():
+                ea, eg = expected_factors[name]
+                assert max(relative_error(jl, ea), relative_error(jr, eg)) < 1e-5, f"rank {rank}: layer {name}"
+                for other in ranks:  # HSDP: the other replicate group's owner holds the same bits
+                    if name in other[f"{config} {case}"]["factors"]:
+                        assert all(map(torch.equal, (jl, jr), other[f"{config} {case}"]["factors"][name]))
+        else:
+            assert len(run["factors"]) == len(expected_factors)
+            for (a, g), (a0, g0), (ea, eg) in zip(run["factors"], ranks[0][f"{config} {case}"]["factors"],
+                                                  expected_factors):
+                assert torch.equal(a, a0) and torch.equal(g, g0), f"rank {rank}: factors differ from rank 0's"
+                assert max(relative_error(a, ea), relative_error(g, eg)) < 1e-5, f"rank {rank}: factors"
         if "held" in run:  # K-FAC: the second-order data lives on the owners alone
             assert run["held"] == [owner == me for owner in run["owners"]]
         if "preconditioned" in run:  # MKOR: each owner preconditions its own layers
@@ -447,9 +501,37 @@ def test_sharded_mkor_skips_a_nan_in_one_shard_on_every_rank(checkpoints):
         assert run["skipped"] == 1, f"rank {rank}"
         for p, p0 in zip(run["params"], initial):
             assert torch.equal(p, p0), f"rank {rank}: a parameter changed"
-        for jl, jr in run["factors"]:
+        for jl, jr in run["factors"].values():
             assert torch.equal(jl, torch.eye(len(jl))) and torch.equal(jr, torch.eye(len(jr))), f"rank {rank}"
         assert not run["events"].any(), f"rank {rank}: {run['events']}"
+    assert sum(len(out["nan mkor"]["factors"]) for out in runs(4, checkpoints)) == 3  # one owner per layer
+
+
+@pytest.mark.distributed
+def test_sharded_mkor_under_a_grad_scaler_skips_an_inf_in_one_shard_on_every_rank(monkeypatch, checkpoints):
+    """The inf is in rank 1's shard alone, on a factor-update step: every rank skips it (parameters, the
+    owners' factors and event counts, steps unchanged), the scale halves, and the run goes on as one
+    process's with the same skip."""
+    monkeypatch.setenv("KFOPT_BACKEND", "torch")
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 4)
+    model = build_model()
+    train(model, make_mkor(model, "mkor", grad_scaler=scaler), slice(None), scaler=scaler,
+          bad_grad=(BAD_STEP, float("inf")))
+    ranks = runs(4, checkpoints)
+    assert sum(len(out["scaler mkor"][0]["factors"]) for out in ranks) == 3  # each layer's on its owner
+    for rank, out in enumerate(ranks):
+        before, after, end, scales = out["scaler mkor"]
+        assert (before["skipped"], after["skipped"], end["skipped"]) == (0, 1, 1), f"rank {rank}"
+        assert after["steps"] == before["steps"] == BAD_STEP and scales == (16.0, 8.0), f"rank {rank}"
+        assert all(torch.equal(p, q) for p, q in zip(before["params"], after["params"])), f"rank {rank}"
+        assert before["factors"].keys() == after["factors"].keys() and torch.equal(before["events"], after["events"])
+        assert all(torch.equal(f, g) for name in before["factors"]
+                   for f, g in zip(before["factors"][name], after["factors"][name])), f"rank {rank}"
+        assert not all(torch.equal(f, g) for name in end["factors"]  # the factors go on updating after it
+                       for f, g in zip(end["factors"][name], after["factors"][name])) or not end["factors"]
+        for i, (p, e) in enumerate(zip(end["params"], model.parameters())):
+            err = relative_error(p, e.detach())
+            assert err < 1e-5, f"rank {rank}: parameter {i}: relative error {err}"
 
 
 _SINGLE = {}
@@ -495,7 +577,8 @@ def test_placements_and_fraction_errors(checkpoints):
             assert error is not None and "layer '3'" in error and "Shard(dim=1)" in error
     for out in runs(2, checkpoints):
         assert out["fraction"] is not None and "grad_worker_fraction" in out["fraction"]
-        assert out["base part"] is not None and "distributed_state_dict()" in out["base part"]
+        for name in ("base part", "mkorh base part", "mkorh get"):
+            assert out[name] is not None and "distributed_state_dict()" in out[name], name
         assert out["graft"] is not None and out["graft"].startswith("graft:") and "FSDP2" in out["graft"]
         for name in ("singd-graft", "mkor-graft"):  # not yet supported: refused, not silently wrong
             assert out[name] is not None and out[name].startswith("graft:"), (name, out[name])
@@ -532,16 +615,21 @@ def test_a_non_finite_gradient_shard_skips_the_step_on_every_rank(config, monkey
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("label,world", [("w4->hsdp22", 4), ("w4->w1", 4), ("w4->w2", 2), ("w4->hsdp22->w4", 4)])
+@pytest.mark.parametrize("label,world", [("w4->hsdp22", 4), ("w4->w1", 4), ("w4->w2", 2), ("w4->hsdp22->w4", 4),
+                                         *[(f"{case} w4->{to}", world) for case in MKOR_CASES
+                                           for to, world in (("hsdp22", 4), ("w2", 2))]])
 def test_distributed_checkpoints_resume_on_other_shard_groups(label, world, monkeypatch, checkpoints):
     """A checkpoint written by 4 ranks (shard group 4) resumed by shard groups of 2 (HSDP (2, 2), and 2
     processes) and 1 ((4, 1)), and the HSDP run's checkpoint (saved right after its load: replicas hold
-    the same data) resumed by 4 ranks: each owner loads its layers' second-order data, and the run ends
-    as one process's uninterrupted run."""
+    the same data) resumed by 4 ranks: each owner loads its layers' second-order data (eigen K-FAC;
+    MKOR's and MKOR-H's inverse factors, and MKOR-H's switch criterion, which switches after the load),
+    and the run ends as one process's uninterrupted run."""
     monkeypatch.setenv("KFOPT_BACKEND", "torch")
-    expected = single_process("eigen")[0]
+    case = label.split()[0] if " " in label else "eigen"
+    expected, _, switched_at = single_process(case)
     for rank, out in enumerate(runs(world, checkpoints)):
-        params, error = out[label]
+        params, error, resumed_switched_at = out[label]
+        assert resumed_switched_at == switched_at, f"rank {rank}"
         for i, (p, e) in enumerate(zip(params, expected)):
             err = float((p - e).abs().max() / e.abs().max())
             assert err < 1e-5, f"rank {rank}: parameter {i}: relative error {err}"
@@ -584,6 +672,42 @@ def test_distributed_checkpoint_of_an_optimizer_without_per_parameter_state(tmp_
     resumed_opt.load_distributed_state_dict(state)
     assert resumed_opt.preconditioner.steps == SAVE_AFTER
     train(resumed_model, resumed_opt, slice(None), range(SAVE_AFTER, STEPS))
+    assert all(torch.equal(p, q) for p, q in zip(resumed_model.parameters(), model.parameters()))
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+@pytest.mark.parametrize("save_after", [SAVE_AFTER, STEPS])
+def test_mkorh_distributed_checkpoint_in_one_process(save_after, tmp_path, monkeypatch):
+    """One process: MKOR-H's DCP checkpoint taken before its switch (at step 4) or after it (loaded into
+    an MKORH switched by hand) resumes the run bit for bit, switching at the same step; a bad entry
+    raises ValueError naming it before anything changes."""
+    import torch.distributed.checkpoint as dcp
+
+    monkeypatch.setenv("KFOPT_BACKEND", "torch")
+    model = build_model()
+    opt = make_mkor(model, "mkorh")
+    train(model, opt, slice(None), range(save_after))
+    assert opt.switched == (save_after == STEPS)
+    weights = [p.detach().clone() for p in model.parameters()]
+    dcp.save(opt.distributed_state_dict(), checkpoint_id=str(tmp_path))
+    train(model, opt, slice(None), range(save_after, STEPS + 2))
+
+    resumed_model = build_model()
+    with torch.no_grad():
+        for p, w in zip(resumed_model.parameters(), weights):
+            p.copy_(w)
+    resumed_opt = make_mkor(resumed_model, "mkorh")
+    if opt.switched_at < save_after:
+        resumed_opt.switch()
+    state = resumed_opt.distributed_state_dict()
+    dcp.load(state, checkpoint_id=str(tmp_path))
+    with pytest.raises(ValueError, match="window_count"):
+        resumed_opt.load_distributed_state_dict({**state, "mkor": {**state["mkor"], "window_count": 1.5}})
+    assert resumed_opt.preconditioner.steps == 0 and resumed_opt.window_means == []
+    resumed_opt.load_distributed_state_dict(state)
+    assert resumed_opt.preconditioner.steps == save_after
+    train(resumed_model, resumed_opt, slice(None), range(save_after, STEPS + 2))
+    assert resumed_opt.switched_at == opt.switched_at == 4
     assert all(torch.equal(p, q) for p, q in zip(resumed_model.parameters(), model.parameters()))
 
 
