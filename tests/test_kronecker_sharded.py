@@ -293,6 +293,47 @@ def resumed(mesh, dp_rank, dp_size, directory, save_to=None):
     return [p.detach().full_tensor() for p in model.parameters()], error
 
 
+#: SINGD's case of the checkpoint and GradScaler runs (factor updates at steps 0, 2, 4: T=2)
+SINGD_CHECKPOINTED = "singd-block"
+
+
+def singd_resumed(mesh, dp_rank, dp_size, directory):
+    """SINGD on ``mesh`` resumed from the checkpoint the 4 ranks wrote in ``directory`` after ``SAVE_AFTER``
+    steps, trained to the end: the full parameters and every rank's factors."""
+    os.environ["KFOPT_BACKEND"] = "torch"
+    model = sharded_model(mesh)
+    opt = make_singd(model, SINGD_CHECKPOINTED)
+    load_checkpoint(model, opt, directory)
+    assert opt.steps == SAVE_AFTER
+    train(model, opt, rows(dp_rank, dp_size), range(SAVE_AFTER, STEPS))
+    return [p.detach().full_tensor() for p in model.parameters()], factors(opt)
+
+
+def singd_scaler_run(mesh, rank):
+    """SINGD under a GradScaler with an inf in shard rank 1's gradient shard of ``model[3].weight`` at
+    ``BAD_STEP`` (a factor-update step): snapshots (parameters, factors, skips, steps) before and after that
+    step and after the last, and the scaler's scales before and after it."""
+    from kfopt import SINGD
+
+    os.environ["KFOPT_BACKEND"] = "torch"
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 4)
+    model = sharded_model(mesh)
+    opt = SINGD(model, lr=0.1, momentum=0.9, weight_decay=1e-2, structures=SINGD_CASES[SINGD_CHECKPOINTED],
+                grad_scaler=scaler, **SINGD_FACTORS)
+
+    def snap():
+        return {"params": [p.detach().full_tensor().clone() for p in model.parameters()], "factors": factors(opt),
+                "skipped": int(opt.skipped_steps), "steps": opt.steps}
+
+    train(model, opt, rows(rank, 4), range(BAD_STEP), scaler)
+    before, scale = snap(), scaler.get_scale()
+    train(model, opt, rows(rank, 4), range(BAD_STEP, BAD_STEP + 1), scaler,
+          (BAD_STEP, float("inf")) if rank == 1 else None)
+    after = snap()
+    train(model, opt, rows(rank, 4), range(BAD_STEP + 1, STEPS), scaler)
+    return before, after, snap(), (scale, scaler.get_scale())
+
+
 def placement_errors(mesh):
     """Constructing K-FAC, SINGD and MKOR on a fully_shard model whose Linear weight is column-sharded
     (Shard(1)): their errors."""
@@ -329,6 +370,7 @@ def ranks_program(rank, world, directory):
                                          fraction=0.5 if case == "eigen" else None)
                for case in [*CASES, *MKOR_CASES, *SINGD_CASES, "singd-preconditioner"]}
         out["w4->w2"] = resumed(mesh, rank, 2, directory)
+        out["singd w4->w2"] = singd_resumed(mesh, rank, 2, os.path.join(directory, "singd"))
         out["fraction"] = out["base part"] = None
         try:
             make_kfac(build_model_sharded(mesh), "eigen", 1.0)
@@ -371,6 +413,13 @@ def ranks_program(rank, world, directory):
     out["w4->hsdp22"] = resumed(mesh22, rank, 4, directory, save_to=os.path.join(directory, "hsdp22"))
     out["w4->w1"] = resumed(mesh41, rank, 4, directory)
     out["w4->hsdp22->w4"] = resumed(mesh4, rank, 4, os.path.join(directory, "hsdp22"))
+    os.environ["KFOPT_BACKEND"] = "torch"
+    model = sharded_model(mesh4)
+    opt = make_singd(model, SINGD_CHECKPOINTED)
+    train(model, opt, rows(rank, 4), range(SAVE_AFTER))
+    save_checkpoint(model, opt, os.path.join(directory, "singd"))
+    out["singd w4->hsdp22"] = singd_resumed(mesh22, rank, 4, os.path.join(directory, "singd"))
+    out["singd scaler"] = singd_scaler_run(mesh4, rank)
     dist.barrier()
     return out
 
@@ -601,3 +650,45 @@ def test_the_mkor_vector_volume_of_the_docs():
     pre = MKORPreconditioner(block)
     values = pre._a_numerators().numel() + pre._g_numerators().numel()
     assert (f"{values:,}", str(round(values * 4 / 1024))) == count
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("label,world", [("singd w4->hsdp22", 4), ("singd w4->w2", 2)])
+def test_singd_distributed_checkpoints_resume_on_other_shard_groups(label, world, monkeypatch, checkpoints):
+    """SINGD's checkpoint written by 4 ranks after ``SAVE_AFTER`` steps (momentum buffers as DTensors,
+    factors as plain tensors), resumed by HSDP (2, 2) and by 2 processes: the run ends as one process's
+    uninterrupted run, every rank with the same factors."""
+    monkeypatch.setenv("KFOPT_BACKEND", "torch")
+    if SINGD_CHECKPOINTED not in _SINGLE:
+        _SINGLE[SINGD_CHECKPOINTED] = single_process(SINGD_CHECKPOINTED)
+    expected, expected_factors, _ = _SINGLE[SINGD_CHECKPOINTED]
+    ranks = runs(world, checkpoints)
+    for rank, out in enumerate(ranks):
+        params, run_factors = out[label]
+        for i, (p, e) in enumerate(zip(params, expected)):
+            err = relative_error(p, e)
+            assert err < 1e-5, f"rank {rank}: parameter {i}: relative error {err}"
+        for mine, first, single in zip(run_factors, ranks[0][label][1], expected_factors):
+            for key, t in mine.items():
+                assert torch.equal(t, first[key]), f"rank {rank}: {key} differs from rank 0's"
+                if t.numel():
+                    assert relative_error(t, single[key]) < 1e-5, f"rank {rank}: {key}"
+
+
+@pytest.mark.distributed
+def test_singd_grad_scaler_skips_an_inf_in_one_shard_on_every_rank(checkpoints):
+    """An inf in shard rank 1's gradient only: torch's unscaling finds it on every rank (``found_inf``
+    reduced over the mesh), every rank skips SINGD's factor-update step (parameters and factors unchanged,
+    one skip, the scale halved), and the ranks go on in step."""
+    ranks = runs(4, checkpoints)
+    for rank, out in enumerate(ranks):
+        before, after, end, scales = out["singd scaler"]
+        assert (before["skipped"], after["skipped"], end["skipped"]) == (0, 1, 1), rank
+        # steps counts the skipped step too (SINGD's GradScaler skip): the T schedule keeps its phase
+        assert scales == (16.0, 8.0) and (before["steps"], after["steps"]) == (BAD_STEP, BAD_STEP + 1), rank
+        assert all(torch.equal(p, q) for p, q in zip(before["params"], after["params"])), rank
+        for f, g in zip(before["factors"], after["factors"]):
+            assert all(torch.equal(f[key], g[key]) for key in f), rank
+        assert not any(torch.equal(p, q) for p, q in zip(after["params"], end["params"])), rank
+        for p, q in zip(end["params"], ranks[0]["singd scaler"][2]["params"]):
+            assert torch.equal(p, q), rank
