@@ -387,6 +387,13 @@ def ranks_program(rank, world, directory):
             set_optimizer_state_dict(model, opt, get_optimizer_state_dict(model, opt))
         except ValueError as err:
             out["base part"] = str(err)
+        model = build_model_sharded(mesh)
+        opt = make_singd(model, SINGD_CHECKPOINTED)
+        out["singd base part"] = None
+        try:  # nor SINGD without its steps and counts
+            set_optimizer_state_dict(model, opt, get_optimizer_state_dict(model, opt))
+        except ValueError as err:
+            out["singd base part"] = str(err)
         for name, cls, kwargs in (("mkor-graft", MKOR, {"graft": "adam"}), ("singd-graft", SINGD, {"graft": "adam"})):
             try:
                 cls(build_model_sharded(mesh), lr=0.1, **kwargs)
@@ -544,7 +551,8 @@ def test_placements_and_fraction_errors(checkpoints):
             assert error is not None and "layer '3'" in error and "Shard(dim=1)" in error
     for out in runs(2, checkpoints):
         assert out["fraction"] is not None and "grad_worker_fraction" in out["fraction"]
-        assert out["base part"] is not None and "distributed_state_dict()" in out["base part"]
+        for name in ("base part", "singd base part"):  # K-FAC's and SINGD's
+            assert out[name] is not None and "distributed_state_dict()" in out[name], (name, out[name])
         assert out["graft"] is not None and out["graft"].startswith("graft:") and "FSDP2" in out["graft"]
         for name in ("singd-graft", "mkor-graft"):  # not yet supported: refused, not silently wrong
             assert out[name] is not None and out[name].startswith("graft:"), (name, out[name])
