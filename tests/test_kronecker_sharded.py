@@ -390,8 +390,8 @@ def ranks_program(rank, world, directory):
         model = build_model_sharded(mesh)
         opt = make_singd(model, SINGD_CHECKPOINTED)
         out["singd base part"] = None
-        try:  # nor SINGD without its steps and counts
-            set_optimizer_state_dict(model, opt, get_optimizer_state_dict(model, opt))
+        try:  # nor SINGD without its steps and counts (every parameter's state: the distributed one's part)
+            set_optimizer_state_dict(model, opt, opt.distributed_state_dict()["optimizer"])
         except ValueError as err:
             out["singd base part"] = str(err)
         for name, cls, kwargs in (("mkor-graft", MKOR, {"graft": "adam"}), ("singd-graft", SINGD, {"graft": "adam"})):
