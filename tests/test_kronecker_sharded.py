@@ -3,8 +3,8 @@ ranks (``kfopt.sharded_distribution.Sharded``): after 5 steps on the same global
 and the factors equal one process's, every rank holds the same factors (SINGD's in their structure's free
 parameters), K-FAC's second-order data lives on each layer's owner alone and MKOR's owners precondition
 their own layers, a NaN in one rank's shard skips MKOR's and SINGD's step on every rank (K-FAC's under a
-GradScaler or base LAMB), K-FAC's distributed checkpoints resume on other meshes, and placements other
-than row shards raise at construction naming the layer.
+GradScaler or base LAMB, SINGD's under a GradScaler too), K-FAC's and SINGD's distributed checkpoints
+resume on other meshes, and placements other than row shards raise at construction naming the layer.
 
 One launch of 4 ranks runs the shard groups of 4 (mesh (4,)), of 2 (HSDP on a (2, 2) mesh: each
 replicate group exchanges on its own) and of 1 (a (4, 1) mesh); one launch of 2 ranks a mesh (2,).
