@@ -186,6 +186,7 @@ from kfopt.kernels.structured import result_dtype
 
 from . import collectives  # noqa: F401  (kfopt.singd.collectives: what the distributor calls; tests spy on it)
 from .capture import CallInfo, CapturedLayer, LayerCapture, loss_term_count
+from .composed import _base_part
 from .distribution import Replicated
 from .graft import (
     GRAFT_BETAS,
@@ -866,6 +867,59 @@ class SINGD(PreconditionerAttributes, KfoptOptimizer):
         state["last_grad_scale"] = None if last is None else last.detach().clone()
         return state
 
+    # -- torch.distributed.checkpoint -------------------------------------------------------------
+
+    #: while load_distributed_state_dict runs: the entries of state_dict() besides the base part
+    _distributed_rest: dict | None = None
+
+    def distributed_state_dict(self) -> dict:
+        """This optimizer's checkpoint for ``torch.distributed.checkpoint`` (``dcp.save``, and ``dcp.load``
+        into it, in place, at any world size or mesh): ``"optimizer"``, ``get_optimizer_state_dict(model,
+        self)`` (param groups and per-parameter state keyed by parameter name: momentum buffers as
+        DTensors, resharded on load; factors and momenta as the plain tensors every rank holds; missing
+        momentum buffers and factor momenta are created as zeros, which step as missing ones), and
+        ``"singd"``, the rest of ``state_dict()`` (``steps``, the counts, ``last_grad_scale`` as a 0-d
+        tensor, 0 for None). A collective: every rank calls it. Load with
+        :meth:`load_distributed_state_dict`."""
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        if self.defaults["graft"] != "none":
+            raise NotImplementedError("SINGD with grafting has no torch.distributed.checkpoint state yet: save "
+                                      "state_dict()")
+        for group in self.param_groups:  # what the loaded checkpoint fills (a zero buffer steps as a missing one)
+            if group["momentum"] != 0:
+                for p in group["params"]:
+                    if "momentum_buffer" not in self.state[p]:
+                        self.state[p]["momentum_buffer"] = torch.zeros_like(
+                            p, dtype=torch.promote_types(p.dtype, torch.float32))
+        pre = self.preconditioner
+        for layer in pre._layers:  # the factor momenta too (zero ones, as the first factor update creates)
+            for key in ("K", "C"):
+                if pre._group(layer)["alpha1"] != 0 and getattr(layer, f"m_{key}") is None:
+                    pre._new_momentum(layer, key)
+        rest = {k: v for k, v in self.state_dict().items() if k not in ("state", "param_groups")}
+        last = rest["last_grad_scale"]
+        rest["last_grad_scale"] = torch.zeros((), dtype=torch.float32) if last is None else last.cpu()
+        return {"optimizer": get_optimizer_state_dict(self.preconditioner.capture.model, self), "singd": rest}
+
+    def load_distributed_state_dict(self, state_dict: dict) -> None:
+        """Load a :meth:`distributed_state_dict` that ``dcp.load`` filled (``set_optimizer_state_dict``, which
+        calls ``load_state_dict`` with the base part, completed by the ``"singd"`` part: everything is
+        checked before anything changes). A collective: every rank calls it."""
+        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+        check_keys(state_dict, ("optimizer", "singd"), "state_dict")
+        rest = dict(state_dict["singd"])
+        check_keys(rest, ("last_grad_scale",), "state_dict['singd']")
+        last = rest["last_grad_scale"]
+        check_tensor("state_dict['singd']['last_grad_scale']", last, (), torch.float32)
+        rest["last_grad_scale"] = None if last.item() == 0 else last
+        self._distributed_rest = rest
+        try:
+            set_optimizer_state_dict(self.preconditioner.capture.model, self, state_dict["optimizer"])
+        finally:
+            self._distributed_rest = None
+
     def _state_spec(self, p: torch.Tensor, group: dict) -> dict:
         """``momentum_buffer`` (optional); a preconditioned layer's weight: its factors (required) and
         momenta (optional) by free-parameter tensor, of the shapes and dtypes of its structures."""
@@ -921,6 +975,13 @@ class SINGD(PreconditionerAttributes, KfoptOptimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a ``state_dict()`` (module docstring, Checkpoints); pending statistics are dropped.
         Everything is checked first: a checkpoint that does not fit raises ValueError and changes nothing."""
+        if _base_part(state_dict):  # set_optimizer_state_dict: the rest comes from load_distributed_state_dict
+            if self._distributed_rest is None:
+                raise ValueError("state_dict: it holds only param_groups and per-parameter state "
+                                 "(torch.distributed.checkpoint's get_optimizer_state_dict leaves out SINGD's steps, "
+                                 "grad scale and counts): save and load with distributed_state_dict() and "
+                                 "load_distributed_state_dict()")
+            state_dict = {**state_dict, **self._distributed_rest}
         self.check_state_dict(state_dict)
         groups = self._loadable_groups(state_dict["param_groups"])
         steps, last = state_dict["steps"], state_dict["last_grad_scale"]

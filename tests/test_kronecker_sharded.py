@@ -3,9 +3,9 @@ ranks (``kfopt.sharded_distribution.Sharded``): after 5 steps on the same global
 and the factors equal one process's, every rank holds the same factors (SINGD's in their structure's free
 parameters), K-FAC's second-order data and MKOR's inverse factors live on each layer's owner alone, MKOR's
 owners precondition their own layers, a NaN in one rank's shard skips MKOR's and SINGD's step on every
-rank (K-FAC's under a GradScaler or base LAMB; MKOR's under a GradScaler too), K-FAC's, MKOR's and
-MKOR-H's distributed checkpoints resume on other meshes, and placements other than row shards raise at
-construction naming the layer.
+rank (K-FAC's under a GradScaler or base LAMB; MKOR's and SINGD's under a GradScaler too), K-FAC's,
+MKOR's, MKOR-H's and SINGD's distributed checkpoints resume on other meshes, and placements other than
+row shards raise at construction naming the layer.
 
 One launch of 4 ranks runs the shard groups of 4 (mesh (4,)), of 2 (HSDP on a (2, 2) mesh: each
 replicate group exchanges on its own) and of 1 (a (4, 1) mesh); one launch of 2 ranks a mesh (2,).
@@ -318,6 +318,47 @@ def resumed(mesh, dp_rank, dp_size, directory, save_to=None, case="eigen"):
     return [p.detach().full_tensor() for p in model.parameters()], error, getattr(opt, "switched_at", None)
 
 
+#: SINGD's case of the checkpoint and GradScaler runs (factor updates at steps 0, 2, 4: T=2)
+SINGD_CHECKPOINTED = "singd-block"
+
+
+def singd_resumed(mesh, dp_rank, dp_size, directory):
+    """SINGD on ``mesh`` resumed from the checkpoint the 4 ranks wrote in ``directory`` after ``SAVE_AFTER``
+    steps, trained to the end: the full parameters and every rank's factors."""
+    os.environ["KFOPT_BACKEND"] = "torch"
+    model = sharded_model(mesh)
+    opt = make_singd(model, SINGD_CHECKPOINTED)
+    load_checkpoint(model, opt, directory)
+    assert opt.steps == SAVE_AFTER
+    train(model, opt, rows(dp_rank, dp_size), range(SAVE_AFTER, STEPS))
+    return [p.detach().full_tensor() for p in model.parameters()], factors(opt)
+
+
+def singd_scaler_run(mesh, rank):
+    """SINGD under a GradScaler with an inf in shard rank 1's gradient shard of ``model[3].weight`` at
+    ``BAD_STEP`` (a factor-update step): snapshots (parameters, factors, skips, steps) before and after that
+    step and after the last, and the scaler's scales before and after it."""
+    from kfopt import SINGD
+
+    os.environ["KFOPT_BACKEND"] = "torch"
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 4)
+    model = sharded_model(mesh)
+    opt = SINGD(model, lr=0.1, momentum=0.9, weight_decay=1e-2, structures=SINGD_CASES[SINGD_CHECKPOINTED],
+                grad_scaler=scaler, **SINGD_FACTORS)
+
+    def snap():
+        return {"params": [p.detach().full_tensor().clone() for p in model.parameters()], "factors": factors(opt),
+                "skipped": int(opt.skipped_steps), "steps": opt.steps}
+
+    train(model, opt, rows(rank, 4), range(BAD_STEP), scaler)
+    before, scale = snap(), scaler.get_scale()
+    train(model, opt, rows(rank, 4), range(BAD_STEP, BAD_STEP + 1), scaler,
+          (BAD_STEP, float("inf")) if rank == 1 else None)
+    after = snap()
+    train(model, opt, rows(rank, 4), range(BAD_STEP + 1, STEPS), scaler)
+    return before, after, snap(), (scale, scaler.get_scale())
+
+
 def placement_errors(mesh):
     """Constructing K-FAC, SINGD and MKOR on a fully_shard model whose Linear weight is column-sharded
     (Shard(1)): their errors."""
@@ -356,6 +397,7 @@ def ranks_program(rank, world, directory):
         out["w4->w2"] = resumed(mesh, rank, 2, directory)
         for case in MKOR_CASES:
             out[f"{case} w4->w2"] = resumed(mesh, rank, 2, os.path.join(directory, case), case=case)
+        out["singd w4->w2"] = singd_resumed(mesh, rank, 2, os.path.join(directory, "singd"))
         out["fraction"] = None
         try:
             make_kfac(build_model_sharded(mesh), "eigen", 1.0)
@@ -382,6 +424,13 @@ def ranks_program(rank, world, directory):
             get_optimizer_state_dict(model, opt)
         except RuntimeError as err:
             out["mkorh get"] = str(err)
+        model = build_model_sharded(mesh)
+        opt = make_singd(model, SINGD_CHECKPOINTED)
+        out["singd base part"] = None
+        try:  # nor SINGD without its steps and counts (every parameter's state: the distributed one's part)
+            set_optimizer_state_dict(model, opt, opt.distributed_state_dict()["optimizer"])
+        except ValueError as err:
+            out["singd base part"] = str(err)
         for name, cls, kwargs in (("mkor-graft", MKOR, {"graft": "adam"}), ("singd-graft", SINGD, {"graft": "adam"})):
             try:
                 cls(build_model_sharded(mesh), lr=0.1, **kwargs)
@@ -415,6 +464,13 @@ def ranks_program(rank, world, directory):
         train(model, opt, rows(rank, 4), range(SAVE_AFTER))
         save_checkpoint(model, opt, os.path.join(directory, case))
         out[f"{case} w4->hsdp22"] = resumed(mesh22, rank, 4, os.path.join(directory, case), case=case)
+    os.environ["KFOPT_BACKEND"] = "torch"
+    model = sharded_model(mesh4)
+    opt = make_singd(model, SINGD_CHECKPOINTED)
+    train(model, opt, rows(rank, 4), range(SAVE_AFTER))
+    save_checkpoint(model, opt, os.path.join(directory, "singd"))
+    out["singd w4->hsdp22"] = singd_resumed(mesh22, rank, 4, os.path.join(directory, "singd"))
+    out["singd scaler"] = singd_scaler_run(mesh4, rank)
     dist.barrier()
     return out
 
@@ -577,8 +633,8 @@ def test_placements_and_fraction_errors(checkpoints):
             assert error is not None and "layer '3'" in error and "Shard(dim=1)" in error
     for out in runs(2, checkpoints):
         assert out["fraction"] is not None and "grad_worker_fraction" in out["fraction"]
-        for name in ("base part", "mkorh base part", "mkorh get"):
-            assert out[name] is not None and "distributed_state_dict()" in out[name], name
+        for name in ("base part", "mkorh base part", "mkorh get", "singd base part"):
+            assert out[name] is not None and "distributed_state_dict()" in out[name], (name, out[name])
         assert out["graft"] is not None and out["graft"].startswith("graft:") and "FSDP2" in out["graft"]
         for name in ("singd-graft", "mkor-graft"):  # not yet supported: refused, not silently wrong
             assert out[name] is not None and out[name].startswith("graft:"), (name, out[name])
@@ -725,3 +781,45 @@ def test_the_mkor_vector_volume_of_the_docs():
     pre = MKORPreconditioner(block)
     values = pre._a_numerators().numel() + pre._g_numerators().numel()
     assert (f"{values:,}", str(round(values * 4 / 1024))) == count
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("label,world", [("singd w4->hsdp22", 4), ("singd w4->w2", 2)])
+def test_singd_distributed_checkpoints_resume_on_other_shard_groups(label, world, monkeypatch, checkpoints):
+    """SINGD's checkpoint written by 4 ranks after ``SAVE_AFTER`` steps (momentum buffers as DTensors,
+    factors as plain tensors), resumed by HSDP (2, 2) and by 2 processes: the run ends as one process's
+    uninterrupted run, every rank with the same factors."""
+    monkeypatch.setenv("KFOPT_BACKEND", "torch")
+    if SINGD_CHECKPOINTED not in _SINGLE:
+        _SINGLE[SINGD_CHECKPOINTED] = single_process(SINGD_CHECKPOINTED)
+    expected, expected_factors, _ = _SINGLE[SINGD_CHECKPOINTED]
+    ranks = runs(world, checkpoints)
+    for rank, out in enumerate(ranks):
+        params, run_factors = out[label]
+        for i, (p, e) in enumerate(zip(params, expected)):
+            err = relative_error(p, e)
+            assert err < 1e-5, f"rank {rank}: parameter {i}: relative error {err}"
+        for mine, first, single in zip(run_factors, ranks[0][label][1], expected_factors):
+            for key, t in mine.items():
+                assert torch.equal(t, first[key]), f"rank {rank}: {key} differs from rank 0's"
+                if t.numel():
+                    assert relative_error(t, single[key]) < 1e-5, f"rank {rank}: {key}"
+
+
+@pytest.mark.distributed
+def test_singd_grad_scaler_skips_an_inf_in_one_shard_on_every_rank(checkpoints):
+    """An inf in shard rank 1's gradient only: torch's unscaling finds it on every rank (``found_inf``
+    reduced over the mesh), every rank skips SINGD's factor-update step (parameters and factors unchanged,
+    one skip, the scale halved), and the ranks go on in step."""
+    ranks = runs(4, checkpoints)
+    for rank, out in enumerate(ranks):
+        before, after, end, scales = out["singd scaler"]
+        assert (before["skipped"], after["skipped"], end["skipped"]) == (0, 1, 1), rank
+        # steps counts the skipped step too (SINGD's GradScaler skip): the T schedule keeps its phase
+        assert scales == (16.0, 8.0) and (before["steps"], after["steps"]) == (BAD_STEP, BAD_STEP + 1), rank
+        assert all(torch.equal(p, q) for p, q in zip(before["params"], after["params"])), rank
+        for f, g in zip(before["factors"], after["factors"]):
+            assert all(torch.equal(f[key], g[key]) for key in f), rank
+        assert not any(torch.equal(p, q) for p, q in zip(after["params"], end["params"])), rank
+        for p, q in zip(end["params"], ranks[0]["singd scaler"][2]["params"]):
+            assert torch.equal(p, q), rank
