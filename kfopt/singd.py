@@ -920,6 +920,10 @@ class SINGD(PreconditionerAttributes, KfoptOptimizer):
         finally:
             self._distributed_rest = None
 
+    def _laid_out_like_param(self, key: str) -> bool:
+        """The factors and their momenta (``K.<name>``, ``m_K.<name>``...) are replicated on every rank."""
+        return "." not in key
+
     def _state_spec(self, p: torch.Tensor, group: dict) -> dict:
         """``momentum_buffer`` (optional); a preconditioned layer's weight: its factors (required) and
         momenta (optional) by free-parameter tensor, of the shapes and dtypes of its structures."""

@@ -380,6 +380,40 @@ def placement_errors(mesh):
     return errors
 
 
+def square_layer_checkpoint(mesh):
+    """A single-process SINGD checkpoint of bias-free square Linears (their dense factors have the weight's
+    shape) loaded into SINGD on the same model under FSDP2: whether every factor and factor momentum
+    loaded whole, and whether the momentum buffer loaded as this rank's shard."""
+    from torch.distributed.fsdp import fully_shard
+
+    from kfopt import SINGD
+
+    os.environ["KFOPT_BACKEND"] = "torch"
+
+    def square_model():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(6, 6, bias=False), nn.Tanh(), nn.Linear(6, 6, bias=False))
+
+    plain = square_model()
+    opt = SINGD(plain, lr=0.1, momentum=0.9, T=1)
+    plain(torch.randn(4, 6, generator=torch.Generator().manual_seed(0))).square().sum().backward()
+    opt.step()
+    saved = opt.state_dict()
+    model = square_model()
+    for layer in model[::2]:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    sharded = SINGD(model, lr=0.1, momentum=0.9, T=1)
+    sharded.load_state_dict(saved)
+    out = {}
+    for i, p in enumerate(model.parameters()):
+        for key, value in sharded.state[p].items():
+            want = saved["state"][i][key]
+            out[f"{i} {key}"] = (torch.equal(value.full_tensor(), want) if key == "momentum_buffer" and
+                                 hasattr(value, "full_tensor") else torch.equal(value, want))
+    return out
+
+
 def ranks_program(rank, world, directory):
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
@@ -395,6 +429,7 @@ def ranks_program(rank, world, directory):
                                          fraction=0.5 if case == "eigen" else None)
                for case in [*CASES, *MKOR_CASES, *SINGD_CASES, "singd-preconditioner"]}
         out["w4->w2"] = resumed(mesh, rank, 2, directory)
+        out["square checkpoint"] = square_layer_checkpoint(mesh)
         for case in MKOR_CASES:
             out[f"{case} w4->w2"] = resumed(mesh, rank, 2, os.path.join(directory, case), case=case)
         out["singd w4->w2"] = singd_resumed(mesh, rank, 2, os.path.join(directory, "singd"))
@@ -804,6 +839,16 @@ def test_singd_distributed_checkpoints_resume_on_other_shard_groups(label, world
                 assert torch.equal(t, first[key]), f"rank {rank}: {key} differs from rank 0's"
                 if t.numel():
                     assert relative_error(t, single[key]) < 1e-5, f"rank {rank}: {key}"
+
+
+@pytest.mark.distributed
+def test_a_plain_singd_checkpoint_of_square_layers_loads_into_sharded_singd(checkpoints):
+    """The dense factors of a bias-free square Linear have its weight's shape but are replicated: loading
+    cuts the momentum buffer into the rank's shard and leaves the factors whole."""
+    for rank, out in enumerate(runs(2, checkpoints)):
+        loaded = out["square checkpoint"]
+        assert any(key.endswith("momentum_buffer") for key in loaded) and any("K." in key for key in loaded)
+        assert all(loaded.values()), f"rank {rank}: {loaded}"
 
 
 @pytest.mark.distributed
