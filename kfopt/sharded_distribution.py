@@ -52,13 +52,6 @@ def is_sharded(layers: Sequence[CapturedLayer]) -> bool:
     return any(hasattr(layer.weight, "device_mesh") for layer in layers)
 
 
-def check_not_sharded(layers: Sequence[CapturedLayer], optimizer: str) -> None:
-    """ValueError naming ``model`` for a preconditioner whose step does not support FSDP2 yet."""
-    if is_sharded(layers):
-        raise ValueError(f"model: {optimizer} does not support FSDP2-sharded (fully_shard) layers yet; "
-                         "use DistributedDataParallel, or KFAC")
-
-
 class Sharded:
     """The distributor of FSDP2/HSDP row-sharded layers (module docstring). ``layers``: the captured
     layers in the preconditioner's order; ``strategy``: what the owners balance (``kfopt.kaisa``)."""
