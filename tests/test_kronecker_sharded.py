@@ -598,16 +598,22 @@ def test_sharded_mkor_skips_a_nan_in_one_shard_on_every_rank(checkpoints):
     assert sum(len(out["nan mkor"]["factors"]) for out in runs(4, checkpoints)) == 3  # one owner per layer
 
 
+def one_process_with_an_inf(build):
+    """The reference of the GradScaler skip tests: one process on the global batch, the optimizer
+    ``build(model, scaler)`` under a GradScaler, an inf in ``model[3]``'s weight gradient at ``BAD_STEP``."""
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 4)
+    model = build_model()
+    train(model, build(model, scaler), slice(None), scaler=scaler, bad_grad=(BAD_STEP, float("inf")))
+    return model
+
+
 @pytest.mark.distributed
 def test_sharded_mkor_under_a_grad_scaler_skips_an_inf_in_one_shard_on_every_rank(monkeypatch, checkpoints):
     """The inf is in rank 1's shard alone, on a factor-update step: every rank skips it (parameters, the
     owners' factors and event counts, steps unchanged), the scale halves, and the run goes on as one
     process's with the same skip."""
     monkeypatch.setenv("KFOPT_BACKEND", "torch")
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 4)
-    model = build_model()
-    train(model, make_mkor(model, "mkor", grad_scaler=scaler), slice(None), scaler=scaler,
-          bad_grad=(BAD_STEP, float("inf")))
+    model = one_process_with_an_inf(lambda m, scaler: make_mkor(m, "mkor", grad_scaler=scaler))
     ranks = runs(4, checkpoints)
     assert sum(len(out["scaler mkor"][0]["factors"]) for out in ranks) == 3  # each layer's on its owner
     for rank, out in enumerate(ranks):
@@ -682,10 +688,7 @@ def test_a_non_finite_gradient_shard_skips_the_step_on_every_rank(config, monkey
     skip count and the scale (factors, second-order data and steps too, on an inverse-update step), and
     the run goes on as one process's with the same skip; with base LAMB the weights stay."""
     monkeypatch.setenv("KFOPT_BACKEND", "torch")
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 4)
-    model = build_model()
-    train(model, make_kfac(model, "eigen", grad_scaler=scaler), slice(None), scaler=scaler,
-          bad_grad=(BAD_STEP, float("inf")))
+    model = one_process_with_an_inf(lambda m, scaler: make_kfac(m, "eigen", grad_scaler=scaler))
     ranks = runs(4, checkpoints)
     for rank, out in enumerate(ranks):
         for kind in ("scaler", "lamb"):
