@@ -221,18 +221,11 @@ class CapturedLayer:
         contiguous gradient), else a copy (e.g. a channels-last Conv2d gradient); with one, a copy.
         Under FSDP2 (a row-sharded DTensor gradient) it is this rank's block of whole rows of ``V``
         (possibly none). :meth:`write_grad` stores a matrix of this shape back."""
-        return self.as_matrix(self.weight.grad, self.bias.grad if with_bias and self.has_bias else None,
-                              with_bias=with_bias)
-
-    def as_matrix(self, weight_grad: torch.Tensor, bias_grad: torch.Tensor | None,
-                  with_bias: bool = True) -> torch.Tensor:
-        """:meth:`grad_matrix` of the weight gradient ``weight_grad`` and bias gradient ``bias_grad`` (None:
-        zeros) instead of the ``.grad``s (e.g. Adam's first moments, ``kfopt.graft``); DTensors: their
-        local rows."""
-        grad = _local(weight_grad)
+        grad = _local(self.weight.grad)
         weight_part = grad.reshape(grad.shape[0], math.prod(grad.shape[1:]))  # rows may be 0
         if not (with_bias and self.has_bias):
             return weight_part
+        bias_grad = self.bias.grad
         bias_part = _local(bias_grad) if bias_grad is not None else torch.zeros_like(_local(self.bias))
         return torch.cat([weight_part, bias_part.reshape(-1, 1).to(weight_part.dtype)], dim=1)
 

@@ -1,16 +1,19 @@
 """``ComposedOptimizer``: a second-order preconditioner (``kfopt.preconditioner.Preconditioner``: K-FAC's,
-MKOR's) in front of a base optimizer (``KFAC``, ``MKOR``).
+MKOR's, SINGD's) in front of a base optimizer (``KFAC``, ``MKOR``, ``SINGD``).
 
 The param groups come from the model (``kfopt.param_groups``; ``add_param_group`` after construction
-raises) and the base optimizer is built from *the same group dicts*: ``self.base.param_groups is
-self.param_groups`` and ``self.state is self.base.state``, so an LR scheduler (or a user) changing a
-group's hyperparameters drives the base step. ``base``: ``"sgd"`` (``torch.optim.SGD``), ``"adamw"``
-(``torch.optim.AdamW``), ``"lamb"`` (``kfopt.LAMB``), or a callable ``base(param_groups) ->
-torch.optim.Optimizer`` that must build its optimizer from the dicts it is given. A step is::
+raises; SINGD's come from its ``params`` and it takes groups later) and the base optimizer is built from
+*the same group dicts*: ``self.base.param_groups is self.param_groups`` and ``self.state is
+self.base.state``, so an LR scheduler (or a user) changing a group's hyperparameters drives the base
+step. ``base``: ``"sgd"`` (``torch.optim.SGD``), ``"adamw"``
+(``torch.optim.AdamW``), ``"lamb"`` (``kfopt.LAMB``), ``"heavy_ball"`` (``kfopt.heavy_ball.HeavyBall``,
+SINGD's default), or a callable ``base(param_groups) -> torch.optim.Optimizer`` that must build its
+optimizer from the dicts it is given. A step is::
 
     loss = closure()                                  (when given)
     GradScaler overflow (_grad_scaler_skips_step):    _discard_step(), nothing else changes
-    otherwise, graft="none":                          _second_order_step(); base.step()
+    otherwise, graft="none":                          verdict = _second_order_step(); base.step()
+                                                      (_base_step: with the verdict, below)
     otherwise, graft="adam" ("rmsprop", "sgd"):       raw gradients kept (the preconditioned layers'
                                                       gradients replaced by Adam's new first moment
                                                       for "adam"), _second_order_step(), then the
@@ -32,6 +35,14 @@ memory the size of the factors, on factor-update steps) and puts it back where t
 (``_keep_or_restore``). A skipped step whose gradients (and tensor lrs) were finite is a blow-up of the
 optimizer's own update: counted in ``blown_up_steps`` too, with a once-only warning
 (``kfopt.optimizer``).
+
+The verdict: ``_second_order_step()`` returns None (K-FAC, MKOR: the base steps as it would alone) or a
+0-d device bool, whether the second-order step found everything finite (SINGD: gradients, statistics,
+tensor lrs, its new factors and natural gradients; the subclass counted the steps it rejects and
+committed its new factors only where it holds). A base with ``takes_verdict`` (``HeavyBall``) takes it on
+the device (``step(verdict=...)``: nothing changes where it is False); any other base steps only where it
+holds, read on the host (one synchronisation per step). With grafting the verdict is the graft
+kernel's ``found_inf``, and the graft counts only the steps it skips beyond it.
 
 ``base.step()`` runs under ``kfopt.autotune.agree_on_configs()``: under ``torch.distributed`` every rank
 steps the same replicated weights, so the ranks use the same kernel configs (bit-identical replicas).
@@ -61,17 +72,18 @@ import torch
 from kfopt.autotune import agree_on_configs
 
 from .graft import first_moments, graft_state_spec, grafted_step
+from .heavy_ball import HeavyBall
 from .lamb import LAMB
 from .optimizer import KfoptOptimizer
 from .param_groups import param_groups
 from .preconditioner import Preconditioner
 from .validation import KIND_KEY, check_counter, check_device_lr, check_keys, check_kind, check_nonnegative
 
-BaseOptimizer = Literal["sgd", "adamw", "lamb"] | Callable[[list[dict]], torch.optim.Optimizer]
+BaseOptimizer = Literal["sgd", "adamw", "lamb", "heavy_ball"] | Callable[[list[dict]], torch.optim.Optimizer]
 
 #: the base optimizers by name
 BASE_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW,
-                                                           "lamb": LAMB}
+                                                           "lamb": LAMB, "heavy_ball": HeavyBall}
 
 
 def check_base(base) -> None:
@@ -171,17 +183,29 @@ class ComposedOptimizer(KfoptOptimizer):
                 self.base.step()
             return loss
         if self.defaults["graft"] == "none":
-            self._second_order_step()
+            verdict = self._second_order_step()
             with agree_on_configs():  # every rank steps the same replicated weights
-                self.base.step()
+                self._base_step(verdict)
         else:
             self._grafted_step()
         return loss
 
+    def _base_step(self, verdict: torch.Tensor | None) -> None:
+        """``base.step()`` after a second-order step whose ``verdict`` (module docstring) is None or a 0-d
+        device bool: a base with ``takes_verdict`` steps where it holds (on the device), any other base
+        steps only if it holds, read on the host (a synchronisation)."""
+        if verdict is None:
+            self.base.step()
+        elif getattr(self.base, "takes_verdict", False):
+            self.base.step(verdict=verdict)
+        elif verdict.item():
+            self.base.step()
+
     def _grafted_step(self) -> None:
         """The raw gradients of the preconditioned parameters kept, ``_second_order_step()``, then one
         grafted update of every parameter with a gradient (module docstring); a skipped step leaves the
-        second-order state as it was (``_snapshot``, ``_keep_or_restore``)."""
+        second-order state as it was (``_snapshot``, ``_keep_or_restore``). A verdict of the second-order
+        step (counted there) skips the graft too; the graft counts the steps it skips beyond it."""
         found = self._params_with_grads()
         if not found:
             self._second_order_step()
@@ -193,11 +217,16 @@ class ComposedOptimizer(KfoptOptimizer):
         if self.defaults["graft"] == "adam" and moments:  # the preconditioner gets Adam's first moment
             torch._foreach_copy_([g for _, _, g in moments], first_moments(self.state, moments))  # (kfopt.graft)
         snapshot = self._snapshot()
-        self._second_order_step()
-        entries = [(group, p, g, p.grad if id(p) in preconditioned else None, self._graft_momentum(group))
-                   for (group, p), g in zip(found, raw)]
+        verdict = self._second_order_step()
+        entries = [(group, p, g, self._direction(p) if id(p) in preconditioned else None,
+                    self._graft_momentum(group)) for (group, p), g in zip(found, raw)]
+        skipped = self._skip_counter(found[0][1].device)
         with agree_on_configs():  # every rank steps the same replicated weights
-            ok = grafted_step(self.state, entries, self._skip_counter(found[0][1].device)) != 0
+            ok = grafted_step(self.state, entries, None if verdict is not None else skipped,
+                              found_inf=None if verdict is None else ~verdict) != 0
+        if verdict is not None:  # the second-order step counted the steps it vetoed
+            skipped.add_((verdict & ~ok).to(torch.int32))
+            finite = verdict
         self._count_blowup(finite, ok)
         self._keep_or_restore(ok, snapshot)
 
@@ -210,6 +239,10 @@ class ComposedOptimizer(KfoptOptimizer):
         """Keep this step's second-order state where the grafted step was taken (``ok``, a 0-d device bool),
         else put the ``_snapshot()`` back."""
         raise NotImplementedError
+
+    def _direction(self, p: torch.Tensor) -> torch.Tensor:
+        """The preconditioned gradient of ``p`` after ``_second_order_step()``: its ``.grad``."""
+        return p.grad
 
     def _preconditioned_params(self) -> list[torch.Tensor]:
         """The weights and biases whose gradients ``_second_order_step`` replaces."""
@@ -244,9 +277,10 @@ class ComposedOptimizer(KfoptOptimizer):
                     "exp_avg_sq": (shape, (p.dtype,), True), "max_exp_avg_sq": (shape, (p.dtype,), False)}
         return None
 
-    def _second_order_step(self) -> None:
-        """Update the factors when due and replace the layers' gradients by preconditioned ones."""
-        self.preconditioner.step()
+    def _second_order_step(self) -> torch.Tensor | None:
+        """Update the factors when due and replace the layers' gradients by preconditioned ones; the verdict
+        (module docstring)."""
+        return self.preconditioner.step()
 
     def _discard_step(self) -> None:
         """Drop what was captured for a step the GradScaler skipped."""

@@ -291,12 +291,6 @@ class KfoptOptimizer(torch.optim.Optimizer):
         (None: not checked)."""
         return None
 
-    def _laid_out_like_param(self, key: str) -> bool:
-        """Whether state ``key`` of a parameter is laid out like it (sharded like a DTensor parameter on
-        load, ``kfopt.sharding.like_param``); a replicated tensor that merely has the parameter's shape
-        (SINGD's dense factor of a square layer) must not be cut."""
-        return True
-
     def _check_groups_and_state(self, state_dict: dict, spec) -> None:
         """The param groups (count, params, hyperparameters) and the per-parameter state of
         ``state_dict`` against this optimizer's; ``spec(p, group)`` as ``_state_spec``."""
@@ -362,8 +356,8 @@ class KfoptOptimizer(torch.optim.Optimizer):
         for pid, values in state_dict["state"].items():
             param = id_to_param[pid]
             state[param] = {
-                k: ((like_param(v.detach(), param) if self._laid_out_like_param(k) else v.detach()).clone()
-                    .to(param.device) if isinstance(v, torch.Tensor) else copy.deepcopy(v))
+                k: (like_param(v.detach(), param).clone().to(param.device) if isinstance(v, torch.Tensor)
+                    else copy.deepcopy(v))
                 for k, v in values.items()
             }
         self.param_groups = new_groups

@@ -40,8 +40,10 @@ class Preconditioner(Protocol):
     distributor: Distributor
     steps: int
 
-    def step(self) -> None:
-        """Update the second-order data when due and precondition the layers' gradients (in ``.grad``)."""
+    def step(self) -> torch.Tensor | None:
+        """Update the second-order data when due and precondition the layers' gradients (in ``.grad``).
+        Returns None, or a 0-d device bool: whether the step was taken (SINGD's: everything finite;
+        where False, neither factors nor gradients changed), the verdict ``kfopt.composed`` passes on."""
 
     def discard_step(self) -> None:
         """Drop the statistics accumulated since the last step."""

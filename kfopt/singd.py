@@ -6,8 +6,9 @@ Two objects
 ===========
 :class:`SINGDPreconditioner` holds the capture, the factors and momenta and computes the statistics,
 the factor update and the natural gradient (``kfopt.preconditioner.Preconditioner``: alone, in front of
-any optimizer, ``precond.step()`` writes ``N`` into ``.grad``). :class:`SINGD` builds one over its param
-groups and per-parameter state and takes the step below with its pieces.
+any optimizer, ``precond.step()`` writes ``N`` into ``.grad``). :class:`SINGD` is a
+``kfopt.composed.ComposedOptimizer``: one preconditioner over its param groups in front of a base
+optimizer built from the same group dicts (below, Base optimizer).
 
 Defaults
 ========
@@ -55,7 +56,7 @@ reference). The statistics are computed with the factors of the step they were c
 fp32 and rounded to their storage dtype. A layer with no captured statistics at a due step (it was
 not called) keeps its factors and momenta.
 
-Parameter update (every step)::
+Parameter update (every step; the default base, ``kfopt.heavy_ball.HeavyBall``)::
 
     N = C C^T G K K^T                      (structured products, fp32 accumulation, fp32 result)
     d = N + weight_decay * w,   buf <- momentum * buf + d   (buf exists only while momentum != 0),
@@ -69,10 +70,25 @@ weight decay. (The reference leaves them untrained.) ``params=None`` trains ever
 that requires grad; a layer's weight and bias must be in the same param group. Momentum buffers are fp32
 (float64 for float64 parameters); parameters are updated in fp32 and rounded to their dtype.
 
-Grafting (``graft="adam"``, ``"rmsprop"``, ``"sgd"``; ``kfopt.graft``): the parameter update above is
-replaced by, per preconditioned weight and bias (``N`` its part of the natural gradient -- for "adam" of
-Adam's new first moment in place of the gradient ``G``, ``kfopt.graft`` says why --, ``a`` the AdamW
-direction from the raw gradient's moments with ``graft_betas``, ``graft_eps``)::
+Base optimizer
+==============
+``base="heavy_ball"`` (the default) is the parameter update above: ``kfopt.heavy_ball.HeavyBall``,
+stepped with the fp32 natural gradients (not their rounding to a 16-bit ``.grad``) and with the step's
+verdict (below, Non-finite gradients) on the device. ``base="sgd"``, ``"adamw"``, ``"lamb"`` or a callable
+``base(param_groups)`` (``kfopt.composed``) take ``N`` in ``.grad`` (rounded to the gradient's dtype) and
+their own hyperparameters from the param groups (``lr``, ``momentum``, ``weight_decay``, and their own
+defaults). They cannot take the verdict on the device: SINGD reads it on the host (one synchronisation
+per step) and does not step them where it is False, so a skipped step still changes nothing (a base's
+own skips, e.g. LAMB's, count in ``skipped_steps`` too). With such a base the factors and momenta live in
+a dict of SINGD's own (AdamW and LAMB create their state where a parameter's is empty), with the default
+one in the weight's per-parameter state beside ``momentum_buffer``; checkpoints hold them in the
+weight's state either way (Checkpoints).
+
+Grafting (``graft="adam"``, ``"rmsprop"``, ``"sgd"``; ``kfopt.graft`` through ``ComposedOptimizer``'s
+grafted step; the base optimizer does not step): the parameter update above is replaced by, per
+preconditioned weight and bias (``N`` its part of the natural gradient -- for "adam" of Adam's new first
+moment in place of the gradient ``G``, ``kfopt.graft`` says why --, ``a`` the AdamW direction from the
+raw gradient's moments with ``graft_betas``, ``graft_eps``)::
 
     buf <- momentum buf + N ;   w <- w - lr ((||a|| / ||buf||) buf + weight_decay w)
 
@@ -126,13 +142,15 @@ as zeros (the value it stands for while absent).
 
 The same holds when the inputs are finite but SINGD's own update is not (a factor step too large for the
 problem's scale overflows the new factors, their momenta, or the natural gradient computed with them):
-the new factors, momenta and the parameter update are formed first, checked on the device, and
+the new factors, momenta and the natural gradient are formed first, checked on the device, and
 committed only when all are finite -- factors keep their last finite values, weights never receive a
 non-finite value. Such a step counts in ``skipped_steps`` and in ``blown_up_steps`` (checkpointed);
 reading ``skipped_steps`` warns once (``RuntimeWarning`` naming the count; ``kfopt.optimizer``: the
-warning reads the count, a host synchronisation that ``step()`` never makes). With grafting the graft
-kernel makes the parameter-side check (``kfopt.kernels.graft``) and the factors commit only when it took
-the step.
+warning reads the count, a host synchronisation that ``step()`` never makes). The two checks make one
+0-d device bool, the step's verdict (``SINGD._second_order_step``; agreed over the ranks), which the
+default base takes on the device (``HeavyBall.step(verdict=...)``; other bases: Base optimizer). With
+grafting the graft kernel takes it as its ``found_inf`` and adds its own parameter-side check
+(``kfopt.kernels.graft``); the new factors and momenta commit only where it took the step.
 
 Distributed
 ===========
@@ -162,20 +180,28 @@ Checkpoints
 groups (a callable ``lr_cov`` is saved as None and ``load_state_dict`` keeps the optimizer's own), per
 parameter ``momentum_buffer``, and in each preconditioned layer's weight state its factors and momenta
 by free-parameter tensor (``"K.<name>"``, ``"C.<name>"``, ``"m_K.<name>"``, ``"m_C.<name>"``, see
-``kfopt.structures``), plus ``"steps"``, ``"skipped_steps"``, ``"blown_up_steps"`` (a checkpoint without it
-loads as 0) and ``"last_grad_scale"`` (the scale of the
+``kfopt.structures``; with the default base they are its per-parameter state, with another base the
+base's per-parameter state takes ``momentum_buffer``'s place), plus ``"steps"``, ``"skipped_steps"``
+(SINGD's own skips), ``"blown_up_steps"`` (a checkpoint without it loads as 0), with a base other than the
+default ``"base_optimizer"`` (its class name: a checkpoint loads only into a SINGD with the same base;
+without it, the default's: SINGD's checkpoints from before ``base`` have the default's format) and for a
+kfopt base ``"base_skipped_steps"`` (its own skip count), and ``"last_grad_scale"`` (the scale of the
 last ``scaler.step`` that the capture divides output gradients by, without ``grad_scaler=``: a 0-d fp32
 tensor, or None before the first scaler step and with ``grad_scaler=``, whose optimizer ignores it), so a
 checkpoint taken under a GradScaler continues bit-identically. Checkpoints of earlier versions (no
 ``"last_grad_scale"``) are rejected. Loading requires the same structures and
 preconditioner dtypes per group. Statistics captured but not yet consumed by a step are not saved:
-checkpoint between steps.
+checkpoint between steps. ``distributed_state_dict()`` (``torch.distributed.checkpoint``) is
+``ComposedOptimizer``'s: the base's per-parameter state by parameter name, ``"singd"``: the
+preconditioner's ``distributed_state_dict()`` (``steps`` and every layer's factors and momenta, the plain
+tensors every rank holds), the counts, and ``"last_grad_scale"`` (0 for None).
 """
 
 from __future__ import annotations
 
 import numbers
 import warnings
+from collections import defaultdict
 from collections.abc import Callable, Iterable
 
 import torch
@@ -186,17 +212,10 @@ from kfopt.kernels.structured import result_dtype
 
 from . import collectives  # noqa: F401  (kfopt.singd.collectives: what the distributor calls; tests spy on it)
 from .capture import CallInfo, CapturedLayer, LayerCapture, loss_term_count
-from .composed import _base_part
+from .composed import BaseOptimizer, ComposedOptimizer, _base_part, check_base
 from .distribution import Replicated
-from .graft import (
-    GRAFT_BETAS,
-    GRAFT_EPS,
-    check_graft_group,
-    first_moments,
-    graft_defaults,
-    graft_state_spec,
-    grafted_step,
-)
+from .graft import GRAFT_BETAS, GRAFT_EPS, check_graft_group, graft_defaults
+from .heavy_ball import HeavyBall
 from .layer_state import LayerState
 from .optimizer import KfoptOptimizer
 from .preconditioner import PreconditionerAttributes
@@ -204,8 +223,9 @@ from .sharded_distribution import Sharded, is_sharded
 from .sharding import local
 from .structures import Structure, StructureSpec, parse_structure
 from .validation import (
+    KIND_KEY,
     check_bool,
-    check_device_lr,
+    check_counter,
     check_keys,
     check_nonnegative,
     check_tensor,
@@ -238,11 +258,25 @@ class _Layer(LayerState):
         self.H_K = self.H_C = None
 
 
+#: factor updates awaiting their commit: (tensors of the factor or momentum, their new values) pairs
+_Commits = list[tuple[list[torch.Tensor], list[torch.Tensor]]]
+
+
 def _commit(finite: torch.Tensor, targets: list[torch.Tensor], new: list[torch.Tensor]) -> None:
     """``targets <- new`` (rounded to the targets' dtypes) where the 0-d ``finite`` is True; unchanged
     otherwise, bit for bit: a skipped step decided on the device."""
     for t, n in zip(targets, new):
         t.copy_(torch.where(finite, n, t))
+
+
+def _is_factor_key(key: str) -> bool:
+    """Whether a per-parameter state key is a factor's or factor momentum's (``"K.<name>"``, ``"m_C.<name>"``)."""
+    return "." in key
+
+
+def statistics(layers: list[_Layer]) -> list[torch.Tensor]:
+    """The pending ``H_K`` and ``H_C`` tensors of ``layers``."""
+    return [t for layer in layers for t in layer.H_K.tensors + layer.H_C.tensors]
 
 
 def _check_int(name: str, value, minimum: int) -> None:
@@ -297,9 +331,10 @@ class SINGDPreconditioner:
     hyperparameters below: ``step()`` updates the factors of a due step and replaces each layer's
     ``.grad`` by its ``N``; where anything of the step is not finite (a gradient, a statistic, a new
     factor or momentum, ``N``) it changes nothing (factors and raw gradients kept). With
-    ``torch.optim.SGD(momentum=m, weight_decay=wd)`` behind it, that is :class:`SINGD`'s update.
-    :class:`SINGD` builds one over its own param groups and state (``_over``): there the factors and
-    momenta live in its per-parameter state and its step commits them.
+    ``torch.optim.SGD(momentum=m, weight_decay=wd)`` behind it, that is :class:`SINGD`'s update (within
+    rounding). :class:`SINGD` builds one over its own param groups (``_over``: each layer's
+    hyperparameters are its weight's group's, its factors and momenta live where SINGD keeps them) and
+    steps it with its own pieces (``updated_layers``, ``propose``), committing what they propose.
 
     Args: ``model`` (or a ``DistributedDataParallel`` wrapping it), ``damping``, ``alpha1``, ``T``,
     ``loss_average``, ``lr_cov``, ``structures``, ``kfac_approx``, ``kfac_like``,
@@ -359,30 +394,46 @@ class SINGDPreconditioner:
         return [p for layer in self._layers for p in (layer.weight, layer.bias) if p is not None]
 
     @torch.no_grad()
-    def step(self) -> None:
+    def step(self) -> torch.Tensor | None:
         """The preconditioner alone (class docstring): factor update of the due layers, ``N`` into
-        ``.grad``, both only where everything is finite (decided on the device). Every rank must call it."""
-        due = [layer for layer in self._layers if self._due(layer)]
-        if due and self.distributor.distributed:
-            self.average_statistics(due)
-        updated = [layer for layer in due if layer.H_K is not None and layer.H_C is not None]
+        ``.grad``, both only where everything is finite (decided on the device). Every rank must call it.
+        Returns that verdict, a 0-d device bool agreed over the ranks (None: no gradient, no statistic)."""
+        updated = self.updated_layers()
         active = [layer for layer in self._layers if layer.weight.grad is not None]
         grads = [local(p.grad) for layer in active for p in (layer.weight, layer.bias)
                  if p is not None and p.grad is not None]
-        inputs = grads + [t for layer in updated for t in layer.H_K.tensors + layer.H_C.tensors]
+        inputs = grads + statistics(updated)
+        finite = None
         if inputs:
             with self.distributor.agreement():  # every rank updates the same factors
-                pending, new_factors = [], {}
-                for layer in updated:
-                    commits, new_factors[layer.name] = self.update_factors(layer, 1.0)
-                    pending += commits
-                directions = [(p, d) for _, p, d in self.natural_gradients(new_factors) if p.grad is not None]
+                pending, directions = self.propose(updated, 1.0)
+                directions = [(p, d) for _, p, d in directions if p.grad is not None]
                 targets = [local(p.grad) for p, _ in directions] + [t for old, _ in pending for t in old]
                 values = [d for _, d in directions] + [t for _, new in pending for t in new]
                 finite = self.distributor.all_finite(
                     torch.stack([torch.isfinite(t).all() for t in inputs + values]).all())
                 _commit(finite, targets, values)
         self.finish_step()
+        return finite
+
+    def updated_layers(self) -> list[_Layer]:
+        """The layers whose factors this step updates: the due ones with statistics, averaged over the
+        ranks (every rank must call it)."""
+        due = [layer for layer in self._layers if self._due(layer)]
+        if due and self.distributor.distributed:
+            self.average_statistics(due)
+        return [layer for layer in due if layer.H_K is not None and layer.H_C is not None]
+
+    def propose(self, updated: list[_Layer], correction: float | torch.Tensor
+                ) -> tuple[_Commits, list[tuple[dict, torch.Tensor, torch.Tensor]]]:
+        """The new factors and momenta of the ``updated`` layers (``update_factors``: ``(targets, new values)``
+        pairs, consuming their statistics) and the natural gradients computed with them
+        (``natural_gradients``), committed by the caller only where the step is finite."""
+        pending, new_factors = [], {}
+        for layer in updated:
+            commits, new_factors[layer.name] = self.update_factors(layer, correction)
+            pending += commits
+        return pending, self.natural_gradients(new_factors)
 
     # -- checkpoints of the preconditioner alone ------------------------------------------------
 
@@ -390,7 +441,8 @@ class SINGDPreconditioner:
         """``{"steps", "factors": {layer name: {"K.<name>", "C.<name>", "m_K.<name>", "m_C.<name>"}}}``:
         factors and momenta (where present) by free-parameter tensor (``kfopt.structures``)."""
         return {"steps": self.steps,
-                "factors": {layer.name: dict(self._state_of(layer.weight)) for layer in self._layers}}
+                "factors": {layer.name: {k: v for k, v in self._state_of(layer.weight).items() if _is_factor_key(k)}
+                            for layer in self._layers}}
 
     def check_state_dict(self, state_dict: dict) -> None:
         """ValueError unless ``state_dict`` fits these layers, structures and dtypes; changes nothing."""
@@ -420,14 +472,41 @@ class SINGDPreconditioner:
         """Load a ``state_dict()``, checked first; statistics captured since the last step are dropped."""
         self.check_state_dict(state_dict)
         for layer in self._layers:
-            state = self._state_of(layer.weight)
-            state.clear()
-            for key, value in state_dict["factors"][layer.name].items():
-                state[key] = value.detach().to(layer.weight.device, copy=True)
-            self._bind(layer)
+            self._load_factors(layer, state_dict["factors"][layer.name])
         self.steps = int(state_dict["steps"])
         self.discard_step()
         self._arm()
+
+    def _load_factors(self, layer: _Layer, saved: dict[str, torch.Tensor]) -> None:
+        """The layer's factors and momenta replaced by (copies of) the checked ``saved`` ones."""
+        state = self._state_of(layer.weight)
+        for key in [key for key in state if _is_factor_key(key)]:
+            del state[key]
+        for key, value in saved.items():
+            if _is_factor_key(key):
+                state[key] = value.detach().to(layer.weight.device, copy=True)
+        self._bind(layer)
+
+    # -- torch.distributed.checkpoint -------------------------------------------------------------
+
+    def distributed_state_dict(self) -> dict:
+        """The state ``torch.distributed.checkpoint`` saves from every rank and loads into, in place: the
+        ``state_dict()`` of the live tensors (factors and momenta are replicated on every rank, FSDP2
+        included), with zero factor momenta created where ``alpha1 != 0`` and none exists yet (as the
+        first factor update creates them), so that a fresh preconditioner holds what a checkpoint fills."""
+        for layer in self._layers:
+            for key in ("K", "C"):
+                if self._group(layer)["alpha1"] != 0 and getattr(layer, f"m_{key}") is None:
+                    self._new_momentum(layer, key)
+        return self.state_dict()
+
+    def check_distributed_state_dict(self, state_dict: dict) -> None:
+        """ValueError unless ``state_dict`` (a :meth:`distributed_state_dict`) fits; changes nothing."""
+        self.check_state_dict(state_dict)
+
+    def load_distributed_state_dict(self, state_dict: dict) -> None:
+        """Load a :meth:`distributed_state_dict` that ``dcp.load`` filled, checked first."""
+        self.load_state_dict(state_dict)
 
     # -- construction ---------------------------------------------------------------------------
 
@@ -546,7 +625,7 @@ class SINGDPreconditioner:
         self._arm()
 
     def update_factors(self, layer: _Layer, correction: float | torch.Tensor
-                        ) -> tuple[list[tuple[list[torch.Tensor], list[torch.Tensor]]], tuple[Structure, Structure]]:
+                        ) -> tuple[_Commits, tuple[Structure, Structure]]:
         """The momentum and factor updates of the module docstring, in fp32 (float64): ``(targets, new
         values)`` pairs for the caller to commit (only where the step is finite), and the new (K, C)."""
         pending, factors = [], []
@@ -588,23 +667,18 @@ class SINGDPreconditioner:
         self._bind(layer)
         return getattr(layer, f"m_{key}")
 
-    def natural_gradients(self, factors: dict[str, tuple[Structure, Structure]],
-                          moments: dict[int, torch.Tensor] | None = None
+    def natural_gradients(self, factors: dict[str, tuple[Structure, Structure]]
                           ) -> list[tuple[dict, torch.Tensor, torch.Tensor]]:
         """``N = C C^T G K K^T`` of every layer whose weight has a gradient, as ``(group, param, this rank's
         part of N)`` for its weight and bias, with ``(K, C) = factors[name]`` (default: the layer's own);
-        ``G`` the ``[dW | db]`` matrix of their gradients, or of their ``moments`` (by ``id``; replicated
-        layers only) where given. Through the distributor: the rank that computes a layer's ``N`` gets its
-        whole ``G`` (FSDP2: gathered from the row shards to the layer's owner), and every rank gets its
-        rows of ``N`` (fp32; float64 for float64 factors or gradients)."""
+        ``G`` the ``[dW | db]`` matrix of their gradients (with grafting "adam": of Adam's first moments,
+        which ``kfopt.composed`` puts into ``.grad``). Through the distributor: the rank that computes a
+        layer's ``N`` gets its whole ``G`` (FSDP2: gathered from the row shards to the layer's owner), and
+        every rank gets its rows of ``N`` (fp32; float64 for float64 factors or gradients)."""
         distributor = self.distributor
         captured = [layer.captured for layer in self._layers]
         active = [i for i, layer in enumerate(self._layers) if layer.weight.grad is not None]
-        if moments:  # grafting: replicated layers only (SINGD rejects it under FSDP2)
-            matrices = {i: captured[i].as_matrix(moments[id(captured[i].weight)], moments.get(id(captured[i].bias)))
-                        if id(captured[i].weight) in moments else captured[i].grad_matrix() for i in active}
-        else:
-            matrices = distributor.gradients(captured, active)
+        matrices = distributor.gradients(captured, active)
         pairs = {i: factors.get(self._layers[i].name, (self._layers[i].K, self._layers[i].C)) for i in active}
         with distributor.agreement(preconditioning=True):  # each layer's N on the ranks that compute it
             natural = {}
@@ -643,8 +717,9 @@ class SINGDPreconditioner:
         return layer.m_K, layer.m_C
 
 
-class SINGD(PreconditionerAttributes, KfoptOptimizer):
-    """Structured inverse-free natural gradient descent (module docstring for the math and contracts).
+class SINGD(PreconditionerAttributes, ComposedOptimizer):
+    """Structured inverse-free natural gradient descent (module docstring for the math and contracts): a
+    ``kfopt.composed.ComposedOptimizer``, its :class:`SINGDPreconditioner` in front of ``base``.
 
     Args:
         model: the model (or a ``DistributedDataParallel`` wrapping it) whose ``nn.Linear``/``nn.Conv2d``
@@ -666,17 +741,20 @@ class SINGD(PreconditionerAttributes, KfoptOptimizer):
         normalize_lr_cov: normalized gradient descent on the factors. True by default, unlike ``singd``'s
             False (module docstring, Defaults): the one default that differs from the reference.
         skip_layers: module names or types not to precondition (their parameters get the first-order rule).
-        graft, graft_betas, graft_eps: grafting (module docstring; "none": the update above).
         grad_scaler: the ``torch.amp.GradScaler`` in use, to unscale output gradients as they arrive
             (needed when ``scaler.unscale_`` is called before ``scaler.step``); keyword only.
+        graft, graft_betas, graft_eps: grafting (module docstring; "none": the update above).
+        base: the base optimizer (module docstring, Base optimizer): ``"heavy_ball"`` (SINGD's update,
+            ``kfopt.heavy_ball``), ``"sgd"``, ``"adamw"``, ``"lamb"`` or a callable, as for ``kfopt.KFAC``.
 
     A step with a NaN/inf gradient or statistic (with or without a GradScaler) changes no parameter,
     buffer, factor or momentum: it is skipped on the device, without a host sync, and counted in
     ``skipped_steps`` (module docstring, Non-finite gradients and statistics).
     """
 
+    state_key = "singd"
+    scaled_statistic = "H_C"
     _step_supports_amp_scaling = True
-    _counts_blowups = True
     _blowup_advice = ("the factor step is too large for this problem: use normalize_lr_cov=True, a smaller lr_cov "
                       "or a larger damping")
     _rescales_statistics = True
@@ -688,7 +766,9 @@ class SINGD(PreconditionerAttributes, KfoptOptimizer):
                  structures: tuple[str, str] = ("dense", "dense"), kfac_approx: str = "expand",
                  kfac_like: bool = False, preconditioner_dtype: tuple = (None, None), normalize_lr_cov: bool = True,
                  skip_layers: Iterable[str | type] = (), *, grad_scaler: torch.amp.GradScaler | None = None,
-                 graft: str = "none", graft_betas: tuple[float, float] = GRAFT_BETAS, graft_eps: float = GRAFT_EPS):
+                 graft: str = "none", graft_betas: tuple[float, float] = GRAFT_BETAS, graft_eps: float = GRAFT_EPS,
+                 base: BaseOptimizer = "heavy_ball"):
+        check_base(base)
         inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
         if params is None:
             params = [p for p in inner.parameters() if p.requires_grad]
@@ -697,16 +777,39 @@ class SINGD(PreconditionerAttributes, KfoptOptimizer):
                         kfac_like=kfac_like, preconditioner_dtype=preconditioner_dtype,
                         normalize_lr_cov=normalize_lr_cov, **graft_defaults(graft, graft_betas, graft_eps))
         check_graft_group(defaults)
+        #: a tensor lr is read on the device by the grafting kernel and by the default base
+        self._takes_device_lr = graft != "none" or base == "heavy_ball"
         super().__init__(params, defaults)
         self._grad_scaler = grad_scaler
         #: without grad_scaler=: the grad scale of the last scaler.step, which the capture divides by
         self._last_grad_scale: torch.Tensor | None = None
-        self.preconditioner = SINGDPreconditioner._over(model, lambda: self.param_groups, lambda p: self.state[p],
+        self._correction: float | torch.Tensor = 1.0  # this step's u (module docstring, AMP)
+        #: this step's natural gradients by id(param) (fp32), and the factor commits a grafted step decides
+        self._directions: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._pending: _Commits = []
+        self._factor_state: dict[torch.Tensor, dict] = defaultdict(dict)
+        self._build_base(base)
+        self.preconditioner = SINGDPreconditioner._over(model, lambda: self.param_groups, self._factors_of,
                                                         tuple(skip_layers), grad_scaler)
         if graft != "none" and isinstance(self.preconditioner.distributor, Sharded):
             self.preconditioner.capture.remove()
             raise ValueError(f"graft: SINGD with graft={graft!r} does not support FSDP2-sharded (fully_shard) "
                              "layers yet (the graft's norms span whole tensors); use graft='none'")
+
+    def _factors_of(self, weight: torch.Tensor) -> dict:
+        """Where a layer's factors and momenta live: its weight's per-parameter state with the default base
+        (which keeps ``momentum_buffer`` beside them), a dict of SINGD's own with any other base (whose
+        per-parameter state must start empty)."""
+        return (self.state if isinstance(self.base, HeavyBall) else self._factor_state)[weight]
+
+    def add_param_group(self, param_group: dict) -> None:
+        """A group added after construction gets the first-order rule (layers are selected at construction),
+        stepped by the base optimizer, which shares the group list; the base's defaults fill what the group
+        lacks (``ComposedOptimizer`` refuses groups: its optimizers' parameters come from the model)."""
+        KfoptOptimizer.add_param_group(self, param_group)
+        if hasattr(self, "base"):
+            for key, value in self.base.defaults.items():
+                self.param_groups[-1].setdefault(key, value)
 
     # -- the preconditioner's, for convenience -----------------------------------------------------
 
@@ -718,68 +821,85 @@ class SINGD(PreconditionerAttributes, KfoptOptimizer):
         """``(m_K, m_C)`` of layer ``name`` (None where alpha1 was always 0)."""
         return self.preconditioner.momenta(name)
 
-    # -- construction ---------------------------------------------------------------------------
-
     # -- validation -----------------------------------------------------------------------------
 
-    device_lr = True
+    @property
+    def device_lr(self) -> bool:
+        """A tensor ``lr`` is taken with grafting and with the default base (both read it on the device: a
+        NaN, negative or infinite one skips the step and counts it); torch's bases take numbers."""
+        return self._takes_device_lr
 
     def _check_group(self, group: dict) -> None:
-        check_device_lr("lr", group["lr"])  # a tensor's value is checked on the device (module docstring)
+        self._check_lr(group)
         for name in ("momentum", "weight_decay"):
             check_nonnegative(name, group[name])
         _check_factor_group(group, stacklevel=4)
         check_graft_group(group)
 
-    # -- the step -------------------------------------------------------------------------------
+    # -- the step (kfopt.composed: _second_order_step, then the base's or the grafted step) ----------
 
-    @torch.no_grad()
-    def step(self, closure: Callable | None = None):
-        """One SINGD step (module docstring); under a GradScaler, called by ``scaler.step(opt)``.
-        Hyperparameters are checked first: an invalid one raises ValueError before anything changes."""
-        self._check_hyperparameters()
-        loss = self._evaluate(closure)
-        correction = self._statistics_correction()
+    def _grad_scaler_skips_step(self, statistic: str) -> bool:
+        self._correction = self._statistics_correction()  # also on a skipped step: it records the scale
+        return super()._grad_scaler_skips_step(statistic)
+
+    def _discard_step(self) -> None:
+        """A GradScaler skip: the statistics dropped and the step counted in ``steps`` (as the reference)."""
+        self.preconditioner.finish_step()
+
+    def _second_order_step(self) -> torch.Tensor | None:
+        """New factors, momenta and the natural gradients computed with them; the verdict, a 0-d device
+        bool agreed over the ranks: every gradient, statistic and tensor lr finite (else counted in
+        ``skipped_steps``) and every new factor, momentum and ``N`` finite (else a blow-up, counted in
+        ``skipped_steps`` and ``blown_up_steps``). Factors and momenta are committed where it holds (with
+        grafting: where the grafted step is taken, ``_keep_or_restore``); ``N`` waits for the base step
+        (``_base_step``, ``_direction``). None when nothing has a gradient or a statistic."""
         pre = self.preconditioner
-        if self._grad_scaler_skips_step("H_C"):  # the scaler found inf/NaN (module docstring, AMP)
-            pre.finish_step()
-            return loss
         found = self._params_with_grads()
-        due = [layer for layer in pre._layers if pre._due(layer)]
-        if due and pre.distributor.distributed:
-            pre.average_statistics(due)
-        updated = [layer for layer in due if layer.H_K is not None and layer.H_C is not None]
-        inputs = [local(p.grad) for _, p in found] + [t for layer in updated
-                                                      for t in layer.H_K.tensors + layer.H_C.tensors]
+        updated = pre.updated_layers()
+        inputs = [local(p.grad) for _, p in found] + statistics(updated)
+        verdict, self._directions, self._pending = None, {}, []
         if inputs:
             with pre.distributor.agreement():  # every rank updates the same factors and weights
                 finite = self._finite(inputs)
-                # new factors and momenta, the natural gradient computed with them; committed below only
-                # where everything is finite (the update's own blow-up keeps the last finite factors)
-                pending, new_factors = [], {}
-                for layer in updated:
-                    commits, new_factors[layer.name] = pre.update_factors(layer, correction)
-                    pending += commits
-                directions = pre.natural_gradients(new_factors, self._first_moments(found))
-                preconditioned = {id(p) for _, p, _ in directions}
-                first_order = [(group, p) for group, p in found if id(p) not in preconditioned]
-                if self.defaults["graft"] != "none":
-                    finite = self._blew_up(finite, [t for _, new in pending for t in new])
-                    entries = [(group, p, p.grad, d, group["momentum"]) for group, p, d in directions
-                               if p.grad is not None] + [(group, p, p.grad, None, group["momentum"])
-                                                         for group, p in first_order]
-                    if entries:  # the graft kernel finds a non-finite update itself
-                        finite = self._blew_up(finite, [], grafted_step(self.state, entries, None,
-                                                                        found_inf=~finite) != 0)
-                else:
-                    finite = self._blew_up(finite, [t for _, new in pending for t in new]
-                                           + [d for _, _, d in directions])
-                    for group, p, d in directions + [(group, p, local(p.grad)) for group, p in first_order]:
-                        self._apply(p, group, d, finite)
+                pending, directions = pre.propose(updated, self._correction)
+                verdict = self._blew_up(finite, [t for _, new in pending for t in new] + [d for _, _, d in directions])
+            self._directions = {id(p): (p, d) for _, p, d in directions}
+            if self.defaults["graft"] != "none" and found:
+                self._pending = pending
+            else:
                 for targets, new in pending:
-                    _commit(finite, targets, new)
+                    _commit(verdict, targets, new)
         pre.finish_step()
-        return loss
+        return verdict
+
+    def _base_step(self, verdict: torch.Tensor | None) -> None:
+        """The default base steps on the fp32 natural gradients where the verdict holds; any other base gets
+        them in ``.grad`` (rounded to its dtype; ``ComposedOptimizer._base_step``)."""
+        directions, self._directions = self._directions, {}  # not kept beyond the step
+        if isinstance(self.base, HeavyBall) and verdict is not None:
+            self.base.step(verdict=verdict, directions={i: d for i, (_, d) in directions.items()})
+            return
+        for p, d in directions.values():
+            if p.grad is not None:
+                local(p.grad).copy_(d)
+        super()._base_step(verdict)
+
+    def _direction(self, p: torch.Tensor) -> torch.Tensor:
+        """The fp32 natural gradient of ``p`` (the grafted step's direction)."""
+        return self._directions[id(p)][1] if id(p) in self._directions else p.grad
+
+    def _graft_momentum(self, group: dict) -> float:
+        return group["momentum"]
+
+    def _snapshot(self) -> None:
+        """Nothing: a grafted step's new factors and momenta wait in ``_pending`` (``_second_order_step``)."""
+        return None
+
+    def _keep_or_restore(self, ok: torch.Tensor, snapshot: None) -> None:
+        """Commit the grafted step's new factors and momenta where it was taken (``ok``)."""
+        for targets, new in self._pending:
+            _commit(ok, targets, new)
+        self._pending, self._directions = [], {}
 
     def _holds_scaled_statistics(self) -> bool:
         return any(layer.H_C is not None for layer in self.preconditioner._layers)
@@ -810,131 +930,66 @@ class SINGD(PreconditionerAttributes, KfoptOptimizer):
         self._skip_counter(finite.device).add_((~finite).to(torch.int32))
         return finite
 
-    def _blew_up(self, finite: torch.Tensor, new: list[torch.Tensor], ok: torch.Tensor | None = None) -> torch.Tensor:
-        """``finite`` and every tensor of ``new`` (factors, momenta, updates computed from finite inputs) finite
-        [and ``ok``]: a 0-d bool on the device. Where ``finite`` holds but the result does not, this step's
+    def _blew_up(self, finite: torch.Tensor, new: list[torch.Tensor]) -> torch.Tensor:
+        """``finite`` and every tensor of ``new`` (factors, momenta, natural gradients computed from finite
+        inputs) finite: a 0-d bool on the device. Where ``finite`` holds but the result does not, this step's
         own update blew up: it is skipped (counted in ``skipped_steps`` and ``blown_up_steps``)."""
         healthy = finite
         if new:  # a rank's own shards of the update (FSDP2): agreed over the ranks
             healthy = healthy & self.preconditioner.distributor.all_finite(
                 torch.stack([torch.isfinite(t).all() for t in new]).all())
-        if ok is not None:
-            healthy = healthy & ok
         self._skip_counter(finite.device).add_((finite & ~healthy).to(torch.int32))
         self._count_blowup(finite, healthy)
         return healthy
 
-    def _first_moments(self, found: list[tuple[dict, torch.Tensor]]) -> dict[int, torch.Tensor]:
-        """With ``graft="adam"``: Adam's new first moment of each preconditioned weight and bias, by ``id``
-        (what the natural gradient preconditions, ``kfopt.graft``); otherwise none."""
-        if self.defaults["graft"] != "adam":
-            return {}
-        preconditioned = {id(p) for p in self.preconditioner.preconditioned_params()}
-        entries = [(group, p, p.grad) for group, p in found if id(p) in preconditioned]
-        return {id(p): m.to(g.dtype) for (_, p, g), m in zip(entries, first_moments(self.state, entries))}
-
-    def _apply(self, p: torch.Tensor, group: dict, direction: torch.Tensor, finite: torch.Tensor) -> None:
-        """``d = direction + weight_decay w``; heavy-ball ``buf = momentum buf + d``; ``w -= lr buf``; the
-        buffer and ``w`` change only where ``finite``. On this rank's shard (FSDP2: ``direction`` holds
-        its rows, the buffer is a DTensor like ``p``)."""
-        dtype = torch.promote_types(p.dtype, torch.float32)
-        w = local(p)
-        d = direction.to(dtype)
-        if group["weight_decay"] != 0:
-            d = d + group["weight_decay"] * w.to(dtype)
-        if group["momentum"] != 0:
-            state = self.state[p]
-            if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(p, dtype=dtype)
-            buf = local(state["momentum_buffer"])
-            d = buf * group["momentum"] + d
-            _commit(finite, [buf], [d])
-        lr = group["lr"]
-        if isinstance(lr, torch.Tensor):  # where picks 0 where not finite: a NaN lr cannot leak into p
-            w.sub_(torch.where(finite, d * lr.to(d.device).reshape(()), 0.0))
-        else:
-            w.add_(torch.where(finite, d, 0.0), alpha=-lr)  # adding 0 leaves p as it was, bit for bit
-
-    # -- inspection and checkpoints -------------------------------------------------------------
+    # -- checkpoints ------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        state = super().state_dict()
+        """SINGD's checkpoint (module docstring, Checkpoints). Under ``torch.distributed.checkpoint``'s
+        ``get_optimizer_state_dict``: the base's per-parameter state alone (the factors go in the
+        preconditioner's part of ``distributed_state_dict()``)."""
+        state = self.base.state_dict()
+        if self._distributed_checkpoint:
+            state["state"] = {pid: {k: v for k, v in values.items() if not _is_factor_key(k)}
+                              for pid, values in state["state"].items()}
+            return state
+        base_skipped = state.pop("skipped_steps", None)
+        for key in (KIND_KEY, "blown_up_steps"):
+            state.pop(key, None)
+        if not isinstance(self.base, HeavyBall):  # the factors go in their weights' state, as with the default
+            pid_of = {id(p): pid for saved, group in zip(state["param_groups"], self.param_groups)
+                      for pid, p in zip(saved["params"], group["params"])}
+            for layer in self.preconditioner._layers:
+                state["state"].setdefault(pid_of[id(layer.weight)], {}).update(self._factors_of(layer.weight))
         for group in state["param_groups"]:
             if callable(group["lr_cov"]):
                 group["lr_cov"] = None
+        state[KIND_KEY] = type(self).__name__
+        if not isinstance(self.base, HeavyBall):  # the default base's checkpoint is SINGD's of before `base`
+            state["base_optimizer"] = type(self.base).__name__
+            if base_skipped is not None:
+                state["base_skipped_steps"] = base_skipped
+        state["skipped_steps"] = self._skip_count().detach().clone()
+        state.update(self._blowup_state())
         state["steps"] = self.steps
         last = self._last_grad_scale
         state["last_grad_scale"] = None if last is None else last.detach().clone()
         return state
 
-    # -- torch.distributed.checkpoint -------------------------------------------------------------
-
-    #: while load_distributed_state_dict runs: the entries of state_dict() besides the base part
-    _distributed_rest: dict | None = None
-
-    def distributed_state_dict(self) -> dict:
-        """This optimizer's checkpoint for ``torch.distributed.checkpoint`` (``dcp.save``, and ``dcp.load``
-        into it, in place, at any world size or mesh): ``"optimizer"``, ``get_optimizer_state_dict(model,
-        self)`` (param groups and per-parameter state keyed by parameter name: momentum buffers as
-        DTensors, resharded on load; factors and momenta as the plain tensors every rank holds; missing
-        momentum buffers and factor momenta are created as zeros, which step as missing ones), and
-        ``"singd"``, the rest of ``state_dict()`` (``steps``, the counts, ``last_grad_scale`` as a 0-d
-        tensor, 0 for None). A collective: every rank calls it. Load with
-        :meth:`load_distributed_state_dict`."""
-        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-
-        if self.defaults["graft"] != "none":
-            raise NotImplementedError("SINGD with grafting has no torch.distributed.checkpoint state yet: save "
-                                      "state_dict()")
-        for group in self.param_groups:  # what the loaded checkpoint fills (a zero buffer steps as a missing one)
-            if group["momentum"] != 0:
-                for p in group["params"]:
-                    if "momentum_buffer" not in self.state[p]:
-                        self.state[p]["momentum_buffer"] = torch.zeros_like(
-                            p, dtype=torch.promote_types(p.dtype, torch.float32))
-        pre = self.preconditioner
-        for layer in pre._layers:  # the factor momenta too (zero ones, as the first factor update creates)
-            for key in ("K", "C"):
-                if pre._group(layer)["alpha1"] != 0 and getattr(layer, f"m_{key}") is None:
-                    pre._new_momentum(layer, key)
-        rest = {k: v for k, v in self.state_dict().items() if k not in ("state", "param_groups")}
-        last = rest["last_grad_scale"]
-        rest["last_grad_scale"] = torch.zeros((), dtype=torch.float32) if last is None else last.cpu()
-        return {"optimizer": get_optimizer_state_dict(self.preconditioner.capture.model, self), "singd": rest}
-
-    def load_distributed_state_dict(self, state_dict: dict) -> None:
-        """Load a :meth:`distributed_state_dict` that ``dcp.load`` filled (``set_optimizer_state_dict``, which
-        calls ``load_state_dict`` with the base part, completed by the ``"singd"`` part: everything is
-        checked before anything changes). A collective: every rank calls it."""
-        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
-
-        check_keys(state_dict, ("optimizer", "singd"), "state_dict")
-        rest = dict(state_dict["singd"])
-        check_keys(rest, ("last_grad_scale",), "state_dict['singd']")
-        last = rest["last_grad_scale"]
-        check_tensor("state_dict['singd']['last_grad_scale']", last, (), torch.float32)
-        rest["last_grad_scale"] = None if last.item() == 0 else last
-        self._distributed_rest = rest
-        try:
-            set_optimizer_state_dict(self.preconditioner.capture.model, self, state_dict["optimizer"])
-        finally:
-            self._distributed_rest = None
-
-    def _laid_out_like_param(self, key: str) -> bool:
-        """The factors and their momenta (``K.<name>``, ``m_K.<name>``...) are replicated on every rank."""
-        return "." not in key
-
-    def _state_spec(self, p: torch.Tensor, group: dict) -> dict:
-        """``momentum_buffer`` (optional); a preconditioned layer's weight: its factors (required) and
-        momenta (optional) by free-parameter tensor, of the shapes and dtypes of its structures."""
-        spec = {"momentum_buffer": (tuple(p.shape), (torch.promote_types(p.dtype, torch.float32),), False),
-                **graft_state_spec(p)}
+    def _state_spec(self, p: torch.Tensor, group: dict) -> dict | None:
+        """The base's (or the graft's) per-parameter state (``ComposedOptimizer._state_spec``; None: not
+        checked) and, outside ``torch.distributed.checkpoint``'s part, a preconditioned layer's weight's
+        factors (required) and momenta (optional) by free-parameter tensor, of its structures' shapes and
+        dtypes."""
+        spec = super()._state_spec(p, group)
         layer = next((layer for layer in self.preconditioner._layers if layer.weight is p), None)
-        if layer is not None:
-            for key, structure_spec, side, dtype in self.preconditioner._factor_layout(layer, group):
-                for name, t in structure_spec.zeros(side, dtype, torch.device("meta")).named_tensors().items():
-                    spec[f"{key}.{name}"] = (tuple(t.shape), (dtype,), True)
-                    spec[f"m_{key}.{name}"] = (tuple(t.shape), (dtype,), False)
+        if spec is None or layer is None or self._distributed_checkpoint:
+            return spec
+        spec = dict(spec)
+        for key, structure_spec, side, dtype in self.preconditioner._factor_layout(layer, group):
+            for name, t in structure_spec.zeros(side, dtype, torch.device("meta")).named_tensors().items():
+                spec[f"{key}.{name}"] = (tuple(t.shape), (dtype,), True)
+                spec[f"m_{key}.{name}"] = (tuple(t.shape), (dtype,), False)
         return spec
 
     def _loadable_groups(self, groups) -> list:
@@ -945,17 +1000,25 @@ class SINGD(PreconditionerAttributes, KfoptOptimizer):
                 else saved for saved, current in zip(groups, self.param_groups)] + list(groups[len(self.param_groups):])
 
     def check_state_dict(self, state_dict: dict) -> None:
-        """As ``KfoptOptimizer.check_state_dict``, plus ``steps`` and the same structures and
-        preconditioner dtypes per group (factors cannot be loaded into other structures)."""
+        """ValueError saying what does not fit unless ``state_dict`` is a checkpoint of this SINGD (module
+        docstring, Checkpoints: kind, base optimizer, keys, param groups with the same structures and
+        preconditioner dtypes, every state tensor, ``steps``, ``last_grad_scale``, counters); changes
+        nothing. ``torch.distributed.checkpoint``'s part: ``ComposedOptimizer.check_state_dict``."""
+        if _base_part(state_dict):
+            super().check_state_dict(state_dict)
+            return
         check_keys(state_dict, ("param_groups", "steps", "last_grad_scale"), "state_dict")
         steps = state_dict["steps"]
         if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
             raise ValueError(f"state_dict: expected 'steps' an int >= 0, got {steps!r}")
-        last = state_dict["last_grad_scale"]
-        if last is not None:
-            check_tensor("state_dict['last_grad_scale']", last, (), torch.float32)
-            if not (torch.isfinite(last) & (last > 0)).item():  # loading may synchronise
-                raise ValueError(f"state_dict['last_grad_scale']: expected None or a finite scale > 0, got {last}")
+        _check_last_grad_scale("state_dict['last_grad_scale']", state_dict["last_grad_scale"])
+        base = state_dict.get("base_optimizer", HeavyBall.__name__)  # absent: the default base's
+        if base != type(self.base).__name__:
+            raise ValueError(f"state_dict: its base optimizer is {base!r}, this SINGD's is "
+                             f"{type(self.base).__name__!r}")
+        if isinstance(self.base, KfoptOptimizer) and not isinstance(self.base, HeavyBall):
+            check_keys(state_dict, ("base_skipped_steps",), "state_dict")
+            check_counter("state_dict['base_skipped_steps']", state_dict["base_skipped_steps"])
         groups = state_dict["param_groups"]
         for i, (saved, current) in enumerate(zip(groups if isinstance(groups, (list, tuple)) else (),
                                                   self.param_groups)):
@@ -964,12 +1027,12 @@ class SINGD(PreconditionerAttributes, KfoptOptimizer):
                 if not isinstance(saved[name], (list, tuple)) or tuple(saved[name]) != tuple(current[name]):
                     raise ValueError(f"state_dict has {name}={saved[name]!r} in a param group where the optimizer "
                                      f"has {current[name]!r}: factors cannot be loaded into other structures")
-        super().check_state_dict({**state_dict, "param_groups": self._loadable_groups(groups)})
+        KfoptOptimizer.check_state_dict(self, {**state_dict, "param_groups": self._loadable_groups(groups)})
         ids = {id(p): pid for saved, group in zip(groups, self.param_groups)
                for pid, p in zip(saved["params"], group["params"])}
         for layer in self.preconditioner._layers:
             saved = state_dict["state"].get(ids.get(id(layer.weight)), {})
-            momenta = [key for key in self._state_spec(layer.weight, self.param_groups[layer.group])
+            momenta = [key for key in self._state_spec(layer.weight, self.param_groups[layer.group]) or {}
                        if key.startswith("m_")]
             present = [key for key in momenta if key in saved]
             if present and len(present) != len(momenta):
@@ -979,24 +1042,68 @@ class SINGD(PreconditionerAttributes, KfoptOptimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a ``state_dict()`` (module docstring, Checkpoints); pending statistics are dropped.
         Everything is checked first: a checkpoint that does not fit raises ValueError and changes nothing."""
-        if _base_part(state_dict):  # set_optimizer_state_dict: the rest comes from load_distributed_state_dict
-            if self._distributed_rest is None:
-                raise ValueError("state_dict: it holds only param_groups and per-parameter state "
-                                 "(torch.distributed.checkpoint's get_optimizer_state_dict leaves out SINGD's steps, "
-                                 "grad scale and counts): save and load with distributed_state_dict() and "
-                                 "load_distributed_state_dict()")
-            state_dict = {**state_dict, **self._distributed_rest}
+        if _base_part(state_dict):  # torch.distributed.checkpoint's part (load_distributed_state_dict)
+            super().load_state_dict(state_dict)
+            return
         self.check_state_dict(state_dict)
         groups = self._loadable_groups(state_dict["param_groups"])
-        steps, last = state_dict["steps"], state_dict["last_grad_scale"]
-        super().load_state_dict({**state_dict, "param_groups": groups})
+        part = {"state": {pid: {k: v for k, v in values.items() if not _is_factor_key(k)}
+                          for pid, values in state_dict["state"].items()}, "param_groups": groups}
+        if isinstance(self.base, KfoptOptimizer):
+            part[KIND_KEY] = type(self.base).__name__
+            part["skipped_steps"] = state_dict.get("base_skipped_steps", torch.zeros((), dtype=torch.int32))
+        self._load_base_part(part)
         pre = self.preconditioner
+        param_of = {pid: p for saved, group in zip(groups, self.param_groups)
+                    for pid, p in zip(saved["params"], group["params"])}
+        weights = {id(p): pid for pid, p in param_of.items()}
         for layer in pre._layers:
-            pre._bind(layer)
-        pre.steps = int(steps)
+            pre._load_factors(layer, state_dict["state"].get(weights[id(layer.weight)], {}))
+        pre.steps = int(state_dict["steps"])
+        self._skipped = state_dict["skipped_steps"].detach().clone()
+        self._load_blowup_state(state_dict)
+        self._load_last_grad_scale(state_dict["last_grad_scale"])
+        pre.discard_step()
+        pre._arm()
+
+    def _load_last_grad_scale(self, last: torch.Tensor | None) -> None:
+        """The capture's divisor (module docstring, AMP) from a checked checkpoint; ignored with
+        ``grad_scaler=``."""
         if self._grad_scaler is None:
             device = next(p.device for group in self.param_groups for p in group["params"])
             self._last_grad_scale = None if last is None else last.detach().to(device, copy=True)
             self.capture.set_grad_scale(self._last_grad_scale)
-        pre.discard_step()
-        pre._arm()
+
+    # -- torch.distributed.checkpoint -------------------------------------------------------------
+
+    def distributed_state_dict(self) -> dict:
+        """``ComposedOptimizer.distributed_state_dict`` (the base's per-parameter state keyed by parameter
+        name, momentum buffers as DTensors under FSDP2, resharded on load; ``"singd"``, the
+        preconditioner's factors and momenta as the plain tensors every rank holds; the counts) plus
+        ``"last_grad_scale"`` (a 0-d fp32 tensor, 0 for None). The default base's missing momentum
+        buffers are created as zeros first (they step as missing ones), so that a fresh optimizer holds
+        what a checkpoint fills. A collective: every rank calls it."""
+        if self.defaults["graft"] == "none" and isinstance(self.base, HeavyBall):
+            self.base.init_state()
+        last = self._last_grad_scale
+        return {**super().distributed_state_dict(),
+                "last_grad_scale": torch.zeros((), dtype=torch.float32) if last is None else last.cpu()}
+
+    def load_distributed_state_dict(self, state_dict: dict) -> None:
+        """``ComposedOptimizer.load_distributed_state_dict`` and the ``"last_grad_scale"``, checked first. A
+        collective: every rank calls it."""
+        check_keys(state_dict, ("last_grad_scale",), "state_dict")
+        last = state_dict["last_grad_scale"]
+        check_tensor("state_dict['last_grad_scale']", last, (), torch.float32)
+        last = None if last.item() == 0 else last
+        _check_last_grad_scale("state_dict['last_grad_scale']", last)
+        super().load_distributed_state_dict(state_dict)
+        self._load_last_grad_scale(last)
+
+
+def _check_last_grad_scale(where: str, last) -> None:
+    """ValueError unless ``last`` is None or a finite 0-d fp32 scale > 0."""
+    if last is not None:
+        check_tensor(where, last, (), torch.float32)
+        if not (torch.isfinite(last) & (last > 0)).item():  # loading may synchronise
+            raise ValueError(f"{where}: expected None or a finite scale > 0, got {last}")

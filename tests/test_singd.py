@@ -7,6 +7,7 @@ update is docs/singd.md's, written out. Optimizer-level tests run on the PyTorch
 """
 
 import copy
+import io
 import math
 import warnings
 
@@ -735,3 +736,125 @@ def test_default_settings_train_the_ill_conditioned_problem(torch_backend):
     opt, losses, weights_finite, _ = train_least_squares(200)
     assert all(weights_finite) and int(opt.skipped_steps) == 0
     assert losses[-1] < 1e-4 * losses[0], (losses[0], losses[-1])
+
+
+# -- the base optimizer (kfopt.composed) ------------------------------------------------------------------
+
+
+def test_torch_sgd_as_base_takes_the_default_bases_update(torch_backend):
+    """``base="sgd"``: torch's SGD behind the same preconditioner is the default base's update (float64:
+    ``N`` in ``.grad`` is not rounded), its buffer in the base's state, the factors in SINGD's own dict."""
+    torch.manual_seed(0)
+    model = MLP().double()
+    twin = copy.deepcopy(model)
+    hp = dict(lr=0.05, momentum=0.9, weight_decay=1e-2, T=2, lr_cov=0.1, damping=1e-2)
+    default, sgd = SINGD(model, **hp), SINGD(twin, base="sgd", **hp)
+    assert isinstance(sgd.base, torch.optim.SGD) and sgd.base.state is sgd.state
+    for x, y in batches(5, (8, 5), 3):
+        for m, o in ((model, default), (twin, sgd)):
+            o.zero_grad()
+            loss_fn(m(x), y, "batch").backward()
+            o.step()
+        for p, q in zip(model.parameters(), twin.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+    assert set(sgd.state[twin.fc1.weight]) == {"momentum_buffer"}
+    saved = sgd.state_dict()
+    assert saved["base_optimizer"] == "SGD" and "K.mat" in saved["state"][0]
+
+
+@pytest.mark.parametrize("base", ["sgd", "adamw", "lamb"])
+def test_a_base_without_a_device_verdict_is_not_stepped_on_a_skipped_step(base, torch_backend):
+    """Torch's bases (and LAMB) take no verdict: SINGD reads it on the host and does not step them, so a
+    NaN gradient and a blown-up factor update change nothing (weights, the base's state, factors, momenta)
+    and count once in ``skipped_steps`` (the blow-up in ``blown_up_steps`` too)."""
+    torch.manual_seed(0)
+    model = MLP()
+    opt = SINGD(model, base=base, lr=0.01, T=1, lr_cov=0.1, damping=1e-2)
+    data = [(x.float(), y.float()) for x, y in batches(4, (8, 5), 3)]
+    train_step(model, opt, *data[0])
+    before = snapshot(model, opt)
+    train_step(model, opt, *data[1], poison=lambda m: m.fc2.weight.grad.view(-1)[0].fill_(float("nan")))
+    assert_unchanged(model, opt, before)
+    assert int(opt.skipped_steps) == 1 and int(opt.blown_up_steps) == 0
+    opt.param_groups[0]["lr_cov"] = 1e30  # with normalize_lr_cov=False: the new factors overflow
+    opt.param_groups[0]["normalize_lr_cov"] = False
+    train_step(model, opt, *data[2])
+    assert_unchanged(model, opt, before)
+    with pytest.warns(RuntimeWarning, match="not finite"):
+        assert int(opt.skipped_steps) == 2
+    assert int(opt.blown_up_steps) == 1
+    opt.param_groups[0]["lr_cov"] = 0.1
+    train_step(model, opt, *data[3])
+    assert not torch.equal(model.fc1.weight, before[0][0])
+
+
+def test_a_checkpoint_with_another_base_round_trips_and_loads_into_that_base_only(torch_backend):
+    torch.manual_seed(0)
+    model = MLP()
+    twin = copy.deepcopy(model)
+    opt = SINGD(model, base="adamw", lr=0.01, T=1, lr_cov=0.1)
+    data = [(x.float(), y.float()) for x, y in batches(4, (8, 5), 3)]
+    for x, y in data[:2]:
+        train_step(model, opt, x, y)
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    with pytest.raises(ValueError, match="base optimizer is 'AdamW'"):
+        SINGD(copy.deepcopy(twin), lr=0.01, T=1, lr_cov=0.1).load_state_dict(saved["opt"])
+    with pytest.raises(ValueError, match="base optimizer is 'HeavyBall'"):
+        opt.load_state_dict({k: v for k, v in saved["opt"].items() if k != "base_optimizer"})
+    twin.load_state_dict(saved["model"])
+    resumed = SINGD(twin, base="adamw", lr=0.05, T=1, lr_cov=0.1)
+    resumed.load_state_dict(saved["opt"])
+    assert set(resumed.state[twin.fc1.weight]) == {"step", "exp_avg", "exp_avg_sq"}
+    for x, y in data[2:]:
+        train_step(model, opt, x, y)
+        train_step(twin, resumed, x, y)
+        assert all(torch.equal(p, q) for p, q in zip(model.parameters(), twin.parameters()))
+
+
+def test_the_default_bases_checkpoint_is_singds_format_from_before_base(torch_backend):
+    """With the default base the checkpoint holds exactly the entries SINGD's held before it had a base
+    (factors and momenta beside ``momentum_buffer`` in the weight's state; no ``base_optimizer``), so those
+    checkpoints load (``tests/contracts`` resumes them bit-identically)."""
+    torch.manual_seed(0)
+    model = MLP()
+    opt = SINGD(model, T=1)
+    train_step(model, opt, *[(x.float(), y.float()) for x, y in batches(1, (8, 5), 3)][0])
+    saved = opt.state_dict()
+    assert set(saved) == {"state", "param_groups", "kfopt_optimizer", "skipped_steps", "blown_up_steps", "steps",
+                          "last_grad_scale"}
+    assert set(saved["state"][0]) == {"momentum_buffer", "K.mat", "C.mat", "m_K.mat", "m_C.mat"}
+    assert set(saved["state"][1]) == {"momentum_buffer"}
+    assert opt.state[model.fc1.weight]["K.mat"] is opt.factors("fc1")[0].tensors[0]
+
+
+def test_distributed_state_dict_of_a_singd_without_state_takes_no_step(torch_backend):
+    """No preconditioned layer and momentum 0 leave the state empty, so DCP's ``get_optimizer_state_dict``
+    takes its zero step (zero gradients, lr 0) to create it: the base optimizer's alone, not a SINGD step
+    (``steps`` stays 0, no statistics consumed)."""
+    torch.manual_seed(0)
+    model = MLP()
+    opt = SINGD(model, momentum=0.0, skip_layers=(nn.Linear,))
+    before = [p.detach().clone() for p in model.parameters()]
+    saved = opt.distributed_state_dict()
+    assert opt.steps == 0 and saved["singd"]["steps"] == 0 and int(opt.skipped_steps) == 0
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+def test_a_param_group_added_later_gets_the_first_order_rule(torch_backend):
+    """Layers are selected at construction; a group added afterwards is stepped by the base optimizer
+    (``d = g``: momentum 0 and no weight decay in the new group), the base's defaults filling it."""
+    torch.manual_seed(0)
+    model = MLP()
+    extra = nn.Parameter(torch.randn(4))
+    opt = SINGD(model, T=1)
+    opt.add_param_group({"params": [extra], "lr": 0.5, "momentum": 0.0})
+    assert opt.base.param_groups is opt.param_groups and opt.layers == ["fc1", "fc2"]
+    x, y = [(x.float(), y.float()) for x, y in batches(1, (8, 5), 3)][0]
+    opt.zero_grad()
+    (loss_fn(model(x), y, "batch") + extra.square().sum()).backward()
+    before, grad = extra.detach().clone(), extra.grad.clone()
+    opt.step()
+    assert torch.equal(extra.detach(), before - 0.5 * grad)

@@ -5,6 +5,8 @@ Every entry of the registry, on the PyTorch path (the kernels' own equivalence t
 kernel family); the non-finite skip also under the Triton interpreter, once per optimizer module.
 """
 
+import inspect
+
 import pytest
 import torch
 from torch import nn
@@ -102,13 +104,18 @@ def test_a_step_with_a_closure_equals_a_step_after_backward(entry):
 
 @pytest.mark.parametrize("name", [name for name, entry in REGISTRY.items() if entry.composed])
 def test_a_composed_optimizer_takes_its_param_groups_from_the_model(name):
-    """``add_param_group`` raises (parameters come from the model), and a callable base must build its
-    optimizer from the param groups it is given."""
+    """``add_param_group`` raises (parameters come from the model; SINGD, whose ``params`` are the user's,
+    takes a later group into the list its base shares), and a callable base must build its optimizer from
+    the param groups it is given."""
     entry = REGISTRY[name]
     model = WithUnusedHead()
     opt = entry.build(model)
-    with pytest.raises(NotImplementedError, match="model"):
+    if "params" in inspect.signature(entry.cls).parameters:
         opt.add_param_group({"params": [nn.Parameter(torch.ones(2))]})
+        assert opt.base.param_groups is opt.param_groups and len(opt.param_groups) == 2
+    else:
+        with pytest.raises(NotImplementedError, match="model"):
+            opt.add_param_group({"params": [nn.Parameter(torch.ones(2))]})
     with pytest.raises(ValueError, match="param groups it is given"):
         entry.build(WithUnusedHead(), base=lambda groups: torch.optim.SGD(model.parameters(), lr=0.1))
 
