@@ -452,7 +452,7 @@ def ranks_program(rank, world, directory):
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
     from torch.distributed.device_mesh import init_device_mesh
 
-    from kfopt import KFAC, MKOR, SINGD
+    from kfopt import SINGD
 
     out = {}
     if world == 2:
