@@ -16,6 +16,13 @@ step ``t = step + 1`` (state ``step`` counts completed steps)::
 Norms are Frobenius norms of whole tensors (so ``||d|| = ||a||``: the first-order method's step length
 with the preconditioner's direction).
 
+**Shards** (FSDP2: ``reduce``, an in-place SUM all-reduce over the shard group). When each tensor passed
+is this rank's dim-0 shard of a larger one (possibly empty), the per-tensor sums of squares
+``(sum a^2, sum q^2)`` of every shard are summed by ``reduce`` (one collective of ``2 T`` fp32 values for
+``T`` tensors) before the square roots: the norms, the ratios ``||a|| / ||q||`` and the verdict below are
+those of the whole tensors, identical on every shard (a non-finite value in one shard makes the summed
+norm non-finite on all of them). The caller's ``found_inf`` must already be the same on every shard.
+
 **Non-finite updates.** When any tensor's ``||a||`` or ``||q||`` is not finite (a NaN/inf gradient or
 preconditioned gradient, a factor that blew up, a sum of squares overflowing fp32), or the caller's
 ``found_inf`` flag is set, nothing is written:
@@ -26,7 +33,8 @@ params, moments, buffers and steps keep their values, ``skipped`` is incremented
 
 1. partials: the new moments, ``a`` and ``q`` in registers (nothing written), per-chunk
    ``(sum a^2, sum q^2)``;
-2. per-tensor norms (``multi_tensor.launch_segment_norms``: two-level, fixed order, bit-reproducible);
+2. per-tensor norms (``multi_tensor.launch_segment_norms``: two-level, fixed order, bit-reproducible;
+   with ``reduce`` the sums of squares all-reduced before the square roots);
 3. verdict (one program): ``ok`` = every norm finite and not ``found_inf``; ``skipped += 1 - ok``;
    ``step += ok``;
 4. apply: recompute the moments and ``q`` from the old state (not yet written), store ``m``, ``v``,
@@ -52,7 +60,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import triton
@@ -68,6 +76,7 @@ from .multi_tensor import (
     launch_chunks,
     launch_segment_norms,
     program_chunk,
+    tensor_norms_reference,
 )
 from .op_declaration import (
     Call,
@@ -289,6 +298,7 @@ def graft_step(
     *,
     skipped: torch.Tensor | None = None,
     found_inf: torch.Tensor | None = None,
+    reduce: Callable[[torch.Tensor], None] | None = None,
     **hyperparameters,
 ) -> torch.Tensor:
     """One grafted step over all tensors, in place (module docstring for the math).
@@ -304,13 +314,15 @@ def graft_step(
     (float64 on the reference path); ``steps`` 0-d fp32 counts of completed steps; ``skipped`` an
     optional 0-d int32 counter; ``found_inf`` an optional 0-d device flag from the caller's own checks
     (nonzero: skip the step, counted in ``skipped``, e.g. a GradScaler's or non-finite statistics).
-    Returns the step's 0-d fp32 ``ok`` flag (device tensor). Argument checks: :data:`GRAFT`
-    (``kernels.checks``): ValueError naming the argument for bad hyperparameters, shapes, or tensors the
-    step writes sharing memory.
+    ``reduce``: the tensors are this rank's dim-0 shards of larger ones (module docstring, Shards): an
+    in-place SUM all-reduce over the shard group of the per-tensor sums of squares. Returns the step's
+    0-d fp32 ``ok`` flag (device tensor). Argument checks: :data:`GRAFT` (``kernels.checks``):
+    ValueError naming the argument for bad hyperparameters, shapes, or tensors the step writes sharing
+    memory.
     """
     call = _bind(params, grads, directions, exp_avgs, exp_avg_sqs, momentum_buffers, steps, hyperparameters,
                  skipped, found_inf)
-    return _run(call, _launch)
+    return _run(call, lambda c: _graft_reference(c, reduce), lambda c: _launch(c, reduce))
 
 
 def _bind(params, grads, directions, exp_avgs, exp_avg_sqs, momentum_buffers, steps, hyperparameters, skipped,
@@ -324,14 +336,14 @@ def _bind(params, grads, directions, exp_avgs, exp_avg_sqs, momentum_buffers, st
                       from_tensors=lambda t: {"has_buffer": [b is not None for b in t["momentum_buffers"]]})
 
 
-def _run(call: Call, launch) -> torch.Tensor:
+def _run(call: Call, reference, launch) -> torch.Tensor:
     """:meth:`GRAFT.run`, with the ``ok`` flag 1 for a call without tensors."""
     if call.device is None:
         return torch.ones(())
-    return GRAFT.run(call, _graft_reference, launch)
+    return GRAFT.run(call, reference, launch)
 
 
-def _launch(call: Call) -> torch.Tensor:
+def _launch(call: Call, reduce: Callable[[torch.Tensor], None] | None) -> torch.Tensor:
     """The Triton path of :func:`graft_step` (module docstring, Kernels)."""
     params, device, skipped, found_inf = call.tensors["params"], call.device, call.skipped, call.found_inf
     work = [p if p.is_contiguous() else p.contiguous() for p in params]
@@ -347,7 +359,7 @@ def _launch(call: Call) -> torch.Tensor:
         ok = torch.empty((), dtype=torch.float32, device=device)
 
         launch_chunks(_graft_partials_kernel, table, config, lambda lo, hi: (partial[lo:hi],))
-        norms = launch_segment_norms(table, partial, ok, step_col=None)
+        norms = launch_segment_norms(table, partial, ok, step_col=None, reduce=reduce)
         _graft_verdict_kernel[(1,)](norms, table.n, table.addr, ok, skipped if skipped is not None else ok,
                                     found_inf if found_inf is not None else ok, HAS_SKIPPED=skipped is not None,
                                     HAS_FOUND_INF=found_inf is not None, RBLOCK=REDUCE_BLOCK)
@@ -366,21 +378,21 @@ def _launch(call: Call) -> torch.Tensor:
 
 
 def graft_step_reference(params, grads, directions, exp_avgs, exp_avg_sqs, momentum_buffers, steps, *,
-                         skipped=None, found_inf=None, **hyperparameters) -> torch.Tensor:
+                         skipped=None, found_inf=None, reduce=None, **hyperparameters) -> torch.Tensor:
     """Plain PyTorch grafted step with :func:`graft_step`'s arguments and contract. Math in fp32, or
     float64 when the params are float64 (the tests' reference); the bias corrections ``1 - b^t`` in
     float64."""
     call = _bind(params, grads, directions, exp_avgs, exp_avg_sqs, momentum_buffers, steps, hyperparameters,
                  skipped, found_inf)
-    return _run(call, None)
+    return _run(call, lambda c: _graft_reference(c, reduce), None)
 
 
-def _graft_reference(call: Call) -> torch.Tensor:
-    """The reference's math on a bound call."""
+def _graft_reference(call: Call, reduce: Callable[[torch.Tensor], None] | None) -> torch.Tensor:
+    """The reference's math on a bound call (``reduce``: the shards' sums of squares summed)."""
     params, grads, directions, exp_avgs, exp_avg_sqs, momentum_buffers, steps = (
         call.tensors[a.name] for a in GRAFT.tensors)
     records = [r.on_host() for r in call.records]
-    results, norms = [], []
+    results = []
     for p, g, d, m, v, b, s, h in zip(params, grads, directions, exp_avgs, exp_avg_sqs, momentum_buffers, steps,
                                       records):
         dtype = torch.promote_types(p.dtype, torch.float32)
@@ -398,7 +410,7 @@ def _graft_reference(call: Call) -> torch.Tensor:
             buf_new = h.momentum * b.to(dtype) + q
             q = buf_new
         results.append((m_new, v_new, buf_new, a, q))
-        norms.append((a.norm(), q.norm()))
+    norms = tensor_norms_reference([(a, q) for _, _, _, a, q in results], reduce)
     ok = torch.stack([torch.isfinite(x) for pair in norms for x in pair]).all()
     if call.found_inf is not None:
         ok = ok & (call.found_inf == 0).to(ok.device)

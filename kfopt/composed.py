@@ -44,6 +44,14 @@ the device (``step(verdict=...)``: nothing changes where it is False); any other
 holds, read on the host (one synchronisation per step). With grafting the verdict is the graft
 kernel's ``found_inf``, and the graft counts only the steps it skips beyond it.
 
+Grafting on FSDP2/HSDP-sharded parameters (``kfopt.sharding``; every parameter sharded alike, checked
+at construction: ``ValueError`` naming the odd one): the graft's state is laid out like the parameters
+(DTensors), the first moments and the grafted update are computed on the local shards, and the graft's
+whole-tensor norms are summed over the shard group (``reduce``, ``kfopt.graft``), so its verdict ``ok`` is
+the same on every rank and the subclasses keep or restore their owners' second-order state alike; the
+finite-input verdict (blow-up or bad gradient) is summed over the shard group too (one all-reduce of
+one value). HSDP's replicas hold the same shards and compute the same.
+
 ``base.step()`` runs under ``kfopt.autotune.agree_on_configs()``: under ``torch.distributed`` every rank
 steps the same replicated weights, so the ranks use the same kernel configs (bit-identical replicas).
 
@@ -52,7 +60,8 @@ steps the same replicated weights, so the ranks use the same kernel configs (bit
 ``"<state_key>_skipped_steps"`` and ``"blown_up_steps"``; ``distributed_state_dict()`` is the same for
 ``torch.distributed.checkpoint`` (its ``get_optimizer_state_dict`` keeps param groups and per-parameter
 state only: the preconditioner's part goes beside it; DCP's step with zero gradients and lr 0 that
-creates a missing per-parameter state steps the base optimizer alone; not yet with grafting);
+creates a missing per-parameter state steps the base optimizer alone; with grafting the graft's state
+is created as zeros first, so that step, which would run the graft, is not taken);
 ``load_state_dict`` checks all of it (the base's per-parameter state for kfopt bases and torch's SGD
 and AdamW) before it changes anything (the GradScaler skips). ``skipped_steps`` is one count of every
 skipped step: those plus the base optimizer's own (``base="lamb"`` skips non-finite steps). ``defaults`` names
@@ -71,12 +80,13 @@ import torch
 
 from kfopt.autotune import agree_on_configs
 
-from .graft import first_moments, graft_state_spec, grafted_step
+from .graft import create_graft_state, first_moments, graft_state_spec, grafted_step
 from .heavy_ball import HeavyBall
 from .lamb import LAMB
 from .optimizer import KfoptOptimizer
 from .param_groups import param_groups
 from .preconditioner import Preconditioner
+from .sharding import like_param, local
 from .validation import KIND_KEY, check_counter, check_device_lr, check_keys, check_kind, check_nonnegative
 
 BaseOptimizer = Literal["sgd", "adamw", "lamb", "heavy_ball"] | Callable[[list[dict]], torch.optim.Optimizer]
@@ -141,6 +151,13 @@ class ComposedOptimizer(KfoptOptimizer):
         for key in ("betas", "momentum"):
             if key in optimizer.defaults:
                 self.defaults.setdefault(key, optimizer.defaults[key])
+
+    @property
+    def _shardable(self) -> bool:
+        """Grafting steps DTensor parameters on their local shards with whole-tensor norms reduced over the
+        shard group (``kfopt.sharding``: ``self._layout``, checked at construction); without it the base
+        optimizer steps them."""
+        return self.defaults["graft"] != "none"
 
     @property
     def device_lr(self) -> bool:
@@ -212,8 +229,13 @@ class ComposedOptimizer(KfoptOptimizer):
             return
         preconditioned = {id(p) for p in self._preconditioned_params()}
         raw = [p.grad.clone() if id(p) in preconditioned else p.grad for _, p in found]
-        finite = self._finite_inputs(raw)
-        moments = [(group, p, p.grad) for group, p in found if id(p) in preconditioned]
+        finite = self._finite_inputs([local(g) for g in raw])  # sharded: this rank's shards, then agreed
+        reduce = self._layout.reduce  # sharded parameters: the shard group's sum (kfopt.graft)
+        if reduce is not None:
+            bad = (~finite).to(torch.float32).reshape(1)
+            reduce(bad)
+            finite = bad[0] == 0
+        moments = [(group, p, local(p.grad)) for group, p in found if id(p) in preconditioned]
         if self.defaults["graft"] == "adam" and moments:  # the preconditioner gets Adam's first moment
             torch._foreach_copy_([g for _, _, g in moments], first_moments(self.state, moments))  # (kfopt.graft)
         snapshot = self._snapshot()
@@ -221,9 +243,10 @@ class ComposedOptimizer(KfoptOptimizer):
         entries = [(group, p, g, self._direction(p) if id(p) in preconditioned else None,
                     self._graft_momentum(group)) for (group, p), g in zip(found, raw)]
         skipped = self._skip_counter(found[0][1].device)
-        with agree_on_configs():  # every rank steps the same replicated weights
+        # every rank steps the same replicated weights; sharded: kfopt.sharding's tuning of the shards
+        with agree_on_configs(), self._layout.tuning():
             ok = grafted_step(self.state, entries, None if verdict is not None else skipped,
-                              found_inf=None if verdict is None else ~verdict) != 0
+                              found_inf=None if verdict is None else ~verdict, reduce=reduce) != 0
         if verdict is not None:  # the second-order step counted the steps it vetoed
             skipped.add_((verdict & ~ok).to(torch.int32))
             finite = verdict
@@ -376,7 +399,8 @@ class ComposedOptimizer(KfoptOptimizer):
         for pid, values in state["state"].items():
             for key, value in values.items():
                 if key.startswith("graft_"):
-                    self.state[params[pid]][key] = value.detach().clone().to(params[pid].device)
+                    self.state[params[pid]][key] = like_param(value.detach(), params[pid]).clone().to(
+                        params[pid].device)
 
     # -- torch.distributed.checkpoint -------------------------------------------------------------
 
@@ -395,13 +419,27 @@ class ComposedOptimizer(KfoptOptimizer):
         """This optimizer's checkpoint for ``torch.distributed.checkpoint`` (``dcp.save``, and ``dcp.load``
         into it, in place, at any world size): ``"optimizer"``, ``get_optimizer_state_dict(model, self)``
         (param groups and the base optimizer's per-parameter state keyed by parameter name, DTensors
-        resharded on load), ``state_key``, the preconditioner's ``distributed_state_dict()``, and the skip
-        counts. A collective: every rank calls it. Load with :meth:`load_distributed_state_dict`."""
+        resharded on load; with grafting the graft's), ``state_key``, the preconditioner's
+        ``distributed_state_dict()``, and the skip counts. A collective: every rank calls it. Load with
+        :meth:`load_distributed_state_dict`.
+
+        With grafting every trainable parameter's missing graft state is first created as zeros, which step
+        as a missing state (``kfopt.graft.create_graft_state``; momentum buffers where the step would keep
+        one): the template of a fresh optimizer then asks for what a trained one saved, and DCP's
+        state-creating step (zero gradients, lr 0), which would run the graft and decay its moments, is not
+        taken."""
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-        if not hasattr(self.preconditioner, "distributed_state_dict") or self.defaults["graft"] != "none":
-            raise NotImplementedError(f"{type(self).__name__}{' with grafting' * (self.defaults['graft'] != 'none')} "
-                                      "has no torch.distributed.checkpoint state yet: save state_dict()")
+        if not hasattr(self.preconditioner, "distributed_state_dict"):
+            raise NotImplementedError(f"{type(self).__name__} has no torch.distributed.checkpoint state yet: save "
+                                      "state_dict()")
+        if self.defaults["graft"] != "none":
+            preconditioned = {id(p) for p in self._preconditioned_params()}
+            for group in self.param_groups:
+                buffer = self._graft_momentum(group) != 0
+                for p in group["params"]:
+                    if p.requires_grad:
+                        create_graft_state(self.state[p], p, buffer and id(p) in preconditioned)
         with self._in_distributed_checkpoint():  # first: the state it creates is what the load fills
             base = get_optimizer_state_dict(self.preconditioner.capture.model, self)
         return {"optimizer": base, self.state_key: self.preconditioner.distributed_state_dict(),
@@ -410,8 +448,8 @@ class ComposedOptimizer(KfoptOptimizer):
 
     def load_distributed_state_dict(self, state_dict: dict) -> None:
         """Load a :meth:`distributed_state_dict` that ``dcp.load`` filled (``set_optimizer_state_dict`` for
-        the base's part, the preconditioner's ``load_distributed_state_dict``, the skip counts), each part
-        checked before anything changes. A collective: every rank calls it."""
+        the base's part and the graft's state, the preconditioner's ``load_distributed_state_dict``, the
+        skip counts), each part checked before anything changes. A collective: every rank calls it."""
         from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
         skipped_key = f"{self.state_key}_skipped_steps"

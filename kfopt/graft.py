@@ -34,6 +34,13 @@ State per parameter (fp32 whatever the parameter dtype; checkpointed and checked
 ``graft_exp_avg``, ``graft_exp_avg_sq`` (shape of p), ``graft_step`` (0-d) and, while the method's
 momentum is nonzero, ``graft_momentum_buffer`` (shape of p; preconditioned tensors only).
 
+Sharded parameters (FSDP2/HSDP, ``kfopt.sharding``): the state of shape p is a DTensor placed like p
+(``torch.distributed.checkpoint`` saves and reshards it), ``graft_step`` a plain 0-d tensor (the same on
+every rank); the kernel steps the local shards and sums the per-tensor sums of squares of ``||a||`` and
+``||q||`` over the shard group (``reduce``, one all-reduce of ``2 T`` fp32 values for ``T`` tensors), so the
+norms, the ratios and the skip verdict are those of the whole tensors, the same on every rank (HSDP's
+replicas hold the same shards and compute the same).
+
 A step whose update is not finite anywhere (a NaN/inf gradient, a preconditioned gradient blown up by
 its factors) or whose tensor ``lr`` is NaN, negative or infinite changes no parameter or graft state and
 counts in ``skipped_steps`` -- decided on the device, no host synchronisation; the optimizers then keep
@@ -44,11 +51,14 @@ device table.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from kfopt.kernels.graft import GRAFTS as _KERNEL_GRAFTS
 from kfopt.kernels import graft_step
 
+from .sharding import local
 from .validation import TensorSpec, check_betas, check_positive
 
 #: the grafts (first-order methods whose step length the preconditioned direction takes), "none" first
@@ -79,11 +89,23 @@ def graft_state_spec(p: torch.Tensor) -> dict[str, TensorSpec]:
             "graft_momentum_buffer": (shape, (torch.float32,), False)}
 
 
+def create_graft_state(state: dict, p: torch.Tensor, buffer: bool) -> None:
+    """Parameter ``p``'s missing graft state (module docstring) as zeros, which step as a missing state:
+    the moments (and with ``buffer`` the momentum buffer) fp32 like ``p`` (a DTensor placed like a sharded
+    ``p``, contiguous), ``graft_step`` a plain 0-d fp32 tensor."""
+    keys = ("graft_exp_avg", "graft_exp_avg_sq") + (("graft_momentum_buffer",) if buffer else ())
+    for key in keys:
+        if key not in state:
+            state[key] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
+    if "graft_step" not in state:
+        state["graft_step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+
+
 def first_moments(state, entries: list[tuple[dict, torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
     """The new first moments ``m + (1 - b1) (g - m)`` (fp32, float64 for float64 gradients; ``m = 0``
     before a parameter's first grafted step; ``b1 = graft_betas[0]`` of its group) of ``entries``:
-    ``(group, param, raw gradient)``. Not stored: the grafting kernel updates the moments when the step
-    is taken."""
+    ``(group, param, raw gradient)``, on the local shards of sharded parameters (``g`` a local shard).
+    Not stored: the grafting kernel updates the moments when the step is taken."""
     out: list[torch.Tensor | None] = [None] * len(entries)
     by_beta: dict[float, list[int]] = {}
     for i, (group, _, _) in enumerate(entries):
@@ -91,33 +113,32 @@ def first_moments(state, entries: list[tuple[dict, torch.Tensor, torch.Tensor]])
     for beta1, index in by_beta.items():
         grads = [entries[i][2].to(torch.promote_types(entries[i][2].dtype, torch.float32)) for i in index]
         moments = [state[entries[i][1]].get("graft_exp_avg") for i in index]
-        moments = [torch.zeros_like(g) if m is None else m.to(g.dtype) for m, g in zip(moments, grads)]
+        moments = [torch.zeros_like(g) if m is None else local(m).to(g.dtype) for m, g in zip(moments, grads)]
         for i, m in zip(index, torch._foreach_lerp(moments, grads, 1.0 - beta1)):
             out[i] = m
     return out
 
 
 def grafted_step(state, entries: list[tuple[dict, torch.Tensor, torch.Tensor, torch.Tensor | None, float]],
-                 skipped: torch.Tensor | None, found_inf: torch.Tensor | None = None) -> torch.Tensor:
+                 skipped: torch.Tensor | None, found_inf: torch.Tensor | None = None,
+                 reduce: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
     """One grafted update (module docstring) of ``entries``: ``(group, param, raw gradient, preconditioned
     gradient or None for a first-order parameter, momentum)``; ``state`` the optimizer's per-parameter
-    state; ``found_inf`` the caller's own device verdict (nonzero: skip). Returns the device flag ``ok``
-    (0: the step was skipped and counted in ``skipped``)."""
+    state; ``found_inf`` the caller's own device verdict (nonzero: skip; the same on every shard). Sharded
+    parameters: the kernel steps the local shards, ``reduce`` the shard group's in-place SUM all-reduce
+    (``kfopt.sharding.ShardLayout.reduce``). Returns the device flag ``ok`` (0: the step was skipped and
+    counted in ``skipped``)."""
     if not entries:
         return torch.ones(())
     cols = {k: [] for k in ("p", "g", "d", "m", "v", "b", "s", "lr", "b1", "b2", "eps", "wd", "mu", "graft", "pre")}
     for group, p, g, direction, momentum in entries:
         s = state[p]
-        if "graft_exp_avg" not in s:
-            s["graft_exp_avg"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
-            s["graft_exp_avg_sq"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
-            s["graft_step"] = torch.zeros((), dtype=torch.float32, device=p.device)
         precondition = direction is not None
-        if precondition and momentum != 0 and "graft_momentum_buffer" not in s:
-            s["graft_momentum_buffer"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
-        buffer = s.get("graft_momentum_buffer") if precondition else None
-        for key, value in (("p", p), ("g", g), ("d", direction if precondition else g), ("m", s["graft_exp_avg"]),
-                           ("v", s["graft_exp_avg_sq"]), ("b", buffer), ("s", s["graft_step"]), ("lr", group["lr"]),
+        create_graft_state(s, p, precondition and momentum != 0)
+        buffer = local(s["graft_momentum_buffer"]) if precondition and "graft_momentum_buffer" in s else None
+        for key, value in (("p", local(p)), ("g", local(g)), ("d", local(direction if precondition else g)),
+                           ("m", local(s["graft_exp_avg"])), ("v", local(s["graft_exp_avg_sq"])), ("b", buffer),
+                           ("s", s["graft_step"]), ("lr", group["lr"]),
                            ("b1", group["graft_betas"][0]), ("b2", group["graft_betas"][1]),
                            ("eps", group["graft_eps"]), ("wd", group["weight_decay"]),
                            ("mu", momentum if buffer is not None else 0.0), ("graft", group["graft"]),
@@ -126,4 +147,4 @@ def grafted_step(state, entries: list[tuple[dict, torch.Tensor, torch.Tensor, to
     return graft_step(cols["p"], cols["g"], cols["d"], cols["m"], cols["v"], cols["b"], cols["s"], lr=cols["lr"],
                       beta1=cols["b1"], beta2=cols["b2"], graft_eps=cols["eps"], weight_decay=cols["wd"],
                       momentum=cols["mu"], graft=cols["graft"], precondition=cols["pre"], skipped=skipped,
-                      found_inf=found_inf)
+                      found_inf=found_inf, reduce=reduce)

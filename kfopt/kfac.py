@@ -634,10 +634,6 @@ class KFAC(ComposedOptimizer):
             model, lr, damping, factor_decay, kl_clip, factor_update_steps, inv_update_steps,
             grad_worker_fraction, compute_method, skip_layers, symmetric_comm,
             assignment_strategy=assignment_strategy, loss_average=loss_average, grad_scaler=grad_scaler)
-        if graft != "none" and isinstance(preconditioner.distributor, Sharded):
-            preconditioner.capture.remove()
-            raise ValueError(f"graft: grafting ({graft!r}) does not support FSDP2-sharded (fully_shard) layers yet; "
-                             "use graft='none', or DistributedDataParallel")
         self._grad_scaler = grad_scaler
         self._compose(preconditioner, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, damping=damping,
                                            **graft_defaults(graft, graft_betas, graft_eps)), base)

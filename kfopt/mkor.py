@@ -104,8 +104,9 @@ distributor is ``kfopt.sharded_distribution.Sharded``; volumes per step in ``doc
     of ``[dW | db]`` go to the layer's owner, the owner preconditions the whole matrix (its joint norm is
     the whole layer's) and sends the rows back (``last_ratios`` then holds the ratios of the layers this
     rank owns). The base optimizer steps on the local shards and reduces its
-    own whole-tensor norms (LAMB's trust ratios: ``kfopt.sharding``). Grafting is not supported on
-    sharded layers yet (ValueError naming ``graft``).
+    own whole-tensor norms (LAMB's trust ratios: ``kfopt.sharding``). Grafted, the graft steps the
+    local shards with its whole-tensor norms and skip verdict reduced over the shard group
+    (``kfopt.composed``, ``kfopt.graft``).
 
 AMP
     Under ``torch.autocast`` the rows are summed in fp32. With ``torch.amp.GradScaler`` pass
@@ -577,10 +578,6 @@ class MKOR(PreconditionerAttributes, ComposedOptimizer):
         preconditioner = MKORPreconditioner(model, inv_freq, stat_decay, stabilizer_threshold, stabilizer_blend,
                                             factor_dtype, skip_layers, loss_average=loss_average,
                                             grad_scaler=grad_scaler)
-        if graft != "none" and isinstance(preconditioner.distributor, Sharded):
-            preconditioner.capture.remove()
-            raise ValueError(f"graft: {graft!r} is not supported on FSDP2-sharded (fully_shard) layers yet; use "
-                             "graft='none'")
         self._grad_scaler = grad_scaler
         self._compose(preconditioner, dict(lr=lr, weight_decay=weight_decay,
                                            **graft_defaults(graft, graft_betas, graft_eps)),

@@ -4,7 +4,7 @@ aliasing."""
 
 import pytest
 import torch
-from checks import assert_rel_close
+from checks import assert_rel_close, rel_error
 
 import kfopt.kernels.graft as graft_module
 from kfopt.autotune import Config, ConfigSpace
@@ -268,3 +268,100 @@ def test_gradient_passed_as_direction_is_accepted(device):
     graft_step(*columns([ts]), lr=0.1, precondition=False)
     graft_step_reference(*columns(want), lr=0.1, precondition=False)
     assert_rel_close(ts[0], want[0][0], torch.float32, name="param")
+
+
+# ----------------------------------------------------------------------------- dim-0 shards (FSDP2)
+
+
+#: tensors and the row cuts of their three shards (FSDP2's dim-0 chunks): uneven, empty, a 0-d-like one
+SHARDED = [((7, 3), (0, 3, 3, 7)), ((33,), (0, 11, 22, 33)), ((5, 2, 3), (0, 1, 5, 5)), ((2, 4), (0, 2, 2, 2))]
+SHARDED_HYPER = dict(HYPER, graft=["adam", "rmsprop", "sgd", "adam"], momentum=[0.9, 0.0, 0.5, 0.0],
+                     precondition=[True, True, True, False])
+
+
+class _Recorded(Exception):
+    """Ends a shard's step at its all-reduce, whose sum is not known yet."""
+
+
+def step_shards(step, whole, **hyper):
+    """Each shard (``SHARDED``'s cuts of every tensor of ``whole``, rows ``cut[k]:cut[k + 1]``) stepped on
+    its own, the all-reduce simulated: a first round records what every shard hands ``reduce`` (on copies,
+    the step ends there), the second steps the shards with the sum. Returns each shard's tensors, its ``ok``
+    and ``skipped``, and the shape of what went through ``reduce``."""
+    def shard(k):
+        return [[t[cut[k]:cut[k + 1]].clone() if t is not None and t.dim() else
+                 (t.clone() if t is not None else None) for t in ts] for ts, (_, cut) in zip(whole, SHARDED)]
+
+    seen = []
+
+    def record(t):
+        seen.append(t.clone())
+        raise _Recorded
+
+    for k in range(3):
+        with pytest.raises(_Recorded):
+            step(*columns(shard(k)), reduce=record, **hyper)
+    total = torch.stack(seen).sum(0)
+    calls = []
+
+    def known(t):
+        calls.append(t.shape)
+        t.copy_(total.to(t.dtype))
+
+    shards = []
+    for k in range(3):
+        tensors = shard(k)
+        skipped = torch.zeros((), dtype=torch.int32, device=tensors[0][0].device)
+        ok = step(*columns(tensors), reduce=known, skipped=skipped, **hyper)
+        shards.append((tensors, ok.item(), skipped.item()))
+    return shards, calls
+
+
+def put_together(shards, i, col):
+    return torch.cat([tensors[i][col] for tensors, _, _ in shards])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_shards_equal_the_whole_tensor(dtype, medium_chunks, poison_empty, device):
+    """Every tensor cut into three dim-0 shards (uneven, empty) stepped shard by shard with the sums of
+    squares reduced (one all-reduce of ``2 T`` values): the shards' outputs put together equal the float64
+    reference on the whole tensors -- the Triton kernel at the dtype's tolerance, the PyTorch reference
+    (float64 shards, same ``reduce``) to 1e-12. Without the reduce the shards' norms differ (the check
+    would fail)."""
+    gen = torch.Generator().manual_seed(12)
+    whole = [make_tensors(shape, dtype, gen, device, buffer=i != 1) for i, (shape, _) in enumerate(SHARDED)]
+    truth = to64(whole)
+    graft_step_reference(*columns(truth), **SHARDED_HYPER)
+    for step, inputs, tol in ((graft_step, whole, None), (graft_step_reference, to64(whole), 1e-12)):
+        shards, calls = step_shards(step, inputs, **SHARDED_HYPER)
+        assert calls == [torch.Size([len(SHARDED), 2])] * 3, "one all-reduce of (sum a^2, sum q^2) per tensor"
+        assert all(ok == 1 and skipped == 0 for _, ok, skipped in shards)
+        for i, want in enumerate(truth):
+            for col, name in ((0, "param"), (3, "exp_avg"), (4, "exp_avg_sq"), (5, "momentum_buffer")):
+                if want[col] is not None:
+                    assert_rel_close(put_together(shards, i, col), want[col], dtype if col == 0 else torch.float32,
+                                     tol=tol, name=f"{step.__name__} {name}[{i}]")
+            assert all(tensors[i][6].item() == 4.0 for tensors, _, _ in shards)
+    alone = [[t.clone() if t is not None else None for t in ts] for ts in whole]  # a shard's own norms differ
+    graft_step(*columns([[t[:3] if t is not None and t.dim() else t for t in alone[0]]]), **HYPER, momentum=0.9)
+    assert rel_error(alone[0][0][:3], truth[0][0][:3]) > 1e-3
+
+
+@pytest.mark.parametrize("where", ["grad", "direction"])
+def test_a_non_finite_value_in_one_shard_skips_every_shard(where, medium_chunks, device):
+    """A NaN gradient or an inf direction in one shard only: the summed norm is not finite on every shard,
+    so no shard writes anything, every ``ok`` is 0 and every ``skipped`` 1 (kernel and reference)."""
+    for step in (graft_step, graft_step_reference):
+        gen = torch.Generator().manual_seed(13)
+        whole = [make_tensors(shape, torch.float32, gen, device) for shape, _ in SHARDED]
+        if where == "grad":
+            whole[1][1][25] = float("nan")  # the third shard's rows of tensor 1
+        else:
+            whole[0][2][1, 2] = float("inf")  # the first shard's
+        before = [[t.clone() if t is not None else None for t in ts] for ts in whole]
+        shards, _ = step_shards(step, whole, **dict(SHARDED_HYPER, momentum=0.9))
+        assert [(ok, skipped) for _, ok, skipped in shards] == [(0, 1)] * 3, step.__name__
+        for i, want in enumerate(before):
+            for col in (0, 3, 4, 5):
+                assert torch.equal(put_together(shards, i, col), want[col]), (step.__name__, i, col)
+            assert all(tensors[i][6].item() == 3.0 for tensors, _, _ in shards)

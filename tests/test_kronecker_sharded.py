@@ -5,13 +5,16 @@ parameters), K-FAC's second-order data and MKOR's inverse factors live on each l
 owners precondition their own layers, a NaN in one rank's shard skips MKOR's and SINGD's step on every
 rank (K-FAC's under a GradScaler or base LAMB; MKOR's and SINGD's under a GradScaler too), K-FAC's,
 MKOR's, MKOR-H's and SINGD's distributed checkpoints resume on other meshes, and placements other than
-row shards raise at construction naming the layer.
+row shards raise at construction naming the layer. Grafted K-FAC and MKOR (``GRAFT_CASES``) equal one
+process's on shard groups of 4, 2 (HSDP (2, 2)) and 2 ranks, skip a NaN in one rank's shard on every
+rank, and resume their distributed checkpoints (the graft's state in them) on HSDP and 2 ranks.
 
 One launch of 4 ranks runs the shard groups of 4 (mesh (4,)), of 2 (HSDP on a (2, 2) mesh: each
 replicate group exchanges on its own) and of 1 (a (4, 1) mesh); one launch of 2 ranks a mesh (2,).
 The model has a Conv2d, a Linear with an odd row count (33) and one with fewer rows than ranks (3).
 Kernels run on the torch backend (``KFOPT_BACKEND=torch``) except in the shard group of 4 with eigen
-K-FAC and with Toeplitz SINGD, and of 2 with MKOR, which run them through Triton (its interpreter on CPU).
+K-FAC and with Toeplitz SINGD, and of 2 with MKOR (and MKOR grafting Adam), which run them through Triton
+(its interpreter on CPU).
 """
 
 from __future__ import annotations
@@ -93,8 +96,16 @@ def make_mkor(model, case, **kwargs):
     return (MKORH if case == "mkorh" else MKOR)(model, lr=0.02, inv_freq=2, **MKOR_CASES[case], **kwargs)
 
 
+#: grafted K-FAC (eigen, the direction's momentum 0.9: a buffer) and MKOR (``kfopt.graft``): (case, graft)
+GRAFT_CASES = {"kfac-adam": ("eigen", "adam"), "mkor-adam": ("mkor", "adam"), "mkor-sgd": ("mkor", "sgd")}
+
+
 def make(model, case, fraction=None):
-    """K-FAC (``grad_worker_fraction``: its default, or ``fraction``), MKOR or SINGD."""
+    """K-FAC (``grad_worker_fraction``: its default, or ``fraction``), MKOR or SINGD, or one of them
+    grafted (``GRAFT_CASES``)."""
+    if case in GRAFT_CASES:
+        base, graft = GRAFT_CASES[case]
+        return make_kfac(model, base, graft=graft) if base in CASES else make_mkor(model, base, graft=graft)
     if case in CASES:
         return make_kfac(model, case, fraction)
     return make_mkor(model, case) if case in MKOR_CASES else make_singd(model, case)
@@ -190,6 +201,25 @@ def sharded_run(mesh, dp_rank, dp_size, case, backend="torch", fraction=None):
         out["nan"] = {"unchanged": all(torch.equal(p.detach().full_tensor(), b)
                                        for p, b in zip(model.parameters(), before)),
                       "skipped": int(opt.skipped_steps)}
+    if case in GRAFT_CASES:  # the graft's state is laid out like the parameters
+        out["state like params"] = all(
+            t.placements == p.placements and t.shape == p.shape for p in model.parameters()
+            for key, t in opt.state[p].items() if key != "graft_step")
+        out["state keys"] = sorted({key for p in model.parameters() for key in opt.state[p]})
+    if case in GRAFT_CASES and dp_size == 2:  # a NaN in rank 1's shard: every rank skips, factors kept
+        before = ([p.detach().full_tensor() for p in model.parameters()], factors(opt))
+        x, t = data(STEPS)
+        opt.zero_grad()
+        ((model(x[part]) - t[part]) ** 2).sum(1).mean().backward()
+        if dp_rank == 1:
+            model[3].weight.grad.to_local()[0, 0] = float("nan")
+        opt.step()
+        after = ([p.detach().full_tensor() for p in model.parameters()], factors(opt))
+        kept = (after[1].keys() == before[1].keys() and all(
+            map(torch.equal, after[1][k], before[1][k]) for k in before[1]) if isinstance(before[1], dict)
+            else all(map(torch.equal, after[1][i], before[1][i]) for i in range(len(before[1]))))
+        out["nan"] = {"unchanged": all(map(torch.equal, after[0], before[0])), "factors kept": kept,
+                      "skipped": int(opt.skipped_steps), "blown up": int(opt.blown_up_steps)}
     return out
 
 
@@ -318,6 +348,9 @@ def resumed(mesh, dp_rank, dp_size, directory, save_to=None, case="eigen"):
     return [p.detach().full_tensor() for p in model.parameters()], error, getattr(opt, "switched_at", None)
 
 
+#: the grafted cases of the shard group of 4, HSDP (2, 2) and the checkpoints (all of them on 2 ranks)
+GRAFTED_CHECKPOINTS = ("kfac-adam", "mkor-adam")
+
 #: SINGD's case of the checkpoint and GradScaler runs (factor updates at steps 0, 2, 4: T=2)
 SINGD_CHECKPOINTED = "singd-block"
 
@@ -419,18 +452,18 @@ def ranks_program(rank, world, directory):
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
     from torch.distributed.device_mesh import init_device_mesh
 
-    from kfopt import KFAC, MKOR, SINGD
+    from kfopt import SINGD
 
     out = {}
     if world == 2:
         mesh = init_device_mesh("cpu", (2,))
         # the explicit fraction 1/2 (FSDP2's) and the default
-        out = {f"w2 {case}": sharded_run(mesh, rank, 2, case, "triton" if case == "mkor" else "torch",
+        out = {f"w2 {case}": sharded_run(mesh, rank, 2, case, "triton" if case in ("mkor", "mkor-adam") else "torch",
                                          fraction=0.5 if case == "eigen" else None)
-               for case in [*CASES, *MKOR_CASES, *SINGD_CASES, "singd-preconditioner"]}
+               for case in [*CASES, *MKOR_CASES, *SINGD_CASES, "singd-preconditioner", *GRAFT_CASES]}
         out["w4->w2"] = resumed(mesh, rank, 2, directory)
         out["square checkpoint"] = square_layer_checkpoint(mesh)
-        for case in MKOR_CASES:
+        for case in [*MKOR_CASES, *GRAFTED_CHECKPOINTS]:
             out[f"{case} w4->w2"] = resumed(mesh, rank, 2, os.path.join(directory, case), case=case)
         out["singd w4->w2"] = singd_resumed(mesh, rank, 2, os.path.join(directory, "singd"))
         out["fraction"] = None
@@ -438,11 +471,6 @@ def ranks_program(rank, world, directory):
             make_kfac(build_model_sharded(mesh), "eigen", 1.0)
         except ValueError as err:
             out["fraction"] = str(err)
-        out["graft"] = None
-        try:  # not yet supported: refused, not silently wrong
-            make_kfac(build_model_sharded(mesh), "eigen", graft="adam")
-        except ValueError as err:
-            out["graft"] = str(err)
         for name, build in (("base part", lambda model: make_kfac(model, "eigen")),
                             ("mkorh base part", lambda model: make_mkor(model, "mkorh"))):
             model = build_model_sharded(mesh)
@@ -466,12 +494,11 @@ def ranks_program(rank, world, directory):
             set_optimizer_state_dict(model, opt, opt.distributed_state_dict()["optimizer"])
         except ValueError as err:
             out["singd base part"] = str(err)
-        for name, cls, kwargs in (("mkor-graft", MKOR, {"graft": "adam"}), ("singd-graft", SINGD, {"graft": "adam"})):
-            try:
-                cls(build_model_sharded(mesh), lr=0.1, **kwargs)
-                out[name] = None
-            except ValueError as err:
-                out[name] = str(err)
+        try:  # not yet supported: refused, not silently wrong
+            SINGD(build_model_sharded(mesh), lr=0.1, graft="adam")
+            out["singd-graft"] = None
+        except ValueError as err:
+            out["singd-graft"] = str(err)
         return out
     mesh4 = init_device_mesh("cpu", (4,))
     mesh22 = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
@@ -481,6 +508,9 @@ def ranks_program(rank, world, directory):
         out[f"w4 {case}"] = sharded_run(mesh4, rank, 4, case, "triton" if triton else "torch")
         out[f"hsdp22 {case}"] = sharded_run(mesh22, rank, 4, case)
         out[f"w1 {case}"] = sharded_run(mesh41, rank, 4, case)
+    for case in GRAFTED_CHECKPOINTS:
+        out[f"w4 {case}"] = sharded_run(mesh4, rank, 4, case)
+        out[f"hsdp22 {case}"] = sharded_run(mesh22, rank, 4, case)
     out["shard1"] = placement_errors(mesh4)
     out["nan mkor"] = mkor_nan_in_one_shard(mesh4, rank)
     out["non-finite w4"] = non_finite_runs(mesh4, rank, rank, 4)
@@ -493,9 +523,10 @@ def ranks_program(rank, world, directory):
     out["w4->w1"] = resumed(mesh41, rank, 4, directory)
     out["w4->hsdp22->w4"] = resumed(mesh4, rank, 4, os.path.join(directory, "hsdp22"))
     out["scaler mkor"] = mkor_scaler_run(mesh4, rank)
-    for case in MKOR_CASES:  # MKOR's and MKOR-H's checkpoints, resumed here and on 2 ranks
+    for case in [*MKOR_CASES, *GRAFTED_CHECKPOINTS]:  # checkpoints resumed here and on 2 ranks
+        os.environ["KFOPT_BACKEND"] = "torch"
         model = sharded_model(mesh4)
-        opt = make_mkor(model, case)
+        opt = make(model, case)
         train(model, opt, rows(rank, 4), range(SAVE_AFTER))
         save_checkpoint(model, opt, os.path.join(directory, case))
         out[f"{case} w4->hsdp22"] = resumed(mesh22, rank, 4, os.path.join(directory, case), case=case)
@@ -676,9 +707,7 @@ def test_placements_and_fraction_errors(checkpoints):
         assert out["fraction"] is not None and "grad_worker_fraction" in out["fraction"]
         for name in ("base part", "mkorh base part", "mkorh get", "singd base part"):
             assert out[name] is not None and "distributed_state_dict()" in out[name], (name, out[name])
-        assert out["graft"] is not None and out["graft"].startswith("graft:") and "FSDP2" in out["graft"]
-        for name in ("singd-graft", "mkor-graft"):  # not yet supported: refused, not silently wrong
-            assert out[name] is not None and out[name].startswith("graft:"), (name, out[name])
+        assert out["singd-graft"] is not None and out["singd-graft"].startswith("graft:"), out["singd-graft"]
 
 
 @pytest.mark.distributed
@@ -710,13 +739,14 @@ def test_a_non_finite_gradient_shard_skips_the_step_on_every_rank(config, monkey
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("label,world", [("w4->hsdp22", 4), ("w4->w1", 4), ("w4->w2", 2), ("w4->hsdp22->w4", 4),
-                                         *[(f"{case} w4->{to}", world) for case in MKOR_CASES
+                                         *[(f"{case} w4->{to}", world) for case in [*MKOR_CASES, *GRAFTED_CHECKPOINTS]
                                            for to, world in (("hsdp22", 4), ("w2", 2))]])
 def test_distributed_checkpoints_resume_on_other_shard_groups(label, world, monkeypatch, checkpoints):
     """A checkpoint written by 4 ranks (shard group 4) resumed by shard groups of 2 (HSDP (2, 2), and 2
     processes) and 1 ((4, 1)), and the HSDP run's checkpoint (saved right after its load: replicas hold
     the same data) resumed by 4 ranks: each owner loads its layers' second-order data (eigen K-FAC;
-    MKOR's and MKOR-H's inverse factors, and MKOR-H's switch criterion, which switches after the load),
+    MKOR's and MKOR-H's inverse factors, and MKOR-H's switch criterion, which switches after the load;
+    grafted K-FAC and MKOR with the graft's moments and momentum buffers, DTensors resharded on load),
     and the run ends as one process's uninterrupted run."""
     monkeypatch.setenv("KFOPT_BACKEND", "torch")
     case = label.split()[0] if " " in label else "eigen"
@@ -763,6 +793,69 @@ def test_distributed_checkpoint_of_an_optimizer_without_per_parameter_state(tmp_
         with pytest.raises(ValueError, match=match):  # checked before anything changes
             resumed_opt.load_distributed_state_dict({**state, "kfac": {**state["kfac"], key: bad}})
         assert resumed_opt.preconditioner.steps == 0
+    resumed_opt.load_distributed_state_dict(state)
+    assert resumed_opt.preconditioner.steps == SAVE_AFTER
+    train(resumed_model, resumed_opt, slice(None), range(SAVE_AFTER, STEPS))
+    assert all(torch.equal(p, q) for p, q in zip(resumed_model.parameters(), model.parameters()))
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("config,case", [*[(config, case) for config in ("w4", "hsdp22", "w2")
+                                           for case in GRAFTED_CHECKPOINTS], ("w2", "mkor-sgd")])
+def test_sharded_grafting_equals_one_process(config, case, monkeypatch, checkpoints):
+    """Grafted K-FAC and MKOR on shard groups of 4, 2 (HSDP (2, 2)) and 2 (``w2``, MKOR's graft kernel
+    through Triton): the parameters after 5 steps within 1e-5 of one process's (the graft's norms are the
+    whole tensors'), its state (moments, K-FAC's momentum buffers) DTensors placed like the parameters;
+    ``w2``: a NaN in rank 1's gradient shard then skips the step on every rank, parameters and factors
+    unchanged, one skip and no blow-up counted everywhere."""
+    monkeypatch.setenv("KFOPT_BACKEND", "torch")
+    expected, _, _ = single_process(case)
+    ranks = runs(4 if config != "w2" else 2, checkpoints)
+    for rank, out in enumerate(ranks):
+        run = out[f"{config} {case}"]
+        for i, (p, e) in enumerate(zip(run["params"], expected)):
+            err = relative_error(p, e)
+            assert err < 1e-5, f"rank {rank}: parameter {i}: relative error {err}"
+        assert not torch.equal(run["params"][0], build_model()[0].weight.detach())  # it trained
+        assert run["state like params"], f"rank {rank}"
+        assert run["state keys"] == sorted(["graft_exp_avg", "graft_exp_avg_sq", "graft_step"] + (
+            ["graft_momentum_buffer"] if case.startswith("kfac") else [])), f"rank {rank}"
+        if config == "w2":
+            assert run["nan"] == {"unchanged": True, "factors kept": True, "skipped": 1, "blown up": 0}, \
+                f"rank {rank}: {run['nan']}"
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+@pytest.mark.parametrize("case", GRAFTED_CHECKPOINTS)
+def test_grafted_distributed_checkpoint_in_one_process(case, tmp_path, monkeypatch):
+    """One process: taking a grafted optimizer's DCP checkpoint changes nothing (no zero step: weights,
+    graft moments and steps as they were), a fresh optimizer's template creates the graft state as zeros
+    without a step, and the checkpoint resumes the run bit for bit."""
+    import torch.distributed.checkpoint as dcp
+
+    monkeypatch.setenv("KFOPT_BACKEND", "torch")
+    model = build_model()
+    opt = make(model, case)
+    train(model, opt, slice(None), range(SAVE_AFTER))
+    weights = [p.detach().clone() for p in model.parameters()]
+    graft = {(i, k): t.clone() for i, p in enumerate(model.parameters()) for k, t in opt.state[p].items()}
+    opt.zero_grad()
+    dcp.save(opt.distributed_state_dict(), checkpoint_id=str(tmp_path))
+    assert all(map(torch.equal, model.parameters(), weights)) and opt.preconditioner.steps == SAVE_AFTER
+    assert {(i, k): t for i, p in enumerate(model.parameters()) for k, t in opt.state[p].items()}.keys() == graft.keys()
+    assert all(torch.equal(opt.state[list(model.parameters())[i]][k], t) for (i, k), t in graft.items())
+    train(model, opt, slice(None), range(SAVE_AFTER, STEPS))
+
+    resumed_model = build_model()
+    with torch.no_grad():
+        for p, w in zip(resumed_model.parameters(), weights):
+            p.copy_(w)
+    resumed_opt = make(resumed_model, case)
+    state = resumed_opt.distributed_state_dict()
+    assert resumed_opt.preconditioner.steps == 0 and all(map(torch.equal, resumed_model.parameters(), weights))
+    fresh = {(i, k): t for i, p in enumerate(resumed_model.parameters()) for k, t in resumed_opt.state[p].items()}
+    assert fresh.keys() == graft.keys() and not any(t.any() for t in fresh.values())
+    dcp.load(state, checkpoint_id=str(tmp_path))
     resumed_opt.load_distributed_state_dict(state)
     assert resumed_opt.preconditioner.steps == SAVE_AFTER
     train(resumed_model, resumed_opt, slice(None), range(SAVE_AFTER, STEPS))
