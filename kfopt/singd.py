@@ -171,8 +171,9 @@ over every rank as above and every rank keeps and updates all factors and moment
 them); each layer's ``N`` is computed by its owner rank from the whole ``G`` gathered from the row
 shards (under the owner's own kernel configs, or its HSDP replicas'), each rank receives its rows of
 ``N`` and updates its shards; whether the step is finite is agreed over every rank (one all-reduce of
-each verdict), so a NaN in one rank's shard skips the step on every rank. Grafting is not supported
-there (ValueError naming ``graft`` at construction).
+each verdict), so a NaN in one rank's shard skips the step on every rank. Grafted, the graft's state is
+laid out like the parameters and its norms and verdict are summed over the shard group
+(``kfopt.composed``).
 
 Checkpoints
 ===========
@@ -791,10 +792,6 @@ class SINGD(PreconditionerAttributes, ComposedOptimizer):
         self._build_base(base)
         self.preconditioner = SINGDPreconditioner._over(model, lambda: self.param_groups, self._factors_of,
                                                         tuple(skip_layers), grad_scaler)
-        if graft != "none" and isinstance(self.preconditioner.distributor, Sharded):
-            self.preconditioner.capture.remove()
-            raise ValueError(f"graft: SINGD with graft={graft!r} does not support FSDP2-sharded (fully_shard) "
-                             "layers yet (the graft's norms span whole tensors); use graft='none'")
 
     def _factors_of(self, weight: torch.Tensor) -> dict:
         """Where a layer's factors and momenta live: its weight's per-parameter state with the default base

@@ -5,7 +5,7 @@ parameters), K-FAC's second-order data and MKOR's inverse factors live on each l
 owners precondition their own layers, a NaN in one rank's shard skips MKOR's and SINGD's step on every
 rank (K-FAC's under a GradScaler or base LAMB; MKOR's and SINGD's under a GradScaler too), K-FAC's,
 MKOR's, MKOR-H's and SINGD's distributed checkpoints resume on other meshes, and placements other than
-row shards raise at construction naming the layer. Grafted K-FAC and MKOR (``GRAFT_CASES``) equal one
+row shards raise at construction naming the layer. Grafted K-FAC, MKOR and SINGD (``GRAFT_CASES``) equal one
 process's on shard groups of 4, 2 (HSDP (2, 2)) and 2 ranks, skip a NaN in one rank's shard on every
 rank, and resume their distributed checkpoints (the graft's state in them) on HSDP and 2 ranks.
 
@@ -81,12 +81,13 @@ class PreconditionerThenSGD:
         self.sgd.step()
 
 
-def make_singd(model, case):
+def make_singd(model, case, **kwargs):
     from kfopt import SINGD
 
     if case == "singd-preconditioner":
         return PreconditionerThenSGD(model)
-    return SINGD(model, lr=0.1, momentum=0.9, weight_decay=1e-2, structures=SINGD_CASES[case], **SINGD_FACTORS)
+    return SINGD(model, **{"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-2, "structures": SINGD_CASES[case],
+                           **SINGD_FACTORS, **kwargs})
 
 
 def make_mkor(model, case, **kwargs):
@@ -96,8 +97,9 @@ def make_mkor(model, case, **kwargs):
     return (MKORH if case == "mkorh" else MKOR)(model, lr=0.02, inv_freq=2, **MKOR_CASES[case], **kwargs)
 
 
-#: grafted K-FAC (eigen, the direction's momentum 0.9: a buffer) and MKOR (``kfopt.graft``): (case, graft)
-GRAFT_CASES = {"kfac-adam": ("eigen", "adam"), "mkor-adam": ("mkor", "adam"), "mkor-sgd": ("mkor", "sgd")}
+#: grafted K-FAC and SINGD (the direction's momentum 0.9: a buffer) and MKOR (``kfopt.graft``): (case, graft)
+GRAFT_CASES = {"kfac-adam": ("eigen", "adam"), "mkor-adam": ("mkor", "adam"), "mkor-sgd": ("mkor", "sgd"),
+               "singd-adam": ("singd-block", "adam")}
 
 
 def make(model, case, fraction=None):
@@ -105,6 +107,8 @@ def make(model, case, fraction=None):
     grafted (``GRAFT_CASES``)."""
     if case in GRAFT_CASES:
         base, graft = GRAFT_CASES[case]
+        if base in SINGD_CASES:
+            return make_singd(model, base, graft=graft, lr=0.01)
         return make_kfac(model, base, graft=graft) if base in CASES else make_mkor(model, base, graft=graft)
     if case in CASES:
         return make_kfac(model, case, fraction)
@@ -123,6 +127,15 @@ def factors(opt):
         return {name: pre.inverse_factors(name) for name in pre.held_layers}
     return [{f"{key}.{name}": t.clone() for key in "KC" for name, t in getattr(layer, key).named_tensors().items()}
             for layer in pre._layers]
+
+
+def same_tensors(a, b) -> bool:
+    """Whether the nested lists, tuples and dicts of tensors ``a`` and ``b`` are equal, bit for bit."""
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same_tensors(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(map(same_tensors, a, b))
+    return torch.equal(a, b)
 
 
 def train(model, opt, part, steps=range(STEPS), scaler=None, bad_grad=None):
@@ -204,8 +217,8 @@ def sharded_run(mesh, dp_rank, dp_size, case, backend="torch", fraction=None):
     if case in GRAFT_CASES:  # the graft's state is laid out like the parameters
         out["state like params"] = all(
             t.placements == p.placements and t.shape == p.shape for p in model.parameters()
-            for key, t in opt.state[p].items() if key != "graft_step")
-        out["state keys"] = sorted({key for p in model.parameters() for key in opt.state[p]})
+            for key, t in opt.state[p].items() if key.startswith("graft_") and key != "graft_step")
+        out["state keys"] = sorted({key for p in model.parameters() for key in opt.state[p] if key.startswith("graft_")})
     if case in GRAFT_CASES and dp_size == 2:  # a NaN in rank 1's shard: every rank skips, factors kept
         before = ([p.detach().full_tensor() for p in model.parameters()], factors(opt))
         x, t = data(STEPS)
@@ -215,9 +228,7 @@ def sharded_run(mesh, dp_rank, dp_size, case, backend="torch", fraction=None):
             model[3].weight.grad.to_local()[0, 0] = float("nan")
         opt.step()
         after = ([p.detach().full_tensor() for p in model.parameters()], factors(opt))
-        kept = (after[1].keys() == before[1].keys() and all(
-            map(torch.equal, after[1][k], before[1][k]) for k in before[1]) if isinstance(before[1], dict)
-            else all(map(torch.equal, after[1][i], before[1][i]) for i in range(len(before[1]))))
+        kept = same_tensors(after[1], before[1])
         out["nan"] = {"unchanged": all(map(torch.equal, after[0], before[0])), "factors kept": kept,
                       "skipped": int(opt.skipped_steps), "blown up": int(opt.blown_up_steps)}
     return out
@@ -349,7 +360,7 @@ def resumed(mesh, dp_rank, dp_size, directory, save_to=None, case="eigen"):
 
 
 #: the grafted cases of the shard group of 4, HSDP (2, 2) and the checkpoints (all of them on 2 ranks)
-GRAFTED_CHECKPOINTS = ("kfac-adam", "mkor-adam")
+GRAFTED_CHECKPOINTS = ("kfac-adam", "mkor-adam", "singd-adam")
 
 #: SINGD's case of the checkpoint and GradScaler runs (factor updates at steps 0, 2, 4: T=2)
 SINGD_CHECKPOINTED = "singd-block"
@@ -494,11 +505,6 @@ def ranks_program(rank, world, directory):
             set_optimizer_state_dict(model, opt, opt.distributed_state_dict()["optimizer"])
         except ValueError as err:
             out["singd base part"] = str(err)
-        try:  # not yet supported: refused, not silently wrong
-            SINGD(build_model_sharded(mesh), lr=0.1, graft="adam")
-            out["singd-graft"] = None
-        except ValueError as err:
-            out["singd-graft"] = str(err)
         return out
     mesh4 = init_device_mesh("cpu", (4,))
     mesh22 = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
@@ -707,7 +713,6 @@ def test_placements_and_fraction_errors(checkpoints):
         assert out["fraction"] is not None and "grad_worker_fraction" in out["fraction"]
         for name in ("base part", "mkorh base part", "mkorh get", "singd base part"):
             assert out[name] is not None and "distributed_state_dict()" in out[name], (name, out[name])
-        assert out["singd-graft"] is not None and out["singd-graft"].startswith("graft:"), out["singd-graft"]
 
 
 @pytest.mark.distributed
@@ -746,8 +751,8 @@ def test_distributed_checkpoints_resume_on_other_shard_groups(label, world, monk
     processes) and 1 ((4, 1)), and the HSDP run's checkpoint (saved right after its load: replicas hold
     the same data) resumed by 4 ranks: each owner loads its layers' second-order data (eigen K-FAC;
     MKOR's and MKOR-H's inverse factors, and MKOR-H's switch criterion, which switches after the load;
-    grafted K-FAC and MKOR with the graft's moments and momentum buffers, DTensors resharded on load),
-    and the run ends as one process's uninterrupted run."""
+    grafted K-FAC, MKOR and SINGD with the graft's moments and momentum buffers, DTensors resharded on
+    load), and the run ends as one process's uninterrupted run."""
     monkeypatch.setenv("KFOPT_BACKEND", "torch")
     case = label.split()[0] if " " in label else "eigen"
     expected, _, switched_at = single_process(case)
@@ -757,7 +762,7 @@ def test_distributed_checkpoints_resume_on_other_shard_groups(label, world, monk
         for i, (p, e) in enumerate(zip(params, expected)):
             err = float((p - e).abs().max() / e.abs().max())
             assert err < 1e-5, f"rank {rank}: parameter {i}: relative error {err}"
-        if label == "w4->w1":  # every rank holds every layer
+        if label == "w4->w1" or case.startswith("singd"):  # every rank holds every layer (SINGD: its factors)
             assert error is None
         else:
             assert error is not None and "distributed_state_dict()" in error
@@ -803,7 +808,7 @@ def test_distributed_checkpoint_of_an_optimizer_without_per_parameter_state(tmp_
 @pytest.mark.parametrize("config,case", [*[(config, case) for config in ("w4", "hsdp22", "w2")
                                            for case in GRAFTED_CHECKPOINTS], ("w2", "mkor-sgd")])
 def test_sharded_grafting_equals_one_process(config, case, monkeypatch, checkpoints):
-    """Grafted K-FAC and MKOR on shard groups of 4, 2 (HSDP (2, 2)) and 2 (``w2``, MKOR's graft kernel
+    """Grafted K-FAC, MKOR and SINGD on shard groups of 4, 2 (HSDP (2, 2)) and 2 (``w2``, MKOR's graft kernel
     through Triton): the parameters after 5 steps within 1e-5 of one process's (the graft's norms are the
     whole tensors'), its state (moments, K-FAC's momentum buffers) DTensors placed like the parameters;
     ``w2``: a NaN in rank 1's gradient shard then skips the step on every rank, parameters and factors
@@ -819,7 +824,7 @@ def test_sharded_grafting_equals_one_process(config, case, monkeypatch, checkpoi
         assert not torch.equal(run["params"][0], build_model()[0].weight.detach())  # it trained
         assert run["state like params"], f"rank {rank}"
         assert run["state keys"] == sorted(["graft_exp_avg", "graft_exp_avg_sq", "graft_step"] + (
-            ["graft_momentum_buffer"] if case.startswith("kfac") else [])), f"rank {rank}"
+            ["graft_momentum_buffer"] if case.startswith(("kfac", "singd")) else [])), f"rank {rank}"
         if config == "w2":
             assert run["nan"] == {"unchanged": True, "factors kept": True, "skipped": 1, "blown up": 0}, \
                 f"rank {rank}: {run['nan']}"
@@ -853,8 +858,10 @@ def test_grafted_distributed_checkpoint_in_one_process(case, tmp_path, monkeypat
     resumed_opt = make(resumed_model, case)
     state = resumed_opt.distributed_state_dict()
     assert resumed_opt.preconditioner.steps == 0 and all(map(torch.equal, resumed_model.parameters(), weights))
-    fresh = {(i, k): t for i, p in enumerate(resumed_model.parameters()) for k, t in resumed_opt.state[p].items()}
-    assert fresh.keys() == graft.keys() and not any(t.any() for t in fresh.values())
+    fresh = {(i, k): t for i, p in enumerate(resumed_model.parameters()) for k, t in resumed_opt.state[p].items()
+             if k.startswith("graft_")}  # (SINGD's factors, in its weights' state, start as identities)
+    assert fresh.keys() == {key for key in graft if key[1].startswith("graft_")} and not any(
+        t.any() for t in fresh.values())
     dcp.load(state, checkpoint_id=str(tmp_path))
     resumed_opt.load_distributed_state_dict(state)
     assert resumed_opt.preconditioner.steps == SAVE_AFTER
