@@ -51,8 +51,8 @@ singd-graft               2.181, 178 (0.70x)               0.0523 (0.990), 165
 Against the issue's targets on chars (each grafted method at AdamW's lr at or below AdamW at its best
 lr of 1e-3, 1.5e-3, 2.5e-3, and AdamW's final loss in <= 0.9x its steps): SINGD meets both. K-FAC
 meets the loss (0.052 below) but reaches AdamW's final smoothed loss at 0.95x AdamW's steps (0.9x is
-230); its damping is at its best: 1e-4 gave 2.323 at 276 steps, 1e-2 2.307 at 253, and fresher
-eigenbases (``inv_update_steps=5``) 2.276 at 243. MKOR misses the loss by 0.17: its factors are
+230); its damping 1e-3 is at its best (1e-4: 2.323 at 276 steps, 3e-4: 2.291 at 251, 3e-3: 2.278 at
+243, 1e-2: 2.307 at 253), and fresher eigenbases (``inv_update_steps=5``) gave 2.276 at 243. MKOR misses the loss by 0.17: its factors are
 ``stat_decay``-averaged rank-1 updates, so they differ from a multiple of the identity only on the span of
 the last few mean vectors (``a``, ``g`` averaged over the batch); its direction is then nearly Adam's
 first moment itself, normalised per tensor, without Adam's per-coordinate scaling: a normalised
