@@ -6,8 +6,8 @@ runs every available one of the default run (``in_default_run``), AdamW (the bas
 already shows (``_VARIANTS``): ``mkorh`` and ``mkorh-graft`` (MKOR-H hands over to its base only when
 MKOR's loss stalls; in the measured default run they gave MKOR's and mkor-graft's numbers),
 ``sonew4`` (SONew with band 4) and ``singd-toeplitz`` (SINGD with Toeplitz factors); with them the
-default chars run took 475 s of training on an idle 2-core CPU, without them 328 s (5.5 minutes in all;
-312 s since singd-graft steps its factors every step and MKOR-graft updates its factors every step). The optimizers, how they are built (on the model
+default chars run took 475 s of training on an idle 2-core CPU, without them 312 s (5.3 minutes in all,
+measured with the grafted variants' settings below). The optimizers, how they are built (on the model
 for Kronecker-factored methods, on parameter groups for element-wise ones) and the hyperparameters
 they are built with come from kfopt's one registry, ``kfopt.registry.REGISTRY``; this module adds
 what is specific to the comparison (``_COMPARE``): the default learning rate per task and
