@@ -582,6 +582,13 @@ def relative_error(p, e):
     return float((p - e).abs().max() / e.abs().max())
 
 
+def assert_params_close(params, expected, rank):
+    """Every parameter of a rank's run within 1e-5 (relative, max norm) of one process's."""
+    for i, (p, e) in enumerate(zip(params, expected)):
+        err = relative_error(p, e)
+        assert err < 1e-5, f"rank {rank}: parameter {i}: relative error {err}"
+
+
 @pytest.mark.distributed
 @pytest.mark.parametrize("case", ALL_CASES)
 @pytest.mark.parametrize("config,world", CONFIGS)
@@ -593,9 +600,7 @@ def test_sharded_kronecker_equals_one_process(config, world, case, monkeypatch, 
         assert switched_at is not None and 0 < switched_at < STEPS  # the hand-over happens within the run
     for rank, out in enumerate(ranks):
         run = out[f"{config} {case}"]
-        for i, (p, e) in enumerate(zip(run["params"], expected)):
-            err = relative_error(p, e)
-            assert err < 1e-5, f"rank {rank}: parameter {i}: relative error {err}"
+        assert_params_close(run["params"], expected, rank)
         assert not torch.equal(run["params"][0], build_model()[0].weight.detach())  # it trained
         assert run["switched_at"] == switched_at
         shard = {"w4": 4, "hsdp22": 2, "w1": 1, "w2": 2}[config]
@@ -663,9 +668,7 @@ def test_sharded_mkor_under_a_grad_scaler_skips_an_inf_in_one_shard_on_every_ran
                    for f, g in zip(before["factors"][name], after["factors"][name])), f"rank {rank}"
         assert not all(torch.equal(f, g) for name in end["factors"]  # the factors go on updating after it
                        for f, g in zip(end["factors"][name], after["factors"][name])) or not end["factors"]
-        for i, (p, e) in enumerate(zip(end["params"], model.parameters())):
-            err = relative_error(p, e.detach())
-            assert err < 1e-5, f"rank {rank}: parameter {i}: relative error {err}"
+        assert_params_close(end["params"], [e.detach() for e in model.parameters()], rank)
 
 
 _SINGLE = {}
@@ -685,9 +688,7 @@ def test_sharded_singd_equals_one_process(config, world, case, monkeypatch, chec
     ranks = runs(world, checkpoints)
     for rank, out in enumerate(ranks):
         run = out[f"{config} {case}"]
-        for i, (p, e) in enumerate(zip(run["params"], params)):
-            err = float((p - e).abs().max() / e.abs().max())
-            assert err < 1e-5, f"rank {rank}: parameter {i}: relative error {err}"
+        assert_params_close(run["params"], params, rank)
         assert not torch.equal(run["params"][0], build_model()[0].weight.detach())  # it trained
         for layer, (mine, first, single) in enumerate(zip(run["factors"], ranks[0][f"{config} {case}"]["factors"],
                                                           expected_factors)):
@@ -737,9 +738,7 @@ def test_a_non_finite_gradient_shard_skips_the_step_on_every_rank(config, monkey
         assert all(torch.equal(f, g) for f, g in zip(before["factors"], after["factors"]))
         assert [s is None for s in before["second"]] == [s is None for s in after["second"]]
         assert all(torch.equal(t, u) for s, r in zip(before["second"], after["second"]) if s for t, u in zip(s, r))
-        for i, (p, e) in enumerate(zip(end["params"], model.parameters())):
-            err = float((p - e.detach()).abs().max() / e.detach().abs().max())
-            assert err < 1e-5, f"rank {rank}: parameter {i}: relative error {err}"
+        assert_params_close(end["params"], [e.detach() for e in model.parameters()], rank)
 
 
 @pytest.mark.distributed
@@ -759,9 +758,7 @@ def test_distributed_checkpoints_resume_on_other_shard_groups(label, world, monk
     for rank, out in enumerate(runs(world, checkpoints)):
         params, error, resumed_switched_at = out[label]
         assert resumed_switched_at == switched_at, f"rank {rank}"
-        for i, (p, e) in enumerate(zip(params, expected)):
-            err = float((p - e).abs().max() / e.abs().max())
-            assert err < 1e-5, f"rank {rank}: parameter {i}: relative error {err}"
+        assert_params_close(params, expected, rank)
         if label == "w4->w1" or case.startswith("singd"):  # every rank holds every layer (SINGD: its factors)
             assert error is None
         else:
@@ -818,9 +815,7 @@ def test_sharded_grafting_equals_one_process(config, case, monkeypatch, checkpoi
     ranks = runs(4 if config != "w2" else 2, checkpoints)
     for rank, out in enumerate(ranks):
         run = out[f"{config} {case}"]
-        for i, (p, e) in enumerate(zip(run["params"], expected)):
-            err = relative_error(p, e)
-            assert err < 1e-5, f"rank {rank}: parameter {i}: relative error {err}"
+        assert_params_close(run["params"], expected, rank)
         assert not torch.equal(run["params"][0], build_model()[0].weight.detach())  # it trained
         assert run["state like params"], f"rank {rank}"
         assert run["state keys"] == sorted(["graft_exp_avg", "graft_exp_avg_sq", "graft_step"] + (
@@ -934,9 +929,7 @@ def test_singd_distributed_checkpoints_resume_on_other_shard_groups(label, world
     ranks = runs(world, checkpoints)
     for rank, out in enumerate(ranks):
         params, run_factors = out[label]
-        for i, (p, e) in enumerate(zip(params, expected)):
-            err = relative_error(p, e)
-            assert err < 1e-5, f"rank {rank}: parameter {i}: relative error {err}"
+        assert_params_close(params, expected, rank)
         for mine, first, single in zip(run_factors, ranks[0][label][1], expected_factors):
             for key, t in mine.items():
                 assert torch.equal(t, first[key]), f"rank {rank}: {key} differs from rank 0's"
