@@ -1,5 +1,6 @@
 """kfopt: fused Triton kernels for second-order and large-batch optimizers."""
 
+from .heavy_ball import HeavyBall
 from .kfac import KFAC, KFACPreconditioner
 from .lamb import LAMB
 from .lars import LARS
@@ -10,5 +11,5 @@ from .sonew import SONew
 
 __version__ = "0.1.0"
 
-__all__ = ["KFAC", "KFACPreconditioner", "LAMB", "LARS", "MKOR", "MKORH", "MKORPreconditioner", "SINGD",
+__all__ = ["HeavyBall", "KFAC", "KFACPreconditioner", "LAMB", "LARS", "MKOR", "MKORH", "MKORPreconditioner", "SINGD",
            "SINGDPreconditioner", "SONew", "param_groups"]

@@ -16,7 +16,9 @@ first step's buffer is ``d`` itself (``buf = 0`` before), and ``weight_decay`` i
 the momentum.
 
 Skipped steps, decided on the device without a host synchronisation: alone, a step where any gradient is
-not finite or a tensor lr is NaN, infinite or negative changes nothing (weights and buffers keep their
+not finite, a tensor lr is NaN, infinite or negative, or a ``torch.amp.GradScaler`` found inf/NaN
+(``scaler.step(opt)`` hands over ``found_inf`` and ``grad_scale``: ``_step_supports_amp_scaling``; the
+gradients are unscaled in fp32 as they are read, fp16 ones included) changes nothing (weights and buffers keep their
 bits; a buffer first needed in it is created as zeros, the value it stands for while absent) and counts
 in ``skipped_steps``. In front of it a preconditioner's optimizer (``kfopt.composed``) passes its own
 0-d device bool ``verdict`` (it checked the gradients, the lr and its own update, and counted the steps
@@ -40,6 +42,7 @@ class HeavyBall(KfoptOptimizer):
     ``weight_decay``."""
 
     device_lr = True
+    _step_supports_amp_scaling = True
     takes_verdict = True  # step(verdict=...): kfopt.composed
 
     def __init__(self, params: Iterable, lr: float | torch.Tensor = 1e-3, momentum: float = 0.0,
@@ -66,12 +69,18 @@ class HeavyBall(KfoptOptimizer):
         found = self._params_with_grads()
         if not found:
             return loss
+        unscale = None
         if verdict is None:
+            amp = self._amp_kwargs()
             verdict = self._finite_inputs([local(p.grad) for _, p in found])
+            if amp["found_inf"] is not None:
+                verdict = verdict & (amp["found_inf"].reshape(()).to(verdict.device) == 0)
+            if amp["grad_scale"] is not None:
+                unscale = amp["grad_scale"].detach().reshape(()).double().reciprocal().float()
             self._skip_counter(verdict.device).add_((~verdict).to(torch.int32))
         directions = directions or {}
         for group, p in found:
-            self._update(p, group, directions.get(id(p), local(p.grad)), verdict)
+            self._update(p, group, directions.get(id(p), local(p.grad)), verdict, unscale)
         return loss
 
     def init_state(self) -> None:
@@ -84,13 +93,16 @@ class HeavyBall(KfoptOptimizer):
                         self.state[p]["momentum_buffer"] = torch.zeros_like(
                             p, dtype=torch.promote_types(p.dtype, torch.float32))
 
-    def _update(self, p: torch.Tensor, group: dict, direction: torch.Tensor, verdict: torch.Tensor) -> None:
-        """``d = direction + weight_decay w``; ``buf = momentum buf + d``; ``w -= lr buf``; the buffer and
-        ``w`` change only where ``verdict``. On this rank's shard (FSDP2: ``direction`` holds its rows, the
-        buffer is a DTensor like ``p``)."""
+    def _update(self, p: torch.Tensor, group: dict, direction: torch.Tensor, verdict: torch.Tensor,
+                unscale: torch.Tensor | None = None) -> None:
+        """``d = direction (* unscale, a GradScaler's 1 / scale) + weight_decay w``; ``buf = momentum buf + d``;
+        ``w -= lr buf``; the buffer and ``w`` change only where ``verdict``. On this rank's shard (FSDP2:
+        ``direction`` holds its rows, the buffer is a DTensor like ``p``)."""
         dtype = torch.promote_types(p.dtype, torch.float32)
         w = local(p)
         d = direction.to(dtype)
+        if unscale is not None:
+            d = d * unscale.to(dtype)
         if group["weight_decay"] != 0:
             d = d + group["weight_decay"] * w.to(dtype)
         if group["momentum"] != 0:

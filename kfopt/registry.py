@@ -4,7 +4,7 @@ An entry says how to build the optimizer (on a model, or on parameters / param g
 hyperparameters the registry builds it with (its *defaults*: the class's own defaults updated by
 ``overrides``), and what it promises:
 
-* ``kind``: ``"elementwise"`` (LAMB, LARS, SONew: a rule per parameter tensor; built on
+* ``kind``: ``"elementwise"`` (LAMB, LARS, SONew, HeavyBall: a rule per parameter tensor; built on
   ``kfopt.param_groups(model, weight_decay)``, no decay for biases and normalisation weights) or
   ``"kronecker"`` (K-FAC, MKOR, MKOR-H, SINGD: Kronecker-factored preconditioning of a model's
   ``nn.Linear``/``nn.Conv2d`` layers, captured by forward/backward hooks; built on the model).
@@ -108,6 +108,8 @@ REGISTRY: dict[str, OptimizerEntry] = {entry.name: entry for entry in (
                    summary="kfopt.SONew, tridiagonal sparsified online Newton, Adam-grafted"),
     OptimizerEntry("sonew4", "kfopt.sonew", "SONew", "elementwise", overrides={"band": 4},
                    summary="kfopt.SONew with band 4"),
+    OptimizerEntry("heavy_ball", "kfopt.heavy_ball", "HeavyBall", "elementwise", overrides={"momentum": 0.9},
+                   summary="kfopt.heavy_ball.HeavyBall, SGD with heavy-ball momentum (SINGD's default base)"),
     OptimizerEntry("kfac", "kfopt.kfac", "KFAC", "kronecker", skips_non_finite=False, composed=True,
                    intervals={"factor_update_steps": 1, "inv_update_steps": 10},
                    summary="kfopt.KFAC (eigen, KAISA), SGD base with momentum"),

@@ -115,6 +115,7 @@ OPTIMIZER_KERNELS = {
     "singd-toeplitz": ("toeplitz_matmul", "lag_sums", "diagonal_matmul", "diagonal_from_inner"),
     "singd-tril": ("triangular_matmul",),
     "singd-hierarchical": ("hierarchical_matmul",),
+    "heavyball": (),  # PyTorch only (SINGD's default base): checked against float64 on the GPU
 }
 KRONECKER_STEP_CASES = ("kfac", "mkor", "mkorh", "singd-dense", "singd-block32", "singd-toeplitz")
 ELEMENTWISE_METHODS = ("adamw", "lamb", "sonew-band1", "lars", "graft", "sonew-band4")  # stage 3, in this order
@@ -457,6 +458,8 @@ def _optimizer_builder(name: str):
     from perf import cases
     if name in ("lamb", "lars"):
         return {"lamb": cases._lamb, "lars": cases._lars}[name]
+    if name == "heavyball":
+        return lambda model: cases.REGISTRY["heavy_ball"].build(model, lr=1e-3)
     if name.startswith("sonew-band"):
         return cases._sonew(int(name[len("sonew-band"):]))
     variants = {"kfac-inverse-lamb": ("kfac", dict(compute_method="inverse", base="lamb")),
@@ -482,7 +485,7 @@ def run_optimizer_check(args: dict, shape, tol: float = 1e-4) -> dict:
     such noise, and an optimizer that normalises per element turns it into O(lr) updates that differ
     completely.
 
-    Element-wise optimizers (LAMB, LARS, SONew) take the kernels' gradients and are also stepped in
+    Element-wise optimizers (LAMB, LARS, SONew, HeavyBall) take the kernels' gradients and are also stepped in
     float64: every tensor's update must be within ``tol`` of float64, or within 4x the largest error the
     fp32 PyTorch path makes on any tensor of the model. SONew's band > 1 solves amplify the fp32 rounding
     of their statistics by the band matrices' condition number (with the default absolute ``eps`` of
@@ -496,7 +499,7 @@ def run_optimizer_check(args: dict, shape, tol: float = 1e-4) -> dict:
     from perf.checking import rel_error_beyond_ulp
     from perf.run_cases import backend, backward, make_model
     name = args["optimizer"]
-    elementwise = name in ("lamb", "lars") or name.startswith("sonew-band")
+    elementwise = name in ("lamb", "lars", "heavyball") or name.startswith("sonew-band")
     build = _optimizer_builder(name)
     model, twin = make_model(shape), make_model(shape)
     copies = {"kfopt": model, "reference": twin}

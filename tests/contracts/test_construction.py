@@ -86,6 +86,8 @@ BAD_ARGUMENTS = {
     "LARS": [(dict(lr=-1.0), "lr"), (dict(momentum=1.5), "momentum"), (dict(momentum=-0.1), "momentum"),
              (dict(eta=-0.001), "eta"), (dict(weight_decay=-0.1), "weight_decay"), (dict(nesterov=1), "nesterov"),
              *_TRUST_AND_NORM],
+    "HeavyBall": [(dict(lr=-1.0), "lr"), (dict(momentum=-0.1), "momentum"), (dict(weight_decay=-0.1), "weight_decay"),
+                  (dict(lr="0.1"), "lr")],
     "SONew": [(dict(band=0), "band"), (dict(band=MAX_BAND + 1), "band"), (dict(band=1.0), "band"),
               (dict(band=True), "band"), (dict(betas=(0.9,)), "betas"), (dict(betas=(1.0, 0.99)), r"betas\[0\]"),
               (dict(betas=(0.9, -0.1)), r"betas\[1\]"), (dict(eps=0.0), "eps"), (dict(eps=-1e-8), "eps"),
