@@ -62,7 +62,8 @@ its factors are ``stat_decay``-averaged rank-1 updates, so they differ from a mu
 only on the span of the last few mean vectors (``a``, ``g`` averaged over the batch); its direction is
 then nearly Adam's first moment itself, normalised per tensor, without Adam's per-coordinate scaling: a
 normalised momentum SGD, which trails Adam on a transformer. An update every step (``inv_freq=1``) helps a
-little (2.530 with ``inv_freq=10``; with ``inv_freq=1``, ``stat_decay=0.99`` gave 2.532 and no stabiliser,
+little (2.530 with ``inv_freq=10``; with ``inv_freq=1``, ``stat_decay=0.99`` gave 2.532, 0.8 2.659 and 0.5
+2.835 -- unlike K-FAC's factors, shorter averages hurt --, and no stabiliser,
 ``stabilizer_threshold=1e30``, 2.532); ``graft="rmsprop"`` (the raw gradient preconditioned;
 ``inv_freq=10``) is worse (2.796). On digits (297 validation images) SINGD and K-FAC end below AdamW;
 MKOR misses "no worse than AdamW" in validation loss by 0.008 but classifies 2 more images correctly, and
