@@ -482,3 +482,27 @@ def test_thorough_is_a_five_point_sweep_with_three_seeds(quadratic, tmp_path):
     assert status == 0 and doc["config"]["sweep"]["points"] == 5 and doc["config"]["seeds"] == [0, 1]
     assert len(quadratic.started) == 2 * 5 * 2
     assert cli.THOROUGH == {"sweep": 5, "seeds": 3}
+
+
+def test_steps_to_the_baselines_final_loss_relative_to_its_own():
+    """``steps_to_baseline_loss``: the first step at or below the baseline's final smoothed loss (mean over
+    its seeds), averaged over the seeds that get there, and relative to the baseline's own; the table cell."""
+    from kfopt.compare.report import _to_baseline
+
+    def run(name, seed, smoothed):
+        return {"optimizer": name, "exponent": 0, "seed": seed, "status": "ok", "lr": 1.0, "final_val_loss": 1.0,
+                "final_val_accuracy": None, "smoothed_loss": smoothed, "final_smoothed_loss": smoothed[-1],
+                "median_step_ms": 1.0, "evals": [], "state_mib": 0.0, "message": ""}
+
+    records = [run("adamw", 0, [3.0, 2.0, 1.1, 1.3, 1.2]), run("adamw", 1, [3.0, 2.0, 1.5, 1.4, 1.0]),
+               run("fast", 0, [3.0, 1.0, 0.9, 0.8, 0.7]), run("fast", 1, [3.0, 2.0, 1.05, 0.9, 0.8]),
+               run("slow", 0, [3.0, 2.5, 2.0, 1.8, 1.6])]
+    summaries = summary.summarize(records, ["adamw", "fast", "slow"], [0], target=0.5, baseline="adamw")
+    # the baseline's level: mean(1.2, 1.0) = 1.1; it gets there at steps 3 and 5 (mean 4)
+    assert summaries["adamw"]["steps_to_baseline_loss"] == {"steps": 4.0, "vs_baseline": 1.0}
+    assert summaries["fast"]["steps_to_baseline_loss"] == {"steps": 2.5, "vs_baseline": 2.5 / 4.0}
+    assert summaries["slow"]["steps_to_baseline_loss"] == {"steps": None, "vs_baseline": None}
+    assert [_to_baseline(summaries[n]["steps_to_baseline_loss"]) for n in ("adamw", "fast", "slow")] == [
+        "1.00x", "0.62x", "never"]
+    alone = summary.summarize(records, ["fast"], [0], target=0.5, baseline="adamw")  # no baseline run
+    assert alone["fast"]["steps_to_baseline_loss"] is None and _to_baseline(None) == "-"

@@ -45,6 +45,14 @@ def _range(spread: dict, spec: str) -> str:
     return "-" if spread["min"] is None else f"{spread['min']:{spec}}-{spread['max']:{spec}}"
 
 
+def _to_baseline(steps: dict | None) -> str:
+    if steps is None:
+        return "-"
+    if steps["steps"] is None:
+        return "never"
+    return "-" if steps["vs_baseline"] is None else f"{steps['vs_baseline']:.2f}x"
+
+
 def format_table(summaries: dict[str, dict], columns: list[int], target: float, baseline: str, grid: list[int],
                  seeds: list[int]) -> str:
     """The results table, one row per optimizer at its best lr (see ``summary``), and its notes."""
@@ -52,7 +60,7 @@ def format_table(summaries: dict[str, dict], columns: list[int], target: float, 
     with_accuracy = any(s["final_val_accuracy"] is not None for s in summaries.values())
     header = (["optimizer", "lr"] + (["lr x"] if sweep else []) + [f"val@{c}" for c in columns]
               + (["val range"] if several else []) + (["val acc"] if with_accuracy else [])
-              + ["train", "to target"] + (["steps range", "reached"] if several else [])
+              + ["train", "to target"] + (["steps range", "reached"] if several else []) + [f"to {baseline} loss"]
               + ["time to target", "ms/step", f"vs {baseline}", "state MiB"] + (["verdict"] if several else [])
               + ["status"])
     rows = []
@@ -65,6 +73,7 @@ def format_table(summaries: dict[str, dict], columns: list[int], target: float, 
             + ([_number(s["final_val_accuracy"], ".2%")] if with_accuracy else [])
             + [_number(s["final_smoothed_loss"], ".4f"), _number(steps["mean"], ".0f", "not reached")]
             + ([_range(steps, "d"), f"{steps['reached']}/{steps['of']}"] if several else [])
+            + [_to_baseline(s["steps_to_baseline_loss"])]
             + [_number(s["time_to_target_s"], ".1f") + ("s" if s["time_to_target_s"] is not None else ""),
                _number(s["median_step_ms"], ".1f"),
                _number(s["step_time_vs_baseline"], ".2f") + ("x" if s["step_time_vs_baseline"] is not None else ""),
@@ -74,7 +83,8 @@ def format_table(summaries: dict[str, dict], columns: list[int], target: float, 
     notes = [f"val@N: validation loss after N steps; train: smoothed training loss at the end; "
              f"to target: first step with smoothed training loss <= {target:g}; time to target: those steps x "
              f"the median step time measured on this device (ms/step); vs {baseline}: step time ratio; "
-             f"state MiB: optimizer state."]
+             f"state MiB: optimizer state; to {baseline} loss: steps to {baseline}'s final smoothed training "
+             f"loss, as a multiple of {baseline}'s own steps to it ('never': not within the run)."]
     if sweep:
         notes.append(f"lr sweep: each optimizer's default lr times {describe_grid(len(grid))}; lr, lr x: the best "
                      f"of them ({SELECTION_RULE}); '!': the best is at the edge of the grid.")

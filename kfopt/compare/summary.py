@@ -7,6 +7,10 @@
   when none did): mean, min and max of the final validation loss and of the steps to the target
   (over the seeds that reached it), the median step time, and the time to the target = mean steps
   to the target x median step time (measured on this device).
+* Steps to the baseline's loss: the first step whose smoothed training loss is at or below the
+  baseline's final smoothed training loss (the mean over its seeds), mean over the seeds that reach it,
+  and relative to the baseline's own such steps (a smoothed loss fluctuates: the baseline itself gets
+  there before its last step), so ``0.9x`` reads "the baseline's final loss in 0.9 of its steps".
 * Verdict against the baseline (``plan.TIE_RULE``): with 2 or more seeds on both sides, ``tie`` when
   the min-max ranges of the final validation loss overlap, else ``better`` or ``worse`` by the mean.
 """
@@ -101,7 +105,19 @@ def summarize(records: list[dict], names: list[str], exponents: list[int], targe
         if any(by_exponent.values()):
             summaries[name] = summarize_one(by_exponent, exponents, target)
     base = summaries.get(baseline)
+    level = None if base is None else base["final_smoothed_loss"]
+
+    def steps_to_base(name: str) -> float | None:
+        s = summaries[name]
+        reached = [steps_to_target(r["smoothed_loss"], level) for r in records if r["optimizer"] == name
+                   and r["exponent"] == s["exponent"] and r["seed"] in s["seeds_used"]]
+        return _mean([n for n in reached if n is not None])
+
+    own = None if level is None else steps_to_base(baseline)
     for name, s in summaries.items():
+        mine = None if level is None else steps_to_base(name)
+        s["steps_to_baseline_loss"] = None if level is None else {  # None: no baseline loss to reach
+            "steps": mine, "vs_baseline": mine / own if mine is not None and own else None}
         base_ms = None if base is None else base["median_step_ms"]
         s["step_time_vs_baseline"] = None if s["median_step_ms"] is None or not base_ms else s["median_step_ms"] / base_ms
         s["verdict"] = None if base is None or name == baseline else verdict(s, base)
