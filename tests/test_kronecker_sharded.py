@@ -674,6 +674,26 @@ def test_sharded_mkor_under_a_grad_scaler_skips_an_inf_in_one_shard_on_every_ran
 _SINGLE = {}
 
 
+def cached_single_process(case):
+    """``single_process(case)``, computed once per test session (several SINGD tests compare with it)."""
+    if case not in _SINGLE:
+        _SINGLE[case] = single_process(case)
+    return _SINGLE[case]
+
+
+def assert_singd_factors(run_factors, first_factors, expected_factors, rank):
+    """A rank's SINGD factors (free parameters per layer): bit-identical to rank 0's, the shapes of one
+    process's and within 1e-5 of them."""
+    for layer, (mine, first, single) in enumerate(zip(run_factors, first_factors, expected_factors)):
+        assert mine.keys() == single.keys()
+        for key, t in mine.items():
+            assert torch.equal(t, first[key]), f"rank {rank}: layer {layer} {key} differs from rank 0's"
+            assert t.shape == single[key].shape
+            if t.numel():  # a block-diagonal factor with no full block (C of side 3, blocks of 5)
+                err = relative_error(t, single[key])
+                assert err < 1e-5, f"rank {rank}: layer {layer} {key}: relative error {err}"
+
+
 @pytest.mark.distributed
 @pytest.mark.parametrize("config,world,case", [(config, world, case) for config, world in CONFIGS
                                                for case in SINGD_CASES] + [("w2", 2, "singd-preconditioner")])
@@ -682,23 +702,13 @@ def test_sharded_singd_equals_one_process(config, world, case, monkeypatch, chec
     bit-identical on every rank and within 1e-5 of one process's; ``singd-preconditioner``: dense SINGD's
     preconditioner alone in front of torch's SGD."""
     monkeypatch.setenv("KFOPT_BACKEND", "torch")
-    if case not in _SINGLE:
-        _SINGLE[case] = single_process(case)
-    params, expected_factors, _ = _SINGLE[case]
+    params, expected_factors, _ = cached_single_process(case)
     ranks = runs(world, checkpoints)
     for rank, out in enumerate(ranks):
         run = out[f"{config} {case}"]
         assert_params_close(run["params"], params, rank)
         assert not torch.equal(run["params"][0], build_model()[0].weight.detach())  # it trained
-        for layer, (mine, first, single) in enumerate(zip(run["factors"], ranks[0][f"{config} {case}"]["factors"],
-                                                          expected_factors)):
-            assert mine.keys() == single.keys()
-            for key, t in mine.items():
-                assert torch.equal(t, first[key]), f"rank {rank}: layer {layer} {key} differs from rank 0's"
-                assert t.shape == single[key].shape
-                if t.numel():  # a block-diagonal factor with no full block (C of side 3, blocks of 5)
-                    err = float((t - single[key]).abs().max() / single[key].abs().max())
-                    assert err < 1e-5, f"rank {rank}: layer {layer} {key}: relative error {err}"
+        assert_singd_factors(run["factors"], ranks[0][f"{config} {case}"]["factors"], expected_factors, rank)
         if case == "singd-toeplitz":  # O(d): one coefficient per diagonal
             assert [t.shape for f in run["factors"] for t in f.values()] == [(19,), (3,), (49,), (33,), (34,), (3,)]
         if config == "w2" and case == "singd-block":
@@ -923,18 +933,12 @@ def test_singd_distributed_checkpoints_resume_on_other_shard_groups(label, world
     factors as plain tensors), resumed by HSDP (2, 2) and by 2 processes: the run ends as one process's
     uninterrupted run, every rank with the same factors."""
     monkeypatch.setenv("KFOPT_BACKEND", "torch")
-    if SINGD_CHECKPOINTED not in _SINGLE:
-        _SINGLE[SINGD_CHECKPOINTED] = single_process(SINGD_CHECKPOINTED)
-    expected, expected_factors, _ = _SINGLE[SINGD_CHECKPOINTED]
+    expected, expected_factors, _ = cached_single_process(SINGD_CHECKPOINTED)
     ranks = runs(world, checkpoints)
     for rank, out in enumerate(ranks):
         params, run_factors = out[label]
         assert_params_close(params, expected, rank)
-        for mine, first, single in zip(run_factors, ranks[0][label][1], expected_factors):
-            for key, t in mine.items():
-                assert torch.equal(t, first[key]), f"rank {rank}: {key} differs from rank 0's"
-                if t.numel():
-                    assert relative_error(t, single[key]) < 1e-5, f"rank {rank}: {key}"
+        assert_singd_factors(run_factors, ranks[0][label][1], expected_factors, rank)
 
 
 @pytest.mark.distributed
