@@ -229,12 +229,7 @@ class ComposedOptimizer(KfoptOptimizer):
             return
         preconditioned = {id(p) for p in self._preconditioned_params()}
         raw = [p.grad.clone() if id(p) in preconditioned else p.grad for _, p in found]
-        finite = self._finite_inputs([local(g) for g in raw])  # sharded: this rank's shards, then agreed
         reduce = self._layout.reduce  # sharded parameters: the shard group's sum (kfopt.graft)
-        if reduce is not None:
-            bad = (~finite).to(torch.float32).reshape(1)
-            reduce(bad)
-            finite = bad[0] == 0
         moments = [(group, p, local(p.grad)) for group, p in found if id(p) in preconditioned]
         if self.defaults["graft"] == "adam" and moments:  # the preconditioner gets Adam's first moment
             torch._foreach_copy_([g for _, _, g in moments], first_moments(self.state, moments))  # (kfopt.graft)
@@ -247,11 +242,21 @@ class ComposedOptimizer(KfoptOptimizer):
         with agree_on_configs(), self._layout.tuning():
             ok = grafted_step(self.state, entries, None if verdict is not None else skipped,
                               found_inf=None if verdict is None else ~verdict, reduce=reduce) != 0
-        if verdict is not None:  # the second-order step counted the steps it vetoed
+        if verdict is not None:  # the second-order step counted the steps it vetoed (and its blow-ups)
             skipped.add_((verdict & ~ok).to(torch.int32))
-            finite = verdict
+        finite = verdict if verdict is not None else self._finite_gradients(raw, reduce)
         self._count_blowup(finite, ok)
         self._keep_or_restore(ok, snapshot)
+
+    def _finite_gradients(self, grads: list[torch.Tensor], reduce) -> torch.Tensor:
+        """Whether every raw gradient (and tensor lr) is finite, agreed over the shard group (``reduce``):
+        where it holds and the grafted step was skipped, the optimizer's own update blew up."""
+        finite = self._finite_inputs([local(g) for g in grads])  # sharded: this rank's shards, then agreed
+        if reduce is not None:
+            bad = (~finite).to(torch.float32).reshape(1)
+            reduce(bad)
+            finite = bad[0] == 0
+        return finite
 
     def _snapshot(self):
         """What ``_second_order_step`` is about to change (factors, second-order data), for
