@@ -14,7 +14,8 @@ step ``t = step + 1`` (state ``step`` counts completed steps)::
     w   <- w - lr (d + wd w)            (decoupled weight decay)
 
 Norms are Frobenius norms of whole tensors (so ``||d|| = ||a||``: the first-order method's step length
-with the preconditioner's direction).
+with the preconditioner's direction). ``a`` and the ratio ``||a|| / ||q||`` are :func:`graft_vector` and
+:func:`graft_ratio`, which SONew's in-kernel graft (``kernels.sonew``) calls too (``docs/grafting.md``).
 
 **Shards** (FSDP2: ``reduce``, an in-place SUM all-reduce over the shard group). When each tensor passed
 is this rank's dim-0 shard of a larger one (possibly empty), the per-tensor sums of squares
@@ -91,9 +92,11 @@ from .op_declaration import (
     within,
 )
 
-#: First-order methods whose step size a direction can take, by name ("none": no grafting, not a
-#: kernel mode: the optimizers keep their own step).
-GRAFTS = {"adam": 0, "rmsprop": 1, "sgd": 2}
+#: First-order methods whose step size a direction can take, by their number in the kernels' tables.
+#: One table for :func:`graft_step` and SONew's in-kernel graft (``kernels.sonew``), which adds "none"
+#: (0: no grafting, the preconditioned direction as it is; for ``graft_step`` not a kernel mode: the
+#: optimizers keep their own step).
+GRAFTS = {"adam": 1, "rmsprop": 2, "sgd": 3}
 
 
 @dataclass(frozen=True)
@@ -154,9 +157,47 @@ GRAFT = ElementwiseOp(
 A = GRAFT.addr
 H = GRAFT.hyper
 
-_ADAM, _RMSPROP = tl.constexpr(GRAFTS["adam"]), tl.constexpr(GRAFTS["rmsprop"])
+_ADAM, _RMSPROP, _SGD = (tl.constexpr(GRAFTS[k]) for k in ("adam", "rmsprop", "sgd"))
 
 GRAFT_CONFIGS = chunked_configs("graft_step")
+
+
+# ----------------------------------------------------------------------------- the graft's math, shared
+# graft_step's kernels below and SONew's direction and apply kernels (kernels.sonew) compute the graft
+# vector and the ratio with these two functions; their references with the two after them.
+
+
+@triton.jit
+def graft_vector(graft, g, m, v, inv_bc1, inv_bc2, eps):
+    """The graft vector ``a`` of graft number ``graft`` (:data:`GRAFTS`) from the gradient ``g`` and the new
+    moments ``m``, ``v`` (fp32): ``m^ / (sqrt(v^) + eps)`` ("adam"), ``g / (sqrt(v^) + eps)`` ("rmsprop"),
+    ``g`` ("sgd"), 0 for any other number (SONew's "none"); ``m^ = m inv_bc1``, ``v^ = v inv_bc2``. One
+    square root and one division, both correctly rounded."""
+    rms = tl.sqrt_rn(v * inv_bc2) + eps
+    scaled = tl.div_rn(tl.where(graft == _RMSPROP, g, m * inv_bc1), rms)
+    return tl.where((graft == _ADAM) | (graft == _RMSPROP), scaled, tl.where(graft == _SGD, g, 0.0))
+
+
+@triton.jit
+def graft_ratio(a_norm, q_norm):
+    """The scale ``||a|| / ||q||`` of the direction ``q``, 0 where ``||q|| = 0`` (correctly rounded)."""
+    return tl.where(q_norm > 0, tl.div_rn(a_norm, tl.where(q_norm > 0, q_norm, 1.0)), 0.0)
+
+
+def graft_vector_reference(graft: int, g: torch.Tensor, m_hat: torch.Tensor, v_hat: torch.Tensor,
+                           eps: float) -> torch.Tensor | None:
+    """:func:`graft_vector` in the reference's dtype from the bias-corrected moments (None for a number
+    that is no graft: SONew's "none")."""
+    if int(graft) == GRAFTS["sgd"]:
+        return g
+    if int(graft) not in (GRAFTS["adam"], GRAFTS["rmsprop"]):
+        return None
+    return (m_hat if int(graft) == GRAFTS["adam"] else g) / (v_hat.sqrt() + eps)
+
+
+def graft_ratio_reference(a_norm: torch.Tensor, q_norm: torch.Tensor) -> torch.Tensor:
+    """:func:`graft_ratio` on tensors."""
+    return torch.where(q_norm > 0, a_norm / torch.where(q_norm > 0, q_norm, 1), 0)
 
 
 # ----------------------------------------------------------------------------- device helpers
@@ -190,9 +231,7 @@ def _vectors(g_ptr, d_ptr, m_ptr, v_ptr, buf_ptr, offs, n, h, inv_bc1, inv_bc2):
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     m = b1 * tl.load(m_ptr + offs, mask=mask, other=0.0) + (1.0 - b1) * g
     v = b2 * tl.load(v_ptr + offs, mask=mask, other=0.0) + (1.0 - b2) * g * g
-    rms = tl.sqrt_rn(v * inv_bc2) + eps
-    scaled = tl.div_rn(tl.where(graft == _ADAM, m * inv_bc1, g), rms)
-    a = tl.where((graft == _ADAM) | (graft == _RMSPROP), scaled, g)
+    a = graft_vector(graft, g, m, v, inv_bc1, inv_bc2, eps)
     p_dir = tl.load(d_ptr + offs, mask=offs < n_pre, other=0.0).to(tl.float32)
     buf = mom * tl.load(buf_ptr + offs, mask=offs < n_buf, other=0.0) + p_dir
     q = tl.where(has_buf, buf, p_dir)
@@ -270,7 +309,7 @@ def _graft_apply_kernel(
     has_buf = tl.load(h + H.has_buffer) != 0
     a_norm = tl.load(norms_ptr + tid * 2)
     q_norm = tl.load(norms_ptr + tid * 2 + 1)
-    scale = tl.where(q_norm > 0, tl.div_rn(a_norm, tl.where(q_norm > 0, q_norm, 1.0)), 0.0)
+    scale = graft_ratio(a_norm, q_norm)
     n = tl.where(tl.load(ok_ptr) != 0, n, 0)  # a skipped step reads and writes nothing
     for off in range(0, tl.minimum(n - start, CHUNK), BLOCK):
         offs = start + off + tl.arange(0, BLOCK)
@@ -401,8 +440,7 @@ def _graft_reference(call: Call, reduce: Callable[[torch.Tensor], None] | None) 
         bc1, bc2 = (1 - h.beta1 ** t).to(dtype), (1 - h.beta2 ** t).to(dtype)
         m_new = h.beta1 * m.to(dtype) + (1 - h.beta1) * g
         v_new = h.beta2 * v.to(dtype) + (1 - h.beta2) * g * g
-        rms = (v_new / bc2).sqrt() + h.graft_eps
-        a = {GRAFTS["adam"]: (m_new / bc1) / rms, GRAFTS["rmsprop"]: g / rms, GRAFTS["sgd"]: g}[int(h.graft)]
+        a = graft_vector_reference(h.graft, g, m_new / bc1, v_new / bc2, h.graft_eps)
         pre = bool(h.precondition)
         q = d.to(dtype) if pre else torch.zeros_like(a)
         buf_new = None
@@ -418,7 +456,7 @@ def _graft_reference(call: Call, reduce: Callable[[torch.Tensor], None] | None) 
             params, exp_avgs, exp_avg_sqs, momentum_buffers, steps, records, results, norms):
         dtype = torch.promote_types(p.dtype, torch.float32)
         if h.precondition:
-            d = q * torch.where(q_norm > 0, a_norm / torch.where(q_norm > 0, q_norm, 1), 0)
+            d = q * graft_ratio_reference(a_norm, q_norm)
         else:
             d = a
         w = p.to(dtype)

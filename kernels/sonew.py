@@ -50,6 +50,9 @@ edges of row k are dropped (X is diag(1 / S_kk) where all are).
     d = a_adam, no grafting, for tensors with ``precondition=False`` (the plain Adam update)
     w <- w - lr (d + wd w)
 
+``a`` and the ratio are ``kernels.graft``'s ``graft_vector`` and ``graft_ratio``, shared with the
+Kronecker-factored optimizers' ``graft_step`` (``docs/grafting.md``).
+
 **Shards** (FSDP2/HSDP: ``kfopt.halos`` gathers the halos, ``kfopt.sharding`` the reductions): a tensor
 may be the rows ``[o, o + n)`` of a longer flattened one. Rows ``k`` of its window (``k + p``, ``i - p``,
 ``|p| <= b``) outside ``[0, n)`` but inside ``[-halo_left, n + halo_right)`` read their gradient and old
@@ -119,6 +122,8 @@ import triton.language as tl
 
 from kfopt.autotune import Config, ConfigSpace, shape_bucket
 
+from .graft import GRAFTS as GRAFT_VECTORS
+from .graft import graft_ratio, graft_ratio_reference, graft_vector, graft_vector_reference
 from .multi_tensor import (
     REDUCE_BLOCK,
     global_norm_reference,
@@ -150,8 +155,8 @@ MAX_BAND = 4
 DROP_TOL = 1e-3
 #: Floor of the relative damping (the JAX reference's ``min_eps``).
 MIN_RELATIVE_DAMPING = 1e-24
-#: Graft vectors, by name.
-GRAFTS = {"none": 0, "adam": 1, "rmsprop": 2, "sgd": 3}
+#: Graft vectors, by name: ``kernels.graft``'s, and "none" (0: the direction ``x`` as it is).
+GRAFTS = {"none": 0, **GRAFT_VECTORS}
 
 
 
@@ -231,7 +236,7 @@ H = SONEW.hyper
 
 _DROP_TOL = tl.constexpr(DROP_TOL)
 _MIN_RELATIVE_DAMPING = tl.constexpr(MIN_RELATIVE_DAMPING)
-_GRAFT_NONE, _GRAFT_ADAM, _GRAFT_RMSPROP, _GRAFT_SGD = (tl.constexpr(GRAFTS[k]) for k in GRAFTS)
+_GRAFT_NONE, _GRAFT_ADAM = tl.constexpr(GRAFTS["none"]), tl.constexpr(GRAFTS["adam"])
 
 #: 1, 2 or 4 rows per thread: pass 1 holds ~(b + 1)(b + 2) live values per row (sm_90, ptxas: band 1
 #: 46 registers at one row per thread, 72 at two; band 4 140 at one, spills at two).
@@ -532,16 +537,13 @@ def _sonew_direction_kernel(
         gs, mus, nus, offs = _new_statistics(g_ptr, m_ptr, nu_ptr, off_ptr, slot_ptr, halo_ptr, rows, r0, n, left,
                                              right, bt, b1, b2, coef, G_DT, BAND, BLOCK)
         x = _sparse_inverse_apply(mus, nus, offs, rows, -left, n + right, bt, inv_bc1, inv_bc2, damp, BAND)
-        g = gs[BAND]
-        rms = tl.sqrt_rn(nus[BAND] * inv_bc2) + graft_eps
-        # mu^ / rms (adam) or g / rms (rmsprop) with one division: an rmsprop tensor is preconditioned,
-        # so its d is x, and a tensor that is not has graft "none" (SonewHyperparameters), so its d is adam
-        scaled = tl.div_rn(tl.where(graft == _GRAFT_RMSPROP, g, mus[BAND] * inv_bc1), rms)
-        a = tl.where((graft == _GRAFT_ADAM) | (graft == _GRAFT_RMSPROP), scaled,
-                     tl.where(graft == _GRAFT_SGD, g, 0.0))
-        d = tl.where(precondition != 0, x, scaled)
+        # a tensor that is not preconditioned takes the Adam vector as its d (its graft is "none",
+        # SonewHyperparameters, so it is not scaled and its a is not used)
+        a = graft_vector(tl.where(precondition != 0, graft, _GRAFT_ADAM), gs[BAND], mus[BAND], nus[BAND], inv_bc1,
+                         inv_bc2, graft_eps)
+        d = tl.where(precondition != 0, x, a)
         d_sq += tl.where(mask, d * d, 0.0)
-        a_sq += tl.where(mask, a * a, 0.0)
+        a_sq += tl.where(mask, tl.where(precondition != 0, a * a, 0.0), 0.0)
         # every read of this tile's old state (by any thread) happens before any write below
         tl.debug_barrier()
         tl.store(m_ptr + rows, mus[BAND], mask=mask)
@@ -568,8 +570,7 @@ def _sonew_apply_kernel(
     wd = tl.load(h + H.weight_decay)
     d_norm = tl.load(norms_ptr + tid * 2)
     a_norm = tl.load(norms_ptr + tid * 2 + 1)
-    ratio = tl.where(d_norm > 0, tl.div_rn(a_norm, tl.where(d_norm > 0, d_norm, 1.0)), 0.0)
-    scale = tl.where(tl.load(h + H.graft).to(tl.int32) == _GRAFT_NONE, 1.0, ratio)
+    scale = tl.where(tl.load(h + H.graft).to(tl.int32) == _GRAFT_NONE, 1.0, graft_ratio(a_norm, d_norm))
     n = tl.where(tl.load(clip_ptr + 2) != 0, n, 0)  # a skipped step writes nothing
     for off in range(0, tl.minimum(n - start, CHUNK), BLOCK):
         offs = start + off + tl.arange(0, BLOCK)
@@ -840,20 +841,17 @@ def _sonew_reference(call: Call, reduce, reduce_max) -> torch.Tensor:
     for (dtype, rows, g, mu, nu, off, bc1, bc2, _), row_max, h in zip(stats, row_maxes, records):
         nu_hat, off_hat, mu_hat = nu / bc2, off / bc2, mu / bc1
         damp = torch.clamp(h.eps * row_max.to(dtype), min=MIN_RELATIVE_DAMPING) if h.relative_eps else h.eps
-        adam = mu_hat[rows] / (nu_hat[rows].sqrt() + h.graft_eps)
         if h.precondition:
             d = apply_sparse_inverse_reference(*sparse_inverse_factors_reference(nu_hat, off_hat, damp), mu_hat)[rows]
         else:
-            d = adam
-        graft = {GRAFTS["adam"]: adam, GRAFTS["rmsprop"]: g[rows] / (nu_hat[rows].sqrt() + h.graft_eps),
-                 GRAFTS["sgd"]: g[rows], GRAFTS["none"]: None}[int(h.graft)]
-        steps_taken.append((d, graft))
+            d = graft_vector_reference(GRAFTS["adam"], g[rows], mu_hat[rows], nu_hat[rows], h.graft_eps)
+        steps_taken.append((d, graft_vector_reference(h.graft, g[rows], mu_hat[rows], nu_hat[rows], h.graft_eps)))
     norms = tensor_norms_reference([(d, torch.zeros_like(d) if a is None else a) for d, a in steps_taken], reduce)
     for p, m, v, o, s, h, (dtype, rows, _, mu, nu, off, *_), (d, graft), (d_norm, a_norm) in zip(
             params, exp_avgs, diags, offdiags, steps, records, stats, steps_taken, norms):
         w = p.reshape(-1).to(dtype)
         if graft is not None:
-            d = d * torch.where(d_norm > 0, a_norm / torch.where(d_norm > 0, d_norm, 1), 0)
+            d = d * graft_ratio_reference(a_norm, d_norm)
         w_new = w - h.lr * (d + h.weight_decay * w)
         m.copy_(torch.where(ok, mu[rows], m.reshape(-1).to(dtype)).view_as(m))
         v.copy_(torch.where(ok, nu[rows], v.to(dtype)))

@@ -17,18 +17,12 @@ Shampoo's grafting; SONew does the same with its own statistics). With ``graft``
 so ``||d|| = ||a||``: the step of AdamW with the same ``lr``, schedule and ``weight_decay`` in length, the
 preconditioner's in direction -- a user coming from AdamW keeps those settings.
 
-Why "adam" preconditions the first moment ``m`` (Distributed Shampoo's "filtered gradient") rather than
-the gradient: Adam's step length ``||m^ / sqrt(v^)||`` is that of an averaged direction. Late in
-training, where the gradient is mostly noise, it is several times shorter than ``||g / sqrt(v^)||``
-(pure noise: about ``sqrt((1 - b1) / (1 + b1))``, 0.23 at b1 = 0.9), while the part of it that makes
-progress is the mean gradient's. Given to the preconditioned *raw* gradient, that length shrinks the
-progress by the same factor (on ``kfopt compare``'s chars task K-FAC so grafted ended well above AdamW
-at AdamW's lr). Preconditioning ``m``, direction and length come from the same average, and K-FAC ends
-below AdamW (the numbers: ``kfopt/compare/registry.py``). The rmsprop and sgd lengths are those of the
-raw gradient, which they precondition. The method's momentum ``mu`` then
-averages a second time: the recipes use ``mu = 0``. ``graft="none"`` (the
-default) is the method's own update. ``graft`` is global (every param group has the constructor's
-value); ``graft_betas`` and ``graft_eps`` are per group (schedulable).
+"adam" preconditions the first moment ``m`` (Distributed Shampoo's "filtered gradient"), so that
+direction and length come from the same average; why, and what it measured: ``docs/grafting.md``. The
+rmsprop and sgd lengths are those of the raw gradient, which they precondition. The method's momentum
+``mu`` then averages a second time: the recipes use ``mu = 0``. ``graft="none"`` (the default) is the
+method's own update. ``graft`` is global (every param group has the constructor's value);
+``graft_betas`` and ``graft_eps`` are per group (schedulable).
 
 State per parameter (fp32 whatever the parameter dtype; checkpointed and checked on load):
 ``graft_exp_avg``, ``graft_exp_avg_sq`` (shape of p), ``graft_step`` (0-d) and, while the method's

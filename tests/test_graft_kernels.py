@@ -365,3 +365,35 @@ def test_a_non_finite_value_in_one_shard_skips_every_shard(where, medium_chunks,
             for col in (0, 3, 4, 5):
                 assert torch.equal(put_together(shards, i, col), want[col]), (step.__name__, i, col)
             assert all(tensors[i][6].item() == 3.0 for tensors, _, _ in shards)
+
+
+@pytest.mark.parametrize("graft", ["adam", "rmsprop", "sgd"])
+def test_sonew_takes_the_same_graft_as_graft_step(graft, device):
+    """SONew's in-kernel graft and ``graft_step`` share the graft's math (``kernels.graft.graft_vector`` and
+    ``graft_ratio``): from the same gradient and moments, SONew's step on a preconditioned tensor has
+    ``graft_step``'s length ``lr ||a||`` whatever the two directions, both store the same moments, and a
+    tensor neither preconditions takes the same Adam step in both."""
+    from kfopt.kernels.sonew import sonew_step
+
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(6, 5), (7,)]
+    grads = [torch.randn(s, generator=gen).to(device) for s in shapes]
+    moments = [(0.1 * torch.randn(s, generator=gen)).to(device) for s in shapes]
+    squares = [(0.1 * torch.rand(s, generator=gen)).to(device) for s in shapes]
+    hyper = dict(lr=0.05, beta1=0.8, beta2=0.95, graft_eps=1e-6, precondition=[True, False])
+    steps = lambda: [torch.tensor(3.0, device=device) for _ in shapes]  # noqa: E731
+    zeros = lambda: [torch.zeros(s, device=device) for s in shapes]  # noqa: E731
+
+    w_sonew, m_sonew, v_sonew = zeros(), [m.clone() for m in moments], [v.reshape(-1).clone() for v in squares]
+    offdiags = [torch.zeros((len(s) - 1, g.numel()), device=device) for s, g in zip(shapes, grads)]
+    sonew_step(w_sonew, grads, m_sonew, v_sonew, offdiags, steps(), graft=graft, **hyper)
+
+    w_graft, m_graft, v_graft = zeros(), [m.clone() for m in moments], [v.clone() for v in squares]
+    directions = [torch.randn(s, generator=gen).to(device) for s in shapes]
+    graft_step(w_graft, grads, directions, m_graft, v_graft, [None, None], steps(), graft=[graft, "adam"], **hyper)
+
+    assert_rel_close(w_sonew[0].norm(), w_graft[0].norm(), tol=1e-6, name="preconditioned step length")
+    assert_rel_close(w_sonew[1], w_graft[1], tol=1e-6, name="first-order step")
+    for name, mine, theirs in (("exp_avg", m_sonew, m_graft), ("exp_avg_sq", v_sonew, v_graft)):
+        for a, b in zip(mine, theirs):
+            assert_rel_close(a.reshape(-1), b.reshape(-1), tol=1e-6, name=name)
