@@ -121,12 +121,19 @@ class ComposedOptimizer(KfoptOptimizer):
         with ``defaults``, and the base optimizer (:meth:`_build_base`); if that raises, the
         preconditioner's hooks are removed from the model."""
         self.preconditioner = preconditioner
+        self._model = preconditioner.capture.model  # the model the param groups come from
         try:
             super().__init__(param_groups(preconditioner.capture.model, defaults["weight_decay"]), defaults)
             self._build_base(base, **base_kwargs)
         except BaseException:
             preconditioner.capture.remove()
             raise
+
+    def _named_params(self):
+        """Each parameter by its name in ``self._model`` (``"0.weight"``; one added by ``add_param_group`` by
+        its place in the groups), for the errors that name one."""
+        names = {p: name for name, p in self._model.named_parameters()}
+        return [(names.get(p, place), p) for place, p in super()._named_params()]
 
     def _build_base(self, base: BaseOptimizer, **kwargs) -> None:
         """``self.base`` from ``self.param_groups`` (the same dicts): ``BASE_OPTIMIZERS[base](groups,

@@ -61,9 +61,10 @@ class Sharded:
     def __init__(self, layers: Sequence[CapturedLayer], strategy: Strategy = "compute"):
         meshes = {getattr(layer.weight, "device_mesh", None) for layer in layers}
         if len(meshes) != 1 or None in meshes:
+            plain = [layer.name for layer in layers if getattr(layer.weight, "device_mesh", None) is None]
             raise ValueError("model: the preconditioned layers must all be sharded (fully_shard) over one "
-                             f"device mesh; got {len(meshes - {None})} meshes"
-                             + (" and unsharded layers" if None in meshes else ""))
+                             + (f"device mesh; layer {plain[0]!r} is not sharded" if plain else
+                                f"device mesh; got {len(meshes)} meshes"))
         mesh = meshes.pop()
         self.group = mesh.get_group(mesh.ndim - 1)  # the shard dimension (HSDP: the last one)
         # HSDP: the replicas of this rank's shard precondition the same layers on the same data

@@ -5,9 +5,10 @@ parameters), K-FAC's second-order data and MKOR's inverse factors live on each l
 owners precondition their own layers, a NaN in one rank's shard skips MKOR's and SINGD's step on every
 rank (K-FAC's under a GradScaler or base LAMB; MKOR's and SINGD's under a GradScaler too), K-FAC's,
 MKOR's, MKOR-H's and SINGD's distributed checkpoints resume on other meshes, and placements other than
-row shards raise at construction naming the layer. Grafted K-FAC, MKOR and SINGD (``GRAFT_CASES``) equal one
-process's on shard groups of 4, 2 (HSDP (2, 2)) and 2 ranks, skip a NaN in one rank's shard on every
-rank, and resume their distributed checkpoints (the graft's state in them) on HSDP and 2 ranks.
+row shards raise at construction naming the layer. Grafted K-FAC, MKOR, MKOR-H and SINGD (``GRAFT_CASES``)
+equal one process's on shard groups of 4, 2 (HSDP (2, 2)), 1 ((4, 1)) and 2 ranks, skip a NaN in one rank's
+shard on every rank, resume their distributed checkpoints (the graft's state in them) on HSDP and 2 ranks,
+and refuse at construction a model that mixes sharded and plain parameters.
 
 One launch of 4 ranks runs the shard groups of 4 (mesh (4,)), of 2 (HSDP on a (2, 2) mesh: each
 replicate group exchanges on its own) and of 1 (a (4, 1) mesh); one launch of 2 ranks a mesh (2,).
@@ -90,16 +91,17 @@ def make_singd(model, case, **kwargs):
                            **SINGD_FACTORS, **kwargs})
 
 
-def make_mkor(model, case, **kwargs):
+def make_mkor(model, case, lr=0.02, **kwargs):
     """MKOR or MKOR-H of ``MKOR_CASES[case]`` (one owner per layer and shard group)."""
     from kfopt import MKOR, MKORH
 
-    return (MKORH if case == "mkorh" else MKOR)(model, lr=0.02, inv_freq=2, **MKOR_CASES[case], **kwargs)
+    return (MKORH if case == "mkorh" else MKOR)(model, lr=lr, inv_freq=2, **MKOR_CASES[case], **kwargs)
 
 
-#: grafted K-FAC and SINGD (the direction's momentum 0.9: a buffer) and MKOR (``kfopt.graft``): (case, graft)
+#: grafted K-FAC and SINGD (the direction's momentum 0.9: a buffer), MKOR and MKOR-H (switching within the
+#: run to the graft's AdamW update for every parameter; ``kfopt.graft``): (case, graft)
 GRAFT_CASES = {"kfac-adam": ("eigen", "adam"), "mkor-adam": ("mkor", "adam"), "mkor-sgd": ("mkor", "sgd"),
-               "singd-adam": ("singd-block", "adam")}
+               "mkorh-adam": ("mkorh", "adam"), "singd-adam": ("singd-block", "adam")}
 
 
 def make(model, case, fraction=None):
@@ -109,7 +111,10 @@ def make(model, case, fraction=None):
         base, graft = GRAFT_CASES[case]
         if base in SINGD_CASES:
             return make_singd(model, base, graft=graft, lr=0.01)
-        return make_kfac(model, base, graft=graft) if base in CASES else make_mkor(model, base, graft=graft)
+        if base in CASES:
+            return make_kfac(model, base, graft=graft)
+        # grafted MKOR-H at lr 0.01 switches after step 4 of 5 (at 0.02 after the last): a grafted step follows
+        return make_mkor(model, base, graft=graft, **({"lr": 0.01} if base == "mkorh" else {}))
     if case in CASES:
         return make_kfac(model, case, fraction)
     return make_mkor(model, case) if case in MKOR_CASES else make_singd(model, case)
@@ -405,22 +410,28 @@ def singd_scaler_run(mesh, rank):
 
 def placement_errors(mesh):
     """Constructing K-FAC, SINGD and MKOR on a fully_shard model whose Linear weight is column-sharded
-    (Shard(1)): their errors."""
+    (Shard(1)), on one with a plain (unsharded) Linear added, and grafted on one with a plain LayerNorm
+    added: their errors, by case and class."""
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import Shard, distribute_tensor
 
     from kfopt import KFAC, MKOR, SINGD
 
-    model = build_model()
-    fully_shard(model, mesh=mesh)
-    model[3].weight = nn.Parameter(distribute_tensor(model[3].weight.full_tensor().detach(), mesh, [Shard(1)]))
-    errors = []
-    for cls in (KFAC, SINGD, MKOR):
-        try:
-            cls(model, lr=0.1)
-            errors.append(None)
-        except ValueError as err:
-            errors.append(str(err))
+    column = build_model()
+    fully_shard(column, mesh=mesh)
+    column[3].weight = nn.Parameter(distribute_tensor(column[3].weight.full_tensor().detach(), mesh, [Shard(1)]))
+    plain_layer, plain_norm = sharded_model(mesh), sharded_model(mesh)
+    plain_layer.append(nn.Linear(3, 2))  # a preconditioned layer FSDP2 does not shard
+    plain_norm.append(nn.LayerNorm(3))  # a first-order parameter: the graft's norms would span one rank
+    errors = {}
+    for case, net, kwargs in (("Shard(1)", column, {}), ("plain layer", plain_layer, {}),
+                              ("plain norm, grafted", plain_norm, {"graft": "adam"})):
+        for cls in (KFAC, SINGD, MKOR):
+            try:
+                cls(net, lr=0.1, **kwargs)
+                errors[case, cls.__name__] = None
+            except ValueError as err:
+                errors[case, cls.__name__] = str(err)
     return errors
 
 
@@ -517,7 +528,8 @@ def ranks_program(rank, world, directory):
     for case in GRAFTED_CHECKPOINTS:
         out[f"w4 {case}"] = sharded_run(mesh4, rank, 4, case)
         out[f"hsdp22 {case}"] = sharded_run(mesh22, rank, 4, case)
-    out["shard1"] = placement_errors(mesh4)
+        out[f"w1 {case}"] = sharded_run(mesh41, rank, 4, case)
+    out["placements"] = placement_errors(mesh4)
     out["nan mkor"] = mkor_nan_in_one_shard(mesh4, rank)
     out["non-finite w4"] = non_finite_runs(mesh4, rank, rank, 4)
     out["non-finite hsdp22"] = non_finite_runs(mesh22, mesh22.get_local_rank("shard"), rank, 4)
@@ -718,8 +730,14 @@ def test_sharded_singd_equals_one_process(config, world, case, monkeypatch, chec
 @pytest.mark.distributed
 def test_placements_and_fraction_errors(checkpoints):
     for out in runs(4, checkpoints):
-        for error in out["shard1"]:  # K-FAC's, SINGD's and MKOR's
-            assert error is not None and "layer '3'" in error and "Shard(dim=1)" in error
+        errors = out["placements"]  # K-FAC's, SINGD's and MKOR's
+        assert len(errors) == 9
+        for (case, cls), error in errors.items():
+            expected = {"Shard(1)": ("layer '3'", "Shard(dim=1)"),
+                        # MKOR's base LAMB steps the sharded parameters itself: its check comes first
+                        "plain layer": ("6.bias is not sharded like",) if cls == "MKOR" else ("layer '6' is not sharded",),
+                        "plain norm, grafted": ("6.bias is not sharded like", "mix sharded and unsharded")}[case]
+            assert error is not None and all(e in error for e in expected), (case, cls, error)
     for out in runs(2, checkpoints):
         assert out["fraction"] is not None and "grad_worker_fraction" in out["fraction"]
         for name in ("base part", "mkorh base part", "mkorh get", "singd base part"):
@@ -812,20 +830,25 @@ def test_distributed_checkpoint_of_an_optimizer_without_per_parameter_state(tmp_
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("config,case", [*[(config, case) for config in ("w4", "hsdp22", "w2")
-                                           for case in GRAFTED_CHECKPOINTS], ("w2", "mkor-sgd")])
+@pytest.mark.parametrize("config,case", [*[(config, case) for config in ("w4", "hsdp22", "w1", "w2")
+                                           for case in GRAFTED_CHECKPOINTS],
+                                         ("w2", "mkor-sgd"), ("w2", "mkorh-adam")])
 def test_sharded_grafting_equals_one_process(config, case, monkeypatch, checkpoints):
-    """Grafted K-FAC, MKOR and SINGD on shard groups of 4, 2 (HSDP (2, 2)) and 2 (``w2``, MKOR's graft kernel
-    through Triton): the parameters after 5 steps within 1e-5 of one process's (the graft's norms are the
-    whole tensors'), its state (moments, K-FAC's momentum buffers) DTensors placed like the parameters;
-    ``w2``: a NaN in rank 1's gradient shard then skips the step on every rank, parameters and factors
-    unchanged, one skip and no blow-up counted everywhere."""
+    """Grafted K-FAC, MKOR, MKOR-H and SINGD on shard groups of 4, 2 (HSDP (2, 2)), 1 (a (4, 1) mesh) and 2
+    (``w2``, MKOR's graft kernel through Triton): the parameters after 5 steps within 1e-5 of one process's
+    (the graft's norms are the whole tensors'), MKOR-H switching at the same step, the graft's state
+    (moments, K-FAC's momentum buffers) DTensors placed like the parameters; ``w2``: a NaN in rank 1's
+    gradient shard then skips the step on every rank, parameters and factors unchanged, one skip and no
+    blow-up counted everywhere."""
     monkeypatch.setenv("KFOPT_BACKEND", "torch")
-    expected, _, _ = single_process(case)
+    expected, _, switched_at = single_process(case)
+    if case == "mkorh-adam":
+        assert switched_at is not None and 0 < switched_at < STEPS  # the hand-over happens within the run
     ranks = runs(4 if config != "w2" else 2, checkpoints)
     for rank, out in enumerate(ranks):
         run = out[f"{config} {case}"]
         assert_params_close(run["params"], expected, rank)
+        assert run["switched_at"] == switched_at, f"rank {rank}"
         assert not torch.equal(run["params"][0], build_model()[0].weight.detach())  # it trained
         assert run["state like params"], f"rank {rank}"
         assert run["state keys"] == sorted(["graft_exp_avg", "graft_exp_avg_sq", "graft_step"] + (
