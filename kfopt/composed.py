@@ -251,19 +251,15 @@ class ComposedOptimizer(KfoptOptimizer):
                               found_inf=None if verdict is None else ~verdict, reduce=reduce) != 0
         if verdict is not None:  # the second-order step counted the steps it vetoed (and its blow-ups)
             skipped.add_((verdict & ~ok).to(torch.int32))
-        finite = verdict if verdict is not None else self._finite_gradients(raw, reduce)
+        finite = verdict if verdict is not None else self._finite_gradients(raw)
         self._count_blowup(finite, ok)
         self._keep_or_restore(ok, snapshot)
 
-    def _finite_gradients(self, grads: list[torch.Tensor], reduce) -> torch.Tensor:
-        """Whether every raw gradient (and tensor lr) is finite, agreed over the shard group (``reduce``):
-        where it holds and the grafted step was skipped, the optimizer's own update blew up."""
-        finite = self._finite_inputs([local(g) for g in grads])  # sharded: this rank's shards, then agreed
-        if reduce is not None:
-            bad = (~finite).to(torch.float32).reshape(1)
-            reduce(bad)
-            finite = bad[0] == 0
-        return finite
+    def _finite_gradients(self, grads: list[torch.Tensor]) -> torch.Tensor:
+        """Whether every raw gradient (and tensor lr) is finite, agreed over the ranks by the
+        preconditioner's distributor (sharded: each rank judges its shards; as SINGD's own verdict): where
+        it holds and the grafted step was skipped, the optimizer's own update blew up."""
+        return self.preconditioner.distributor.all_finite(self._finite_inputs([local(g) for g in grads]))
 
     def _snapshot(self):
         """What ``_second_order_step`` is about to change (factors, second-order data), for
