@@ -139,6 +139,7 @@ def test_mixed_dtypes_in_one_call(medium_chunks, poison_empty, device):
         assert_rel_close(out[5], w[5], torch.float32, name=f"momentum_buffer[{i}]")
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the interpreter's numpy, on purpose
 @pytest.mark.parametrize("where", ["grad", "direction", "overflow"])
 def test_non_finite_update_skips_every_tensor(where, medium_chunks, device):
     """A NaN gradient, an inf direction (a factor that blew up) or a sum of squares overflowing fp32 in
