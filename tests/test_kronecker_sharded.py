@@ -734,7 +734,7 @@ def test_placements_and_fraction_errors(checkpoints):
         assert len(errors) == 9
         for (case, cls), error in errors.items():
             expected = {"Shard(1)": ("layer '3'", "Shard(dim=1)"),
-                        # MKOR's base LAMB steps the sharded parameters itself: its check comes first
+                        # MKOR's preconditioner checks every parameter's sharding first (kfopt.mkor)
                         "plain layer": ("6.bias is not sharded like",) if cls == "MKOR" else ("layer '6' is not sharded",),
                         "plain norm, grafted": ("6.bias is not sharded like", "mix sharded and unsharded")}[case]
             assert error is not None and all(e in error for e in expected), (case, cls, error)
