@@ -546,7 +546,9 @@ class KFACPreconditioner:
 
     def _update_second_order(self, dampings: list[float]) -> None:
         """Decompose the factors of the layers this rank is inverse worker of; share them with the
-        layers' other grad workers (the distributor). Ranks that are not a layer's grad workers copy the
+        layers' other grad workers (the distributor), who receive them into new tensors: on every rank the
+        update replaces a layer's list of second-order data, never its tensors (a skipped grafted step puts
+        the old list back, ``KFAC._keep_or_restore``). Ranks that are not a layer's grad workers copy the
         factors to the host (what reproduces the data in their checkpoints)."""
         for i, layer in enumerate(self._layers):
             if self.distributor.decomposes(i):
@@ -555,7 +557,9 @@ class KFACPreconditioner:
                     self.decomposition_failures += 1
                 else:
                     layer.second = result
-            elif layer.second is None:  # ordered on the stream before later factor updates; no host sync
+            elif layer.second is not None:  # held here, decomposed by another rank
+                layer.second = [torch.empty_like(t) for t in layer.second]
+            else:  # ordered on the stream before later factor updates; no host sync
                 layer.elsewhere = ("decomposed", {"A": layer.A.to("cpu", non_blocking=True, copy=True),
                                                   "G": layer.G.to("cpu", non_blocking=True, copy=True),
                                                   "damping": float(dampings[i])})

@@ -13,7 +13,7 @@ import os
 
 import pytest
 import torch
-from contracts.helpers import assert_same_tree
+from contracts.helpers import assert_same_tree, infinite_direction
 from distributed import run_distributed
 from torch import nn
 
@@ -146,8 +146,38 @@ def resume_ranks(rank, world, compute_method):
     return out
 
 
+#: grafted K-FAC whose step BLOWN_UP (an inverse-update step: inv_update_steps=2) blows up
+GRAFTED, BLOWN_UP = dict(COMMON, lr=1e-2, momentum=0.0, graft="adam"), 2
+
+
+def blown_up_run(rank=0, world=1):
+    """Grafted K-FAC (on 2 ranks COMM-OPT under DDP: each layer decomposed by one rank and broadcast to the
+    other) whose step ``BLOWN_UP`` gets an infinite preconditioned gradient from finite gradients: the
+    parameters, every layer's second-order data and the blow-up count after STEPS steps."""
+    import kfopt.graft
+
+    model = build_model()
+    net = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model)
+    opt = KFAC(net, **GRAFTED, **({"grad_worker_fraction": 1.0} if world > 1 else {}))
+    for step, batch in enumerate(batches()):
+        graft_step = kfopt.graft.graft_step
+        if step == BLOWN_UP:
+            kfopt.graft.graft_step = infinite_direction(graft_step)
+        try:
+            train(net, opt, [batch], rank, world)
+        finally:
+            kfopt.graft.graft_step = graft_step
+    return {"params": [p.detach().clone() for p in model.parameters()],
+            "second": [t.clone() for layer in opt.preconditioner._layers for t in layer.second],
+            "blown up": int(opt.blown_up_steps)}
+
+
 def world2_ranks(rank, world, configs):
-    return {**kaisa_ranks(rank, world, configs, None),
+    return {**kaisa_ranks(rank, world, configs, None), "blown up": blown_up_run(rank, world),
             "resume": {method: resume_ranks(rank, world, method) for method in ("eigen", "inverse")}}
 
 
@@ -191,6 +221,30 @@ def check_ranks(results, name, reference, tol=TOL):
             assert torch.equal(p, q), f"{name}: rank {rank} differs from rank 0"
             rel = ((p.double() - ref.double()).norm() / ref.double().norm()).item()
             assert rel <= tol, f"{name}: rank {rank} relative error {rel:.2e} vs the single process"
+
+
+@pytest.mark.distributed
+def test_a_grafted_step_that_blows_up_is_skipped_alike_on_every_rank(world2, monkeypatch):
+    """A blown-up grafted step on an inverse-update step puts the old second-order data back on every rank
+    (the rank that decomposed a layer and the one that received it): after the run every rank holds the
+    same second-order data and parameters, those of one process with the same blow-up."""
+    monkeypatch.setenv("KFOPT_BACKEND", "torch")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        reference = blown_up_run()
+    finally:
+        torch.set_num_threads(threads)
+    for rank, res in enumerate(world2):
+        run = res["blown up"]
+        assert run["blown up"] == 1 == reference["blown up"], f"rank {rank}"
+        for name in ("second", "params"):
+            for t, first in zip(run[name], world2[0]["blown up"][name]):
+                assert torch.equal(t, first), f"{name}: rank {rank} differs from rank 0"
+    for rank, res in enumerate(world2):
+        for p, ref in zip(res["blown up"]["params"], reference["params"]):
+            rel = ((p.double() - ref.double()).norm() / ref.double().norm()).item()
+            assert rel <= TOL, f"rank {rank}: relative error {rel:.2e} vs the single process"
 
 
 @pytest.mark.distributed

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 from torch import nn
@@ -120,3 +121,14 @@ def hook_count(model: nn.Module) -> int:
         count += len(getattr(p, "_backward_hooks", None) or {})
         count += len(getattr(p, "_post_accumulate_grad_hooks", None) or {})
     return count
+
+
+def infinite_direction(graft_step):
+    """``graft_step`` handed an infinite preconditioned gradient for the first preconditioned tensor, from
+    finite gradients: what a preconditioner blowing up gives the graft."""
+    def blown_up(params, grads, directions, *args, precondition, **kwargs):
+        directions = list(directions)
+        i = precondition.index(True)
+        directions[i] = torch.full_like(directions[i], math.inf)
+        return graft_step(params, grads, directions, *args, precondition=precondition, **kwargs)
+    return blown_up

@@ -14,7 +14,6 @@ A step skipped because the optimizer's own update blew up (grafted entries) is c
 """
 
 import io
-import math
 import warnings
 
 import pytest
@@ -24,8 +23,8 @@ import kfopt.graft
 from kfopt.registry import REGISTRY
 
 from .conftest import use_backend
-from .helpers import (assert_same_params, assert_same_tree, batch, clone_tree, one_layer_model, one_per_module,
-                      tiny_model, train_step)
+from .helpers import (assert_same_params, assert_same_tree, batch, clone_tree, infinite_direction, one_layer_model,
+                      one_per_module, tiny_model, train_step)
 
 #: the entries that graft (``kfopt.graft``): their own blow-ups are skipped, counted and checkpointed
 GRAFTED = [name for name, entry in REGISTRY.items() if entry.hyperparameters().get("graft", "none") != "none"]
@@ -141,17 +140,6 @@ def _without_counters(tree):
     return tree
 
 
-def _infinite_direction(graft_step):
-    """``graft_step`` handed an infinite preconditioned gradient for the first preconditioned tensor, from
-    finite gradients: what a preconditioner blowing up gives the graft."""
-    def blown_up(params, grads, directions, *args, precondition, **kwargs):
-        directions = list(directions)
-        i = precondition.index(True)
-        directions[i] = torch.full_like(directions[i], math.inf)
-        return graft_step(params, grads, directions, *args, precondition=precondition, **kwargs)
-    return blown_up
-
-
 @pytest.mark.parametrize("name", GRAFTED)
 def test_a_blown_up_step_is_skipped_counted_warned_once_and_checkpointed(name, monkeypatch):
     """A step whose gradients are finite but whose preconditioned gradient is not (factor and
@@ -168,7 +156,7 @@ def test_a_blown_up_step_is_skipped_counted_warned_once_and_checkpointed(name, m
     train_step(twin_model, twin, 0)
     params_before, state_before = [p.detach().clone() for p in model.parameters()], clone_tree(opt.state_dict())
     with monkeypatch.context() as patch:
-        patch.setattr(kfopt.graft, "graft_step", _infinite_direction(kfopt.graft.graft_step))
+        patch.setattr(kfopt.graft, "graft_step", infinite_direction(kfopt.graft.graft_step))
         train_step(model, opt, 1)
     for p, before in zip(model.parameters(), params_before):
         assert torch.equal(p, before), "a blown-up step changed a weight"
