@@ -17,10 +17,12 @@ Defaults
 gradients' scale: on a least-squares problem whose inputs have a Hessian of condition number 1e4
 (largest eigenvalue ~1e4) the factor updates overflow within the first steps and, unchecked, turn the
 weights into NaN (kfopt skips those updates instead: below). Normalized factor steps
-(``lr_cov / max(1, max|m|)``) stay bounded whatever that scale and train the same problem below 1e-4
-of its starting loss in 200 steps with every other default unchanged (``tests/test_singd.py``); where
-``max|m| <= 1`` they only halve the step (``(1 - alpha1) / 2`` with ``alpha1 = 0.5``). Pass
-``normalize_lr_cov=False`` for the reference's behaviour.
+(``lr_cov / max(1, max|m|)``) do not grow with that scale and train the same problem below 1e-4 of its
+starting loss in 200 steps with every other default unchanged (``tests/test_singd.py``); where
+``max|m| <= 1`` they only halve the step (``(1 - alpha1) / 2`` with ``alpha1 = 0.5``). ``max|m|`` is the
+largest entry, not the spectral norm: with aggressive ``T``, ``lr_cov`` and ``damping`` a factor can
+still run away (``docs/singd.md``, Numerics). Pass ``normalize_lr_cov=False`` for the reference's
+behaviour.
 
 Per preconditioned layer (``nn.Linear``, ``nn.Conv2d`` with groups=1; ``G = [dW | db]``, d_out x d_K)
 ======================================================================================================

@@ -506,3 +506,24 @@ def test_steps_to_the_baselines_final_loss_relative_to_its_own():
         "1.00x", "0.62x", "never"]
     alone = summary.summarize(records, ["fast"], [0], target=0.5, baseline="adamw")  # no baseline run
     assert alone["fast"]["steps_to_baseline_loss"] is None and _to_baseline(None) == "-"
+
+
+def test_an_optimizer_taking_the_baselines_lr_follows_its_lr_and_its_best_grid_point(quadratic, tmp_path, capsys,
+                                                                                       monkeypatch):
+    """``lr_of`` (the grafted entries'): ``--lr adamw=...`` carries over unless the optimizer's own is given,
+    and a sweep reports it at AdamW's best grid point, not at its own best."""
+    monkeypatch.setitem(REGISTRY, "follower", OptimizerSpec("follower", "torch.optim", "SGD", lr={"chars": 1.0},
+                                                            lr_of="adamw"))
+    status, _ = compare(tmp_path / "given", "--optimizers", "follower", "--lr", "adamw=0.05")
+    assert status == 0 and ("follower", 0.05, 0) in quadratic.started
+    status, _ = compare(tmp_path / "own", "--optimizers", "follower", "--lr", "adamw=0.05,follower=0.2")
+    assert status == 0 and ("follower", 0.2, 0) in quadratic.started
+    status, doc = compare(tmp_path / "sweep", "--optimizers", "follower", "--lr", "adamw=0.1", "--sweep", "5")
+    assert status == 0
+    adamw, follower = doc["summary"]["adamw"], doc["summary"]["follower"]
+    own_best = min(follower["sweep"], key=lambda e: (follower["sweep"][e]["not_ok"],
+                                                     follower["sweep"][e]["mean_final_val_loss"], int(e)))
+    assert int(own_best) != adamw["exponent"]  # SGD's best lr on the quadratic is not AdamW's: not vacuous
+    assert follower["exponent"] == adamw["exponent"] and follower["lr_of"] == "adamw" and not follower["edge"]
+    assert follower["lr"] == pytest.approx(0.1 * 2.0 ** adamw["exponent"])
+    assert "follower: at adamw's best lr" in capsys.readouterr().out

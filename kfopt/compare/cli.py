@@ -271,6 +271,13 @@ class Plan:
                            "divergence_factor": DIVERGENCE_FACTOR}}
 
 
+def _default_lr(name: str, task: str, given: dict[str, float]) -> float:
+    """The lr of an optimizer without ``--lr``: that of the optimizer it takes its lr from (``lr_of``), as
+    given or by default, else its own default."""
+    spec = REGISTRY[name]
+    return given.get(spec.lr_of, spec.lr[task]) if spec.lr_of is not None else spec.lr[task]
+
+
 def _plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Plan:
     """Check the arguments (usage error on any problem) and resolve the defaults; loads the data and
     builds the initial model and, once, every optimizer (so bad hyperparameters fail before training)."""
@@ -303,7 +310,7 @@ def _plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Plan:
         parser.error(str(exc))
     torch.manual_seed(args.seed)
     initial_model = task.build_model()
-    lrs = {name: lrs.get(name, REGISTRY[name].lr[args.task]) for name in names}
+    lrs = {name: lrs.get(name, _default_lr(name, args.task, lrs)) for name in names}
     for name in names:
         try:
             REGISTRY[name].build(task.prepare(copy.deepcopy(initial_model)), lrs[name], **overrides[name])
@@ -481,7 +488,8 @@ def run_compare(args: argparse.Namespace, parser: argparse.ArgumentParser, comma
 def _report(plan: Plan, args: argparse.Namespace, session: _Session, runs: list[Run], records: list[dict],
             finished: bool, wall: float) -> None:
     """Write results.txt, loss.png (unless --no-plot) and results.json; print the table."""
-    summaries = summarize(records, plan.names, grid_exponents(plan.grid), plan.target, BASELINE)
+    summaries = summarize(records, plan.names, grid_exponents(plan.grid), plan.target, BASELINE,
+                          {name: REGISTRY[name].lr_of for name in plan.names if REGISTRY[name].lr_of is not None})
     table = report.format_table(summaries, report.table_columns(plan.steps), plan.target, BASELINE,
                                 grid_exponents(plan.grid), plan.seeds)
     if session.budget_note:

@@ -1,7 +1,7 @@
 """The runs of one comparison: learning-rate grid, seeds, their order, cache keys, budget trimming.
 
 * Grid (``--sweep K``): every optimizer, AdamW included, runs at its default learning rate (or the
-  one given with ``--lr``) times ``GRID_RATIO ** e`` for the ``K`` integer exponents
+  one given with ``--lr``; an optimizer that takes another's lr, ``lr_of``, that one's) times ``GRID_RATIO ** e`` for the ``K`` integer exponents
   ``e = -(K // 2) .. K - 1 - K // 2`` (K=5: x1/4, x1/2, x1, x2, x4; K=1: the default alone). A smaller
   grid is a centred subset of a larger one.
 * Seeds (``--seeds N``): ``seed, seed + 1, ..., seed + N - 1``; a seed fixes the initial weights and

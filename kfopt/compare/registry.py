@@ -31,7 +31,8 @@ failed (AdamW on chars: 1.5e-3 and 2e-3 tie, 3e-3 stalls near loss 2.5). The siz
 (``--lr lamb=3e-3``, ``--hparam lamb.weight_decay=0.1``).
 
 The grafted variants (``kfac-graft``, ``mkor-graft``, ``mkorh-graft``, ``singd-graft``; ``kfopt.graft``) run
-with AdamW's lr, betas, eps and weight decay (``ADAMW_LR``, ``ADAMW_DEFAULTS``: one declaration for both),
+with AdamW's lr, betas, eps and weight decay (``ADAMW_LR``, ``ADAMW_DEFAULTS``: one declaration for both; their
+``lr_of``: ``--lr adamw=...`` carries over to them, and a sweep reports them at AdamW's best grid point),
 Adam's step length (``graft="adam"``, whose preconditioner takes Adam's first moment), no momentum on the
 direction (the first moment already averages it) and preconditioner settings chosen for grafting (their
 entries below).
@@ -65,6 +66,10 @@ class OptimizerSpec:
     takes_model: bool = False
     summary: str = ""
     in_default_run: bool = True
+    #: the optimizer whose learning rate this one takes (the grafted entries: the baseline's): its ``--lr``
+    #: carries over unless this one's own is given, and a sweep reports this one at that optimizer's best
+    #: grid point rather than at its own best
+    lr_of: str | None = None
 
     def unavailable_reason(self) -> str | None:
         """None when the optimizer's module imports; otherwise why it does not."""
@@ -90,6 +95,8 @@ class OptimizerSpec:
 
 #: AdamW's peak lr per task (the baseline's, and the grafted variants': they run with AdamW's settings)
 ADAMW_LR = {"chars": 1.5e-3, "digits": 1e-2}
+#: The optimizer every comparison includes and measures step-time overhead against.
+BASELINE = "adamw"
 #: AdamW's hyperparameters besides the lr (the baseline's; the grafted variants take its weight decay)
 ADAMW_DEFAULTS = {"betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.01}
 _GRAFTED = {"graft_betas": ADAMW_DEFAULTS["betas"], "graft_eps": ADAMW_DEFAULTS["eps"],
@@ -117,16 +124,16 @@ _COMPARE: dict[str, dict] = {
     # the raw gradient was preconditioned, chars: K-FAC 2.446 without, 2.494 with 0.9; SINGD 2.513 without,
     # 2.689 with 0.9); the registry's graft="adam"; the measurements behind each setting: docs/grafting.md
     # K-FAC: factors averaged over fewer steps (factor_decay=0.8)
-    "kfac-graft": dict(lr=ADAMW_LR, defaults={**_GRAFTED, "momentum": 0.0, "factor_decay": 0.8},
+    "kfac-graft": dict(lr_of=BASELINE, defaults={**_GRAFTED, "momentum": 0.0, "factor_decay": 0.8},
                        task_defaults={"chars": {"loss_average": "batch+sequence"}, "digits": {"damping": 0.1}}),
     # MKOR: a rank-1 factor update every step (inv_freq=1)
-    "mkor-graft": dict(lr=ADAMW_LR, defaults={"inv_freq": 1, **_GRAFTED},
+    "mkor-graft": dict(lr_of=BASELINE, defaults={"inv_freq": 1, **_GRAFTED},
                        task_defaults={"chars": {"loss_average": "batch+sequence"}}),
-    "mkorh-graft": dict(lr=ADAMW_LR, defaults={"inv_freq": 1, **_GRAFTED},
+    "mkorh-graft": dict(lr_of=BASELINE, defaults={"inv_freq": 1, **_GRAFTED},
                         task_defaults={"chars": {"loss_average": "batch+sequence"}}),
     # SINGD: factor updates every step with a larger normalized factor step and less damping than the
     # ungrafted entry's (with T=2, lr_cov=0.05, damping=1e-2 its preconditioner stays near the identity)
-    "singd-graft": dict(lr=ADAMW_LR, defaults={"T": 1, "lr_cov": 0.3, "damping": 1e-3, "momentum": 0.0, **_GRAFTED},
+    "singd-graft": dict(lr_of=BASELINE, defaults={"T": 1, "lr_cov": 0.3, "damping": 1e-3, "momentum": 0.0, **_GRAFTED},
                         task_defaults={"chars": {"loss_average": "batch+sequence"}}),
     "singd-toeplitz": dict(lr={"chars": 3e-3, "digits": 3e-3},
                            defaults={"T": 2, "lr_cov": 0.05, "damping": 1e-2, "normalize_lr_cov": False},
@@ -141,9 +148,11 @@ _VARIANTS = frozenset({"mkorh", "mkorh-graft", "sonew4", "singd-toeplitz"})
 def _spec(entry: OptimizerEntry) -> OptimizerSpec:
     data = _COMPARE[entry.name]
     defaults = {**{k: v for k, v in entry.overrides.items() if k != "lr"}, **data.get("defaults", {})}  # lr: per task
-    return OptimizerSpec(entry.name, entry.module, entry.cls_name, lr=data["lr"], defaults=defaults,
+    lr = data["lr"] if "lr" in data else {BASELINE: ADAMW_LR}[data["lr_of"]]  # the default of the lr taken
+    return OptimizerSpec(entry.name, entry.module, entry.cls_name, lr=lr, defaults=defaults,
                          task_defaults=data.get("task_defaults", {}), takes_model=entry.takes_model,
-                         summary=entry.summary, in_default_run=entry.name not in _VARIANTS)
+                         summary=entry.summary, in_default_run=entry.name not in _VARIANTS,
+                         lr_of=data.get("lr_of"))
 
 
 REGISTRY: dict[str, OptimizerSpec] = {
@@ -151,9 +160,6 @@ REGISTRY: dict[str, OptimizerSpec] = {
                            summary="torch.optim.AdamW, the baseline (always run)"),
     **{name: _spec(entry) for name, entry in OPTIMIZERS.items() if name in _COMPARE},
 }
-
-#: The optimizer every comparison includes and measures step-time overhead against.
-BASELINE = "adamw"
 
 
 def available_optimizers() -> dict[str, OptimizerSpec]:

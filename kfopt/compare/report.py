@@ -95,6 +95,9 @@ def format_table(summaries: dict[str, dict], columns: list[int], target: float, 
     if not sweep and not several:
         notes.append("one seed, each optimizer at its default lr (not tuned here): --sweep 5 tunes every lr, "
                      "--seeds 3 shows the spread, --thorough does both.")
+    if sweep:
+        notes += [f"{name}: at {s['lr_of']}'s best lr (its lr is {s['lr_of']}'s)"
+                  for name, s in summaries.items() if s["lr_of"] is not None]
     notes += [f"{name}: best lr at the edge of the grid ({factor_label(s['exponent'])}): widen the sweep "
               f"(--sweep {len(grid) + 2})" for name, s in summaries.items() if s["edge"]]
     notes += [f"{name}: {message}" for name, s in summaries.items() for message in s["messages"]]

@@ -2,7 +2,9 @@
 
 * Best lr (``plan.SELECTION_RULE``): per grid point the score is (number of seeds that diverged or
   failed, mean final validation loss of the others); the lowest score wins, on a tie the smaller lr.
-  A best at the smallest or largest point of a grid of 2 or more is flagged ``edge``.
+  A best at the smallest or largest point of a grid of 2 or more is flagged ``edge``. An optimizer that
+  takes another's lr (``lr_of``: the grafted entries take AdamW's) is summarised at that one's best
+  grid point instead.
 * At the best lr, the statistics run over the seeds whose run finished ``ok`` (over all of its seeds
   when none did): mean, min and max of the final validation loss and of the steps to the target
   (over the seeds that reached it), the median step time, and the time to the target = mean steps
@@ -52,10 +54,12 @@ def _status(runs: list[dict]) -> str:
     return ",".join(f"{status}{'' if n == len(runs) else f':{n}/{len(runs)}'}" for status, n in counts.items())
 
 
-def summarize_one(runs_by_exponent: dict[int, list[dict]], exponents: list[int], target: float) -> dict:
-    """The summary of one optimizer from its runs per grid exponent (``exponents``: the grid run)."""
+def summarize_one(runs_by_exponent: dict[int, list[dict]], exponents: list[int], target: float,
+                  at: int | None = None) -> dict:
+    """The summary of one optimizer from its runs per grid exponent (``exponents``: the grid run), at its
+    best grid point, or at exponent ``at`` where it has runs there (never flagged ``edge``)."""
     scored = {e: score(runs) for e, runs in runs_by_exponent.items() if runs}
-    best = min(scored, key=lambda e: (scored[e], e))
+    best = at if at in scored else min(scored, key=lambda e: (scored[e], e))
     runs = sorted(runs_by_exponent[best], key=lambda r: r["seed"])
     used = [r for r in runs if r["status"] == "ok"] or runs
     finals = [r["final_val_loss"] for r in used if _finite(r["final_val_loss"])]
@@ -69,7 +73,8 @@ def summarize_one(runs_by_exponent: dict[int, list[dict]], exponents: list[int],
     train = [r["final_smoothed_loss"] for r in used if _finite(r["final_smoothed_loss"])]
     steps_mean = _mean(reached)
     return {
-        "lr": runs[0]["lr"], "exponent": best, "edge": len(exponents) > 1 and best in (min(exponents), max(exponents)),
+        "lr": runs[0]["lr"], "exponent": best,
+        "edge": at not in scored and len(exponents) > 1 and best in (min(exponents), max(exponents)),
         "seeds": [r["seed"] for r in runs], "seeds_used": [r["seed"] for r in used], "status": _status(runs),
         "final_val_loss": _spread(finals), "val_at": val_at, "final_val_accuracy": _mean(accuracy),
         "final_smoothed_loss": _mean(train),
@@ -96,14 +101,20 @@ def verdict(summary: dict, base: dict) -> str | None:
 
 
 def summarize(records: list[dict], names: list[str], exponents: list[int], target: float,
-              baseline: str) -> dict[str, dict]:
+              baseline: str, lr_of: dict[str, str] | None = None) -> dict[str, dict]:
     """The summary per optimizer of ``names`` that has a run (in ``names`` order), with the step-time
-    ratio and the verdict against ``baseline``."""
+    ratio and the verdict against ``baseline``. ``lr_of[name]``: the optimizer whose lr ``name`` takes;
+    ``name`` is summarised at that one's best grid point (``lr_of`` in its summary), not at its own."""
+    lr_of = lr_of or {}
     summaries = {}
-    for name in names:
+    for name in sorted(names, key=lambda n: n in lr_of):  # those whose lr others take first
         by_exponent = {e: [r for r in records if r["optimizer"] == name and r["exponent"] == e] for e in exponents}
+        leader = summaries.get(lr_of.get(name))
+        at = leader["exponent"] if leader is not None and by_exponent.get(leader["exponent"]) else None
         if any(by_exponent.values()):
-            summaries[name] = summarize_one(by_exponent, exponents, target)
+            summaries[name] = {**summarize_one(by_exponent, exponents, target, at=at),
+                               "lr_of": None if at is None else lr_of[name]}
+    summaries = {name: summaries[name] for name in names if name in summaries}
     base = summaries.get(baseline)
     level = None if base is None else base["final_smoothed_loss"]
 
