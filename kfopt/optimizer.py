@@ -229,9 +229,14 @@ class KfoptOptimizer(torch.optim.Optimizer):
         return self._skipped if self._skipped is not None else torch.zeros((), dtype=torch.int32)
 
     def _finite_inputs(self, tensors: list[torch.Tensor]) -> torch.Tensor:
-        """Whether every tensor of ``tensors`` (gradients, statistics) is finite and every tensor ``lr`` of
-        the param groups finite and >= 0: a 0-d bool on the device, without a host synchronisation."""
-        checks = [torch.isfinite(t).all() for t in tensors]
+        """Whether every tensor of ``tensors`` (gradients, statistics) is finite -- its sum of absolute values
+        in fp32 (float64 for float64 tensors) is: a NaN or inf entry, or a sum beyond 3.4e38 (fp32), make it
+        not; an L1 norm, not an L2, so that gradients a GradScaler scaled by up to ~2^100 still pass -- and
+        every tensor ``lr`` of the param groups finite and >= 0: a 0-d bool on the device, without a host
+        synchronisation, from multi-tensor norms (``torch._foreach_norm``) rather than a check per tensor."""
+        norms = [n for wide in (False, True) for group in [[t for t in tensors if (t.dtype == torch.float64) == wide]]
+                 if group for n in torch._foreach_norm(group, 1, dtype=torch.float64 if wide else torch.float32)]
+        checks = [torch.isfinite(torch.stack(norms)).all()]
         checks += [(torch.isfinite(group["lr"]) & (group["lr"] >= 0)).reshape(()).to(checks[0].device)
                    for group in self.param_groups if isinstance(group["lr"], torch.Tensor)]
         return torch.stack(checks).all()
