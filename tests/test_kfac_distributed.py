@@ -3,7 +3,8 @@ and MEM-OPT give the parameters of one process on the concatenated global batch,
 rank; a checkpoint saved at world size 2 continues at world sizes 1 and 4; at world size 2 with one
 grad worker per layer, rank 0's checkpoint taken after step 1, 5, 9, 10 or 11 (the default inverse-update
 interval of 10: after an update, between updates, just before, at and after the next) continues on
-both ranks bit for bit as the uninterrupted run.
+both ranks bit for bit as the uninterrupted run; grafted COMM-OPT K-FAC whose inverse-update step blows up
+skips it alike on both ranks (the rank that received a layer's second-order data restores it too).
 
 One spawn per world size runs every configuration (process start-up dominates the cost).
 """
