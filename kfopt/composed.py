@@ -122,6 +122,7 @@ class ComposedOptimizer(KfoptOptimizer):
         preconditioner's hooks are removed from the model."""
         self.preconditioner = preconditioner
         self._model = preconditioner.capture.model  # the model the param groups come from
+        self._base_choice = base  # the base's name or callable (``_shardable``)
         try:
             super().__init__(param_groups(preconditioner.capture.model, defaults["weight_decay"]), defaults)
             self._build_base(base, **base_kwargs)
@@ -161,10 +162,13 @@ class ComposedOptimizer(KfoptOptimizer):
 
     @property
     def _shardable(self) -> bool:
-        """Grafting steps DTensor parameters on their local shards with whole-tensor norms reduced over the
-        shard group (``kfopt.sharding``: ``self._layout``, checked at construction); without it the base
-        optimizer steps them."""
-        return self.defaults["graft"] != "none"
+        """Whether DTensor parameters are checked here, at construction (``kfopt.sharding``: ``self._layout``),
+        naming them by their model names: when grafting, which steps the local shards with whole-tensor norms
+        reduced over the shard group, and when the base is one of kfopt's optimizers that reduce over it too
+        (LAMB, HeavyBall: this check comes before theirs). Otherwise the base optimizer steps them."""
+        base = self._base_choice
+        return self.defaults["graft"] != "none" or (
+            isinstance(base, str) and getattr(BASE_OPTIMIZERS[base], "_shardable", None) is True)
 
     @property
     def device_lr(self) -> bool:

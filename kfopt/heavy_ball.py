@@ -22,8 +22,10 @@ gradients are unscaled in fp32 as they are read, fp16 ones included) changes not
 bits; a buffer first needed in it is created as zeros, the value it stands for while absent) and counts
 in ``skipped_steps``. In front of it a preconditioner's optimizer (``kfopt.composed``) passes its own
 0-d device bool ``verdict`` (it checked the gradients, the lr and its own update, and counted the steps
-it vetoes): the step is taken where it holds, and nothing is counted here. Under FSDP2 every tensor is
-stepped on this rank's shard (the update is element-wise).
+it vetoes): the step is taken where it holds, and nothing is counted here. Under FSDP2/HSDP every tensor is
+stepped on this rank's shard (the update is element-wise); a verdict decided here is agreed over the shard
+group (``kfopt.sharding``: one all-reduce of one value), so a NaN in one rank's shard skips the step on
+every rank.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ class HeavyBall(KfoptOptimizer):
 
     device_lr = True
     _step_supports_amp_scaling = True
+    _shardable = True
     takes_verdict = True  # step(verdict=...): kfopt.composed
 
     def __init__(self, params: Iterable, lr: float | torch.Tensor = 1e-3, momentum: float = 0.0,
@@ -72,7 +75,7 @@ class HeavyBall(KfoptOptimizer):
         unscale = None
         if verdict is None:
             amp = self._amp_kwargs()
-            verdict = self._finite_inputs([local(p.grad) for _, p in found])
+            verdict = self._layout.all_true(self._finite_inputs([local(p.grad) for _, p in found]))
             if amp["found_inf"] is not None:
                 verdict = verdict & (amp["found_inf"].reshape(()).to(verdict.device) == 0)
             if amp["grad_scale"] is not None:

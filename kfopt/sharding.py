@@ -89,6 +89,15 @@ class ShardLayout:
 
         return all_reduce_max
 
+    def all_true(self, flag: torch.Tensor) -> torch.Tensor:
+        """Whether the 0-d bool ``flag`` (a rank's verdict on its shards) holds on every rank of the shard
+        group: one SUM all-reduce of one fp32 value (``flag`` itself when unsharded)."""
+        if self.group is None:
+            return flag
+        bad = (~flag).to(torch.float32).reshape(1)
+        self.reduce(bad)
+        return bad[0] == 0
+
     def tuning(self) -> ContextManager[None]:
         """The ``kfopt.autotune`` context of a step's launches (module docstring); unsharded: none (the
         enclosing one applies)."""

@@ -783,6 +783,7 @@ class SINGD(PreconditionerAttributes, ComposedOptimizer):
         #: a tensor lr is read on the device by the grafting kernel and by the default base
         self._takes_device_lr = graft != "none" or base == "heavy_ball"
         self._model = inner  # the model the parameters come from (``params``: a subset of them or others)
+        self._base_choice = base
         super().__init__(params, defaults)
         self._grad_scaler = grad_scaler
         #: without grad_scaler=: the grad scale of the last scaler.step, which the capture divides by

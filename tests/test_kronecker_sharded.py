@@ -733,9 +733,10 @@ def test_placements_and_fraction_errors(checkpoints):
         errors = out["placements"]  # K-FAC's, SINGD's and MKOR's
         assert len(errors) == 9
         for (case, cls), error in errors.items():
-            expected = {"Shard(1)": ("layer '3'", "Shard(dim=1)"),
-                        # MKOR's preconditioner checks every parameter's sharding first (kfopt.mkor)
-                        "plain layer": ("6.bias is not sharded like",) if cls == "MKOR" else ("layer '6' is not sharded",),
+            # SINGD checks its parameters' sharding before its capture does (its base, HeavyBall, agrees
+            # verdicts over the shard group: kfopt.composed), MKOR's preconditioner before its capture
+            expected = {"Shard(1)": ("3.weight", "Shard(dim=1)") if cls == "SINGD" else ("layer '3'", "Shard(dim=1)"),
+                        "plain layer": ("layer '6' is not sharded",) if cls == "KFAC" else ("6.bias is not sharded like",),
                         "plain norm, grafted": ("6.bias is not sharded like", "mix sharded and unsharded")}[case]
             assert error is not None and all(e in error for e in expected), (case, cls, error)
     for out in runs(2, checkpoints):

@@ -1,4 +1,4 @@
-"""LAMB, LARS and SONew (band 1; band 2 with relative damping) under FSDP2 (``fully_shard`` on each layer
+"""LAMB, LARS, SONew (band 1; band 2 with relative damping) and HeavyBall under FSDP2 (``fully_shard`` on each layer
 and on the root) and HSDP on gloo processes: after 5 steps the full parameters equal one process on the same
 global batch, whatever the world size and mesh, with identical replicated state on every rank; a NaN in one
 rank's shard makes every rank skip; unsupported placements raise at construction;
@@ -30,6 +30,7 @@ OPTIMIZERS = {
     "LARS": (kfopt.LARS, dict(lr=0.5, momentum=0.9, weight_decay=1e-3, eta=0.02, max_grad_norm=1.0)),
     "SONew": (kfopt.SONew, dict(lr=1e-2, band=1, weight_decay=1e-3)),
     "SONew-band2": (kfopt.SONew, dict(lr=1e-2, band=2, eps=0.05, relative_eps=True)),
+    "HeavyBall": (kfopt.HeavyBall, dict(lr=0.05, momentum=0.9, weight_decay=1e-3)),
 }
 
 #: (configuration, optimizer) runs per backend. The interpreter is slow (a step of this model takes
@@ -42,7 +43,7 @@ BACKEND_CASES = {"torch": tuple((c, n) for c in _CONFIGS for n in OPTIMIZERS),
                  "triton": (("fsdp4", "LAMB"), ("fsdp4", "LARS"), ("fsdp4", "SONew-band2"))}
 #: the tuning test: LAMB's and LARS's launches share the norm pipeline, SONew's are its own
 TUNED = ("LAMB", "SONew")
-BACKEND_NAN = {"torch": ("LAMB", "LARS", "SONew-band2"), "triton": ("LAMB", "SONew-band2")}
+BACKEND_NAN = {"torch": ("LAMB", "LARS", "SONew-band2", "HeavyBall"), "triton": ("LAMB", "SONew-band2")}
 
 
 def build_model() -> nn.Module:
