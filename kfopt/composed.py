@@ -49,8 +49,9 @@ at construction: ``ValueError`` naming the odd one): the graft's state is laid o
 (DTensors), the first moments and the grafted update are computed on the local shards, and the graft's
 whole-tensor norms are summed over the shard group (``reduce``, ``kfopt.graft``), so its verdict ``ok`` is
 the same on every rank and the subclasses keep or restore their owners' second-order state alike; the
-finite-input verdict (blow-up or bad gradient) is summed over the shard group too (one all-reduce of
-one value). HSDP's replicas hold the same shards and compute the same.
+finite-input verdict (blow-up or bad gradient) is agreed over the ranks by the preconditioner's
+distributor (``all_finite``: one all-reduce of one value). HSDP's replicas hold the same shards and compute
+the same.
 
 ``base.step()`` runs under ``kfopt.autotune.agree_on_configs()``: under ``torch.distributed`` every rank
 steps the same replicated weights, so the ranks use the same kernel configs (bit-identical replicas).

@@ -92,9 +92,15 @@ class HeavyBall(KfoptOptimizer):
         for group in self.param_groups:
             if group["momentum"] != 0:
                 for p in group["params"]:
-                    if "momentum_buffer" not in self.state[p]:
-                        self.state[p]["momentum_buffer"] = torch.zeros_like(
-                            p, dtype=torch.promote_types(p.dtype, torch.float32))
+                    self._momentum_buffer(p)
+
+    def _momentum_buffer(self, p: torch.Tensor) -> torch.Tensor:
+        """``p``'s momentum buffer, created as zeros (fp32, float64 for float64 ``p``; a DTensor like a sharded
+        ``p``) where it has none."""
+        state = self.state[p]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32))
+        return state["momentum_buffer"]
 
     def _update(self, p: torch.Tensor, group: dict, direction: torch.Tensor, verdict: torch.Tensor,
                 unscale: torch.Tensor | None = None) -> None:
@@ -109,10 +115,7 @@ class HeavyBall(KfoptOptimizer):
         if group["weight_decay"] != 0:
             d = d + group["weight_decay"] * w.to(dtype)
         if group["momentum"] != 0:
-            state = self.state[p]
-            if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(p, dtype=dtype)
-            buf = local(state["momentum_buffer"])
+            buf = local(self._momentum_buffer(p))
             d = buf * group["momentum"] + d
             buf.copy_(torch.where(verdict, d, buf))
         lr = group["lr"]

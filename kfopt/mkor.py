@@ -419,11 +419,8 @@ class MKORPreconditioner:
         # vectors leave the factors and scales unchanged, and the skips they count are taken back
         grads = [local(p.grad) for p in self.capture.model.parameters() if p.grad is not None]
         finite = torch.stack([torch.isfinite(grad).all() for grad in grads]).all() if grads else None
-        if finite is not None and self._shards.reduce is not None:  # sharded: every shard of the group
-            bad = (~finite).to(torch.float32).reshape(1)
-            self._shards.reduce(bad)
-            finite = bad[0] == 0
         if finite is not None:
+            finite = self._shards.all_true(finite)  # sharded: every shard of the group
             a, g = a.masked_fill(~finite, math.nan), g.masked_fill(~finite, math.nan)
             events = self._events.clone()
         a_vectors = a.split([layer.sides[1] for layer in self._layers])

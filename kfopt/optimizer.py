@@ -234,8 +234,10 @@ class KfoptOptimizer(torch.optim.Optimizer):
         not; an L1 norm, not an L2, so that gradients a GradScaler scaled by up to ~2^100 still pass -- and
         every tensor ``lr`` of the param groups finite and >= 0: a 0-d bool on the device, without a host
         synchronisation, from multi-tensor norms (``torch._foreach_norm``) rather than a check per tensor."""
-        norms = [n for wide in (False, True) for group in [[t for t in tensors if (t.dtype == torch.float64) == wide]]
-                 if group for n in torch._foreach_norm(group, 1, dtype=torch.float64 if wide else torch.float32)]
+        wide = [t for t in tensors if t.dtype == torch.float64]
+        narrow = [t for t in tensors if t.dtype != torch.float64]
+        norms = [n for group, dtype in ((narrow, torch.float32), (wide, torch.float64)) if group
+                 for n in torch._foreach_norm(group, 1, dtype=dtype)]
         checks = [torch.isfinite(torch.stack(norms)).all()]
         checks += [(torch.isfinite(group["lr"]) & (group["lr"] >= 0)).reshape(()).to(checks[0].device)
                    for group in self.param_groups if isinstance(group["lr"], torch.Tensor)]
